@@ -1,0 +1,127 @@
+"""Checkpoint directories: config.json, model.safetensors, tokenizer.json, report.json.
+
+Weights are safetensors only; nothing is ever unpickled. Every failure names the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from app.model.model import ConfigError, ModelConfig, MTPTransformer
+from app.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+REPORT_FILE = "report.json"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    model: MTPTransformer,
+    tokenizer: Tokenizer,
+    report: dict[str, Any] | None = None,
+    dtype: str | torch.dtype = "float32",
+) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
+    store = resolve_dtype(dtype)
+    tensors = {name: t.detach().to("cpu", store).contiguous() for name, t in model.state_dict().items()}
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt", "dtype": str(store)})
+    tokenizer.save(out / TOKENIZER_FILE)
+    if report is not None:
+        (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return out
+
+
+def load_config(ckpt_dir: str | Path) -> ModelConfig:
+    path = Path(ckpt_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing file")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    try:
+        return ModelConfig.from_dict(data)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: invalid config: {exc}") from exc
+
+
+def load_tokenizer(ckpt_dir: str | Path) -> Tokenizer:
+    path = Path(ckpt_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing file")
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as exc:  # tokenizers raises plain Exception subclasses
+        raise CheckpointError(f"{path}: cannot load tokenizer ({exc})") from exc
+
+
+def load_weights(path: Path, model: MTPTransformer) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing file")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors file ({exc})") from exc
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: tensor names do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, config expects {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(tensors)
+
+
+def load_checkpoint(
+    ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"
+) -> tuple[MTPTransformer, Tokenizer]:
+    """Load a checkpoint for inference (eval mode) on device in dtype."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: checkpoint directory not found")
+    cfg = load_config(root)
+    tokenizer = load_tokenizer(root)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(
+            f"{root / TOKENIZER_FILE}: tokenizer has {tokenizer.vocab_size} tokens, "
+            f"config vocab_size is {cfg.vocab_size}"
+        )
+    model = MTPTransformer(cfg)
+    load_weights(root / WEIGHTS_FILE, model)
+    model.to(device=device, dtype=resolve_dtype(dtype)).eval()
+    log.info("loaded %s: %.2fM parameters on %s in %s", root, model.num_params() / 1e6, device, dtype)
+    return model, tokenizer

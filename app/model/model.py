@@ -1,0 +1,296 @@
+"""The multi-token-prediction (MTP) transformer.
+
+Reads top to bottom: config, KV cache, attention, feed-forward, block, MTP head, model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+POSITIONAL_ENCODINGS = ("sinusoidal", "learned")
+NORM_POSITIONS = ("post", "pre")
+GELU_VARIANTS = ("exact", "tanh")
+
+
+class ConfigError(ValueError):
+    """A model configuration that cannot describe a model."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 1024
+    d_model: int = 256
+    n_layers: int = 4  # N, the number of decoder blocks
+    num_heads: int = 4
+    d_ff: int = 1024
+    k: int = 4  # number of MTP heads; head j predicts the token j steps ahead
+    dropout_rate: float = 0.1
+    positional_encoding: str = "sinusoidal"  # "sinusoidal" (fixed) or "learned"
+    max_seq_len: int = 256
+    norm_position: str = "post"  # "post" as specified; "pre" adds a final LayerNorm (GPT-2)
+    gelu: str = "exact"  # "exact" (erf) or "tanh" (GPT-2's approximation)
+    bias: bool = True
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "num_heads", "d_ff", "k", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.num_heads:
+            raise ConfigError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
+        if not isinstance(self.bias, bool):
+            raise ConfigError(f"bias must be true or false, got {self.bias!r}")
+        for name in ("dropout_rate", "layer_norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+        if self.layer_norm_eps <= 0:
+            raise ConfigError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ConfigError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
+        for name, allowed in (
+            ("positional_encoding", POSITIONAL_ENCODINGS),
+            ("norm_position", NORM_POSITIONS),
+            ("gelu", GELU_VARIANTS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.positional_encoding == "sinusoidal" and self.d_model % 2:
+            raise ConfigError("sinusoidal positions need an even d_model")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config fields: {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from exc
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for one attention layer.
+
+    k_cache, v_cache: [max_batch, num_heads, max_seq_len + k - 1, head_dim]. Row b holds one
+    sequence; a token at position p lives at index p, so a rejected speculative token is simply
+    overwritten when a later token takes its position, and masked until then. The k - 1 slack
+    slots take the padding drafts of a verify pass near the end of the context, which no valid
+    query ever attends.
+    """
+
+    k_cache: Tensor
+    v_cache: Tensor
+
+    def __init__(self, max_batch: int, cfg: ModelConfig, dtype: torch.dtype, device: Any) -> None:
+        super().__init__()
+        shape = (max_batch, cfg.num_heads, cfg.max_seq_len + cfg.k - 1, cfg.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, row0: int = 0) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, H, T, Dh] at per-row positions input_pos [B, T] into cache rows
+        row0..row0+B-1; return those rows' keys and values [B, H, S, Dh] (views, no copy)."""
+        batch = k.shape[0]
+        rows = torch.arange(row0, row0 + batch, device=k.device)[:, None]  # [B, 1]
+        # advanced indices on dims 0 and 2 put [B, T] first: the target is [B, T, H, Dh]
+        self.k_cache[rows, :, input_pos] = k.transpose(1, 2).to(self.k_cache.dtype)
+        self.v_cache[rows, :, input_pos] = v.transpose(1, 2).to(self.v_cache.dtype)
+        return self.k_cache[row0 : row0 + batch], self.v_cache[row0 : row0 + batch]
+
+    def move_row(self, src: int, dst: int) -> None:
+        self.k_cache[dst] = self.k_cache[src]
+        self.v_cache[dst] = self.v_cache[src]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout_rate)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, input_pos: Tensor | None, kv_len: int | None, row0: int = 0) -> Tensor:
+        B, T, C = x.shape
+        H, Dh = self.cfg.num_heads, self.cfg.head_dim
+        q, k, v = self.qkv(x).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, Dh]
+        dropout = self.cfg.dropout_rate if self.training else 0.0
+        if self.kv_cache is None or input_pos is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            keys, values = self.kv_cache.update(input_pos, k, v, row0)  # [B, H, S, Dh]
+            S = kv_len if kv_len is not None else keys.shape[2]
+            key_pos = torch.arange(S, device=x.device)
+            mask = key_pos[None, None, :] <= input_pos[:, :, None]  # [B, T, S]
+            y = F.scaled_dot_product_attention(
+                q, keys[:, :, :S], values[:, :, :S], attn_mask=mask[:, None], dropout_p=dropout
+            )
+        y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
+        return self.resid_dropout(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.act = nn.GELU(approximate="tanh" if cfg.gelu == "tanh" else "none")
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(self.act(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Post-norm (as specified): x -> attn -> residual + LN -> FFN -> residual + LN."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.pre_norm = cfg.norm_position == "pre"
+        self.attn = CausalSelfAttention(cfg)
+        self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.ffn = FeedForward(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
+
+    def forward(self, x: Tensor, input_pos: Tensor | None, kv_len: int | None, row0: int = 0) -> Tensor:
+        if self.pre_norm:
+            x = x + self.attn(self.ln1(x), input_pos, kv_len, row0)
+            return x + self.ffn(self.ln2(x))
+        x = self.ln1(x + self.attn(x, input_pos, kv_len, row0))
+        return self.ln2(x + self.ffn(x))
+
+
+class MTPHead(nn.Module):
+    """One Linear d_model -> k * vocab, viewed as k next-token distributions."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.k, self.vocab_size = cfg.k, cfg.vocab_size
+        self.proj = nn.Linear(cfg.d_model, cfg.k * cfg.vocab_size, bias=cfg.bias)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.proj(h).unflatten(-1, (self.k, self.vocab_size))  # [..., k, V]
+
+
+def sinusoidal_table(max_len: int, d_model: int) -> Tensor:
+    pos = torch.arange(max_len, dtype=torch.float32)[:, None]  # [S, 1]
+    freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(max_len, d_model)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table  # [S, d_model]
+
+
+class MTPTransformer(nn.Module):
+    pos_table: Tensor
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.positional_encoding == "learned":
+            self.pos_emb: nn.Embedding | None = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        else:
+            self.pos_emb = None
+            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+        self.emb_dropout = nn.Dropout(cfg.dropout_rate)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = (
+            nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias) if cfg.norm_position == "pre" else None
+        )
+        self.head = MTPHead(cfg)
+        self.apply(self._init_weights)
+        self.emb_scale = math.sqrt(cfg.d_model)
+        if self.pos_emb is None:  # unit-variance scaled embeddings, comparable to the sin/cos table
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.d_model**-0.5)
+        self.cache_batch = 0
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def setup_caches(self, max_batch: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate one KV cache per layer; the only place cache memory is allocated."""
+        ref = self.head.proj.weight
+        for attn in self._attentions():
+            attn.kv_cache = KVCache(max_batch, self.cfg, dtype or ref.dtype, ref.device)
+        self.cache_batch = max_batch
+
+    def reset_caches(self) -> None:
+        for attn in self._attentions():
+            attn.kv_cache = None
+        self.cache_batch = 0
+
+    def move_cache_row(self, src: int, dst: int) -> None:
+        """Copy one sequence's cached keys/values from row src to row dst (batch compaction)."""
+        for attn in self._attentions():
+            assert attn.kv_cache is not None
+            attn.kv_cache.move_row(src, dst)
+
+    def _attentions(self) -> list[CausalSelfAttention]:
+        return [m for m in self.modules() if isinstance(m, CausalSelfAttention)]
+
+    def trunk(self, idx: Tensor, input_pos: Tensor | None = None, kv_len: int | None = None, row0: int = 0) -> Tensor:
+        """Hidden states [B, T, d_model] for token ids idx [B, T].
+
+        Without input_pos: a plain causal pass over positions 0..T-1 (training, no cache).
+        With input_pos [B, T]: per-row positions, written to and read from KV-cache rows
+        row0..row0+B-1; kv_len bounds the keys attended (default: max position + 1).
+        """
+        B, T = idx.shape
+        if input_pos is None:
+            pos = torch.arange(T, device=idx.device).expand(B, T)
+        else:  # slack positions past the context (padding drafts) reuse the last embedding
+            pos = input_pos.clamp(max=self.cfg.max_seq_len - 1)
+        if self.pos_emb is not None:
+            x = self.tok_emb(idx) + self.pos_emb(pos)
+        else:  # Vaswani et al.: scale embeddings by sqrt(d_model) so the fixed table doesn't drown them
+            x = self.tok_emb(idx) * self.emb_scale + self.pos_table[pos].to(self.tok_emb.weight.dtype)
+        x = self.emb_dropout(x)  # [B, T, C]
+        if input_pos is not None and kv_len is None:
+            kv_len = int(input_pos.max()) + 1  # attend only over the filled part of the cache
+        for block in self.blocks:
+            x = block(x, input_pos, kv_len, row0)
+        return self.ln_f(x) if self.ln_f is not None else x
+
+    def forward(
+        self,
+        idx: Tensor,
+        input_pos: Tensor | None = None,
+        kv_len: int | None = None,
+        last_only: bool = False,
+        row0: int = 0,
+    ) -> Tensor:
+        """MTP logits: [B, T, k, V], or [B, k, V] for the last position with last_only."""
+        h = self.trunk(idx, input_pos, kv_len, row0)
+        if last_only:
+            h = h[:, -1]  # [B, C]
+        return self.head(h)
+
+    @torch.no_grad()
+    def predict_proba(self, idx: Tensor) -> Tensor:
+        """Softmax per head at the last position: [B, k, V]."""
+        return torch.softmax(self.forward(idx, last_only=True).float(), dim=-1)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,203 @@
+"""MTPTransformer: output shapes, causality, KV-cache parity, and config validation."""
+
+import pytest
+import torch
+
+from app.model.model import ConfigError, ModelConfig, MTPTransformer
+
+VOCAB, K, MAX_LEN = 50, 3, 24
+ATOL = 1e-5  # cached vs uncached, float32
+
+ENCODINGS = ["sinusoidal", "learned"]
+NORMS = ["post", "pre"]
+VARIANTS = [(pe, norm) for pe in ENCODINGS for norm in NORMS]
+
+
+def tiny_model(positional_encoding: str = "sinusoidal", norm_position: str = "post", seed: int = 0) -> MTPTransformer:
+    """A small float32 model in eval mode, with weights perturbed well away from the 0.02 init.
+
+    The default init gives near-uniform logits, which would let a broken cache pass a 1e-5
+    comparison; noise of 0.15 makes logits O(1) (std ~0.9) while float32 rounding between the
+    cached and uncached kernels stays ~2e-6 (at 0.3, post-norm amplifies it past 1e-5).
+    """
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        n_layers=2,
+        num_heads=4,
+        d_ff=64,
+        k=K,
+        dropout_rate=0.0,
+        max_seq_len=MAX_LEN,
+        positional_encoding=positional_encoding,
+        norm_position=norm_position,
+    )
+    model = MTPTransformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.15 * torch.randn_like(p))
+    return model.eval()
+
+
+def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same(out: torch.Tensor, expected: torch.Tensor, where: str = "") -> None:
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=0, msg=lambda m: f"{where}: {m}")
+
+
+def positions(start: int, length: int, batch: int) -> torch.Tensor:
+    return torch.arange(start, start + length).expand(batch, length)  # [B, T]
+
+
+# --- shapes -----------------------------------------------------------------------------------
+
+
+def test_forward_gives_k_logit_vectors_per_position():
+    model = tiny_model()
+    logits = model(random_ids(2, 7))
+    assert logits.shape == (2, 7, K, VOCAB)
+
+
+def test_last_only_gives_the_last_position_of_the_full_output():
+    model = tiny_model()
+    idx = random_ids(3, 9)
+    last = model(idx, last_only=True)
+    assert last.shape == (3, K, VOCAB)
+    torch.testing.assert_close(last, model(idx)[:, -1])
+
+
+def test_predict_proba_rows_are_distributions():
+    model = tiny_model()
+    probs = model.predict_proba(random_ids(2, 5))
+    assert probs.shape == (2, K, VOCAB)
+    assert (probs >= 0).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, K))
+
+
+# --- causality --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("positional_encoding", "norm_position"), VARIANTS)
+def test_changing_a_later_token_leaves_earlier_positions_unchanged(positional_encoding, norm_position):
+    model = tiny_model(positional_encoding, norm_position)
+    idx = random_ids(2, 12)
+    changed = idx.clone()
+    t = 6
+    changed[:, t] = (changed[:, t] + 1) % VOCAB
+    before, after = model(idx), model(changed)
+    torch.testing.assert_close(after[:, :t], before[:, :t], atol=1e-6, rtol=0)
+    # not vacuous: the changed position and those after it do see the change
+    assert not torch.allclose(after[:, t:], before[:, t:], atol=1e-3)
+
+
+# --- KV cache parity --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("positional_encoding", "norm_position"), VARIANTS)
+def test_cached_one_token_per_step_matches_uncached(positional_encoding, norm_position):
+    model = tiny_model(positional_encoding, norm_position)
+    B, prefill = 2, 5
+    idx = random_ids(B, MAX_LEN)
+    expected = model(idx)  # [B, T, k, V]
+    model.setup_caches(max_batch=B)
+    out = model(idx[:, :prefill], input_pos=positions(0, prefill, B))
+    assert_same(out, expected[:, :prefill], "prefill")
+    for t in range(prefill, MAX_LEN):
+        out = model(idx[:, t : t + 1], input_pos=positions(t, 1, B))
+        assert_same(out, expected[:, t : t + 1], f"position {t}")
+
+
+@pytest.mark.parametrize(("positional_encoding", "norm_position"), VARIANTS)
+def test_cached_several_tokens_per_step_matches_uncached(positional_encoding, norm_position):
+    model = tiny_model(positional_encoding, norm_position)
+    B = 2
+    idx = random_ids(B, MAX_LEN, seed=2)
+    expected = model(idx)
+    model.setup_caches(max_batch=4)  # larger than the batch: rows past B stay unused
+    start = 0
+    for size in (4, 3, 1, 5, 2, 4, 5):  # sums to MAX_LEN
+        out = model(idx[:, start : start + size], input_pos=positions(start, size, B))
+        assert_same(out, expected[:, start : start + size], f"chunk at {start}")
+        start += size
+    assert start == MAX_LEN
+
+
+def test_cached_last_only_matches_uncached_last_position():
+    model = tiny_model()
+    idx = random_ids(2, 10)
+    expected = model(idx, last_only=True)
+    model.setup_caches(max_batch=2)
+    model(idx[:, :6], input_pos=positions(0, 6, 2))
+    out = model(idx[:, 6:], input_pos=positions(6, 4, 2), last_only=True)
+    assert_same(out, expected, "last position")
+
+
+@pytest.mark.parametrize("positional_encoding", ENCODINGS)
+def test_cached_batch_with_different_row_lengths_matches_uncached(positional_encoding):
+    model = tiny_model(positional_encoding)
+    lengths = [7, 3, 5]
+    B, total = len(lengths), MAX_LEN - 4
+    seqs = random_ids(B, total, seed=3)  # each row's own full sequence
+    expected = [model(seqs[b : b + 1])[0] for b in range(B)]  # each [total, k, V], uncached, alone
+    model.setup_caches(max_batch=B)
+
+    # right-padded prefill; the padding (token 0) lands in the cache past each row's length
+    width = max(lengths)
+    prompt = torch.zeros(B, width, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        prompt[b, :n] = seqs[b, :n]
+    out = model(prompt, input_pos=positions(0, width, B))
+    for b, n in enumerate(lengths):
+        assert_same(out[b, :n], expected[b][:n], f"prefill row {b}")
+
+    # then each row continues from its own length: one token per step, then two per step
+    pos = torch.tensor(lengths)
+    for size in (1, 1, 1, 2, 2, 1):
+        input_pos = pos[:, None] + torch.arange(size)  # [B, size], different per row
+        step_ids = torch.stack([seqs[b, input_pos[b]] for b in range(B)])
+        out = model(step_ids, input_pos=input_pos)
+        for b in range(B):
+            assert_same(out[b], expected[b][input_pos[b]], f"row {b} at {input_pos[b].tolist()}")
+        pos += size
+
+
+# --- config validation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"d_model": 30, "num_heads": 4}, "divisible by num_heads"),
+        ({"k": 0}, "k must be a positive integer"),
+        ({"k": -2}, "k must be a positive integer"),
+        ({"vocab_size": True}, "vocab_size must be a positive integer"),
+        ({"n_layers": 2.0}, "n_layers must be a positive integer"),
+        ({"positional_encoding": "rope"}, "positional_encoding must be one of"),
+        ({"norm_position": "sandwich"}, "norm_position must be one of"),
+        ({"gelu": "relu"}, "gelu must be one of"),
+        ({"dropout_rate": 1.0}, "dropout_rate must be in"),
+        ({"dropout_rate": -0.1}, "dropout_rate must be in"),
+        ({"d_model": 33, "num_heads": 3}, "even d_model"),
+    ],
+)
+def test_invalid_config_raises_config_error(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig(**overrides)
+
+
+def test_from_dict_rejects_unknown_fields():
+    with pytest.raises(ConfigError, match="unknown config fields: n_embd, n_head"):
+        ModelConfig.from_dict({"d_model": 64, "n_head": 4, "n_embd": 64})
+
+
+def test_from_dict_rejects_values_of_the_wrong_type():
+    with pytest.raises(ConfigError, match="d_model"):
+        ModelConfig.from_dict({"d_model": "64"})
+
+
+def test_config_survives_a_dict_round_trip():
+    cfg = ModelConfig(vocab_size=77, d_model=48, num_heads=3, k=2, positional_encoding="learned", norm_position="pre")
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
