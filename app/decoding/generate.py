@@ -1,0 +1,155 @@
+"""The decoding ladder: prefill -> forward_step -> (accept_drafts) -> generate.
+
+Pure functions over tensors and a model with KV caches; the engine drives the same steps
+for its continuous batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from app.decoding.sampling import BatchSampling, SamplingParams, make_generator
+from app.decoding.speculative import StepResult, accept_drafts
+from app.model.model import MTPTransformer
+
+
+def prefill(model: MTPTransformer, prompts: list[list[int]], row0: int = 0) -> Tensor:
+    """Run prompts (right-padded) into KV-cache rows row0.. ; return the last position's logits [B, k, V]."""
+    device = model.head.proj.weight.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    T = int(lengths.max())
+    idx = torch.zeros(len(prompts), T, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        idx[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+    pos = torch.arange(T, device=device).expand(len(prompts), T)
+    logits = model(idx, pos, kv_len=T, row0=row0)  # [B, T, k, V]
+    return logits[torch.arange(len(prompts), device=device), lengths - 1]
+
+
+def forward_step(model: MTPTransformer, cur: Tensor, drafts: Tensor | None, pos: Tensor, row0: int = 0) -> Tensor:
+    """Step 1: one forward over [cur, drafts] at positions pos.. ; logits [B, T, k, V].
+
+    With drafts None (or empty) this is plain one-token decoding (T = 1).
+    """
+    idx = cur[:, None] if drafts is None or drafts.shape[1] == 0 else torch.cat([cur[:, None], drafts], dim=1)
+    T = idx.shape[1]
+    input_pos = pos[:, None] + torch.arange(T, device=pos.device)[None, :]  # [B, T]
+    return model(idx, input_pos, row0=row0)
+
+
+def first_tokens(last_logits: Tensor, bs: BatchSampling, want_drafts: Tensor) -> StepResult:
+    """The first generated token (and first drafts) from the prompt's last-position logits [B, k, V]."""
+    B = last_logits.shape[0]
+    no_drafts = last_logits.new_zeros(B, 0, dtype=torch.long)
+    zero = torch.zeros(B, dtype=torch.long, device=last_logits.device)
+    return accept_drafts(last_logits[:, None], no_drafts, None, zero, bs, want_drafts)
+
+
+@dataclass
+class GenerationStats:
+    forward_passes: int = 0
+    verify_steps: int = 0  # forward passes that carried drafts
+    drafted: int = 0
+    accepted: int = 0
+    accepted_by_position: list[int] = field(default_factory=list)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verify pass (accepted drafts + the bonus)."""
+        return (self.accepted + self.verify_steps) / self.verify_steps if self.verify_steps else 1.0
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    finished_by_eos: list[bool]
+    stats: GenerationStats
+
+
+@torch.inference_mode()
+def generate(
+    model: MTPTransformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    params: SamplingParams | list[SamplingParams] | None = None,
+    speculative: bool = True,
+    eos_id: int | None = None,
+) -> Generation:
+    """Generate for a static batch: plain or self-speculative decoding, greedy or sampled.
+
+    Greedy speculative output equals plain greedy output; sampled output keeps head 1's
+    distribution. Allocates the model's KV caches for len(prompts) rows.
+    """
+    cfg = model.cfg
+    B = len(prompts)
+    device = model.head.proj.weight.device
+    plist = params if isinstance(params, list) else [params or SamplingParams()] * B
+    gens = [None if p.greedy else make_generator(p.seed) for p in plist]
+    bs = BatchSampling.from_params(plist, gens, device)
+    lengths = [len(p) for p in prompts]
+    if min(lengths) < 1 or max(lengths) + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt length + max_new_tokens must be within 1..{cfg.max_seq_len}")
+    use_spec = speculative and cfg.k > 1
+    model.setup_caches(B)
+
+    out: list[list[int]] = [[] for _ in range(B)]
+    logps: list[list[float]] = [[] for _ in range(B)]
+    done = [max_new_tokens == 0] * B
+    eos_hit = [False] * B
+    stats = GenerationStats(accepted_by_position=[0] * (cfg.k - 1))
+    want = torch.full((B,), use_spec, device=device)
+
+    res = first_tokens(prefill(model, prompts), bs, want)
+    stats.forward_passes += 1
+    pos = torch.tensor(lengths, device=device)
+    while True:
+        # collect this step's tokens; a finished row emits nothing more
+        for b in range(B):
+            if done[b]:
+                continue
+            for t in range(int(res.n_emitted[b])):
+                tok = int(res.tokens[b, t])
+                out[b].append(tok)
+                logps[b].append(float(res.logprobs[b, t]))
+                if tok == eos_id:
+                    eos_hit[b] = done[b] = True
+                    break
+                if len(out[b]) >= max_new_tokens:
+                    done[b] = True
+                    break
+        if all(done):
+            break
+        cur = res.tokens[torch.arange(B, device=device), res.n_emitted - 1]  # [B] last emitted token
+        remaining = torch.tensor([max_new_tokens - len(o) for o in out], device=device)
+        # a row may accept at most remaining - 1 drafts (the bonus is the last token); finished rows: none
+        max_accept = (remaining - 1).clamp(min=0, max=cfg.k - 1) if use_spec else torch.zeros_like(remaining)
+        max_accept = torch.where(torch.tensor(done, device=device), 0, max_accept)
+        drafts = res.drafts if use_spec else None
+        logits = forward_step(model, cur, drafts, pos)
+        stats.forward_passes += 1
+        res = accept_drafts(
+            logits, drafts if drafts is not None else cur.new_zeros(B, 0), res.draft_probs, max_accept, bs, want
+        )
+        _count(stats, res, max_accept, done)
+        # pos advances by what each live row emitted; finished rows stay put
+        live = ~torch.tensor(done, device=device)
+        pos = pos + torch.where(live, res.n_emitted, 0)
+    model.reset_caches()
+    return Generation(out, logps, eos_hit, stats)
+
+
+def _count(stats: GenerationStats, res: StepResult, max_accept: Tensor, done: list[bool]) -> None:
+    for b in range(len(done)):
+        m = int(max_accept[b])
+        if done[b] or m == 0:
+            continue
+        n = int(res.n_emitted[b]) - 1
+        stats.verify_steps += 1
+        stats.drafted += m
+        stats.accepted += n
+        for i in range(n):
+            stats.accepted_by_position[i] += 1

@@ -1,0 +1,111 @@
+"""Self-speculative (blockwise parallel) decoding with the MTP heads, batched.
+
+State per row: `cur`, the last emitted token (not yet in the KV cache) at position `pos`, and
+`drafts` [k-1], the proposals of heads 2..k for positions pos+1 .. pos+k-1. One verify pass
+feeds [cur, drafts] at positions pos .. pos+k-1; head 1 at offset t checks draft t+1. The
+longest agreeing prefix is kept plus one bonus token from head 1, and heads 2..k at the last
+kept offset draft the next block, so drafting costs no extra forward pass.
+
+Rows accept different numbers of tokens: outputs are padded [B, T] with per-row counts (as
+vLLM's rejection sampler does), and `max_accept` caps each row (0 = plain decoding for that row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from app.decoding.sampling import BatchSampling, logits_to_probs, sample_rows
+
+
+@dataclass
+class StepResult:
+    tokens: Tensor  # [B, T] emitted tokens, left-aligned; entries past n_emitted are padding
+    n_emitted: Tensor  # [B] long, 1..T: accepted drafts + the bonus token
+    logprobs: Tensor  # [B, T] head-1 log-probability (unprocessed softmax) of each emitted token
+    drafts: Tensor  # [B, k-1] proposals for the next step
+    draft_probs: Tensor | None  # [B, k-1, V] processed draft distributions q (None if all greedy)
+
+
+def _leading_true(mask: Tensor) -> Tensor:
+    """Length of the all-True prefix of each row: [B, N] bool -> [B] long."""
+    return mask.long().cumprod(dim=-1).sum(dim=-1)
+
+
+def accept_drafts(
+    logits: Tensor,
+    drafts: Tensor,
+    draft_probs: Tensor | None,
+    max_accept: Tensor,
+    bs: BatchSampling,
+    want_drafts: Tensor,
+) -> StepResult:
+    """Steps 2-5 of a speculative step, given the verify pass's logits [B, T, k, V].
+
+    drafts [B, T-1] were fed at offsets 1..T-1; draft_probs [B, T-1, V] are the distributions
+    they were sampled from (needed for sampled rows). max_accept [B] caps accepted drafts.
+    want_drafts [B] bool: rows that will verify drafts next step (others skip drafting draws,
+    so a row's random stream does not depend on its batch).
+    """
+    B, T, _k, _V = logits.shape
+    device = logits.device
+    n_prop = T - 1
+    rows = torch.arange(B, device=device)
+    p = logits_to_probs(logits[:, :, 0], bs)  # [B, T, V] head 1, processed
+
+    # Step 2: which drafts agree. Greedy: draft == argmax. Sampled: u < p(d) / q(d).
+    if n_prop > 0:
+        p_draft = p[:, :n_prop].gather(-1, drafts[..., None])[..., 0]  # [B, T-1]
+        agree = drafts == p[:, :n_prop].argmax(-1)
+        if not bs.all_greedy:
+            assert draft_probs is not None
+            q_draft = draft_probs.gather(-1, drafts[..., None])[..., 0].clamp(min=1e-20)
+            u = torch.zeros(B, n_prop)
+            for b, gen in enumerate(bs.generators):  # max_accept uniforms from the row's own generator
+                m = min(int(max_accept[b]), n_prop)
+                if m and not bool(bs.greedy[b]):
+                    u[b, :m] = torch.rand(m, generator=gen)
+            agree = torch.where(bs.greedy[:, None], agree, u.to(device) < p_draft / q_draft)
+        n_acc = torch.minimum(_leading_true(agree), max_accept.clamp(max=n_prop))  # [B]
+    else:
+        n_acc = torch.zeros(B, dtype=torch.long, device=device)
+
+    # Step 3: the bonus token from head 1 at offset n_acc; after a rejection, a sampled row
+    # draws from norm(max(0, p - q)) so that the output keeps head 1's distribution exactly.
+    p_bonus = p[rows, n_acc]  # [B, V]
+    if n_prop > 0 and not bs.all_greedy:
+        assert draft_probs is not None
+        rejected = (n_acc < max_accept.clamp(max=n_prop)) & ~bs.greedy  # stopped by a rejection
+        q_rej = draft_probs[rows, n_acc.clamp(max=n_prop - 1)]  # [B, V]
+        residual = (p_bonus - q_rej).clamp(min=0.0)
+        mass = residual.sum(-1, keepdim=True)
+        residual = torch.where(mass > 0, residual / mass.clamp(min=1e-20), p_bonus)
+        p_bonus = torch.where(rejected[:, None], residual, p_bonus)
+    bonus = sample_rows(p_bonus[:, None], bs)[:, 0]  # [B]
+
+    # Step 4: emitted tokens = accepted drafts + bonus, left-aligned and padded to T.
+    offsets = torch.arange(T, device=device)[None, :]  # [1, T]
+    padded = torch.cat([drafts, drafts.new_zeros(B, 1)], dim=1) if n_prop else drafts.new_zeros(B, 1)
+    tokens = torch.where(offsets < n_acc[:, None], padded, bonus[:, None].expand(B, T))
+    logprobs = torch.log_softmax(logits[:, :, 0].float(), dim=-1).gather(-1, tokens[..., None])[..., 0]
+
+    # Step 5: heads 2..k at the last kept offset draft the next block.
+    next_drafts, next_q = draft_next(logits[rows, n_acc, 1:], bs, want_drafts)
+    return StepResult(tokens, n_acc + 1, logprobs, next_drafts, next_q)
+
+
+def draft_next(head_logits: Tensor, bs: BatchSampling, want: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Drafts from heads 2..k: head_logits [B, k-1, V] -> (drafts [B, k-1], q [B, k-1, V] | None)."""
+    B, n, _ = head_logits.shape
+    if n == 0:
+        return head_logits.new_zeros(B, 0, dtype=torch.long), None
+    q = logits_to_probs(head_logits, bs)  # [B, k-1, V]
+    drafts = q.argmax(-1)
+    if bs.all_greedy:
+        return drafts, None
+    for b, gen in enumerate(bs.generators):
+        if bool(want[b]) and not bool(bs.greedy[b]):
+            drafts[b] = torch.multinomial(q[b].cpu(), 1, generator=gen)[:, 0].to(drafts.device)
+    return drafts, q
