@@ -1,0 +1,117 @@
+"""Pure ASGI middleware: request ids, body-size limit, per-route request metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from contextvars import ContextVar
+from typing import Any
+
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.metrics import Metrics
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+# HTTP status -> failure reason in mtp_request_failures_total
+FAILURE_REASON = {
+    401: "unauthorized",
+    413: "too_large",
+    422: "validation",
+    429: "overloaded",
+    500: "error",
+    503: "not_ready",
+    504: "timeout",
+}
+
+
+async def _send_json(send: Send, status: int, body: dict[str, str], headers: list[tuple[bytes, bytes]]) -> None:
+    data = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
+
+
+class RequestContext:
+    """X-Request-Id (accepted when well-formed, else generated), body limit (413) and metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+        token = request_id_var.set(rid)
+        rid_header = (b"x-request-id", rid.encode())
+        start = time.perf_counter()
+        status_box = [500]
+
+        async def send_wrapped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_box[0] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], rid_header]
+            await send(message)
+
+        try:
+            length = headers.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body):
+                status_box[0] = 413
+                msg = f"request body larger than {self.max_body} bytes"
+                await _send_json(send, 413, {"error": msg, "error_type": "too_large"}, [rid_header])
+                return
+            received = 0
+
+            async def receive_limited() -> Message:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_body:
+                        raise BodyTooLarge(self.max_body)
+                return message
+
+            try:
+                await self.app(scope, receive_limited, send_wrapped)
+            except BodyTooLarge:
+                status_box[0] = 413
+                msg = f"request body larger than {self.max_body} bytes"
+                await _send_json(send, 413, {"error": msg, "error_type": "too_large"}, [rid_header])
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            status = status_box[0]
+            self.metrics.requests.labels(path, str(status)).inc()
+            self.metrics.request_duration.labels(path).observe(time.perf_counter() - start)
+            reason = FAILURE_REASON.get(status)
+            if reason is not None:
+                self.metrics.failures.labels(reason).inc()
+            request_id_var.reset(token)
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from receive() mid-body; FastAPI re-raises HTTPExceptions, so it becomes a 413 envelope."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body larger than {limit} bytes")

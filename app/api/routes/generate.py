@@ -1,0 +1,202 @@
+"""POST /generate and /generate_stream, in text-generation-inference's request/response shape."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from app.api.deps import AuthDep, Serving, ServingDep
+from app.api.errors import APIError, engine_error_status
+from app.api.schemas import (
+    Details,
+    GenerateParameters,
+    GenerateRequest,
+    GenerateResponse,
+    SpeculationDetails,
+    StreamEvent,
+    Token,
+)
+from app.api.textgen import GenFinal, GenOptions, GenToken, run_generation
+from app.engine.types import EngineError
+
+log = logging.getLogger(__name__)
+STATUS_OF = {"overloaded": 429, "not_ready": 503, "timeout": 504, "validation": 422}
+FAILURE_OF = {"overloaded": "overloaded", "not_ready": "not_ready", "timeout": "timeout", "validation": "validation"}
+router = APIRouter(tags=["inference"], dependencies=[AuthDep])
+
+SSE_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "JSON (stream=false) or server-sent events (stream=true): one `data: {StreamEvent}` per "
+        "token; the last carries generated_text and details; an error after the first event is sent as "
+        '`data: {"error": ..., "error_type": ...}`.',
+        "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/StreamEvent"}}},
+    },
+    422: {},
+    429: {},
+    503: {},
+    504: {},
+}
+
+
+def options_for(params: GenerateParameters, srv: Serving) -> GenOptions:
+    """Check the parameters against the service's limits; raises APIError(422)."""
+    s = srv.settings
+    if params.max_new_tokens > s.max_new_tokens:
+        raise APIError(422, f"max_new_tokens must be at most {s.max_new_tokens}")
+    if len(params.stop) > s.max_stop_sequences:
+        raise APIError(422, f"at most {s.max_stop_sequences} stop sequences")
+    if any(not st or len(st) > s.max_stop_length for st in params.stop):
+        raise APIError(422, f"stop sequences must be 1 to {s.max_stop_length} characters")
+    return GenOptions(
+        max_new_tokens=params.max_new_tokens,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        do_sample=params.do_sample,
+        seed=params.seed,
+        stop=params.stop,
+        speculative=params.speculative,
+    )
+
+
+def prompt_ids(inputs: str, max_new_tokens: int, srv: Serving) -> list[int]:
+    """Tokenize a prompt and check it against the input cap and the context; raises APIError(422)."""
+    ids = srv.tokenizer.encode(inputs)
+    if not ids:
+        raise APIError(422, "inputs must not be empty")
+    limit = srv.state.max_input_tokens
+    if len(ids) > limit:
+        raise APIError(422, f"inputs have {len(ids)} tokens; the limit is {limit}")
+    ctx = srv.model_config.max_seq_len
+    if len(ids) + max_new_tokens > ctx:
+        raise APIError(422, f"inputs tokens ({len(ids)}) + max_new_tokens ({max_new_tokens}) must be <= {ctx}")
+    return ids
+
+
+def prepare(params: GenerateParameters, inputs: str, srv: Serving) -> tuple[list[int], GenOptions]:
+    opts = options_for(params, srv)
+    return prompt_ids(inputs, params.max_new_tokens, srv), opts
+
+
+def details_of(final: GenFinal, with_tokens: bool) -> Details:
+    return Details(
+        finish_reason=final.finish_reason,
+        generated_tokens=final.generated_tokens,
+        input_length=final.input_length,
+        seed=final.seed,
+        speculation=SpeculationDetails(
+            enabled=final.speculative,
+            verify_steps=final.verify_steps,
+            drafted_tokens=final.drafted_tokens,
+            accepted_tokens=final.accepted_tokens,
+            mean_accepted_length=(final.accepted_tokens + final.verify_steps) / final.verify_steps
+            if final.verify_steps
+            else 1.0,
+        ),
+        tokens=[_token(t) for t in final.tokens] if with_tokens else None,
+    )
+
+
+def _token(t: GenToken) -> Token:
+    return Token(id=t.id, text=t.text, logprob=t.logprob, special=t.special)
+
+
+async def complete(srv: Serving, ids: list[int], opts: GenOptions) -> GenFinal:
+    """Run a generation to the end (non-streaming), bounded by the request timeout."""
+    try:
+        async with asyncio.timeout(srv.settings.request_timeout_s):
+            async for out in run_generation(srv.engine, srv.tokenizer, ids, opts):
+                if isinstance(out, GenFinal):
+                    return out
+    except TimeoutError:
+        raise APIError(504, "request timed out", "timeout") from None
+    raise APIError(500, "generation ended without a result", "internal")
+
+
+def sse(payload: dict[str, object]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def event_stream(
+    srv: Serving, ids: list[int], opts: GenOptions, req: GenerateRequest
+) -> AsyncGenerator[str, None]:
+    """SSE frames; an error after the stream began is sent as an error event, then the stream ends."""
+    prefix = req.inputs if req.parameters.return_full_text else ""
+    try:
+        async with asyncio.timeout(srv.settings.request_timeout_s):
+            last: GenToken | None = None
+            async for out in run_generation(srv.engine, srv.tokenizer, ids, opts):
+                if isinstance(out, GenToken):
+                    if out.last:  # held back one moment: the final event carries it
+                        last = out
+                    else:
+                        yield sse(StreamEvent(index=out.index, token=_token(out)).model_dump())
+                    continue
+                if last is None:
+                    break
+                ev = StreamEvent(
+                    index=last.index,
+                    token=_token(last),
+                    generated_text=prefix + out.generated_text,
+                    details=details_of(out, with_tokens=False),
+                )
+                yield sse(ev.model_dump(exclude={"details": {"tokens"}}))
+    except TimeoutError:
+        yield sse({"error": "request timed out", "error_type": "timeout"})
+    except EngineError as exc:
+        _, kind = engine_error_status(exc)
+        yield sse({"error": str(exc), "error_type": kind})
+
+
+@router.post("/generate", response_model=GenerateResponse, responses=SSE_DOC)
+async def generate(req: GenerateRequest, srv: ServingDep) -> GenerateResponse | StreamingResponse:
+    """Generate a continuation; with "stream": true, as server-sent events."""
+    ids, opts = prepare(req.parameters, req.inputs, srv)
+    if req.stream:
+        return await _stream(srv, ids, opts, req)
+    final = await complete(srv, ids, opts)
+    text = (req.inputs if req.parameters.return_full_text else "") + final.generated_text
+    return GenerateResponse(generated_text=text, details=details_of(final, True) if req.parameters.details else None)
+
+
+@router.post("/generate_stream", response_class=StreamingResponse, responses=SSE_DOC)
+async def generate_stream(req: GenerateRequest, srv: ServingDep) -> StreamingResponse:
+    """Generate a continuation as server-sent events, one event per token."""
+    ids, opts = prepare(req.parameters, req.inputs, srv)
+    return await _stream(srv, ids, opts, req)
+
+
+async def _stream(srv: Serving, ids: list[int], opts: GenOptions, req: GenerateRequest) -> StreamingResponse:
+    frames = event_stream(srv, ids, opts, req)
+    # Pull the first frame before answering, so that queue-full / not-ready errors still get
+    # their HTTP status instead of a 200 with an error event.
+    try:
+        first = await anext(frames)
+    except StopAsyncIteration:
+        first = ""
+    if first.startswith('data: {"error"'):
+        payload = json.loads(first.removeprefix("data: "))
+        await frames.aclose()
+        status = STATUS_OF.get(payload["error_type"], 500)
+        raise APIError(status, payload["error"], payload["error_type"])
+
+    failures = srv.state.metrics.failures
+
+    async def body() -> AsyncGenerator[str, None]:
+        try:
+            if first:
+                yield first
+            async for frame in frames:
+                if frame.startswith('data: {"error"'):  # the status is already 200: count it here
+                    failures.labels(FAILURE_OF.get(json.loads(frame[6:])["error_type"], "error")).inc()
+                yield frame
+        finally:
+            await frames.aclose()  # client gone: the engine drops the sequence at its next step
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

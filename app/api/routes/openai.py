@@ -1,0 +1,218 @@
+"""OpenAI-compatible /v1/completions and /v1/models (errors in OpenAI's shape on these routes)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from typing import Literal
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from app.api.deps import AuthDep, Serving, ServingDep, StateDep
+from app.api.errors import APIError, engine_error_status
+from app.api.routes.generate import options_for, prompt_ids
+from app.api.schemas import MAX_SEED, GenerateParameters, Strict
+from app.api.textgen import GenFinal, GenOptions, GenToken, run_generation
+from app.engine.types import EngineError
+
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[AuthDep])
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class CompletionRequest(Strict):
+    model: str | None = None
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: Literal[1] = 1
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    logprobs: int | None = Field(None, ge=0, le=0, description="Only the chosen token's logprob (0) is supported")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: Literal[False] = False
+    user: str | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["length", "stop"] | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "mtp"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+STARTED = int(time.time())
+
+
+@router.get("/models", response_model=ModelList)
+async def models(state: StateDep) -> ModelList:
+    """The one model this server serves."""
+    return ModelList(data=[ModelCard(id=state.model_id or "mtp", created=STARTED)])
+
+
+def _params(req: CompletionRequest) -> GenerateParameters:
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    return GenerateParameters(
+        max_new_tokens=req.max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p if req.top_p < 1.0 else None,
+        do_sample=req.temperature > 0,
+        seed=req.seed,
+        stop=stops,
+    )
+
+
+def _choice(final: GenFinal, index: int, with_logprobs: bool) -> CompletionChoice:
+    logprobs = None
+    if with_logprobs:
+        offsets, pos = [], 0
+        for t in final.tokens:
+            offsets.append(pos)
+            pos += len(t.text)
+        logprobs = CompletionLogprobs(
+            tokens=[t.text for t in final.tokens], token_logprobs=[t.logprob for t in final.tokens], text_offset=offsets
+        )
+    reason: Literal["length", "stop"] = "length" if final.finish_reason == "length" else "stop"
+    return CompletionChoice(text=final.generated_text, index=index, logprobs=logprobs, finish_reason=reason)
+
+
+async def _run(srv: Serving, ids: list[int], opts: GenOptions) -> GenFinal:
+    async for out in run_generation(srv.engine, srv.tokenizer, ids, opts):
+        if isinstance(out, GenFinal):
+            return out
+    raise APIError(500, "generation ended without a result", "internal")
+
+
+@router.post("/completions", response_model=Completion)
+async def completions(req: CompletionRequest, srv: ServingDep) -> Completion | StreamingResponse:
+    """Complete one prompt or several (one choice each); "stream": true sends SSE chunks ending in [DONE]."""
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    if not prompts or len(prompts) > srv.settings.max_inputs_per_request:
+        raise APIError(422, f"prompt must hold 1 to {srv.settings.max_inputs_per_request} texts")
+    params = _params(req)
+    opts = options_for(params, srv)
+    prepared = [prompt_ids(p, params.max_new_tokens, srv) for p in prompts]
+    model = req.model or srv.state.model_id
+    cid = f"cmpl-{uuid.uuid4().hex}"
+    if req.stream:
+        if len(prompts) != 1:
+            raise APIError(422, "streaming takes a single prompt")
+        return await _stream(srv, prepared[0], opts, req, cid, model)
+    try:
+        async with asyncio.timeout(srv.settings.request_timeout_s):
+            finals = await asyncio.gather(*(_run(srv, ids, opts) for ids in prepared))
+    except TimeoutError:
+        raise APIError(504, "request timed out", "timeout") from None
+    completion_tokens = sum(f.generated_tokens for f in finals)
+    prompt_tokens = sum(len(ids) for ids in prepared)
+    return Completion(
+        id=cid,
+        created=int(time.time()),
+        model=model,
+        choices=[_choice(f, i, req.logprobs is not None) for i, f in enumerate(finals)],
+        usage=Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        ),
+    )
+
+
+async def _stream(
+    srv: Serving, ids: list[int], opts: GenOptions, req: CompletionRequest, cid: str, model: str
+) -> StreamingResponse:
+    created = int(time.time())
+
+    def chunk(text: str, reason: str | None, lp: float | None = None) -> str:
+        logprobs = {"tokens": [text], "token_logprobs": [lp], "top_logprobs": None, "text_offset": [0]}
+        body = {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {"text": text, "index": 0, "logprobs": logprobs if lp is not None else None, "finish_reason": reason}
+            ],
+        }
+        return f"data: {json.dumps(body)}\n\n"
+
+    gen = run_generation(srv.engine, srv.tokenizer, ids, opts)
+    try:  # surface queue-full / not-ready as an HTTP status before the stream starts
+        first = await anext(gen)
+    except EngineError as exc:
+        status, kind = engine_error_status(exc)
+        raise APIError(status, str(exc), kind) from None
+
+    async def body() -> AsyncGenerator[str, None]:
+        want_lp = req.logprobs is not None
+        try:
+            async with asyncio.timeout(srv.settings.request_timeout_s):
+                out: GenToken | GenFinal = first
+                while True:
+                    if isinstance(out, GenToken):
+                        yield chunk(out.text, None, out.logprob if want_lp else None)
+                    else:
+                        yield chunk("", "length" if out.finish_reason == "length" else "stop")
+                        if req.stream_options and req.stream_options.include_usage:
+                            usage = {
+                                "prompt_tokens": len(ids),
+                                "completion_tokens": out.generated_tokens,
+                                "total_tokens": len(ids) + out.generated_tokens,
+                            }
+                            payload = {"id": cid, "object": "text_completion", "created": created, "model": model}
+                            yield f"data: {json.dumps({**payload, 'choices': [], 'usage': usage})}\n\n"
+                        break
+                    out = await anext(gen)
+        except TimeoutError:
+            yield f"data: {json.dumps({'error': {'message': 'request timed out', 'type': 'timeout'}})}\n\n"
+        except EngineError as exc:
+            _, kind = engine_error_status(exc)
+            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': kind}})}\n\n"
+        finally:
+            await gen.aclose()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,111 @@
+"""POST /predict: the k heads' top tokens, the greedy k-token continuation, candidate scores."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+
+from app.api.deps import AuthDep, Serving, ServingDep
+from app.api.errors import APIError
+from app.api.schemas import (
+    CandidateScore,
+    Continuation,
+    PositionTop,
+    PredictRequest,
+    PredictResponse,
+    PredictResult,
+    TokenProb,
+)
+from app.decoding.predict import Scores
+from app.engine.types import PredictRequest as EnginePredict
+
+router = APIRouter(tags=["inference"], dependencies=[AuthDep])
+
+
+def _token_inputs(req: PredictRequest, srv: Serving) -> list[list[int]]:
+    if (req.inputs is None) == (req.input_ids is None):
+        raise APIError(422, "give exactly one of inputs or input_ids")
+    ids: list[list[int]] = []
+    if req.inputs is not None:
+        texts = [req.inputs] if isinstance(req.inputs, str) else req.inputs
+        if not texts or any(not t for t in texts):
+            raise APIError(422, "inputs must be non-empty texts")
+        ids = srv.tokenizer.encode_batch(texts)
+    elif req.input_ids:
+        ids = [list(r) for r in req.input_ids if isinstance(r, list)] or [
+            [int(i) for i in req.input_ids if isinstance(i, int)]
+        ]
+    if not ids or any(not row for row in ids):
+        raise APIError(422, "inputs must not be empty")
+    if len(ids) > srv.settings.max_inputs_per_request:
+        raise APIError(422, f"at most {srv.settings.max_inputs_per_request} inputs per request")
+    limit = srv.state.max_input_tokens
+    vocab = srv.model_config.vocab_size
+    for row in ids:
+        if len(row) > limit:
+            raise APIError(422, f"an input has {len(row)} tokens; the limit is {limit}")
+        if min(row) < 0 or max(row) >= vocab:
+            raise APIError(422, f"token ids must be in [0, {vocab})")
+    return ids
+
+
+def _candidates(req: PredictRequest, srv: Serving, k: int) -> list[list[int]]:
+    if not req.candidates:
+        return []
+    if len(req.candidates) > srv.settings.max_candidates:
+        raise APIError(422, f"at most {srv.settings.max_candidates} candidates")
+    cands = [srv.tokenizer.encode(c) if isinstance(c, str) else list(c) for c in req.candidates]
+    vocab = srv.model_config.vocab_size
+    for c in cands:
+        if not 1 <= len(c) <= k:
+            raise APIError(422, f"each candidate must be 1 to {k} tokens (got {len(c)})")
+        if min(c) < 0 or max(c) >= vocab:
+            raise APIError(422, f"candidate token ids must be in [0, {vocab})")
+    return cands
+
+
+def _result(scores: Scores, prompt: list[int], k: int, cands: list[list[int]], srv: Serving) -> PredictResult:
+    tok = srv.tokenizer
+    positions = [
+        PositionTop(
+            position=j + 1,
+            top=[
+                TokenProb(id=i, text=tok.id_to_text(i), prob=p, logprob=lp)
+                for i, p, lp in zip(
+                    scores.top_ids[0][j], scores.top_probs[0][j], scores.top_logprobs[0][j], strict=True
+                )
+            ],
+        )
+        for j in range(k)
+    ]
+    greedy = scores.greedy[0][:k]
+    scored = [
+        CandidateScore(ids=ids, text=tok.decode(ids), logprobs=lps, total_logprob=sum(lps))
+        for ids, lps in zip(cands, scores.candidates[0], strict=True)
+    ]
+    return PredictResult(
+        input_length=len(prompt),
+        positions=positions,
+        greedy=Continuation(ids=greedy, text=tok.decode(greedy)),
+        candidates=scored or None,
+    )
+
+
+@router.post("/predict", response_model=PredictResponse, responses={422: {}, 429: {}, 503: {}, 504: {}})
+async def predict(req: PredictRequest, srv: ServingDep) -> PredictResponse:
+    """Score the next k tokens of each input with the k MTP heads."""
+    k = req.k or srv.model_config.k
+    if k > srv.model_config.k:
+        raise APIError(422, f"k must be at most the model's k ({srv.model_config.k})")
+    if req.top_n > srv.settings.max_top_n:
+        raise APIError(422, f"top_n must be at most {srv.settings.max_top_n}")
+    prompts = _token_inputs(req, srv)
+    cands = _candidates(req, srv, k)
+    batch = [EnginePredict(prompt_ids=p, top_n=req.top_n, candidates=cands) for p in prompts]
+    try:
+        async with asyncio.timeout(srv.settings.request_timeout_s):
+            scores = await srv.engine.predict(batch)
+    except TimeoutError:
+        raise APIError(504, "request timed out", "timeout") from None
+    return PredictResponse(k=k, results=[_result(s, p, k, cands, srv) for s, p in zip(scores, prompts, strict=True)])

@@ -1,0 +1,88 @@
+"""Health, readiness, info, tokenize and metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app import __version__
+from app.api.deps import AuthDep, ServingDep, StateDep
+from app.api.errors import envelope
+from app.api.schemas import HealthResponse, InfoResponse, Limits, TokenizeRequest, TokenizeResponse, TokenOut
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/health", response_model=HealthResponse, responses={503: {}})
+async def health(state: StateDep) -> HealthResponse | JSONResponse:
+    """Liveness: the process answers and its inference worker is alive and making progress."""
+    if state.engine is None:
+        return HealthResponse(status="ok", worker="starting" if state.startup_error is None else "failed")
+    h = state.engine.health()
+    if not h.alive or h.stalled:
+        return envelope(503, f"inference worker unhealthy: {h.detail}", "unhealthy")
+    return HealthResponse(status="ok", worker=h.detail)
+
+
+@router.get("/ready", response_model=HealthResponse, responses={503: {}})
+async def ready(state: StateDep) -> HealthResponse | JSONResponse:
+    """Readiness: the model is loaded and warm, the worker is healthy, and the server is not draining."""
+    if state.draining:
+        return envelope(503, "draining", "not_ready")
+    if not state.ready or state.engine is None:
+        return envelope(503, state.startup_error or "model loading", "not_ready")
+    h = state.engine.health()
+    if not h.alive or h.stalled:
+        return envelope(503, f"inference worker unhealthy: {h.detail}", "not_ready")
+    return HealthResponse(status="ready", worker=h.detail)
+
+
+@router.get("/info", response_model=InfoResponse, responses={503: {}})
+async def info(srv: ServingDep) -> InfoResponse:
+    """The model's configuration, the service's limits, version, device and dtype."""
+    s, cfg = srv.settings, srv.model_config
+    engine_info = srv.engine.info()
+    return InfoResponse(
+        model_id=srv.state.model_id,
+        version=__version__,
+        model=cfg.to_dict(),
+        k=cfg.k,
+        vocab_size=cfg.vocab_size,
+        max_seq_len=cfg.max_seq_len,
+        device=engine_info["device"],
+        dtype=engine_info["dtype"],
+        speculative=s.speculative and cfg.k > 1,
+        limits=Limits(
+            max_input_tokens=srv.state.max_input_tokens,
+            max_new_tokens=min(s.max_new_tokens, cfg.max_seq_len - 1),
+            max_top_n=min(s.max_top_n, cfg.vocab_size),
+            max_candidates=s.max_candidates,
+            max_inputs_per_request=s.max_inputs_per_request,
+            max_stop_sequences=s.max_stop_sequences,
+            max_stop_length=s.max_stop_length,
+            max_body_bytes=s.max_body_bytes,
+            max_batch_size=s.max_batch_size,
+            max_queue_size=s.max_queue_size,
+            request_timeout_s=s.request_timeout_s,
+        ),
+        auth_required=s.api_key is not None,
+    )
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, dependencies=[AuthDep], responses={503: {}})
+async def tokenize(req: TokenizeRequest, srv: ServingDep) -> TokenizeResponse:
+    """Token ids and character offsets of a text."""
+    enc = srv.tokenizer.hf.encode(req.inputs, add_special_tokens=False)
+    return TokenizeResponse(
+        tokens=[
+            TokenOut(id=i, text=srv.tokenizer.id_to_text(i), start=a, stop=b)
+            for i, (a, b) in zip(enc.ids, enc.offsets, strict=True)
+        ]
+    )
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(state: StateDep) -> Response:
+    """Prometheus exposition."""
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

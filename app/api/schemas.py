@@ -1,0 +1,179 @@
+"""Request and response bodies. Every request model rejects unknown fields."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_SEED = 2**63 - 1
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    error_type: str
+
+
+# ---- /predict -------------------------------------------------------------------------------
+
+
+class PredictRequest(Strict):
+    inputs: str | list[str] | None = Field(None, description="A text or a list of texts")
+    input_ids: list[int] | list[list[int]] | None = Field(None, description="Token ids instead of text")
+    top_n: int = Field(5, ge=1, description="Tokens returned per position")
+    k: int | None = Field(None, ge=1, description="Positions returned (at most the model's k)")
+    candidates: list[str] | list[list[int]] | None = Field(
+        None, description="Continuations to score for every input (texts or token ids, each at most k tokens)"
+    )
+
+
+class TokenProb(BaseModel):
+    id: int
+    text: str
+    prob: float
+    logprob: float
+
+
+class PositionTop(BaseModel):
+    position: int = Field(description="1 = the next token, j = the token j steps ahead")
+    top: list[TokenProb]
+
+
+class Continuation(BaseModel):
+    ids: list[int]
+    text: str
+
+
+class CandidateScore(BaseModel):
+    ids: list[int]
+    text: str
+    logprobs: list[float] = Field(description="Per position: log-probability under head j")
+    total_logprob: float
+
+
+class PredictResult(BaseModel):
+    input_length: int
+    positions: list[PositionTop]
+    greedy: Continuation
+    candidates: list[CandidateScore] | None = None
+
+
+class PredictResponse(BaseModel):
+    k: int
+    results: list[PredictResult]
+
+
+# ---- /generate (text-generation-inference's shape) ------------------------------------------
+
+
+class GenerateParameters(Strict):
+    max_new_tokens: int = Field(20, ge=1)
+    temperature: float | None = Field(None, ge=0.0, description="0 = greedy")
+    top_k: int | None = Field(None, ge=0, description="0 = off")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    do_sample: bool = False
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: list[str] = Field(default_factory=list, description="Stop sequences")
+    details: bool = False
+    return_full_text: bool = False
+    speculative: bool | None = Field(None, description="Self-speculative decoding; null = the server default")
+
+
+class GenerateRequest(Strict):
+    inputs: str = Field(min_length=1)
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    stream: bool = False
+
+
+class Token(BaseModel):
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+class SpeculationDetails(BaseModel):
+    enabled: bool
+    verify_steps: int
+    drafted_tokens: int
+    accepted_tokens: int
+    mean_accepted_length: float = Field(description="Tokens emitted per verify pass")
+
+
+FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+
+class Details(BaseModel):
+    finish_reason: FinishReason
+    generated_tokens: int
+    input_length: int
+    seed: int | None
+    speculation: SpeculationDetails
+    tokens: list[Token] | None = None
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    details: Details | None = None
+
+
+class StreamEvent(BaseModel):
+    index: int
+    token: Token
+    generated_text: str | None = None
+    details: Details | None = None
+
+
+# ---- utilities ------------------------------------------------------------------------------
+
+
+class TokenizeRequest(Strict):
+    inputs: str
+
+
+class TokenOut(BaseModel):
+    id: int
+    text: str
+    start: int
+    stop: int
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[TokenOut]
+
+
+class Limits(BaseModel):
+    max_input_tokens: int
+    max_new_tokens: int
+    max_top_n: int
+    max_candidates: int
+    max_inputs_per_request: int
+    max_stop_sequences: int
+    max_stop_length: int
+    max_body_bytes: int
+    max_batch_size: int
+    max_queue_size: int
+    request_timeout_s: float
+
+
+class InfoResponse(BaseModel):
+    model_id: str
+    version: str
+    model: dict[str, object]
+    k: int
+    vocab_size: int
+    max_seq_len: int
+    device: str
+    dtype: str
+    speculative: bool
+    limits: Limits
+    auth_required: bool
+
+
+class HealthResponse(BaseModel):
+    status: str
+    worker: str

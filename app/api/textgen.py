@@ -1,0 +1,145 @@
+"""Turns the engine's token events into text: incremental decoding and stop sequences.
+
+Shared by /generate, /generate_stream and /v1/completions.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+
+from app.decoding.sampling import SamplingParams
+from app.engine.engine import Engine
+from app.engine.types import ErrorEvent, FinishEvent, GenerateRequest, TokenEvent
+from app.model.tokenizer import Tokenizer
+
+
+@dataclass
+class GenOptions:
+    max_new_tokens: int
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    do_sample: bool = False
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    speculative: bool | None = None
+
+    def sampling(self) -> SamplingParams:
+        # As in text-generation-inference: setting temperature (> 0), top_k or top_p turns sampling on.
+        sample = self.do_sample or bool(self.temperature) or bool(self.top_k) or self.top_p is not None
+        if self.temperature == 0.0:
+            sample = False
+        seed = self.seed if self.seed is not None else (secrets.randbelow(2**63) if sample else None)
+        return SamplingParams(
+            temperature=self.temperature if self.temperature is not None else 1.0,
+            top_k=self.top_k or 0,
+            top_p=self.top_p if self.top_p is not None else 1.0,
+            do_sample=sample,
+            seed=seed,
+        )
+
+
+@dataclass
+class GenToken:
+    index: int
+    id: int
+    text: str
+    logprob: float
+    special: bool
+    last: bool = False  # the GenFinal follows at once
+
+
+@dataclass
+class GenFinal:
+    generated_text: str
+    finish_reason: str  # "length" | "eos_token" | "stop_sequence"
+    generated_tokens: int
+    input_length: int
+    seed: int | None
+    speculative: bool
+    verify_steps: int
+    drafted_tokens: int
+    accepted_tokens: int
+    tokens: list[GenToken]
+
+
+async def run_generation(
+    engine: Engine, tok: Tokenizer, prompt_ids: list[int], opts: GenOptions
+) -> AsyncGenerator[GenToken | GenFinal, None]:
+    """Yield one GenToken per generated token, then a GenFinal. Raises EngineError on failure.
+
+    Leaving the loop early (client gone, stop sequence) closes the engine stream, which
+    removes the sequence from the batch at the next step.
+    """
+    sampling = opts.sampling()
+    spec = engine.cfg.speculative if opts.speculative is None else opts.speculative
+    request = GenerateRequest(
+        prompt_ids=prompt_ids,
+        max_new_tokens=opts.max_new_tokens,
+        sampling=sampling,
+        speculative=opts.speculative,
+    )
+    decoder = tok.stream_decoder()
+    text = ""
+    tokens: list[GenToken] = []
+    longest_stop = max((len(s) for s in opts.stop), default=0)
+    stream = engine.generate(request)
+    try:
+        async for event in stream:
+            if isinstance(event, ErrorEvent):
+                raise event.error
+            if isinstance(event, TokenEvent):
+                n = len(event.token_ids)
+                for i, (tid, lp) in enumerate(zip(event.token_ids, event.logprobs, strict=True)):
+                    piece = decoder.step(tid)
+                    start = max(0, len(text) - longest_stop + 1)
+                    text += piece
+                    cut = _find_stop(text, opts.stop, start)
+                    last = cut is not None or (event.final and i == n - 1)
+                    gt = GenToken(len(tokens), tid, piece, lp, tid in tok.special_ids, last)
+                    tokens.append(gt)
+                    yield gt
+                    if cut is not None:
+                        yield _final(text[:cut], "stop_sequence", tokens, prompt_ids, sampling, spec, None)
+                        return
+            elif isinstance(event, FinishEvent):
+                text += decoder.flush()
+                yield _final(text, event.reason, tokens, prompt_ids, sampling, spec, event)
+                return
+    finally:
+        await stream.aclose()
+
+
+def _find_stop(text: str, stops: list[str], start: int) -> int | None:
+    """End index of the earliest stop sequence found at or after start, if any."""
+    best: int | None = None
+    for s in stops:
+        i = text.find(s, start)
+        if i >= 0 and (best is None or i + len(s) < best):
+            best = i + len(s)
+    return best
+
+
+def _final(
+    text: str,
+    reason: str,
+    tokens: list[GenToken],
+    prompt_ids: list[int],
+    sampling: SamplingParams,
+    spec: bool,
+    event: FinishEvent | None,
+) -> GenFinal:
+    return GenFinal(
+        generated_text=text,
+        finish_reason=reason,
+        generated_tokens=len(tokens),
+        input_length=len(prompt_ids),
+        seed=sampling.seed if sampling.do_sample else None,
+        speculative=spec,
+        verify_steps=event.verify_steps if event else 0,
+        drafted_tokens=event.drafted_tokens if event else 0,
+        accepted_tokens=event.accepted_tokens if event else 0,
+        tokens=tokens,
+    )

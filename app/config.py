@@ -1,0 +1,52 @@
+"""Service settings: flags and MTP_* environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "default"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MTP_", extra="ignore")
+
+    checkpoint: Path = DEFAULT_CHECKPOINT
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: str = "auto"  # "auto" = CUDA if available, else CPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+
+    # batching
+    max_batch_size: int = Field(16, ge=1, le=256)
+    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)
+    max_queue_size: int = Field(256, ge=1)
+    speculative: bool = True  # self-speculative decoding by default when k > 1
+
+    # per-request caps
+    max_input_tokens: int | None = Field(None, ge=1)  # None = the model's context
+    max_new_tokens: int = Field(256, ge=1)
+    max_top_n: int = Field(100, ge=1)
+    max_candidates: int = Field(32, ge=0)
+    max_inputs_per_request: int = Field(32, ge=1)
+    max_stop_sequences: int = Field(8, ge=0)
+    max_stop_length: int = Field(64, ge=1)
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    request_timeout_s: float = Field(60.0, gt=0)
+
+    # operations
+    drain_timeout_s: float = Field(30.0, ge=0)
+    stall_timeout_s: float = Field(30.0, gt=0)  # a forward pass running longer marks the worker stalled
+    warmup: bool = True
+    api_key: str | None = None
+    cors_origins: list[str] = []
+    log_json: bool = False
+    log_level: str = "INFO"
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_key_is_none(cls, v: str | None) -> str | None:
+        return v or None

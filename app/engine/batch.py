@@ -1,0 +1,118 @@
+"""The continuous decode batch: row i of every tensor is cache row i of the model's KV cache.
+
+Sequences join with `concatenate` (after their prefill wrote cache rows n..n+m-1) and leave
+with `filter`, which compacts the surviving cache rows to 0..n'-1 (TGI's Batch filter/concatenate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from app.decoding.generate import forward_step
+from app.decoding.sampling import BatchSampling, SamplingParams
+from app.decoding.speculative import StepResult, accept_drafts
+from app.engine.types import GenerateItem
+from app.model.model import MTPTransformer
+
+
+@dataclass(eq=False)
+class Sequence:
+    item: GenerateItem
+    generator: torch.Generator | None
+    speculative: bool
+    generated: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+    last_token_at: float | None = None
+
+    @property
+    def remaining(self) -> int:
+        return self.item.request.max_new_tokens - self.generated
+
+
+class DecodeBatch:
+    def __init__(self, model: MTPTransformer) -> None:
+        self.model = model
+        self.k = model.cfg.k
+        self.device = model.head.proj.weight.device
+        self.seqs: list[Sequence] = []
+        self.cur = torch.zeros(0, dtype=torch.long, device=self.device)  # [n] last token, not yet cached
+        self.pos = torch.zeros(0, dtype=torch.long, device=self.device)  # [n] position of cur
+        self.drafts = torch.zeros(0, self.k - 1, dtype=torch.long, device=self.device)  # [n, k-1]
+        self.draft_probs: Tensor | None = None  # [n, k-1, V] when any row samples
+        self.sampling = self._sampling()
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def _sampling(self) -> BatchSampling:
+        params: list[SamplingParams] = [s.item.request.sampling for s in self.seqs]
+        return BatchSampling.from_params(params, [s.generator for s in self.seqs], self.device)
+
+    def _want_drafts(self) -> Tensor:
+        return torch.tensor([s.speculative for s in self.seqs], dtype=torch.bool, device=self.device)
+
+    def concatenate(self, seqs: list[Sequence], first: StepResult, prompt_lengths: list[int]) -> None:
+        """Append freshly prefilled rows; first holds their first token and drafts."""
+        n_new = len(seqs)
+        self.seqs.extend(seqs)
+        last = first.tokens[torch.arange(n_new, device=self.device), first.n_emitted - 1]
+        self.cur = torch.cat([self.cur, last])
+        self.pos = torch.cat([self.pos, torch.tensor(prompt_lengths, device=self.device)])
+        self.drafts = torch.cat([self.drafts, first.drafts])
+        self.draft_probs = _cat_optional(self.draft_probs, first.draft_probs, len(self) - n_new, n_new)
+        self.sampling = self._sampling()
+
+    def filter(self, keep: list[bool]) -> None:
+        """Drop rows whose keep is False, moving survivors' cache rows down to stay contiguous."""
+        if all(keep):
+            return
+        survivors = [i for i, k in enumerate(keep) if k]
+        for dst, src in enumerate(survivors):
+            if src != dst:
+                self.model.move_cache_row(src, dst)
+        idx = torch.tensor(survivors, dtype=torch.long, device=self.device)
+        self.seqs = [self.seqs[i] for i in survivors]
+        self.cur, self.pos, self.drafts = self.cur[idx], self.pos[idx], self.drafts[idx]
+        if self.draft_probs is not None:
+            self.draft_probs = self.draft_probs[idx] if survivors else None
+        self.sampling = self._sampling()
+
+    def step(self) -> StepResult:
+        """One decode step for every row: a verify pass if any row speculates, else plain decoding."""
+        k = self.k
+        spec = self._want_drafts()
+        remaining = torch.tensor([s.remaining for s in self.seqs], device=self.device)
+        max_accept = torch.where(spec, (remaining - 1).clamp(min=0, max=k - 1), 0)  # [n]
+        use_drafts = bool(spec.any()) and k > 1
+        drafts = self.drafts if use_drafts else None
+        logits = forward_step(self.model, self.cur, drafts, self.pos)  # [n, T, k, V]
+        fed = self.drafts if use_drafts else self.drafts[:, :0]
+        res = accept_drafts(logits, fed, self.draft_probs, max_accept, self.sampling, spec)
+        rows = torch.arange(len(self), device=self.device)
+        self.cur = res.tokens[rows, res.n_emitted - 1]
+        self.pos = self.pos + res.n_emitted
+        self.drafts, self.draft_probs = res.drafts, res.draft_probs
+        for i, s in enumerate(self.seqs):
+            m = int(max_accept[i])
+            if m:
+                s.verify_steps += 1
+                s.drafted += m
+                s.accepted += int(res.n_emitted[i]) - 1
+        return res
+
+
+def _cat_optional(old: Tensor | None, new: Tensor | None, n_old: int, n_new: int) -> Tensor | None:
+    """Concatenate draft distributions where either side may be absent (all-greedy rows)."""
+    if old is None and new is None:
+        return None
+    ref = old if old is not None else new
+    assert ref is not None
+    shape = ref.shape[1:]
+    a = old if old is not None else ref.new_zeros(n_old, *shape)
+    b = new if new is not None else ref.new_zeros(n_new, *shape)
+    return torch.cat([a, b])

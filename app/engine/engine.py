@@ -1,0 +1,479 @@
+"""The engine: owns the model; token ids in, token ids and probabilities out.
+
+One asyncio worker task forms batches; every tensor operation runs on a single dedicated
+thread (the executor), so the event loop stays free to answer /health and /metrics at full
+load. /predict requests are batched into one padded forward pass; /generate sequences share
+a continuous (iteration-level) batch with a KV cache: new sequences are prefilled and join at
+step boundaries, finished or cancelled ones leave without stalling the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from app.decoding.generate import first_tokens, prefill
+from app.decoding.predict import Scores, score_next
+from app.decoding.sampling import BatchSampling, make_generator
+from app.engine.batch import DecodeBatch, Sequence
+from app.engine.types import (
+    EngineFailure,
+    EngineNotReady,
+    EngineOverloaded,
+    EngineTimeout,
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    GenerateItem,
+    GenerateRequest,
+    InvalidRequest,
+    PredictItem,
+    PredictRequest,
+    TokenEvent,
+)
+from app.metrics import Metrics
+from app.model.model import MTPTransformer
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 16
+    max_wait_ms: float = 5.0
+    max_queue_size: int = 256
+    speculative: bool = True
+    request_timeout_s: float = 60.0
+    stall_timeout_s: float = 30.0
+
+
+@dataclass
+class Health:
+    alive: bool  # the worker task is running
+    stalled: bool  # a forward pass has run longer than stall_timeout_s
+    accepting: bool  # not draining or stopped
+    detail: str
+
+
+class Engine:
+    def __init__(self, model: MTPTransformer, eos_id: int | None, cfg: EngineConfig, metrics: Metrics) -> None:
+        self.model = model
+        self.eos_id = eos_id
+        self.cfg = cfg
+        self.metrics = metrics
+        self.k = model.cfg.k
+        self.max_seq_len = model.cfg.max_seq_len
+        self.device = model.head.proj.weight.device
+        self.dtype = model.head.proj.weight.dtype
+        self._predict_q: deque[PredictItem] = deque()
+        self._gen_q: deque[GenerateItem] = deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtp-worker")
+        self._task: asyncio.Task[None] | None = None
+        self._batch = DecodeBatch(model)
+        self._accepting = False
+        self._stopping = False
+        self._busy_since: float | None = None
+        self._last_predict_batch = 0
+        self.forward_passes = 0  # every forward pass the worker ran (tests count batching with it)
+        self.fault_hook: Callable[[str], None] | None = None  # test seam: raise inside a forward
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, warmup: bool = True) -> None:
+        self.model.setup_caches(self.cfg.max_batch_size)
+        self._task = asyncio.create_task(self._run(), name="mtp-engine")
+        self._accepting = True
+        if warmup:
+            await self.predict([PredictRequest([0])])
+            async for _ in self.generate(GenerateRequest([0], max_new_tokens=min(4, self.max_seq_len - 1))):
+                pass
+        log.info("engine ready: k=%d, max_batch_size=%d, device=%s", self.k, self.cfg.max_batch_size, self.device)
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking work and wait for queued and running requests; True if all finished."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while self.pending() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self.pending()
+
+    async def shutdown(self) -> None:
+        self._accepting = False
+        self._stopping = True
+        self._wakeup.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        for item in list(self._predict_q):
+            self._fail_predict(item, EngineNotReady("the server is shutting down"))
+        for gitem in list(self._gen_q) + [s.item for s in self._batch.seqs]:
+            self._finish_error(gitem, EngineNotReady("the server is shutting down"))
+        self._predict_q.clear()
+        self._gen_q.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._update_gauges()
+
+    def pending(self) -> int:
+        return len(self._predict_q) + len(self._gen_q) + len(self._batch)
+
+    def health(self) -> Health:
+        alive = self._task is not None and not self._task.done()
+        stalled = self._busy_since is not None and time.monotonic() - self._busy_since > self.cfg.stall_timeout_s
+        detail = "ok" if alive and not stalled else ("worker stalled" if alive else "worker not running")
+        return Health(alive=alive, stalled=stalled, accepting=self._accepting, detail=detail)
+
+    # ---- submission (event loop) -----------------------------------------------------------
+
+    def _admit(self, n: int) -> None:
+        if not self._accepting:
+            raise EngineNotReady("the server is not accepting requests")
+        depth = len(self._predict_q) + len(self._gen_q)
+        if depth + n > self.cfg.max_queue_size:
+            raise EngineOverloaded(f"queue full ({depth} waiting, capacity {self.cfg.max_queue_size})")
+
+    def _check_ids(self, ids: list[int], extra: int = 0) -> None:
+        vocab = self.model.cfg.vocab_size
+        if not ids:
+            raise InvalidRequest("the input is empty")
+        if len(ids) + extra > self.max_seq_len:
+            raise InvalidRequest(
+                f"input tokens ({len(ids)}) + max_new_tokens ({extra}) exceed the context of {self.max_seq_len}"
+                if extra
+                else f"input has {len(ids)} tokens, the context is {self.max_seq_len}"
+            )
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidRequest(f"token ids must be in [0, {vocab})")
+
+    async def predict(self, requests: list[PredictRequest]) -> list[Scores]:
+        """Score each request's next k tokens; the requests may share forward passes with others."""
+        for r in requests:
+            self._check_ids(r.prompt_ids)
+            for cand in r.candidates:
+                if not 1 <= len(cand) <= self.k:
+                    raise InvalidRequest(f"each candidate needs 1 to {self.k} tokens")
+                self._check_ids(cand)
+        self._admit(len(requests))
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        items = [PredictItem(request=r, future=loop.create_future(), deadline=deadline) for r in requests]
+        self._predict_q.extend(items)
+        self._update_gauges()
+        self._wakeup.set()
+        try:
+            return list(await asyncio.gather(*(i.future for i in items if i.future is not None)))
+        finally:
+            for item in items:  # a caller that went away leaves nothing behind in the queue
+                if item.future is not None and not item.future.done():
+                    item.cancelled = True
+                    item.future.cancel()
+                    if item in self._predict_q:
+                        self._predict_q.remove(item)
+                        self.metrics.failures.labels("cancelled").inc()
+            self._update_gauges()
+
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[Event, None]:
+        """Stream events for one sequence; closing the iterator early cancels the sequence."""
+        self._check_ids(request.prompt_ids, request.max_new_tokens)
+        if request.max_new_tokens < 1:
+            raise InvalidRequest("max_new_tokens must be at least 1")
+        self._admit(1)
+        item = GenerateItem(request=request, deadline=time.monotonic() + self.cfg.request_timeout_s)
+        self._gen_q.append(item)
+        self._update_gauges()
+        self._wakeup.set()
+        try:
+            while True:
+                event = await item.events.get()
+                yield event
+                if isinstance(event, (FinishEvent, ErrorEvent)):
+                    return
+        finally:
+            if not item.finished:
+                self.abort(item)
+
+    def abort(self, item: GenerateItem) -> None:
+        """Cancel a sequence; it leaves the queue or the batch at the next step boundary."""
+        if item.finished or item.cancelled:
+            return
+        item.cancelled = True
+        if item in self._gen_q:  # still queued: leave now, not when a slot frees up
+            self._gen_q.remove(item)
+            item.finished = True
+            self.metrics.failures.labels("cancelled").inc()
+            self._update_gauges()
+        self._wakeup.set()
+
+    # ---- the worker (event loop side) ------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                if not (self._predict_q or self._gen_q or len(self._batch)):
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                if self._predict_q:
+                    await self._run_predict_batch()
+                if self._gen_q and len(self._batch) < self.cfg.max_batch_size:
+                    await self._run_prefill()
+                if len(self._batch):
+                    await self._run_decode_step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the worker die on a bug; fail the requests it held
+                log.exception("engine worker error")
+                self._fail_running(EngineFailure("internal error in the inference worker"))
+
+    async def _in_worker(self, kind: str, fn: Callable[[], T]) -> T:
+        """Run fn on the worker thread, timing it as one forward pass of `kind`."""
+        self._busy_since = time.monotonic()
+        loop = asyncio.get_running_loop()
+        try:
+            with self.metrics.forward_duration.labels(kind).time():
+                return await loop.run_in_executor(self._executor, self._guarded, kind, fn)
+        finally:
+            self._busy_since = None
+            self.forward_passes += 1
+
+    def _guarded(self, kind: str, fn: Callable[[], T]) -> T:
+        if self.fault_hook is not None:
+            self.fault_hook(kind)
+        with torch.inference_mode():
+            return fn()
+
+    def _expired(self, item: PredictItem | GenerateItem, now: float) -> bool:
+        if item.cancelled:
+            self.metrics.failures.labels("cancelled").inc()
+            return True
+        return now > item.deadline
+
+    async def _run_predict_batch(self) -> None:
+        cfg = self.cfg
+        # Batch formation: a lone request on an idle worker runs at once; under concurrency (the
+        # last batch held several requests) wait up to max_wait_ms from the oldest arrival to fill.
+        if not len(self._batch) and self._last_predict_batch > 1:
+            deadline = self._predict_q[0].submitted + cfg.max_wait_ms / 1000
+            while len(self._predict_q) < cfg.max_batch_size and (left := deadline - time.monotonic()) > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=left)
+                except TimeoutError:
+                    break
+        now = time.monotonic()
+        items: list[PredictItem] = []
+        while self._predict_q and len(items) < cfg.max_batch_size:
+            item = self._predict_q.popleft()
+            if item.future is not None and item.future.done():
+                continue  # the caller went away
+            if self._expired(item, now):
+                self._fail_predict(item, EngineTimeout("request timed out in the queue"))
+                continue
+            items.append(item)
+        self._update_gauges()
+        self._last_predict_batch = len(items)
+        if not items:
+            return
+        for item in items:
+            self.metrics.queue_time.observe(now - item.submitted)
+        self.metrics.batch_size.labels("predict").observe(len(items))
+        prompts = [i.request.prompt_ids for i in items]
+        top_n = max(i.request.top_n for i in items)
+        cands = [i.request.candidates for i in items]
+        try:
+            scores = await self._in_worker("predict", lambda: score_next(self.model, prompts, top_n, cands))
+        except Exception as exc:
+            log.exception("predict batch of %d failed", len(items))
+            for item in items:
+                self._fail_predict(item, EngineFailure(f"forward pass failed: {type(exc).__name__}"))
+            return
+        for b, item in enumerate(items):
+            if item.future is not None and not item.future.done():
+                item.future.set_result(_row(scores, b, item.request.top_n))
+
+    async def _run_prefill(self) -> None:
+        now = time.monotonic()
+        free = self.cfg.max_batch_size - len(self._batch)
+        items: list[GenerateItem] = []
+        while self._gen_q and len(items) < free:
+            item = self._gen_q.popleft()
+            if self._expired(item, now):
+                self._finish_error(item, EngineTimeout("request timed out in the queue"))
+                continue
+            items.append(item)
+        self._update_gauges()
+        if not items:
+            return
+        for item in items:
+            self.metrics.queue_time.observe(now - item.submitted)
+        self.metrics.batch_size.labels("prefill").observe(len(items))
+        seqs = [
+            Sequence(
+                item=i,
+                generator=None if i.request.sampling.greedy else make_generator(i.request.sampling.seed),
+                speculative=self.k > 1
+                and (self.cfg.speculative if i.request.speculative is None else i.request.speculative),
+            )
+            for i in items
+        ]
+        try:
+            outputs = await self._in_worker("prefill", lambda: self._prefill_sync(seqs))
+        except Exception as exc:
+            log.exception("prefill of %d sequences failed", len(items))
+            for item in items:
+                self._finish_error(item, EngineFailure(f"forward pass failed: {type(exc).__name__}"))
+            return
+        self._deliver(outputs)
+
+    def _prefill_sync(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int], list[float]]]:
+        row0 = len(self._batch)
+        prompts = [s.item.request.prompt_ids for s in seqs]
+        bs = BatchSampling.from_params(
+            [s.item.request.sampling for s in seqs], [s.generator for s in seqs], self.device
+        )
+        want = torch.tensor([s.speculative for s in seqs], dtype=torch.bool, device=self.device)
+        first = first_tokens(prefill(self.model, prompts, row0=row0), bs, want)
+        self._batch.concatenate(seqs, first, [len(p) for p in prompts])
+        for s in seqs:
+            self.metrics.prompt_tokens.inc(len(s.item.request.prompt_ids))
+        return self._collect(first.tokens[:, :1].tolist(), first.logprobs[:, :1].tolist(), [1] * len(seqs), row0)
+
+    async def _run_decode_step(self) -> None:
+        now = time.monotonic()
+        for s in self._batch.seqs:
+            if not s.item.finished and self._expired(s.item, now):
+                err = EngineTimeout("generation timed out") if not s.item.cancelled else None
+                self._finish(s, "cancelled", err)
+        self.metrics.batch_size.labels("decode").observe(len(self._batch))
+        try:
+            outputs = await self._in_worker("decode", self._decode_sync)
+        except Exception as exc:
+            log.exception("decode step of %d sequences failed", len(self._batch))
+            self._fail_running(EngineFailure(f"forward pass failed: {type(exc).__name__}"))
+            return
+        self._deliver(outputs)
+
+    def _decode_sync(self) -> list[tuple[Sequence, list[int], list[float]]]:
+        self._batch.filter([not s.item.finished for s in self._batch.seqs])  # cancelled or timed out
+        if not len(self._batch):
+            return []
+        res = self._batch.step()
+        return self._collect(res.tokens.tolist(), res.logprobs.tolist(), res.n_emitted.tolist(), 0)
+
+    def _collect(
+        self, tokens: list[list[int]], logprobs: list[list[float]], counts: list[int], row0: int
+    ) -> list[tuple[Sequence, list[int], list[float]]]:
+        """Per sequence: the tokens to emit, cut at EOS / stop tokens / max_new_tokens."""
+        out = []
+        for r, (toks, lps, n) in enumerate(zip(tokens, logprobs, counts, strict=True)):
+            seq = self._batch.seqs[row0 + r]
+            stop = seq.item.request.stop_token_ids | ({self.eos_id} if self.eos_id is not None else set())
+            keep = min(n, seq.remaining)
+            for t in range(keep):
+                if toks[t] in stop:
+                    keep = t + 1
+                    break
+            seq.generated += keep
+            out.append((seq, toks[:keep], lps[:keep]))
+        return out
+
+    # ---- delivery (event loop) -------------------------------------------------------------
+
+    def _deliver(self, outputs: list[tuple[Sequence, list[int], list[float]]]) -> None:
+        now = time.monotonic()
+        m = self.metrics
+        for seq, toks, lps in outputs:
+            if seq.item.finished:
+                continue
+            if toks:
+                if seq.last_token_at is None:
+                    m.ttft.observe(now - seq.item.submitted)
+                else:
+                    gap = (now - seq.last_token_at) / len(toks)
+                    for _ in toks:
+                        m.itl.observe(gap)
+            stop = seq.item.request.stop_token_ids | ({self.eos_id} if self.eos_id is not None else set())
+            reason = "eos_token" if toks and toks[-1] in stop else ("length" if seq.remaining <= 0 else None)
+            if toks:
+                seq.last_token_at = now
+                m.generated_tokens.inc(len(toks))
+                seq.item.events.put_nowait(TokenEvent(toks, lps, final=reason is not None))
+            if reason is not None:
+                self._finish(seq, reason)
+        self._update_gauges()
+
+    def _finish(self, seq: Sequence, reason: str, error: Exception | None = None) -> None:
+        item = seq.item
+        item.finished = True
+        if seq.verify_steps:
+            m = self.metrics
+            m.spec_steps.inc(seq.verify_steps)
+            m.spec_drafted.inc(seq.drafted)
+            m.spec_accepted.inc(seq.accepted)
+            m.spec_accepted_length.observe((seq.accepted + seq.verify_steps) / seq.verify_steps)
+        if error is not None:
+            item.events.put_nowait(ErrorEvent(error))  # type: ignore[arg-type]
+            return
+        if item.cancelled:
+            return
+        req = item.request
+        item.events.put_nowait(
+            FinishEvent(
+                reason=reason,
+                generated_tokens=seq.generated,
+                prompt_tokens=len(req.prompt_ids),
+                drafted_tokens=seq.drafted,
+                accepted_tokens=seq.accepted,
+                verify_steps=seq.verify_steps,
+                seed=req.sampling.seed,
+            )
+        )
+
+    def _finish_error(self, item: GenerateItem, error: Exception) -> None:
+        if item.finished:
+            return
+        item.finished = True
+        item.events.put_nowait(ErrorEvent(error))  # type: ignore[arg-type]
+
+    def _fail_predict(self, item: PredictItem, error: Exception) -> None:
+        if item.future is not None and not item.future.done():
+            item.future.set_exception(error)
+
+    def _fail_running(self, error: Exception) -> None:
+        """A failed decode step: fail every sequence in the batch and start a fresh one."""
+        for seq in self._batch.seqs:
+            self._finish_error(seq.item, error)
+        self._batch = DecodeBatch(self.model)
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        self.metrics.queue_depth.set(len(self._predict_q) + len(self._gen_q))
+        self.metrics.running.set(len(self._batch))
+
+    def info(self) -> dict[str, Any]:
+        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "k": self.k}
+
+
+def _row(scores: Scores, b: int, top_n: int) -> Scores:
+    """Row b of a batch's scores, trimmed to that request's top_n."""
+    return Scores(
+        top_ids=[[ids[:top_n] for ids in scores.top_ids[b]]],
+        top_probs=[[p[:top_n] for p in scores.top_probs[b]]],
+        top_logprobs=[[p[:top_n] for p in scores.top_logprobs[b]]],
+        greedy=[scores.greedy[b]],
+        candidates=[scores.candidates[b]],
+    )

@@ -1,0 +1,103 @@
+"""What goes into and comes out of the engine: token ids, never text or HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from app.decoding.predict import Scores
+from app.decoding.sampling import SamplingParams
+
+
+class EngineError(Exception):
+    """Base of the engine's errors; `kind` is the failure reason used in metrics and replies."""
+
+    kind = "error"
+
+
+class EngineOverloaded(EngineError):
+    kind = "overloaded"
+
+
+class EngineNotReady(EngineError):
+    kind = "not_ready"
+
+
+class EngineTimeout(EngineError):
+    kind = "timeout"
+
+
+class EngineFailure(EngineError):
+    kind = "error"
+
+
+class InvalidRequest(EngineError):
+    kind = "validation"
+
+
+@dataclass
+class PredictRequest:
+    prompt_ids: list[int]
+    top_n: int = 5
+    candidates: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class GenerateRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    speculative: bool | None = None  # None = the engine's default
+    stop_token_ids: frozenset[int] = frozenset()
+    request_id: str = ""
+
+
+@dataclass
+class TokenEvent:
+    """Tokens emitted by one decode step for one sequence (1..k of them)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    final: bool = False  # the sequence ends with these tokens; a FinishEvent follows at once
+
+
+@dataclass
+class FinishEvent:
+    reason: str  # "length" | "eos_token" | "cancelled"
+    generated_tokens: int
+    prompt_tokens: int
+    drafted_tokens: int
+    accepted_tokens: int
+    verify_steps: int
+    seed: int | None
+
+
+@dataclass
+class ErrorEvent:
+    error: EngineError
+
+
+Event = TokenEvent | FinishEvent | ErrorEvent
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """A request waiting for, or held by, the worker."""
+
+    submitted: float = field(default_factory=time.monotonic)
+    deadline: float = float("inf")
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class PredictItem(WorkItem):
+    request: PredictRequest = field(default_factory=lambda: PredictRequest([]))
+    future: asyncio.Future[Scores] | None = None
+
+
+@dataclass(eq=False)
+class GenerateItem(WorkItem):
+    request: GenerateRequest = field(default_factory=lambda: GenerateRequest([], 1))
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    finished: bool = False

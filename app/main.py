@@ -1,0 +1,112 @@
+"""create_app(): lifespan (load the model once, start the engine), routers, error handlers."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from app import __version__
+from app.api.deps import ServiceState
+from app.api.errors import install_error_handlers
+from app.api.middleware import RequestContext
+from app.api.routes import generate, openai, predict, system
+from app.config import Settings
+from app.engine.engine import Engine, EngineConfig
+from app.metrics import Metrics
+from app.model.checkpoint import load_checkpoint, load_config
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: ServiceState = app.state.service
+    s = state.settings
+    device = resolve_device(s.device)
+    dtype = resolve_dtype(s.dtype, device)
+    model, tokenizer = load_checkpoint(s.checkpoint, device=device, dtype=dtype)
+    engine = Engine(
+        model,
+        eos_id=tokenizer.eot_id,
+        cfg=EngineConfig(
+            max_batch_size=s.max_batch_size,
+            max_wait_ms=s.max_wait_ms,
+            max_queue_size=s.max_queue_size,
+            speculative=s.speculative,
+            request_timeout_s=s.request_timeout_s,
+            stall_timeout_s=s.stall_timeout_s,
+        ),
+        metrics=state.metrics,
+    )
+    state.engine, state.tokenizer, state.model_config = engine, tokenizer, model.cfg
+    state.model_id = s.checkpoint.name
+    try:
+        await engine.start(warmup=s.warmup)
+        state.ready = True
+        state.metrics.ready.set(1)
+        log.info("model %s ready on %s (%s); API docs at /docs", state.model_id, device, dtype)
+        yield
+    finally:
+        state.ready = False
+        state.metrics.ready.set(0)
+        if engine.pending():
+            await engine.drain(s.drain_timeout_s)
+        await engine.shutdown()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    k = 1
+    with contextlib.suppress(Exception):  # size per-head metrics; a broken checkpoint fails in the lifespan
+        k = load_config(settings.checkpoint).k
+    metrics = Metrics(k=k)
+    app = FastAPI(
+        title="MTP inference service",
+        version=__version__,
+        description="Multi-token-prediction transformer: k-token probabilities and self-speculative generation.",
+        lifespan=lifespan,
+    )
+    app.state.service = ServiceState(settings=settings, metrics=metrics)
+    install_error_handlers(app)
+    for router in (system.router, predict.router, generate.router, openai.router):
+        app.include_router(router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+        )
+    app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    """`uvicorn app.main:app` builds the app from MTP_* settings on first access."""
+    if name == "app":
+        from app.logs import setup_logging
+
+        settings = Settings()
+        setup_logging(settings.log_level, settings.log_json)
+        application = create_app(settings)
+        globals()["app"] = application
+        return application
+    raise AttributeError(name)
