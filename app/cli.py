@@ -145,6 +145,15 @@ def cmd_import_gpt2(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from app.config import Settings
+    from app.serve import serve
+
+    names = set(Settings.model_fields)
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return serve(Settings(**overrides))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtp", description="Multi-token-prediction transformer: train, evaluate, serve."
@@ -212,6 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-seq-len", type=int, default=None)
     p.set_defaults(func=cmd_import_gpt2)
+
+    p = sub.add_parser("serve", help="run the HTTP service (flags override MTP_* environment variables)")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--device", default=None, help="auto | cpu | cuda")
+    p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--max-batch-size", type=int, default=None)
+    p.add_argument("--max-wait-ms", type=float, default=None)
+    p.add_argument("--max-queue-size", type=int, default=None)
+    p.add_argument("--max-input-tokens", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--request-timeout-s", type=float, default=None)
+    p.add_argument("--max-body-bytes", type=int, default=None)
+    p.add_argument("--drain-timeout-s", type=float, default=None)
+    p.add_argument("--speculative", type=_parse_bool, default=None)
+    p.add_argument("--log-json", type=_parse_bool, default=None)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,72 @@
+"""`mtp serve`: uvicorn with a graceful drain on SIGTERM/SIGINT.
+
+On the first signal the service turns /ready to 503 and answers new work with 503, while
+in-flight requests (streams included) finish, up to the drain timeout; then uvicorn shuts
+down and the process exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from app.api.deps import ServiceState
+from app.config import Settings
+from app.logs import setup_logging
+from app.main import create_app
+
+log = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.app = app
+        self.drain_timeout_s = drain_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining or self._loop is None or not self.started:
+            super().handle_exit(sig, frame)  # second signal, or not serving yet: exit now
+            return
+        self._draining = True
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()) if self._loop else None)
+
+    async def _drain(self) -> None:
+        state: ServiceState = self.app.state.service
+        state.draining = True
+        state.metrics.ready.set(0)
+        log.info("draining: /ready is 503, new work gets 503; waiting up to %.0fs", self.drain_timeout_s)
+        finished = True
+        if state.engine is not None:
+            finished = await state.engine.drain(self.drain_timeout_s)
+        await asyncio.sleep(0.2)  # let the last response frames reach their clients
+        log.info("drain %s; shutting down", "complete" if finished else "timed out")
+        self.should_exit = True
+
+
+def serve(settings: Settings) -> int:
+    setup_logging(settings.log_level, settings.log_json)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
+        timeout_keep_alive=5,
+    )
+    server = DrainingServer(config, app, settings.drain_timeout_s)
+    log.info("listening on http://%s:%d (API docs at /docs)", settings.host, settings.port)
+    server.run()
+    return 0 if server.started else 1
