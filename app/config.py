@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     max_stop_length: int = Field(64, ge=1)
     max_body_bytes: int = Field(1_048_576, ge=1024)
     request_timeout_s: float = Field(60.0, gt=0)
+    body_timeout_s: float = Field(10.0, gt=0)  # a request body must arrive within this (slow-drip guard)
 
     # operations
     drain_timeout_s: float = Field(30.0, ge=0)

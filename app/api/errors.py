@@ -27,6 +27,7 @@ HTTP_TYPES = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "timeout",
     413: "too_large",
     415: "unsupported_media_type",
     422: "validation",
@@ -35,6 +36,7 @@ HTTP_TYPES = {
     504: "timeout",
 }
 RETRY_AFTER_S = "1"
+BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's 400 detail when json.loads raises
 
 
 class APIError(Exception):
@@ -96,6 +98,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:
+            # a body the JSON parser gave up on (invalid UTF-8, nesting past the recursion limit)
+            return envelope(422, "malformed JSON body", "validation", openai=_is_openai(request))
         kind = HTTP_TYPES.get(exc.status_code, "error")
         return envelope(exc.status_code, str(exc.detail), kind, openai=_is_openai(request))
 

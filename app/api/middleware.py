@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -26,6 +27,7 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # HTTP status -> failure reason in mtp_request_failures_total
 FAILURE_REASON = {
     401: "unauthorized",
+    408: "timeout",
     413: "too_large",
     422: "validation",
     429: "overloaded",
@@ -50,10 +52,11 @@ async def _send_json(send: Send, status: int, body: dict[str, str], headers: lis
 class RequestContext:
     """X-Request-Id (accepted when well-formed, else generated), body limit (413) and metrics."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, body_timeout_s: float = 10.0) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes
+        self.body_timeout = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,10 +85,15 @@ class RequestContext:
                 await _send_json(send, 413, {"error": msg, "error_type": "too_large"}, [rid_header])
                 return
             received = 0
+            body_deadline = time.monotonic() + self.body_timeout
 
             async def receive_limited() -> Message:
                 nonlocal received
-                message = await receive()
+                left = body_deadline - time.monotonic()
+                try:  # the whole body must arrive in time: a slow-drip client cannot hold a worker slot
+                    message = await asyncio.wait_for(receive(), timeout=max(left, 0.001))
+                except TimeoutError:
+                    raise BodyTimeout(self.body_timeout) from None
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > self.max_body:
@@ -108,6 +116,11 @@ class RequestContext:
             if reason is not None:
                 self.metrics.failures.labels(reason).inc()
             request_id_var.reset(token)
+
+
+class BodyTimeout(StarletteHTTPException):
+    def __init__(self, limit: float) -> None:
+        super().__init__(408, f"request body not received within {limit:g} s")
 
 
 class BodyTooLarge(StarletteHTTPException):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -10,12 +10,31 @@ MAX_SEED = 2**63 - 1
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ErrorResponse(BaseModel):
     error: str
     error_type: str
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorBody
+
+
+INFERENCE_ERRORS = (401, 408, 413, 422, 429, 500, 503, 504)
+
+
+def error_responses(*codes: int, model: type[BaseModel] = ErrorResponse) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error envelope (replaces FastAPI's default 422 schema)."""
+    return {code: {"model": model, "description": "Error envelope"} for code in codes}
 
 
 # ---- /predict -------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 from app.api.deps import AuthDep, Serving, ServingDep
 from app.api.errors import APIError, engine_error_status
 from app.api.schemas import (
+    INFERENCE_ERRORS,
     Details,
     GenerateParameters,
     GenerateRequest,
@@ -21,6 +22,7 @@ from app.api.schemas import (
     SpeculationDetails,
     StreamEvent,
     Token,
+    error_responses,
 )
 from app.api.textgen import GenFinal, GenOptions, GenToken, run_generation
 from app.engine.types import EngineError
@@ -35,12 +37,16 @@ SSE_DOC: dict[int | str, dict[str, Any]] = {
         "description": "JSON (stream=false) or server-sent events (stream=true): one `data: {StreamEvent}` per "
         "token; the last carries generated_text and details; an error after the first event is sent as "
         '`data: {"error": ..., "error_type": ...}`.',
-        "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/StreamEvent"}}},
+        "content": {"text/event-stream": {"schema": {"type": "string", "description": "data: {StreamEvent}"}}},
     },
-    422: {},
-    429: {},
-    503: {},
-    504: {},
+    **error_responses(*INFERENCE_ERRORS),
+}
+STREAM_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Server-sent events: one `data: {StreamEvent}` per token (see the StreamEvent schema).",
+        "content": {"text/event-stream": {"schema": {"type": "string", "description": "data: {StreamEvent}"}}},
+    },
+    **error_responses(*INFERENCE_ERRORS),
 }
 
 
@@ -165,7 +171,7 @@ async def generate(req: GenerateRequest, srv: ServingDep) -> GenerateResponse | 
     return GenerateResponse(generated_text=text, details=details_of(final, True) if req.parameters.details else None)
 
 
-@router.post("/generate_stream", response_class=StreamingResponse, responses=SSE_DOC)
+@router.post("/generate_stream", response_class=StreamingResponse, responses=STREAM_DOC)
 async def generate_stream(req: GenerateRequest, srv: ServingDep) -> StreamingResponse:
     """Generate a continuation as server-sent events, one event per token."""
     ids, opts = prepare(req.parameters, req.inputs, srv)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from app.api.deps import AuthDep, Serving, ServingDep, StateDep
 from app.api.errors import APIError, engine_error_status
 from app.api.routes.generate import options_for, prompt_ids
-from app.api.schemas import MAX_SEED, GenerateParameters, Strict
+from app.api.schemas import INFERENCE_ERRORS, MAX_SEED, GenerateParameters, OpenAIError, Strict, error_responses
 from app.api.textgen import GenFinal, GenOptions, GenToken, run_generation
 from app.engine.types import EngineError
 
@@ -87,7 +87,7 @@ class ModelList(BaseModel):
 STARTED = int(time.time())
 
 
-@router.get("/models", response_model=ModelList)
+@router.get("/models", response_model=ModelList, responses=error_responses(401, model=OpenAIError))
 async def models(state: StateDep) -> ModelList:
     """The one model this server serves."""
     return ModelList(data=[ModelCard(id=state.model_id or "mtp", created=STARTED)])
@@ -126,7 +126,14 @@ async def _run(srv: Serving, ids: list[int], opts: GenOptions) -> GenFinal:
     raise APIError(500, "generation ended without a result", "internal")
 
 
-@router.post("/completions", response_model=Completion)
+@router.post(
+    "/completions",
+    response_model=Completion,
+    responses={
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        **error_responses(*INFERENCE_ERRORS, model=OpenAIError),
+    },
+)
 async def completions(req: CompletionRequest, srv: ServingDep) -> Completion | StreamingResponse:
     """Complete one prompt or several (one choice each); "stream": true sends SSE chunks ending in [DONE]."""
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt

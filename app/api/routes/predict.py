@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from app.api.deps import AuthDep, Serving, ServingDep
 from app.api.errors import APIError
 from app.api.schemas import (
+    INFERENCE_ERRORS,
     CandidateScore,
     Continuation,
     PositionTop,
@@ -16,6 +17,7 @@ from app.api.schemas import (
     PredictResponse,
     PredictResult,
     TokenProb,
+    error_responses,
 )
 from app.decoding.predict import Scores
 from app.engine.types import PredictRequest as EnginePredict
@@ -92,7 +94,7 @@ def _result(scores: Scores, prompt: list[int], k: int, cands: list[list[int]], s
     )
 
 
-@router.post("/predict", response_model=PredictResponse, responses={422: {}, 429: {}, 503: {}, 504: {}})
+@router.post("/predict", response_model=PredictResponse, responses=error_responses(*INFERENCE_ERRORS))
 async def predict(req: PredictRequest, srv: ServingDep) -> PredictResponse:
     """Score the next k tokens of each input with the k MTP heads."""
     k = req.k or srv.model_config.k

@@ -9,12 +9,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from app import __version__
 from app.api.deps import AuthDep, ServingDep, StateDep
 from app.api.errors import envelope
-from app.api.schemas import HealthResponse, InfoResponse, Limits, TokenizeRequest, TokenizeResponse, TokenOut
+from app.api.schemas import (
+    INFERENCE_ERRORS,
+    HealthResponse,
+    InfoResponse,
+    Limits,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenOut,
+    error_responses,
+)
 
 router = APIRouter(tags=["system"])
 
 
-@router.get("/health", response_model=HealthResponse, responses={503: {}})
+@router.get("/health", response_model=HealthResponse, responses=error_responses(503))
 async def health(state: StateDep) -> HealthResponse | JSONResponse:
     """Liveness: the process answers and its inference worker is alive and making progress."""
     if state.engine is None:
@@ -25,7 +34,7 @@ async def health(state: StateDep) -> HealthResponse | JSONResponse:
     return HealthResponse(status="ok", worker=h.detail)
 
 
-@router.get("/ready", response_model=HealthResponse, responses={503: {}})
+@router.get("/ready", response_model=HealthResponse, responses=error_responses(503))
 async def ready(state: StateDep) -> HealthResponse | JSONResponse:
     """Readiness: the model is loaded and warm, the worker is healthy, and the server is not draining."""
     if state.draining:
@@ -38,7 +47,7 @@ async def ready(state: StateDep) -> HealthResponse | JSONResponse:
     return HealthResponse(status="ready", worker=h.detail)
 
 
-@router.get("/info", response_model=InfoResponse, responses={503: {}})
+@router.get("/info", response_model=InfoResponse, responses=error_responses(401, 503))
 async def info(srv: ServingDep) -> InfoResponse:
     """The model's configuration, the service's limits, version, device and dtype."""
     s, cfg = srv.settings, srv.model_config
@@ -70,7 +79,9 @@ async def info(srv: ServingDep) -> InfoResponse:
     )
 
 
-@router.post("/tokenize", response_model=TokenizeResponse, dependencies=[AuthDep], responses={503: {}})
+@router.post(
+    "/tokenize", response_model=TokenizeResponse, dependencies=[AuthDep], responses=error_responses(*INFERENCE_ERRORS)
+)
 async def tokenize(req: TokenizeRequest, srv: ServingDep) -> TokenizeResponse:
     """Token ids and character offsets of a text."""
     enc = srv.tokenizer.hf.encode(req.inputs, add_special_tokens=False)
@@ -82,7 +93,7 @@ async def tokenize(req: TokenizeRequest, srv: ServingDep) -> TokenizeResponse:
     )
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 async def metrics(state: StateDep) -> Response:
     """Prometheus exposition."""
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
