@@ -154,6 +154,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(Settings(**overrides))
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from app.bench.decoding import bench_speculative, bench_vs_transformers, write_json
+
+    if args.new_tokens is None:
+        args.new_tokens = 200 if args.bench == "speculative" else 64
+    if args.bench == "speculative":
+        result = bench_speculative(
+            args.checkpoint,
+            args.corpus,
+            n_prompts=args.prompts,
+            new_tokens=args.new_tokens,
+            device=args.device,
+            dtype=args.dtype,
+        )
+    elif args.bench == "transformers":
+        from app.bench.gpt2_fixture import make_gpt2_pair
+
+        hf_dir, ours_dir = make_gpt2_pair(
+            args.workdir, args.checkpoint, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head
+        )
+        result = bench_vs_transformers(str(hf_dir), str(ours_dir), new_tokens=args.new_tokens, device=args.device)
+    elif args.bench == "service":
+        from app.bench.service import bench_service
+
+        result = bench_service(
+            args.checkpoint,
+            args.corpus,
+            device=args.device,
+            clients=args.clients,
+            seconds=args.seconds,
+            streams=args.streams,
+            new_tokens=args.new_tokens,
+        )
+    else:
+        from app.bench.plot import plot_benchmarks
+
+        plot_benchmarks(args.results, args.png)
+        return 0
+    write_json(result, args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtp", description="Multi-token-prediction transformer: train, evaluate, serve."
@@ -239,6 +281,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", type=_parse_bool, default=None)
     p.add_argument("--log-json", type=_parse_bool, default=None)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="benchmarks that print their figures and ratios as JSON")
+    p.add_argument("bench", choices=["speculative", "transformers", "service", "plot"])
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    p.add_argument("--corpus", default=DEFAULT_CORPUS)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--prompts", type=int, default=10)
+    p.add_argument("--new-tokens", type=int, default=None, help="default: 200 (speculative), 64 (others)")
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--streams", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--workdir", default="/tmp/mtp-bench-gpt2", help="transformers: where the GPT-2 pair is written")
+    p.add_argument("--n-layer", type=int, default=12)
+    p.add_argument("--n-embd", type=int, default=768)
+    p.add_argument("--n-head", type=int, default=12)
+    p.add_argument("--results", default="docs/bench", help="plot: folder of result JSON files")
+    p.add_argument("--png", default="docs/benchmarks.png")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

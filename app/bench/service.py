@@ -1,0 +1,214 @@
+"""Benchmark 3: the service under load — a real uvicorn process and concurrent HTTP clients.
+
+Figures (printed as JSON, ratios measured in the same run):
+  - /predict requests/s at C concurrent clients with batching vs max_batch_size=1;
+  - served /predict throughput as a fraction of in-process batched forward throughput
+    at the served mean batch size;
+  - /generate aggregate tokens/s at S concurrent streams vs 1 stream;
+  - p50/p99 latency and time to first token at each level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import torch
+
+from app.bench.decoding import heldout_prompts
+from app.decoding.predict import score_next
+from app.model.checkpoint import load_checkpoint
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def server(checkpoint: str, device: str, **settings: Any) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A real `mtp serve` process on a free port; yields (base URL, process) once /ready answers 200."""
+    port = free_port()
+    env = {**os.environ, "MTP_CHECKPOINT": checkpoint, "MTP_PORT": str(port), "MTP_DEVICE": device}
+    env.update({f"MTP_{k.upper()}": str(v) for k, v in settings.items()})
+    env["MTP_LOG_LEVEL"] = "WARNING"
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise RuntimeError("server did not become ready")
+        yield url, proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+async def predict_load(url: str, texts: list[str], clients: int, seconds: float) -> dict[str, Any]:
+    lat: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + seconds
+
+    async def client(i: int, http: httpx.AsyncClient) -> None:
+        nonlocal errors
+        j = i
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            r = await http.post("/predict", json={"inputs": texts[j % len(texts)], "top_n": 5})
+            if r.status_code == 200:
+                lat.append(time.perf_counter() - t0)
+            else:
+                errors += 1
+            j += clients
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(i, http) for i in range(clients)))
+        wall = time.perf_counter() - t0
+    return {
+        "clients": clients,
+        "requests": len(lat),
+        "errors": errors,
+        "requests_per_s": round(len(lat) / wall, 1),
+        "p50_ms": round(pct(lat, 0.5) * 1000, 1),
+        "p99_ms": round(pct(lat, 0.99) * 1000, 1),
+    }
+
+
+async def generate_load(url: str, texts: list[str], streams: int, new_tokens: int, rounds: int) -> dict[str, Any]:
+    ttft: list[float] = []
+    lat: list[float] = []
+    tokens = 0
+    errors = 0
+
+    async def one(text: str, http: httpx.AsyncClient) -> None:
+        nonlocal tokens, errors
+        body = {"inputs": text, "parameters": {"max_new_tokens": new_tokens}, "stream": True}
+        t0 = time.perf_counter()
+        first = True
+        async with http.stream("POST", "/generate", json=body) as r:
+            if r.status_code != 200:
+                errors += 1
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                if first:
+                    ttft.append(time.perf_counter() - t0)
+                    first = False
+                event = json.loads(line[5:])
+                if "error" in event:
+                    errors += 1
+                    return
+                tokens += 1
+        lat.append(time.perf_counter() - t0)
+
+    limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as http:
+        t0 = time.perf_counter()
+        for r in range(rounds):
+            await asyncio.gather(*(one(texts[(r * streams + i) % len(texts)], http) for i in range(streams)))
+        wall = time.perf_counter() - t0
+    return {
+        "streams": streams,
+        "sequences": len(lat),
+        "errors": errors,
+        "tokens_per_s": round(tokens / wall, 1),
+        "ttft_p50_ms": round(pct(ttft, 0.5) * 1000, 1),
+        "ttft_p99_ms": round(pct(ttft, 0.99) * 1000, 1),
+        "latency_p50_ms": round(pct(lat, 0.5) * 1000, 1),
+        "latency_p99_ms": round(pct(lat, 0.99) * 1000, 1),
+    }
+
+
+def mean_batch(url: str, kind: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith(f'mtp_batch_size_sum{{kind="{kind}"}}'):
+            total = float(line.split()[-1])
+        elif line.startswith(f'mtp_batch_size_count{{kind="{kind}"}}'):
+            count = float(line.split()[-1])
+    return total / count if count else 0.0
+
+
+def inprocess_predict_rate(checkpoint: str, device: str, prompts: list[list[int]], batch: int, seconds: float) -> float:
+    """Requests/s of score_next alone on batches of `batch` prompts (no HTTP, no JSON, no queue)."""
+    model, _ = load_checkpoint(checkpoint, device=device)
+    batch = max(1, batch)
+    rows = [prompts[i % len(prompts)] for i in range(batch)]
+    score_next(model, rows, 5)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        score_next(model, rows, 5)
+        n += 1
+    return n * batch / (time.perf_counter() - t0)
+
+
+def bench_service(
+    checkpoint: str,
+    corpus: str,
+    device: str = "cpu",
+    clients: int = 32,
+    seconds: float = 15.0,
+    streams: int = 16,
+    new_tokens: int = 64,
+    rounds: int = 2,
+) -> dict[str, Any]:
+    _, tok = load_checkpoint(checkpoint)
+    prompts = heldout_prompts(corpus, tok, 64, 32, seed=1)
+    texts = [tok.decode(p) for p in prompts]
+    out: dict[str, Any] = {"benchmark": "service_under_load", "checkpoint": checkpoint, "device": device}
+
+    with server(checkpoint, device, max_batch_size=1, max_queue_size=1024) as (url, _):
+        out["predict_unbatched"] = asyncio.run(predict_load(url, texts, clients, seconds))
+    with server(checkpoint, device, max_batch_size=clients, max_queue_size=1024) as (url, _):
+        out["predict_batched"] = asyncio.run(predict_load(url, texts, clients, seconds))
+        out["predict_batched"]["mean_batch_size"] = round(mean_batch(url, "predict"), 2)
+        out["generate_1_stream"] = asyncio.run(generate_load(url, texts, 1, new_tokens, rounds))
+        out["generate_n_streams"] = asyncio.run(generate_load(url, texts, streams, new_tokens, rounds))
+        out["generate_n_streams"]["mean_decode_batch"] = round(mean_batch(url, "decode"), 2)
+    mb = round(out["predict_batched"]["mean_batch_size"])
+    rate = inprocess_predict_rate(checkpoint, device, prompts, mb, seconds=5.0)
+    out["inprocess_predict_requests_per_s"] = round(rate, 1)
+    served = out["predict_batched"]["requests_per_s"]
+    out["ratios"] = {
+        "predict_batched_vs_unbatched": round(served / max(out["predict_unbatched"]["requests_per_s"], 1e-9), 2),
+        "predict_served_fraction_of_inprocess": round(served / rate, 3),
+        "generate_n_vs_1_stream_tokens_per_s": round(
+            out["generate_n_streams"]["tokens_per_s"] / max(out["generate_1_stream"]["tokens_per_s"], 1e-9), 2
+        ),
+    }
+    out["torch_threads"] = torch.get_num_threads()
+    return out
