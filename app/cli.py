@@ -182,6 +182,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.checkpoint,
             args.corpus,
             device=args.device,
+            dtype=args.dtype,
             clients=args.clients,
             seconds=args.seconds,
             streams=args.streams,

@@ -63,6 +63,13 @@ class GenFinal:
     drafted_tokens: int
     accepted_tokens: int
     tokens: list[GenToken]
+    stop_sequence: str | None = None  # the stop sequence that ended generation (kept at the end of the text)
+
+    @property
+    def text_without_stop(self) -> str:
+        """The text without a trailing stop sequence (OpenAI's convention)."""
+        stop = self.stop_sequence
+        return self.generated_text[: -len(stop)] if stop else self.generated_text
 
 
 async def run_generation(
@@ -93,19 +100,25 @@ async def run_generation(
             if isinstance(event, TokenEvent):
                 n = len(event.token_ids)
                 for i, (tid, lp) in enumerate(zip(event.token_ids, event.logprobs, strict=True)):
-                    piece = decoder.step(tid)
+                    special = tid in tok.special_ids
+                    final_token = event.final and i == n - 1
+                    # special tokens (end-of-text) show in their token's text but not in the generated text
+                    piece = "" if special else decoder.step(tid)
+                    if final_token:  # a trailing partial character becomes U+FFFD in this token, not later
+                        piece += decoder.flush()
                     start = max(0, len(text) - longest_stop + 1)
                     text += piece
                     cut = _find_stop(text, opts.stop, start)
-                    last = cut is not None or (event.final and i == n - 1)
-                    gt = GenToken(len(tokens), tid, piece, lp, tid in tok.special_ids, last)
+                    shown = tok.id_to_text(tid) if special else piece
+                    gt = GenToken(len(tokens), tid, shown, lp, special, cut is not None or final_token)
                     tokens.append(gt)
                     yield gt
                     if cut is not None:
-                        yield _final(text[:cut], "stop_sequence", tokens, prompt_ids, sampling, spec, None)
+                        final = _final(text[:cut], "stop_sequence", tokens, prompt_ids, sampling, spec, None)
+                        final.stop_sequence = next(st for st in opts.stop if text[:cut].endswith(st))
+                        yield final
                         return
             elif isinstance(event, FinishEvent):
-                text += decoder.flush()
                 yield _final(text, event.reason, tokens, prompt_ids, sampling, spec, event)
                 return
     finally:

@@ -163,9 +163,11 @@ def mean_batch(url: str, kind: str) -> float:
     return total / count if count else 0.0
 
 
-def inprocess_predict_rate(checkpoint: str, device: str, prompts: list[list[int]], batch: int, seconds: float) -> float:
+def inprocess_predict_rate(
+    checkpoint: str, device: str, dtype: str, prompts: list[list[int]], batch: int, seconds: float
+) -> float:
     """Requests/s of score_next alone on batches of `batch` prompts (no HTTP, no JSON, no queue)."""
-    model, _ = load_checkpoint(checkpoint, device=device)
+    model, _ = load_checkpoint(checkpoint, device=device, dtype=dtype)
     batch = max(1, batch)
     rows = [prompts[i % len(prompts)] for i in range(batch)]
     score_next(model, rows, 5)
@@ -180,6 +182,7 @@ def bench_service(
     checkpoint: str,
     corpus: str,
     device: str = "cpu",
+    dtype: str = "float32",
     clients: int = 32,
     seconds: float = 15.0,
     streams: int = 16,
@@ -189,18 +192,23 @@ def bench_service(
     _, tok = load_checkpoint(checkpoint)
     prompts = heldout_prompts(corpus, tok, 64, 32, seed=1)
     texts = [tok.decode(p) for p in prompts]
-    out: dict[str, Any] = {"benchmark": "service_under_load", "checkpoint": checkpoint, "device": device}
+    out: dict[str, Any] = {
+        "benchmark": "service_under_load",
+        "checkpoint": checkpoint,
+        "device": device,
+        "dtype": dtype,
+    }
 
-    with server(checkpoint, device, max_batch_size=1, max_queue_size=1024) as (url, _):
+    with server(checkpoint, device, dtype=dtype, max_batch_size=1, max_queue_size=1024) as (url, _):
         out["predict_unbatched"] = asyncio.run(predict_load(url, texts, clients, seconds))
-    with server(checkpoint, device, max_batch_size=clients, max_queue_size=1024) as (url, _):
+    with server(checkpoint, device, dtype=dtype, max_batch_size=clients, max_queue_size=1024) as (url, _):
         out["predict_batched"] = asyncio.run(predict_load(url, texts, clients, seconds))
         out["predict_batched"]["mean_batch_size"] = round(mean_batch(url, "predict"), 2)
         out["generate_1_stream"] = asyncio.run(generate_load(url, texts, 1, new_tokens, rounds))
         out["generate_n_streams"] = asyncio.run(generate_load(url, texts, streams, new_tokens, rounds))
         out["generate_n_streams"]["mean_decode_batch"] = round(mean_batch(url, "decode"), 2)
     mb = round(out["predict_batched"]["mean_batch_size"])
-    rate = inprocess_predict_rate(checkpoint, device, prompts, mb, seconds=5.0)
+    rate = inprocess_predict_rate(checkpoint, device, dtype, prompts, mb, seconds=5.0)
     out["inprocess_predict_requests_per_s"] = round(rate, 1)
     served = out["predict_batched"]["requests_per_s"]
     out["ratios"] = {

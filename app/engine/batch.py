@@ -45,6 +45,7 @@ class DecodeBatch:
         self.drafts = torch.zeros(0, self.k - 1, dtype=torch.long, device=self.device)  # [n, k-1]
         self.draft_probs: Tensor | None = None  # [n, k-1, V] when any row samples
         self.sampling = self._sampling()
+        self.last_max_accept: list[int] = []  # drafts each row could accept in the last step
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -97,12 +98,12 @@ class DecodeBatch:
         self.cur = res.tokens[rows, res.n_emitted - 1]
         self.pos = self.pos + res.n_emitted
         self.drafts, self.draft_probs = res.drafts, res.draft_probs
-        for i, s in enumerate(self.seqs):
-            m = int(max_accept[i])
+        self.last_max_accept = max_accept.tolist()
+        for s, m, n in zip(self.seqs, self.last_max_accept, res.n_emitted.tolist(), strict=True):
             if m:
                 s.verify_steps += 1
                 s.drafted += m
-                s.accepted += int(res.n_emitted[i]) - 1
+                s.accepted += n - 1
         return res
 
 

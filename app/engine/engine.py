@@ -142,6 +142,8 @@ class Engine:
     def _admit(self, n: int) -> None:
         if not self._accepting:
             raise EngineNotReady("the server is not accepting requests")
+        if n > self.cfg.max_queue_size:  # could never fit: not a retryable overload
+            raise InvalidRequest(f"{n} inputs exceed the queue capacity of {self.cfg.max_queue_size}")
         depth = len(self._predict_q) + len(self._gen_q)
         if depth + n > self.cfg.max_queue_size:
             raise EngineOverloaded(f"queue full ({depth} waiting, capacity {self.cfg.max_queue_size})")
@@ -358,6 +360,9 @@ class Engine:
             if not s.item.finished and self._expired(s.item, now):
                 err = EngineTimeout("generation timed out") if not s.item.cancelled else None
                 self._finish(s, "cancelled", err)
+        self._drop_finished()
+        if not len(self._batch):
+            return
         self.metrics.batch_size.labels("decode").observe(len(self._batch))
         try:
             outputs = await self._in_worker("decode", self._decode_sync)
@@ -368,11 +373,23 @@ class Engine:
         self._deliver(outputs)
 
     def _decode_sync(self) -> list[tuple[Sequence, list[int], list[float]]]:
-        self._batch.filter([not s.item.finished for s in self._batch.seqs])  # cancelled or timed out
-        if not len(self._batch):
-            return []
         res = self._batch.step()
-        return self._collect(res.tokens.tolist(), res.logprobs.tolist(), res.n_emitted.tolist(), 0)
+        counts = res.n_emitted.tolist()
+        self._count_speculation(self._batch.last_max_accept, counts)
+        return self._collect(res.tokens.tolist(), res.logprobs.tolist(), counts, 0)
+
+    def _count_speculation(self, max_accept: list[int], emitted: list[int]) -> None:
+        """Per verify pass: drafts offered, accepted, and accepted at each draft position (head j+1)."""
+        m = self.metrics
+        for offered, n in zip(max_accept, emitted, strict=True):
+            if not offered:
+                continue
+            m.spec_steps.inc()
+            m.spec_drafted.inc(offered)
+            m.spec_accepted.inc(n - 1)
+            m.spec_accepted_length.observe(n)
+            for pos in range(1, n):
+                m.spec_accepted_by_position.labels(str(pos)).inc()
 
     def _collect(
         self, tokens: list[list[int]], logprobs: list[list[float]], counts: list[int], row0: int
@@ -414,17 +431,20 @@ class Engine:
                 seq.item.events.put_nowait(TokenEvent(toks, lps, final=reason is not None))
             if reason is not None:
                 self._finish(seq, reason)
+        self._drop_finished()
+
+    def _drop_finished(self) -> None:
+        """Finished and cancelled sequences leave the batch now, before the next step is formed.
+
+        Runs on the event loop between worker calls (never during one), so the batch and its
+        cache rows are not touched concurrently.
+        """
+        self._batch.filter([not s.item.finished for s in self._batch.seqs])
         self._update_gauges()
 
     def _finish(self, seq: Sequence, reason: str, error: Exception | None = None) -> None:
         item = seq.item
         item.finished = True
-        if seq.verify_steps:
-            m = self.metrics
-            m.spec_steps.inc(seq.verify_steps)
-            m.spec_drafted.inc(seq.drafted)
-            m.spec_accepted.inc(seq.accepted)
-            m.spec_accepted_length.observe((seq.accepted + seq.verify_steps) / seq.verify_steps)
         if error is not None:
             item.events.put_nowait(ErrorEvent(error))  # type: ignore[arg-type]
             return

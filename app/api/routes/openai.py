@@ -116,7 +116,7 @@ def _choice(final: GenFinal, index: int, with_logprobs: bool) -> CompletionChoic
             tokens=[t.text for t in final.tokens], token_logprobs=[t.logprob for t in final.tokens], text_offset=offsets
         )
     reason: Literal["length", "stop"] = "length" if final.finish_reason == "length" else "stop"
-    return CompletionChoice(text=final.generated_text, index=index, logprobs=logprobs, finish_reason=reason)
+    return CompletionChoice(text=final.text_without_stop, index=index, logprobs=logprobs, finish_reason=reason)
 
 
 async def _run(srv: Serving, ids: list[int], opts: GenOptions) -> GenFinal:
@@ -198,10 +198,19 @@ async def _stream(
         try:
             async with asyncio.timeout(srv.settings.request_timeout_s):
                 out: GenToken | GenFinal = first
+                held: GenToken | None = None  # the last token waits for the final text (stop sequences)
+                sent = ""
                 while True:
                     if isinstance(out, GenToken):
-                        yield chunk(out.text, None, out.logprob if want_lp else None)
+                        if out.last:
+                            held = out
+                        else:
+                            sent += out.text
+                            yield chunk(out.text, None, out.logprob if want_lp else None)
                     else:
+                        if held is not None:  # emit what remains of the text without the stop sequence
+                            rest = out.text_without_stop[len(sent) :]
+                            yield chunk(rest, None, held.logprob if want_lp else None)
                         yield chunk("", "length" if out.finish_reason == "length" else "stop")
                         if req.stream_options and req.stream_options.include_usage:
                             usage = {

@@ -1,0 +1,232 @@
+"""Every bad request gets its status and the {"error", "error_type"} envelope, never a traceback,
+and the service keeps serving afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+GOOD = {"inputs": "To be, or not to be", "top_n": 2}
+LONG_TEXT = "to be or not to be " * 40  # far more than the 64-token context
+
+
+def still_serves(client: TestClient) -> None:
+    r = client.post("/predict", json=GOOD)
+    assert r.status_code == 200, r.text
+    r = client.post("/generate", json={"inputs": "To be", "parameters": {"max_new_tokens": 2}})
+    assert r.status_code == 200, r.text
+
+
+def wait_idle(engine: Any) -> None:
+    """Wait out the worker's last step of earlier work (warmup), so a fault_hook set now hits our request."""
+    deadline = time.monotonic() + 5
+    while (engine.pending() or engine._busy_since is not None) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def failures(client: TestClient, reason: str) -> float:
+    registry = client.app.state.service.metrics.registry  # type: ignore[attr-defined]
+    return registry.get_sample_value("mtp_request_failures_total", {"reason": reason}) or 0.0
+
+
+BAD_REQUESTS = {
+    "predict_empty_text": ("/predict", {"inputs": ""}),
+    "predict_empty_list": ("/predict", {"inputs": []}),
+    "predict_empty_ids": ("/predict", {"input_ids": []}),
+    "predict_empty_nested_ids": ("/predict", {"input_ids": [[]]}),
+    "predict_text_and_ids": ("/predict", {"inputs": "a", "input_ids": [1]}),
+    "predict_neither": ("/predict", {"top_n": 3}),
+    "predict_too_long": ("/predict", {"inputs": LONG_TEXT}),
+    "predict_id_too_big": ("/predict", {"input_ids": [1, 300]}),
+    "predict_id_negative": ("/predict", {"input_ids": [[-1, 2]]}),
+    "predict_top_n_zero": ("/predict", {"inputs": "a", "top_n": 0}),
+    "predict_top_n_above_cap": ("/predict", {"inputs": "a", "top_n": 101}),
+    "predict_k_above_model": ("/predict", {"inputs": "a", "k": 4}),
+    "predict_too_many_inputs": ("/predict", {"inputs": ["a"] * 33}),
+    "predict_candidate_id_out_of_range": ("/predict", {"inputs": "a", "candidates": [[300]]}),
+    "predict_too_many_candidates": ("/predict", {"inputs": "a", "candidates": [[1]] * 33}),
+    "predict_wrong_type": ("/predict", {"inputs": 5}),
+    "predict_unknown_field": ("/predict", {"inputs": "a", "temperature": 1.0}),
+    "generate_empty": ("/generate", {"inputs": ""}),
+    "generate_too_long": ("/generate", {"inputs": LONG_TEXT}),
+    "generate_prompt_plus_new_tokens_over_context": (
+        "/generate",
+        {"inputs": "to be or not to be, that is", "parameters": {"max_new_tokens": 60}},
+    ),
+    "generate_temperature_negative": ("/generate", {"inputs": "a", "parameters": {"temperature": -0.5}}),
+    "generate_top_p_zero": ("/generate", {"inputs": "a", "parameters": {"top_p": 0.0}}),
+    "generate_top_p_above_one": ("/generate", {"inputs": "a", "parameters": {"top_p": 1.5}}),
+    "generate_top_k_negative": ("/generate", {"inputs": "a", "parameters": {"top_k": -1}}),
+    "generate_max_new_tokens_zero": ("/generate", {"inputs": "a", "parameters": {"max_new_tokens": 0}}),
+    "generate_max_new_tokens_above_cap": ("/generate", {"inputs": "a", "parameters": {"max_new_tokens": 257}}),
+    "generate_too_many_stops": ("/generate", {"inputs": "a", "parameters": {"stop": ["x"] * 9}}),
+    "generate_empty_stop": ("/generate", {"inputs": "a", "parameters": {"stop": [""]}}),
+    "generate_stop_too_long": ("/generate", {"inputs": "a", "parameters": {"stop": ["x" * 65]}}),
+    "generate_seed_negative": ("/generate", {"inputs": "a", "parameters": {"seed": -1}}),
+    "generate_unknown_field": ("/generate", {"inputs": "a", "bogus": True}),
+    "generate_unknown_parameter": ("/generate", {"inputs": "a", "parameters": {"max_tokens": 3}}),
+    "generate_stream_bad_temperature": ("/generate_stream", {"inputs": "a", "parameters": {"temperature": -1}}),
+    "tokenize_unknown_field": ("/tokenize", {"inputs": "a", "extra": 1}),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_gets_422_envelope_and_service_still_serves(
+    client: TestClient, envelope: Callable[..., Any], case: str
+) -> None:
+    path, body = BAD_REQUESTS[case]
+    before = failures(client, "validation")
+    envelope(client.post(path, json=body), 422, "validation")
+    assert failures(client, "validation") == before + 1
+    still_serves(client)
+
+
+def test_malformed_json_gets_422_envelope(client: TestClient, envelope: Callable[..., Any]) -> None:
+    for path in ("/predict", "/generate", "/generate_stream"):
+        r = client.post(path, content=b'{"inputs": "abc", ', headers={"content-type": "application/json"})
+        assert envelope(r, 422, "validation")["error"] == "malformed JSON body"
+    still_serves(client)
+
+
+def test_input_above_configured_cap_is_rejected(
+    client_factory: Callable[..., TestClient], envelope: Callable[..., Any]
+) -> None:
+    client = client_factory(max_input_tokens=4)
+    assert client.get("/info").json()["limits"]["max_input_tokens"] == 4
+    envelope(client.post("/predict", json={"input_ids": [1, 2, 3, 4, 5]}), 422, "validation")
+    envelope(client.post("/generate", json={"inputs": "to be or not to be"}), 422, "validation")
+    assert client.post("/predict", json={"input_ids": [1, 2, 3, 4]}).status_code == 200
+
+
+def test_unknown_route_and_wrong_method_get_envelopes(client: TestClient, envelope: Callable[..., Any]) -> None:
+    envelope(client.get("/nope"), 404, "not_found")
+    envelope(client.get("/predict"), 405, "method_not_allowed")
+
+
+# ---- body size ------------------------------------------------------------------------------
+
+
+def test_body_above_limit_with_content_length_gets_413(
+    client_factory: Callable[..., TestClient], envelope: Callable[..., Any]
+) -> None:
+    client = client_factory(max_body_bytes=1024)
+    r = client.post("/predict", json={"inputs": "x" * 2000}, headers={"X-Request-Id": "big-1"})
+    envelope(r, 413, "too_large")
+    assert r.headers["x-request-id"] == "big-1"
+    assert failures(client, "too_large") == 1
+    still_serves(client)
+
+
+def test_streamed_body_above_limit_gets_413(
+    client_factory: Callable[..., TestClient], envelope: Callable[..., Any]
+) -> None:
+    client = client_factory(max_body_bytes=1024)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: sent with chunked transfer encoding
+        yield b'{"inputs": "'
+        for _ in range(10):
+            yield b"x" * 300
+        yield b'"}'
+
+    r = client.post("/predict", content=chunks(), headers={"content-type": "application/json"})
+    envelope(r, 413, "too_large")
+    still_serves(client)
+
+
+# ---- overload, readiness, timeouts, faults --------------------------------------------------
+
+
+async def test_full_queue_gets_429_while_accepted_requests_complete(
+    aclient_factory: Callable[..., Any], envelope: Callable[..., Any]
+) -> None:
+    app, client = await aclient_factory(max_queue_size=2)
+    engine = app.state.service.engine
+    while engine.pending() or engine._busy_since is not None:  # the warmup's last step
+        await asyncio.sleep(0.005)
+    engine.fault_hook = lambda kind: time.sleep(0.3)  # the worker holds each batch 0.3 s
+    first = asyncio.create_task(client.post("/predict", json=GOOD))
+    while engine._busy_since is None:  # the first request is on the worker
+        await asyncio.sleep(0.005)
+    queued = [
+        asyncio.create_task(client.post("/predict", json=GOOD)),
+        asyncio.create_task(client.post("/generate", json={"inputs": "To be", "parameters": {"max_new_tokens": 3}})),
+    ]
+    while engine.pending() < 2:  # both wait in the queue (capacity 2)
+        await asyncio.sleep(0.005)
+    rejected = await asyncio.gather(
+        client.post("/predict", json=GOOD),
+        client.post("/generate", json={"inputs": "a"}),
+        client.post("/generate_stream", json={"inputs": "a"}),
+    )
+    for r in rejected:
+        envelope(r, 429, "overloaded")
+        assert r.headers["retry-after"] == "1"
+    accepted = [await first, *(await asyncio.gather(*queued))]
+    assert [r.status_code for r in accepted] == [200, 200, 200]
+    engine.fault_hook = None
+    assert (await client.post("/predict", json=GOOD)).status_code == 200
+
+
+def test_request_larger_than_queue_is_not_answered_as_retryable_overload(
+    client_factory: Callable[..., TestClient],
+) -> None:
+    client = client_factory(max_queue_size=4)
+    r = client.post("/predict", json={"inputs": ["To be"] * 5})
+    assert r.status_code in (200, 422), r.text
+
+
+def test_not_ready_before_startup_gets_503(app_factory: Callable[..., Any], envelope: Callable[..., Any]) -> None:
+    client = TestClient(app_factory())  # not entered: the lifespan has not loaded the model
+    assert client.get("/health").json() == {"status": "ok", "worker": "starting"}
+    envelope(client.get("/ready"), 503, "not_ready")
+    envelope(client.post("/predict", json=GOOD), 503, "not_ready")
+    envelope(client.post("/generate", json={"inputs": "a"}), 503, "not_ready")
+    envelope(client.get("/info"), 503, "not_ready")
+
+
+def test_draining_gets_503_and_recovers(client: TestClient, envelope: Callable[..., Any]) -> None:
+    state = client.app.state.service  # type: ignore[attr-defined]
+    state.draining = True
+    envelope(client.get("/ready"), 503, "not_ready")
+    envelope(client.post("/predict", json=GOOD), 503, "not_ready")
+    envelope(client.post("/generate_stream", json={"inputs": "a"}), 503, "not_ready")
+    assert client.get("/health").status_code == 200  # alive, just not taking work
+    state.draining = False
+    assert client.get("/ready").status_code == 200
+    still_serves(client)
+
+
+def test_request_timeout_gets_504(client_factory: Callable[..., TestClient], envelope: Callable[..., Any]) -> None:
+    client = client_factory(request_timeout_s=0.2, warmup=False)
+    engine = client.app.state.service.engine  # type: ignore[attr-defined]
+    engine.fault_hook = lambda kind: time.sleep(0.5)
+    envelope(client.post("/predict", json=GOOD), 504, "timeout")
+    envelope(client.post("/generate", json={"inputs": "To be", "parameters": {"max_new_tokens": 3}}), 504, "timeout")
+    envelope(client.post("/generate_stream", json={"inputs": "To be"}), 504, "timeout")
+    assert failures(client, "timeout") == 3
+    engine.fault_hook = None
+    time.sleep(0.5)  # let the worker finish what it was holding
+    still_serves(client)
+
+
+def test_fault_in_predict_batch_gets_500_and_next_request_succeeds(
+    client: TestClient, envelope: Callable[..., Any]
+) -> None:
+    engine = client.app.state.service.engine  # type: ignore[attr-defined]
+    faults = [RuntimeError("injected: secret detail")]
+
+    def hook(kind: str) -> None:
+        if faults:
+            raise faults.pop()
+
+    wait_idle(engine)
+    engine.fault_hook = hook
+    body = envelope(client.post("/predict", json=GOOD), 500, "internal")
+    assert "secret detail" not in body["error"]
+    still_serves(client)
+    assert client.get("/health").json()["status"] == "ok"

@@ -1,0 +1,169 @@
+"""OpenAI-compatible /v1/models and /v1/completions, in-process and with the official client."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+PROMPT = "To be, or not to be"
+
+
+def complete(client: TestClient, **body: Any) -> dict[str, Any]:
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "temperature": 0, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_models_lists_the_served_model(client: TestClient) -> None:
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["tiny"]
+    assert body["data"][0]["object"] == "model"
+
+
+def test_completion_matches_generate_and_reports_usage(client: TestClient) -> None:
+    body = complete(client, max_tokens=6, logprobs=0)
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert body["model"] == "tiny"
+    (choice,) = body["choices"]
+    want = client.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 6, "details": True}})
+    assert choice["text"] == want.json()["generated_text"]
+    assert choice["finish_reason"] == "length" and choice["index"] == 0
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == 6
+    assert lp["token_logprobs"] == pytest.approx([t["logprob"] for t in want.json()["details"]["tokens"]], abs=1e-5)
+    n_prompt = len(client.app.state.service.tokenizer.encode(PROMPT))  # type: ignore[attr-defined]
+    assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 6, "total_tokens": n_prompt + 6}
+
+
+def test_completion_of_several_prompts_gives_one_choice_each(client: TestClient) -> None:
+    prompts = [PROMPT, "The quick brown fox"]
+    body = complete(client, prompt=prompts, max_tokens=4)
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    for p, c in zip(prompts, body["choices"], strict=True):
+        assert c["text"] == complete(client, prompt=p, max_tokens=4)["choices"][0]["text"]
+    assert body["usage"]["completion_tokens"] == 8
+
+
+def test_completion_stop_string_finishes_with_stop(client: TestClient) -> None:
+    text = complete(client, max_tokens=20)["choices"][0]["text"]
+    stop = text[4:7]
+    choice = complete(client, max_tokens=20, stop=stop)["choices"][0]
+    assert text.startswith(choice["text"]) and len(choice["text"]) < len(text)
+    assert choice["finish_reason"] == "stop"
+
+
+def test_completion_text_excludes_the_stop_sequence(client: TestClient) -> None:
+    text = complete(client, max_tokens=20)["choices"][0]["text"]
+    stop = text[4:7]
+    choice = complete(client, max_tokens=20, stop=stop)["choices"][0]
+    assert choice["text"] == text[: text.find(stop)]
+
+
+def test_streamed_completion_ends_with_done_and_usage(client: TestClient, sse: Callable[[str], list[Any]]) -> None:
+    want = complete(client, max_tokens=9)["choices"][0]["text"]
+    r = client.post(
+        "/v1/completions",
+        json={
+            "prompt": PROMPT,
+            "max_tokens": 9,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse(r.text)
+    assert events[-1] == "[DONE]"
+    usage_chunk, finish_chunk, token_chunks = events[-2], events[-3], events[:-3]
+    assert len(token_chunks) == 9
+    assert all(c["object"] == "text_completion" and c["choices"][0]["finish_reason"] is None for c in token_chunks)
+    assert "".join(c["choices"][0]["text"] for c in token_chunks) == want
+    assert finish_chunk["choices"][0]["finish_reason"] == "length"
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 9
+    assert len({c["id"] for c in events[:-1]}) == 1
+
+
+def test_streamed_completion_without_usage_option_has_no_usage_chunk(
+    client: TestClient, sse: Callable[[str], list[Any]]
+) -> None:
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0, "stream": True})
+    events = sse(r.text)
+    assert events[-1] == "[DONE]" and len(events) == 5
+    assert all("usage" not in e or e["usage"] is None for e in events[:-1])
+
+
+def test_streamed_text_equals_completion_text_when_ending_mid_character(
+    client_factory: Callable[..., TestClient], lead_byte_checkpoint: Any, sse: Callable[[str], list[Any]]
+) -> None:
+    client = client_factory(checkpoint=lead_byte_checkpoint)
+    want = complete(client, max_tokens=4)["choices"][0]["text"]
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stream": True})
+    assert "".join(e["choices"][0]["text"] for e in sse(r.text)[:-1]) == want
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": PROMPT, "temperature": 2.5},
+        {"prompt": PROMPT, "top_p": 0},
+        {"prompt": PROMPT, "n": 2},
+        {"prompt": PROMPT, "echo": True},
+        {"prompt": PROMPT, "logprobs": 5},
+        {"prompt": PROMPT, "max_tokens": 0},
+        {"prompt": PROMPT, "max_tokens": 300},
+        {"prompt": PROMPT, "frequency_penalty": 1.0},
+        {"prompt": ""},
+        {"prompt": []},
+        {"prompt": [PROMPT, PROMPT], "stream": True},
+        {"prompt": "to be or not to be " * 40},
+    ],
+)
+def test_bad_completion_gets_openai_error_shape(client: TestClient, body: dict[str, Any]) -> None:
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"}
+    assert err["type"] == "validation" and err["code"] == 422 and err["message"]
+    assert "Traceback" not in r.text
+    assert complete(client, max_tokens=2)["choices"][0]["finish_reason"] == "length"
+
+
+def test_openai_errors_before_ready_and_for_malformed_json(app_factory: Callable[..., Any]) -> None:
+    client = TestClient(app_factory())  # lifespan not run
+    r = client.post("/v1/completions", json={"prompt": PROMPT})
+    assert r.status_code == 503 and r.json()["error"]["type"] == "not_ready"
+    r = client.post("/v1/completions", content=b"{nope", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["message"] == "malformed JSON body"
+
+
+# ---- the official client against a real server ----------------------------------------------
+
+
+def test_official_openai_client_works_against_the_server(server: Any) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=30)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    done = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0)
+    assert done.choices[0].finish_reason == "length"
+    assert done.usage is not None and done.usage.completion_tokens == 6
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt=PROMPT,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == done.usage.total_tokens
+    with pytest.raises(openai.UnprocessableEntityError) as exc:
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=3.0)
+    assert exc.value.status_code == 422
+    assert isinstance(exc.value.body, dict) and exc.value.body.get("type") == "validation"

@@ -1,0 +1,299 @@
+"""Shared fixtures: tiny checkpoints, in-process apps and clients, and real `mtp serve` processes.
+
+Every model here is a few thousand parameters, so a test spends its time in the service, not
+in matrix multiplies. Subprocesses run with one BLAS/OpenMP thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.main import create_app
+from app.model.checkpoint import save_checkpoint
+from app.model.model import ModelConfig, MTPTransformer
+from app.model.tokenizer import Tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TRAINING_TEXT = (
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+    "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles. "
+    * 20
+    + "The quick brown fox jumps over the lazy dog. " * 20
+    + "naïve café, 東京, こんにちは. " * 5
+)
+TINY = {"d_model": 32, "n_layers": 2, "num_heads": 4, "d_ff": 64, "k": 3, "max_seq_len": 64, "dropout_rate": 0.0}
+SERVER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+# Loaded into `mtp serve` subprocesses through PYTHONPATH: with TEST_FORWARD_DELAY_S set, every
+# forward pass sleeps that long (through the engine's fault_hook seam), so a stream lasts long
+# enough to be dropped or drained mid-way without burning CPU.
+SITECUSTOMIZE = """
+import os
+_delay = float(os.environ.get("TEST_FORWARD_DELAY_S") or 0)
+if _delay > 0:
+    import time
+    from app.engine import engine as _engine
+
+    _init = _engine.Engine.__init__
+
+    def _init_with_delay(self, *args, **kwargs):
+        _init(self, *args, **kwargs)
+        self.fault_hook = lambda kind: time.sleep(_delay)
+
+    _engine.Engine.__init__ = _init_with_delay
+"""
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> Tokenizer:
+    return Tokenizer.train([TRAINING_TEXT], vocab_size=300)
+
+
+def _build(tok: Tokenizer, seed: int = 0, **overrides: Any) -> MTPTransformer:
+    torch.manual_seed(seed)
+    model = MTPTransformer(ModelConfig(vocab_size=tok.vocab_size, **{**TINY, **overrides}))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Tokenizer) -> Path:
+    """A seeded random tiny MTP model (k=3, context 64)."""
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", _build(tiny_tokenizer), tiny_tokenizer)
+
+
+def _biased(tok: Tokenizer, token_id: int, heads: range) -> MTPTransformer:
+    """The tiny model with a huge bias on token_id in the given heads (0 = head 1): they always predict it."""
+    model = _build(tok)
+    with torch.no_grad():
+        for j in heads:
+            model.head.proj.bias[j * tok.vocab_size + token_id] = 100.0  # head j+1 owns rows jV..(j+1)V-1
+    return model
+
+
+@pytest.fixture(scope="session")
+def eos_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Tokenizer) -> Path:
+    """Head 1 always predicts <|endoftext|>: every generation ends on its first token."""
+    model = _biased(tiny_tokenizer, tiny_tokenizer.eot_id, range(1))
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "eos", model, tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def repeat_token(tiny_tokenizer: Tokenizer) -> int:
+    return tiny_tokenizer.encode(" the")[0]
+
+
+@pytest.fixture(scope="session")
+def repeat_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Tokenizer, repeat_token: int) -> Path:
+    """Every head always predicts the same token: greedy output repeats it and every draft is accepted."""
+    model = _biased(tiny_tokenizer, repeat_token, range(TINY["k"]))
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "repeat", model, tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def lead_byte_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Tokenizer) -> Path:
+    """Every head predicts the lone byte 0xE6 (the first byte of a 3-byte UTF-8 character, as in 東)."""
+    token_id = tiny_tokenizer.hf.token_to_id(chr(0xE6))  # the byte-level alphabet spells 0xE6 as 'æ'
+    assert tiny_tokenizer.token_bytes(token_id) == b"\xe6"
+    model = _biased(tiny_tokenizer, token_id, range(TINY["k"]))
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "lead-byte", model, tiny_tokenizer)
+
+
+# ---- in-process apps ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def app_factory(checkpoint: Path) -> Callable[..., FastAPI]:
+    """create_app(Settings(...)) on the tiny checkpoint; keyword arguments override settings."""
+
+    def make(**overrides: Any) -> FastAPI:
+        overrides.setdefault("checkpoint", checkpoint)
+        overrides.setdefault("device", "cpu")
+        return create_app(Settings(**overrides))
+
+    return make
+
+
+@pytest.fixture
+def client_factory(app_factory: Callable[..., FastAPI]) -> Iterator[Callable[..., TestClient]]:
+    """A started TestClient (lifespan run: model loaded, engine warm); closed after the test."""
+    with contextlib.ExitStack() as stack:
+
+        def make(**overrides: Any) -> TestClient:
+            return stack.enter_context(TestClient(app_factory(**overrides), raise_server_exceptions=False))
+
+        yield make
+
+
+@pytest.fixture
+def client(client_factory: Callable[..., TestClient]) -> TestClient:
+    return client_factory()
+
+
+@pytest.fixture
+async def aclient_factory(
+    app_factory: Callable[..., FastAPI],
+) -> AsyncIterator[Callable[..., Any]]:
+    """(app, httpx.AsyncClient over ASGITransport) with the lifespan run in this test's event loop.
+
+    ASGITransport does not run the lifespan itself, so it is entered here. It also buffers whole
+    responses: tests that need a live stream drive the ASGI app directly or use a real server.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def make(**overrides: Any) -> tuple[FastAPI, httpx.AsyncClient]:
+            app = app_factory(**overrides)
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            transport = httpx.ASGITransport(app=app)
+            client = await stack.enter_async_context(
+                httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30)
+            )
+            return app, client
+
+        yield make
+
+
+def parse_sse(text: str) -> list[Any]:
+    """The `data:` payloads of a server-sent-events body, JSON-decoded ("[DONE]" kept as a string)."""
+    events: list[Any] = []
+    for block in text.split("\n\n"):
+        block = block.strip()
+        if not block:
+            continue
+        assert block.startswith("data: "), f"not an SSE data frame: {block!r}"
+        data = block.removeprefix("data: ")
+        events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+@pytest.fixture
+def sse() -> Callable[[str], list[Any]]:
+    return parse_sse
+
+
+def assert_envelope(response: httpx.Response, status: int, error_type: str | None = None) -> dict[str, Any]:
+    """The service's error reply: the status, {"error", "error_type"} and no traceback text."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "error_type"}, body
+    assert isinstance(body["error"], str) and body["error"]
+    assert isinstance(body["error_type"], str)
+    if error_type is not None:
+        assert body["error_type"] == error_type, body
+    assert "Traceback" not in response.text and 'File "' not in response.text
+    return body
+
+
+@pytest.fixture
+def envelope() -> Callable[..., dict[str, Any]]:
+    return assert_envelope
+
+
+# ---- real `mtp serve` processes -------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise AssertionError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+def start_server(ckpt: Path, workdir: Path, *args: str, forward_delay_s: float = 0.0, **env: str) -> Server:
+    """`python -m app.cli serve --checkpoint CKPT --port P ARGS...` in the repository root, not yet ready."""
+    shim = workdir / "shim"
+    shim.mkdir(parents=True, exist_ok=True)
+    (shim / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    port = free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MTP_")}
+    full_env.update(SERVER_ENV)
+    full_env.update(env)
+    full_env["PYTHONPATH"] = os.pathsep.join([str(shim), str(REPO_ROOT)])
+    full_env["TEST_FORWARD_DELAY_S"] = str(forward_delay_s)
+    log_path = workdir / f"server-{port}.log"
+    cmd = [sys.executable, "-m", "app.cli", "serve", "--checkpoint", str(ckpt), "--port", str(port), *args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    return Server(proc, port, log_path)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterator[Server]:
+    """One real uvicorn server on the tiny checkpoint, shared by the tests that need a socket."""
+    srv = start_server(checkpoint, tmp_path_factory.mktemp("server"), "--device", "cpu")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path, checkpoint: Path) -> Iterator[Callable[..., Server]]:
+    """Start a dedicated server (e.g. with a per-forward delay); stopped after the test."""
+    started: list[Server] = []
+
+    def make(*args: str, forward_delay_s: float = 0.0, **env: str) -> Server:
+        srv = start_server(
+            checkpoint, tmp_path / f"s{len(started)}", "--device", "cpu", *args, forward_delay_s=forward_delay_s, **env
+        )
+        started.append(srv)
+        srv.wait_ready()
+        return srv
+
+    yield make
+    for srv in started:
+        srv.stop()

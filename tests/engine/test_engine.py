@@ -1,0 +1,307 @@
+"""Engine: token ids in, token ids and probabilities out; batching, cancellation, faults, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.decoding.generate import generate as static_generate
+from app.decoding.predict import score_next
+from app.decoding.sampling import SamplingParams
+from app.engine.engine import Engine, EngineConfig
+from app.engine.types import (
+    EngineFailure,
+    EngineNotReady,
+    EngineOverloaded,
+    EngineTimeout,
+    ErrorEvent,
+    FinishEvent,
+    GenerateRequest,
+    InvalidRequest,
+    PredictRequest,
+    TokenEvent,
+)
+from app.metrics import Metrics
+from app.model.checkpoint import load_checkpoint
+
+PROMPTS = [[5, 17, 42], [7], [100, 3, 9, 250, 11, 64, 2], [33, 33]]
+
+
+@pytest.fixture
+async def engine_factory(checkpoint: Path) -> AsyncIterator[Callable[..., Any]]:
+    engines: list[Engine] = []
+
+    async def make(ckpt: Path | None = None, start: bool = True, **cfg: Any) -> Engine:
+        model, tok = load_checkpoint(ckpt or checkpoint)
+        engine = Engine(model, eos_id=tok.eot_id, cfg=EngineConfig(**cfg), metrics=Metrics(k=model.cfg.k))
+        if start:
+            await engine.start(warmup=False)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        await engine.shutdown()
+
+
+async def run(engine: Engine, request: GenerateRequest) -> tuple[list[int], FinishEvent]:
+    tokens: list[int] = []
+    async for event in engine.generate(request):
+        if isinstance(event, TokenEvent):
+            tokens.extend(event.token_ids)
+        elif isinstance(event, FinishEvent):
+            return tokens, event
+        else:
+            raise event.error
+    raise AssertionError("stream ended without a FinishEvent")
+
+
+def counter(engine: Engine, name: str, **labels: str) -> float:
+    value = engine.metrics.registry.get_sample_value(name, labels or None)
+    return value or 0.0
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+# ---- predict --------------------------------------------------------------------------------
+
+
+async def test_predict_matches_unbatched_score_next(engine_factory: Callable[..., Any]) -> None:
+    engine = await engine_factory()
+    scores = await engine.predict([PredictRequest(p, top_n=4, candidates=[[1, 2], [7]]) for p in PROMPTS])
+    for prompt, got in zip(PROMPTS, scores, strict=True):
+        want = score_next(engine.model, [prompt], 4, [[[1, 2], [7]]])
+        assert got.top_ids == want.top_ids
+        assert got.greedy == want.greedy
+        for a, b in zip(got.top_probs[0], want.top_probs[0], strict=True):
+            assert a == pytest.approx(b, abs=1e-5)
+        assert got.candidates[0][0] == pytest.approx(want.candidates[0][0], abs=1e-5)
+
+
+async def test_concurrent_predicts_share_forward_passes(engine_factory: Callable[..., Any]) -> None:
+    engine = await engine_factory(max_batch_size=8)
+    solo = [(await engine.predict([PredictRequest(p, top_n=3)]))[0] for p in PROMPTS * 2]
+    before = engine.forward_passes
+    together = await asyncio.gather(*(engine.predict([PredictRequest(p, top_n=3)]) for p in PROMPTS * 2))
+    assert engine.forward_passes - before < len(PROMPTS) * 2
+    for a, (b,) in zip(solo, together, strict=True):
+        assert a.top_ids == b.top_ids
+        for pa, pb in zip(a.top_probs[0], b.top_probs[0], strict=True):
+            assert pa == pytest.approx(pb, abs=1e-4)
+
+
+async def test_invalid_inputs_raise_invalid_request(engine_factory: Callable[..., Any]) -> None:
+    engine = await engine_factory()
+    V, ctx = engine.model.cfg.vocab_size, engine.max_seq_len
+    for bad in ([], [V], [-1], [1] * (ctx + 1)):
+        with pytest.raises(InvalidRequest):
+            await engine.predict([PredictRequest(bad)])
+    with pytest.raises(InvalidRequest):
+        await engine.predict([PredictRequest([1], candidates=[[1, 2, 3, 4]])])
+    with pytest.raises(InvalidRequest):
+        await anext(engine.generate(GenerateRequest([1] * 60, max_new_tokens=5)))
+    assert engine.pending() == 0
+
+
+# ---- generate -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+async def test_greedy_generation_matches_static_decoding(engine_factory: Callable[..., Any], speculative: bool) -> None:
+    engine = await engine_factory()
+    prompt = [5, 17, 42, 8]
+    tokens, fin = await run(engine, GenerateRequest(prompt, max_new_tokens=20, speculative=speculative))
+    reference = static_generate(engine.model, [prompt], 20, speculative=False, eos_id=engine.eos_id)
+    engine.model.setup_caches(engine.cfg.max_batch_size)  # static generate reallocated them
+    assert tokens == reference.tokens[0]
+    assert fin.reason in ("length", "eos_token")
+    assert fin.generated_tokens == len(tokens)
+    assert (fin.verify_steps > 0) == speculative
+
+
+async def test_speculative_greedy_matches_plain_greedy(engine_factory: Callable[..., Any]) -> None:
+    engine = await engine_factory()
+    for prompt in PROMPTS:
+        spec, _ = await run(engine, GenerateRequest(prompt, max_new_tokens=25, speculative=True))
+        plain, _ = await run(engine, GenerateRequest(prompt, max_new_tokens=25, speculative=False))
+        assert spec == plain
+
+
+async def test_concurrent_generations_match_solo_runs_in_fewer_passes(engine_factory: Callable[..., Any]) -> None:
+    engine = await engine_factory(max_batch_size=8)
+    requests = [GenerateRequest(p, max_new_tokens=10 + 3 * i) for i, p in enumerate(PROMPTS)]
+    solo, solo_passes = [], 0
+    for r in requests:
+        before = engine.forward_passes
+        solo.append((await run(engine, r))[0])
+        solo_passes += engine.forward_passes - before
+    before = engine.forward_passes
+    together = await asyncio.gather(*(run(engine, r) for r in requests))
+    assert [t for t, _ in together] == solo
+    assert engine.forward_passes - before < solo_passes
+
+
+async def test_seeded_sample_does_not_depend_on_batch_mates(engine_factory: Callable[..., Any]) -> None:
+    engine = await engine_factory()
+    sampled = GenerateRequest([5, 17], 15, SamplingParams(temperature=1.0, do_sample=True, seed=1234))
+    alone, _ = await run(engine, sampled)
+    again, _ = await run(engine, sampled)
+    others = [GenerateRequest(p, 12, SamplingParams(do_sample=True, seed=i)) for i, p in enumerate(PROMPTS)]
+    results = await asyncio.gather(run(engine, sampled), *(run(engine, r) for r in others))
+    assert alone == again == results[0][0]
+    different, _ = await run(engine, GenerateRequest([5, 17], 15, SamplingParams(do_sample=True, seed=4321)))
+    assert different != alone
+
+
+async def test_repeating_model_accepts_every_draft(
+    engine_factory: Callable[..., Any], repeat_checkpoint: Path, repeat_token: int
+) -> None:
+    engine = await engine_factory(repeat_checkpoint)
+    before = engine.forward_passes
+    tokens, fin = await run(engine, GenerateRequest([1, 2], max_new_tokens=13, speculative=True))
+    spec_passes = engine.forward_passes - before
+    assert tokens == [repeat_token] * 13
+    assert fin.reason == "length"
+    assert fin.accepted_tokens == fin.drafted_tokens > 0
+    before = engine.forward_passes
+    plain, _ = await run(engine, GenerateRequest([1, 2], max_new_tokens=13, speculative=False))
+    assert plain == tokens
+    assert spec_passes < engine.forward_passes - before
+    assert counter(engine, "mtp_spec_accepted_tokens_total") == fin.accepted_tokens
+
+
+async def test_accepted_drafts_are_counted_by_position(
+    engine_factory: Callable[..., Any], repeat_checkpoint: Path
+) -> None:
+    engine = await engine_factory(repeat_checkpoint)
+    _, fin = await run(engine, GenerateRequest([1, 2], max_new_tokens=13, speculative=True))
+    by_position = [counter(engine, "mtp_spec_accepted_by_position_total", position=str(i)) for i in (1, 2)]
+    assert sum(by_position) == fin.accepted_tokens > 0
+
+
+async def test_eos_ends_generation(engine_factory: Callable[..., Any], eos_checkpoint: Path) -> None:
+    engine = await engine_factory(eos_checkpoint)
+    tokens, fin = await run(engine, GenerateRequest([1, 2, 3], max_new_tokens=10))
+    assert tokens == [engine.eos_id]
+    assert fin.reason == "eos_token" and fin.generated_tokens == 1
+
+
+async def test_one_token_generation_takes_one_forward_pass(engine_factory: Callable[..., Any]) -> None:
+    engine = await engine_factory()
+    before = engine.forward_passes
+    tokens, _ = await run(engine, GenerateRequest([5, 6], max_new_tokens=1))
+    await wait_for(lambda: engine.pending() == 0)
+    await asyncio.sleep(0.05)
+    assert len(tokens) == 1
+    assert engine.forward_passes - before == 1
+
+
+# ---- lifecycle, overload, cancellation, faults ----------------------------------------------
+
+
+async def test_closing_a_stream_removes_the_sequence(engine_factory: Callable[..., Any]) -> None:
+    engine = await engine_factory()
+    engine.fault_hook = lambda kind: time.sleep(0.01)
+    cancelled = counter(engine, "mtp_request_failures_total", reason="cancelled")
+    stream = engine.generate(GenerateRequest([5, 6, 7], max_new_tokens=50, speculative=False))
+    first = await anext(stream)
+    assert isinstance(first, TokenEvent)
+    assert counter(engine, "mtp_running_sequences") == 1
+    await stream.aclose()
+    await wait_for(lambda: engine.pending() == 0)
+    assert counter(engine, "mtp_running_sequences") == 0
+    assert counter(engine, "mtp_queue_depth") == 0
+    assert counter(engine, "mtp_request_failures_total", reason="cancelled") == cancelled + 1
+    tokens, _ = await run(engine, GenerateRequest([5], max_new_tokens=3))  # the slot is reusable
+    assert len(tokens) == 3
+
+
+async def test_full_queue_raises_overloaded_and_accepted_work_completes(engine_factory: Callable[..., Any]) -> None:
+    engine = await engine_factory(max_queue_size=1)
+    engine.fault_hook = lambda kind: time.sleep(0.3)
+    running = asyncio.create_task(engine.predict([PredictRequest([1, 2])]))
+    await wait_for(lambda: engine._busy_since is not None)  # the worker holds the first request
+    queued = asyncio.create_task(engine.predict([PredictRequest([3])]))
+    await wait_for(lambda: engine.pending() == 1)
+    with pytest.raises(EngineOverloaded):
+        await engine.predict([PredictRequest([4])])
+    with pytest.raises(EngineOverloaded):
+        await anext(engine.generate(GenerateRequest([4], max_new_tokens=2)))
+    assert len(await running) == 1 and len(await queued) == 1
+
+
+async def test_fault_in_forward_fails_only_that_batch(engine_factory: Callable[..., Any]) -> None:
+    engine = await engine_factory()
+    faults = {"predict": 1, "decode": 1}
+
+    def hook(kind: str) -> None:
+        if faults.get(kind):
+            faults[kind] -= 1
+            raise RuntimeError("injected")
+
+    engine.fault_hook = hook
+    with pytest.raises(EngineFailure):
+        await engine.predict([PredictRequest([1, 2])])
+    assert len(await engine.predict([PredictRequest([1, 2])])) == 1
+    events = [e async for e in engine.generate(GenerateRequest([1, 2], max_new_tokens=5))]
+    assert isinstance(events[0], TokenEvent)  # the prefill worked; the decode step failed
+    assert isinstance(events[-1], ErrorEvent) and isinstance(events[-1].error, EngineFailure)
+    tokens, fin = await run(engine, GenerateRequest([1, 2], max_new_tokens=5))
+    assert len(tokens) == fin.generated_tokens == 5
+    assert engine.health().alive
+
+
+async def test_engine_not_started_or_shut_down_rejects_work(engine_factory: Callable[..., Any]) -> None:
+    engine = await engine_factory(start=False)
+    with pytest.raises(EngineNotReady):
+        await engine.predict([PredictRequest([1])])
+    assert not engine.health().alive
+    await engine.start(warmup=True)
+    assert engine.health().alive and engine.forward_passes > 0
+    await engine.shutdown()
+    with pytest.raises(EngineNotReady):
+        await anext(engine.generate(GenerateRequest([1], max_new_tokens=2)))
+
+
+async def test_drain_lets_running_sequences_finish_and_rejects_new_work(engine_factory: Callable[..., Any]) -> None:
+    engine = await engine_factory()
+    engine.fault_hook = lambda kind: time.sleep(0.01)
+    task = asyncio.create_task(run(engine, GenerateRequest([1, 2], max_new_tokens=30, speculative=False)))
+    await wait_for(lambda: len(engine._batch) == 1)
+    drain = asyncio.create_task(engine.drain(10))
+    await asyncio.sleep(0)
+    with pytest.raises(EngineNotReady):
+        await engine.predict([PredictRequest([1])])
+    assert await drain is True
+    tokens, fin = await task
+    assert fin.reason == "length" and len(tokens) == 30
+
+
+async def test_request_expired_in_queue_times_out(engine_factory: Callable[..., Any]) -> None:
+    engine = await engine_factory(request_timeout_s=0.1)
+    engine.fault_hook = lambda kind: time.sleep(0.3)
+    first = asyncio.create_task(engine.predict([PredictRequest([1])]))
+    await wait_for(lambda: engine._busy_since is not None)
+    with pytest.raises(EngineTimeout):
+        await engine.predict([PredictRequest([2])])
+    await first  # already running when its deadline passed: it completes
+
+
+async def test_long_forward_pass_marks_worker_stalled(engine_factory: Callable[..., Any]) -> None:
+    engine = await engine_factory(stall_timeout_s=0.05)
+    engine.fault_hook = lambda kind: time.sleep(0.3)
+    task = asyncio.create_task(engine.predict([PredictRequest([1])]))
+    await wait_for(lambda: engine.health().stalled)
+    assert engine.health().detail == "worker stalled"
+    await task
+    assert not engine.health().stalled
