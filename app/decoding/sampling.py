@@ -65,7 +65,7 @@ def make_generator(seed: int | None) -> torch.Generator:
 def logits_to_probs(logits: Tensor, bs: BatchSampling) -> Tensor:
     """Processed distributions [B, ..., V] in float32: temperature, then top-k, then top-p.
 
-    Greedy rows come back as the plain softmax; callers take their argmax.
+    Greedy rows use temperature 1 (top-k / top-p, if given, keep the argmax); callers take their argmax.
     """
     shape = logits.shape
     B, V = shape[0], shape[-1]
