@@ -64,6 +64,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from app.training.distill import distill_heads
+
+    section = distill_heads(
+        args.checkpoint,
+        args.corpus,
+        out=args.out,
+        prompts=args.prompts,
+        steps=args.steps,
+        sampled_every=args.sampled_every,
+        seed=args.seed,
+    )
+    print(json.dumps(section, indent=2))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from app.model.checkpoint import load_checkpoint
     from app.training.data import read_corpus, split_text
@@ -224,6 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float16")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill-heads", help="self-distil heads 2..k towards head 1 (faster speculative decoding)")
+    p.add_argument("checkpoint")
+    p.add_argument("--corpus", default=DEFAULT_CORPUS)
+    p.add_argument("--out", default=None, help="write here instead of updating the checkpoint in place")
+    p.add_argument("--prompts", type=int, default=256)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--sampled-every", type=int, default=2, help="every n-th sequence sampled, the rest greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("eval", help="bits per byte and per-head loss/accuracy on a text file")
     p.add_argument("checkpoint")
