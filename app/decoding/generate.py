@@ -6,6 +6,7 @@ for its continuous batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,19 +26,38 @@ def prefill(model: MTPTransformer, prompts: list[list[int]], row0: int = 0) -> T
     for b, p in enumerate(prompts):
         idx[b, : len(p)] = torch.tensor(p, dtype=torch.long)
     pos = torch.arange(T, device=device).expand(len(prompts), T)
-    logits = model(idx, pos, kv_len=T, row0=row0)  # [B, T, k, V]
-    return logits[torch.arange(len(prompts), device=device), lengths - 1]
+    h = model.trunk(idx, pos, kv_len=T, row0=row0)  # [B, T, C]
+    return model.head(h[torch.arange(len(prompts), device=device), lengths - 1])  # only the last position
 
 
-def forward_step(model: MTPTransformer, cur: Tensor, drafts: Tensor | None, pos: Tensor, row0: int = 0) -> Tensor:
-    """Step 1: one forward over [cur, drafts] at positions pos.. ; logits [B, T, k, V].
+@dataclass
+class StepLogits:
+    """A forward step's output: head 1 at every fed position, and heads 2..k on demand."""
 
-    With drafts None (or empty) this is plain one-token decoding (T = 1).
+    head1: Tensor  # [B, T, 1, V]
+    drafts: Callable[[Tensor], Tensor] | None  # offsets [B] -> heads 2..k there [B, k-1, V]
+
+
+def forward_step(
+    model: MTPTransformer, cur: Tensor, drafts: Tensor | None, pos: Tensor, row0: int = 0, want_drafts: bool = True
+) -> StepLogits:
+    """Step 1: one forward over [cur, drafts] at positions pos.. .
+
+    With drafts None (or empty) this is plain one-token decoding (T = 1). Head 1 runs at every
+    position; heads 2..k only where the next drafts come from, and not at all without
+    want_drafts — a plain step costs the trunk plus one vocabulary projection.
     """
     idx = cur[:, None] if drafts is None or drafts.shape[1] == 0 else torch.cat([cur[:, None], drafts], dim=1)
     T = idx.shape[1]
     input_pos = pos[:, None] + torch.arange(T, device=pos.device)[None, :]  # [B, T]
-    return model(idx, input_pos, row0=row0)
+    h = model.trunk(idx, input_pos, row0=row0)  # [B, T, C]
+    head1 = model.head(h, heads=slice(0, 1))  # [B, T, 1, V]
+    rows = torch.arange(h.shape[0], device=h.device)
+
+    def draft_logits(offsets: Tensor) -> Tensor:
+        return model.head(h[rows, offsets], heads=slice(1, None))  # [B, k-1, V]
+
+    return StepLogits(head1, draft_logits if want_drafts and model.cfg.k > 1 else None)
 
 
 def first_tokens(last_logits: Tensor, bs: BatchSampling, want_drafts: Tensor) -> StepResult:
@@ -129,11 +149,10 @@ def generate(
         max_accept = (remaining - 1).clamp(min=0, max=cfg.k - 1) if use_spec else torch.zeros_like(remaining)
         max_accept = torch.where(torch.tensor(done, device=device), 0, max_accept)
         drafts = res.drafts if use_spec else None
-        logits = forward_step(model, cur, drafts, pos)
+        step = forward_step(model, cur, drafts, pos, want_drafts=use_spec)
         stats.forward_passes += 1
-        res = accept_drafts(
-            logits, drafts if drafts is not None else cur.new_zeros(B, 0), res.draft_probs, max_accept, bs, want
-        )
+        fed = drafts if drafts is not None else cur.new_zeros(B, 0)
+        res = accept_drafts(step.head1, fed, res.draft_probs, max_accept, bs, want, step.drafts, cfg.k - 1)
         _count(stats, res, max_accept, done)
         # pos advances by what each live row emitted; finished rows stay put
         live = ~torch.tensor(done, device=device)

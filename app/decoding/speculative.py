@@ -12,6 +12,7 @@ vLLM's rejection sampler does), and `max_accept` caps each row (0 = plain decodi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,8 @@ def accept_drafts(
     max_accept: Tensor,
     bs: BatchSampling,
     want_drafts: Tensor,
+    draft_logits: Callable[[Tensor], Tensor] | None = None,
+    n_drafts: int = 0,
 ) -> StepResult:
     """Steps 2-5 of a speculative step, given the verify pass's logits [B, T, k, V].
 
@@ -48,6 +51,10 @@ def accept_drafts(
     they were sampled from (needed for sampled rows). max_accept [B] caps accepted drafts.
     want_drafts [B] bool: rows that will verify drafts next step (others skip drafting draws,
     so a row's random stream does not depend on its batch).
+
+    logits may carry head 1 only ([B, T, 1, V]); then draft_logits(offsets [B]) computes heads
+    2..k at just the kept offsets ([B, k-1, V]), or, when None, no drafts are made (n_drafts
+    zero columns come back).
     """
     B, T, _k, _V = logits.shape
     device = logits.device
@@ -92,7 +99,12 @@ def accept_drafts(
     logprobs = torch.log_softmax(logits[:, :, 0].float(), dim=-1).gather(-1, tokens[..., None])[..., 0]
 
     # Step 5: heads 2..k at the last kept offset draft the next block.
-    next_drafts, next_q = draft_next(logits[rows, n_acc, 1:], bs, want_drafts)
+    if logits.shape[2] > 1:
+        next_drafts, next_q = draft_next(logits[rows, n_acc, 1:], bs, want_drafts)
+    elif draft_logits is not None and bool(want_drafts.any()):
+        next_drafts, next_q = draft_next(draft_logits(n_acc), bs, want_drafts)
+    else:
+        next_drafts, next_q = torch.zeros(B, n_drafts, dtype=torch.long, device=device), None
     return StepResult(tokens, n_acc + 1, logprobs, next_drafts, next_q)
 
 

@@ -91,9 +91,9 @@ class DecodeBatch:
         max_accept = torch.where(spec, (remaining - 1).clamp(min=0, max=k - 1), 0)  # [n]
         use_drafts = bool(spec.any()) and k > 1
         drafts = self.drafts if use_drafts else None
-        logits = forward_step(self.model, self.cur, drafts, self.pos)  # [n, T, k, V]
+        step = forward_step(self.model, self.cur, drafts, self.pos, want_drafts=use_drafts)
         fed = self.drafts if use_drafts else self.drafts[:, :0]
-        res = accept_drafts(logits, fed, self.draft_probs, max_accept, self.sampling, spec)
+        res = accept_drafts(step.head1, fed, self.draft_probs, max_accept, self.sampling, spec, step.drafts, k - 1)
         rows = torch.arange(len(self), device=self.device)
         self.cur = res.tokens[rows, res.n_emitted - 1]
         self.pos = self.pos + res.n_emitted

@@ -185,8 +185,14 @@ class MTPHead(nn.Module):
         self.k, self.vocab_size = cfg.k, cfg.vocab_size
         self.proj = nn.Linear(cfg.d_model, cfg.k * cfg.vocab_size, bias=cfg.bias)
 
-    def forward(self, h: Tensor) -> Tensor:
-        return self.proj(h).unflatten(-1, (self.k, self.vocab_size))  # [..., k, V]
+    def forward(self, h: Tensor, heads: slice | None = None) -> Tensor:
+        """Logits [..., k, V]; with `heads`, only those heads' rows of the projection are computed."""
+        if heads is None:
+            return self.proj(h).unflatten(-1, (self.k, self.vocab_size))  # [..., k, V]
+        start, stop, _ = heads.indices(self.k)
+        rows = slice(start * self.vocab_size, stop * self.vocab_size)  # contiguous rows: a view, no copy
+        bias = self.proj.bias[rows] if self.proj.bias is not None else None
+        return F.linear(h, self.proj.weight[rows], bias).unflatten(-1, (stop - start, self.vocab_size))
 
 
 def sinusoidal_table(max_len: int, d_model: int) -> Tensor:

@@ -80,6 +80,21 @@ def peaked_model() -> Callable[..., MTPTransformer]:
     return build
 
 
+class RuleHead(torch.nn.Module):
+    """Stands in for the MTP head: reads (token, position) back from the stub's hidden state."""
+
+    def __init__(self, cfg: ModelConfig, rule: Callable[[Tensor, Tensor, int], Tensor]) -> None:
+        super().__init__()
+        self.cfg, self.rule = cfg, rule
+        self.proj = torch.nn.Linear(1, 1)  # decoding reads the device and dtype from here
+
+    def forward(self, h: Tensor, heads: slice | None = None) -> Tensor:
+        start, stop, _ = (heads or slice(None)).indices(self.cfg.k)
+        idx, pos = h[..., 0].long(), h[..., 1].long()
+        rules = [self.rule(idx, pos, j) % self.cfg.vocab_size for j in range(start + 1, stop + 1)]
+        return F.one_hot(torch.stack(rules, dim=-1), self.cfg.vocab_size).float() * 10.0  # [..., heads, V]
+
+
 class RuleStub(MTPTransformer):
     """A model whose logits are a crafted function of each input token and its position.
 
@@ -92,15 +107,14 @@ class RuleStub(MTPTransformer):
     def __init__(self, cfg: ModelConfig, rule: Callable[[Tensor, Tensor, int], Tensor]) -> None:
         super().__init__(cfg)
         self.rule = rule
+        self.head = RuleHead(cfg, rule)  # type: ignore[assignment]
         self.fed: list[int] = []  # tokens per row fed to each forward call
 
-    def forward(self, idx: Tensor, input_pos: Tensor | None = None, kv_len=None, last_only=False, row0=0) -> Tensor:
+    def trunk(self, idx: Tensor, input_pos: Tensor | None = None, kv_len=None, row0=0) -> Tensor:
         B, T = idx.shape
         self.fed.append(T)
         pos = torch.arange(T).expand(B, T) if input_pos is None else input_pos  # [B, T]
-        heads = [self.rule(idx, pos, j) % self.cfg.vocab_size for j in range(1, self.cfg.k + 1)]
-        logits = F.one_hot(torch.stack(heads, dim=-1), self.cfg.vocab_size).float() * 10.0  # [B, T, k, V]
-        return logits[:, -1] if last_only else logits
+        return torch.stack([idx.float(), pos.float()], dim=-1)  # [B, T, 2]: the "hidden state"
 
 
 @pytest.fixture(scope="session")

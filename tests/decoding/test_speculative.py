@@ -221,9 +221,9 @@ def test_plain_sampling_keeps_the_joint_distribution(small_model):
 def test_joint_chi_square_rejects_accepting_every_draft(small_model, monkeypatch):
     """Negative control: a verifier that accepts every draft (no min(1, p/q) test) is caught."""
 
-    def accept_everything(logits, drafts, draft_probs, max_accept, bs, want_drafts):
+    def accept_everything(logits, drafts, draft_probs, max_accept, bs, want_drafts, *rest):
         shrunk = None if draft_probs is None else draft_probs * 1e-9  # p / q >> 1: every u passes
-        return accept_drafts(logits, drafts, shrunk, max_accept, bs, want_drafts)
+        return accept_drafts(logits, drafts, shrunk, max_accept, bs, want_drafts, *rest)
 
     monkeypatch.setattr(generate_module, "accept_drafts", accept_everything)
     settings = SETTINGS[0]
