@@ -190,6 +190,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         hf_dir, ours_dir = make_gpt2_pair(
             args.workdir, args.checkpoint, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head
         )
+        if args.distill_prompts:  # train heads 2..k briefly (self-distillation), as the benchmark asks
+            from app.training.distill import distill_heads
+
+            distill_heads(
+                str(ours_dir), args.corpus, prompts=args.distill_prompts, new_tokens=96, steps=300, save_dtype="float32"
+            )
         result = bench_vs_transformers(str(hf_dir), str(ours_dir), new_tokens=args.new_tokens, device=args.device)
     elif args.bench == "service":
         from app.bench.service import bench_service
@@ -199,6 +205,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.corpus,
             device=args.device,
             dtype=args.dtype,
+            torch_threads=args.torch_threads,
             clients=args.clients,
             seconds=args.seconds,
             streams=args.streams,
@@ -217,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtp", description="Multi-token-prediction transformer: train, evaluate, serve."
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default=None, help="default INFO (for serve: MTP_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a tokenizer and model on a corpus")
@@ -324,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-layer", type=int, default=12)
     p.add_argument("--n-embd", type=int, default=768)
     p.add_argument("--n-head", type=int, default=12)
+    p.add_argument("--distill-prompts", type=int, default=0, help="transformers: self-distil heads 2..k first")
+    p.add_argument("--torch-threads", type=int, default=None, help="service: intra-op threads (server and baseline)")
     p.add_argument("--results", default="docs/bench", help="plot: folder of result JSON files")
     p.add_argument("--png", default="docs/benchmarks.png")
     p.add_argument("--out", default=None, help="also write the JSON here")
@@ -333,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = (args.log_level or "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from app.model.checkpoint import CheckpointError
 
     try:

@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     device: str = "auto"  # "auto" = CUDA if available, else CPU
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
 
+    torch_threads: int | None = Field(None, ge=1)  # intra-op threads for the forward pass; None = torch's default
+
     # batching
     max_batch_size: int = Field(16, ge=1, le=256)
     max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)

@@ -40,6 +40,8 @@ def resolve_dtype(name: str, device: torch.device) -> str:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServiceState = app.state.service
     s = state.settings
+    if s.torch_threads:
+        torch.set_num_threads(s.torch_threads)
     device = resolve_device(s.device)
     dtype = resolve_dtype(s.dtype, device)
     model, tokenizer = load_checkpoint(s.checkpoint, device=device, dtype=dtype)

@@ -188,6 +188,7 @@ def bench_service(
     streams: int = 16,
     new_tokens: int = 64,
     rounds: int = 2,
+    torch_threads: int | None = None,
 ) -> dict[str, Any]:
     _, tok = load_checkpoint(checkpoint)
     prompts = heldout_prompts(corpus, tok, 64, 32, seed=1)
@@ -198,10 +199,13 @@ def bench_service(
         "device": device,
         "dtype": dtype,
     }
+    extra: dict[str, Any] = {"torch_threads": torch_threads} if torch_threads else {}
+    if torch_threads:
+        torch.set_num_threads(torch_threads)  # the in-process baseline runs with the same threads
 
-    with server(checkpoint, device, dtype=dtype, max_batch_size=1, max_queue_size=1024) as (url, _):
+    with server(checkpoint, device, dtype=dtype, max_batch_size=1, max_queue_size=1024, **extra) as (url, _):
         out["predict_unbatched"] = asyncio.run(predict_load(url, texts, clients, seconds))
-    with server(checkpoint, device, dtype=dtype, max_batch_size=clients, max_queue_size=1024) as (url, _):
+    with server(checkpoint, device, dtype=dtype, max_batch_size=clients, max_queue_size=1024, **extra) as (url, _):
         out["predict_batched"] = asyncio.run(predict_load(url, texts, clients, seconds))
         out["predict_batched"]["mean_batch_size"] = round(mean_batch(url, "predict"), 2)
         out["generate_1_stream"] = asyncio.run(generate_load(url, texts, 1, new_tokens, rounds))

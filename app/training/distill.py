@@ -72,6 +72,7 @@ def distill_heads(
     lr: float = 2e-3,
     sampled_every: int = 2,
     seed: int = 0,
+    save_dtype: str = "float16",
 ) -> dict[str, Any]:
     """Distil heads 2..k of a checkpoint into itself (or into `out`); returns the report section."""
     t0 = time.perf_counter()
@@ -131,5 +132,5 @@ def distill_heads(
     report_path = Path(checkpoint) / REPORT_FILE
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     report["head_distillation"] = section
-    save_checkpoint(out or checkpoint, model, tok, report=report, dtype="float16")
+    save_checkpoint(out or checkpoint, model, tok, report=report, dtype=save_dtype)
     return section
