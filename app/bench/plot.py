@@ -16,7 +16,7 @@ def plot_benchmarks(results_dir: str, png: str) -> None:
     res: dict[str, Any] = {}
     for f in sorted(Path(results_dir).glob("*.json")):
         data = json.loads(f.read_text())
-        res[data.get("benchmark", f.stem)] = data
+        res.setdefault(data.get("benchmark", f.stem), data)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     spec = res.get("speculative_vs_plain_greedy")
     if spec:
