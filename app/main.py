@@ -102,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics=metrics,
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s,
+        overloaded=lambda: (engine := app.state.service.engine) is not None and engine.queue_full(),
     )
     return app
 

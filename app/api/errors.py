@@ -102,7 +102,8 @@ def install_error_handlers(app: FastAPI) -> None:
             # a body the JSON parser gave up on (invalid UTF-8, nesting past the recursion limit)
             return envelope(422, "malformed JSON body", "validation", openai=_is_openai(request))
         kind = HTTP_TYPES.get(exc.status_code, "error")
-        return envelope(exc.status_code, str(exc.detail), kind, openai=_is_openai(request))
+        headers = dict(exc.headers) if exc.headers else None  # e.g. Allow on 405
+        return envelope(exc.status_code, str(exc.detail), kind, headers=headers, openai=_is_openai(request))
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:

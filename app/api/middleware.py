@@ -24,6 +24,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
+SHED_PATHS = frozenset({"/predict", "/generate", "/generate_stream", "/v1/completions"})
+
 # HTTP status -> failure reason in mtp_request_failures_total
 FAILURE_REASON = {
     401: "unauthorized",
@@ -37,7 +39,7 @@ FAILURE_REASON = {
 }
 
 
-async def _send_json(send: Send, status: int, body: dict[str, str], headers: list[tuple[bytes, bytes]]) -> None:
+async def _send_json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
     data = json.dumps(body).encode()
     await send(
         {
@@ -52,11 +54,19 @@ async def _send_json(send: Send, status: int, body: dict[str, str], headers: lis
 class RequestContext:
     """X-Request-Id (accepted when well-formed, else generated), body limit (413) and metrics."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, body_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        max_body_bytes: int,
+        body_timeout_s: float = 10.0,
+        overloaded: Callable[[], bool] | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes
         self.body_timeout = body_timeout_s
+        self.overloaded = overloaded
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,7 +87,23 @@ class RequestContext:
                 message["headers"] = [*message["headers"], rid_header]
             await send(message)
 
+        path = scope.get("path", "")
         try:
+            if (
+                self.overloaded is not None
+                and scope.get("method") == "POST"
+                and path in SHED_PATHS
+                and self.overloaded()
+            ):
+                # Shed load at the door: a full queue answers 429 before the body is read,
+                # parsed or tokenized, so refusals stay fast however hard the burst.
+                status_box[0] = 429
+                msg = "queue full; retry later"
+                body = {"error": {"message": msg, "type": "overloaded"}} if path.startswith("/v1/") else None
+                await _send_json(
+                    send, 429, body or {"error": msg, "error_type": "overloaded"}, [rid_header, (b"retry-after", b"1")]
+                )
+                return
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body):
                 status_box[0] = 413
@@ -108,7 +134,7 @@ class RequestContext:
                 await _send_json(send, 413, {"error": msg, "error_type": "too_large"}, [rid_header])
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
+            path = getattr(route, "path", None) or (path if path in SHED_PATHS else "unmatched")
             status = status_box[0]
             self.metrics.requests.labels(path, str(status)).inc()
             self.metrics.request_duration.labels(path).observe(time.perf_counter() - start)

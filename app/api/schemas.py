@@ -10,7 +10,7 @@ MAX_SEED = 2**63 - 1
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)  # no "5" -> 5 coercion
 
 
 class ErrorResponse(BaseModel):

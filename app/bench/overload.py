@@ -21,40 +21,58 @@ from app.bench.service import pct, server
 from app.cli import DEFAULT_CHECKPOINT
 
 
+async def _request(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request on an open keep-alive connection (a lean client: the burst measures the server)."""
+    writer.write(raw)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers, body
+
+
+def _raw(path: str, payload: dict[str, Any]) -> bytes:
+    body = json.dumps(payload).encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
 async def burst(url: str, n: int, new_tokens: int) -> dict[str, Any]:
+    host, port = url.removeprefix("http://").split(":")
     ok: list[float] = []
     refused: list[float] = []
     other: list[str] = []
     retry_after: set[str] = set()
-    start_gate = asyncio.Event()
+    conns = [await asyncio.open_connection(host, int(port)) for _ in range(n)]
+    reqs = [
+        _raw("/predict", {"inputs": f"ROMEO {i}:", "top_n": 3})
+        if i % 2
+        else _raw("/generate", {"inputs": f"JULIET {i}:", "parameters": {"max_new_tokens": new_tokens}})
+        for i in range(n)
+    ]
 
-    async def one(i: int, http: httpx.AsyncClient) -> None:
-        await start_gate.wait()
+    async def one(i: int) -> None:
         t0 = time.perf_counter()
-        if i % 2:
-            r = await http.post("/predict", json={"inputs": f"ROMEO {i}:", "top_n": 3})
-        else:
-            body = {"inputs": f"JULIET {i}:", "parameters": {"max_new_tokens": new_tokens}}
-            r = await http.post("/generate", json=body)
+        status, headers, body = await _request(*conns[i], reqs[i])
         dt = time.perf_counter() - t0
-        if r.status_code == 200:
+        if status == 200:
             ok.append(dt)
-        elif r.status_code == 429:
+        elif status == 429:
             refused.append(dt)
-            retry_after.add(r.headers.get("retry-after", ""))
+            retry_after.add(headers.get("retry-after", ""))
         else:
-            other.append(f"{r.status_code} {r.text[:120]}")
+            other.append(f"{status} {body[:120]!r}")
 
-    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as http:
-        # open the connections first, so the burst measures the server and not TCP handshakes
-        await asyncio.gather(*(http.get("/health") for _ in range(n)))
-        tasks = [asyncio.create_task(one(i, http)) for i in range(n)]
-        await asyncio.sleep(0.2)
-        start_gate.set()
-        t0 = time.perf_counter()
-        await asyncio.gather(*tasks)
-        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    wall = time.perf_counter() - t0
+    for _, writer in conns:
+        writer.close()
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
         ready = (await http.get("/ready")).status_code
         metrics = (await http.get("/metrics")).text
     gauges = {

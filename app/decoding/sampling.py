@@ -80,6 +80,7 @@ def logits_to_probs(logits: Tensor, bs: BatchSampling) -> Tensor:
         sorted_p, order = torch.sort(probs, dim=-1, descending=True)
         # drop a token when the mass before it already reaches top_p (the first token always stays)
         drop = (sorted_p.cumsum(-1) - sorted_p) >= bs.top_p[:, None, None]
+        drop[..., 0] = False  # even a top_p that rounds to 0 in float32 keeps the most likely token
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)

@@ -128,6 +128,9 @@ class Engine:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._update_gauges()
 
+    def queue_full(self) -> bool:
+        return len(self._predict_q) + len(self._gen_q) >= self.cfg.max_queue_size
+
     def pending(self) -> int:
         return len(self._predict_q) + len(self._gen_q) + len(self._batch)
 

@@ -10,12 +10,14 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from app.api.deps import AuthDep, Serving, ServingDep
 from app.api.errors import APIError, engine_error_status
 from app.api.schemas import (
     INFERENCE_ERRORS,
     Details,
+    ErrorResponse,
     GenerateParameters,
     GenerateRequest,
     GenerateResponse,
@@ -32,20 +34,36 @@ STATUS_OF = {"overloaded": 429, "not_ready": 503, "timeout": 504, "validation": 
 FAILURE_OF = {"overloaded": "overloaded", "not_ready": "not_ready", "timeout": "timeout", "validation": "validation"}
 router = APIRouter(tags=["inference"], dependencies=[AuthDep])
 
+
+def sse_content(*payloads: type[BaseModel]) -> dict[str, Any]:
+    """An OpenAPI description of a text/event-stream body: each event's `data` is JSON of one of payloads."""
+    schema = {"anyOf": [p.model_json_schema() for p in payloads]}
+    event = {
+        "type": "object",
+        "properties": {
+            "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": schema},
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer"},
+        },
+        "required": ["data"],
+    }
+    return {"text/event-stream": {"schema": event}}
+
+
+STREAM_DESCRIPTION = (
+    "Server-sent events: one `data: {StreamEvent}` per token; the last carries generated_text and details; an "
+    'error after the first event is sent as `data: {"error": ..., "error_type": ...}`.'
+)
 SSE_DOC: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "JSON (stream=false) or server-sent events (stream=true): one `data: {StreamEvent}` per "
-        "token; the last carries generated_text and details; an error after the first event is sent as "
-        '`data: {"error": ..., "error_type": ...}`.',
-        "content": {"text/event-stream": {"schema": {"type": "string", "description": "data: {StreamEvent}"}}},
+        "description": "JSON (stream=false) or, with stream=true, " + STREAM_DESCRIPTION,
+        "content": sse_content(StreamEvent, ErrorResponse),
     },
     **error_responses(*INFERENCE_ERRORS),
 }
 STREAM_DOC: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "Server-sent events: one `data: {StreamEvent}` per token (see the StreamEvent schema).",
-        "content": {"text/event-stream": {"schema": {"type": "string", "description": "data: {StreamEvent}"}}},
-    },
+    200: {"description": STREAM_DESCRIPTION, "content": sse_content(StreamEvent, ErrorResponse)},
     **error_responses(*INFERENCE_ERRORS),
 }
 

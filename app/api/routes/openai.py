@@ -130,7 +130,19 @@ async def _run(srv: Serving, ids: list[int], opts: GenOptions) -> GenFinal:
     "/completions",
     response_model=Completion,
     responses={
-        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        200: {
+            "description": "A Completion, or with stream=true server-sent events: `data: {Completion chunk}` "
+            "per token, then `data: [DONE]`.",
+            "content": {
+                "text/event-stream": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                        "required": ["data"],
+                    }
+                }
+            },
+        },
         **error_responses(*INFERENCE_ERRORS, model=OpenAIError),
     },
 )
