@@ -37,7 +37,14 @@ router = APIRouter(tags=["inference"], dependencies=[AuthDep])
 
 def sse_content(*payloads: type[BaseModel]) -> dict[str, Any]:
     """An OpenAPI description of a text/event-stream body: each event's `data` is JSON of one of payloads."""
-    schema = {"anyOf": [p.model_json_schema() for p in payloads]}
+
+    def inline(model: type[BaseModel]) -> dict[str, Any]:
+        # nested models resolve to components/schemas, where the JSON routes already put them
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schema.pop("$defs", None)
+        return schema
+
+    schema = {"anyOf": [inline(p) for p in payloads]}
     event = {
         "type": "object",
         "properties": {
