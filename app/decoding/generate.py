@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from app.decoding.predict import pad_right
 from app.decoding.sampling import BatchSampling, SamplingParams, make_generator
 from app.decoding.speculative import StepResult, accept_drafts
 from app.model.model import MTPTransformer
@@ -20,11 +21,8 @@ from app.model.model import MTPTransformer
 def prefill(model: MTPTransformer, prompts: list[list[int]], row0: int = 0) -> Tensor:
     """Run prompts (right-padded) into KV-cache rows row0.. ; return the last position's logits [B, k, V]."""
     device = model.head.proj.weight.device
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    T = int(lengths.max())
-    idx = torch.zeros(len(prompts), T, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        idx[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+    idx, lengths = pad_right(prompts, device)
+    T = idx.shape[1]
     pos = torch.arange(T, device=device).expand(len(prompts), T)
     h = model.trunk(idx, pos, kv_len=T, row0=row0)  # [B, T, C]
     return model.head(h[torch.arange(len(prompts), device=device), lengths - 1])  # only the last position

@@ -18,6 +18,15 @@ class Scores:
     candidates: list[list[list[float]]]  # [B][c][len] log-probability of each candidate token
 
 
+def pad_right(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids right-padded with 0 into [B, T_max], and each row's length [B]."""
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    idx = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        idx[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+    return idx, lengths
+
+
 @torch.inference_mode()
 def score_next(
     model: MTPTransformer,
@@ -32,10 +41,7 @@ def score_next(
     scored by head j + 1 (the head that predicts j + 1 steps ahead).
     """
     device = model.head.proj.weight.device
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    idx = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        idx[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+    idx, lengths = pad_right(prompts, device)
     h = model.trunk(idx)[torch.arange(len(prompts), device=device), lengths - 1]  # [B, C]
     logp = torch.log_softmax(model.head(h).float(), dim=-1)  # [B, k, V]
     top_lp, top_ids = logp.topk(min(top_n, logp.shape[-1]), dim=-1)  # [B, k, n]
