@@ -197,6 +197,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 str(ours_dir), args.corpus, prompts=args.distill_prompts, new_tokens=96, steps=300, save_dtype="float32"
             )
         result = bench_vs_transformers(str(hf_dir), str(ours_dir), new_tokens=args.new_tokens, device=args.device)
+    elif args.bench == "step":
+        from app.bench.step import bench_step
+
+        result = bench_step(args.checkpoint, device=args.device, dtype=args.dtype)
     elif args.bench == "service":
         from app.bench.service import bench_service
 
@@ -317,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="benchmarks that print their figures and ratios as JSON")
-    p.add_argument("bench", choices=["speculative", "transformers", "service", "plot"])
+    p.add_argument("bench", choices=["speculative", "transformers", "service", "step", "plot"])
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--corpus", default=DEFAULT_CORPUS)
     p.add_argument("--device", default="cpu")

@@ -1,0 +1,83 @@
+"""Where a decode step's time goes on this device: one forward at T = 1, 2, 4 fed tokens
+(batch 1, KV cache at position 100), and the model's Linear shapes at M = 1 and M = 4 rows."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from app.decoding.generate import forward_step
+from app.model.checkpoint import load_checkpoint
+from app.model.model import Block
+
+
+def _ms(fn: Callable[[], object], n: int = 200) -> float:
+    for _ in range(20):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+def _linear_ms(w: torch.Tensor, b: torch.Tensor | None, m: int) -> float:
+    x = torch.randn(m, w.shape[1], device=w.device, dtype=w.dtype)
+    return _ms(lambda: F.linear(x, w, b))
+
+
+@torch.inference_mode()
+def bench_step(checkpoint: str, device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
+    model, _ = load_checkpoint(checkpoint, device=device, dtype=dtype)
+    model.setup_caches(1)
+    dev = model.head.proj.weight.device
+    V = model.cfg.vocab_size
+    model.trunk(torch.randint(0, V, (1, 100), device=dev), torch.arange(100, device=dev)[None])
+    forward: dict[str, float] = {}
+    cur = torch.randint(0, V, (1,), device=dev)
+    pos = torch.tensor([100], device=dev)
+    zero = torch.zeros(1, dtype=torch.long, device=dev)
+
+    def plain() -> object:
+        return forward_step(model, cur, None, pos, want_drafts=False).head1
+
+    def verify(n_drafts: int) -> Callable[[], object]:
+        drafts = torch.randint(0, V, (1, n_drafts), device=dev)
+
+        def run() -> object:
+            step = forward_step(model, cur, drafts, pos)
+            return step.drafts(zero) if step.drafts is not None else step.head1
+
+        return run
+
+    forward["T=1 (plain step)"] = round(_ms(plain), 3)
+    for n in (1, 3):
+        forward[f"T={n + 1} (verify {n} drafts)"] = round(_ms(verify(n)), 3)
+    shapes = {}
+    block = model.blocks[0]
+    assert isinstance(block, Block)
+    layers: list[tuple[str, torch.nn.Linear]] = [
+        ("qkv", block.attn.qkv),
+        ("attn_out", block.attn.proj),
+        ("ffn_in", block.ffn.fc),
+        ("ffn_out", block.ffn.proj),
+        ("mtp_head", model.head.proj),
+    ]
+    for name, lin in layers:
+        w, b = lin.weight, lin.bias
+        row = {}
+        for m in (1, 4):
+            row[f"M={m}_us"] = round(_linear_ms(w, b, m) * 1e3, 1)
+        shapes[f"{name} {w.shape[1]}->{w.shape[0]}"] = row
+    return {
+        "benchmark": "decode_step_cost",
+        "checkpoint": checkpoint,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "forward_ms": forward,
+        "verify_over_plain": round(forward["T=4 (verify 3 drafts)"] / forward["T=1 (plain step)"], 3),
+        "linear": shapes,
+    }
