@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -27,7 +27,6 @@ class ServiceState:
     ready: bool = False
     draining: bool = False
     startup_error: str | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def max_input_tokens(self) -> int:

@@ -12,11 +12,11 @@ import argparse
 import asyncio
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 
+from app.bench.decoding import write_json
 from app.bench.service import pct, server
 from app.cli import DEFAULT_CHECKPOINT
 
@@ -107,10 +107,7 @@ def main() -> None:
     with server(args.checkpoint, "cpu", max_queue_size=args.queue, max_batch_size=16) as (url, _):
         result = asyncio.run(burst(url, args.queue * args.factor, args.new_tokens))
     result["max_queue_size"] = args.queue
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from app.bench.decoding import write_json
 from app.bench.service import server
 from app.cli import DEFAULT_CHECKPOINT, DEFAULT_CORPUS
 from app.model.checkpoint import load_tokenizer
@@ -140,10 +141,7 @@ def main() -> None:
     texts = [t for t in texts if 0 < len(tok.encode(t)) <= 150]
     with server(args.checkpoint, "cpu", max_batch_size=32, max_queue_size=512, request_timeout_s=120) as (url, proc):
         result = asyncio.run(soak(url, proc.pid, texts, args.clients, args.minutes * 60, args.warmup_s))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ class Sequence:
     item: GenerateItem
     generator: torch.Generator | None
     speculative: bool
+    stop_ids: frozenset[int] = frozenset()  # EOS and the request's stop tokens, fixed at admission
     generated: int = 0
     drafted: int = 0
     accepted: int = 0

@@ -69,6 +69,7 @@ class Engine:
     def __init__(self, model: MTPTransformer, eos_id: int | None, cfg: EngineConfig, metrics: Metrics) -> None:
         self.model = model
         self.eos_id = eos_id
+        self._eos: frozenset[int] = frozenset() if eos_id is None else frozenset({eos_id})
         self.cfg = cfg
         self.metrics = metrics
         self.k = model.cfg.k
@@ -332,6 +333,7 @@ class Engine:
                 generator=None if i.request.sampling.greedy else make_generator(i.request.sampling.seed),
                 speculative=self.k > 1
                 and (self.cfg.speculative if i.request.speculative is None else i.request.speculative),
+                stop_ids=i.request.stop_token_ids | self._eos,
             )
             for i in items
         ]
@@ -401,10 +403,9 @@ class Engine:
         out = []
         for r, (toks, lps, n) in enumerate(zip(tokens, logprobs, counts, strict=True)):
             seq = self._batch.seqs[row0 + r]
-            stop = seq.item.request.stop_token_ids | ({self.eos_id} if self.eos_id is not None else set())
             keep = min(n, seq.remaining)
             for t in range(keep):
-                if toks[t] in stop:
+                if toks[t] in seq.stop_ids:
                     keep = t + 1
                     break
             seq.generated += keep
@@ -426,8 +427,7 @@ class Engine:
                     gap = (now - seq.last_token_at) / len(toks)
                     for _ in toks:
                         m.itl.observe(gap)
-            stop = seq.item.request.stop_token_ids | ({self.eos_id} if self.eos_id is not None else set())
-            reason = "eos_token" if toks and toks[-1] in stop else ("length" if seq.remaining <= 0 else None)
+            reason = "eos_token" if toks and toks[-1] in seq.stop_ids else ("length" if seq.remaining <= 0 else None)
             if toks:
                 seq.last_token_at = now
                 m.generated_tokens.inc(len(toks))

@@ -226,7 +226,6 @@ class MTPTransformer(nn.Module):
         self.emb_scale = math.sqrt(cfg.d_model)
         if self.pos_emb is None:  # unit-variance scaled embeddings, comparable to the sin/cos table
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.d_model**-0.5)
-        self.cache_batch = 0
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -240,12 +239,10 @@ class MTPTransformer(nn.Module):
         ref = self.head.proj.weight
         for attn in self._attentions():
             attn.kv_cache = KVCache(max_batch, self.cfg, dtype or ref.dtype, ref.device)
-        self.cache_batch = max_batch
 
     def reset_caches(self) -> None:
         for attn in self._attentions():
             attn.kv_cache = None
-        self.cache_batch = 0
 
     def move_cache_row(self, src: int, dst: int) -> None:
         """Copy one sequence's cached keys/values from row src to row dst (batch compaction)."""
