@@ -17,7 +17,7 @@ from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContext
 from app.api.routes import generate, openai, predict, system
 from app.config import Settings
-from app.engine.engine import Engine, EngineConfig
+from app.engine.engine import NO_TICKET, Engine, EngineConfig
 from app.metrics import Metrics
 from app.model.checkpoint import load_checkpoint, load_config
 
@@ -102,7 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics=metrics,
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s,
-        overloaded=lambda: (engine := app.state.service.engine) is not None and engine.queue_full(),
+        enter=lambda: engine.enter() if (engine := app.state.service.engine) is not None else NO_TICKET,
     )
     return app
 

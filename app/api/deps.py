@@ -1,4 +1,8 @@
-"""Typed dependencies: the service state the lifespan built, handed to routes."""
+"""Typed dependencies: the service state the lifespan built, handed to routes.
+
+They are `async def` although they never await: FastAPI runs a plain `def` dependency in a
+thread pool, a thread hop per dependency per request that costs more than the check itself.
+"""
 
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ class ServiceState:
         return min(cap, self.model_config.max_seq_len)
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     state: ServiceState = request.app.state.service
     return state
 
@@ -54,7 +58,7 @@ class Serving:
     settings: Settings
 
 
-def get_serving(state: StateDep) -> Serving:
+async def get_serving(state: StateDep) -> Serving:
     if state.draining:
         raise APIError(503, "the server is shutting down", "not_ready")
     if not state.ready or state.engine is None or state.tokenizer is None or state.model_config is None:
@@ -65,7 +69,7 @@ def get_serving(state: StateDep) -> Serving:
 ServingDep = Annotated[Serving, Depends(get_serving)]
 
 
-def require_api_key(request: Request, state: StateDep) -> None:
+async def require_api_key(request: Request, state: StateDep) -> None:
     """Bearer-token check in constant time; a no-op when no MTP_API_KEY is set."""
     key = state.settings.api_key
     if key is None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.engine.engine import NO_TICKET, DoorTicket, door_ticket
 from app.metrics import Metrics
 
 Scope = MutableMapping[str, Any]
@@ -60,13 +61,13 @@ class RequestContext:
         metrics: Metrics,
         max_body_bytes: int,
         body_timeout_s: float = 10.0,
-        overloaded: Callable[[], bool] | None = None,
+        enter: Callable[[], DoorTicket | None] | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes
         self.body_timeout = body_timeout_s
-        self.overloaded = overloaded
+        self.enter = enter  # holds a queue place for an inference request, None when full
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,15 +89,15 @@ class RequestContext:
             await send(message)
 
         path = scope.get("path", "")
+        ticket: DoorTicket | None = NO_TICKET
+        if self.enter is not None and scope.get("method") == "POST" and path in SHED_PATHS:
+            ticket = self.enter()
+        ticket_token = door_ticket.set(ticket or NO_TICKET)
         try:
-            if (
-                self.overloaded is not None
-                and scope.get("method") == "POST"
-                and path in SHED_PATHS
-                and self.overloaded()
-            ):
-                # Shed load at the door: a full queue answers 429 before the body is read,
-                # parsed or tokenized, so refusals stay fast however hard the burst.
+            if ticket is None:
+                # Shed load at the door: a full queue (counting the places held by requests
+                # already past the door) answers 429 before the body is read, parsed or
+                # tokenized, so refusals stay fast however hard the burst.
                 status_box[0] = 429
                 msg = "queue full; retry later"
                 body = {"error": {"message": msg, "type": "overloaded"}} if path.startswith("/v1/") else None
@@ -133,6 +134,9 @@ class RequestContext:
                 msg = f"request body larger than {self.max_body} bytes"
                 await _send_json(send, 413, {"error": msg, "error_type": "too_large"}, [rid_header])
         finally:
+            if ticket is not None:
+                ticket.release()  # a request that ended before reaching the queue frees its place
+            door_ticket.reset(ticket_token)
             route = scope.get("route")
             path = getattr(route, "path", None) or (path if path in SHED_PATHS else "unmatched")
             status = status_box[0]

@@ -2,6 +2,10 @@
 
 Sequences join with `concatenate` (after their prefill wrote cache rows n..n+m-1) and leave
 with `filter`, which compacts the surviving cache rows to 0..n'-1 (TGI's Batch filter/concatenate).
+
+`filter` runs on the event loop and only drops the sequences; the tensor work it implies (one
+gather per cache and per state tensor) is deferred to `compact`, which the worker thread runs
+before it next touches the cache, so the event loop never copies cache memory.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class DecodeBatch:
         self.draft_probs: Tensor | None = None  # [n, k-1, V] when any row samples
         self.sampling = self._sampling()
         self.last_max_accept: list[int] = []  # drafts each row could accept in the last step
+        self._survivors: list[int] | None = None  # old rows of self.seqs, until compact() runs
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -60,6 +65,7 @@ class DecodeBatch:
 
     def concatenate(self, seqs: list[Sequence], first: StepResult, prompt_lengths: list[int]) -> None:
         """Append freshly prefilled rows; first holds their first token and drafts."""
+        assert self._survivors is None, "compact() before prefilling new rows"
         n_new = len(seqs)
         self.seqs.extend(seqs)
         last = first.tokens[torch.arange(n_new, device=self.device), first.n_emitted - 1]
@@ -70,15 +76,21 @@ class DecodeBatch:
         self.sampling = self._sampling()
 
     def filter(self, keep: list[bool]) -> None:
-        """Drop rows whose keep is False, moving survivors' cache rows down to stay contiguous."""
+        """Drop the sequences whose keep is False; their rows are compacted by the next `compact`."""
         if all(keep):
             return
-        survivors = [i for i, k in enumerate(keep) if k]
-        for dst, src in enumerate(survivors):
-            if src != dst:
-                self.model.move_cache_row(src, dst)
+        old = self._survivors if self._survivors is not None else list(range(len(self.seqs)))
+        self._survivors = [row for row, k in zip(old, keep, strict=True) if k]
+        self.seqs = [s for s, k in zip(self.seqs, keep, strict=True) if k]
+
+    def compact(self) -> None:
+        """Move the surviving rows' cache entries and state down to rows 0..n-1 (worker thread)."""
+        if self._survivors is None:
+            return
+        survivors, self._survivors = self._survivors, None
         idx = torch.tensor(survivors, dtype=torch.long, device=self.device)
-        self.seqs = [self.seqs[i] for i in survivors]
+        if survivors != list(range(len(survivors))):
+            self.model.compact_cache_rows(idx)
         self.cur, self.pos, self.drafts = self.cur[idx], self.pos[idx], self.drafts[idx]
         if self.draft_probs is not None:
             self.draft_probs = self.draft_probs[idx] if survivors else None
@@ -86,6 +98,7 @@ class DecodeBatch:
 
     def step(self) -> StepResult:
         """One decode step for every row: a verify pass if any row speculates, else plain decoding."""
+        self.compact()
         k = self.k
         spec = self._want_drafts()
         remaining = torch.tensor([s.remaining for s in self.seqs], device=self.device)

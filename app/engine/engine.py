@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -44,6 +45,26 @@ from app.metrics import Metrics
 from app.model.model import MTPTransformer
 
 log = logging.getLogger(__name__)
+
+
+class DoorTicket:
+    """A queue place held from the moment a request passes the door (before its body is read)
+    until it is submitted to the engine or ends. Without it a burst would pass the door while
+    the queue still looked empty and be refused only after parsing, validation and tokenizing."""
+
+    __slots__ = ("_engine",)
+
+    def __init__(self, engine: Engine | None) -> None:
+        self._engine = engine
+
+    def release(self) -> None:
+        if self._engine is not None:
+            self._engine._at_door -= 1
+            self._engine = None
+
+
+NO_TICKET = DoorTicket(None)  # for requests that hold no place (no engine yet)
+door_ticket: ContextVar[DoorTicket] = ContextVar("door_ticket", default=NO_TICKET)
 T = TypeVar("T")
 
 
@@ -86,6 +107,7 @@ class Engine:
         self._stopping = False
         self._busy_since: float | None = None
         self._last_predict_batch = 0
+        self._at_door = 0  # queue places held by requests past the door, not yet submitted
         self.forward_passes = 0  # every forward pass the worker ran (tests count batching with it)
         self.fault_hook: Callable[[str], None] | None = None  # test seam: raise inside a forward
 
@@ -130,7 +152,14 @@ class Engine:
         self._update_gauges()
 
     def queue_full(self) -> bool:
-        return len(self._predict_q) + len(self._gen_q) >= self.cfg.max_queue_size
+        return len(self._predict_q) + len(self._gen_q) + self._at_door >= self.cfg.max_queue_size
+
+    def enter(self) -> DoorTicket | None:
+        """Hold a queue place for a request about to be read; None when the queue is full."""
+        if self._accepting and self.queue_full():
+            return None
+        self._at_door += 1
+        return DoorTicket(self)
 
     def pending(self) -> int:
         return len(self._predict_q) + len(self._gen_q) + len(self._batch)
@@ -144,11 +173,12 @@ class Engine:
     # ---- submission (event loop) -----------------------------------------------------------
 
     def _admit(self, n: int) -> None:
+        door_ticket.get().release()  # the place held at the door becomes this queue entry
         if not self._accepting:
             raise EngineNotReady("the server is not accepting requests")
         if n > self.cfg.max_queue_size:  # could never fit: not a retryable overload
             raise InvalidRequest(f"{n} inputs exceed the queue capacity of {self.cfg.max_queue_size}")
-        depth = len(self._predict_q) + len(self._gen_q)
+        depth = len(self._predict_q) + len(self._gen_q) + self._at_door
         if depth + n > self.cfg.max_queue_size:
             raise EngineOverloaded(f"queue full ({depth} waiting, capacity {self.cfg.max_queue_size})")
 
@@ -233,6 +263,10 @@ class Engine:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
+                # Let the event loop run what is ready (requests already read from their sockets)
+                # before a forward pass takes the cores: a burst is admitted, batched or refused
+                # first, instead of waiting behind the pass.
+                await asyncio.sleep(0)
                 if self._predict_q:
                     await self._run_predict_batch()
                 if self._gen_q and len(self._batch) < self.cfg.max_batch_size:
@@ -347,6 +381,7 @@ class Engine:
         self._deliver(outputs)
 
     def _prefill_sync(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int], list[float]]]:
+        self._batch.compact()  # rows 0..n-1 hold the running sequences; new ones go after them
         row0 = len(self._batch)
         prompts = [s.item.request.prompt_ids for s in seqs]
         bs = BatchSampling.from_params(
@@ -439,8 +474,8 @@ class Engine:
     def _drop_finished(self) -> None:
         """Finished and cancelled sequences leave the batch now, before the next step is formed.
 
-        Runs on the event loop between worker calls (never during one), so the batch and its
-        cache rows are not touched concurrently.
+        Runs on the event loop between worker calls (never during one); the cache rows are
+        compacted later, on the worker thread, before the next forward pass.
         """
         self._batch.filter([not s.item.finished for s in self._batch.seqs])
         self._update_gauges()

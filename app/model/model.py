@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -113,9 +113,11 @@ class KVCache(nn.Module):
         self.v_cache[rows, :, input_pos] = v.transpose(1, 2).to(self.v_cache.dtype)
         return self.k_cache[row0 : row0 + batch], self.v_cache[row0 : row0 + batch]
 
-    def move_row(self, src: int, dst: int) -> None:
-        self.k_cache[dst] = self.k_cache[src]
-        self.v_cache[dst] = self.v_cache[src]
+    def compact(self, rows: Tensor) -> None:
+        """Gather cache rows `rows` (ascending) into rows 0..len(rows)-1; the gather copies first."""
+        n = rows.numel()
+        self.k_cache[:n] = self.k_cache[rows]
+        self.v_cache[:n] = self.v_cache[rows]
 
 
 class CausalSelfAttention(nn.Module):
@@ -244,14 +246,14 @@ class MTPTransformer(nn.Module):
         for attn in self._attentions():
             attn.kv_cache = None
 
-    def move_cache_row(self, src: int, dst: int) -> None:
-        """Copy one sequence's cached keys/values from row src to row dst (batch compaction)."""
+    def compact_cache_rows(self, rows: Tensor) -> None:
+        """Move the cached keys/values of rows `rows` (ascending) down to rows 0..len(rows)-1."""
         for attn in self._attentions():
             assert attn.kv_cache is not None
-            attn.kv_cache.move_row(src, dst)
+            attn.kv_cache.compact(rows)
 
     def _attentions(self) -> list[CausalSelfAttention]:
-        return [m for m in self.modules() if isinstance(m, CausalSelfAttention)]
+        return [cast(Block, block).attn for block in self.blocks]
 
     def trunk(self, idx: Tensor, input_pos: Tensor | None = None, kv_len: int | None = None, row0: int = 0) -> Tensor:
         """Hidden states [B, T, d_model] for token ids idx [B, T].

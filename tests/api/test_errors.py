@@ -172,6 +172,44 @@ async def test_full_queue_gets_429_while_accepted_requests_complete(
     assert (await client.post("/predict", json=GOOD)).status_code == 200
 
 
+async def test_a_request_past_the_door_holds_its_queue_place(
+    aclient_factory: Callable[..., Any], envelope: Callable[..., Any]
+) -> None:
+    """The door counts requests whose body is still arriving, so a burst is refused at once
+    instead of after every request has been parsed and tokenized."""
+    app, client = await aclient_factory(max_queue_size=1)
+    engine = app.state.service.engine
+    body_done = asyncio.Event()
+
+    async def slow_body() -> Any:
+        yield b'{"inputs": "To be",'
+        await body_done.wait()
+        yield b' "top_n": 2}'
+
+    headers = {"content-type": "application/json"}
+    slow = asyncio.create_task(client.post("/predict", content=slow_body(), headers=headers))
+    for _ in range(500):  # the slow request is past the door: the one place is taken
+        if engine.queue_full():
+            break
+        await asyncio.sleep(0.005)
+    assert engine.queue_full(), "a request past the door does not hold a queue place"
+    assert engine.pending() == 0  # nothing is queued yet
+    envelope(await client.post("/predict", json=GOOD), 429, "overloaded")
+    body_done.set()
+    assert (await slow).status_code == 200
+    assert not engine.queue_full()
+    assert (await client.post("/predict", json=GOOD)).status_code == 200
+
+
+async def test_a_request_refused_after_the_door_frees_its_place(aclient_factory: Callable[..., Any]) -> None:
+    app, client = await aclient_factory(max_queue_size=1)
+    engine = app.state.service.engine
+    for path, body in BAD_REQUESTS.values():
+        assert (await client.post(path, json=body)).status_code == 422
+        assert not engine.queue_full(), path
+    assert (await client.post("/predict", json=GOOD)).status_code == 200
+
+
 def test_request_larger_than_queue_is_not_answered_as_retryable_overload(
     client_factory: Callable[..., TestClient],
 ) -> None:
