@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from app.decoding.generate import Generation, generate
+from app.decoding.generate import CompiledDecoder, Generation, generate
 from app.model.checkpoint import load_checkpoint
 from app.model.model import MTPTransformer
 from app.training.data import read_corpus, split_text
@@ -39,11 +39,13 @@ class Timed:
     gen: Generation
 
 
-def timed_generate(model: MTPTransformer, prompts: list[list[int]], n: int, speculative: bool) -> Timed:
+def timed_generate(
+    model: MTPTransformer, prompts: list[list[int]], n: int, speculative: bool, compiled: CompiledDecoder | None = None
+) -> Timed:
     if model.head.proj.weight.is_cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    g = generate(model, prompts, n, speculative=speculative)
+    g = generate(model, prompts, n, speculative=speculative, compiled=compiled)
     if model.head.proj.weight.is_cuda:
         torch.cuda.synchronize()
     return Timed(time.perf_counter() - t0, g)
@@ -58,13 +60,28 @@ def bench_speculative(
     device: str = "cpu",
     dtype: str = "float32",
     seed: int = 0,
+    compile: bool = True,
 ) -> dict[str, Any]:
-    """Speculative vs plain greedy at batch 1: tokens/s ratio, tokens per forward, acceptance per head."""
+    """Speculative vs plain greedy at batch 1: tokens/s ratio, tokens per forward, acceptance per head.
+
+    With compile, both are also run with torch.compile'd decode steps (CompiledDecoder), each
+    prompt through all four paths in turn, and the compiled outputs are checked too.
+    """
     model, tok = load_checkpoint(checkpoint, device=device, dtype=dtype)
     k = model.cfg.k
     prompts = heldout_prompts(corpus, tok, n_prompts, prompt_tokens, seed)
     timed_generate(model, prompts[:1], 16, True)  # warm-up both paths
     timed_generate(model, prompts[:1], 16, False)
+    dec = None
+    compile_s = 0.0
+    if compile:
+        t0 = time.perf_counter()
+        dec = CompiledDecoder(model, 1)
+        timed_generate(model, prompts[:1], 16, True, dec)  # compiles the T = k and T = 1 graphs
+        timed_generate(model, prompts[:1], 16, False, dec)
+        compile_s = time.perf_counter() - t0
+    cplain_s = cspec_s = 0.0
+    compiled_identical = True
     plain_s = spec_s = 0.0
     tokens = forwards = verify = accepted = 0
     by_pos = [0] * (k - 1)
@@ -75,6 +92,12 @@ def bench_speculative(
         b = timed_generate(model, [p], new_tokens, True)
         same = a.gen.tokens == b.gen.tokens
         identical &= same
+        if dec is not None:
+            ca = timed_generate(model, [p], new_tokens, False, dec)
+            cb = timed_generate(model, [p], new_tokens, True, dec)
+            cplain_s += ca.seconds
+            cspec_s += cb.seconds
+            compiled_identical &= ca.gen.tokens == a.gen.tokens and cb.gen.tokens == a.gen.tokens
         plain_s += a.seconds
         spec_s += b.seconds
         n = len(b.gen.tokens[0])
@@ -107,6 +130,20 @@ def bench_speculative(
         "mean_accepted_length": round((accepted + verify) / verify, 3) if verify else 1.0,
         "acceptance_by_head": {f"head_{i + 2}": round(c / verify, 3) for i, c in enumerate(by_pos)} if verify else {},
         "identical_outputs": identical,
+        **(
+            {
+                "compiled": {
+                    "compile_seconds": round(compile_s, 1),
+                    "plain_tokens_per_s": round(tokens / cplain_s, 1),
+                    "speculative_tokens_per_s": round(tokens / cspec_s, 1),
+                    "speedup": round(cplain_s / cspec_s, 3),
+                    "speculative_vs_eager_plain": round(plain_s / cspec_s, 3),
+                    "identical_to_eager_plain": compiled_identical,
+                }
+            }
+            if dec is not None
+            else {}
+        ),
         "per_prompt": per_prompt,
     }
 
@@ -120,8 +157,12 @@ def bench_vs_transformers(
     repeats: int = 3,
     device: str = "cpu",
     seed: int = 0,
+    compile: bool = True,
 ) -> dict[str, Any]:
-    """Plain (and speculative) greedy decoding vs transformers' generate() on the same GPT-2 weights."""
+    """Plain (and speculative) greedy decoding vs transformers' generate() on the same GPT-2 weights.
+
+    With compile, our plain decoding also runs with torch.compile'd steps (CompiledDecoder);
+    transformers runs its default generate() (eager, dynamic cache)."""
     from transformers import GPT2LMHeadModel
 
     hf: Any = GPT2LMHeadModel.from_pretrained(hf_dir, attn_implementation="sdpa")
@@ -148,8 +189,12 @@ def bench_vs_transformers(
 
         run_hf()  # warm-up
         generate(ours, plist, 8, speculative=False)
-        t_hf, t_plain, t_spec = [], [], []
-        same_plain = same_spec = True
+        dec = None
+        if compile:
+            dec = CompiledDecoder(ours, bsz)
+            generate(ours, plist, 8, speculative=False, compiled=dec)  # compiles the T = 1 graph
+        t_hf, t_plain, t_spec, t_comp = [], [], [], []
+        same_plain = same_spec = same_comp = True
         spec_tpf = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -163,6 +208,11 @@ def bench_vs_transformers(
             t_spec.append(time.perf_counter() - t0)
             same_plain &= plain.tokens == ref
             same_spec &= spec.tokens == ref
+            if dec is not None:
+                t0 = time.perf_counter()
+                comp = generate(ours, plist, new_tokens, speculative=False, compiled=dec)
+                t_comp.append(time.perf_counter() - t0)
+                same_comp &= comp.tokens == ref
             spec_tpf.append(new_tokens / max(spec.stats.forward_passes, 1))
         n = bsz * new_tokens
         med = statistics.median
@@ -177,8 +227,18 @@ def bench_vs_transformers(
                 "speculative_tokens_per_forward": round(statistics.mean(spec_tpf), 2),
                 "identical_greedy_plain": same_plain,
                 "identical_greedy_speculative": same_spec,
+                **(
+                    {
+                        "compiled_plain_tokens_per_s": round(n / med(t_comp), 1),
+                        "compiled_plain_vs_transformers": round(med(t_hf) / med(t_comp), 3),
+                        "identical_greedy_compiled": same_comp,
+                    }
+                    if t_comp
+                    else {}
+                ),
             }
         )
+        ours.reset_caches()
     return {
         "benchmark": "ours_vs_transformers_generate",
         "hf_checkpoint": hf_dir,

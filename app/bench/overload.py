@@ -11,35 +11,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 from typing import Any
 
 import httpx
 
 from app.bench.decoding import write_json
-from app.bench.service import pct, server
+from app.bench.service import pct, raw_post, read_response, server
 from app.cli import DEFAULT_CHECKPOINT
-
-
-async def _request(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes
-) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 request on an open keep-alive connection (a lean client: the burst measures the server)."""
-    writer.write(raw)
-    await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ")[1])
-    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return status, headers, body
-
-
-def _raw(path: str, payload: dict[str, Any]) -> bytes:
-    body = json.dumps(payload).encode()
-    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    return head.encode() + body
 
 
 async def burst(url: str, n: int, new_tokens: int) -> dict[str, Any]:
@@ -50,15 +29,15 @@ async def burst(url: str, n: int, new_tokens: int) -> dict[str, Any]:
     retry_after: set[str] = set()
     conns = [await asyncio.open_connection(host, int(port)) for _ in range(n)]
     reqs = [
-        _raw("/predict", {"inputs": f"ROMEO {i}:", "top_n": 3})
+        raw_post("/predict", {"inputs": f"ROMEO {i}:", "top_n": 3})
         if i % 2
-        else _raw("/generate", {"inputs": f"JULIET {i}:", "parameters": {"max_new_tokens": new_tokens}})
+        else raw_post("/generate", {"inputs": f"JULIET {i}:", "parameters": {"max_new_tokens": new_tokens}})
         for i in range(n)
     ]
 
     async def one(i: int) -> None:
         t0 = time.perf_counter()
-        status, headers, body = await _request(*conns[i], reqs[i])
+        status, headers, body = await read_response(*conns[i], reqs[i])
         dt = time.perf_counter() - t0
         if status == 200:
             ok.append(dt)

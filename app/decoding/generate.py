@@ -28,6 +28,41 @@ def prefill(model: MTPTransformer, prompts: list[list[int]], row0: int = 0) -> T
     return model.head(h[torch.arange(len(prompts), device=device), lengths - 1])  # only the last position
 
 
+class CompiledDecoder:
+    """torch.compile'd decode steps, gpt-fast style, for generate() on a static batch.
+
+    The compiled step attends over the whole KV cache under the position mask (stale entries
+    past a row's position are masked), so its shapes never change from step to step: each
+    (batch, tokens-per-step) pair compiles once — T = 1 for plain steps, T = k for verify
+    passes. Inductor's freezing folds and prepacks the weights, which is most of the gain on
+    CPU. The caches are allocated here for `max_batch` rows and kept across generate() calls.
+    """
+
+    def __init__(self, model: MTPTransformer, max_batch: int) -> None:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # weights are constants of the compiled graph
+        self.model = model
+        self.max_batch = max_batch
+        self.cache_len = model.cfg.max_seq_len + model.cfg.k - 1
+        model.setup_caches(max_batch)
+        self._caches = model.kv_caches()
+        self._step = torch.compile(self._eager_step, dynamic=False)
+
+    def attach(self) -> None:
+        """Put this decoder's caches back on the model (an eager generate() may have replaced
+        them); the same tensors every time, so the compiled graphs stay valid."""
+        self.model.set_kv_caches(self._caches)
+
+    def _eager_step(self, idx: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.model.trunk(idx, input_pos, kv_len=self.cache_len)
+        return self.model.head(h, heads=slice(0, 1)), h
+
+    def __call__(self, idx: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Head 1's logits [B, T, 1, V] and the hidden states [B, T, C] at positions input_pos."""
+        return self._step(idx, input_pos)
+
+
 @dataclass
 class StepLogits:
     """A forward step's output: head 1 at every fed position, and heads 2..k on demand."""
@@ -37,19 +72,30 @@ class StepLogits:
 
 
 def forward_step(
-    model: MTPTransformer, cur: Tensor, drafts: Tensor | None, pos: Tensor, row0: int = 0, want_drafts: bool = True
+    model: MTPTransformer,
+    cur: Tensor,
+    drafts: Tensor | None,
+    pos: Tensor,
+    row0: int = 0,
+    want_drafts: bool = True,
+    compiled: CompiledDecoder | None = None,
 ) -> StepLogits:
     """Step 1: one forward over [cur, drafts] at positions pos.. .
 
     With drafts None (or empty) this is plain one-token decoding (T = 1). Head 1 runs at every
     position; heads 2..k only where the next drafts come from, and not at all without
-    want_drafts — a plain step costs the trunk plus one vocabulary projection.
+    want_drafts — a plain step costs the trunk plus one vocabulary projection. With
+    `compiled` (rows from 0 only) the trunk and head 1 run as one compiled graph.
     """
     idx = cur[:, None] if drafts is None or drafts.shape[1] == 0 else torch.cat([cur[:, None], drafts], dim=1)
     T = idx.shape[1]
     input_pos = pos[:, None] + torch.arange(T, device=pos.device)[None, :]  # [B, T]
-    h = model.trunk(idx, input_pos, row0=row0)  # [B, T, C]
-    head1 = model.head(h, heads=slice(0, 1))  # [B, T, 1, V]
+    if compiled is not None:
+        assert row0 == 0
+        head1, h = compiled(idx, input_pos)
+    else:
+        h = model.trunk(idx, input_pos, row0=row0)  # [B, T, C]
+        head1 = model.head(h, heads=slice(0, 1))  # [B, T, 1, V]
     rows = torch.arange(h.shape[0], device=h.device)
 
     def draft_logits(offsets: Tensor) -> Tensor:
@@ -96,11 +142,13 @@ def generate(
     params: SamplingParams | list[SamplingParams] | None = None,
     speculative: bool = True,
     eos_id: int | None = None,
+    compiled: CompiledDecoder | None = None,
 ) -> Generation:
     """Generate for a static batch: plain or self-speculative decoding, greedy or sampled.
 
     Greedy speculative output equals plain greedy output; sampled output keeps head 1's
-    distribution. Allocates the model's KV caches for len(prompts) rows.
+    distribution. Allocates the model's KV caches for len(prompts) rows, or uses those of
+    `compiled` (a CompiledDecoder of the same model), which then runs the decode steps.
     """
     cfg = model.cfg
     B = len(prompts)
@@ -112,7 +160,12 @@ def generate(
     if min(lengths) < 1 or max(lengths) + max_new_tokens > cfg.max_seq_len:
         raise ValueError(f"prompt length + max_new_tokens must be within 1..{cfg.max_seq_len}")
     use_spec = speculative and cfg.k > 1
-    model.setup_caches(B)
+    if compiled is None:
+        model.setup_caches(B)
+    elif compiled.model is not model or compiled.max_batch < B:
+        raise ValueError(f"the compiled decoder is for this model and at most {compiled.max_batch} rows")
+    else:
+        compiled.attach()
 
     out: list[list[int]] = [[] for _ in range(B)]
     logps: list[list[float]] = [[] for _ in range(B)]
@@ -147,7 +200,7 @@ def generate(
         max_accept = (remaining - 1).clamp(min=0, max=cfg.k - 1) if use_spec else torch.zeros_like(remaining)
         max_accept = torch.where(torch.tensor(done, device=device), 0, max_accept)
         drafts = res.drafts if use_spec else None
-        step = forward_step(model, cur, drafts, pos, want_drafts=use_spec)
+        step = forward_step(model, cur, drafts, pos, want_drafts=use_spec, compiled=compiled)
         stats.forward_passes += 1
         fed = drafts if drafts is not None else cur.new_zeros(B, 0)
         res = accept_drafts(step.head1, fed, res.draft_probs, max_accept, bs, want, step.drafts, cfg.k - 1)
@@ -155,7 +208,8 @@ def generate(
         # pos advances by what each live row emitted; finished rows stay put
         live = ~torch.tensor(done, device=device)
         pos = pos + torch.where(live, res.n_emitted, 0)
-    model.reset_caches()
+    if compiled is None:
+        model.reset_caches()
     return Generation(out, logps, eos_hit, stats)
 
 

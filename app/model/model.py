@@ -242,6 +242,13 @@ class MTPTransformer(nn.Module):
         for attn in self._attentions():
             attn.kv_cache = KVCache(max_batch, self.cfg, dtype or ref.dtype, ref.device)
 
+    def kv_caches(self) -> list[KVCache | None]:
+        return [attn.kv_cache for attn in self._attentions()]
+
+    def set_kv_caches(self, caches: list[KVCache | None]) -> None:
+        for attn, cache in zip(self._attentions(), caches, strict=True):
+            attn.kv_cache = cache
+
     def reset_caches(self) -> None:
         for attn in self._attentions():
             attn.kv_cache = None

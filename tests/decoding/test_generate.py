@@ -4,12 +4,14 @@ Greedy parity runs on briefly trained models (so drafts are often, but not alway
 the exact accept/reject bookkeeping runs on stub models whose heads follow a crafted rule.
 """
 
+import copy
 import math
+import shutil
 
 import pytest
 import torch
 
-from app.decoding.generate import generate
+from app.decoding.generate import CompiledDecoder, generate
 from app.decoding.sampling import SamplingParams
 
 N_NEW = 20
@@ -64,6 +66,26 @@ def test_greedy_speculative_matches_plain_greedy(peaked_model, make_prompts, k, 
     stats = spec_batched.stats
     assert 0 < stats.accepted < stats.drafted
     assert stats.forward_passes < plain_batched.stats.forward_passes == N_NEW
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def test_compiled_decoder_gives_the_eager_greedy_tokens(peaked_model, make_prompts):
+    """torch.compile'd steps (static shapes: the whole cache attended under the position mask)
+    emit the eager tokens, plain and speculative, on a batch of prompts of different lengths."""
+    model = copy.deepcopy(peaked_model(3))  # the decoder keeps caches on its model
+    prompts = make_prompts(4, model.cfg.vocab_size, 1, 12, seed=11)
+    want = generate(model, prompts, N_NEW, speculative=False).tokens
+    dec = CompiledDecoder(model, len(prompts))
+    plain = generate(model, prompts, N_NEW, speculative=False, compiled=dec)
+    spec = generate(model, prompts, N_NEW, speculative=True, compiled=dec)
+    assert_same_tokens(model, prompts, plain.tokens, want, "compiled plain")
+    assert_same_tokens(model, prompts, spec.tokens, want, "compiled speculative")
+    assert 0 < spec.stats.accepted < spec.stats.drafted
+    generate(model, prompts[:1], 3)  # an eager run in between replaces the model's caches
+    again = generate(model, prompts, N_NEW, speculative=True, compiled=dec)
+    assert_same_tokens(model, prompts, again.tokens, want, "compiled after an eager run")
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        generate(model, prompts * 2, 2, compiled=dec)
 
 
 @pytest.mark.parametrize("k", [2, 4])
