@@ -21,7 +21,12 @@ def plot_benchmarks(results_dir: str, png: str) -> None:
     spec = res.get("speculative_vs_plain_greedy")
     if spec:
         ax = axes[0]
-        ax.bar(["plain", "speculative"], [spec["plain_tokens_per_s"], spec["speculative_tokens_per_s"]])
+        names, vals = ["plain", "speculative"], [spec["plain_tokens_per_s"], spec["speculative_tokens_per_s"]]
+        comp = spec.get("compiled")
+        if comp:
+            names += ["plain\ncompiled", "speculative\ncompiled"]
+            vals += [comp["plain_tokens_per_s"], comp["speculative_tokens_per_s"]]
+        ax.bar(names, vals, color=["C0", "C1", "C0", "C1"][: len(vals)])
         ax.set(
             title=f"greedy, batch 1: {spec['speedup']}x, {spec['tokens_per_forward']} tok/forward", ylabel="tokens/s"
         )
@@ -30,15 +35,17 @@ def plot_benchmarks(results_dir: str, png: str) -> None:
         ax = axes[1]
         labels = [f"b={r['batch_size']}" for r in hf["results"]]
         x = range(len(labels))
-        for i, (key, name) in enumerate(
-            [
-                ("transformers_tokens_per_s", "transformers"),
-                ("plain_tokens_per_s", "ours plain"),
-                ("speculative_tokens_per_s", "ours speculative"),
-            ]
-        ):
-            ax.bar([j + i * 0.27 for j in x], [r[key] for r in hf["results"]], width=0.27, label=name)
-        ax.set_xticks([j + 0.27 for j in x], labels)
+        series = [
+            ("transformers_tokens_per_s", "transformers"),
+            ("plain_tokens_per_s", "ours plain"),
+            ("compiled_plain_tokens_per_s", "ours plain, compiled"),
+            ("speculative_tokens_per_s", "ours speculative"),
+        ]
+        series = [(key, name) for key, name in series if all(key in r for r in hf["results"])]
+        w = 0.8 / len(series)
+        for i, (key, name) in enumerate(series):
+            ax.bar([j + i * w for j in x], [r[key] for r in hf["results"]], width=w, label=name)
+        ax.set_xticks([j + 0.4 - w / 2 for j in x], labels)
         ax.set(title="GPT-2 shape vs transformers generate()", ylabel="tokens/s")
         ax.legend()
     svc = res.get("service_under_load")

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ import torch
 from app.bench.decoding import heldout_prompts
 from app.decoding.predict import score_next
 from app.model.checkpoint import load_checkpoint
+from app.model.model import MTPTransformer
 
 
 def free_port() -> int:
@@ -190,11 +192,8 @@ def mean_batch(url: str, kind: str) -> float:
     return total / count if count else 0.0
 
 
-def inprocess_predict_rate(
-    checkpoint: str, device: str, dtype: str, prompts: list[list[int]], batch: int, seconds: float
-) -> float:
+def inprocess_predict_rate(model: MTPTransformer, prompts: list[list[int]], batch: int, seconds: float) -> float:
     """Requests/s of score_next alone on batches of `batch` prompts (no HTTP, no JSON, no queue)."""
-    model, _ = load_checkpoint(checkpoint, device=device, dtype=dtype)
     batch = max(1, batch)
     rows = [prompts[i % len(prompts)] for i in range(batch)]
     score_next(model, rows, 5)
@@ -235,16 +234,26 @@ def bench_service(
     with server(checkpoint, device, dtype=dtype, max_batch_size=clients, max_queue_size=1024, **extra) as (url, _):
         out["predict_batched"] = asyncio.run(predict_load(url, texts, clients, seconds))
         out["predict_batched"]["mean_batch_size"] = round(mean_batch(url, "predict"), 2)
+        # served vs in-process, in adjacent pairs (this machine's speed drifts within a run): a
+        # short served run, then score_next alone at the served batch size with the server idle
+        model, _ = load_checkpoint(checkpoint, device=device, dtype=dtype)
+        mb = round(out["predict_batched"]["mean_batch_size"])
+        pairs = []
+        for _ in range(3):
+            served_i = asyncio.run(predict_load(url, texts, clients, 5.0))["requests_per_s"]
+            inproc_i = inprocess_predict_rate(model, prompts, mb, 5.0)
+            pairs.append(
+                {"served": served_i, "inprocess": round(inproc_i, 1), "fraction": round(served_i / inproc_i, 3)}
+            )
+        del model
         out["generate_1_stream"] = asyncio.run(generate_load(url, texts, 1, new_tokens, rounds))
         out["generate_n_streams"] = asyncio.run(generate_load(url, texts, streams, new_tokens, rounds))
         out["generate_n_streams"]["mean_decode_batch"] = round(mean_batch(url, "decode"), 2)
-    mb = round(out["predict_batched"]["mean_batch_size"])
-    rate = inprocess_predict_rate(checkpoint, device, dtype, prompts, mb, seconds=5.0)
-    out["inprocess_predict_requests_per_s"] = round(rate, 1)
     served = out["predict_batched"]["requests_per_s"]
+    out["served_vs_inprocess_pairs"] = pairs
     out["ratios"] = {
         "predict_batched_vs_unbatched": round(served / max(out["predict_unbatched"]["requests_per_s"], 1e-9), 2),
-        "predict_served_fraction_of_inprocess": round(served / rate, 3),
+        "predict_served_fraction_of_inprocess": statistics.median(p["fraction"] for p in pairs),
         "generate_n_vs_1_stream_tokens_per_s": round(
             out["generate_n_streams"]["tokens_per_s"] / max(out["generate_1_stream"]["tokens_per_s"], 1e-9), 2
         ),

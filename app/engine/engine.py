@@ -118,10 +118,27 @@ class Engine:
         self._task = asyncio.create_task(self._run(), name="mtp-engine")
         self._accepting = True
         if warmup:
-            await self.predict([PredictRequest([0])])
-            async for _ in self.generate(GenerateRequest([0], max_new_tokens=min(4, self.max_seq_len - 1))):
-                pass
+            await self._warmup()
         log.info("engine ready: k=%d, max_batch_size=%d, device=%s", self.k, self.cfg.max_batch_size, self.device)
+
+    async def _warmup(self) -> None:
+        """Run one request, then full batches of predict, prefill and decode, before serving.
+
+        The first pass at a new shape pays one-off costs (kernel selection, allocator growth);
+        paying them here keeps them out of the first burst of real traffic."""
+        new = min(4, self.max_seq_len - 1)
+        await self.predict([PredictRequest([0])])
+        async for _ in self.generate(GenerateRequest([0], max_new_tokens=new)):
+            pass
+        n = min(self.cfg.max_batch_size, self.cfg.max_queue_size)
+        prompt = [0] * min(32, self.max_seq_len - new)
+        await self.predict([PredictRequest(prompt) for _ in range(n)])
+
+        async def one() -> None:
+            async for _ in self.generate(GenerateRequest(prompt, max_new_tokens=new)):
+                pass
+
+        await asyncio.gather(*(one() for _ in range(n)))
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -263,10 +280,7 @@ class Engine:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                # Let the event loop run what is ready (requests already read from their sockets)
-                # before a forward pass takes the cores: a burst is admitted, batched or refused
-                # first, instead of waiting behind the pass.
-                await asyncio.sleep(0)
+                await self._yield_to_network()
                 if self._predict_q:
                     await self._run_predict_batch()
                 if self._gen_q and len(self._batch) < self.cfg.max_batch_size:
@@ -278,6 +292,21 @@ class Engine:
             except Exception:  # never let the worker die on a bug; fail the requests it held
                 log.exception("engine worker error")
                 self._fail_running(EngineFailure("internal error in the inference worker"))
+
+    async def _yield_to_network(self) -> None:
+        """Let the event loop work off its backlog before a forward pass takes the cores.
+
+        One loop iteration normally; while an iteration takes over 1 ms (a burst of requests
+        being read, admitted or refused), more, up to max_wait_ms in all. Refusals and
+        admissions of a burst then do not queue behind forward passes for CPU.
+        """
+        deadline = time.monotonic() + self.cfg.max_wait_ms / 1000
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(0)
+            now = time.monotonic()
+            if now - t0 < 0.001 or now >= deadline:
+                return
 
     async def _in_worker(self, kind: str, fn: Callable[[], T]) -> T:
         """Run fn on the worker thread, timing it as one forward pass of `kind`."""

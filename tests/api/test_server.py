@@ -89,7 +89,8 @@ def test_dropped_stream_frees_its_slot_over_http(server_factory: Callable[..., A
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 50, "speculative": False}}
     with httpx.stream("POST", f"{srv.url}/generate_stream", json=body, timeout=30) as r:
         assert r.status_code == 200, (r.read(), srv.log())
-        first = next(events(r.iter_lines()))
+        stream = events(r.iter_lines())  # kept referenced: a collected generator would close the stream
+        first = next(stream)
         assert first["index"] == 0
         assert metric(srv.url, "mtp_running_sequences") == 1
     # leaving the block closed the connection after the first event
