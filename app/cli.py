@@ -203,7 +203,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.bench == "step":
         from app.bench.step import bench_step
 
-        result = bench_step(args.checkpoint, device=args.device, dtype=args.dtype)
+        result = bench_step(args.checkpoint, device=args.device, dtype=args.dtype, compile=not args.no_compile)
     elif args.bench == "service":
         from app.bench.service import bench_service
 
@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-head", type=int, default=12)
     p.add_argument("--distill-prompts", type=int, default=0, help="transformers: self-distil heads 2..k first")
     p.add_argument("--torch-threads", type=int, default=None, help="service: intra-op threads (server and baseline)")
-    p.add_argument("--no-compile", action="store_true", help="speculative/transformers: skip the torch.compile runs")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile runs")
     p.add_argument("--results", default="docs/bench", help="plot: folder of result JSON files")
     p.add_argument("--png", default="docs/benchmarks.png")
     p.add_argument("--out", default=None, help="also write the JSON here")

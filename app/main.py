@@ -6,10 +6,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp
 
 from app import __version__
 from app.api.deps import ServiceState
@@ -74,17 +76,30 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.shutdown()
 
 
+class ServiceApp(FastAPI):
+    """FastAPI with RequestContext in front of its whole middleware stack (error, telemetry
+    and body-limit layers included), so load shedding answers before any of them runs."""
+
+    request_context: dict[str, Any]
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return RequestContext(super().build_middleware_stack(), **self.request_context)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     k = 1
     with contextlib.suppress(Exception):  # size per-head metrics; a broken checkpoint fails in the lifespan
         k = load_config(settings.checkpoint).k
     metrics = Metrics(k=k)
-    app = FastAPI(
+    app = ServiceApp(
         title="MTP inference service",
         version=__version__,
         description="Multi-token-prediction transformer: k-token probabilities and self-speculative generation.",
         lifespan=lifespan,
+        # Metrics are Prometheus (/metrics); FastAPI's native OpenTelemetry hooks would only
+        # probe for providers on every request, so they are off.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.service = ServiceState(settings=settings, metrics=metrics)
     install_error_handlers(app)
@@ -97,8 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
         )
-    app.add_middleware(
-        RequestContext,
+    app.request_context = dict(
         metrics=metrics,
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s,

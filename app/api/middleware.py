@@ -1,12 +1,17 @@
-"""Pure ASGI middleware: request ids, body-size limit, per-route request metrics."""
+"""Pure ASGI middleware: request ids, body-size limit, load shedding, per-route request metrics.
+
+It runs outermost, in front of FastAPI's own middleware (see app.main.ServiceApp): a refused
+request then costs the door check and one write, not a pass through every layer.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
 from typing import Any
@@ -24,6 +29,13 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ID_PREFIX = secrets.token_hex(8)  # random per process; a counter makes each id unique after it
+_ID_COUNTER = itertools.count()
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"  # 32 hex digits, like a uuid4 hex
+
 
 SHED_PATHS = frozenset({"/predict", "/generate", "/generate_stream", "/v1/completions"})
 
@@ -40,8 +52,13 @@ FAILURE_REASON = {
 }
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
-    data = json.dumps(body).encode()
+_REFUSAL = "queue full; retry later"
+_REFUSAL_BODY = json.dumps({"error": _REFUSAL, "error_type": "overloaded"}).encode()
+_REFUSAL_BODY_OPENAI = json.dumps({"error": {"message": _REFUSAL, "type": "overloaded"}}).encode()
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any] | bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
     await send(
         {
             "type": "http.response.start",
@@ -68,6 +85,18 @@ class RequestContext:
         self.max_body = max_body_bytes
         self.body_timeout = body_timeout_s
         self.enter = enter  # holds a queue place for an inference request, None when full
+        self._per_route: dict[tuple[str, int], tuple[Any, Any]] = {}  # labelled metric children
+
+    def _observe(self, path: str, status: int, seconds: float) -> None:
+        children = self._per_route.get((path, status))
+        if children is None:
+            children = (self.metrics.requests.labels(path, str(status)), self.metrics.request_duration.labels(path))
+            self._per_route[(path, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+        reason = FAILURE_REASON.get(status)
+        if reason is not None:
+            self.metrics.failures.labels(reason).inc()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,7 +104,7 @@ class RequestContext:
             return
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+        rid = given if _SAFE_ID.match(given) else new_request_id()
         token = request_id_var.set(rid)
         rid_header = (b"x-request-id", rid.encode())
         start = time.perf_counter()
@@ -99,11 +128,8 @@ class RequestContext:
                 # already past the door) answers 429 before the body is read, parsed or
                 # tokenized, so refusals stay fast however hard the burst.
                 status_box[0] = 429
-                msg = "queue full; retry later"
-                body = {"error": {"message": msg, "type": "overloaded"}} if path.startswith("/v1/") else None
-                await _send_json(
-                    send, 429, body or {"error": msg, "error_type": "overloaded"}, [rid_header, (b"retry-after", b"1")]
-                )
+                body = _REFUSAL_BODY_OPENAI if path.startswith("/v1/") else _REFUSAL_BODY
+                await _send_json(send, 429, body, [rid_header, (b"retry-after", b"1")])
                 return
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body):
@@ -139,12 +165,7 @@ class RequestContext:
             door_ticket.reset(ticket_token)
             route = scope.get("route")
             path = getattr(route, "path", None) or (path if path in SHED_PATHS else "unmatched")
-            status = status_box[0]
-            self.metrics.requests.labels(path, str(status)).inc()
-            self.metrics.request_duration.labels(path).observe(time.perf_counter() - start)
-            reason = FAILURE_REASON.get(status)
-            if reason is not None:
-                self.metrics.failures.labels(reason).inc()
+            self._observe(path, status_box[0], time.perf_counter() - start)
             request_id_var.reset(token)
 
 

@@ -181,7 +181,8 @@ async def generate_load(url: str, texts: list[str], streams: int, new_tokens: in
     }
 
 
-def mean_batch(url: str, kind: str) -> float:
+def batch_totals(url: str, kind: str) -> tuple[float, float]:
+    """(sum, count) of the server's mtp_batch_size histogram for `kind`, so far."""
     text = httpx.get(f"{url}/metrics").text
     total = count = 0.0
     for line in text.splitlines():
@@ -189,6 +190,13 @@ def mean_batch(url: str, kind: str) -> float:
             total = float(line.split()[-1])
         elif line.startswith(f'mtp_batch_size_count{{kind="{kind}"}}'):
             count = float(line.split()[-1])
+    return total, count
+
+
+def mean_batch(url: str, kind: str, since: tuple[float, float] = (0.0, 0.0)) -> float:
+    """Mean batch size of `kind` passes since the `since` totals (warmup and earlier phases excluded)."""
+    total, count = batch_totals(url, kind)
+    total, count = total - since[0], count - since[1]
     return total / count if count else 0.0
 
 
@@ -213,7 +221,7 @@ def bench_service(
     seconds: float = 15.0,
     streams: int = 16,
     new_tokens: int = 64,
-    rounds: int = 2,
+    rounds: int = 4,
     torch_threads: int | None = None,
 ) -> dict[str, Any]:
     _, tok = load_checkpoint(checkpoint)
@@ -232,8 +240,13 @@ def bench_service(
     with server(checkpoint, device, dtype=dtype, max_batch_size=1, max_queue_size=1024, **extra) as (url, _):
         out["predict_unbatched"] = asyncio.run(predict_load(url, texts, clients, seconds))
     with server(checkpoint, device, dtype=dtype, max_batch_size=clients, max_queue_size=1024, **extra) as (url, _):
+        before = batch_totals(url, "predict")
         out["predict_batched"] = asyncio.run(predict_load(url, texts, clients, seconds))
-        out["predict_batched"]["mean_batch_size"] = round(mean_batch(url, "predict"), 2)
+        out["predict_batched"]["mean_batch_size"] = round(mean_batch(url, "predict", before), 2)
+        out["generate_1_stream"] = asyncio.run(generate_load(url, texts, 1, new_tokens, rounds))
+        before = batch_totals(url, "decode")
+        out["generate_n_streams"] = asyncio.run(generate_load(url, texts, streams, new_tokens, rounds))
+        out["generate_n_streams"]["mean_decode_batch"] = round(mean_batch(url, "decode", before), 2)
         # served vs in-process, in adjacent pairs (this machine's speed drifts within a run): a
         # short served run, then score_next alone at the served batch size with the server idle
         model, _ = load_checkpoint(checkpoint, device=device, dtype=dtype)
@@ -246,9 +259,6 @@ def bench_service(
                 {"served": served_i, "inprocess": round(inproc_i, 1), "fraction": round(served_i / inproc_i, 3)}
             )
         del model
-        out["generate_1_stream"] = asyncio.run(generate_load(url, texts, 1, new_tokens, rounds))
-        out["generate_n_streams"] = asyncio.run(generate_load(url, texts, streams, new_tokens, rounds))
-        out["generate_n_streams"]["mean_decode_batch"] = round(mean_batch(url, "decode"), 2)
     served = out["predict_batched"]["requests_per_s"]
     out["served_vs_inprocess_pairs"] = pairs
     out["ratios"] = {

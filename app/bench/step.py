@@ -1,8 +1,10 @@
 """Where a decode step's time goes on this device: one forward at T = 1, 2, 4 fed tokens
-(batch 1, KV cache at position 100), and the model's Linear shapes at M = 1 and M = 4 rows."""
+(batch 1, KV cache at position 100), eager and compiled (CompiledDecoder), and the model's
+Linear shapes at M = 1 and M = 4 rows."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -10,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from app.decoding.generate import forward_step
+from app.decoding.generate import CompiledDecoder, forward_step
 from app.model.checkpoint import load_checkpoint
 from app.model.model import Block
 
@@ -30,9 +32,11 @@ def _linear_ms(w: torch.Tensor, b: torch.Tensor | None, m: int) -> float:
 
 
 @torch.inference_mode()
-def bench_step(checkpoint: str, device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
+def bench_step(checkpoint: str, device: str = "cpu", dtype: str = "float32", compile: bool = True) -> dict[str, Any]:
     model, _ = load_checkpoint(checkpoint, device=device, dtype=dtype)
-    model.setup_caches(1)
+    dec = CompiledDecoder(model, 1) if compile else None  # allocates the batch-1 caches either way
+    if dec is None:
+        model.setup_caches(1)
     dev = model.head.proj.weight.device
     V = model.cfg.vocab_size
     model.trunk(torch.randint(0, V, (1, 100), device=dev), torch.arange(100, device=dev)[None])
@@ -56,6 +60,15 @@ def bench_step(checkpoint: str, device: str = "cpu", dtype: str = "float32") -> 
     forward["T=1 (plain step)"] = round(_ms(plain), 3)
     for n in (1, 3):
         forward[f"T={n + 1} (verify {n} drafts)"] = round(_ms(verify(n)), 3)
+    compiled: dict[str, float] = {}
+    if dec is not None:
+        k = model.cfg.k
+        for t in sorted({1, k}):
+            idx = torch.randint(0, V, (1, t), device=dev)
+            input_pos = (pos[:, None] + torch.arange(t, device=dev)[None]).contiguous()
+            step = functools.partial(dec, idx, input_pos)
+            step()  # compile outside the timing
+            compiled[f"T={t}"] = round(_ms(step), 3)
     shapes = {}
     block = model.blocks[0]
     assert isinstance(block, Block)
@@ -79,5 +92,13 @@ def bench_step(checkpoint: str, device: str = "cpu", dtype: str = "float32") -> 
         "threads": torch.get_num_threads(),
         "forward_ms": forward,
         "verify_over_plain": round(forward["T=4 (verify 3 drafts)"] / forward["T=1 (plain step)"], 3),
+        **(
+            {
+                "compiled_trunk_and_head1_ms": compiled,
+                "compiled_verify_over_plain": round(compiled[f"T={model.cfg.k}"] / compiled["T=1"], 3),
+            }
+            if compiled
+            else {}
+        ),
         "linear": shapes,
     }
