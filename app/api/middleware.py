@@ -138,10 +138,13 @@ class RequestContext:
                 await _send_json(send, 413, {"error": msg, "error_type": "too_large"}, [rid_header])
                 return
             received = 0
+            body_done = False
             body_deadline = time.monotonic() + self.body_timeout
 
             async def receive_limited() -> Message:
-                nonlocal received
+                nonlocal received, body_done
+                if body_done:  # later receive() calls wait for a disconnect (streams): no deadline
+                    return await receive()
                 left = body_deadline - time.monotonic()
                 try:  # the whole body must arrive in time: a slow-drip client cannot hold a worker slot
                     message = await asyncio.wait_for(receive(), timeout=max(left, 0.001))
@@ -151,6 +154,7 @@ class RequestContext:
                     received += len(message.get("body", b""))
                     if received > self.max_body:
                         raise BodyTooLarge(self.max_body)
+                    body_done = not message.get("more_body", False)
                 return message
 
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -99,6 +100,35 @@ def test_dropped_stream_frees_its_slot_over_http(server_factory: Callable[..., A
     wait_until(lambda: metric(srv.url, "mtp_request_failures_total", reason="cancelled") == cancelled + 1)
     r = httpx.post(f"{srv.url}/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 3}}, timeout=30)
     assert r.status_code == 200
+
+
+def test_stream_outlives_the_body_timeout(server_factory: Callable[..., Any]) -> None:
+    """The body deadline covers the request body only: a stream that runs past it (its
+    response waits on receive() for a disconnect) completes."""
+    srv = server_factory(forward_delay_s=0.05, MTP_BODY_TIMEOUT_S="1")  # 40 tokens take about 2 s
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 40, "speculative": False}}
+    with httpx.stream("POST", f"{srv.url}/generate_stream", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        got = list(events(r.iter_lines()))
+    assert got[-1]["details"] is not None or got[-1]["generated_text"] is not None, got[-1]
+    assert sum("token" in e for e in got) == 40, srv.log()[-2000:]
+    assert "Exception" not in srv.log()
+
+
+def test_slow_drip_body_gets_408(server_factory: Callable[..., Any]) -> None:
+    srv = server_factory(MTP_BODY_TIMEOUT_S="1")
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        sock.sendall(b'Content-Length: 100\r\n\r\n{"inputs": ')
+        reply = b""  # the rest of the body never comes
+        while b"\r\n\r\n" not in reply or len(reply.partition(b"\r\n\r\n")[2]) < 20:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    head, _, body = reply.decode("latin-1").partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 408"), head
+    assert json.loads(body)["error_type"] == "timeout"
 
 
 def test_sigterm_drains_in_flight_stream_then_exits_zero(server_factory: Callable[..., Any]) -> None:
