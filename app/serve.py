@@ -82,5 +82,9 @@ def serve(settings: Settings) -> int:
     )
     server = DrainingServer(config, app, settings.drain_timeout_s)
     log.info("listening on http://%s:%d (API docs at /docs)", settings.host, settings.port)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # a second signal during the drain: stop now, as asked
+        log.warning("second signal: exiting without waiting for the drain")
+        return 130
     return 0 if server.started else 1

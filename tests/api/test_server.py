@@ -148,3 +148,16 @@ def test_sigterm_drains_in_flight_stream_then_exits_zero(server_factory: Callabl
     assert rest[-1]["details"]["generated_tokens"] == 40
     assert srv.proc.wait(timeout=30) == 0
     assert "drain complete" in srv.log()
+
+
+def test_second_signal_exits_at_once_without_a_traceback(server_factory: Callable[..., Any]) -> None:
+    srv = server_factory("--drain-timeout-s", "30", forward_delay_s=0.05)
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 40, "speculative": False}}
+    with httpx.stream("POST", f"{srv.url}/generate_stream", json=body, timeout=30) as r:
+        next(events(r.iter_lines()))
+        srv.proc.send_signal(signal.SIGINT)  # starts the drain; the stream keeps it waiting
+        wait_until(lambda: httpx.get(f"{srv.url}/ready", timeout=5).status_code == 503, timeout=5)
+        srv.proc.send_signal(signal.SIGINT)
+        assert srv.proc.wait(timeout=15) == 130
+    assert "second signal" in srv.log()
+    assert "Traceback" not in srv.log()
