@@ -2,7 +2,7 @@
 
 On the first signal the service turns /ready to 503 and answers new work with 503, while
 in-flight requests (streams included) finish, up to the drain timeout; then uvicorn shuts
-down and the process exits 0. A second signal exits at once.
+down and the process exits 0. A second signal exits at once, with status 130.
 """
 
 from __future__ import annotations
