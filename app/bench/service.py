@@ -82,7 +82,7 @@ async def read_response(
     """One HTTP/1.1 request on an open keep-alive connection.
 
     A lean client (pre-encoded request, minimal parsing) rather than httpx: the load generator
-    shares the server's cores, and httpx spends several times more CPU per request than this.
+    shares the server's cores, and httpx does more work per request than this.
     """
     writer.write(raw)
     await writer.drain()
@@ -258,7 +258,6 @@ def bench_service(
             pairs.append(
                 {"served": served_i, "inprocess": round(inproc_i, 1), "fraction": round(served_i / inproc_i, 3)}
             )
-        del model
     served = out["predict_batched"]["requests_per_s"]
     out["served_vs_inprocess_pairs"] = pairs
     out["ratios"] = {
