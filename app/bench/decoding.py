@@ -83,7 +83,7 @@ def bench_speculative(
     cplain_s = cspec_s = 0.0
     compiled_identical = True
     plain_s = spec_s = 0.0
-    tokens = forwards = verify = accepted = 0
+    tokens = forwards = verify = accepted = nbytes = 0
     by_pos = [0] * (k - 1)
     identical = True
     per_prompt = []
@@ -102,6 +102,7 @@ def bench_speculative(
         spec_s += b.seconds
         n = len(b.gen.tokens[0])
         tokens += n
+        nbytes += sum(len(tok.token_bytes(t)) for t in b.gen.tokens[0])
         forwards += b.gen.stats.forward_passes
         verify += b.gen.stats.verify_steps
         accepted += b.gen.stats.accepted
@@ -126,6 +127,10 @@ def bench_speculative(
         "plain_tokens_per_s": round(tokens / plain_s, 1),
         "speculative_tokens_per_s": round(tokens / spec_s, 1),
         "speedup": round(plain_s / spec_s, 3),
+        # text bytes, to compare checkpoints with different tokenizers
+        "bytes_per_token": round(nbytes / tokens, 3),
+        "plain_bytes_per_s": round(nbytes / plain_s, 1),
+        "speculative_bytes_per_s": round(nbytes / spec_s, 1),
         "tokens_per_forward": round(tokens / forwards, 3),
         "mean_accepted_length": round((accepted + verify) / verify, 3) if verify else 1.0,
         "acceptance_by_head": {f"head_{i + 2}": round(c / verify, 3) for i, c in enumerate(by_pos)} if verify else {},
@@ -136,6 +141,8 @@ def bench_speculative(
                     "compile_seconds": round(compile_s, 1),
                     "plain_tokens_per_s": round(tokens / cplain_s, 1),
                     "speculative_tokens_per_s": round(tokens / cspec_s, 1),
+                    "plain_bytes_per_s": round(nbytes / cplain_s, 1),
+                    "speculative_bytes_per_s": round(nbytes / cspec_s, 1),
                     "speedup": round(cplain_s / cspec_s, 3),
                     "speculative_vs_eager_plain": round(plain_s / cspec_s, 3),
                     "identical_to_eager_plain": compiled_identical,

@@ -36,6 +36,8 @@ class CompiledDecoder:
     (batch, tokens-per-step) pair compiles once — T = 1 for plain steps, T = k for verify
     passes. Inductor's freezing folds and prepacks the weights, which is most of the gain on
     CPU. The caches are allocated here for `max_batch` rows and kept across generate() calls.
+    For all-greedy batches `greedy_step` also compiles the acceptance and drafting into the
+    step's graph; sampled batches run the compiled forward and the eager accept_drafts.
     """
 
     def __init__(self, model: MTPTransformer, max_batch: int) -> None:
@@ -48,6 +50,7 @@ class CompiledDecoder:
         model.setup_caches(max_batch)
         self._caches = model.kv_caches()
         self._step = torch.compile(self._eager_step, dynamic=False)
+        self._greedy = torch.compile(self._eager_greedy_step, dynamic=False)
 
     def attach(self) -> None:
         """Put this decoder's caches back on the model (an eager generate() may have replaced
@@ -62,6 +65,42 @@ class CompiledDecoder:
         """Head 1's logits [B, T, 1, V] and the hidden states [B, T, C] at positions input_pos."""
         return self._step(idx, input_pos)
 
+    def _eager_greedy_step(
+        self, idx: Tensor, input_pos: Tensor, max_accept: Tensor, draft: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        h = self.model.trunk(idx, input_pos, kv_len=self.cache_len)
+        logits = self.model.head(h, heads=slice(0, 1))[:, :, 0].float()  # [B, T, V]
+        B, T, _ = logits.shape
+        rows = torch.arange(B, device=idx.device)
+        top = torch.softmax(logits, dim=-1).argmax(-1)  # [B, T], as accept_drafts picks it
+        if T > 1:
+            agree = (idx[:, 1:] == top[:, :-1]).long()
+            n_acc = torch.minimum(agree.cumprod(dim=-1).sum(dim=-1), max_accept)
+        else:
+            n_acc = torch.zeros(B, dtype=torch.long, device=idx.device)
+        offsets = torch.arange(T, device=idx.device)[None, :]
+        padded = torch.cat([idx[:, 1:], idx.new_zeros(B, 1)], dim=1)
+        tokens = torch.where(offsets < n_acc[:, None], padded, top[rows, n_acc][:, None])
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None])[..., 0]
+        if draft:
+            q = torch.softmax(self.model.head(h[rows, n_acc], heads=slice(1, None)).float(), dim=-1)
+            drafts = q.argmax(-1)  # [B, k-1]
+        else:
+            drafts = idx.new_zeros(B, 0)
+        return tokens, n_acc + 1, logprobs, drafts
+
+    def greedy_step(self, cur: Tensor, drafts: Tensor | None, pos: Tensor, max_accept: Tensor) -> StepResult:
+        """A whole greedy decode step as one compiled graph: the forward over [cur, drafts],
+        acceptance (drafts equal to head 1's argmax, at most max_accept [B] of them), the
+        bonus token, log-probabilities and the next drafts from heads 2..k — what
+        forward_step + accept_drafts compute for all-greedy rows, without their eager ops."""
+        idx = _step_tokens(cur, drafts)
+        T = idx.shape[1]
+        input_pos = pos[:, None] + torch.arange(T, device=pos.device)[None, :]
+        draft = drafts is not None and drafts.shape[1] > 0
+        tokens, n_emitted, logprobs, nxt = self._greedy(idx, input_pos, max_accept.clamp(max=T - 1), draft)
+        return StepResult(tokens, n_emitted, logprobs, nxt, None)
+
 
 @dataclass
 class StepLogits:
@@ -69,6 +108,11 @@ class StepLogits:
 
     head1: Tensor  # [B, T, 1, V]
     drafts: Callable[[Tensor], Tensor] | None  # offsets [B] -> heads 2..k there [B, k-1, V]
+
+
+def _step_tokens(cur: Tensor, drafts: Tensor | None) -> Tensor:
+    """The tokens a step feeds: [cur] or [cur, drafts], [B, T]."""
+    return cur[:, None] if drafts is None or drafts.shape[1] == 0 else torch.cat([cur[:, None], drafts], dim=1)
 
 
 def forward_step(
@@ -87,7 +131,7 @@ def forward_step(
     want_drafts — a plain step costs the trunk plus one vocabulary projection. With
     `compiled` (rows from 0 only) the trunk and head 1 run as one compiled graph.
     """
-    idx = cur[:, None] if drafts is None or drafts.shape[1] == 0 else torch.cat([cur[:, None], drafts], dim=1)
+    idx = _step_tokens(cur, drafts)
     T = idx.shape[1]
     input_pos = pos[:, None] + torch.arange(T, device=pos.device)[None, :]  # [B, T]
     if compiled is not None:
@@ -200,10 +244,13 @@ def generate(
         max_accept = (remaining - 1).clamp(min=0, max=cfg.k - 1) if use_spec else torch.zeros_like(remaining)
         max_accept = torch.where(torch.tensor(done, device=device), 0, max_accept)
         drafts = res.drafts if use_spec else None
-        step = forward_step(model, cur, drafts, pos, want_drafts=use_spec, compiled=compiled)
+        if compiled is not None and bs.all_greedy:
+            res = compiled.greedy_step(cur, drafts, pos, max_accept)
+        else:
+            step = forward_step(model, cur, drafts, pos, want_drafts=use_spec, compiled=compiled)
+            fed = drafts if drafts is not None else cur.new_zeros(B, 0)
+            res = accept_drafts(step.head1, fed, res.draft_probs, max_accept, bs, want, step.drafts, cfg.k - 1)
         stats.forward_passes += 1
-        fed = drafts if drafts is not None else cur.new_zeros(B, 0)
-        res = accept_drafts(step.head1, fed, res.draft_probs, max_accept, bs, want, step.drafts, cfg.k - 1)
         _count(stats, res, max_accept, done)
         # pos advances by what each live row emitted; finished rows stay put
         live = ~torch.tensor(done, device=device)

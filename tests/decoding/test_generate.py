@@ -74,13 +74,24 @@ def test_compiled_decoder_gives_the_eager_greedy_tokens(peaked_model, make_promp
     emit the eager tokens, plain and speculative, on a batch of prompts of different lengths."""
     model = copy.deepcopy(peaked_model(3))  # the decoder keeps caches on its model
     prompts = make_prompts(4, model.cfg.vocab_size, 1, 12, seed=11)
-    want = generate(model, prompts, N_NEW, speculative=False).tokens
+    want_gen = generate(model, prompts, N_NEW, speculative=False)
+    want = want_gen.tokens
     dec = CompiledDecoder(model, len(prompts))
     plain = generate(model, prompts, N_NEW, speculative=False, compiled=dec)
     spec = generate(model, prompts, N_NEW, speculative=True, compiled=dec)
     assert_same_tokens(model, prompts, plain.tokens, want, "compiled plain")
     assert_same_tokens(model, prompts, spec.tokens, want, "compiled speculative")
     assert 0 < spec.stats.accepted < spec.stats.drafted
+    eager_spec = generate(model, prompts, N_NEW, speculative=True)
+    for got, ref in ((plain, want_gen), (spec, eager_spec)):  # the fused greedy step's log-probabilities
+        for row in range(len(prompts)):
+            got_lp, ref_lp = torch.tensor(got.logprobs[row]), torch.tensor(ref.logprobs[row])
+            torch.testing.assert_close(got_lp, ref_lp, atol=1e-4, rtol=0)
+    assert spec.stats.accepted_by_position == eager_spec.stats.accepted_by_position
+    sampled = [SamplingParams(do_sample=True, temperature=0.9, seed=s) for s in range(len(prompts))]
+    assert (  # sampled rows take the general path: the same seeded tokens as eager
+        generate(model, prompts, N_NEW, sampled, compiled=dec).tokens == generate(model, prompts, N_NEW, sampled).tokens
+    )
     generate(model, prompts[:1], 3)  # an eager run in between replaces the model's caches
     again = generate(model, prompts, N_NEW, speculative=True, compiled=dec)
     assert_same_tokens(model, prompts, again.tokens, want, "compiled after an eager run")
