@@ -184,6 +184,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             compile=not args.no_compile,
+            autotune=args.autotune,
         )
     elif args.bench == "transformers":
         from app.bench.gpt2_fixture import make_gpt2_pair
@@ -198,12 +199,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 str(ours_dir), args.corpus, prompts=args.distill_prompts, new_tokens=96, steps=300, save_dtype="float32"
             )
         result = bench_vs_transformers(
-            str(hf_dir), str(ours_dir), new_tokens=args.new_tokens, device=args.device, compile=not args.no_compile
+            str(hf_dir),
+            str(ours_dir),
+            new_tokens=args.new_tokens,
+            device=args.device,
+            compile=not args.no_compile,
+            autotune=args.autotune,
         )
     elif args.bench == "step":
         from app.bench.step import bench_step
 
-        result = bench_step(args.checkpoint, device=args.device, dtype=args.dtype, compile=not args.no_compile)
+        result = bench_step(
+            args.checkpoint, device=args.device, dtype=args.dtype, compile=not args.no_compile, autotune=args.autotune
+        )
     elif args.bench == "service":
         from app.bench.service import bench_service
 
@@ -341,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-prompts", type=int, default=0, help="transformers: self-distil heads 2..k first")
     p.add_argument("--torch-threads", type=int, default=None, help="service: intra-op threads (server and baseline)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile runs")
+    p.add_argument(
+        "--autotune", action="store_true", help="compiled runs: autotune each matmul (Inductor's C++ GEMM vs ATen)"
+    )
     p.add_argument("--results", default="docs/bench", help="plot: folder of result JSON files")
     p.add_argument("--png", default="docs/benchmarks.png")
     p.add_argument("--out", default=None, help="also write the JSON here")

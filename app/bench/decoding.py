@@ -61,6 +61,7 @@ def bench_speculative(
     dtype: str = "float32",
     seed: int = 0,
     compile: bool = True,
+    autotune: bool = False,
 ) -> dict[str, Any]:
     """Speculative vs plain greedy at batch 1: tokens/s ratio, tokens per forward, acceptance per head.
 
@@ -76,7 +77,7 @@ def bench_speculative(
     compile_s = 0.0
     if compile:
         t0 = time.perf_counter()
-        dec = CompiledDecoder(model, 1)
+        dec = CompiledDecoder(model, 1, autotune=autotune)
         timed_generate(model, prompts[:1], 16, True, dec)  # compiles the T = k and T = 1 graphs
         timed_generate(model, prompts[:1], 16, False, dec)
         compile_s = time.perf_counter() - t0
@@ -139,6 +140,7 @@ def bench_speculative(
             {
                 "compiled": {
                     "compile_seconds": round(compile_s, 1),
+                    "autotune": autotune,
                     "plain_tokens_per_s": round(tokens / cplain_s, 1),
                     "speculative_tokens_per_s": round(tokens / cspec_s, 1),
                     "plain_bytes_per_s": round(nbytes / cplain_s, 1),
@@ -165,6 +167,7 @@ def bench_vs_transformers(
     device: str = "cpu",
     seed: int = 0,
     compile: bool = True,
+    autotune: bool = False,
 ) -> dict[str, Any]:
     """Plain (and speculative) greedy decoding vs transformers' generate() on the same GPT-2 weights.
 
@@ -198,7 +201,7 @@ def bench_vs_transformers(
         generate(ours, plist, 8, speculative=False)
         dec = None
         if compile:
-            dec = CompiledDecoder(ours, bsz)
+            dec = CompiledDecoder(ours, bsz, autotune=autotune)
             generate(ours, plist, 8, speculative=False, compiled=dec)  # compiles the T = 1 graph
         t_hf, t_plain, t_spec, t_comp = [], [], [], []
         same_plain = same_spec = same_comp = True
@@ -253,6 +256,7 @@ def bench_vs_transformers(
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
         "repeats": repeats,
+        "autotune": autotune,
         "results": results,
     }
 

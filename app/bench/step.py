@@ -32,9 +32,11 @@ def _linear_ms(w: torch.Tensor, b: torch.Tensor | None, m: int) -> float:
 
 
 @torch.inference_mode()
-def bench_step(checkpoint: str, device: str = "cpu", dtype: str = "float32", compile: bool = True) -> dict[str, Any]:
+def bench_step(
+    checkpoint: str, device: str = "cpu", dtype: str = "float32", compile: bool = True, autotune: bool = False
+) -> dict[str, Any]:
     model, _ = load_checkpoint(checkpoint, device=device, dtype=dtype)
-    dec = CompiledDecoder(model, 1) if compile else None  # allocates the batch-1 caches either way
+    dec = CompiledDecoder(model, 1, autotune=autotune) if compile else None  # allocates the batch-1 caches either way
     if dec is None:
         model.setup_caches(1)
     dev = model.head.proj.weight.device
@@ -94,6 +96,7 @@ def bench_step(checkpoint: str, device: str = "cpu", dtype: str = "float32", com
         "verify_over_plain": round(forward["T=4 (verify 3 drafts)"] / forward["T=1 (plain step)"], 3),
         **(
             {
+                "autotune": autotune,
                 "compiled_trunk_and_head1_ms": compiled,
                 "compiled_verify_over_plain": round(compiled[f"T={model.cfg.k}"] / compiled["T=1"], 3),
             }

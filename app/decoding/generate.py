@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from app.decoding.predict import pad_right
 from app.decoding.sampling import BatchSampling, SamplingParams, make_generator
@@ -40,7 +41,7 @@ class CompiledDecoder:
     step's graph; sampled batches run the compiled forward and the eager accept_drafts.
     """
 
-    def __init__(self, model: MTPTransformer, max_batch: int) -> None:
+    def __init__(self, model: MTPTransformer, max_batch: int, autotune: bool = False) -> None:
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True  # weights are constants of the compiled graph
@@ -49,8 +50,32 @@ class CompiledDecoder:
         self.cache_len = model.cfg.max_seq_len + model.cfg.k - 1
         model.setup_caches(max_batch)
         self._caches = model.kv_caches()
-        self._step = torch.compile(self._eager_step, dynamic=False)
-        self._greedy = torch.compile(self._eager_greedy_step, dynamic=False)
+        # autotune: Inductor times its C++ GEMM template (AVX-512 micro-kernels, specialised
+        # to each frozen weight's shape) against ATen's MKL call for every matmul and keeps
+        # the faster; compiling takes minutes instead of seconds.
+        options: dict[str, str | int | bool | Callable[..., Any]] | None = (
+            {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"} if autotune else None
+        )
+        # The drafting heads' rows of the MTP projection as a Linear of their own: the C++
+        # template reads a frozen weight that is a row-offset view from its first row (wrong
+        # drafts; torch 2.13), so it gets a copy. Head 1's rows start at 0 and stay a view.
+        self._drafter: nn.Linear | None = None
+        if autotune and model.cfg.k > 1:
+            V, proj = model.cfg.vocab_size, model.head.proj
+            self._drafter = nn.Linear(proj.in_features, proj.out_features - V, bias=proj.bias is not None)
+            self._drafter.to(device=proj.weight.device, dtype=proj.weight.dtype).requires_grad_(False)
+            with torch.no_grad():
+                self._drafter.weight.copy_(proj.weight[V:])
+                if proj.bias is not None:
+                    self._drafter.bias.copy_(proj.bias[V:])
+        self._step = torch.compile(self._eager_step, dynamic=False, options=options)
+        self._greedy = torch.compile(self._eager_greedy_step, dynamic=False, options=options)
+
+    def _draft_logits(self, h: Tensor) -> Tensor:
+        """Heads 2..k at hidden states h [B, C] -> [B, k-1, V]."""
+        if self._drafter is None:
+            return self.model.head(h, heads=slice(1, None))
+        return self._drafter(h).unflatten(-1, (self.model.cfg.k - 1, self.model.cfg.vocab_size))
 
     def attach(self) -> None:
         """Put this decoder's caches back on the model (an eager generate() may have replaced
@@ -83,7 +108,7 @@ class CompiledDecoder:
         tokens = torch.where(offsets < n_acc[:, None], padded, top[rows, n_acc][:, None])
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None])[..., 0]
         if draft:
-            q = torch.softmax(self.model.head(h[rows, n_acc], heads=slice(1, None)).float(), dim=-1)
+            q = torch.softmax(self._draft_logits(h[rows, n_acc]).float(), dim=-1)
             drafts = q.argmax(-1)  # [B, k-1]
         else:
             drafts = idx.new_zeros(B, 0)

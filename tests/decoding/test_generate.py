@@ -69,14 +69,17 @@ def test_greedy_speculative_matches_plain_greedy(peaked_model, make_prompts, k, 
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
-def test_compiled_decoder_gives_the_eager_greedy_tokens(peaked_model, make_prompts):
+@pytest.mark.parametrize("autotune", [False, True])
+def test_compiled_decoder_gives_the_eager_greedy_tokens(peaked_model, make_prompts, autotune):
     """torch.compile'd steps (static shapes: the whole cache attended under the position mask)
-    emit the eager tokens, plain and speculative, on a batch of prompts of different lengths."""
+    emit the eager tokens, log-probabilities and drafts (the same acceptance at every draft
+    position), plain and speculative, on a batch of prompts of different lengths; also with
+    every matmul autotuned (Inductor's C++ GEMM template)."""
     model = copy.deepcopy(peaked_model(3))  # the decoder keeps caches on its model
     prompts = make_prompts(4, model.cfg.vocab_size, 1, 12, seed=11)
     want_gen = generate(model, prompts, N_NEW, speculative=False)
     want = want_gen.tokens
-    dec = CompiledDecoder(model, len(prompts))
+    dec = CompiledDecoder(model, len(prompts), autotune=autotune)
     plain = generate(model, prompts, N_NEW, speculative=False, compiled=dec)
     spec = generate(model, prompts, N_NEW, speculative=True, compiled=dec)
     assert_same_tokens(model, prompts, plain.tokens, want, "compiled plain")
