@@ -1,4 +1,4 @@
-"""Where a decode step's time goes on this device: one forward at T = 1, 2, 4 fed tokens
+"""Where a decode step's time goes on this device: one forward at T = 1, 2, 4 and k fed tokens
 (batch 1, KV cache at position 100), eager and compiled (CompiledDecoder), and the model's
 Linear shapes at M = 1 and M = 4 rows."""
 
@@ -60,11 +60,11 @@ def bench_step(
         return run
 
     forward["T=1 (plain step)"] = round(_ms(plain), 3)
-    for n in (1, 3):
+    k = model.cfg.k
+    for n in sorted({1, 3, k - 1} - {0}):
         forward[f"T={n + 1} (verify {n} drafts)"] = round(_ms(verify(n)), 3)
     compiled: dict[str, float] = {}
     if dec is not None:
-        k = model.cfg.k
         for t in sorted({1, k}):
             idx = torch.randint(0, V, (1, t), device=dev)
             input_pos = (pos[:, None] + torch.arange(t, device=dev)[None]).contiguous()
@@ -93,7 +93,9 @@ def bench_step(
         "device": device,
         "threads": torch.get_num_threads(),
         "forward_ms": forward,
-        "verify_over_plain": round(forward["T=4 (verify 3 drafts)"] / forward["T=1 (plain step)"], 3),
+        "verify_over_plain": round(forward[f"T={k} (verify {k - 1} drafts)"] / forward["T=1 (plain step)"], 3)
+        if k > 1
+        else None,
         **(
             {
                 "autotune": autotune,
