@@ -1,0 +1,48 @@
+"""The decoding benchmarks run end to end on a small byte-level checkpoint and report what
+they claim: identical greedy outputs, consistent token counts, and the step timings."""
+
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.bench.decoding import bench_speculative
+from app.bench.step import bench_step
+from app.model.checkpoint import save_checkpoint
+from app.model.model import ModelConfig, MTPTransformer
+from app.model.tokenizer import Tokenizer
+
+TEXT = "To be, or not to be, that is the question.\nWhether 'tis nobler in the mind to suffer.\n" * 40
+
+
+@pytest.fixture()
+def checkpoint(tmp_path: Path) -> tuple[str, str]:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    tok = Tokenizer.train([TEXT], 257)  # bytes only, as the default model
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, num_heads=4, d_ff=64, k=4, max_seq_len=128)
+    save_checkpoint(tmp_path / "ckpt", MTPTransformer(cfg), tok, dtype="float32")
+    return str(tmp_path / "ckpt"), str(corpus)
+
+
+def test_bench_speculative_reports_identical_outputs_and_acceptance(checkpoint: tuple[str, str]) -> None:
+    ckpt, corpus = checkpoint
+    r = bench_speculative(ckpt, corpus, n_prompts=3, prompt_tokens=8, new_tokens=24, compile=False)
+    assert r["identical_outputs"] is True
+    assert r["bytes_per_token"] == 1.0  # one byte per token with a 257-token vocabulary
+    assert r["plain_bytes_per_s"] == r["plain_tokens_per_s"]
+    assert 1.0 <= r["tokens_per_forward"] <= 4.0
+    assert list(r["acceptance_by_head"]) == ["head_2", "head_3", "head_4"]
+    # a draft from head j+1 is only accepted after the one before it
+    acc = list(r["acceptance_by_head"].values())
+    assert all(0.0 <= b <= a <= 1.0 for a, b in pairwise(acc))
+    assert len(r["per_prompt"]) == 3 and "compiled" not in r
+
+
+def test_bench_step_times_plain_and_verify_passes(checkpoint: tuple[str, str]) -> None:
+    r = bench_step(checkpoint[0], compile=False)
+    assert set(r["forward_ms"]) == {"T=1 (plain step)", "T=2 (verify 1 drafts)", "T=4 (verify 3 drafts)"}
+    assert all(v > 0 for v in r["forward_ms"].values())
+    assert r["verify_over_plain"] > 0 and "compiled_trunk_and_head1_ms" not in r
