@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
 
     torch_threads: int | None = Field(None, ge=1)  # intra-op threads for the forward pass; None = torch's default
+    # glibc: allocations of at least this many bytes get their own mmap and go back to the OS
+    # when freed (0 = leave glibc's adaptive threshold, under which RSS keeps each new peak)
+    malloc_mmap_threshold: int = Field(16_777_216, ge=0, le=33_554_432)
 
     # batching
     max_batch_size: int = Field(16, ge=1, le=256)

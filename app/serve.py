@@ -8,6 +8,7 @@ down and the process exits 0. A second signal exits at once, with status 130.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 import socket
@@ -24,6 +25,8 @@ from app.main import create_app
 
 log = logging.getLogger(__name__)
 SWITCH_INTERVAL_S = 0.0005
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
+TRIM_THRESHOLD = 256 * 2**20
 
 
 class DrainingServer(uvicorn.Server):
@@ -66,8 +69,31 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def fix_mmap_threshold(threshold: int) -> bool:
+    """Pin glibc's mmap threshold (mallopt M_MMAP_THRESHOLD) and its trim threshold; True if set.
+
+    glibc raises the threshold each time a large mmapped block is freed, so later activations
+    of that size come from the heap, and freed heap memory mostly stays in the process: RSS
+    then steps up with every new high-water mark of batch x prompt length and never comes
+    down. A fixed threshold keeps large tensors in their own mappings, returned when freed.
+    Pinning it also ends glibc's adaptive trim threshold, so that is pinned high: trimming
+    the heap after every freed tensor would cost page faults in every forward pass.
+    """
+    if threshold <= 0 or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        ok = False
+    if not ok:
+        log.warning("could not set the malloc mmap threshold (not glibc?); RSS may keep its peaks")
+    return ok
+
+
 def serve(settings: Settings) -> int:
     setup_logging(settings.log_level, settings.log_json)
+    fix_mmap_threshold(settings.malloc_mmap_threshold)
     # The inference thread holds the GIL between torch ops; a short switch interval lets the
     # event loop get it back quickly, so /health, /metrics and 429s stay fast at full load.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
