@@ -100,7 +100,7 @@ def bench_step(
             {
                 "autotune": autotune,
                 "compiled_trunk_and_head1_ms": compiled,
-                "compiled_verify_over_plain": round(compiled[f"T={model.cfg.k}"] / compiled["T=1"], 3),
+                "compiled_verify_over_plain": round(compiled[f"T={k}"] / compiled["T=1"], 3),
             }
             if compiled
             else {}

@@ -119,9 +119,8 @@ class CompiledDecoder:
         acceptance (drafts equal to head 1's argmax, at most max_accept [B] of them), the
         bonus token, log-probabilities and the next drafts from heads 2..k — what
         forward_step + accept_drafts compute for all-greedy rows, without their eager ops."""
-        idx = _step_tokens(cur, drafts)
+        idx, input_pos = _step_inputs(cur, drafts, pos)
         T = idx.shape[1]
-        input_pos = pos[:, None] + torch.arange(T, device=pos.device)[None, :]
         draft = drafts is not None and drafts.shape[1] > 0
         tokens, n_emitted, logprobs, nxt = self._greedy(idx, input_pos, max_accept.clamp(max=T - 1), draft)
         return StepResult(tokens, n_emitted, logprobs, nxt, None)
@@ -135,9 +134,10 @@ class StepLogits:
     drafts: Callable[[Tensor], Tensor] | None  # offsets [B] -> heads 2..k there [B, k-1, V]
 
 
-def _step_tokens(cur: Tensor, drafts: Tensor | None) -> Tensor:
-    """The tokens a step feeds: [cur] or [cur, drafts], [B, T]."""
-    return cur[:, None] if drafts is None or drafts.shape[1] == 0 else torch.cat([cur[:, None], drafts], dim=1)
+def _step_inputs(cur: Tensor, drafts: Tensor | None, pos: Tensor) -> tuple[Tensor, Tensor]:
+    """What a step feeds: tokens [cur] or [cur, drafts] and their positions pos.., both [B, T]."""
+    idx = cur[:, None] if drafts is None or drafts.shape[1] == 0 else torch.cat([cur[:, None], drafts], dim=1)
+    return idx, pos[:, None] + torch.arange(idx.shape[1], device=pos.device)[None, :]
 
 
 def forward_step(
@@ -156,9 +156,7 @@ def forward_step(
     want_drafts — a plain step costs the trunk plus one vocabulary projection. With
     `compiled` (rows from 0 only) the trunk and head 1 run as one compiled graph.
     """
-    idx = _step_tokens(cur, drafts)
-    T = idx.shape[1]
-    input_pos = pos[:, None] + torch.arange(T, device=pos.device)[None, :]  # [B, T]
+    idx, input_pos = _step_inputs(cur, drafts, pos)  # [B, T]
     if compiled is not None:
         assert row0 == 0
         head1, h = compiled(idx, input_pos)
