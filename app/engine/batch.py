@@ -90,7 +90,8 @@ class DecodeBatch:
         survivors, self._survivors = self._survivors, None
         idx = torch.tensor(survivors, dtype=torch.long, device=self.device)
         if survivors != list(range(len(survivors))):
-            self.model.compact_cache_rows(idx)
+            # positions < pos are cached; cur (at pos) and anything after it are not yet
+            self.model.compact_cache_rows(idx, int(self.pos[idx].max()))
         self.cur, self.pos, self.drafts = self.cur[idx], self.pos[idx], self.drafts[idx]
         if self.draft_probs is not None:
             self.draft_probs = self.draft_probs[idx] if survivors else None

@@ -113,11 +113,19 @@ class KVCache(nn.Module):
         self.v_cache[rows, :, input_pos] = v.transpose(1, 2).to(self.v_cache.dtype)
         return self.k_cache[row0 : row0 + batch], self.v_cache[row0 : row0 + batch]
 
-    def compact(self, rows: Tensor) -> None:
-        """Gather cache rows `rows` (ascending) into rows 0..len(rows)-1; the gather copies first."""
+    def compact(self, rows: Tensor, length: int | None = None) -> None:
+        """Gather cache rows `rows` (ascending) into rows 0..len(rows)-1; the gather copies first.
+
+        Only rows that move are copied, and only positions < length when given (entries past a
+        row's position are masked until overwritten, so they need not follow it)."""
         n = rows.numel()
-        self.k_cache[:n] = self.k_cache[rows]
-        self.v_cache[:n] = self.v_cache[rows]
+        moved = (rows != torch.arange(n, device=rows.device)).nonzero()
+        if not moved.numel():
+            return
+        first = int(moved[0, 0])  # rows ascend: every row from the first that moves also moves
+        S = self.k_cache.shape[2] if length is None else min(length, self.k_cache.shape[2])
+        self.k_cache[first:n, :, :S] = self.k_cache[rows[first:], :, :S]
+        self.v_cache[first:n, :, :S] = self.v_cache[rows[first:], :, :S]
 
 
 class CausalSelfAttention(nn.Module):
@@ -253,11 +261,12 @@ class MTPTransformer(nn.Module):
         for attn in self._attentions():
             attn.kv_cache = None
 
-    def compact_cache_rows(self, rows: Tensor) -> None:
-        """Move the cached keys/values of rows `rows` (ascending) down to rows 0..len(rows)-1."""
+    def compact_cache_rows(self, rows: Tensor, length: int | None = None) -> None:
+        """Move the cached keys/values of rows `rows` (ascending) down to rows 0..len(rows)-1;
+        with length, only positions < length (what the surviving rows have filled)."""
         for attn in self._attentions():
             assert attn.kv_cache is not None
-            attn.kv_cache.compact(rows)
+            attn.kv_cache.compact(rows, length)
 
     def _attentions(self) -> list[CausalSelfAttention]:
         return [cast(Block, block).attn for block in self.blocks]

@@ -164,6 +164,24 @@ def test_cached_batch_with_different_row_lengths_matches_uncached(positional_enc
         pos += size
 
 
+def test_compacted_cache_rows_continue_like_uncached():
+    model = tiny_model()
+    B, filled = 4, 9
+    seqs = random_ids(B, MAX_LEN, seed=4)
+    expected = [model(seqs[b : b + 1])[0] for b in range(B)]
+    model.setup_caches(max_batch=B)
+    model(seqs[:, :filled], input_pos=positions(0, filled, B))
+    # rows 1 and 3 leave; rows 0 and 2 move to 0 and 1 carrying only their filled positions,
+    # and row 1's stale entries past `filled` (the old row 1's) must stay masked
+    model(seqs[:, filled : filled + 3], input_pos=positions(filled, 3, B))  # writes past `filled` everywhere
+    model.compact_cache_rows(torch.tensor([0, 2]), length=filled)
+    kept = seqs[[0, 2]]
+    for t in range(filled, MAX_LEN):
+        out = model(kept[:, t : t + 1], input_pos=positions(t, 1, 2))
+        for r, b in enumerate((0, 2)):
+            assert_same(out[r, 0], expected[b][t], f"row {b} at {t}")
+
+
 # --- config validation ------------------------------------------------------------------------
 
 
