@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,7 +21,7 @@ from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContext
 from app.api.routes import generate, openai, predict, system
 from app.config import Settings
-from app.engine.engine import NO_TICKET, Engine, EngineConfig
+from app.engine.engine import NO_TICKET, Engine, EngineConfig, inference_thread
 from app.metrics import Metrics
 from app.model.checkpoint import load_checkpoint, load_config
 
@@ -46,7 +48,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(s.torch_threads)
     device = resolve_device(s.device)
     dtype = resolve_dtype(s.dtype, device)
-    model, tokenizer = load_checkpoint(s.checkpoint, device=device, dtype=dtype)
+    executor = inference_thread()  # loads the model and runs every forward pass: one OpenMP team
+    try:
+        load = functools.partial(load_checkpoint, s.checkpoint, device=device, dtype=dtype)
+        model, tokenizer = await asyncio.get_running_loop().run_in_executor(executor, load)
+    except BaseException:
+        executor.shutdown(wait=False)
+        raise
     engine = Engine(
         model,
         eos_id=tokenizer.eot_id,
@@ -59,6 +67,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             stall_timeout_s=s.stall_timeout_s,
         ),
         metrics=state.metrics,
+        executor=executor,
     )
     state.engine, state.tokenizer, state.model_config = engine, tokenizer, model.cfg
     state.model_id = s.checkpoint.name

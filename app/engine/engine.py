@@ -68,6 +68,19 @@ door_ticket: ContextVar[DoorTicket] = ContextVar("door_ticket", default=NO_TICKE
 T = TypeVar("T")
 
 
+def inference_thread() -> ThreadPoolExecutor:
+    """The one thread that runs every tensor operation of the service, model loading included.
+
+    With OpenMP (torch's CPU backend) each thread that runs a parallel op gets a thread team
+    of its own, and those teams stay. Once more OpenMP threads exist than cores, libgomp
+    switches to a short spin before sleeping, and a decode step, hundreds of small parallel
+    ops, pays a futex wake-up for most of them: on 2 cores one parallel op on a second thread
+    halved greedy decoding throughput on the worker for good (778 -> 399 tok/s, a one-off
+    check). So the model is loaded, its caches allocated and every forward run here only.
+    """
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtp-worker")
+
+
 @dataclass
 class EngineConfig:
     max_batch_size: int = 16
@@ -87,7 +100,14 @@ class Health:
 
 
 class Engine:
-    def __init__(self, model: MTPTransformer, eos_id: int | None, cfg: EngineConfig, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        model: MTPTransformer,
+        eos_id: int | None,
+        cfg: EngineConfig,
+        metrics: Metrics,
+        executor: ThreadPoolExecutor | None = None,  # the thread that loaded the model, if any
+    ) -> None:
         self.model = model
         self.eos_id = eos_id
         self._eos: frozenset[int] = frozenset() if eos_id is None else frozenset({eos_id})
@@ -100,7 +120,7 @@ class Engine:
         self._predict_q: deque[PredictItem] = deque()
         self._gen_q: deque[GenerateItem] = deque()
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtp-worker")
+        self._executor = executor or inference_thread()
         self._task: asyncio.Task[None] | None = None
         self._batch = DecodeBatch(model)
         self._accepting = False
@@ -114,7 +134,8 @@ class Engine:
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self, warmup: bool = True) -> None:
-        self.model.setup_caches(self.cfg.max_batch_size)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.model.setup_caches, self.cfg.max_batch_size)
         self._task = asyncio.create_task(self._run(), name="mtp-engine")
         self._accepting = True
         if warmup:

@@ -199,3 +199,31 @@ def test_health_ready_and_metrics_stay_open_with_api_key(client_factory: Callabl
     client = client_factory(api_key="s3cret")
     for path in ("/health", "/ready", "/metrics"):
         assert client.get(path).status_code == 200, path
+
+
+def test_model_loading_caches_and_forward_passes_run_on_the_inference_thread(
+    client_factory: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import app.main
+    from app.model.model import MTPTransformer
+
+    threads: dict[str, set[str]] = {"load": set(), "caches": set(), "trunk": set()}
+    load, setup, trunk = app.main.load_checkpoint, MTPTransformer.setup_caches, MTPTransformer.trunk
+
+    def spy(kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            threads[kind].add(threading.current_thread().name)
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(app.main, "load_checkpoint", spy("load", load))
+    monkeypatch.setattr(MTPTransformer, "setup_caches", spy("caches", setup))
+    monkeypatch.setattr(MTPTransformer, "trunk", spy("trunk", trunk))
+    client = client_factory()  # the lifespan loads the model and warms the engine up
+    assert client.post("/predict", json={"inputs": "To be"}).status_code == 200
+    assert client.post("/generate", json={"inputs": "To be", "parameters": {"max_new_tokens": 4}}).status_code == 200
+    names = set().union(*threads.values())
+    assert all(threads.values()) and len(names) == 1 and names.pop().startswith("mtp-worker"), threads
