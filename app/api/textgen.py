@@ -49,6 +49,7 @@ class GenToken:
     logprob: float
     special: bool
     last: bool = False  # the GenFinal follows at once
+    flush: bool = True  # no further token is ready now (False: more of the same engine step follow)
 
 
 @dataclass
@@ -110,7 +111,7 @@ async def run_generation(
                     text += piece
                     cut = _find_stop(text, opts.stop, start)
                     shown = tok.id_to_text(tid) if special else piece
-                    gt = GenToken(len(tokens), tid, shown, lp, special, cut is not None or final_token)
+                    gt = GenToken(len(tokens), tid, shown, lp, special, cut is not None or final_token, i == n - 1)
                     tokens.append(gt)
                     yield gt
                     if cut is not None:

@@ -256,3 +256,16 @@ def test_fault_in_forward_pass_fails_that_request_only(client: TestClient, sse: 
     assert events[-1] == {"error": events[-1]["error"], "error_type": "internal"}
     assert "index" in events[0]
     assert gen(client, max_new_tokens=4)["generated_text"]
+
+
+def test_tokens_of_one_verify_step_share_a_write_as_separate_events(
+    client_factory: Callable[..., TestClient], repeat_checkpoint: Path, sse: Callable[[str], list[Any]]
+) -> None:
+    client = client_factory(checkpoint=repeat_checkpoint)  # every draft accepted: k = 3 tokens per step
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 13}, "stream": True}
+    with client.stream("POST", "/generate", json=body) as r:
+        chunks = [c.decode() for c in r.iter_raw()]
+    assert all(c.startswith("data: ") and c.endswith("\n\n") for c in chunks)  # whole events only
+    events = sse("".join(chunks))
+    assert [e["index"] for e in events] == list(range(13))
+    assert len(chunks) < len(events)

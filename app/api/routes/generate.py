@@ -159,6 +159,9 @@ async def event_stream(
 ) -> AsyncGenerator[str, None]:
     """SSE frames; an error after the stream began is sent as an error event, then the stream ends."""
     prefix = req.inputs if req.parameters.return_full_text else ""
+    # The events of the tokens one engine step emitted (several, when drafts were accepted)
+    # go out in one write: one send, and one read for the client, instead of one per token.
+    pending: list[str] = []
     try:
         async with asyncio.timeout(srv.settings.request_timeout_s):
             last: GenToken | None = None
@@ -166,8 +169,11 @@ async def event_stream(
                 if isinstance(out, GenToken):
                     if out.last:  # held back one moment: the final event carries it
                         last = out
-                    else:
-                        yield sse(StreamEvent(index=out.index, token=_token(out)).model_dump())
+                        continue
+                    pending.append(sse(StreamEvent(index=out.index, token=_token(out)).model_dump()))
+                    if out.flush:
+                        yield "".join(pending)
+                        pending.clear()
                     continue
                 if last is None:
                     break
@@ -177,12 +183,18 @@ async def event_stream(
                     generated_text=prefix + out.generated_text,
                     details=details_of(out, with_tokens=False),
                 )
-                yield sse(ev.model_dump(exclude={"details": {"tokens"}}))
+                pending.append(sse(ev.model_dump(exclude={"details": {"tokens"}})))
+                yield "".join(pending)
+                pending.clear()
     except TimeoutError:
-        yield sse({"error": "request timed out", "error_type": "timeout"})
+        error: dict[str, object] = {"error": "request timed out", "error_type": "timeout"}
     except EngineError as exc:
-        _, kind = engine_error_status(exc)
-        yield sse({"error": str(exc), "error_type": kind})
+        error = {"error": str(exc), "error_type": engine_error_status(exc)[1]}
+    else:
+        return
+    if pending:  # tokens produced before the failure still reach the client, then the error
+        yield "".join(pending)
+    yield sse(error)
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=SSE_DOC)
