@@ -135,44 +135,68 @@ async def predict_load(url: str, texts: list[str], clients: int, seconds: float)
     }
 
 
+async def read_sse(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes
+) -> tuple[int, list[float], bool]:
+    """One streamed request on an open keep-alive connection, read as chunked SSE with minimal
+    parsing (as read_response does for JSON): (status, arrival time of each event, error seen)."""
+    writer.write(raw)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    if b"chunked" not in head.lower():  # an error reply: a JSON body with a length
+        lines = head.lower().split(b"\r\n")
+        await reader.readexactly(next((int(ln[15:]) for ln in lines if ln.startswith(b"content-length:")), 0))
+        return status, [], True
+    arrivals: list[float] = []
+    error = False
+    buf = b""
+    while True:
+        size = int((await reader.readuntil(b"\r\n"))[:-2], 16)
+        data = (await reader.readexactly(size + 2))[:-2]
+        if size == 0:
+            return status, arrivals, error
+        now = time.perf_counter()
+        buf += data
+        *events, buf = buf.split(b"\n\n")
+        for event in events:
+            error = error or event.startswith(b'data: {"error"')
+            arrivals.append(now)
+
+
 async def generate_load(url: str, texts: list[str], streams: int, new_tokens: int, rounds: int) -> dict[str, Any]:
+    """`streams` keep-alive connections, each streaming `rounds` /generate requests back to back."""
     ttft: list[float] = []
     lat: list[float] = []
     tokens = 0
     errors = 0
+    host, port = url.removeprefix("http://").split(":")
 
-    async def one(text: str, http: httpx.AsyncClient) -> None:
+    def request(text: str) -> bytes:
+        return raw_post("/generate", {"inputs": text, "parameters": {"max_new_tokens": new_tokens}, "stream": True})
+
+    async def stream(i: int) -> None:
         nonlocal tokens, errors
-        body = {"inputs": text, "parameters": {"max_new_tokens": new_tokens}, "stream": True}
-        t0 = time.perf_counter()
-        first = True
-        async with http.stream("POST", "/generate", json=body) as r:
-            if r.status_code != 200:
-                errors += 1
-                return
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                if first:
-                    ttft.append(time.perf_counter() - t0)
-                    first = False
-                event = json.loads(line[5:])
-                if "error" in event:
-                    errors += 1
-                    return
-                tokens += 1
-        lat.append(time.perf_counter() - t0)
-
-    limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as http:
-        t0 = time.perf_counter()
+        reader, writer = await asyncio.open_connection(host, int(port))
         for r in range(rounds):
-            await asyncio.gather(*(one(texts[(r * streams + i) % len(texts)], http) for i in range(streams)))
-        wall = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            status, arrivals, error = await read_sse(reader, writer, request(texts[(r * streams + i) % len(texts)]))
+            if status != 200 or error or not arrivals:
+                errors += 1
+                continue
+            ttft.append(arrivals[0] - t0)
+            lat.append(arrivals[-1] - t0)
+            tokens += len(arrivals)  # one event per token
+        writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(stream(i) for i in range(streams)))
+    wall = time.perf_counter() - t0
     return {
         "streams": streams,
         "sequences": len(lat),
         "errors": errors,
+        "tokens": tokens,
         "tokens_per_s": round(tokens / wall, 1),
         "ttft_p50_ms": round(pct(ttft, 0.5) * 1000, 1),
         "ttft_p99_ms": round(pct(ttft, 0.99) * 1000, 1),
