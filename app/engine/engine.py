@@ -72,11 +72,11 @@ def inference_thread() -> ThreadPoolExecutor:
     """The one thread that runs every tensor operation of the service, model loading included.
 
     With OpenMP (torch's CPU backend) each thread that runs a parallel op gets a thread team
-    of its own, and those teams stay. Once more OpenMP threads exist than cores, libgomp
-    switches to a short spin before sleeping, and a decode step, hundreds of small parallel
-    ops, pays a futex wake-up for most of them: on 2 cores one parallel op on a second thread
-    halved greedy decoding throughput on the worker for good (778 -> 399 tok/s, a one-off
-    check). So the model is loaded, its caches allocated and every forward run here only.
+    of its own, and the team stays. With more OpenMP threads than cores, libgomp sleeps
+    sooner between parallel regions, and a decode step (hundreds of small parallel ops) pays
+    a wake-up for many of them: on 2 cores, one op on a second thread made decoding on the
+    worker 1.4-1.7x slower for good (`mtp bench threads`). So the model is loaded, its caches
+    allocated and every forward pass run on this thread only.
     """
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtp-worker")
 

@@ -46,3 +46,14 @@ def test_bench_step_times_plain_and_verify_passes(checkpoint: tuple[str, str]) -
     assert set(r["forward_ms"]) == {"T=1 (plain step)", "T=2 (verify 1 drafts)", "T=4 (verify 3 drafts)"}
     assert all(v > 0 for v in r["forward_ms"].values())
     assert r["verify_over_plain"] > 0 and "compiled_trunk_and_head1_ms" not in r
+
+
+def test_bench_threads_times_decoding_before_and_after_a_second_thread_uses_torch(
+    checkpoint: tuple[str, str],
+) -> None:
+    from app.bench.threads import bench_threads
+
+    r = bench_threads(checkpoint[0], n_prompts=2, new_tokens=8)
+    for key in ("tokens_per_s_one_thread_used_torch", "tokens_per_s_after_an_op_on_a_second_thread"):
+        assert set(r[key]) == {"plain", "speculative"} and all(v > 0 for v in r[key].values())
+    assert set(r["slowdown"]) == {"plain", "speculative"}
