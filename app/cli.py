@@ -185,6 +185,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             compile=not args.no_compile,
             autotune=args.autotune,
+            draft_sweep=args.draft_sweep,
         )
     elif args.bench == "transformers":
         from app.bench.gpt2_fixture import make_gpt2_pair
@@ -225,6 +226,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             torch_threads=args.torch_threads,
+            draft_tokens=args.draft_tokens,
             clients=args.clients,
             seconds=args.seconds,
             streams=args.streams,
@@ -332,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=None)
     p.add_argument("--drain-timeout-s", type=float, default=None)
     p.add_argument("--speculative", type=_parse_bool, default=None)
+    p.add_argument("--draft-tokens", type=int, default=None, help="drafts verified per pass (default k - 1)")
     p.add_argument("--log-json", type=_parse_bool, default=None)
     p.set_defaults(func=cmd_serve)
 
@@ -356,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--autotune", action="store_true", help="compiled runs: autotune each matmul (Inductor's C++ GEMM vs ATen)"
     )
+    p.add_argument("--draft-sweep", action="store_true", help="speculative: also time 1 .. k-2 drafts per verify pass")
+    p.add_argument("--draft-tokens", type=int, default=None, help="service: the server's MTP_DRAFT_TOKENS")
     p.add_argument("--results", default="docs/bench", help="plot: folder of result JSON files")
     p.add_argument("--png", default="docs/benchmarks.png")
     p.add_argument("--out", default=None, help="also write the JSON here")

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)
     max_queue_size: int = Field(256, ge=1)
     speculative: bool = True  # self-speculative decoding by default when k > 1
+    draft_tokens: int | None = Field(None, ge=0)  # drafts verified per pass (None: k - 1, or fewer where faster)
+    adaptive_drafts: bool = True  # greedy batches verify the draft count timed fastest for their size
 
     # per-request caps
     max_input_tokens: int | None = Field(None, ge=1)  # None = the model's context

@@ -63,6 +63,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             max_wait_ms=s.max_wait_ms,
             max_queue_size=s.max_queue_size,
             speculative=s.speculative,
+            draft_tokens=s.draft_tokens,
+            adaptive_drafts=s.adaptive_drafts,
             request_timeout_s=s.request_timeout_s,
             stall_timeout_s=s.stall_timeout_s,
         ),

@@ -40,12 +40,17 @@ class Timed:
 
 
 def timed_generate(
-    model: MTPTransformer, prompts: list[list[int]], n: int, speculative: bool, compiled: CompiledDecoder | None = None
+    model: MTPTransformer,
+    prompts: list[list[int]],
+    n: int,
+    speculative: bool,
+    compiled: CompiledDecoder | None = None,
+    draft_tokens: int | None = None,
 ) -> Timed:
     if model.head.proj.weight.is_cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    g = generate(model, prompts, n, speculative=speculative, compiled=compiled)
+    g = generate(model, prompts, n, speculative=speculative, compiled=compiled, draft_tokens=draft_tokens)
     if model.head.proj.weight.is_cuda:
         torch.cuda.synchronize()
     return Timed(time.perf_counter() - t0, g)
@@ -62,11 +67,14 @@ def bench_speculative(
     seed: int = 0,
     compile: bool = True,
     autotune: bool = False,
+    draft_sweep: bool = False,
 ) -> dict[str, Any]:
     """Speculative vs plain greedy at batch 1: tokens/s ratio, tokens per forward, acceptance per head.
 
     With compile, both are also run with torch.compile'd decode steps (CompiledDecoder), each
-    prompt through all four paths in turn, and the compiled outputs are checked too.
+    prompt through all four paths in turn, and the compiled outputs are checked too. With
+    draft_sweep, speculative decoding also runs with 1 .. k-2 drafts per pass (`draft_tokens`),
+    each prompt through every draft count in turn, against the same run's plain decoding.
     """
     model, tok = load_checkpoint(checkpoint, device=device, dtype=dtype)
     k = model.cfg.k
@@ -81,6 +89,13 @@ def bench_speculative(
         timed_generate(model, prompts[:1], 16, True, dec)  # compiles the T = k and T = 1 graphs
         timed_generate(model, prompts[:1], 16, False, dec)
         compile_s = time.perf_counter() - t0
+    sweep = list(range(1, k - 1)) if draft_sweep else []
+    for d in sweep:  # warm (and compile) each T = d + 1 step
+        timed_generate(model, prompts[:1], 16, True, None, d)
+        if dec is not None:
+            timed_generate(model, prompts[:1], 16, True, dec, d)
+    sweep_s: dict[int, list[float]] = {d: [0.0, 0.0] for d in sweep}  # eager, compiled seconds
+    sweep_tpf: dict[int, list[int]] = {d: [0, 0] for d in sweep}  # tokens, forwards
     cplain_s = cspec_s = 0.0
     compiled_identical = True
     plain_s = spec_s = 0.0
@@ -99,6 +114,16 @@ def bench_speculative(
             cplain_s += ca.seconds
             cspec_s += cb.seconds
             compiled_identical &= ca.gen.tokens == a.gen.tokens and cb.gen.tokens == a.gen.tokens
+        for d in sweep:
+            e = timed_generate(model, [p], new_tokens, True, None, d)
+            identical &= e.gen.tokens == a.gen.tokens
+            sweep_s[d][0] += e.seconds
+            sweep_tpf[d][0] += len(e.gen.tokens[0])
+            sweep_tpf[d][1] += e.gen.stats.forward_passes
+            if dec is not None:
+                c = timed_generate(model, [p], new_tokens, True, dec, d)
+                compiled_identical &= c.gen.tokens == a.gen.tokens
+                sweep_s[d][1] += c.seconds
         plain_s += a.seconds
         spec_s += b.seconds
         n = len(b.gen.tokens[0])
@@ -153,8 +178,22 @@ def bench_speculative(
             if dec is not None
             else {}
         ),
+        **({"by_draft_tokens": _sweep_table(sweep_s, sweep_tpf, plain_s, cplain_s)} if sweep else {}),
         "per_prompt": per_prompt,
     }
+
+
+def _sweep_table(
+    sweep_s: dict[int, list[float]], sweep_tpf: dict[int, list[int]], plain_s: float, cplain_s: float
+) -> dict[str, dict[str, float]]:
+    """Per draft count: tokens per forward and the speedup over the same run's plain decoding."""
+    rows: dict[str, dict[str, float]] = {}
+    for d, (eager_s, comp_s) in sweep_s.items():
+        tok, fwd = sweep_tpf[d]
+        rows[str(d)] = {"tokens_per_forward": round(tok / fwd, 3), "speedup": round(plain_s / eager_s, 3)}
+        if comp_s:
+            rows[str(d)]["compiled_speedup"] = round(cplain_s / comp_s, 3)
+    return rows
 
 
 def bench_vs_transformers(

@@ -4,6 +4,8 @@ Figures (printed as JSON, ratios measured in the same run):
   - /predict requests/s at C concurrent clients with batching vs max_batch_size=1;
   - served /predict throughput as a fraction of in-process batched forward throughput
     at the served mean batch size;
+  - the ceiling of the first ratio on this device: score_next alone at that batch size vs
+    one prompt per pass;
   - /generate aggregate tokens/s at S concurrent streams vs 1 stream;
   - p50/p99 latency and time to first token at each level.
 """
@@ -247,6 +249,7 @@ def bench_service(
     new_tokens: int = 64,
     rounds: int = 4,
     torch_threads: int | None = None,
+    draft_tokens: int | None = None,
 ) -> dict[str, Any]:
     _, tok = load_checkpoint(checkpoint)
     prompts = heldout_prompts(corpus, tok, 64, 32, seed=1)
@@ -258,6 +261,9 @@ def bench_service(
         "dtype": dtype,
     }
     extra: dict[str, Any] = {"torch_threads": torch_threads} if torch_threads else {}
+    if draft_tokens is not None:
+        extra["draft_tokens"] = draft_tokens
+        out["draft_tokens"] = draft_tokens
     if torch_threads:
         torch.set_num_threads(torch_threads)  # the in-process baseline runs with the same threads
 
@@ -283,11 +289,17 @@ def bench_service(
             pairs.append(
                 {"served": served_i, "inprocess": round(inproc_i, 1), "fraction": round(served_i / inproc_i, 3)}
             )
+        # the most batching can give on this device: score_next alone at the served batch size
+        # vs one prompt per pass (the unbatched server's forward), measured back to back
+        inproc_1 = inprocess_predict_rate(model, prompts, 1, 5.0)
+        inproc_b = inprocess_predict_rate(model, prompts, mb, 5.0)
     served = out["predict_batched"]["requests_per_s"]
     out["served_vs_inprocess_pairs"] = pairs
+    out["inprocess_predict"] = {"batch_1_per_s": round(inproc_1, 1), f"batch_{mb}_per_s": round(inproc_b, 1)}
     out["ratios"] = {
         "predict_batched_vs_unbatched": round(served / max(out["predict_unbatched"]["requests_per_s"], 1e-9), 2),
         "predict_served_fraction_of_inprocess": statistics.median(p["fraction"] for p in pairs),
+        "predict_inprocess_batched_vs_unbatched": round(inproc_b / inproc_1, 2),
         "generate_n_vs_1_stream_tokens_per_s": round(
             out["generate_n_streams"]["tokens_per_s"] / max(out["generate_1_stream"]["tokens_per_s"], 1e-9), 2
         ),

@@ -171,6 +171,17 @@ def forward_step(
     return StepLogits(head1, draft_logits if want_drafts and model.cfg.k > 1 else None)
 
 
+def draft_count(k: int, draft_tokens: int | None) -> int:
+    """Drafts verified per pass: heads 2..k propose k - 1; draft_tokens may take fewer.
+
+    The later heads are right less often, while each fed token adds to the pass's cost, so
+    on some devices and batch sizes verifying fewer drafts is faster (`mtp bench speculative
+    --draft-tokens N`). Any cap keeps greedy output identical and sampling exact."""
+    if draft_tokens is not None and draft_tokens < 0:
+        raise ValueError("draft_tokens must be >= 0")
+    return k - 1 if draft_tokens is None else min(draft_tokens, k - 1)
+
+
 def first_tokens(last_logits: Tensor, bs: BatchSampling, want_drafts: Tensor) -> StepResult:
     """The first generated token (and first drafts) from the prompt's last-position logits [B, k, V]."""
     B = last_logits.shape[0]
@@ -210,14 +221,17 @@ def generate(
     speculative: bool = True,
     eos_id: int | None = None,
     compiled: CompiledDecoder | None = None,
+    draft_tokens: int | None = None,
 ) -> Generation:
     """Generate for a static batch: plain or self-speculative decoding, greedy or sampled.
 
     Greedy speculative output equals plain greedy output; sampled output keeps head 1's
     distribution. Allocates the model's KV caches for len(prompts) rows, or uses those of
     `compiled` (a CompiledDecoder of the same model), which then runs the decode steps.
+    draft_tokens caps the drafts verified per pass (default k - 1, all of heads 2..k).
     """
     cfg = model.cfg
+    n_draft = draft_count(cfg.k, draft_tokens)
     B = len(prompts)
     device = model.head.proj.weight.device
     plist = params if isinstance(params, list) else [params or SamplingParams()] * B
@@ -226,7 +240,7 @@ def generate(
     lengths = [len(p) for p in prompts]
     if min(lengths) < 1 or max(lengths) + max_new_tokens > cfg.max_seq_len:
         raise ValueError(f"prompt length + max_new_tokens must be within 1..{cfg.max_seq_len}")
-    use_spec = speculative and cfg.k > 1
+    use_spec = speculative and n_draft > 0
     if compiled is None:
         model.setup_caches(B)
     elif compiled.model is not model or compiled.max_batch < B:
@@ -264,15 +278,16 @@ def generate(
         cur = res.tokens[torch.arange(B, device=device), res.n_emitted - 1]  # [B] last emitted token
         remaining = torch.tensor([max_new_tokens - len(o) for o in out], device=device)
         # a row may accept at most remaining - 1 drafts (the bonus is the last token); finished rows: none
-        max_accept = (remaining - 1).clamp(min=0, max=cfg.k - 1) if use_spec else torch.zeros_like(remaining)
+        max_accept = (remaining - 1).clamp(min=0, max=n_draft) if use_spec else torch.zeros_like(remaining)
         max_accept = torch.where(torch.tensor(done, device=device), 0, max_accept)
-        drafts = res.drafts if use_spec else None
+        drafts = res.drafts[:, :n_draft] if use_spec else None
         if compiled is not None and bs.all_greedy:
             res = compiled.greedy_step(cur, drafts, pos, max_accept)
         else:
             step = forward_step(model, cur, drafts, pos, want_drafts=use_spec, compiled=compiled)
             fed = drafts if drafts is not None else cur.new_zeros(B, 0)
-            res = accept_drafts(step.head1, fed, res.draft_probs, max_accept, bs, want, step.drafts, cfg.k - 1)
+            q = res.draft_probs[:, :n_draft] if res.draft_probs is not None else None
+            res = accept_drafts(step.head1, fed, q, max_accept, bs, want, step.drafts, cfg.k - 1)
         stats.forward_passes += 1
         _count(stats, res, max_accept, done)
         # pos advances by what each live row emitted; finished rows stay put

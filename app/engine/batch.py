@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from app.decoding.generate import forward_step
+from app.decoding.generate import draft_count, forward_step
 from app.decoding.sampling import BatchSampling, SamplingParams
 from app.decoding.speculative import StepResult, accept_drafts
+from app.engine.drafts import DraftPolicy
 from app.engine.types import GenerateItem
 from app.model.model import MTPTransformer
 
@@ -40,9 +41,13 @@ class Sequence:
 
 
 class DecodeBatch:
-    def __init__(self, model: MTPTransformer) -> None:
+    def __init__(
+        self, model: MTPTransformer, draft_tokens: int | None = None, policy: DraftPolicy | None = None
+    ) -> None:
         self.model = model
         self.k = model.cfg.k
+        self.n_draft = draft_count(self.k, draft_tokens)  # drafts verified per pass (at most)
+        self.policy = policy  # picks fewer for all-greedy batches where that is faster
         self.device = model.head.proj.weight.device
         self.seqs: list[Sequence] = []
         self.cur = torch.zeros(0, dtype=torch.long, device=self.device)  # [n] last token, not yet cached
@@ -100,21 +105,29 @@ class DecodeBatch:
     def step(self) -> StepResult:
         """One decode step for every row: a verify pass if any row speculates, else plain decoding."""
         self.compact()
-        k = self.k
+        k, n_draft = self.k, self.n_draft
         spec = self._want_drafts()
+        if self.policy is not None and not bool((spec & ~self.sampling.greedy).any()):
+            n_draft = min(n_draft, self.policy.choose(len(self)))
         remaining = torch.tensor([s.remaining for s in self.seqs], device=self.device)
-        max_accept = torch.where(spec, (remaining - 1).clamp(min=0, max=k - 1), 0)  # [n]
-        use_drafts = bool(spec.any()) and k > 1
-        drafts = self.drafts if use_drafts else None
-        step = forward_step(self.model, self.cur, drafts, self.pos, want_drafts=use_drafts)
-        fed = self.drafts if use_drafts else self.drafts[:, :0]
-        res = accept_drafts(step.head1, fed, self.draft_probs, max_accept, self.sampling, spec, step.drafts, k - 1)
+        max_accept = torch.where(spec, (remaining - 1).clamp(min=0, max=n_draft), 0)  # [n]
+        use_drafts = bool(spec.any()) and n_draft > 0
+        fed = self.drafts[:, :n_draft] if use_drafts else self.drafts[:, :0]
+        q = self.draft_probs[:, :n_draft] if self.draft_probs is not None else None
+        # drafts are made whenever rows speculate, even on a step that verifies none (policy: 0),
+        # so that the next step has real ones to verify
+        want = bool(spec.any()) and self.n_draft > 0
+        step = forward_step(self.model, self.cur, fed if use_drafts else None, self.pos, want_drafts=want)
+        res = accept_drafts(step.head1, fed, q, max_accept, self.sampling, spec, step.drafts, k - 1)
         rows = torch.arange(len(self), device=self.device)
         self.cur = res.tokens[rows, res.n_emitted - 1]
         self.pos = self.pos + res.n_emitted
         self.drafts, self.draft_probs = res.drafts, res.draft_probs
         self.last_max_accept = max_accept.tolist()
-        for s, m, n in zip(self.seqs, self.last_max_accept, res.n_emitted.tolist(), strict=True):
+        emitted = res.n_emitted.tolist()
+        if self.policy is not None:
+            self.policy.observe(self.last_max_accept, emitted)
+        for s, m, n in zip(self.seqs, self.last_max_accept, emitted, strict=True):
             if m:
                 s.verify_steps += 1
                 s.drafted += m

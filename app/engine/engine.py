@@ -22,10 +22,12 @@ from typing import Any, TypeVar
 
 import torch
 
-from app.decoding.generate import first_tokens, prefill
+from app.decoding.generate import first_tokens, forward_step, prefill
 from app.decoding.predict import Scores, score_next
-from app.decoding.sampling import BatchSampling, make_generator
+from app.decoding.sampling import BatchSampling, SamplingParams, make_generator
+from app.decoding.speculative import accept_drafts
 from app.engine.batch import DecodeBatch, Sequence
+from app.engine.drafts import DraftPolicy, time_steps
 from app.engine.types import (
     EngineFailure,
     EngineNotReady,
@@ -87,6 +89,8 @@ class EngineConfig:
     max_wait_ms: float = 5.0
     max_queue_size: int = 256
     speculative: bool = True
+    draft_tokens: int | None = None  # drafts verified per pass; None = k - 1, or fewer where faster
+    adaptive_drafts: bool = True  # with draft_tokens None: time the step at start-up and adapt (drafts.py)
     request_timeout_s: float = 60.0
     stall_timeout_s: float = 30.0
 
@@ -122,7 +126,8 @@ class Engine:
         self._wakeup = asyncio.Event()
         self._executor = executor or inference_thread()
         self._task: asyncio.Task[None] | None = None
-        self._batch = DecodeBatch(model)
+        self._draft_policy: DraftPolicy | None = None
+        self._batch = DecodeBatch(model, cfg.draft_tokens)
         self._accepting = False
         self._stopping = False
         self._busy_since: float | None = None
@@ -140,6 +145,9 @@ class Engine:
         self._accepting = True
         if warmup:
             await self._warmup()
+            if self.cfg.adaptive_drafts and self.cfg.draft_tokens is None and self.k > 1:
+                costs = await loop.run_in_executor(self._executor, self._time_verify_steps)
+                self._draft_policy = self._batch.policy = DraftPolicy(self.k - 1, costs)
         log.info("engine ready: k=%d, max_batch_size=%d, device=%s", self.k, self.cfg.max_batch_size, self.device)
 
     async def _warmup(self) -> None:
@@ -160,6 +168,35 @@ class Engine:
                 pass
 
         await asyncio.gather(*(one() for _ in range(n)))
+
+    def _time_verify_steps(self) -> dict[int, list[float]]:
+        """Seconds of a greedy decode step at batch sizes 1, 2, 4, .. max_batch_size and 0 .. k-1
+        drafts (worker thread, before any sequence holds a cache row)."""
+        sizes = sorted({min(2**i, self.cfg.max_batch_size) for i in range(self.cfg.max_batch_size.bit_length() + 1)})
+        pos0 = max(0, min(64, self.max_seq_len - self.k))
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        vocab = self.model.cfg.vocab_size
+
+        def step(b: int, n: int) -> None:
+            cur = torch.randint(0, vocab, (b,), device=self.device, generator=gen)
+            drafts = torch.randint(0, vocab, (b, n), device=self.device, generator=gen)
+            pos = torch.full((b,), pos0, device=self.device)
+            bs = BatchSampling.from_params([SamplingParams()] * b, [None] * b, self.device)
+            out = forward_step(self.model, cur, drafts if n else None, pos)
+            want = torch.ones(b, dtype=torch.bool, device=self.device)
+            accept_drafts(
+                out.head1, drafts, None, torch.full((b,), n, device=self.device), bs, want, out.drafts, self.k - 1
+            )
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+
+        with torch.inference_mode():
+            costs = time_steps(step, sizes, self.k - 1)
+        log.info(
+            "verify-step cost (ms) by batch size and drafts: %s",
+            {b: [round(c * 1e3, 2) for c in row] for b, row in costs.items()},
+        )
+        return costs
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -566,7 +603,7 @@ class Engine:
         """A failed decode step: fail every sequence in the batch and start a fresh one."""
         for seq in self._batch.seqs:
             self._finish_error(seq.item, error)
-        self._batch = DecodeBatch(self.model)
+        self._batch = DecodeBatch(self.model, self.cfg.draft_tokens, self._draft_policy)
         self._update_gauges()
 
     def _update_gauges(self) -> None:

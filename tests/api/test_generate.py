@@ -140,7 +140,8 @@ def test_seeded_sampling_is_reproducible(client: TestClient) -> None:
     assert isinstance(unseeded["details"]["seed"], int)  # a drawn seed is reported so the run can be replayed
 
 
-def test_speculative_on_and_off_give_identical_greedy_output(client: TestClient) -> None:
+def test_speculative_on_and_off_give_identical_greedy_output(client_factory: Callable[..., TestClient]) -> None:
+    client = client_factory(adaptive_drafts=False)  # the random tiny model's drafts would be dropped as useless
     for prompt in (PROMPT, "The quick brown fox", "naïve"):
         on = gen(client, prompt, max_new_tokens=25, speculative=True, details=True)
         off = gen(client, prompt, max_new_tokens=25, speculative=False, details=True)
@@ -153,10 +154,19 @@ def test_speculative_on_and_off_give_identical_greedy_output(client: TestClient)
 def test_speculation_details_on_a_model_whose_drafts_are_accepted(
     client_factory: Callable[..., TestClient], repeat_checkpoint: Path
 ) -> None:
-    client = client_factory(checkpoint=repeat_checkpoint)
+    client = client_factory(checkpoint=repeat_checkpoint, adaptive_drafts=False)  # every pass verifies k - 1
     spec = gen(client, max_new_tokens=13, details=True)["details"]["speculation"]
     assert spec["accepted_tokens"] == spec["drafted_tokens"] > 0
     assert spec["mean_accepted_length"] == pytest.approx(3.0)  # k tokens per verify pass
+
+
+def test_draft_tokens_setting_caps_the_drafts_per_verify_pass(
+    client_factory: Callable[..., TestClient], repeat_checkpoint: Path
+) -> None:
+    client = client_factory(checkpoint=repeat_checkpoint, draft_tokens=1)
+    spec = gen(client, max_new_tokens=13, details=True)["details"]["speculation"]
+    assert spec["accepted_tokens"] == spec["drafted_tokens"] == spec["verify_steps"] > 0
+    assert spec["mean_accepted_length"] == pytest.approx(2.0)  # one draft + the bonus per pass
 
 
 async def test_concurrent_generations_match_solo_in_fewer_passes(aclient_factory: Callable[..., Any]) -> None:

@@ -57,3 +57,12 @@ def test_bench_threads_times_decoding_before_and_after_a_second_thread_uses_torc
     for key in ("tokens_per_s_one_thread_used_torch", "tokens_per_s_after_an_op_on_a_second_thread"):
         assert set(r[key]) == {"plain", "speculative"} and all(v > 0 for v in r[key].values())
     assert set(r["slowdown"]) == {"plain", "speculative"}
+
+
+def test_bench_speculative_draft_sweep_reports_every_smaller_draft_count(checkpoint: tuple[str, str]) -> None:
+    ckpt, corpus = checkpoint
+    r = bench_speculative(ckpt, corpus, n_prompts=2, prompt_tokens=8, new_tokens=16, compile=False, draft_sweep=True)
+    assert r["identical_outputs"] is True  # every draft count gives the plain greedy tokens
+    assert list(r["by_draft_tokens"]) == ["1", "2"]  # k = 4: 1 and 2 drafts; 3 is the main run
+    for row in r["by_draft_tokens"].values():
+        assert 1.0 <= row["tokens_per_forward"] and row["speedup"] > 0

@@ -68,6 +68,19 @@ def test_greedy_speculative_matches_plain_greedy(peaked_model, make_prompts, k, 
     assert stats.forward_passes < plain_batched.stats.forward_passes == N_NEW
 
 
+@pytest.mark.parametrize("draft_tokens", [0, 1, 2])
+def test_greedy_speculative_with_fewer_drafts_matches_plain_greedy(peaked_model, make_prompts, draft_tokens):
+    model = peaked_model(4, "sinusoidal")
+    prompts = make_prompts(16, model.cfg.vocab_size, 1, 12, seed=5)
+    plain = generate(model, prompts, N_NEW, speculative=False)
+    spec = generate(model, prompts, N_NEW, speculative=True, draft_tokens=draft_tokens)
+    assert_same_tokens(model, prompts, spec.tokens, plain.tokens, f"{draft_tokens} drafts per pass")
+    st = spec.stats
+    assert st.drafted <= draft_tokens * st.verify_steps and len(st.accepted_by_position) == 3
+    assert st.accepted_by_position[draft_tokens:] == [0] * (3 - draft_tokens)  # heads past the cap never verify
+    assert (st.forward_passes < plain.stats.forward_passes) == (draft_tokens > 0)
+
+
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
 @pytest.mark.parametrize("autotune", [False, True])
 def test_compiled_decoder_gives_the_eager_greedy_tokens(peaked_model, make_prompts, autotune):

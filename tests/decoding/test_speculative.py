@@ -178,13 +178,15 @@ def exact_joint(model, settings: dict, depth: int) -> torch.Tensor:
     return (prefix_prob[:, None] * probs[:, -1]).view([V] * depth)
 
 
-def sample_tokens(model, n: int, settings: dict, depth: int, speculative: bool = True, seed0: int = 0):
+def sample_tokens(
+    model, n: int, settings: dict, depth: int, speculative: bool = True, seed0: int = 0, draft_tokens=None
+):
     """The first `depth` tokens [n, depth] of n rows, each with its own seed, from one generate() call.
 
     One token more than depth is generated, so that no verify pass before token `depth` is capped.
     """
     params = [SamplingParams(do_sample=True, seed=seed0 + i, **settings) for i in range(n)]
-    out = generate(model, [PROMPT] * n, depth + 1, params, speculative=speculative)
+    out = generate(model, [PROMPT] * n, depth + 1, params, speculative=speculative, draft_tokens=draft_tokens)
     return torch.tensor([t[:depth] for t in out.tokens])
 
 
@@ -209,6 +211,13 @@ def test_speculative_sampling_keeps_the_distribution_of_later_tokens(small_model
     tokens = sample_tokens(small_model, 6000, settings, depth=5)
     marginal = exact_joint(small_model, settings, depth=5).sum(dim=(0, 1, 2))  # [V, V] over (x4, x5)
     assert chi2_pvalue(joint_counts(tokens[:, 3:], V_SMALL), marginal) > 1e-3
+
+
+def test_speculative_sampling_with_fewer_drafts_keeps_the_joint_distribution(small_model):
+    """One draft per pass (draft_tokens=1 of k - 1 = 2): x2 and x3 are verified in separate passes."""
+    settings = SETTINGS[1]
+    tokens = sample_tokens(small_model, 6000, settings, depth=3, draft_tokens=1)
+    assert chi2_pvalue(joint_counts(tokens, V_SMALL), exact_joint(small_model, settings, depth=3)) > 1e-3
 
 
 def test_plain_sampling_keeps_the_joint_distribution(small_model):

@@ -137,6 +137,33 @@ async def test_speculative_greedy_matches_plain_greedy(engine_factory: Callable[
         assert spec == plain
 
 
+async def test_fewer_drafts_per_pass_keep_greedy_output(
+    engine_factory: Callable[..., Any], repeat_checkpoint: Path
+) -> None:
+    engine = await engine_factory(draft_tokens=1)
+    for prompt in PROMPTS:
+        spec, fin = await run(engine, GenerateRequest(prompt, max_new_tokens=25, speculative=True))
+        plain, _ = await run(engine, GenerateRequest(prompt, max_new_tokens=25, speculative=False))
+        assert spec == plain
+        assert 0 < fin.drafted_tokens <= fin.verify_steps  # one draft per verify pass
+    repeating = await engine_factory(repeat_checkpoint, draft_tokens=1)  # every draft accepted
+    _, fin = await run(repeating, GenerateRequest([5, 17], max_new_tokens=13))
+    assert fin.accepted_tokens == fin.verify_steps > 0
+    assert counter(repeating, "mtp_spec_accepted_by_position_total", position="1") == fin.accepted_tokens
+    assert counter(repeating, "mtp_spec_accepted_by_position_total", position="2") == 0
+
+
+async def test_adaptive_draft_count_keeps_greedy_output(engine_factory: Callable[..., Any]) -> None:
+    engine = await engine_factory(start=False)
+    await engine.start(warmup=True)  # times the verify step at start-up
+    assert engine._batch.policy is not None
+    requests = [GenerateRequest(p, max_new_tokens=20) for p in PROMPTS]
+    together = await asyncio.gather(*(run(engine, r) for r in requests))
+    for r, (tokens, _) in zip(requests, together, strict=True):
+        plain, _ = await run(engine, GenerateRequest(r.prompt_ids, 20, speculative=False))
+        assert tokens == plain
+
+
 async def test_concurrent_generations_match_solo_runs_in_fewer_passes(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory(max_batch_size=8)
     requests = [GenerateRequest(p, max_new_tokens=10 + 3 * i) for i, p in enumerate(PROMPTS)]

@@ -1,0 +1,49 @@
+"""DraftPolicy: the draft count with the most expected tokens per second of verify pass."""
+
+import pytest
+
+from app.engine.drafts import DraftPolicy, time_steps
+
+FLAT = [1.0, 1.0, 1.0, 1.0, 1.0]  # batch 1: a pass costs the same whatever it carries
+STEEP = [1.0, 1.2, 1.4, 1.6, 1.8]  # batch 16: every fed token adds a fifth of a plain step
+
+
+def policy_with_rates(rates: list[float], costs: dict[int, list[float]], passes: int = 1000) -> DraftPolicy:
+    """A policy that has seen `passes` verify passes where draft j was accepted at rate rates[j]
+    (cumulative: the first j drafts all agreed)."""
+    policy = DraftPolicy(len(rates), costs)
+    for i in range(passes):
+        accepted = sum(1 for r in rates if i < r * passes)  # the first `accepted` drafts agree
+        policy.observe([len(rates)], [accepted + 1])
+    return policy
+
+
+def test_cheap_drafts_are_all_verified_and_costly_ones_are_cut() -> None:
+    policy = policy_with_rates([0.73, 0.46, 0.38, 0.25], {1: FLAT, 16: STEEP})
+    assert policy.rates() == pytest.approx([0.73, 0.46, 0.38, 0.25], abs=0.01)
+    assert policy.choose(1) == 4  # flat cost: every draft that may be accepted is worth it
+    # steep cost: 2.57 tokens for 1.6 (1.61 per unit) beats 2.19 for 1.4 (1.56) and 2.82 for 1.8 (1.57)
+    assert policy.choose(16) == 3
+    assert policy.choose(9) == 3  # the nearest measured batch size at or above
+    assert policy.choose(64) == 3  # above the largest: the largest
+
+
+def test_drafts_that_are_never_accepted_are_not_verified() -> None:
+    policy = policy_with_rates([0.0, 0.0, 0.0, 0.0], {1: [1.0, 1.05, 1.1, 1.15, 1.2]})
+    assert policy.choose(1) == 0
+
+
+def test_positions_never_offered_follow_the_last_measured_one() -> None:
+    policy = DraftPolicy(3, {1: FLAT[:4]})
+    for _ in range(1000):
+        policy.observe([1], [2])  # only the first draft is ever offered, and always accepted
+    a1, a2, a3 = policy.rates()
+    assert a1 == pytest.approx(1.0, abs=0.01)
+    assert a2 == pytest.approx(0.7 * a1) and a3 == pytest.approx(0.49 * a1)
+
+
+def test_time_steps_times_every_batch_size_and_draft_count() -> None:
+    calls: list[tuple[int, int]] = []
+    costs = time_steps(lambda b, n: calls.append((b, n)), [1, 4], 2, reps=2)
+    assert set(costs) == {1, 4} and all(len(row) == 3 for row in costs.values())
+    assert sorted(set(calls)) == [(b, n) for b in (1, 4) for n in range(3)] and len(calls) == 2 * 3 * 3
