@@ -213,6 +213,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = bench_step(
             args.checkpoint, device=args.device, dtype=args.dtype, compile=not args.no_compile, autotune=args.autotune
         )
+    elif args.bench == "engine":
+        from app.bench.engine import bench_engine
+
+        result = bench_engine(args.checkpoint, args.corpus, streams=args.streams, new_tokens=args.new_tokens)
     elif args.bench == "threads":
         from app.bench.threads import bench_threads
 
@@ -339,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="benchmarks that print their figures and ratios as JSON")
-    p.add_argument("bench", choices=["speculative", "transformers", "service", "step", "threads", "plot"])
+    p.add_argument("bench", choices=["speculative", "transformers", "service", "engine", "step", "threads", "plot"])
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--corpus", default=DEFAULT_CORPUS)
     p.add_argument("--device", default="cpu")

@@ -2,33 +2,13 @@
 they claim: identical greedy outputs, consistent token counts, and the step timings."""
 
 from itertools import pairwise
-from pathlib import Path
-
-import pytest
-import torch
 
 from app.bench.decoding import bench_speculative
 from app.bench.step import bench_step
-from app.model.checkpoint import save_checkpoint
-from app.model.model import ModelConfig, MTPTransformer
-from app.model.tokenizer import Tokenizer
-
-TEXT = "To be, or not to be, that is the question.\nWhether 'tis nobler in the mind to suffer.\n" * 40
 
 
-@pytest.fixture()
-def checkpoint(tmp_path: Path) -> tuple[str, str]:
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(TEXT)
-    tok = Tokenizer.train([TEXT], 257)  # bytes only, as the default model
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, num_heads=4, d_ff=64, k=4, max_seq_len=128)
-    save_checkpoint(tmp_path / "ckpt", MTPTransformer(cfg), tok, dtype="float32")
-    return str(tmp_path / "ckpt"), str(corpus)
-
-
-def test_bench_speculative_reports_identical_outputs_and_acceptance(checkpoint: tuple[str, str]) -> None:
-    ckpt, corpus = checkpoint
+def test_bench_speculative_reports_identical_outputs_and_acceptance(byte_checkpoint: tuple[str, str]) -> None:
+    ckpt, corpus = byte_checkpoint
     r = bench_speculative(ckpt, corpus, n_prompts=3, prompt_tokens=8, new_tokens=24, compile=False)
     assert r["identical_outputs"] is True
     assert r["bytes_per_token"] == 1.0  # one byte per token with a 257-token vocabulary
@@ -41,26 +21,26 @@ def test_bench_speculative_reports_identical_outputs_and_acceptance(checkpoint: 
     assert len(r["per_prompt"]) == 3 and "compiled" not in r
 
 
-def test_bench_step_times_plain_and_verify_passes(checkpoint: tuple[str, str]) -> None:
-    r = bench_step(checkpoint[0], compile=False)
+def test_bench_step_times_plain_and_verify_passes(byte_checkpoint: tuple[str, str]) -> None:
+    r = bench_step(byte_checkpoint[0], compile=False)
     assert set(r["forward_ms"]) == {"T=1 (plain step)", "T=2 (verify 1 drafts)", "T=4 (verify 3 drafts)"}
     assert all(v > 0 for v in r["forward_ms"].values())
     assert r["verify_over_plain"] > 0 and "compiled_trunk_and_head1_ms" not in r
 
 
 def test_bench_threads_times_decoding_before_and_after_a_second_thread_uses_torch(
-    checkpoint: tuple[str, str],
+    byte_checkpoint: tuple[str, str],
 ) -> None:
     from app.bench.threads import bench_threads
 
-    r = bench_threads(checkpoint[0], n_prompts=2, new_tokens=8)
+    r = bench_threads(byte_checkpoint[0], n_prompts=2, new_tokens=8)
     for key in ("tokens_per_s_one_thread_used_torch", "tokens_per_s_after_an_op_on_a_second_thread"):
         assert set(r[key]) == {"plain", "speculative"} and all(v > 0 for v in r[key].values())
     assert set(r["slowdown"]) == {"plain", "speculative"}
 
 
-def test_bench_speculative_draft_sweep_reports_every_smaller_draft_count(checkpoint: tuple[str, str]) -> None:
-    ckpt, corpus = checkpoint
+def test_bench_speculative_draft_sweep_reports_every_smaller_draft_count(byte_checkpoint: tuple[str, str]) -> None:
+    ckpt, corpus = byte_checkpoint
     r = bench_speculative(ckpt, corpus, n_prompts=2, prompt_tokens=8, new_tokens=16, compile=False, draft_sweep=True)
     assert r["identical_outputs"] is True  # every draft count gives the plain greedy tokens
     assert list(r["by_draft_tokens"]) == ["1", "2"]  # k = 4: 1 and 2 drafts; 3 is the main run

@@ -1,0 +1,79 @@
+"""The engine without HTTP: /generate's continuous batch at 1 and S concurrent streams, with
+the adaptive draft count (app/engine/drafts.py) and with every pass verifying k - 1 drafts,
+the two interleaved over several repeats (this machine's speed drifts) and medians reported."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from typing import Any
+
+from app.bench.decoding import heldout_prompts
+from app.engine.engine import Engine, EngineConfig, inference_thread
+from app.engine.types import GenerateRequest, TokenEvent
+from app.metrics import Metrics
+from app.model.checkpoint import load_checkpoint
+
+
+async def _rate(engine: Engine, prompts: list[list[int]], streams: int, sequences: int, new_tokens: int) -> float:
+    """Tokens/s of `streams` concurrent clients, each generating sequences back to back."""
+    tokens = 0
+
+    async def client(i: int) -> None:
+        nonlocal tokens
+        for r in range(sequences // streams):
+            request = GenerateRequest(prompts[(r * streams + i) % len(prompts)], max_new_tokens=new_tokens)
+            async for event in engine.generate(request):
+                if isinstance(event, TokenEvent):
+                    tokens += len(event.token_ids)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(streams)))
+    return tokens / (time.perf_counter() - t0)
+
+
+async def _run(checkpoint: str, corpus: str, streams: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+    worker = inference_thread()  # as in the service: the model lives on the engine's thread
+    model, tok = await asyncio.get_running_loop().run_in_executor(worker, load_checkpoint, checkpoint)
+    prompts = heldout_prompts(corpus, tok, 64, 32, seed=1)
+    cfg = EngineConfig(max_batch_size=max(streams, 1), max_queue_size=1024)
+    engine = Engine(model, tok.eot_id, cfg, Metrics(k=model.cfg.k), executor=worker)
+    await engine.start()  # warms up and times the verify step for the draft policy
+    policy = engine._batch.policy
+    rates: dict[str, dict[int, list[float]]] = {m: {1: [], streams: []} for m in ("adaptive", "fixed")}
+    try:
+        for _ in range(repeats):
+            for mode in rates:
+                engine._batch.policy = policy if mode == "adaptive" else None
+                for s in (1, streams):
+                    rates[mode][s].append(await _rate(engine, prompts, s, max(12, 3 * s), new_tokens))
+    finally:
+        await engine.shutdown()
+    med = {m: {s: statistics.median(v) for s, v in by.items()} for m, by in rates.items()}
+    return {
+        "benchmark": "engine_generate",
+        "checkpoint": checkpoint,
+        "streams": streams,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "tokens_per_s_median": {m: {str(s): round(v, 1) for s, v in by.items()} for m, by in med.items()},
+        "tokens_per_s_runs": {m: {str(s): [round(x, 1) for x in v] for s, v in by.items()} for m, by in rates.items()},
+        "ratios": {
+            f"adaptive_vs_fixed_{streams}_streams": round(med["adaptive"][streams] / med["fixed"][streams], 3),
+            "adaptive_vs_fixed_1_stream": round(med["adaptive"][1] / med["fixed"][1], 3),
+            f"adaptive_{streams}_vs_1_stream": round(med["adaptive"][streams] / med["adaptive"][1], 2),
+            f"fixed_{streams}_vs_1_stream": round(med["fixed"][streams] / med["fixed"][1], 2),
+        },
+        "drafts_by_batch_size": {str(b): policy.choose(b) for b in policy.batches} if policy else {},
+        "acceptance_by_position": [round(a, 3) for a in policy.rates()] if policy else [],
+        "step_ms_by_batch_and_drafts": {str(b): [round(c * 1e3, 2) for c in row] for b, row in policy.costs.items()}
+        if policy
+        else {},
+    }
+
+
+def bench_engine(
+    checkpoint: str, corpus: str, streams: int = 16, new_tokens: int = 64, repeats: int = 4
+) -> dict[str, Any]:
+    return asyncio.run(_run(checkpoint, corpus, streams, new_tokens, repeats))
