@@ -47,3 +47,14 @@ def test_time_steps_times_every_batch_size_and_draft_count() -> None:
     costs = time_steps(lambda b, n: calls.append((b, n)), [1, 4], 2, reps=2)
     assert set(costs) == {1, 4} and all(len(row) == 3 for row in costs.values())
     assert sorted(set(calls)) == [(b, n) for b in (1, 4) for n in range(3)] and len(calls) == 2 * 3 * 3
+
+
+def test_time_steps_never_lets_more_drafts_cost_less(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [0.0]
+    seconds = {0: 2.0, 1: 1.0, 2: 3.0}  # noisy timings: one draft looks cheaper than none
+
+    def step(b: int, n: int) -> None:
+        clock[0] += seconds[n]
+
+    monkeypatch.setattr("app.engine.drafts.time.perf_counter", lambda: clock[0])
+    assert time_steps(step, [1], 2, reps=2)[1] == [2.0, 2.0, 3.0]
