@@ -216,7 +216,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.bench == "engine":
         from app.bench.engine import bench_engine
 
-        result = bench_engine(args.checkpoint, args.corpus, streams=args.streams, new_tokens=args.new_tokens)
+        result = bench_engine(
+            args.checkpoint, args.corpus, streams=args.streams, new_tokens=args.new_tokens, repeats=args.repeats
+        )
     elif args.bench == "threads":
         from app.bench.threads import bench_threads
 
@@ -351,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=10)
     p.add_argument("--new-tokens", type=int, default=None, help="default: 200 (speculative), 64 (others)")
     p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=4, help="engine: interleaved repeats of each mode")
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--workdir", default="/tmp/mtp-bench-gpt2", help="transformers: where the GPT-2 pair is written")
