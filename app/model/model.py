@@ -114,18 +114,18 @@ class KVCache(nn.Module):
         return self.k_cache[row0 : row0 + batch], self.v_cache[row0 : row0 + batch]
 
     def compact(self, rows: Tensor, length: int | None = None) -> None:
-        """Gather cache rows `rows` (ascending) into rows 0..len(rows)-1; the gather copies first.
+        """Move cache rows `rows` (ascending) to rows 0..len(rows)-1.
 
         Only rows that move are copied, and only positions < length when given (entries past a
         row's position are masked until overwritten, so they need not follow it)."""
-        n = rows.numel()
-        moved = (rows != torch.arange(n, device=rows.device)).nonzero()
-        if not moved.numel():
-            return
-        first = int(moved[0, 0])  # rows ascend: every row from the first that moves also moves
         S = self.k_cache.shape[2] if length is None else min(length, self.k_cache.shape[2])
-        self.k_cache[first:n, :, :S] = self.k_cache[rows[first:], :, :S]
-        self.v_cache[first:n, :, :S] = self.v_cache[rows[first:], :, :S]
+        # Row by row, in ascending order, with no temporary: rows ascend, so destination i is
+        # never a source still to be read (rows[j] > rows[i] >= i for j > i). A gather would
+        # allocate a buffer of a new size (rows x length) at nearly every compaction.
+        for i, src in enumerate(rows.tolist()):
+            if src != i:
+                self.k_cache[i, :, :S].copy_(self.k_cache[src, :, :S])
+                self.v_cache[i, :, :S].copy_(self.v_cache[src, :, :S])
 
 
 class CausalSelfAttention(nn.Module):
