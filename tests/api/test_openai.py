@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -86,6 +87,19 @@ def test_streamed_completion_ends_with_done_and_usage(client: TestClient, sse: C
     assert finish_chunk["choices"][0]["finish_reason"] == "length"
     assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 9
     assert len({c["id"] for c in events[:-1]}) == 1
+
+
+def test_streamed_chunks_of_one_verify_step_share_a_write(
+    client_factory: Callable[..., TestClient], repeat_checkpoint: Path, sse: Callable[[str], list[Any]]
+) -> None:
+    client = client_factory(checkpoint=repeat_checkpoint)  # every draft accepted: k = 3 tokens per step
+    body = {"prompt": PROMPT, "max_tokens": 13, "temperature": 0, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        writes = [c.decode() for c in r.iter_raw()]
+    assert all(w.startswith("data: ") and w.endswith("\n\n") for w in writes)  # whole events only
+    events = sse("".join(writes))
+    assert len(events) == 13 + 2 and events[-1] == "[DONE]"  # 13 token chunks, the finish chunk, [DONE]
+    assert len(writes) < len(events)
 
 
 def test_streamed_completion_without_usage_option_has_no_usage_chunk(

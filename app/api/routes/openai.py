@@ -207,6 +207,8 @@ async def _stream(
 
     async def body() -> AsyncGenerator[str, None]:
         want_lp = req.logprobs is not None
+        pending: list[str] = []  # one engine step's chunks, sent in one write (as /generate does)
+        error: dict[str, object] | None = None
         try:
             async with asyncio.timeout(srv.settings.request_timeout_s):
                 out: GenToken | GenFinal = first
@@ -218,12 +220,15 @@ async def _stream(
                             held = out
                         else:
                             sent += out.text
-                            yield chunk(out.text, None, out.logprob if want_lp else None)
+                            pending.append(chunk(out.text, None, out.logprob if want_lp else None))
+                            if out.flush:
+                                yield "".join(pending)
+                                pending.clear()
                     else:
                         if held is not None:  # emit what remains of the text without the stop sequence
                             rest = out.text_without_stop[len(sent) :]
-                            yield chunk(rest, None, held.logprob if want_lp else None)
-                        yield chunk("", "length" if out.finish_reason == "length" else "stop")
+                            pending.append(chunk(rest, None, held.logprob if want_lp else None))
+                        pending.append(chunk("", "length" if out.finish_reason == "length" else "stop"))
                         if req.stream_options and req.stream_options.include_usage:
                             usage = {
                                 "prompt_tokens": len(ids),
@@ -231,16 +236,21 @@ async def _stream(
                                 "total_tokens": len(ids) + out.generated_tokens,
                             }
                             payload = {"id": cid, "object": "text_completion", "created": created, "model": model}
-                            yield f"data: {json.dumps({**payload, 'choices': [], 'usage': usage})}\n\n"
+                            pending.append(f"data: {json.dumps({**payload, 'choices': [], 'usage': usage})}\n\n")
+                        yield "".join(pending)
+                        pending.clear()
                         break
                     out = await anext(gen)
         except TimeoutError:
-            yield f"data: {json.dumps({'error': {'message': 'request timed out', 'type': 'timeout'}})}\n\n"
+            error = {"message": "request timed out", "type": "timeout"}
         except EngineError as exc:
-            _, kind = engine_error_status(exc)
-            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': kind}})}\n\n"
+            error = {"message": str(exc), "type": engine_error_status(exc)[1]}
         finally:
             await gen.aclose()
+        if pending:  # tokens produced before a failure still reach the client, then the error
+            yield "".join(pending)
+        if error is not None:
+            yield f"data: {json.dumps({'error': error})}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
