@@ -176,7 +176,7 @@ def draft_count(k: int, draft_tokens: int | None) -> int:
 
     The later heads are right less often, while each fed token adds to the pass's cost, so
     on some devices and batch sizes verifying fewer drafts is faster (`mtp bench speculative
-    --draft-tokens N`). Any cap keeps greedy output identical and sampling exact."""
+    --draft-sweep`, `mtp bench engine`). Any cap keeps greedy output identical and sampling exact."""
     if draft_tokens is not None and draft_tokens < 0:
         raise ValueError("draft_tokens must be >= 0")
     return k - 1 if draft_tokens is None else min(draft_tokens, k - 1)

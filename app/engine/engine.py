@@ -77,7 +77,7 @@ def inference_thread() -> ThreadPoolExecutor:
     of its own, and the team stays. With more OpenMP threads than cores, libgomp sleeps
     sooner between parallel regions, and a decode step (hundreds of small parallel ops) pays
     a wake-up for many of them: on 2 cores, one op on a second thread made decoding on the
-    worker 1.4-1.7x slower for good (`mtp bench threads`). So the model is loaded, its caches
+    worker 1.3-1.6x slower for good (`mtp bench threads`). So the model is loaded, its caches
     allocated and every forward pass run on this thread only.
     """
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtp-worker")
@@ -126,7 +126,6 @@ class Engine:
         self._wakeup = asyncio.Event()
         self._executor = executor or inference_thread()
         self._task: asyncio.Task[None] | None = None
-        self._draft_policy: DraftPolicy | None = None
         self._batch = DecodeBatch(model, cfg.draft_tokens)
         self._accepting = False
         self._stopping = False
@@ -147,7 +146,7 @@ class Engine:
             await self._warmup()
             if self.cfg.adaptive_drafts and self.cfg.draft_tokens is None and self.k > 1:
                 costs = await loop.run_in_executor(self._executor, self._time_verify_steps)
-                self._draft_policy = self._batch.policy = DraftPolicy(self.k - 1, costs)
+                self._batch.policy = DraftPolicy(self.k - 1, costs)
         log.info("engine ready: k=%d, max_batch_size=%d, device=%s", self.k, self.cfg.max_batch_size, self.device)
 
     async def _warmup(self) -> None:
@@ -175,19 +174,23 @@ class Engine:
         sizes = sorted({min(2**i, self.cfg.max_batch_size) for i in range(self.cfg.max_batch_size.bit_length() + 1)})
         pos0 = max(0, min(64, self.max_seq_len - self.k))
         gen = torch.Generator(device=self.device).manual_seed(0)
-        vocab = self.model.cfg.vocab_size
+        vocab, dev = self.model.cfg.vocab_size, self.device
+        inputs: dict[tuple[int, int], tuple[Any, ...]] = {}  # built once per shape, outside the timings
 
         def step(b: int, n: int) -> None:
-            cur = torch.randint(0, vocab, (b,), device=self.device, generator=gen)
-            drafts = torch.randint(0, vocab, (b, n), device=self.device, generator=gen)
-            pos = torch.full((b,), pos0, device=self.device)
-            bs = BatchSampling.from_params([SamplingParams()] * b, [None] * b, self.device)
+            if (b, n) not in inputs:
+                inputs[b, n] = (
+                    torch.randint(0, vocab, (b,), device=dev, generator=gen),  # cur
+                    torch.randint(0, vocab, (b, n), device=dev, generator=gen),  # drafts
+                    torch.full((b,), pos0, device=dev),  # pos
+                    torch.full((b,), n, device=dev),  # max_accept
+                    BatchSampling.from_params([SamplingParams()] * b, [None] * b, dev),
+                    torch.ones(b, dtype=torch.bool, device=dev),  # want drafts
+                )
+            cur, drafts, pos, max_accept, bs, want = inputs[b, n]
             out = forward_step(self.model, cur, drafts if n else None, pos)
-            want = torch.ones(b, dtype=torch.bool, device=self.device)
-            accept_drafts(
-                out.head1, drafts, None, torch.full((b,), n, device=self.device), bs, want, out.drafts, self.k - 1
-            )
-            if self.device.type == "cuda":
+            accept_drafts(out.head1, drafts, None, max_accept, bs, want, out.drafts, self.k - 1)
+            if dev.type == "cuda":
                 torch.cuda.synchronize()
 
         with torch.inference_mode():
@@ -603,7 +606,7 @@ class Engine:
         """A failed decode step: fail every sequence in the batch and start a fresh one."""
         for seq in self._batch.seqs:
             self._finish_error(seq.item, error)
-        self._batch = DecodeBatch(self.model, self.cfg.draft_tokens, self._draft_policy)
+        self._batch = DecodeBatch(self.model, self.cfg.draft_tokens, self._batch.policy)
         self._update_gauges()
 
     def _update_gauges(self) -> None:
