@@ -42,8 +42,17 @@ class Settings(BaseSettings):
     max_stop_sequences: int = Field(8, ge=0)
     max_stop_length: int = Field(64, ge=1)
     max_body_bytes: int = Field(1_048_576, ge=1024)
+    max_input_chars: int = Field(32_768, ge=1)  # characters of any one text input, checked before tokenizing
+    max_tokenize_tokens: int = Field(8_192, ge=1)  # tokens /tokenize returns at most
+    max_temperature: float = Field(100.0, gt=0)
     request_timeout_s: float = Field(60.0, gt=0)
     body_timeout_s: float = Field(10.0, gt=0)  # a request body must arrive within this (slow-drip guard)
+    # queue places one client address may hold while their bodies arrive (None: a quarter of the queue, at least 4)
+    max_pending_bodies_per_client: int | None = Field(None, ge=1)
+
+    # connections
+    idle_timeout_s: float = Field(30.0, gt=0)  # a connection without a complete request header is closed after this
+    max_connections: int = Field(2048, ge=1)  # open connections; more are refused (kept below the fd limit too)
 
     # operations
     drain_timeout_s: float = Field(30.0, ge=0)
@@ -53,6 +62,10 @@ class Settings(BaseSettings):
     cors_origins: list[str] = []
     log_json: bool = False
     log_level: str = "INFO"
+
+    @property
+    def pending_bodies_per_client(self) -> int:
+        return self.max_pending_bodies_per_client or max(4, self.max_queue_size // 4)
 
     @field_validator("api_key")
     @classmethod

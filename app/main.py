@@ -108,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="Multi-token-prediction transformer: k-token probabilities and self-speculative generation.",
         lifespan=lifespan,
+        redirect_slashes=False,  # a redirect would echo the Host header; /predict/ is simply not found
         # Metrics are Prometheus (/metrics); FastAPI's native OpenTelemetry hooks would only
         # probe for providers on every request, so they are off.
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
@@ -128,6 +129,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s,
         enter=lambda: engine.enter() if (engine := app.state.service.engine) is not None else NO_TICKET,
+        api_key=settings.api_key,
+        bodies_per_client=settings.pending_bodies_per_client,
     )
     return app
 

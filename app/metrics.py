@@ -64,6 +64,11 @@ class Metrics:
             ["position"],
             registry=r,
         )
+        self.drafts_per_pass = Gauge(
+            "mtp_spec_drafts_per_pass",
+            "Drafts each row fed in the last decode step (the draft policy's choice)",
+            registry=r,
+        )
         self.spec_accepted_length = Histogram(
             "mtp_spec_accepted_length",
             "Tokens emitted per verify pass",

@@ -1,32 +1,102 @@
-"""`mtp serve`: uvicorn with a graceful drain on SIGTERM/SIGINT.
+"""`mtp serve`: uvicorn with a bounded drain on SIGTERM/SIGINT and guarded connections.
 
 On the first signal the service turns /ready to 503 and answers new work with 503, while
-in-flight requests (streams included) finish, up to the drain timeout; then uvicorn shuts
-down and the process exits 0. A second signal exits at once, with status 130.
+in-flight requests (streams included) finish, up to the drain timeout. Requests still running
+then end with an error (a final SSE error event on streams), and the process exits 0 within
+drain_timeout_s + 2 s. A second signal exits with status 130 within a second.
+
+Connections: one that has not sent a complete request header within idle_timeout_s (after
+connecting, or after its last response) is closed, and beyond max_connections open ones
+(kept below the file-descriptor limit) a new connection gets a 503 and is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import gc
 import logging
+import os
+import resource
 import socket
 import sys
+import threading
 from types import FrameType
+from typing import Any
 
+import torch
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.api.deps import ServiceState
 from app.config import Settings
+from app.engine.types import EngineNotReady
 from app.logs import setup_logging
 from app.main import create_app
+from app.model.checkpoint import CheckpointError, check_checkpoint
+from app.model.model import ModelConfig, MTPTransformer
 
 log = logging.getLogger(__name__)
 SWITCH_INTERVAL_S = 0.0005
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
 TRIM_THRESHOLD = 256 * 2**20
+FD_RESERVE = 64  # descriptors kept for the model files, logs and the listening socket
+SECOND_SIGNAL_EXIT_S = 0.5  # a second signal: streams get their error event, then the process exits
+BUSY = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol with an idle/header timeout and a cap on open connections.
+
+    uvicorn closes a keep-alive connection only after a response; one that never sends a
+    request, or drips its header a byte at a time, would stay open for good and hold a file
+    descriptor. Every idle_timeout_s a connection that has no request in progress and has
+    not started one since the last look is closed.
+    """
+
+    idle_timeout_s = 30.0
+    max_connections = 2048
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            transport.write(BUSY)
+            transport.close()
+            return
+        self._seen = self.cycle
+        self._idle = self.loop.call_later(self.idle_timeout_s, self._check_idle)
+
+    def _check_idle(self) -> None:
+        cycle = self.cycle
+        if cycle is self._seen and (cycle is None or cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()  # nothing arrived, or only part of a header: free the descriptor
+            return
+        self._seen = cycle
+        self._idle = self.loop.call_later(self.idle_timeout_s, self._check_idle)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if (idle := getattr(self, "_idle", None)) is not None:
+            idle.cancel()
+        super().connection_lost(exc)
+
+
+def connection_cap(wanted: int) -> int:
+    """wanted, kept below the file-descriptor limit (raised to the hard limit first where allowed)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    cap = min(wanted, max(1, soft - FD_RESERVE))
+    if cap < wanted:
+        log.warning("max_connections %d lowered to %d: the file-descriptor limit is %d", wanted, cap, soft)
+    return cap
 
 
 class DrainingServer(uvicorn.Server):
@@ -50,11 +120,31 @@ class DrainingServer(uvicorn.Server):
         gc.freeze()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._draining or self._loop is None or not self.started:
-            super().handle_exit(sig, frame)  # second signal, or not serving yet: exit now
+        if self._loop is None or not self.started:
+            super().handle_exit(sig, frame)  # not serving yet: uvicorn's own exit
+            return
+        if self._draining:
+            self._exit_now()
             return
         self._draining = True
         self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()) if self._loop else None)
+
+    def _exit_now(self) -> None:
+        """Second signal: every running request ends with its error, and the process exits 130."""
+        log.warning("second signal: ending running requests and exiting with 130")
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._fail_all)
+
+        def leave() -> None:
+            logging.shutdown()
+            os._exit(130)
+
+        threading.Timer(SECOND_SIGNAL_EXIT_S, leave).start()
+
+    def _fail_all(self) -> None:
+        engine = self.app.state.service.engine
+        if engine is not None:
+            engine.fail_all(EngineNotReady("the server is shutting down"))
 
     async def _drain(self) -> None:
         state: ServiceState = self.app.state.service
@@ -64,6 +154,8 @@ class DrainingServer(uvicorn.Server):
         finished = True
         if state.engine is not None:
             finished = await state.engine.drain(self.drain_timeout_s)
+            if not finished:  # the deadline: what still runs ends now, streams with an error event
+                state.engine.fail_all(EngineNotReady("the server is shutting down (drain timeout)"))
         await asyncio.sleep(0.2)  # let the last response frames reach their clients
         log.info("drain %s; shutting down", "complete" if finished else "timed out")
         self.should_exit = True
@@ -91,19 +183,58 @@ def fix_mmap_threshold(threshold: int) -> bool:
     return ok
 
 
+def memory_needed(cfg: ModelConfig, max_batch: int) -> int:
+    """Bytes the model takes in float32 (the largest dtype served): weights, position table, KV caches."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in MTPTransformer(cfg).parameters())
+    cache = 2 * cfg.n_layers * max_batch * cfg.num_heads * (cfg.max_seq_len + cfg.k - 1) * cfg.head_dim
+    return 4 * (params + cfg.max_seq_len * cfg.d_model + cache)
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where there is none)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as f:
+            line = next(x for x in f if x.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    return None
+
+
+def preflight(settings: Settings) -> None:
+    """The checks that need no weights, before uvicorn would turn a failure into a traceback."""
+    cfg = check_checkpoint(settings.checkpoint)
+    need, free = memory_needed(cfg, settings.max_batch_size), available_memory()
+    if settings.device in ("auto", "cpu") and free is not None and need > free:
+        raise CheckpointError(
+            f"{settings.checkpoint}: the model with KV caches for max_batch_size={settings.max_batch_size} "
+            f"x max_seq_len={cfg.max_seq_len} needs {need / 2**30:.1f} GiB; {free / 2**30:.1f} GiB is available"
+        )
+
+
 def serve(settings: Settings) -> int:
     setup_logging(settings.log_level, settings.log_json)
+    try:  # a broken checkpoint: its message and exit 2, no traceback (unless MTP_LOG_LEVEL=DEBUG)
+        preflight(settings)
+    except CheckpointError as exc:
+        log.error("cannot serve: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        return 2
     fix_mmap_threshold(settings.malloc_mmap_threshold)
     # The inference thread holds the GIL between torch ops; a short switch interval lets the
     # event loop get it back quickly, so /health, /metrics and 429s stay fast at full load.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     app = create_app(settings)
+    protocol: Any = type(
+        "Guarded",
+        (GuardedProtocol,),
+        {"idle_timeout_s": settings.idle_timeout_s, "max_connections": connection_cap(settings.max_connections)},
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_config=None,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
+        http=protocol,
+        timeout_graceful_shutdown=1,  # the drain already ended every request; this only closes sockets
         timeout_keep_alive=5,
     )
     server = DrainingServer(config, app, settings.drain_timeout_s)

@@ -6,11 +6,15 @@ thread pool, a thread hop per dependency per request that costs more than the ch
 
 from __future__ import annotations
 
-import hmac
+import asyncio
+import contextlib
+import functools
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
+from tokenizers import Encoding
 
 from app.api.errors import APIError
 from app.config import Settings
@@ -47,6 +51,9 @@ async def get_state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
+OFF_LOOP_CHARS = 2048  # longer inputs are tokenized on a thread (the tokenizer's batch call releases the GIL)
+
+
 @dataclass
 class Serving:
     """What an inference route needs once the service is ready."""
@@ -56,6 +63,20 @@ class Serving:
     tokenizer: Tokenizer
     model_config: ModelConfig
     settings: Settings
+
+    async def encodings(self, texts: list[str], field: str) -> list[Encoding]:
+        """Tokenize texts of at most max_input_chars each (422 naming the field), off the event loop when long."""
+        cap = self.settings.max_input_chars
+        for text in texts:
+            if len(text) > cap:
+                raise APIError(422, f"{field} has {len(text)} characters; the limit is {cap}")
+        run = functools.partial(self.tokenizer.hf.encode_batch, texts, add_special_tokens=False)
+        if sum(map(len, texts)) > OFF_LOOP_CHARS:
+            return await asyncio.to_thread(run)
+        return run()
+
+    async def encode(self, texts: list[str], field: str) -> list[list[int]]:
+        return [list(e.ids) for e in await self.encodings(texts, field)]
 
 
 async def get_serving(state: StateDep) -> Serving:
@@ -67,17 +88,27 @@ async def get_serving(state: StateDep) -> Serving:
 
 
 ServingDep = Annotated[Serving, Depends(get_serving)]
+T = TypeVar("T")
 
 
-async def require_api_key(request: Request, state: StateDep) -> None:
-    """Bearer-token check in constant time; a no-op when no MTP_API_KEY is set."""
-    key = state.settings.api_key
-    if key is None:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise APIError(401, "missing or invalid API key", "unauthorized")
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await work, cancelling it when the client goes away first (the engine then drops its
+    sequences at the next step). Raises APIError(499): the reply goes nowhere, the log says why."""
+    task = asyncio.ensure_future(work)
 
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
-AuthDep = Depends(require_api_key)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    if task.cancelled():
+        raise APIError(499, "the client disconnected", "cancelled")
+    return task.result()

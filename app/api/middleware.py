@@ -1,23 +1,27 @@
-"""Pure ASGI middleware: request ids, body-size limit, load shedding, per-route request metrics.
+"""Pure ASGI middleware: request ids, the API key, body-size limit, load shedding, per-route metrics.
 
 It runs outermost, in front of FastAPI's own middleware (see app.main.ServiceApp): a refused
-request then costs the door check and one write, not a pass through every layer.
+request then costs the door check and one write, not a pass through every layer. The order of
+the checks is the point: the key is checked from the headers before anything is held, so a
+client without it costs O(1) and can never take a queue place from one that has it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
-import json
 import re
 import secrets
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
 from typing import Any
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.errors import envelope
 from app.engine.engine import NO_TICKET, DoorTicket, door_ticket
 from app.metrics import Metrics
 
@@ -38,11 +42,13 @@ def new_request_id() -> str:
 
 
 SHED_PATHS = frozenset({"/predict", "/generate", "/generate_stream", "/v1/completions"})
+KEYED_PATHS = frozenset({"/predict", "/generate", "/generate_stream", "/tokenize"})  # and every /v1/ path
 
 # HTTP status -> failure reason in mtp_request_failures_total
 FAILURE_REASON = {
     401: "unauthorized",
     408: "timeout",
+    499: "cancelled",
     413: "too_large",
     422: "validation",
     429: "overloaded",
@@ -52,25 +58,20 @@ FAILURE_REASON = {
 }
 
 
-_REFUSAL = "queue full; retry later"
-_REFUSAL_BODY = json.dumps({"error": _REFUSAL, "error_type": "overloaded"}).encode()
-_REFUSAL_BODY_OPENAI = json.dumps({"error": {"message": _REFUSAL, "type": "overloaded"}}).encode()
-
-
-async def _send_json(send: Send, status: int, body: dict[str, Any] | bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *headers],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
+def authorized(headers: dict[bytes, bytes], key: str) -> bool:
+    """A bearer token equal to the key, compared in constant time."""
+    scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode())
 
 
 class RequestContext:
-    """X-Request-Id (accepted when well-formed, else generated), body limit (413) and metrics."""
+    """X-Request-Id, the API key, the door (queue places, 429), the body limits (413, 408) and metrics.
+
+    A place taken at the door is held while the body arrives (within body_timeout_s) and until
+    the request reaches the engine's queue. One client (by address) may hold at most
+    `bodies_per_client` places whose body is still arriving, so a few stalled connections
+    cannot fill the queue for everybody else.
+    """
 
     def __init__(
         self,
@@ -79,12 +80,17 @@ class RequestContext:
         max_body_bytes: int,
         body_timeout_s: float = 10.0,
         enter: Callable[[], DoorTicket | None] | None = None,
+        api_key: str | None = None,
+        bodies_per_client: int | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes
         self.body_timeout = body_timeout_s
         self.enter = enter  # holds a queue place for an inference request, None when full
+        self.api_key = api_key
+        self.bodies_per_client = bodies_per_client
+        self._arriving: Counter[str] = Counter()  # client address -> places held by bodies still arriving
         self._per_route: dict[tuple[str, int], tuple[Any, Any]] = {}  # labelled metric children
 
     def _observe(self, path: str, status: int, seconds: float) -> None:
@@ -97,6 +103,23 @@ class RequestContext:
         reason = FAILURE_REASON.get(status)
         if reason is not None:
             self.metrics.failures.labels(reason).inc()
+
+    def _needs_key(self, scope: Scope, path: str) -> bool:
+        if self.api_key is None or scope.get("method") == "OPTIONS":  # CORS preflights carry no credentials
+            return False
+        return path in KEYED_PATHS or path.startswith("/v1/")
+
+    def _refusal(self, scope: Scope, path: str, headers: dict[bytes, bytes], client: str) -> tuple[int, str, str]:
+        """(status, message, error_type) when the request is refused from its headers alone, else (0, ...)."""
+        if self._needs_key(scope, path) and not authorized(headers, self.api_key or ""):
+            return 401, "missing or invalid API key", "unauthorized"
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return 413, f"request body larger than {self.max_body} bytes", "too_large"
+        cap = self.bodies_per_client
+        if cap is not None and self.enter is not None and self._arriving[client] >= cap and path in SHED_PATHS:
+            return 429, f"too many requests from this client are still sending their body (at most {cap})", "overloaded"
+        return 0, "", ""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -117,32 +140,37 @@ class RequestContext:
                 message["headers"] = [*message["headers"], rid_header]
             await send(message)
 
+        async def refuse(status: int, message: str, error_type: str) -> None:
+            reply = envelope(status, message, error_type, openai=path.startswith("/v1/"))
+            await reply(scope, receive, send_wrapped)
+
         path = scope.get("path", "")
+        client = (scope.get("client") or ("-", 0))[0]
         ticket: DoorTicket | None = NO_TICKET
-        if self.enter is not None and scope.get("method") == "POST" and path in SHED_PATHS:
-            ticket = self.enter()
-        ticket_token = door_ticket.set(ticket or NO_TICKET)
+        arriving = False
+        ticket_token = door_ticket.set(NO_TICKET)
         try:
-            if ticket is None:
+            status, message, error_type = self._refusal(scope, path, headers, client)
+            if status:
+                await refuse(status, message, error_type)
+                return
+            if self.enter is not None and scope.get("method") == "POST" and path in SHED_PATHS:
                 # Shed load at the door: a full queue (counting the places held by requests
                 # already past the door) answers 429 before the body is read, parsed or
                 # tokenized, so refusals stay fast however hard the burst.
-                status_box[0] = 429
-                body = _REFUSAL_BODY_OPENAI if path.startswith("/v1/") else _REFUSAL_BODY
-                await _send_json(send, 429, body, [rid_header, (b"retry-after", b"1")])
-                return
-            length = headers.get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.max_body):
-                status_box[0] = 413
-                msg = f"request body larger than {self.max_body} bytes"
-                await _send_json(send, 413, {"error": msg, "error_type": "too_large"}, [rid_header])
-                return
+                ticket = self.enter()
+                if ticket is None:
+                    await refuse(429, "queue full; retry later", "overloaded")
+                    return
+                door_ticket.set(ticket)
+                arriving = ticket is not NO_TICKET
+                self._arriving[client] += arriving
             received = 0
             body_done = False
             body_deadline = time.monotonic() + self.body_timeout
 
             async def receive_limited() -> Message:
-                nonlocal received, body_done
+                nonlocal received, body_done, arriving
                 if body_done:  # later receive() calls wait for a disconnect (streams): no deadline
                     return await receive()
                 left = body_deadline - time.monotonic()
@@ -155,15 +183,20 @@ class RequestContext:
                     if received > self.max_body:
                         raise BodyTooLarge(self.max_body)
                     body_done = not message.get("more_body", False)
+                if (body_done or message["type"] == "http.disconnect") and arriving:
+                    self._arriving[client] -= 1
+                    arriving = False
                 return message
 
             try:
                 await self.app(scope, receive_limited, send_wrapped)
             except BodyTooLarge:
-                status_box[0] = 413
-                msg = f"request body larger than {self.max_body} bytes"
-                await _send_json(send, 413, {"error": msg, "error_type": "too_large"}, [rid_header])
+                await refuse(413, f"request body larger than {self.max_body} bytes", "too_large")
         finally:
+            if arriving:
+                self._arriving[client] -= 1
+            if self._arriving[client] <= 0:
+                del self._arriving[client]
             if ticket is not None:
                 ticket.release()  # a request that ended before reaching the queue frees its place
             door_ticket.reset(ticket_token)

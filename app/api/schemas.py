@@ -4,13 +4,39 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**63 - 1
 
 
+def unencodable(data: object, path: str = "") -> str | None:
+    """The path of the first string in data that UTF-8 cannot encode (a lone surrogate such as "\\ud800")."""
+    if isinstance(data, str):
+        try:
+            data.encode()
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        where = f"{path}.{key}" if path else str(key)
+        if (bad := unencodable(key, where)) or (bad := unencodable(value, where)):
+            return bad
+    return None
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)  # no "5" -> 5 coercion
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: object) -> object:
+        if (where := unencodable(data)) is not None:
+            raise PydanticCustomError(
+                "invalid_text", "{field}: not valid Unicode text (a lone surrogate)", {"field": where}
+            )
+        return data
 
 
 class ErrorResponse(BaseModel):
@@ -177,6 +203,14 @@ class Limits(BaseModel):
     max_batch_size: int
     max_queue_size: int
     request_timeout_s: float
+    max_input_chars: int
+    max_tokenize_tokens: int
+    max_temperature: float
+    max_top_k: int
+    max_pending_bodies_per_client: int
+    body_timeout_s: float
+    idle_timeout_s: float
+    max_connections: int
 
 
 class InfoResponse(BaseModel):
@@ -189,6 +223,9 @@ class InfoResponse(BaseModel):
     device: str
     dtype: str
     speculative: bool
+    draft_policy: dict[str, Any] | None = Field(
+        None, description="Greedy steps' draft count per batch size, from measured step costs and acceptance"
+    )
     limits: Limits
     auth_required: bool
 

@@ -50,6 +50,7 @@ class GenToken:
     special: bool
     last: bool = False  # the GenFinal follows at once
     flush: bool = True  # no further token is ready now (False: more of the same engine step follow)
+    released: str = ""  # text now safe to stream: none of it can turn out to begin a stop sequence
 
 
 @dataclass
@@ -93,6 +94,7 @@ async def run_generation(
     text = ""
     tokens: list[GenToken] = []
     longest_stop = max((len(s) for s in opts.stop), default=0)
+    released = 0  # characters of text handed out as GenToken.released
     stream = engine.generate(request)
     try:
         async for event in stream:
@@ -111,7 +113,18 @@ async def run_generation(
                     text += piece
                     cut = _find_stop(text, opts.stop, start)
                     shown = tok.id_to_text(tid) if special else piece
-                    gt = GenToken(len(tokens), tid, shown, lp, special, cut is not None or final_token, i == n - 1)
+                    safe = released if cut is not None else len(text) - _stop_prefix(text, opts.stop)
+                    gt = GenToken(
+                        index=len(tokens),
+                        id=tid,
+                        text=shown,
+                        logprob=lp,
+                        special=special,
+                        last=cut is not None or final_token,
+                        flush=i == n - 1,
+                        released=text[released:safe],
+                    )
+                    released = max(released, safe)
                     tokens.append(gt)
                     yield gt
                     if cut is not None:
@@ -124,6 +137,15 @@ async def run_generation(
                 return
     finally:
         await stream.aclose()
+
+
+def _stop_prefix(text: str, stops: list[str]) -> int:
+    """Length of the longest end of text that begins some stop sequence (0 if none)."""
+    for n in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
+        tail = text[-n:]
+        if any(s.startswith(tail) for s in stops):
+            return n
+    return 0
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:

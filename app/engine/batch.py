@@ -10,6 +10,7 @@ before it next touches the cache, so the event loop never copies cache memory.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,7 @@ class DecodeBatch:
         self.draft_probs: Tensor | None = None  # [n, k-1, V] when any row samples
         self.sampling = self._sampling()
         self.last_max_accept: list[int] = []  # drafts each row could accept in the last step
+        self.last_drafts = 0  # drafts fed per row in the last step
         self._survivors: list[int] | None = None  # old rows of self.seqs, until compact() runs
 
     def __len__(self) -> int:
@@ -107,8 +109,10 @@ class DecodeBatch:
         self.compact()
         k, n_draft = self.k, self.n_draft
         spec = self._want_drafts()
-        if self.policy is not None and not bool((spec & ~self.sampling.greedy).any()):
+        chosen = self.policy is not None and not bool((spec & ~self.sampling.greedy).any())
+        if self.policy is not None and chosen:
             n_draft = min(n_draft, self.policy.choose(len(self)))
+        t0 = time.perf_counter()
         remaining = torch.tensor([s.remaining for s in self.seqs], device=self.device)
         max_accept = torch.where(spec, (remaining - 1).clamp(min=0, max=n_draft), 0)  # [n]
         use_drafts = bool(spec.any()) and n_draft > 0
@@ -124,8 +128,11 @@ class DecodeBatch:
         self.pos = self.pos + res.n_emitted
         self.drafts, self.draft_probs = res.drafts, res.draft_probs
         self.last_max_accept = max_accept.tolist()
-        emitted = res.n_emitted.tolist()
+        emitted = res.n_emitted.tolist()  # waits for the device: the step is done
+        self.last_drafts = n_draft if use_drafts else 0
         if self.policy is not None:
+            if chosen:
+                self.policy.observe_cost(len(self), n_draft, time.perf_counter() - t0)
             self.policy.observe(self.last_max_accept, emitted)
         for s, m, n in zip(self.seqs, self.last_max_accept, emitted, strict=True):
             if m:

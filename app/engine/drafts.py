@@ -8,6 +8,13 @@ step at each (batch size, n) once, at start-up, and each step picks
 
     n* = argmax_n (1 + a_1 + .. + a_n) / cost(batch, n)
 
+The start-up table is only a first estimate: a noisy neighbour during those few milliseconds
+would otherwise fix a wrong choice for the life of the process. So each greedy step's own
+duration is fed back (`observe_cost`), a cost is the median of the recent steps at that
+(batch, n), and every EXPLORE_EVERY-th step at a batch size re-times the draft count seen
+least recently. Start-up timings are medians of interleaved rounds, and capped at what n+1
+plain steps would cost (feeding n+1 tokens in one pass never costs more).
+
 Greedy output does not depend on n. Sampled rows do (through their random draws), so a batch
 with a sampled speculative row always verifies every draft: a seeded request then gives the
 same text whatever shares its batch.
@@ -16,11 +23,15 @@ same text whatever shares its batch.
 from __future__ import annotations
 
 import bisect
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 
 PRIOR_STEPS = 8.0  # pseudo-observations behind each position's prior
 PRIOR_CONDITIONAL = 0.7  # prior a_j = 0.7 * a_(j-1): positions a busy batch never offers follow the last one measured
+RECENT_STEPS = 16  # step timings kept per (batch, n); their median is the cost
+EXPLORE_EVERY = 32  # every 32nd step at a batch size re-times the draft count measured least recently
 
 
 class DraftPolicy:
@@ -31,6 +42,16 @@ class DraftPolicy:
         self.costs = costs
         self.offered = [0] * max_drafts  # verify passes in which draft position j was offered
         self.accepted = [0] * max_drafts  # ... and accepted
+        self.recent = {b: [deque([c], maxlen=RECENT_STEPS) for c in row] for b, row in costs.items()}
+        self.steps = dict.fromkeys(costs, 0)  # choices made per measured batch size
+        self.last_seen = {b: [0] * (max_drafts + 1) for b in costs}  # step count when n was last timed
+
+    def cost(self, batch: int) -> list[float]:
+        """Current seconds per step at n = 0 .. max_drafts for a measured batch size: medians of recent steps."""
+        return [statistics.median(window) for window in self.recent[batch]]
+
+    def _bucket(self, batch: int) -> int:
+        return self.batches[min(bisect.bisect_left(self.batches, batch), len(self.batches) - 1)]
 
     def rates(self) -> list[float]:
         """a_j: the rate at which the first j drafts are all accepted."""
@@ -44,14 +65,36 @@ class DraftPolicy:
         """Drafts to verify in a pass over `batch` rows."""
         if not self.batches or self.max_drafts == 0:
             return self.max_drafts
-        i = min(bisect.bisect_left(self.batches, batch), len(self.batches) - 1)
-        cost = self.costs[self.batches[i]]  # the nearest measured batch size at or above
+        b = self._bucket(batch)  # the nearest measured batch size at or above
+        self.steps[b] += 1
+        if self.steps[b] % EXPLORE_EVERY == 0:
+            seen = self.last_seen[b]
+            return seen.index(min(seen))
+        return self.best(b)
+
+    def best(self, b: int) -> int:
+        """The draft count with the most expected tokens per second at measured batch size b."""
+        cost = self.cost(b)
         best, best_rate, expected = 0, 1.0 / cost[0], 1.0
         for n, a in enumerate(self.rates(), start=1):
             expected += a
             if expected / cost[n] > best_rate:
                 best, best_rate = n, expected / cost[n]
         return best
+
+    def observe_cost(self, batch: int, n: int, seconds: float) -> None:
+        """A greedy step's duration; only exact measured batch sizes count (a smaller batch costs less)."""
+        if batch in self.recent and 0 <= n <= self.max_drafts:
+            self.recent[batch][n].append(seconds)
+            self.last_seen[batch][n] = self.steps[batch]
+
+    def describe(self) -> dict[str, object]:
+        """What the policy does now, for /info."""
+        return {
+            "acceptance": [round(a, 3) for a in self.rates()],
+            "drafts_by_batch": {b: self.best(b) for b in self.batches},
+            "step_ms": {b: [round(c * 1e3, 3) for c in self.cost(b)] for b in self.batches},
+        }
 
     def observe(self, offered: list[int], emitted: list[int]) -> None:
         """One step's rows: drafts offered (max_accept) and tokens emitted (accepted + 1)."""
@@ -64,20 +107,27 @@ class DraftPolicy:
 def time_steps(
     step: Callable[[int, int], None], batches: list[int], max_drafts: int, reps: int = 8
 ) -> dict[int, list[float]]:
-    """Fastest of `reps` timings of step(batch, n_drafts) for every batch size and n = 0 .. max_drafts
-    (the minimum: interference from other work on the machine only ever adds time), made
-    non-decreasing in n: a pass that feeds more tokens never costs less, so a lower timing
-    for more drafts is noise."""
+    """Seconds of step(batch, n_drafts) for every batch size and n = 0 .. max_drafts.
+
+    Each shape is run once to warm it, then `reps` rounds time every shape in turn, so a burst
+    of interference hits all shapes alike rather than a few; the median of a shape's rounds is
+    its cost. A row is then made non-decreasing in n (feeding more tokens never costs less)
+    and capped at (n+1) x the plain step (one pass never costs more than n+1 plain ones).
+    """
+    shapes = [(b, n) for b in batches for n in range(max_drafts + 1)]
+    for b, n in shapes:
+        step(b, n)
+    times: dict[tuple[int, int], list[float]] = {shape: [] for shape in shapes}
+    for _ in range(reps):
+        for b, n in shapes:
+            t0 = time.perf_counter()
+            step(b, n)
+            times[b, n].append(time.perf_counter() - t0)
     costs: dict[int, list[float]] = {}
     for b in batches:
         row: list[float] = []
         for n in range(max_drafts + 1):
-            step(b, n)  # warm this shape
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                step(b, n)
-                times.append(time.perf_counter() - t0)
-            row.append(max(min(times), row[-1] if row else 0.0))
+            median = statistics.median(times[b, n])
+            row.append(median if not row else min(max(median, row[-1]), (n + 1) * row[0]))
         costs[b] = row
     return costs

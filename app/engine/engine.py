@@ -29,6 +29,7 @@ from app.decoding.speculative import accept_drafts
 from app.engine.batch import DecodeBatch, Sequence
 from app.engine.drafts import DraftPolicy, time_steps
 from app.engine.types import (
+    EngineError,
     EngineFailure,
     EngineNotReady,
     EngineOverloaded,
@@ -132,6 +133,7 @@ class Engine:
         self._busy_since: float | None = None
         self._last_predict_batch = 0
         self._at_door = 0  # queue places held by requests past the door, not yet submitted
+        self._predicting: list[PredictItem] = []  # the /predict batch on the worker now
         self.forward_passes = 0  # every forward pass the worker ran (tests count batching with it)
         self.fault_hook: Callable[[str], None] | None = None  # test seam: raise inside a forward
 
@@ -220,13 +222,19 @@ class Engine:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        for item in list(self._predict_q):
-            self._fail_predict(item, EngineNotReady("the server is shutting down"))
-        for gitem in list(self._gen_q) + [s.item for s in self._batch.seqs]:
-            self._finish_error(gitem, EngineNotReady("the server is shutting down"))
+        self.fail_all(EngineNotReady("the server is shutting down"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def fail_all(self, error: EngineError) -> None:
+        """End every queued and running request with error now (streams get it as their last event).
+
+        Running sequences leave the batch at the next step boundary, as cancelled ones do."""
+        for item in [*self._predict_q, *self._predicting]:
+            self._fail_predict(item, error)
+        for gitem in [*self._gen_q, *(s.item for s in self._batch.seqs)]:
+            self._finish_error(gitem, error)
         self._predict_q.clear()
         self._gen_q.clear()
-        self._executor.shutdown(wait=False, cancel_futures=True)
         self._update_gauges()
 
     def queue_full(self) -> bool:
@@ -273,10 +281,24 @@ class Engine:
         if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidRequest(f"token ids must be in [0, {vocab})")
 
+    def _check_sampling(self, p: SamplingParams) -> None:
+        """A row's parameters become batch tensors: a bad one would fail every request it is batched with."""
+        vocab = self.model.cfg.vocab_size
+        if not 0 <= p.top_k <= vocab:
+            raise InvalidRequest(f"top_k must be in [0, {vocab}] (0 = off)")
+        if not 0.0 <= p.temperature < float("inf"):
+            raise InvalidRequest("temperature must be a finite number >= 0")
+        if not 0.0 < p.top_p <= 1.0:
+            raise InvalidRequest("top_p must be in (0, 1]")
+        if p.seed is not None and not 0 <= p.seed < 2**64:
+            raise InvalidRequest("seed must be in [0, 2^64)")
+
     async def predict(self, requests: list[PredictRequest]) -> list[Scores]:
         """Score each request's next k tokens; the requests may share forward passes with others."""
         for r in requests:
             self._check_ids(r.prompt_ids)
+            if not 1 <= r.top_n <= self.model.cfg.vocab_size:
+                raise InvalidRequest(f"top_n must be in [1, {self.model.cfg.vocab_size}]")
             for cand in r.candidates:
                 if not 1 <= len(cand) <= self.k:
                     raise InvalidRequest(f"each candidate needs 1 to {self.k} tokens")
@@ -289,7 +311,10 @@ class Engine:
         self._update_gauges()
         self._wakeup.set()
         try:
-            return list(await asyncio.gather(*(i.future for i in items if i.future is not None)))
+            async with asyncio.timeout(self.cfg.request_timeout_s):  # also when the forward outlasts it
+                return list(await asyncio.gather(*(i.future for i in items if i.future is not None)))
+        except TimeoutError:
+            raise self._timed_out("predict") from None
         finally:
             for item in items:  # a caller that went away leaves nothing behind in the queue
                 if item.future is not None and not item.future.done():
@@ -303,6 +328,7 @@ class Engine:
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[Event, None]:
         """Stream events for one sequence; closing the iterator early cancels the sequence."""
         self._check_ids(request.prompt_ids, request.max_new_tokens)
+        self._check_sampling(request.sampling)
         if request.max_new_tokens < 1:
             raise InvalidRequest("max_new_tokens must be at least 1")
         self._admit(1)
@@ -387,6 +413,11 @@ class Engine:
         with torch.inference_mode():
             return fn()
 
+    def _timed_out(self, where: str) -> EngineTimeout:
+        """The one timeout error (504), logged as one line: an expected event, not a fault."""
+        log.info("request timed out after %gs (%s)", self.cfg.request_timeout_s, where)
+        return EngineTimeout(f"request timed out after {self.cfg.request_timeout_s:g}s")
+
     def _expired(self, item: PredictItem | GenerateItem, now: float) -> bool:
         if item.cancelled:
             self.metrics.failures.labels("cancelled").inc()
@@ -412,7 +443,7 @@ class Engine:
             if item.future is not None and item.future.done():
                 continue  # the caller went away
             if self._expired(item, now):
-                self._fail_predict(item, EngineTimeout("request timed out in the queue"))
+                self._fail_predict(item, self._timed_out("predict, in the queue"))
                 continue
             items.append(item)
         self._update_gauges()
@@ -425,6 +456,7 @@ class Engine:
         prompts = [i.request.prompt_ids for i in items]
         top_n = max(i.request.top_n for i in items)
         cands = [i.request.candidates for i in items]
+        self._predicting = items
         try:
             scores = await self._in_worker("predict", lambda: score_next(self.model, prompts, top_n, cands))
         except Exception as exc:
@@ -432,6 +464,8 @@ class Engine:
             for item in items:
                 self._fail_predict(item, EngineFailure(f"forward pass failed: {type(exc).__name__}"))
             return
+        finally:
+            self._predicting = []
         for b, item in enumerate(items):
             if item.future is not None and not item.future.done():
                 item.future.set_result(_row(scores, b, item.request.top_n))
@@ -443,7 +477,7 @@ class Engine:
         while self._gen_q and len(items) < free:
             item = self._gen_q.popleft()
             if self._expired(item, now):
-                self._finish_error(item, EngineTimeout("request timed out in the queue"))
+                self._finish_error(item, self._timed_out("generate, in the queue"))
                 continue
             items.append(item)
         self._update_gauges()
@@ -489,7 +523,7 @@ class Engine:
         now = time.monotonic()
         for s in self._batch.seqs:
             if not s.item.finished and self._expired(s.item, now):
-                err = EngineTimeout("generation timed out") if not s.item.cancelled else None
+                err = self._timed_out("generate") if not s.item.cancelled else None
                 self._finish(s, "cancelled", err)
         self._drop_finished()
         if not len(self._batch):
@@ -505,6 +539,7 @@ class Engine:
 
     def _decode_sync(self) -> list[tuple[Sequence, list[int], list[float]]]:
         res = self._batch.step()
+        self.metrics.drafts_per_pass.set(self._batch.last_drafts)
         counts = res.n_emitted.tolist()
         self._count_speculation(self._batch.last_max_accept, counts)
         return self._collect(res.tokens.tolist(), res.logprobs.tolist(), counts, 0)
@@ -544,7 +579,10 @@ class Engine:
         now = time.monotonic()
         m = self.metrics
         for seq, toks, lps in outputs:
-            if seq.item.finished:
+            if seq.item.finished or seq.item.cancelled:  # a cancelled one leaves at the next step
+                continue
+            if now > seq.item.deadline:  # a pass that ended past the deadline delivers nothing
+                self._finish(seq, "cancelled", self._timed_out("generate"))
                 continue
             if toks:
                 if seq.last_token_at is None:
@@ -614,7 +652,14 @@ class Engine:
         self.metrics.running.set(len(self._batch))
 
     def info(self) -> dict[str, Any]:
-        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "k": self.k}
+        policy = self._batch.policy
+        return {
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "k": self.k,
+            "speculative": self.cfg.speculative and self.k > 1,
+            "draft_policy": policy.describe() if policy is not None else None,
+        }
 
 
 def _row(scores: Scores, b: int, top_n: int) -> Scores:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from app.model.model import ConfigError, ModelConfig, MTPTransformer
@@ -91,19 +91,59 @@ def load_weights(path: Path, model: MTPTransformer) -> None:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: corrupt safetensors file ({exc})") from exc
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    _check_tensors(path, {name: tuple(t.shape) for name, t in tensors.items()}, expected)
+    model.load_state_dict(tensors)
+
+
+def check_checkpoint(ckpt_dir: str | Path) -> ModelConfig:
+    """Everything load_checkpoint checks except the weights' values: config, tokenizer, tensor names
+    and shapes (from the safetensors header). Cheap; raises CheckpointError."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: checkpoint directory not found")
+    cfg = load_config(root)
+    _check_vocab(root, load_tokenizer(root), cfg)
+    path = root / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors file ({exc})") from exc
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in MTPTransformer(cfg).state_dict().items()}
+    _check_tensors(path, shapes, expected)
+    return cfg
+
+
+def _check_vocab(root: Path, tokenizer: Tokenizer, cfg: ModelConfig) -> None:
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(
+            f"{root / TOKENIZER_FILE}: tokenizer has {tokenizer.vocab_size} tokens, "
+            f"config vocab_size is {cfg.vocab_size}"
+        )
+    if tokenizer.vocab_size < cfg.vocab_size:  # e.g. an embedding padded to a multiple of 64
+        log.warning(
+            "the model has %d token ids, its tokenizer %d: ids %d.. have no text and decode as ''",
+            cfg.vocab_size,
+            tokenizer.vocab_size,
+            tokenizer.vocab_size,
+        )
+        tokenizer.cover(cfg.vocab_size)
+
+
+def _check_tensors(path: Path, shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> None:
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: tensor names do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
-            raise CheckpointError(
-                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, config expects {tuple(expected[name].shape)}"
-            )
-    model.load_state_dict(tensors)
+    for name, shape in shapes.items():
+        if shape != expected[name]:
+            raise CheckpointError(f"{path}: tensor {name} has shape {shape}, config expects {expected[name]}")
 
 
 def load_checkpoint(
@@ -115,11 +155,7 @@ def load_checkpoint(
         raise CheckpointError(f"{root}: checkpoint directory not found")
     cfg = load_config(root)
     tokenizer = load_tokenizer(root)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise CheckpointError(
-            f"{root / TOKENIZER_FILE}: tokenizer has {tokenizer.vocab_size} tokens, "
-            f"config vocab_size is {cfg.vocab_size}"
-        )
+    _check_vocab(root, tokenizer, cfg)
     model = MTPTransformer(cfg)
     load_weights(root / WEIGHTS_FILE, model)
     model.to(device=device, dtype=resolve_dtype(dtype)).eval()

@@ -53,6 +53,11 @@ class Tokenizer:
                 self._bytes.append(bytes(table[c] for c in piece))
         self.special_ids = frozenset(special)
 
+    def cover(self, vocab_size: int) -> None:
+        """Give ids up to vocab_size (a model's padded vocabulary) an empty text, so any id the model
+        emits decodes."""
+        self._bytes.extend(b"" for _ in range(len(self._bytes), vocab_size))
+
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
         hf = HFTokenizer(models.BPE())

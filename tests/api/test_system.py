@@ -38,6 +38,7 @@ EXPECTED_FAMILIES = {
     "mtp_spec_accepted_tokens": "counter",
     "mtp_spec_accepted_by_position": "counter",
     "mtp_spec_accepted_length": "histogram",
+    "mtp_spec_drafts_per_pass": "gauge",
 }
 
 

@@ -1,5 +1,7 @@
 """DraftPolicy: the draft count with the most expected tokens per second of verify pass."""
 
+import time
+
 import pytest
 
 from app.engine.drafts import DraftPolicy, time_steps
@@ -58,3 +60,37 @@ def test_time_steps_never_lets_more_drafts_cost_less(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr("app.engine.drafts.time.perf_counter", lambda: clock[0])
     assert time_steps(step, [1], 2, reps=2)[1] == [2.0, 2.0, 3.0]
+
+
+def test_a_noisy_startup_table_is_corrected_by_the_steps_that_run() -> None:
+    """Start-up timing under a noisy neighbour made drafts look 50x dearer: the policy starts with
+    none, re-times other draft counts while serving, and ends up verifying all of them."""
+    true_cost = [1.0, 1.05, 1.1]
+    policy = DraftPolicy(2, {1: [1.0, 50.0, 50.0]})
+    assert policy.choose(1) == 0
+    for _ in range(400):
+        n = policy.choose(1)
+        policy.observe_cost(1, n, true_cost[n])
+        policy.observe([n], [n + 1])  # every draft offered is accepted
+    assert policy.best(1) == 2
+    assert policy.describe()["drafts_by_batch"] == {1: 2}
+
+
+def test_step_timings_only_count_at_measured_batch_sizes() -> None:
+    policy = DraftPolicy(1, {1: [1.0, 1.0], 4: [1.0, 1.0]})
+    policy.observe_cost(3, 1, 100.0)  # 3 rows cost less than the 4 measured: not comparable
+    assert policy.cost(4) == [1.0, 1.0]
+
+
+def test_time_steps_takes_medians_and_caps_outliers() -> None:
+    calls = {"n": 0}
+
+    def step(b: int, n: int) -> None:
+        calls["n"] += 1
+        time.sleep(0.03 if calls["n"] == 8 else 0.001)  # one burst of interference
+        if n == 2:
+            time.sleep(0.02)  # a shape that is always slow, past (n+1) x the plain step
+
+    costs = time_steps(step, [1], 2, reps=5)
+    assert costs[1][0] < 0.01 and costs[1][1] < 0.01  # the burst is not anyone's median
+    assert costs[1][2] == pytest.approx(3 * costs[1][0])  # capped at three plain steps

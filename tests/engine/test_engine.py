@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -321,7 +322,8 @@ async def test_request_expired_in_queue_times_out(engine_factory: Callable[..., 
     await wait_for(lambda: engine._busy_since is not None)
     with pytest.raises(EngineTimeout):
         await engine.predict([PredictRequest([2])])
-    await first  # already running when its deadline passed: it completes
+    with pytest.raises(EngineTimeout):
+        await first  # already running when its deadline passed: the deadline still holds
 
 
 async def test_long_forward_pass_marks_worker_stalled(engine_factory: Callable[..., Any]) -> None:
@@ -332,3 +334,39 @@ async def test_long_forward_pass_marks_worker_stalled(engine_factory: Callable[.
     assert engine.health().detail == "worker stalled"
     await task
     assert not engine.health().stalled
+
+
+def random_params(rng: random.Random) -> SamplingParams:
+    pick = rng.choice
+    return SamplingParams(
+        temperature=pick([0.0, 1e-9, 0.7, 1.0, 50.0, 1e308, float("inf"), float("nan"), -1.0]),
+        top_k=pick([0, 1, 5, 299, 300, 301, -1, 2**63, 2**70]),
+        top_p=pick([1.0, 0.9, 1e-30, 0.0, 1.5, float("nan")]),
+        do_sample=pick([True, False]),
+        seed=pick([None, 0, 7, 2**63 - 1, 2**64, -5]),
+    )
+
+
+async def test_fuzzed_sampling_parameters_inside_a_batch_of_good_requests(engine_factory: Callable[..., Any]) -> None:
+    engine = await engine_factory()
+
+    async def run(params: SamplingParams) -> list[int]:
+        out: list[int] = []
+        async for ev in engine.generate(GenerateRequest([5, 6, 7], max_new_tokens=6, sampling=params)):
+            if isinstance(ev, TokenEvent):
+                out.extend(ev.token_ids)
+        return out
+
+    want = await run(SamplingParams())
+    rng = random.Random(0)
+    for _ in range(6):
+        fuzzed = [random_params(rng) for _ in range(5)]
+        results = await asyncio.gather(
+            *[run(SamplingParams()) for _ in range(4)], *map(run, fuzzed), return_exceptions=True
+        )
+        assert results[:4] == [want] * 4, results
+        for params, res in zip(fuzzed, results[4:], strict=True):
+            if isinstance(res, BaseException):
+                assert isinstance(res, InvalidRequest), (params, res)
+            else:
+                assert len(res) == 6, params

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from app.api.deps import AuthDep, Serving, ServingDep
+from app.api.deps import Serving, ServingDep, unless_disconnected
 from app.api.errors import APIError, engine_error_status
 from app.api.schemas import (
     INFERENCE_ERRORS,
@@ -32,7 +31,7 @@ from app.engine.types import EngineError
 log = logging.getLogger(__name__)
 STATUS_OF = {"overloaded": 429, "not_ready": 503, "timeout": 504, "validation": 422}
 FAILURE_OF = {"overloaded": "overloaded", "not_ready": "not_ready", "timeout": "timeout", "validation": "validation"}
-router = APIRouter(tags=["inference"], dependencies=[AuthDep])
+router = APIRouter(tags=["inference"])
 
 
 def sse_content(*payloads: type[BaseModel]) -> dict[str, Any]:
@@ -84,6 +83,8 @@ def options_for(params: GenerateParameters, srv: Serving) -> GenOptions:
         raise APIError(422, f"at most {s.max_stop_sequences} stop sequences")
     if any(not st or len(st) > s.max_stop_length for st in params.stop):
         raise APIError(422, f"stop sequences must be 1 to {s.max_stop_length} characters")
+    if params.temperature is not None and params.temperature > s.max_temperature:
+        raise APIError(422, f"temperature must be at most {s.max_temperature:g}")
     return GenOptions(
         max_new_tokens=params.max_new_tokens,
         temperature=params.temperature,
@@ -96,23 +97,23 @@ def options_for(params: GenerateParameters, srv: Serving) -> GenOptions:
     )
 
 
-def prompt_ids(inputs: str, max_new_tokens: int, srv: Serving) -> list[int]:
+async def prompt_ids(inputs: str, max_new_tokens: int, srv: Serving, field: str = "inputs") -> list[int]:
     """Tokenize a prompt and check it against the input cap and the context; raises APIError(422)."""
-    ids = srv.tokenizer.encode(inputs)
+    [ids] = await srv.encode([inputs], field)
     if not ids:
-        raise APIError(422, "inputs must not be empty")
+        raise APIError(422, f"{field} must not be empty")
     limit = srv.state.max_input_tokens
     if len(ids) > limit:
-        raise APIError(422, f"inputs have {len(ids)} tokens; the limit is {limit}")
+        raise APIError(422, f"{field} has {len(ids)} tokens; the limit is {limit}")
     ctx = srv.model_config.max_seq_len
     if len(ids) + max_new_tokens > ctx:
-        raise APIError(422, f"inputs tokens ({len(ids)}) + max_new_tokens ({max_new_tokens}) must be <= {ctx}")
+        raise APIError(422, f"{field} tokens ({len(ids)}) + max_new_tokens ({max_new_tokens}) must be <= {ctx}")
     return ids
 
 
-def prepare(params: GenerateParameters, inputs: str, srv: Serving) -> tuple[list[int], GenOptions]:
+async def prepare(params: GenerateParameters, inputs: str, srv: Serving) -> tuple[list[int], GenOptions]:
     opts = options_for(params, srv)
-    return prompt_ids(inputs, params.max_new_tokens, srv), opts
+    return await prompt_ids(inputs, params.max_new_tokens, srv), opts
 
 
 def details_of(final: GenFinal, with_tokens: bool) -> Details:
@@ -139,14 +140,10 @@ def _token(t: GenToken) -> Token:
 
 
 async def complete(srv: Serving, ids: list[int], opts: GenOptions) -> GenFinal:
-    """Run a generation to the end (non-streaming), bounded by the request timeout."""
-    try:
-        async with asyncio.timeout(srv.settings.request_timeout_s):
-            async for out in run_generation(srv.engine, srv.tokenizer, ids, opts):
-                if isinstance(out, GenFinal):
-                    return out
-    except TimeoutError:
-        raise APIError(504, "request timed out", "timeout") from None
+    """Run a generation to the end (non-streaming); the engine's deadline bounds it (504)."""
+    async for out in run_generation(srv.engine, srv.tokenizer, ids, opts):
+        if isinstance(out, GenFinal):
+            return out
     raise APIError(500, "generation ended without a result", "internal")
 
 
@@ -162,34 +159,33 @@ async def event_stream(
     # The events of the tokens one engine step emitted (several, when drafts were accepted)
     # go out in one write: one send, and one read for the client, instead of one per token.
     pending: list[str] = []
+    # No asyncio.timeout here: it would cancel the response task while this generator waits
+    # at a yield (a traceback in the log); the engine's deadline ends the stream with a 504 event.
     try:
-        async with asyncio.timeout(srv.settings.request_timeout_s):
-            last: GenToken | None = None
-            async for out in run_generation(srv.engine, srv.tokenizer, ids, opts):
-                if isinstance(out, GenToken):
-                    if out.last:  # held back one moment: the final event carries it
-                        last = out
-                        continue
-                    pending.append(sse(StreamEvent(index=out.index, token=_token(out)).model_dump()))
-                    if out.flush:
-                        yield "".join(pending)
-                        pending.clear()
+        last: GenToken | None = None
+        async for out in run_generation(srv.engine, srv.tokenizer, ids, opts):
+            if isinstance(out, GenToken):
+                if out.last:  # held back one moment: the final event carries it
+                    last = out
                     continue
-                if last is None:
-                    break
-                ev = StreamEvent(
-                    index=last.index,
-                    token=_token(last),
-                    generated_text=prefix + out.generated_text,
-                    details=details_of(out, with_tokens=False),
-                )
-                pending.append(sse(ev.model_dump(exclude={"details": {"tokens"}})))
-                yield "".join(pending)
-                pending.clear()
-    except TimeoutError:
-        error: dict[str, object] = {"error": "request timed out", "error_type": "timeout"}
+                pending.append(sse(StreamEvent(index=out.index, token=_token(out)).model_dump()))
+                if out.flush:
+                    yield "".join(pending)
+                    pending.clear()
+                continue
+            if last is None:
+                break
+            ev = StreamEvent(
+                index=last.index,
+                token=_token(last),
+                generated_text=prefix + out.generated_text,
+                details=details_of(out, with_tokens=False),
+            )
+            pending.append(sse(ev.model_dump(exclude={"details": {"tokens"}})))
+            yield "".join(pending)
+            pending.clear()
     except EngineError as exc:
-        error = {"error": str(exc), "error_type": engine_error_status(exc)[1]}
+        error: dict[str, object] = {"error": str(exc), "error_type": engine_error_status(exc)[1]}
     else:
         return
     if pending:  # tokens produced before the failure still reach the client, then the error
@@ -198,12 +194,12 @@ async def event_stream(
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=SSE_DOC)
-async def generate(req: GenerateRequest, srv: ServingDep) -> GenerateResponse | StreamingResponse:
+async def generate(req: GenerateRequest, srv: ServingDep, request: Request) -> GenerateResponse | StreamingResponse:
     """Generate a continuation; with "stream": true, as server-sent events."""
-    ids, opts = prepare(req.parameters, req.inputs, srv)
+    ids, opts = await prepare(req.parameters, req.inputs, srv)
     if req.stream:
         return await _stream(srv, ids, opts, req)
-    final = await complete(srv, ids, opts)
+    final = await unless_disconnected(request, complete(srv, ids, opts))
     text = (req.inputs if req.parameters.return_full_text else "") + final.generated_text
     return GenerateResponse(generated_text=text, details=details_of(final, True) if req.parameters.details else None)
 
@@ -211,7 +207,7 @@ async def generate(req: GenerateRequest, srv: ServingDep) -> GenerateResponse | 
 @router.post("/generate_stream", response_class=StreamingResponse, responses=STREAM_DOC)
 async def generate_stream(req: GenerateRequest, srv: ServingDep) -> StreamingResponse:
     """Generate a continuation as server-sent events, one event per token."""
-    ids, opts = prepare(req.parameters, req.inputs, srv)
+    ids, opts = await prepare(req.parameters, req.inputs, srv)
     return await _stream(srv, ids, opts, req)
 
 

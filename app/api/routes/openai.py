@@ -6,21 +6,22 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator
-from typing import Literal
+from collections.abc import AsyncGenerator, Coroutine
+from typing import Any, Literal, TypeVar
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from app.api.deps import AuthDep, Serving, ServingDep, StateDep
+from app.api.deps import Serving, ServingDep, StateDep, unless_disconnected
 from app.api.errors import APIError, engine_error_status
 from app.api.routes.generate import options_for, prompt_ids
 from app.api.schemas import INFERENCE_ERRORS, MAX_SEED, GenerateParameters, OpenAIError, Strict, error_responses
 from app.api.textgen import GenFinal, GenOptions, GenToken, run_generation
 from app.engine.types import EngineError
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[AuthDep])
+router = APIRouter(prefix="/v1", tags=["openai"])
+T = TypeVar("T")
 
 
 class StreamOptions(Strict):
@@ -119,6 +120,21 @@ def _choice(final: GenFinal, index: int, with_logprobs: bool) -> CompletionChoic
     return CompletionChoice(text=final.text_without_stop, index=index, logprobs=logprobs, finish_reason=reason)
 
 
+async def all_or_nothing(works: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run the works together; the first failure cancels the others at once and is raised."""
+    tasks = [asyncio.ensure_future(w) for w in works]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for t in tasks:
+            t.cancel()  # no-op for finished ones; a refused sibling frees the queue places of the rest
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for t in done:
+        if not t.cancelled() and t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]
+    return [t.result() for t in tasks]
+
+
 async def _run(srv: Serving, ids: list[int], opts: GenOptions) -> GenFinal:
     async for out in run_generation(srv.engine, srv.tokenizer, ids, opts):
         if isinstance(out, GenFinal):
@@ -146,25 +162,21 @@ async def _run(srv: Serving, ids: list[int], opts: GenOptions) -> GenFinal:
         **error_responses(*INFERENCE_ERRORS, model=OpenAIError),
     },
 )
-async def completions(req: CompletionRequest, srv: ServingDep) -> Completion | StreamingResponse:
+async def completions(req: CompletionRequest, srv: ServingDep, request: Request) -> Completion | StreamingResponse:
     """Complete one prompt or several (one choice each); "stream": true sends SSE chunks ending in [DONE]."""
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if not prompts or len(prompts) > srv.settings.max_inputs_per_request:
         raise APIError(422, f"prompt must hold 1 to {srv.settings.max_inputs_per_request} texts")
     params = _params(req)
     opts = options_for(params, srv)
-    prepared = [prompt_ids(p, params.max_new_tokens, srv) for p in prompts]
+    prepared = [await prompt_ids(p, params.max_new_tokens, srv, "prompt") for p in prompts]
     model = req.model or srv.state.model_id
     cid = f"cmpl-{uuid.uuid4().hex}"
     if req.stream:
         if len(prompts) != 1:
             raise APIError(422, "streaming takes a single prompt")
         return await _stream(srv, prepared[0], opts, req, cid, model)
-    try:
-        async with asyncio.timeout(srv.settings.request_timeout_s):
-            finals = await asyncio.gather(*(_run(srv, ids, opts) for ids in prepared))
-    except TimeoutError:
-        raise APIError(504, "request timed out", "timeout") from None
+    finals = await unless_disconnected(request, all_or_nothing([_run(srv, ids, opts) for ids in prepared]))
     completion_tokens = sum(f.generated_tokens for f in finals)
     prompt_tokens = sum(len(ids) for ids in prepared)
     return Completion(
@@ -209,40 +221,32 @@ async def _stream(
         want_lp = req.logprobs is not None
         pending: list[str] = []  # one engine step's chunks, sent in one write (as /generate does)
         error: dict[str, object] | None = None
-        try:
-            async with asyncio.timeout(srv.settings.request_timeout_s):
-                out: GenToken | GenFinal = first
-                held: GenToken | None = None  # the last token waits for the final text (stop sequences)
-                sent = ""
-                while True:
-                    if isinstance(out, GenToken):
-                        if out.last:
-                            held = out
-                        else:
-                            sent += out.text
-                            pending.append(chunk(out.text, None, out.logprob if want_lp else None))
-                            if out.flush:
-                                yield "".join(pending)
-                                pending.clear()
-                    else:
-                        if held is not None:  # emit what remains of the text without the stop sequence
-                            rest = out.text_without_stop[len(sent) :]
-                            pending.append(chunk(rest, None, held.logprob if want_lp else None))
-                        pending.append(chunk("", "length" if out.finish_reason == "length" else "stop"))
-                        if req.stream_options and req.stream_options.include_usage:
-                            usage = {
-                                "prompt_tokens": len(ids),
-                                "completion_tokens": out.generated_tokens,
-                                "total_tokens": len(ids) + out.generated_tokens,
-                            }
-                            payload = {"id": cid, "object": "text_completion", "created": created, "model": model}
-                            pending.append(f"data: {json.dumps({**payload, 'choices': [], 'usage': usage})}\n\n")
+        try:  # no asyncio.timeout across yields: the engine's deadline ends the stream (504 event)
+            out: GenToken | GenFinal = first
+            sent = 0  # characters of text sent; text that may begin a stop sequence waits (GenToken.released)
+            while True:
+                if isinstance(out, GenToken):
+                    sent += len(out.released)
+                    pending.append(chunk(out.released, None, out.logprob if want_lp else None))  # one per token
+                    if out.flush:
                         yield "".join(pending)
                         pending.clear()
-                        break
-                    out = await anext(gen)
-        except TimeoutError:
-            error = {"message": "request timed out", "type": "timeout"}
+                else:
+                    if rest := out.text_without_stop[sent:]:
+                        pending.append(chunk(rest, None))
+                    pending.append(chunk("", "length" if out.finish_reason == "length" else "stop"))
+                    if req.stream_options and req.stream_options.include_usage:
+                        usage = {
+                            "prompt_tokens": len(ids),
+                            "completion_tokens": out.generated_tokens,
+                            "total_tokens": len(ids) + out.generated_tokens,
+                        }
+                        payload = {"id": cid, "object": "text_completion", "created": created, "model": model}
+                        pending.append(f"data: {json.dumps({**payload, 'choices': [], 'usage': usage})}\n\n")
+                    yield "".join(pending)
+                    pending.clear()
+                    break
+                out = await anext(gen)
         except EngineError as exc:
             error = {"message": str(exc), "type": engine_error_status(exc)[1]}
         finally:

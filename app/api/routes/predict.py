@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
+from fastapi import APIRouter, Request
 
-from fastapi import APIRouter
-
-from app.api.deps import AuthDep, Serving, ServingDep
+from app.api.deps import Serving, ServingDep, unless_disconnected
 from app.api.errors import APIError
 from app.api.schemas import (
     INFERENCE_ERRORS,
@@ -22,10 +20,10 @@ from app.api.schemas import (
 from app.decoding.predict import Scores
 from app.engine.types import PredictRequest as EnginePredict
 
-router = APIRouter(tags=["inference"], dependencies=[AuthDep])
+router = APIRouter(tags=["inference"])
 
 
-def _token_inputs(req: PredictRequest, srv: Serving) -> list[list[int]]:
+async def _token_inputs(req: PredictRequest, srv: Serving) -> list[list[int]]:
     if (req.inputs is None) == (req.input_ids is None):
         raise APIError(422, "give exactly one of inputs or input_ids")
     ids: list[list[int]] = []
@@ -33,7 +31,7 @@ def _token_inputs(req: PredictRequest, srv: Serving) -> list[list[int]]:
         texts = [req.inputs] if isinstance(req.inputs, str) else req.inputs
         if not texts or any(not t for t in texts):
             raise APIError(422, "inputs must be non-empty texts")
-        ids = srv.tokenizer.encode_batch(texts)
+        ids = await srv.encode(texts, "inputs")
     elif req.input_ids:
         ids = [list(r) for r in req.input_ids if isinstance(r, list)] or [
             [int(i) for i in req.input_ids if isinstance(i, int)]
@@ -52,12 +50,13 @@ def _token_inputs(req: PredictRequest, srv: Serving) -> list[list[int]]:
     return ids
 
 
-def _candidates(req: PredictRequest, srv: Serving, k: int) -> list[list[int]]:
+async def _candidates(req: PredictRequest, srv: Serving, k: int) -> list[list[int]]:
     if not req.candidates:
         return []
     if len(req.candidates) > srv.settings.max_candidates:
         raise APIError(422, f"at most {srv.settings.max_candidates} candidates")
-    cands = [srv.tokenizer.encode(c) if isinstance(c, str) else list(c) for c in req.candidates]
+    texts = [c for c in req.candidates if isinstance(c, str)]
+    cands = await srv.encode(texts, "candidates") if texts else [list(c) for c in req.candidates if isinstance(c, list)]
     vocab = srv.model_config.vocab_size
     for c in cands:
         if not 1 <= len(c) <= k:
@@ -95,19 +94,15 @@ def _result(scores: Scores, prompt: list[int], k: int, cands: list[list[int]], s
 
 
 @router.post("/predict", response_model=PredictResponse, responses=error_responses(*INFERENCE_ERRORS))
-async def predict(req: PredictRequest, srv: ServingDep) -> PredictResponse:
+async def predict(req: PredictRequest, srv: ServingDep, request: Request) -> PredictResponse:
     """Score the next k tokens of each input with the k MTP heads."""
     k = req.k or srv.model_config.k
     if k > srv.model_config.k:
         raise APIError(422, f"k must be at most the model's k ({srv.model_config.k})")
     if req.top_n > srv.settings.max_top_n:
         raise APIError(422, f"top_n must be at most {srv.settings.max_top_n}")
-    prompts = _token_inputs(req, srv)
-    cands = _candidates(req, srv, k)
+    prompts = await _token_inputs(req, srv)
+    cands = await _candidates(req, srv, k)
     batch = [EnginePredict(prompt_ids=p, top_n=req.top_n, candidates=cands) for p in prompts]
-    try:
-        async with asyncio.timeout(srv.settings.request_timeout_s):
-            scores = await srv.engine.predict(batch)
-    except TimeoutError:
-        raise APIError(504, "request timed out", "timeout") from None
+    scores = await unless_disconnected(request, srv.engine.predict(batch))
     return PredictResponse(k=k, results=[_result(s, p, k, cands, srv) for s, p in zip(scores, prompts, strict=True)])

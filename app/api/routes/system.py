@@ -7,8 +7,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import __version__
-from app.api.deps import AuthDep, ServingDep, StateDep
-from app.api.errors import envelope
+from app.api.deps import ServingDep, StateDep
+from app.api.errors import APIError, envelope
 from app.api.schemas import (
     INFERENCE_ERRORS,
     HealthResponse,
@@ -23,7 +23,7 @@ from app.api.schemas import (
 router = APIRouter(tags=["system"])
 
 
-@router.get("/health", response_model=HealthResponse, responses=error_responses(503))
+@router.api_route("/health", methods=["GET", "HEAD"], response_model=HealthResponse, responses=error_responses(503))
 async def health(state: StateDep) -> HealthResponse | JSONResponse:
     """Liveness: the process answers and its inference worker is alive and making progress."""
     if state.engine is None:
@@ -34,7 +34,7 @@ async def health(state: StateDep) -> HealthResponse | JSONResponse:
     return HealthResponse(status="ok", worker=h.detail)
 
 
-@router.get("/ready", response_model=HealthResponse, responses=error_responses(503))
+@router.api_route("/ready", methods=["GET", "HEAD"], response_model=HealthResponse, responses=error_responses(503))
 async def ready(state: StateDep) -> HealthResponse | JSONResponse:
     """Readiness: the model is loaded and warm, the worker is healthy, and the server is not draining."""
     if state.draining:
@@ -61,7 +61,8 @@ async def info(srv: ServingDep) -> InfoResponse:
         max_seq_len=cfg.max_seq_len,
         device=engine_info["device"],
         dtype=engine_info["dtype"],
-        speculative=s.speculative and cfg.k > 1,
+        speculative=engine_info["speculative"],
+        draft_policy=engine_info["draft_policy"],
         limits=Limits(
             max_input_tokens=srv.state.max_input_tokens,
             max_new_tokens=min(s.max_new_tokens, cfg.max_seq_len - 1),
@@ -74,17 +75,27 @@ async def info(srv: ServingDep) -> InfoResponse:
             max_batch_size=s.max_batch_size,
             max_queue_size=s.max_queue_size,
             request_timeout_s=s.request_timeout_s,
+            max_input_chars=s.max_input_chars,
+            max_tokenize_tokens=s.max_tokenize_tokens,
+            max_temperature=s.max_temperature,
+            max_top_k=cfg.vocab_size,
+            max_pending_bodies_per_client=s.pending_bodies_per_client,
+            body_timeout_s=s.body_timeout_s,
+            idle_timeout_s=s.idle_timeout_s,
+            max_connections=s.max_connections,
         ),
         auth_required=s.api_key is not None,
     )
 
 
-@router.post(
-    "/tokenize", response_model=TokenizeResponse, dependencies=[AuthDep], responses=error_responses(*INFERENCE_ERRORS)
-)
+@router.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(*INFERENCE_ERRORS))
 async def tokenize(req: TokenizeRequest, srv: ServingDep) -> TokenizeResponse:
     """Token ids and character offsets of a text."""
-    enc = srv.tokenizer.hf.encode(req.inputs, add_special_tokens=False)
+    [enc] = await srv.encodings([req.inputs], "inputs")
+    if len(enc.ids) > srv.settings.max_tokenize_tokens:
+        raise APIError(
+            422, f"inputs has {len(enc.ids)} tokens; /tokenize returns at most {srv.settings.max_tokenize_tokens}"
+        )
     return TokenizeResponse(
         tokens=[
             TokenOut(id=i, text=srv.tokenizer.id_to_text(i), start=a, stop=b)

@@ -1,0 +1,275 @@
+"""Regression tests for the second hardening round, in process: each names the attack it pins.
+
+The attacks that need a socket, signals or a server log are in test_hardening_server.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from app.model.checkpoint import save_checkpoint
+from app.model.model import ModelConfig, MTPTransformer
+from app.model.tokenizer import Tokenizer
+from tests.conftest import TINY
+
+GOOD_GEN = {"inputs": "To be, or not to be", "parameters": {"max_new_tokens": 8}}
+KEY = {"Authorization": "Bearer s3cret"}
+
+
+async def slow_body(release: asyncio.Event) -> Any:
+    yield b'{"inputs": "To be",'
+    await release.wait()
+    yield b' "top_n": 2}'
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+# ---- 1. keyless clients hold nothing --------------------------------------------------------
+
+
+async def test_keyless_request_is_refused_from_its_headers_and_holds_no_queue_place(
+    aclient_factory: Callable[..., Any], envelope: Callable[..., Any]
+) -> None:
+    app, client = await aclient_factory(api_key="s3cret", max_queue_size=1)
+    engine = app.state.service.engine
+    release = asyncio.Event()
+    stalled = asyncio.create_task(
+        client.post("/predict", content=slow_body(release), headers={"content-type": "application/json"})
+    )
+    envelope(await stalled, 401, "unauthorized")  # answered before its body finished arriving
+    assert not engine.queue_full()
+    r = await client.post("/predict", json={"inputs": "To be"}, headers=KEY)
+    assert r.status_code == 200, r.text
+    release.set()
+
+
+def test_keyless_malformed_json_gets_401_not_422(client_factory: Callable[..., TestClient]) -> None:
+    client = client_factory(api_key="s3cret")
+    r = client.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 401
+    r = client.post("/v1/completions", content=b"{", headers={"content-type": "application/json"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
+
+
+async def test_one_client_with_stalled_bodies_cannot_fill_the_queue(
+    aclient_factory: Callable[..., Any], envelope: Callable[..., Any]
+) -> None:
+    app, _ = await aclient_factory(max_queue_size=8, max_pending_bodies_per_client=2)
+    transport = httpx.ASGITransport(app=app, client=("10.0.0.1", 1234))
+    other = httpx.ASGITransport(app=app, client=("10.0.0.2", 1234))
+    release = asyncio.Event()
+    async with (
+        httpx.AsyncClient(transport=transport, base_url="http://test") as slow,
+        httpx.AsyncClient(transport=other, base_url="http://test") as fair,
+    ):
+        headers = {"content-type": "application/json"}
+        stalled = [
+            asyncio.create_task(slow.post("/predict", content=slow_body(release), headers=headers)) for _ in "ab"
+        ]
+        await wait_for(lambda: app.state.service.engine._at_door == 2)
+        body = envelope(await slow.post("/predict", content=slow_body(release), headers=headers), 429, "overloaded")
+        assert "still sending" in body["error"]
+        assert (await fair.post("/predict", json={"inputs": "To be"})).status_code == 200
+        release.set()
+        assert [r.status_code for r in await asyncio.gather(*stalled)] == [200, 200]
+
+
+# ---- 2. bounded tokenizing, off the event loop ----------------------------------------------
+
+
+def test_inputs_longer_than_the_character_cap_get_422_naming_the_field(
+    client_factory: Callable[..., TestClient], envelope: Callable[..., Any]
+) -> None:
+    client = client_factory(max_input_chars=1000)
+    big = "a " * 1000
+    for path, body, field in [
+        ("/tokenize", {"inputs": big}, "inputs"),
+        ("/predict", {"inputs": [big]}, "inputs"),
+        ("/predict", {"inputs": "a", "candidates": [big]}, "candidates"),
+        ("/generate", {"inputs": big}, "inputs"),
+    ]:
+        assert envelope(client.post(path, json=body), 422, "validation")["error"].startswith(field), path
+    r = client.post("/v1/completions", json={"prompt": big})
+    assert r.status_code == 422 and "prompt has 2000 characters" in r.json()["error"]["message"]
+    assert client.get("/info").json()["limits"]["max_input_chars"] == 1000
+
+
+def test_tokenize_output_is_capped(client_factory: Callable[..., TestClient], envelope: Callable[..., Any]) -> None:
+    client = client_factory(max_tokenize_tokens=10)
+    body = envelope(client.post("/tokenize", json={"inputs": "To be, or not to be, that is the question"}), 422)
+    assert "at most 10" in body["error"]
+    assert client.get("/info").json()["limits"]["max_tokenize_tokens"] == 10
+
+
+async def test_tokenizing_a_large_input_does_not_stall_the_event_loop(aclient_factory: Callable[..., Any]) -> None:
+    _, client = await aclient_factory(max_input_chars=2_000_000, max_tokenize_tokens=1, max_body_bytes=4_000_000)
+    text = "hello world, " * 120_000  # 1.5 M characters: well over 0.1 s of tokenizing
+    worst = 0.0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal worst
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            worst, last = max(worst, now - last), now
+
+    tick = asyncio.create_task(ticker())
+    t0 = time.perf_counter()
+    r = await client.post("/tokenize", json={"inputs": text})
+    elapsed = time.perf_counter() - t0
+    done.set()
+    await tick
+    assert r.status_code == 422  # over the token cap, after tokenizing
+    assert worst < max(0.1, elapsed / 3), (worst, elapsed)
+
+
+# ---- 3. a bad sampling parameter fails only its own request ---------------------------------
+
+
+async def test_huge_sampling_parameters_get_422_and_batch_mates_are_untouched(
+    aclient_factory: Callable[..., Any],
+) -> None:
+    _, client = await aclient_factory()
+    want = (await client.post("/generate", json=GOOD_GEN)).json()["generated_text"]
+    bad = [
+        {"top_k": 2**63, "do_sample": True},
+        {"top_k": 10**30},
+        {"temperature": 1e308, "do_sample": True},
+        {"top_k": 301},  # the vocabulary has 300 tokens
+    ]
+    requests = [client.post("/generate", json=GOOD_GEN) for _ in range(6)]
+    requests += [client.post("/generate", json={"inputs": "To be", "parameters": p}) for p in bad]
+    replies = await asyncio.gather(*requests)
+    assert [r.status_code for r in replies] == [200] * 6 + [422] * len(bad), [r.text for r in replies]
+    assert all(r.json()["generated_text"] == want for r in replies[:6])
+
+
+# ---- 4. multi-prompt requests are all or nothing ---------------------------------------------
+
+
+async def test_a_refused_multi_prompt_completion_cancels_its_admitted_siblings(
+    aclient_factory: Callable[..., Any],
+) -> None:
+    app, client = await aclient_factory(max_queue_size=4, warmup=False)
+    engine = app.state.service.engine
+    engine.fault_hook = lambda kind: time.sleep(0.05)
+    r = await client.post("/v1/completions", json={"prompt": ["To be"] * 6, "max_tokens": 40, "temperature": 0})
+    assert r.status_code == 429, r.text
+    await wait_for(lambda: engine.pending() == 0, timeout=2)
+    tokens = app.state.service.metrics.registry.get_sample_value("mtp_generated_tokens_total")
+    await asyncio.sleep(0.5)
+    assert app.state.service.metrics.registry.get_sample_value("mtp_generated_tokens_total") == tokens
+    assert tokens < 4 * 40  # the admitted prompts did not run to the end
+
+
+# ---- 8. text that cannot be encoded ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/predict", '{"inputs": "a\\ud800"}', "inputs"),
+        ("/predict", '{"inputs": ["ok", "\\udfff"]}', "inputs.1"),
+        ("/tokenize", '{"inputs": "\\ud800"}', "inputs"),
+        ("/generate", '{"inputs": "To be", "parameters": {"stop": ["\\ud800"]}}', "parameters.stop.0"),
+        ("/v1/completions", '{"prompt": "\\ud800"}', "prompt"),
+        ("/v1/completions", '{"prompt": "To be", "model": "\\ud800"}', "model"),
+    ],
+)
+def test_lone_surrogates_get_422_naming_the_field(client: TestClient, path: str, body: str, field: str) -> None:
+    r = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    message = r.json()["error"]["message"] if path.startswith("/v1/") else r.json()["error"]
+    assert message.startswith(f"{field}: not valid Unicode"), message
+
+
+# ---- 9. streamed text equals unstreamed text with stop sequences -----------------------------
+
+
+def streamed_text(client: TestClient, body: dict[str, Any], sse: Callable[[str], list[Any]]) -> str:
+    r = client.post("/v1/completions", json={**body, "stream": True})
+    chunks = [e for e in sse(r.text) if e != "[DONE]"]
+    return "".join(c["choices"][0]["text"] for c in chunks)
+
+
+def test_streamed_completion_never_leaks_part_of_a_stop_sequence(
+    client: TestClient, sse: Callable[[str], list[Any]]
+) -> None:
+    base = {"prompt": "To be, or not", "max_tokens": 40, "temperature": 0}
+    text = client.post("/v1/completions", json=base).json()["choices"][0]["text"]
+    tok = client.app.state.service.tokenizer  # type: ignore[attr-defined]
+    ids = tok.encode(text)
+    assert len(ids) > 10
+    stops = set()
+    for i in range(2, min(len(ids) - 2, 14)):  # stop strings that start inside one token and end in another
+        piece = tok.decode(ids[: i + 1])
+        end = len(piece)
+        for start in (end - 3, end - 2):
+            stops.add(text[max(0, start) : end + 2])
+    checked = 0
+    for stop in sorted(s for s in stops if len(s) >= 2 and "\ufffd" not in s):
+        body = {**base, "stop": [stop, "zzzz" + stop]}
+        plain = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        assert streamed_text(client, body, sse) == plain, stop
+        checked += 1
+    assert checked >= 5
+
+
+# ---- 10. the draft policy recovers from a noisy start-up ------------------------------------
+
+
+async def test_info_and_metrics_show_what_the_draft_policy_does(client: TestClient) -> None:
+    client.post("/generate", json=GOOD_GEN)
+    policy = client.get("/info").json()["draft_policy"]
+    assert set(policy) == {"acceptance", "drafts_by_batch", "step_ms"}
+    assert set(policy["drafts_by_batch"]) == {"1", "2", "4", "8", "16"}
+    assert "mtp_spec_drafts_per_pass " in client.get("/metrics").text
+
+
+# ---- 12. smaller ones -----------------------------------------------------------------------
+
+
+def test_trailing_slash_is_not_redirected_through_the_host_header(client: TestClient) -> None:
+    r = client.post("/predict/", json={"inputs": "a"}, headers={"Host": "evil.example"}, follow_redirects=False)
+    assert r.status_code == 404 and "location" not in r.headers
+
+
+def test_head_on_health_and_ready(client: TestClient) -> None:
+    assert client.head("/health").status_code == 200
+    assert client.head("/ready").status_code == 200
+
+
+def test_ids_the_tokenizer_lacks_decode_as_empty_text(
+    tmp_path: Path, tiny_tokenizer: Tokenizer, client_factory: Callable[..., TestClient]
+) -> None:
+    """A model vocabulary padded past its tokenizer's (as GPT-2 imports are), whose head 1 always
+    picks a padding id: generation answers 200 with empty text for it."""
+    vocab = tiny_tokenizer.vocab_size + 8
+    torch.manual_seed(0)
+    model = MTPTransformer(ModelConfig(**{**TINY, "vocab_size": vocab})).eval()
+    with torch.no_grad():
+        model.head.proj.bias[vocab - 1] = 100.0
+    ckpt = save_checkpoint(tmp_path / "padded", model, tiny_tokenizer)
+    client = client_factory(checkpoint=ckpt)
+    r = client.post("/generate", json={"inputs": "To be", "parameters": {"max_new_tokens": 3, "details": True}})
+    assert r.status_code == 200, r.text
+    assert [t["id"] for t in r.json()["details"]["tokens"]] == [vocab - 1] * 3
+    assert r.json()["generated_text"] == ""
+    r = client.post("/predict", json={"input_ids": [vocab - 1, 5]})
+    assert r.status_code == 200, r.text

@@ -1,0 +1,170 @@
+"""Regression tests for the second hardening round against real `mtp serve` processes:
+client disconnects, idle connections, the connection cap, shutdown bounds and quiet logs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.api.test_server import metric, wait_until
+
+PROMPT = "To be, or not to be"
+
+
+def raw_post(url: str, path: str, payload: dict[str, Any]) -> socket.socket:
+    """Send a whole POST over a raw socket and return the socket, unread."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps(payload).encode()
+    s = socket.create_connection((host, int(port)), timeout=10)
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    s.sendall(head.encode() + body)
+    return s
+
+
+def closed_by_server(s: socket.socket, within: float) -> bool:
+    s.settimeout(within)
+    try:
+        return s.recv(1024) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_non_streaming_request_is_cancelled_when_its_client_leaves(server_factory: Callable[..., Any]) -> None:
+    srv = server_factory(forward_delay_s=0.05)
+    sockets = [
+        raw_post(srv.url, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 40, "speculative": False}})
+        for _ in range(2)
+    ]
+    wait_until(lambda: metric(srv.url, "mtp_running_sequences") == 2)
+    for s in sockets:
+        s.close()
+    wait_until(lambda: metric(srv.url, "mtp_running_sequences") == 0, timeout=3)
+    generated = metric(srv.url, "mtp_generated_tokens_total")
+    assert generated < 2 * 40  # they stopped well before their 40 tokens
+    assert metric(srv.url, "mtp_request_failures_total", reason="cancelled") >= 2
+
+
+def test_idle_and_header_drip_connections_are_closed(server_factory: Callable[..., Any]) -> None:
+    srv = server_factory(MTP_IDLE_TIMEOUT_S="1")
+    host, port = "127.0.0.1", srv.port
+    idle = socket.create_connection((host, port))
+    drip = socket.create_connection((host, port))
+    stop = threading.Event()
+
+    def dripping() -> None:
+        for b in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 100:
+            if stop.is_set():
+                return
+            try:
+                drip.send(bytes([b]))
+            except OSError:
+                return
+            time.sleep(0.2)
+
+    threading.Thread(target=dripping, daemon=True).start()
+    t0 = time.monotonic()
+    assert closed_by_server(idle, within=4)
+    assert closed_by_server(drip, within=4)
+    stop.set()
+    assert time.monotonic() - t0 < 4
+    assert httpx.get(f"{srv.url}/health", timeout=5).status_code == 200
+
+
+def test_connections_beyond_the_cap_are_refused_before_descriptors_run_out(
+    server_factory: Callable[..., Any],
+) -> None:
+    srv = server_factory(MTP_MAX_CONNECTIONS="8", MTP_IDLE_TIMEOUT_S="1")
+    held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(8)]
+    extra = socket.create_connection(("127.0.0.1", srv.port))
+    extra.settimeout(5)
+    assert extra.recv(100).startswith(b"HTTP/1.1 503")
+    assert all(closed_by_server(s, within=4) for s in held)  # idle: closed, their places free again
+    assert httpx.get(f"{srv.url}/health", timeout=5).status_code == 200
+
+
+def read_stream(url: str, out: list[Any]) -> None:
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 40, "speculative": False}}
+    with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=30) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                out.append(json.loads(line[6:]))
+
+
+def test_sigterm_drains_then_ends_running_streams_with_an_error_and_exits_0_in_time(
+    server_factory: Callable[..., Any],
+) -> None:
+    srv = server_factory("--drain-timeout-s", "1", forward_delay_s=0.08)  # a stream: 40 x 0.08 s = 3.2 s
+    events: list[Any] = []
+    reader = threading.Thread(target=read_stream, args=(srv.url, events))
+    reader.start()
+    wait_until(lambda: len(events) >= 2)
+    t0 = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    code = srv.proc.wait(timeout=10)
+    took = time.monotonic() - t0
+    reader.join(timeout=5)
+    assert code == 0
+    assert took < 1 + 2, took
+    assert events[-1]["error_type"] == "not_ready" and "shutting down" in events[-1]["error"]
+    assert "Traceback" not in srv.log()
+
+
+def test_a_second_signal_exits_130_within_a_second(server_factory: Callable[..., Any]) -> None:
+    srv = server_factory("--drain-timeout-s", "30", forward_delay_s=0.08)
+    events: list[Any] = []
+    reader = threading.Thread(target=read_stream, args=(srv.url, events))
+    reader.start()
+    wait_until(lambda: len(events) >= 2)
+    srv.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    code = srv.proc.wait(timeout=10)
+    assert time.monotonic() - t0 < 1.0
+    assert code == 130
+    reader.join(timeout=5)
+    assert "Traceback" not in srv.log()
+
+
+def test_a_stream_that_times_out_logs_one_line_and_no_traceback(server_factory: Callable[..., Any]) -> None:
+    srv = server_factory("--request-timeout-s", "1", forward_delay_s=0.08)
+    events: list[Any] = []
+    read_stream(srv.url, events)
+    assert events[-1]["error_type"] == "timeout"
+    r = httpx.post(f"{srv.url}/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 40}}, timeout=30)
+    assert r.status_code == 504
+    time.sleep(0.3)
+    log = srv.log()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log
+    assert log.count("request timed out after 1s") >= 2
+
+
+def test_a_broken_checkpoint_prints_its_message_without_a_traceback(tmp_path: Path, checkpoint: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for f in checkpoint.iterdir():
+        (ckpt / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "max_seq_len": 10**9}))
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--checkpoint", str(ckpt), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "max_seq_len=1000000000 needs" in done.stderr and "GiB is available" in done.stderr
+    assert "Traceback" not in done.stderr
