@@ -167,15 +167,18 @@ class RequestContext:
                 self._arriving[client] += arriving
             received = 0
             body_done = False
-            body_deadline = time.monotonic() + self.body_timeout
+            body_deadline = asyncio.get_running_loop().time() + self.body_timeout
 
             async def receive_limited() -> Message:
                 nonlocal received, body_done, arriving
                 if body_done:  # later receive() calls wait for a disconnect (streams): no deadline
                     return await receive()
-                left = body_deadline - time.monotonic()
-                try:  # the whole body must arrive in time: a slow-drip client cannot hold a worker slot
-                    message = await asyncio.wait_for(receive(), timeout=max(left, 0.001))
+                # The whole body must arrive in time: a slow-drip client cannot hold a worker slot.
+                # asyncio.timeout, not wait_for: no task per receive, so a body that has already
+                # arrived is read without suspending (its place is not "arriving" for a moment).
+                try:
+                    async with asyncio.timeout_at(body_deadline):
+                        message = await receive()
                 except TimeoutError:
                     raise BodyTimeout(self.body_timeout) from None
                 if message["type"] == "http.request":
