@@ -131,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         enter=lambda: engine.enter() if (engine := app.state.service.engine) is not None else NO_TICKET,
         api_key=settings.api_key,
         bodies_per_client=settings.pending_bodies_per_client,
+        places_free=lambda: engine.places_free() if (engine := app.state.service.engine) is not None else 1 << 30,
     )
     return app
 

@@ -68,9 +68,10 @@ class RequestContext:
     """X-Request-Id, the API key, the door (queue places, 429), the body limits (413, 408) and metrics.
 
     A place taken at the door is held while the body arrives (within body_timeout_s) and until
-    the request reaches the engine's queue. One client (by address) may hold at most
-    `bodies_per_client` places whose body is still arriving, so a few stalled connections
-    cannot fill the queue for everybody else.
+    the request reaches the engine's queue. The last `bodies_per_client` free places are kept
+    for clients (by address) holding fewer than that many places whose body is still
+    arriving: a client that stalls its bodies can take the rest of the queue but never all of
+    it, while a client sending many requests at once is not limited while there is room.
     """
 
     def __init__(
@@ -82,6 +83,7 @@ class RequestContext:
         enter: Callable[[], DoorTicket | None] | None = None,
         api_key: str | None = None,
         bodies_per_client: int | None = None,
+        places_free: Callable[[], int] | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
@@ -90,6 +92,7 @@ class RequestContext:
         self.enter = enter  # holds a queue place for an inference request, None when full
         self.api_key = api_key
         self.bodies_per_client = bodies_per_client
+        self.places_free = places_free  # queue places not taken (None: no engine yet)
         self._arriving: Counter[str] = Counter()  # client address -> places held by bodies still arriving
         self._per_route: dict[tuple[str, int], tuple[Any, Any]] = {}  # labelled metric children
 
@@ -117,8 +120,15 @@ class RequestContext:
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return 413, f"request body larger than {self.max_body} bytes", "too_large"
         cap = self.bodies_per_client
-        if cap is not None and self.enter is not None and self._arriving[client] >= cap and path in SHED_PATHS:
-            return 429, f"too many requests from this client are still sending their body (at most {cap})", "overloaded"
+        if (
+            cap is not None
+            and self.places_free is not None
+            and path in SHED_PATHS
+            and self._arriving[client] >= cap
+            and self.places_free() <= cap
+        ):
+            msg = f"queue nearly full, and {cap} requests from this client are still sending their body"
+            return 429, msg, "overloaded"
         return 0, "", ""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -237,8 +237,12 @@ class Engine:
         self._gen_q.clear()
         self._update_gauges()
 
+    def places_free(self) -> int:
+        """Queue places neither queued nor held at the door."""
+        return self.cfg.max_queue_size - (len(self._predict_q) + len(self._gen_q) + self._at_door)
+
     def queue_full(self) -> bool:
-        return len(self._predict_q) + len(self._gen_q) + self._at_door >= self.cfg.max_queue_size
+        return self.places_free() <= 0
 
     def enter(self) -> DoorTicket | None:
         """Hold a queue place for a request about to be read; None when the queue is full."""
