@@ -8,13 +8,13 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
+from app import config
 from app.model.model import ModelConfig
 
-DEFAULT_CHECKPOINT = str(Path(__file__).resolve().parent.parent / "models" / "default")
-DEFAULT_CORPUS = str(Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt")
+DEFAULT_CHECKPOINT = str(config.DEFAULT_CHECKPOINT)
+DEFAULT_CORPUS = str(config.DEFAULT_CORPUS)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

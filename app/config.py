@@ -8,7 +8,9 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "default"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CHECKPOINT = REPO_ROOT / "models" / "default"  # the bundled model
+DEFAULT_CORPUS = REPO_ROOT / "data" / "tinyshakespeare.txt"  # the training corpus, shipped with the repository
 
 
 class Settings(BaseSettings):
@@ -47,7 +49,8 @@ class Settings(BaseSettings):
     max_temperature: float = Field(100.0, gt=0)
     request_timeout_s: float = Field(60.0, gt=0)
     body_timeout_s: float = Field(10.0, gt=0)  # a request body must arrive within this (slow-drip guard)
-    # queue places one client address may hold while their bodies arrive (None: a quarter of the queue, at least 4)
+    # the last this-many free queue places are kept from a client address that already holds
+    # as many places whose bodies are still arriving (None: a quarter of the queue, at least 4)
     max_pending_bodies_per_client: int | None = Field(None, ge=1)
 
     # connections

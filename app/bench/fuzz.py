@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 
 from app.bench.service import server
-from app.cli import DEFAULT_CHECKPOINT
+from app.config import DEFAULT_CHECKPOINT
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     ap.add_argument("--max-examples", type=int, default=150)
     ap.add_argument("--report", default=None, help="write schemathesis' JUnit XML here")
     args = ap.parse_args()

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import httpx
 
 from app.bench.service import server
-from app.cli import DEFAULT_CHECKPOINT
+from app.config import DEFAULT_CHECKPOINT
 
 
 @dataclass
@@ -129,7 +129,7 @@ def cases(ctx: int, vocab: int, body_limit: int) -> list[Case]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     args = ap.parse_args()
     body_limit = 1_048_576
     failed = 0

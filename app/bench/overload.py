@@ -19,7 +19,7 @@ import httpx
 
 from app.bench.decoding import write_json
 from app.bench.service import pct, raw_post, read_response, server
-from app.cli import DEFAULT_CHECKPOINT
+from app.config import DEFAULT_CHECKPOINT
 
 
 async def burst(url: str, n: int, new_tokens: int) -> dict[str, Any]:
@@ -80,7 +80,7 @@ async def burst(url: str, n: int, new_tokens: int) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     ap.add_argument("--queue", type=int, default=32, help="max_queue_size of the server")
     ap.add_argument("--factor", type=int, default=10)
     ap.add_argument("--new-tokens", type=int, default=32)

@@ -21,7 +21,7 @@ import httpx
 
 from app.bench.decoding import write_json
 from app.bench.service import server
-from app.cli import DEFAULT_CHECKPOINT, DEFAULT_CORPUS
+from app.config import DEFAULT_CHECKPOINT, DEFAULT_CORPUS
 from app.model.checkpoint import load_tokenizer
 from app.training.data import read_corpus, split_text
 
@@ -126,8 +126,8 @@ async def soak(url: str, pid: int, texts: list[str], clients: int, seconds: floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    ap.add_argument("--corpus", default=DEFAULT_CORPUS)
+    ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    ap.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--warmup-s", type=float, default=60.0)
