@@ -8,9 +8,12 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.engine.engine import EngineConfig
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = REPO_ROOT / "models" / "default"  # the bundled model
 DEFAULT_CORPUS = REPO_ROOT / "data" / "tinyshakespeare.txt"  # the training corpus, shipped with the repository
+ENGINE = EngineConfig()  # the engine's settings take their defaults from its own config
 
 
 class Settings(BaseSettings):
@@ -28,12 +31,14 @@ class Settings(BaseSettings):
     malloc_mmap_threshold: int = Field(16_777_216, ge=0, le=33_554_432)
 
     # batching
-    max_batch_size: int = Field(16, ge=1, le=256)
-    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)
-    max_queue_size: int = Field(256, ge=1)
-    speculative: bool = True  # self-speculative decoding by default when k > 1
-    draft_tokens: int | None = Field(None, ge=0)  # drafts verified per pass (None: k - 1, or fewer where faster)
-    adaptive_drafts: bool = True  # greedy batches verify the draft count timed fastest for their size
+    max_batch_size: int = Field(ENGINE.max_batch_size, ge=1, le=256)
+    max_wait_ms: float = Field(ENGINE.max_wait_ms, ge=0.0, le=1000.0)
+    max_queue_size: int = Field(ENGINE.max_queue_size, ge=1)
+    speculative: bool = ENGINE.speculative  # self-speculative decoding by default when k > 1
+    draft_tokens: int | None = Field(
+        ENGINE.draft_tokens, ge=0
+    )  # drafts verified per pass (None: k - 1, or fewer where faster)
+    adaptive_drafts: bool = ENGINE.adaptive_drafts  # greedy batches verify the draft count timed fastest for their size
 
     # per-request caps
     max_input_tokens: int | None = Field(None, ge=1)  # None = the model's context
@@ -47,7 +52,7 @@ class Settings(BaseSettings):
     max_input_chars: int = Field(32_768, ge=1)  # characters of any one text input, checked before tokenizing
     max_tokenize_tokens: int = Field(8_192, ge=1)  # tokens /tokenize returns at most
     max_temperature: float = Field(100.0, gt=0)
-    request_timeout_s: float = Field(60.0, gt=0)
+    request_timeout_s: float = Field(ENGINE.request_timeout_s, gt=0)
     body_timeout_s: float = Field(10.0, gt=0)  # a request body must arrive within this (slow-drip guard)
     # the last this-many free queue places are kept from a client address that already holds
     # as many places whose bodies are still arriving (None: a quarter of the queue, at least 4)
@@ -59,7 +64,9 @@ class Settings(BaseSettings):
 
     # operations
     drain_timeout_s: float = Field(30.0, ge=0)
-    stall_timeout_s: float = Field(30.0, gt=0)  # a forward pass running longer marks the worker stalled
+    stall_timeout_s: float = Field(
+        ENGINE.stall_timeout_s, gt=0
+    )  # a forward pass running longer marks the worker stalled
     warmup: bool = True
     api_key: str | None = None
     cors_origins: list[str] = []

@@ -8,6 +8,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -23,21 +24,9 @@ from app.api.routes import generate, openai, predict, system
 from app.config import Settings
 from app.engine.engine import NO_TICKET, Engine, EngineConfig, inference_thread
 from app.metrics import Metrics
-from app.model.checkpoint import load_checkpoint, load_config
+from app.model.checkpoint import load_checkpoint, load_config, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> str:
-    if name != "auto":
-        return name
-    return "bfloat16" if device.type == "cuda" else "float32"
 
 
 @asynccontextmanager
@@ -58,16 +47,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = Engine(
         model,
         eos_id=tokenizer.eot_id,
-        cfg=EngineConfig(
-            max_batch_size=s.max_batch_size,
-            max_wait_ms=s.max_wait_ms,
-            max_queue_size=s.max_queue_size,
-            speculative=s.speculative,
-            draft_tokens=s.draft_tokens,
-            adaptive_drafts=s.adaptive_drafts,
-            request_timeout_s=s.request_timeout_s,
-            stall_timeout_s=s.stall_timeout_s,
-        ),
+        cfg=EngineConfig(**{f.name: getattr(s, f.name) for f in fields(EngineConfig)}),  # the settings' values
         metrics=state.metrics,
         executor=executor,
     )

@@ -35,7 +35,6 @@ class ServiceState:
     model_id: str = ""
     ready: bool = False
     draining: bool = False
-    startup_error: str | None = None
 
     @property
     def max_input_tokens(self) -> int:

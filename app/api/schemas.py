@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**63 - 1
@@ -146,7 +146,11 @@ class SpeculationDetails(BaseModel):
     verify_steps: int
     drafted_tokens: int
     accepted_tokens: int
-    mean_accepted_length: float = Field(description="Tokens emitted per verify pass")
+
+    @computed_field(description="Tokens emitted per verify pass")  # type: ignore[prop-decorator]
+    @property
+    def mean_accepted_length(self) -> float:
+        return (self.accepted_tokens + self.verify_steps) / self.verify_steps if self.verify_steps else 1.0
 
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]

@@ -83,13 +83,13 @@ async def run_generation(
     removes the sequence from the batch at the next step.
     """
     sampling = opts.sampling()
-    spec = engine.cfg.speculative if opts.speculative is None else opts.speculative
     request = GenerateRequest(
         prompt_ids=prompt_ids,
         max_new_tokens=opts.max_new_tokens,
         sampling=sampling,
         speculative=opts.speculative,
     )
+    spec = engine.speculates(request)
     decoder = tok.stream_decoder()
     text = ""
     tokens: list[GenToken] = []

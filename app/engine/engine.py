@@ -114,7 +114,6 @@ class Engine:
         executor: ThreadPoolExecutor | None = None,  # the thread that loaded the model, if any
     ) -> None:
         self.model = model
-        self.eos_id = eos_id
         self._eos: frozenset[int] = frozenset() if eos_id is None else frozenset({eos_id})
         self.cfg = cfg
         self.metrics = metrics
@@ -203,9 +202,6 @@ class Engine:
         )
         return costs
 
-    def stop_accepting(self) -> None:
-        self._accepting = False
-
     async def drain(self, timeout: float) -> bool:
         """Stop taking work and wait for queued and running requests; True if all finished."""
         self._accepting = False
@@ -284,6 +280,10 @@ class Engine:
             )
         if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidRequest(f"token ids must be in [0, {vocab})")
+
+    def speculates(self, request: GenerateRequest) -> bool:
+        """Whether a sequence drafts and verifies: the request's choice, else the engine's, and only if k > 1."""
+        return self.k > 1 and (self.cfg.speculative if request.speculative is None else request.speculative)
 
     def _check_sampling(self, p: SamplingParams) -> None:
         """A row's parameters become batch tensors: a bad one would fail every request it is batched with."""
@@ -494,8 +494,7 @@ class Engine:
             Sequence(
                 item=i,
                 generator=None if i.request.sampling.greedy else make_generator(i.request.sampling.seed),
-                speculative=self.k > 1
-                and (self.cfg.speculative if i.request.speculative is None else i.request.speculative),
+                speculative=self.speculates(i.request),
                 stop_ids=i.request.stop_token_ids | self._eos,
             )
             for i in items

@@ -31,11 +31,21 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
 
 
-def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+def resolve_device(name: str | torch.device) -> torch.device:
+    """ "auto" = CUDA if available, else CPU; the one place a device name is read."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype name ("auto" = bfloat16 on CUDA, else float32); the one place a dtype name is read."""
     if isinstance(name, torch.dtype):
         return name
+    if name == "auto":
+        return torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {name!r}")
     return DTYPES[name]
 
 
@@ -158,6 +168,6 @@ def load_checkpoint(
     _check_vocab(root, tokenizer, cfg)
     model = MTPTransformer(cfg)
     load_weights(root / WEIGHTS_FILE, model)
-    model.to(device=device, dtype=resolve_dtype(dtype)).eval()
+    model.to(device=resolve_device(device), dtype=resolve_dtype(dtype, device)).eval()
     log.info("loaded %s: %.2fM parameters on %s in %s", root, model.num_params() / 1e6, device, dtype)
     return model, tokenizer

@@ -279,3 +279,21 @@ def test_tokens_of_one_verify_step_share_a_write_as_separate_events(
     events = sse("".join(chunks))
     assert [e["index"] for e in events] == list(range(13))
     assert len(chunks) < len(events)
+
+
+def test_a_k1_model_reports_speculation_off(
+    tmp_path: Path, tiny_tokenizer: Any, client_factory: Callable[..., TestClient]
+) -> None:
+    import torch
+
+    from app.model.checkpoint import save_checkpoint
+    from app.model.model import ModelConfig, MTPTransformer
+    from tests.conftest import TINY
+
+    torch.manual_seed(0)
+    model = MTPTransformer(ModelConfig(**{**TINY, "k": 1, "vocab_size": tiny_tokenizer.vocab_size})).eval()
+    client = client_factory(checkpoint=save_checkpoint(tmp_path / "k1", model, tiny_tokenizer))
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 4, "details": True, "speculative": True}}
+    spec = client.post("/generate", json=body).json()["details"]["speculation"]
+    assert spec["enabled"] is False and spec["verify_steps"] == 0 and spec["mean_accepted_length"] == 1.0
+    assert client.get("/info").json()["speculative"] is False

@@ -118,11 +118,13 @@ async def test_invalid_inputs_raise_invalid_request(engine_factory: Callable[...
 
 
 @pytest.mark.parametrize("speculative", [True, False])
-async def test_greedy_generation_matches_static_decoding(engine_factory: Callable[..., Any], speculative: bool) -> None:
+async def test_greedy_generation_matches_static_decoding(
+    engine_factory: Callable[..., Any], tiny_tokenizer: Any, speculative: bool
+) -> None:
     engine = await engine_factory()
     prompt = [5, 17, 42, 8]
     tokens, fin = await run(engine, GenerateRequest(prompt, max_new_tokens=20, speculative=speculative))
-    reference = static_generate(engine.model, [prompt], 20, speculative=False, eos_id=engine.eos_id)
+    reference = static_generate(engine.model, [prompt], 20, speculative=False, eos_id=tiny_tokenizer.eot_id)
     engine.model.setup_caches(engine.cfg.max_batch_size)  # static generate reallocated them
     assert tokens == reference.tokens[0]
     assert fin.reason in ("length", "eos_token")
@@ -217,10 +219,12 @@ async def test_accepted_drafts_are_counted_by_position(
     assert sum(by_position) == fin.accepted_tokens > 0
 
 
-async def test_eos_ends_generation(engine_factory: Callable[..., Any], eos_checkpoint: Path) -> None:
+async def test_eos_ends_generation(
+    engine_factory: Callable[..., Any], eos_checkpoint: Path, tiny_tokenizer: Any
+) -> None:
     engine = await engine_factory(eos_checkpoint)
     tokens, fin = await run(engine, GenerateRequest([1, 2, 3], max_new_tokens=10))
-    assert tokens == [engine.eos_id]
+    assert tokens == [tiny_tokenizer.eot_id]
     assert fin.reason == "eos_token" and fin.generated_tokens == 1
 
 

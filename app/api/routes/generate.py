@@ -127,9 +127,6 @@ def details_of(final: GenFinal, with_tokens: bool) -> Details:
             verify_steps=final.verify_steps,
             drafted_tokens=final.drafted_tokens,
             accepted_tokens=final.accepted_tokens,
-            mean_accepted_length=(final.accepted_tokens + final.verify_steps) / final.verify_steps
-            if final.verify_steps
-            else 1.0,
         ),
         tokens=[_token(t) for t in final.tokens] if with_tokens else None,
     )

@@ -27,7 +27,7 @@ router = APIRouter(tags=["system"])
 async def health(state: StateDep) -> HealthResponse | JSONResponse:
     """Liveness: the process answers and its inference worker is alive and making progress."""
     if state.engine is None:
-        return HealthResponse(status="ok", worker="starting" if state.startup_error is None else "failed")
+        return HealthResponse(status="ok", worker="starting")
     h = state.engine.health()
     if not h.alive or h.stalled:
         return envelope(503, f"inference worker unhealthy: {h.detail}", "unhealthy")
@@ -40,7 +40,7 @@ async def ready(state: StateDep) -> HealthResponse | JSONResponse:
     if state.draining:
         return envelope(503, "draining", "not_ready")
     if not state.ready or state.engine is None:
-        return envelope(503, state.startup_error or "model loading", "not_ready")
+        return envelope(503, "model loading", "not_ready")
     h = state.engine.health()
     if not h.alive or h.stalled:
         return envelope(503, f"inference worker unhealthy: {h.detail}", "not_ready")
