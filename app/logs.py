@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextvars import ContextVar
 
-from app.api.middleware import request_id_var
+request_id_var: ContextVar[str] = ContextVar("request_id", default="-")  # set per request by the middleware
 
 
 class RequestIdFilter(logging.Filter):

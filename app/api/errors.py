@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,42 +12,63 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.engine.types import EngineError
+from app.metrics import FAILURE_REASONS
 
 log = logging.getLogger(__name__)
 
-# engine error kind -> (HTTP status, error_type)
-ENGINE_STATUS = {
-    "validation": (422, "validation"),
-    "overloaded": (429, "overloaded"),
-    "not_ready": (503, "not_ready"),
-    "timeout": (504, "timeout"),
-    "error": (500, "internal"),
+
+@dataclass(frozen=True)
+class ErrorKind:
+    """One kind of failure: its HTTP status, its error_type in replies and SSE error events, and
+    its mtp_request_failures_total label (None: not a failure of the request, or counted by the
+    engine, as cancellations are)."""
+
+    status: int
+    error_type: str
+    reason: str | None
+
+
+# The one table of failures, keyed by the engine's EngineError.kind where the engine raises them.
+KINDS: dict[str, ErrorKind] = {
+    "validation": ErrorKind(422, "validation", "validation"),
+    "overloaded": ErrorKind(429, "overloaded", "overloaded"),
+    "not_ready": ErrorKind(503, "not_ready", "not_ready"),
+    "timeout": ErrorKind(504, "timeout", "timeout"),
+    "error": ErrorKind(500, "internal", "error"),
+    "unauthorized": ErrorKind(401, "unauthorized", "unauthorized"),
+    "body_timeout": ErrorKind(408, "timeout", "timeout"),
+    "too_large": ErrorKind(413, "too_large", "too_large"),
+    "cancelled": ErrorKind(499, "cancelled", None),  # the engine counts the cancellation
+    "bad_request": ErrorKind(400, "bad_request", None),
+    "not_found": ErrorKind(404, "not_found", None),
+    "method_not_allowed": ErrorKind(405, "method_not_allowed", None),
+    "unsupported_media_type": ErrorKind(415, "unsupported_media_type", None),
 }
-HTTP_TYPES = {
-    400: "bad_request",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "timeout",
-    413: "too_large",
-    415: "unsupported_media_type",
-    422: "validation",
-    429: "overloaded",
-    503: "not_ready",
-    504: "timeout",
-}
+BY_STATUS = {kind.status: kind for kind in KINDS.values()}
+assert {k.reason for k in KINDS.values()} - {None} <= set(FAILURE_REASONS), "a reason the metrics do not expose"
 RETRY_AFTER_S = "1"
 BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's 400 detail when json.loads raises
 
 
+def failure_reason(status: int) -> str | None:
+    kind = BY_STATUS.get(status)
+    return kind.reason if kind is not None else None
+
+
 class APIError(Exception):
-    """An error raised by a route: status, message and error_type."""
+    """An error raised by a route: status, message and error_type (the table's, unless given)."""
 
     def __init__(self, status: int, message: str, error_type: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
-        self.error_type = error_type or HTTP_TYPES.get(status, "error")
+        kind = BY_STATUS.get(status)
+        self.error_type = error_type or (kind.error_type if kind is not None else "error")
+
+    @classmethod
+    def from_engine(cls, exc: EngineError) -> APIError:
+        kind = KINDS.get(exc.kind, KINDS["error"])
+        return cls(kind.status, str(exc), kind.error_type)
 
 
 def envelope(
@@ -55,19 +77,18 @@ def envelope(
     """The error reply; on /v1/* routes in OpenAI's shape ({"error": {"message", "type", ...}})."""
     if status == 429:
         headers = {**(headers or {}), "Retry-After": RETRY_AFTER_S}
+    return JSONResponse(error_body(message, error_type, openai, status), status_code=status, headers=headers)
+
+
+def error_body(message: str, error_type: str, openai: bool, status: int | None = None) -> dict[str, Any]:
+    """The error envelope of an API family: TGI's {"error", "error_type"} or OpenAI's {"error": {...}}."""
     if openai:
-        body: dict[str, Any] = {"error": {"message": message, "type": error_type, "param": None, "code": status}}
-    else:
-        body = {"error": message, "error_type": error_type}
-    return JSONResponse(body, status_code=status, headers=headers)
+        return {"error": {"message": message, "type": error_type, "param": None, "code": status}}
+    return {"error": message, "error_type": error_type}
 
 
 def _is_openai(request: Request) -> bool:
     return request.url.path.startswith("/v1/")
-
-
-def engine_error_status(exc: EngineError) -> tuple[int, str]:
-    return ENGINE_STATUS.get(exc.kind, (500, "internal"))
 
 
 def describe_validation(errors: list[Any]) -> str:
@@ -89,8 +110,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineError)
     async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
-        status, kind = engine_error_status(exc)
-        return envelope(status, str(exc), kind, openai=_is_openai(request))
+        err = APIError.from_engine(exc)
+        return envelope(err.status, err.message, err.error_type, openai=_is_openai(request))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -101,7 +122,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:
             # a body the JSON parser gave up on (invalid UTF-8, nesting past the recursion limit)
             return envelope(422, "malformed JSON body", "validation", openai=_is_openai(request))
-        kind = HTTP_TYPES.get(exc.status_code, "error")
+        known = BY_STATUS.get(exc.status_code)
+        kind = known.error_type if known is not None else "error"
         headers = dict(exc.headers) if exc.headers else None  # e.g. Allow on 405
         return envelope(exc.status_code, str(exc.detail), kind, headers=headers, openai=_is_openai(request))
 

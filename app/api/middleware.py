@@ -16,13 +16,13 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
-from contextvars import ContextVar
 from typing import Any
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.errors import envelope
+from app.api.errors import envelope, failure_reason
 from app.engine.engine import NO_TICKET, DoorTicket, door_ticket
+from app.logs import request_id_var
 from app.metrics import Metrics
 
 Scope = MutableMapping[str, Any]
@@ -31,7 +31,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ID_PREFIX = secrets.token_hex(8)  # random per process; a counter makes each id unique after it
 _ID_COUNTER = itertools.count()
@@ -43,19 +42,6 @@ def new_request_id() -> str:
 
 SHED_PATHS = frozenset({"/predict", "/generate", "/generate_stream", "/v1/completions"})
 KEYED_PATHS = frozenset({"/predict", "/generate", "/generate_stream", "/tokenize"})  # and every /v1/ path
-
-# HTTP status -> failure reason in mtp_request_failures_total
-FAILURE_REASON = {
-    401: "unauthorized",
-    408: "timeout",
-    499: "cancelled",
-    413: "too_large",
-    422: "validation",
-    429: "overloaded",
-    500: "error",
-    503: "not_ready",
-    504: "timeout",
-}
 
 
 def authorized(headers: dict[bytes, bytes], key: str) -> bool:
@@ -103,7 +89,7 @@ class RequestContext:
             self._per_route[(path, status)] = children
         children[0].inc()
         children[1].observe(seconds)
-        reason = FAILURE_REASON.get(status)
+        reason = failure_reason(status)
         if reason is not None:
             self.metrics.failures.labels(reason).inc()
 

@@ -6,12 +6,14 @@ Shared by /generate, /generate_stream and /v1/completions.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
+
+from prometheus_client import Counter
 
 from app.decoding.sampling import SamplingParams
 from app.engine.engine import Engine
-from app.engine.types import ErrorEvent, FinishEvent, GenerateRequest, TokenEvent
+from app.engine.types import EngineError, ErrorEvent, FinishEvent, GenerateRequest, TokenEvent
 from app.model.tokenizer import Tokenizer
 
 
@@ -137,6 +139,41 @@ async def run_generation(
                 return
     finally:
         await stream.aclose()
+
+
+@dataclass
+class GenError:
+    """A failure after the stream began: the route sends it as its API family's last SSE event."""
+
+    error: EngineError
+
+
+async def open_stream(
+    engine: Engine, tok: Tokenizer, prompt_ids: list[int], opts: GenOptions, failures: Counter
+) -> AsyncIterator[GenToken | GenFinal | GenError]:
+    """run_generation with its first output pulled before the response starts, shared by the
+    streaming routes. A failure before it (queue full, not ready, timed out in the queue)
+    raises EngineError, so the reply still gets its HTTP status; a later one ends the stream
+    as a GenError and is counted in mtp_request_failures_total (the status is 200 by then)."""
+    gen = run_generation(engine, tok, prompt_ids, opts)
+    try:
+        first = await anext(gen)
+    except BaseException:
+        await gen.aclose()
+        raise
+
+    async def rest() -> AsyncGenerator[GenToken | GenFinal | GenError, None]:
+        try:
+            yield first
+            async for out in gen:
+                yield out
+        except EngineError as exc:
+            failures.labels(exc.kind).inc()
+            yield GenError(exc)
+        finally:
+            await gen.aclose()  # client gone: the engine drops the sequence at its next step
+
+    return rest()
 
 
 def _stop_prefix(text: str, stops: list[str]) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from app.api.deps import Serving, ServingDep, unless_disconnected
-from app.api.errors import APIError, engine_error_status
+from app.api.errors import APIError, error_body
 from app.api.schemas import (
     INFERENCE_ERRORS,
     Details,
@@ -25,12 +25,9 @@ from app.api.schemas import (
     Token,
     error_responses,
 )
-from app.api.textgen import GenFinal, GenOptions, GenToken, run_generation
-from app.engine.types import EngineError
+from app.api.textgen import GenError, GenFinal, GenOptions, GenToken, open_stream, run_generation
 
 log = logging.getLogger(__name__)
-STATUS_OF = {"overloaded": 429, "not_ready": 503, "timeout": 504, "validation": 422}
-FAILURE_OF = {"overloaded": "overloaded", "not_ready": "not_ready", "timeout": "timeout", "validation": "validation"}
 router = APIRouter(tags=["inference"])
 
 
@@ -148,30 +145,27 @@ def sse(payload: dict[str, object]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-async def event_stream(
-    srv: Serving, ids: list[int], opts: GenOptions, req: GenerateRequest
-) -> AsyncGenerator[str, None]:
-    """SSE frames; an error after the stream began is sent as an error event, then the stream ends."""
-    prefix = req.inputs if req.parameters.return_full_text else ""
+async def event_stream(outs: AsyncIterator[GenToken | GenFinal | GenError], prefix: str) -> AsyncGenerator[str, None]:
+    """TGI's SSE frames: one event per token, the last with generated_text and details; a
+    failure after the start is sent as a last {"error", "error_type"} event."""
     # The events of the tokens one engine step emitted (several, when drafts were accepted)
     # go out in one write: one send, and one read for the client, instead of one per token.
-    pending: list[str] = []
     # No asyncio.timeout here: it would cancel the response task while this generator waits
     # at a yield (a traceback in the log); the engine's deadline ends the stream with a 504 event.
-    try:
-        last: GenToken | None = None
-        async for out in run_generation(srv.engine, srv.tokenizer, ids, opts):
-            if isinstance(out, GenToken):
-                if out.last:  # held back one moment: the final event carries it
-                    last = out
-                    continue
-                pending.append(sse(StreamEvent(index=out.index, token=_token(out)).model_dump()))
-                if out.flush:
-                    yield "".join(pending)
-                    pending.clear()
+    pending: list[str] = []
+    last: GenToken | None = None
+    async for out in outs:
+        if isinstance(out, GenError):
+            err = APIError.from_engine(out.error)
+            pending.append(sse(error_body(err.message, err.error_type, openai=False)))
+        elif isinstance(out, GenToken) and out.last:  # held back one moment: the final event carries it
+            last = out
+            continue
+        elif isinstance(out, GenToken):
+            pending.append(sse(StreamEvent(index=out.index, token=_token(out)).model_dump()))
+            if not out.flush:
                 continue
-            if last is None:
-                break
+        elif last is not None:
             ev = StreamEvent(
                 index=last.index,
                 token=_token(last),
@@ -179,15 +173,9 @@ async def event_stream(
                 details=details_of(out, with_tokens=False),
             )
             pending.append(sse(ev.model_dump(exclude={"details": {"tokens"}})))
+        if pending:
             yield "".join(pending)
             pending.clear()
-    except EngineError as exc:
-        error: dict[str, object] = {"error": str(exc), "error_type": engine_error_status(exc)[1]}
-    else:
-        return
-    if pending:  # tokens produced before the failure still reach the client, then the error
-        yield "".join(pending)
-    yield sse(error)
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=SSE_DOC)
@@ -209,30 +197,6 @@ async def generate_stream(req: GenerateRequest, srv: ServingDep) -> StreamingRes
 
 
 async def _stream(srv: Serving, ids: list[int], opts: GenOptions, req: GenerateRequest) -> StreamingResponse:
-    frames = event_stream(srv, ids, opts, req)
-    # Pull the first frame before answering, so that queue-full / not-ready errors still get
-    # their HTTP status instead of a 200 with an error event.
-    try:
-        first = await anext(frames)
-    except StopAsyncIteration:
-        first = ""
-    if first.startswith('data: {"error"'):
-        payload = json.loads(first.removeprefix("data: "))
-        await frames.aclose()
-        status = STATUS_OF.get(payload["error_type"], 500)
-        raise APIError(status, payload["error"], payload["error_type"])
-
-    failures = srv.state.metrics.failures
-
-    async def body() -> AsyncGenerator[str, None]:
-        try:
-            if first:
-                yield first
-            async for frame in frames:
-                if frame.startswith('data: {"error"'):  # the status is already 200: count it here
-                    failures.labels(FAILURE_OF.get(json.loads(frame[6:])["error_type"], "error")).inc()
-                yield frame
-        finally:
-            await frames.aclose()  # client gone: the engine drops the sequence at its next step
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    outs = await open_stream(srv.engine, srv.tokenizer, ids, opts, srv.state.metrics.failures)
+    frames = event_stream(outs, req.inputs if req.parameters.return_full_text else "")
+    return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

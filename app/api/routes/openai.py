@@ -14,11 +14,10 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from app.api.deps import Serving, ServingDep, StateDep, unless_disconnected
-from app.api.errors import APIError, engine_error_status
+from app.api.errors import APIError, error_body
 from app.api.routes.generate import options_for, prompt_ids
 from app.api.schemas import INFERENCE_ERRORS, MAX_SEED, GenerateParameters, OpenAIError, Strict, error_responses
-from app.api.textgen import GenFinal, GenOptions, GenToken, run_generation
-from app.engine.types import EngineError
+from app.api.textgen import GenError, GenFinal, GenOptions, GenToken, open_stream, run_generation
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 T = TypeVar("T")
@@ -210,51 +209,36 @@ async def _stream(
         }
         return f"data: {json.dumps(body)}\n\n"
 
-    gen = run_generation(srv.engine, srv.tokenizer, ids, opts)
-    try:  # surface queue-full / not-ready as an HTTP status before the stream starts
-        first = await anext(gen)
-    except EngineError as exc:
-        status, kind = engine_error_status(exc)
-        raise APIError(status, str(exc), kind) from None
+    outs = await open_stream(srv.engine, srv.tokenizer, ids, opts, srv.state.metrics.failures)
 
     async def body() -> AsyncGenerator[str, None]:
+        """Chunks, then [DONE]; no asyncio.timeout across yields (the engine's deadline ends it)."""
         want_lp = req.logprobs is not None
         pending: list[str] = []  # one engine step's chunks, sent in one write (as /generate does)
-        error: dict[str, object] | None = None
-        try:  # no asyncio.timeout across yields: the engine's deadline ends the stream (504 event)
-            out: GenToken | GenFinal = first
-            sent = 0  # characters of text sent; text that may begin a stop sequence waits (GenToken.released)
-            while True:
-                if isinstance(out, GenToken):
-                    sent += len(out.released)
-                    pending.append(chunk(out.released, None, out.logprob if want_lp else None))  # one per token
-                    if out.flush:
-                        yield "".join(pending)
-                        pending.clear()
-                else:
-                    if rest := out.text_without_stop[sent:]:
-                        pending.append(chunk(rest, None))
-                    pending.append(chunk("", "length" if out.finish_reason == "length" else "stop"))
-                    if req.stream_options and req.stream_options.include_usage:
-                        usage = {
-                            "prompt_tokens": len(ids),
-                            "completion_tokens": out.generated_tokens,
-                            "total_tokens": len(ids) + out.generated_tokens,
-                        }
-                        payload = {"id": cid, "object": "text_completion", "created": created, "model": model}
-                        pending.append(f"data: {json.dumps({**payload, 'choices': [], 'usage': usage})}\n\n")
-                    yield "".join(pending)
-                    pending.clear()
-                    break
-                out = await anext(gen)
-        except EngineError as exc:
-            error = {"message": str(exc), "type": engine_error_status(exc)[1]}
-        finally:
-            await gen.aclose()
-        if pending:  # tokens produced before a failure still reach the client, then the error
+        sent = 0  # characters of text sent; text that may begin a stop sequence waits (GenToken.released)
+        async for out in outs:
+            if isinstance(out, GenError):
+                err = APIError.from_engine(out.error)
+                pending.append(f"data: {json.dumps(error_body(err.message, err.error_type, openai=True))}\n\n")
+            elif isinstance(out, GenToken):
+                sent += len(out.released)
+                pending.append(chunk(out.released, None, out.logprob if want_lp else None))  # one per token
+                if not out.flush:
+                    continue
+            else:
+                if rest := out.text_without_stop[sent:]:
+                    pending.append(chunk(rest, None))
+                pending.append(chunk("", "length" if out.finish_reason == "length" else "stop"))
+                if req.stream_options and req.stream_options.include_usage:
+                    usage = {
+                        "prompt_tokens": len(ids),
+                        "completion_tokens": out.generated_tokens,
+                        "total_tokens": len(ids) + out.generated_tokens,
+                    }
+                    payload = {"id": cid, "object": "text_completion", "created": created, "model": model}
+                    pending.append(f"data: {json.dumps({**payload, 'choices': [], 'usage': usage})}\n\n")
             yield "".join(pending)
-        if error is not None:
-            yield f"data: {json.dumps({'error': error})}\n\n"
+            pending.clear()
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
