@@ -8,14 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +23,7 @@ from app.main import create_app
 from app.model.checkpoint import save_checkpoint
 from app.model.model import ModelConfig, MTPTransformer
 from app.model.tokenizer import Tokenizer
+from bench.server import Server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAINING_TEXT = (
@@ -41,6 +35,7 @@ TRAINING_TEXT = (
 )
 TINY = {"d_model": 32, "n_layers": 2, "num_heads": 4, "d_ff": 64, "k": 3, "max_seq_len": 64, "dropout_rate": 0.0}
 SERVER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+READY_TIMEOUT_S = 90.0
 
 # Loaded into `mtp serve` subprocesses through PYTHONPATH: with TEST_FORWARD_DELAY_S set, every
 # forward pass sleeps that long (through the engine's fault_hook seam), so a stream lasts long
@@ -212,62 +207,16 @@ def envelope() -> Callable[..., dict[str, Any]]:
 # ---- real `mtp serve` processes -------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.2)
-        raise AssertionError(f"server not ready after {timeout}s:\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-
-
 def start_server(ckpt: Path, workdir: Path, *args: str, forward_delay_s: float = 0.0, **env: str) -> Server:
-    """`python -m app.cli serve --checkpoint CKPT --port P ARGS...` in the repository root, not yet ready."""
+    """`python -m app.cli serve ARGS...` on CKPT (bench/server.py), its log in workdir; not yet ready.
+
+    env: raw environment variables (MTP_IDLE_TIMEOUT_S="1"); forward_delay_s: every forward
+    pass sleeps that long (the SITECUSTOMIZE shim on the server's PYTHONPATH)."""
     shim = workdir / "shim"
     shim.mkdir(parents=True, exist_ok=True)
     (shim / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    port = free_port()
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MTP_")}
-    full_env.update(SERVER_ENV)
-    full_env.update(env)
-    full_env["PYTHONPATH"] = os.pathsep.join([str(shim), str(REPO_ROOT)])
-    full_env["TEST_FORWARD_DELAY_S"] = str(forward_delay_s)
-    log_path = workdir / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--checkpoint", str(ckpt), "--port", str(port), *args]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
-    return Server(proc, port, log_path)
+    full_env = {**SERVER_ENV, **env, "PYTHONPATH": str(shim), "TEST_FORWARD_DELAY_S": str(forward_delay_s)}
+    return Server.start(ckpt, args=args, env=full_env, log_dir=workdir)
 
 
 @pytest.fixture(scope="session")
@@ -275,7 +224,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterat
     """One real uvicorn server on the tiny checkpoint, shared by the tests that need a socket."""
     srv = start_server(checkpoint, tmp_path_factory.mktemp("server"), "--device", "cpu")
     try:
-        srv.wait_ready()
+        srv.wait_ready(READY_TIMEOUT_S)
         yield srv
     finally:
         srv.stop()
@@ -291,7 +240,7 @@ def server_factory(tmp_path: Path, checkpoint: Path) -> Iterator[Callable[..., S
             checkpoint, tmp_path / f"s{len(started)}", "--device", "cpu", *args, forward_delay_s=forward_delay_s, **env
         )
         started.append(srv)
-        srv.wait_ready()
+        srv.wait_ready(READY_TIMEOUT_S)
         return srv
 
     yield make

@@ -1,4 +1,4 @@
-"""The attack suite (app.bench.attack): its cheap attacks against a real uvicorn server on the
+"""The attack suite (bench.attack): its cheap attacks against a real uvicorn server on the
 tiny checkpoint find no defect, and its report is well-formed."""
 
 from collections.abc import Callable
@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from app.bench import attack
+from bench import attack
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,8 @@ they claim: identical greedy outputs, consistent token counts, and the step timi
 
 from itertools import pairwise
 
-from app.bench.decoding import bench_speculative
-from app.bench.step import bench_step
+from bench.decoding import bench_speculative
+from bench.step import bench_step
 
 
 def test_bench_speculative_reports_identical_outputs_and_acceptance(byte_checkpoint: tuple[str, str]) -> None:
@@ -31,7 +31,7 @@ def test_bench_step_times_plain_and_verify_passes(byte_checkpoint: tuple[str, st
 def test_bench_threads_times_decoding_before_and_after_a_second_thread_uses_torch(
     byte_checkpoint: tuple[str, str],
 ) -> None:
-    from app.bench.threads import bench_threads
+    from bench.threads import bench_threads
 
     r = bench_threads(byte_checkpoint[0], n_prompts=2, new_tokens=8)
     for key in ("tokens_per_s_one_thread_used_torch", "tokens_per_s_after_an_op_on_a_second_thread"):

@@ -1,6 +1,6 @@
 """`mtp bench engine`: the continuous batch without HTTP, adaptive vs fixed draft counts."""
 
-from app.bench.engine import bench_engine
+from bench.engine import bench_engine
 
 
 def test_bench_engine_reports_both_draft_modes_at_both_stream_counts(byte_checkpoint: tuple[str, str]) -> None:

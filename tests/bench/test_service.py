@@ -4,7 +4,7 @@ server sent (one SSE event per token) and count refusals as errors."""
 import asyncio
 from typing import Any
 
-from app.bench.service import generate_load, predict_load
+from bench.service import generate_load, predict_load
 
 
 def test_generate_load_counts_one_token_per_event(server: Any) -> None:

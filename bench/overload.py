@@ -1,6 +1,6 @@
 """Overload: a burst of 10x the queue capacity against a real server.
 
-    python -m app.bench.overload --queue 32 --factor 10 --bursts 8
+    python -m bench.overload --queue 32 --factor 10 --bursts 8
 
 Prints JSON, per burst: how many were accepted (200) and refused (429), the 429 latency
 (p50/p99), whether every accepted request completed, and /ready right after the burst; then
@@ -17,9 +17,9 @@ from typing import Any
 
 import httpx
 
-from app.bench.decoding import write_json
-from app.bench.service import pct, raw_post, read_response, server
 from app.config import DEFAULT_CHECKPOINT
+from bench.decoding import write_json
+from bench.service import pct, raw_post, read_response, server
 
 
 async def burst(url: str, n: int, new_tokens: int) -> dict[str, Any]:
@@ -88,7 +88,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     runs = []
-    with server(args.checkpoint, "cpu", max_queue_size=args.queue, max_batch_size=16) as (url, _):
+    with server(args.checkpoint, "cpu", max_queue_size=args.queue, max_batch_size=16) as srv:
+        url = srv.url
         for i in range(args.bursts):
             if i:
                 time.sleep(2.0)

@@ -1,6 +1,6 @@
 """Fuzzing: schemathesis against a real server's /openapi.json.
 
-    python -m app.bench.fuzz --max-examples 150
+    python -m bench.fuzz --max-examples 150
 
 Runs every operation with schemathesis' examples, coverage and fuzzing phases and all its
 checks but `positive_data_acceptance` (runtime limits such as the context length and the
@@ -16,8 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.bench.service import server
 from app.config import DEFAULT_CHECKPOINT
+from bench.service import server
 
 
 def main() -> None:
@@ -26,7 +26,8 @@ def main() -> None:
     ap.add_argument("--max-examples", type=int, default=150)
     ap.add_argument("--report", default=None, help="write schemathesis' JUnit XML here")
     args = ap.parse_args()
-    with server(args.checkpoint, "cpu", max_new_tokens=16, max_queue_size=1024) as (url, _):
+    with server(args.checkpoint, "cpu", max_new_tokens=16, max_queue_size=1024) as srv:
+        url = srv.url
         cmd = [
             str(Path(sys.executable).parent / "st"),
             "run",

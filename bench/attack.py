@@ -1,13 +1,13 @@
 """Attack suite: known failure modes, each reproduced against a real `mtp serve` process.
 
-    python -m app.bench.attack [--only NAME[,NAME]] [--out FILE] [--checkpoint DIR]
+    python -m bench.attack [--only NAME[,NAME]] [--out FILE] [--checkpoint DIR]
 
 Every attack runs over loopback with loops bounded in count and time, and judges the server
 only by what it measures: statuses, timings, counters in /metrics, the server's own log.
 Prints a Markdown table (attack | what was measured | result | verdict); exits non-zero if
-any attack shows its defect or could not run. The servers run this checkout's code (the
-directory above this `app` package), so the same command records a "before" on an older
-commit from a `git worktree` of it. About 1.5 minutes on the project's 2-core CPU when it is
+any attack shows its defect or could not run. The servers run the code of the checkout this
+suite lives in (bench/server.py), so the same suite in a `git worktree` of an older commit
+records a "before". About 1.5 minutes on the project's 2-core CPU when it is
 otherwise idle.
 """
 
@@ -38,11 +38,9 @@ from urllib.parse import urlparse
 
 import httpx
 
-import app
 from app.config import DEFAULT_CHECKPOINT
+from bench.server import HOST, ROOT, NotReady, Server
 
-ROOT = Path(app.__file__).resolve().parent.parent  # the servers import `app` from here
-HOST = "127.0.0.1"
 KEY = "secret"
 TOKENS = "mtp_generated_tokens_total"
 RUNNING = "mtp_running_sequences"
@@ -72,63 +70,10 @@ class Result:
 # ---- servers --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-class NotReady(RuntimeError):
-    pass
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise NotReady(f"server not ready after {timeout:.0f} s")
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-
 def launch(checkpoint: str, workdir: Path, settings: Mapping[str, object | None]) -> Server:
-    """`python -m app.cli serve` from ROOT with MTP_* settings (None: left unset), its output in a log
-    file; not yet ready."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MTP_")}
-    env.update(MTP_CHECKPOINT=checkpoint, MTP_HOST=HOST, MTP_PORT=str(port), MTP_DEVICE="cpu", MTP_LOG_LEVEL="INFO")
-    env.update({f"MTP_{k.upper()}": str(v) for k, v in settings.items() if v is not None})
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    log_path = workdir / f"server-{port}.log"
-    with open(log_path, "wb") as log:
-        cmd = [sys.executable, "-m", "app.cli", "serve"]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return Server(proc, port, log_path)
+    """A server on the CPU with these MTP_* settings (None: left unset), its output in a log file
+    in `workdir`; not yet ready."""
+    return Server.start(checkpoint, {"device": "cpu", "log_level": "INFO", **settings}, log_dir=workdir)
 
 
 class Lab:

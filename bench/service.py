@@ -13,62 +13,26 @@ Figures (printed as JSON, ratios measured in the same run):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import torch
 
-from app.bench.decoding import heldout_prompts
 from app.decoding.predict import score_next
 from app.model.checkpoint import load_checkpoint
 from app.model.model import MTPTransformer
+from bench.decoding import heldout_prompts
+from bench.server import Server, running
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def server(checkpoint: str, device: str, **settings: Any) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A real `mtp serve` process on a free port; yields (base URL, process) once /ready answers 200."""
-    port = free_port()
-    env = {**os.environ, "MTP_CHECKPOINT": checkpoint, "MTP_PORT": str(port), "MTP_DEVICE": device}
-    env.update({f"MTP_{k.upper()}": str(v) for k, v in settings.items()})
-    env["MTP_LOG_LEVEL"] = "WARNING"
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise RuntimeError("server did not become ready")
-        yield url, proc
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def server(checkpoint: str, device: str, **settings: Any) -> contextlib.AbstractContextManager[Server]:
+    """A ready `mtp serve` on `device` with these settings, quiet below WARNING. The caller's MTP_*
+    variables reach it (e.g. MTP_MALLOC_MMAP_THRESHOLD=0 for a comparison run)."""
+    return running(checkpoint, {"device": device, "log_level": "WARNING", **settings}, inherit_mtp=True)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -267,9 +231,11 @@ def bench_service(
     if torch_threads:
         torch.set_num_threads(torch_threads)  # the in-process baseline runs with the same threads
 
-    with server(checkpoint, device, dtype=dtype, max_batch_size=1, max_queue_size=1024, **extra) as (url, _):
+    with server(checkpoint, device, dtype=dtype, max_batch_size=1, max_queue_size=1024, **extra) as srv:
+        url = srv.url
         out["predict_unbatched"] = asyncio.run(predict_load(url, texts, clients, seconds))
-    with server(checkpoint, device, dtype=dtype, max_batch_size=clients, max_queue_size=1024, **extra) as (url, _):
+    with server(checkpoint, device, dtype=dtype, max_batch_size=clients, max_queue_size=1024, **extra) as srv:
+        url = srv.url
         before = batch_totals(url, "predict")
         out["predict_batched"] = asyncio.run(predict_load(url, texts, clients, seconds))
         out["predict_batched"]["mean_batch_size"] = round(mean_batch(url, "predict", before), 2)

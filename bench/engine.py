@@ -9,11 +9,11 @@ import statistics
 import time
 from typing import Any
 
-from app.bench.decoding import heldout_prompts
 from app.engine.engine import Engine, EngineConfig, inference_thread
 from app.engine.types import GenerateRequest, TokenEvent
 from app.metrics import Metrics
 from app.model.checkpoint import load_checkpoint
+from bench.decoding import heldout_prompts
 
 
 async def _rate(engine: Engine, prompts: list[list[int]], streams: int, sequences: int, new_tokens: int) -> float:

@@ -1,6 +1,6 @@
 """Hostile inputs against a real server: prints a Markdown table of each input and its status.
 
-    python -m app.bench.hostile
+    python -m bench.hostile
 
 Each case states the status it must get; the command exits non-zero if any case differs
 or if the server stops answering /health between cases.
@@ -19,8 +19,8 @@ from urllib.parse import urlparse
 
 import httpx
 
-from app.bench.service import server
 from app.config import DEFAULT_CHECKPOINT
+from bench.service import server
 
 
 @dataclass
@@ -133,7 +133,8 @@ def main() -> None:
     args = ap.parse_args()
     body_limit = 1_048_576
     failed = 0
-    with server(args.checkpoint, "cpu", body_timeout_s=5, max_body_bytes=body_limit) as (url, _):
+    with server(args.checkpoint, "cpu", body_timeout_s=5, max_body_bytes=body_limit) as srv:
+        url = srv.url
         info = httpx.get(url + "/info").json()
         print("| input | expected | got |\n| --- | --- | --- |")
         for case in cases(info["max_seq_len"], info["vocab_size"], body_limit):

@@ -1,6 +1,6 @@
 """Soak: mixed /predict and streaming /generate load from many clients against a real server.
 
-    python -m app.bench.soak --minutes 10 --clients 64
+    python -m bench.soak --minutes 10 --clients 64
 
 About 10% of streams are dropped by their client mid-stream. Prints JSON: requests by
 outcome, unexpected errors, whether every accepted request was answered, server RSS over
@@ -19,11 +19,11 @@ from typing import Any
 
 import httpx
 
-from app.bench.decoding import write_json
-from app.bench.service import server
 from app.config import DEFAULT_CHECKPOINT, DEFAULT_CORPUS
 from app.model.checkpoint import load_tokenizer
 from app.training.data import read_corpus, split_text
+from bench.decoding import write_json
+from bench.service import server
 
 
 def rss_kb(pid: int) -> int:
@@ -139,8 +139,9 @@ def main() -> None:
     starts = [rng.randrange(0, len(held) - 200) for _ in range(200)]
     texts = [held[s : s + rng.randint(20, 150)] for s in starts]
     texts = [t for t in texts if 0 < len(tok.encode(t)) <= 150]
-    with server(args.checkpoint, "cpu", max_batch_size=32, max_queue_size=512, request_timeout_s=120) as (url, proc):
-        result = asyncio.run(soak(url, proc.pid, texts, args.clients, args.minutes * 60, args.warmup_s))
+    with server(args.checkpoint, "cpu", max_batch_size=32, max_queue_size=512, request_timeout_s=120) as srv:
+        url = srv.url
+        result = asyncio.run(soak(url, srv.proc.pid, texts, args.clients, args.minutes * 60, args.warmup_s))
     write_json(result, args.out)
 
 

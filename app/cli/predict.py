@@ -1,0 +1,33 @@
+"""`mtp predict`: the top tokens of each of the k heads after a text."""
+
+from __future__ import annotations
+
+import argparse
+
+from app import config
+from app.cli.base import CLISubcommand
+
+
+class PredictCommand(CLISubcommand):
+    name = "predict"
+    help = "top tokens for each of the k heads after a text"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("text")
+        parser.add_argument("--checkpoint", default=str(config.DEFAULT_CHECKPOINT))
+        parser.add_argument("--top-n", type=int, default=5)
+        parser.add_argument("--device", default="cpu")
+        parser.add_argument("--dtype", default="float32")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from app.decoding.predict import score_next
+        from app.model.checkpoint import load_checkpoint
+
+        model, tok = load_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
+        ids = tok.encode(args.text)[-model.cfg.max_seq_len :]
+        scores = score_next(model, [ids], args.top_n)
+        for j in range(model.cfg.k):
+            top = zip(scores.top_ids[0][j], scores.top_probs[0][j], strict=True)
+            print(f"head {j + 1} (+{j + 1}): " + ", ".join(f"{tok.id_to_text(i)!r} {p:.3f}" for i, p in top))
+        print("greedy k-token continuation:", repr(tok.decode(scores.greedy[0])))
+        return 0

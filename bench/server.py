@@ -1,0 +1,135 @@
+"""A real `mtp serve` process for benchmarks, reliability suites and tests.
+
+The one place that starts a server subprocess: settings go in as MTP_* environment variables
+(extra command-line flags after them), it listens on a free loopback port, and it runs this
+checkout's code: the `app` package next to this `bench` package is first on its PYTHONPATH,
+so a suite started from a `git worktree` of an older commit measures that commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+import app
+
+ROOT = Path(app.__file__).resolve().parent.parent  # the servers import `app` from here
+HOST = "127.0.0.1"
+
+
+class ServerExited(RuntimeError):
+    """The server process ended before it became ready."""
+
+
+class NotReady(RuntimeError):
+    """The server did not answer /ready with 200 in time."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def server_env(settings: Mapping[str, object | None], env: Mapping[str, str], inherit_mtp: bool) -> dict[str, str]:
+    """The child's environment: ours (MTP_* dropped unless inherit_mtp), then the settings as
+    MTP_NAME (None: left unset), then `env` as given, with ROOT first on PYTHONPATH."""
+    out = {k: v for k, v in os.environ.items() if inherit_mtp or not k.startswith("MTP_")}
+    out.update({f"MTP_{k.upper()}": str(v) for k, v in settings.items() if v is not None})
+    out.update(env)
+    paths = [str(ROOT), *out.get("PYTHONPATH", "").split(os.pathsep)]
+    out["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
+    return out
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path | None  # None: the server writes to our stdout/stderr
+
+    @classmethod
+    def start(
+        cls,
+        checkpoint: str | Path,
+        settings: Mapping[str, object | None] | None = None,
+        *,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        log_dir: Path | None = None,
+        inherit_mtp: bool = False,
+    ) -> Server:
+        """`python -m app.cli serve ARGS...` from ROOT on a free port; not yet ready (see wait_ready).
+
+        settings: Settings fields (e.g. max_queue_size=16), passed as MTP_* variables; env: raw
+        variables, applied last; log_dir: write the server's output to log_dir/server-PORT.log;
+        inherit_mtp: keep our own MTP_* variables (they are dropped by default, so that a
+        setting of the caller's shell does not leak into a measurement).
+        """
+        port = free_port()
+        base = {"checkpoint": checkpoint, "host": HOST, "port": port, **(settings or {})}
+        full_env = server_env(base, env or {}, inherit_mtp)
+        cmd = [sys.executable, "-m", "app.cli", "serve", *args]
+        if log_dir is None:
+            return cls(subprocess.Popen(cmd, cwd=ROOT, env=full_env), port, None)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"server-{port}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+        return cls(proc, port, log_path)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def wait_ready(self, timeout: float = 120.0) -> Server:
+        """Poll /ready until it answers 200; ServerExited or NotReady (with the log's tail) if not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerExited(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return self
+            time.sleep(0.1)
+        raise NotReady(f"server not ready after {timeout:.0f} s:\n{self.log()[-4000:]}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (the service drains, then exits); SIGKILL if it is still running after `timeout`."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def running(
+    checkpoint: str | Path,
+    settings: Mapping[str, object | None] | None = None,
+    *,
+    log_dir: Path | None = None,
+    inherit_mtp: bool = False,
+    ready_timeout: float = 120.0,
+) -> Iterator[Server]:
+    """A started, ready Server (see Server.start), stopped on leaving the block."""
+    srv = Server.start(checkpoint, settings, log_dir=log_dir, inherit_mtp=inherit_mtp)
+    try:
+        yield srv.wait_ready(ready_timeout)
+    finally:
+        srv.stop()
