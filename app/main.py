@@ -22,7 +22,9 @@ from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContext
 from app.api.routes import generate, openai, predict, system
 from app.config import Settings
-from app.engine.engine import NO_TICKET, Engine, EngineConfig, inference_thread
+from app.engine.admission import NO_TICKET
+from app.engine.config import EngineConfig, inference_thread
+from app.engine.engine import Engine
 from app.metrics import Metrics
 from app.model.checkpoint import load_checkpoint, load_config, resolve_device, resolve_dtype
 

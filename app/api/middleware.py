@@ -21,7 +21,7 @@ from typing import Any
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.errors import envelope, failure_reason
-from app.engine.engine import NO_TICKET, DoorTicket, door_ticket
+from app.engine.admission import NO_TICKET, DoorTicket, door_ticket
 from app.logs import request_id_var
 from app.metrics import Metrics
 

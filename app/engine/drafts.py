@@ -23,10 +23,21 @@ same text whatever shares its batch.
 from __future__ import annotations
 
 import bisect
+import logging
 import statistics
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from app.decoding.generate import forward_step
+from app.decoding.sampling import BatchSampling, SamplingParams
+from app.decoding.speculative import accept_drafts
+from app.model.model import MTPTransformer
+
+log = logging.getLogger(__name__)
 
 PRIOR_STEPS = 8.0  # pseudo-observations behind each position's prior
 PRIOR_CONDITIONAL = 0.7  # prior a_j = 0.7 * a_(j-1): positions a busy batch never offers follow the last one measured
@@ -130,4 +141,39 @@ def time_steps(
             median = statistics.median(times[b, n])
             row.append(median if not row else min(max(median, row[-1]), (n + 1) * row[0]))
         costs[b] = row
+    return costs
+
+
+def time_verify_steps(model: MTPTransformer, max_batch_size: int) -> dict[int, list[float]]:
+    """Seconds of a greedy decode step at batch sizes 1, 2, 4, .. max_batch_size and 0 .. k-1
+    drafts, on random tokens at position 64 (the inference thread, before any sequence holds a
+    cache row)."""
+    k, vocab, dev = model.cfg.k, model.cfg.vocab_size, model.head.proj.weight.device
+    sizes = sorted({min(2**i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
+    pos0 = max(0, min(64, model.cfg.max_seq_len - k))
+    gen = torch.Generator(device=dev).manual_seed(0)
+    inputs: dict[tuple[int, int], tuple[Any, ...]] = {}  # built once per shape, outside the timings
+
+    def step(b: int, n: int) -> None:
+        if (b, n) not in inputs:
+            inputs[b, n] = (
+                torch.randint(0, vocab, (b,), device=dev, generator=gen),  # cur
+                torch.randint(0, vocab, (b, n), device=dev, generator=gen),  # drafts
+                torch.full((b,), pos0, device=dev),  # pos
+                torch.full((b,), n, device=dev),  # max_accept
+                BatchSampling.from_params([SamplingParams()] * b, [None] * b, dev),
+                torch.ones(b, dtype=torch.bool, device=dev),  # want drafts
+            )
+        cur, drafts, pos, max_accept, sampling, want = inputs[b, n]
+        out = forward_step(model, cur, drafts if n else None, pos)
+        accept_drafts(out.head1, drafts, None, max_accept, sampling, want, out.drafts, k - 1)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        costs = time_steps(step, sizes, k - 1)
+    log.info(
+        "verify-step cost (ms) by batch size and drafts: %s",
+        {b: [round(c * 1e3, 2) for c in row] for b, row in costs.items()},
+    )
     return costs

@@ -11,23 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
-from app.decoding.generate import first_tokens, forward_step, prefill
+from app.decoding.generate import first_tokens, prefill
 from app.decoding.predict import Scores, score_next
-from app.decoding.sampling import BatchSampling, SamplingParams, make_generator
-from app.decoding.speculative import accept_drafts
+from app.decoding.sampling import BatchSampling, make_generator
+from app.engine.admission import DoorTicket, check_ids, check_sampling, door_ticket
 from app.engine.batch import DecodeBatch, Sequence
-from app.engine.drafts import DraftPolicy, time_steps
+from app.engine.config import EngineConfig, Health, inference_thread
+from app.engine.drafts import DraftPolicy, time_verify_steps
 from app.engine.types import (
     EngineError,
     EngineFailure,
@@ -50,58 +50,7 @@ from app.model.model import MTPTransformer
 log = logging.getLogger(__name__)
 
 
-class DoorTicket:
-    """A queue place held from the moment a request passes the door (before its body is read)
-    until it is submitted to the engine or ends. Without it a burst would pass the door while
-    the queue still looked empty and be refused only after parsing, validation and tokenizing."""
-
-    __slots__ = ("_engine",)
-
-    def __init__(self, engine: Engine | None) -> None:
-        self._engine = engine
-
-    def release(self) -> None:
-        if self._engine is not None:
-            self._engine._at_door -= 1
-            self._engine = None
-
-
-NO_TICKET = DoorTicket(None)  # for requests that hold no place (no engine yet)
-door_ticket: ContextVar[DoorTicket] = ContextVar("door_ticket", default=NO_TICKET)
 T = TypeVar("T")
-
-
-def inference_thread() -> ThreadPoolExecutor:
-    """The one thread that runs every tensor operation of the service, model loading included.
-
-    With OpenMP (torch's CPU backend) each thread that runs a parallel op gets a thread team
-    of its own, and the team stays. With more OpenMP threads than cores, libgomp sleeps
-    sooner between parallel regions, and a decode step (hundreds of small parallel ops) pays
-    a wake-up for many of them: on 2 cores, one op on a second thread made decoding on the
-    worker 1.3-1.6x slower for good (`mtp bench threads`). So the model is loaded, its caches
-    allocated and every forward pass run on this thread only.
-    """
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtp-worker")
-
-
-@dataclass
-class EngineConfig:
-    max_batch_size: int = 16
-    max_wait_ms: float = 5.0
-    max_queue_size: int = 256
-    speculative: bool = True
-    draft_tokens: int | None = None  # drafts verified per pass; None = k - 1, or fewer where faster
-    adaptive_drafts: bool = True  # with draft_tokens None: time the step at start-up and adapt (drafts.py)
-    request_timeout_s: float = 60.0
-    stall_timeout_s: float = 30.0
-
-
-@dataclass
-class Health:
-    alive: bool  # the worker task is running
-    stalled: bool  # a forward pass has run longer than stall_timeout_s
-    accepting: bool  # not draining or stopped
-    detail: str
 
 
 class Engine:
@@ -146,7 +95,8 @@ class Engine:
         if warmup:
             await self._warmup()
             if self.cfg.adaptive_drafts and self.cfg.draft_tokens is None and self.k > 1:
-                costs = await loop.run_in_executor(self._executor, self._time_verify_steps)
+                time_them = functools.partial(time_verify_steps, self.model, self.cfg.max_batch_size)
+                costs = await loop.run_in_executor(self._executor, time_them)
                 self._batch.policy = DraftPolicy(self.k - 1, costs)
         log.info("engine ready: k=%d, max_batch_size=%d, device=%s", self.k, self.cfg.max_batch_size, self.device)
 
@@ -168,39 +118,6 @@ class Engine:
                 pass
 
         await asyncio.gather(*(one() for _ in range(n)))
-
-    def _time_verify_steps(self) -> dict[int, list[float]]:
-        """Seconds of a greedy decode step at batch sizes 1, 2, 4, .. max_batch_size and 0 .. k-1
-        drafts (worker thread, before any sequence holds a cache row)."""
-        sizes = sorted({min(2**i, self.cfg.max_batch_size) for i in range(self.cfg.max_batch_size.bit_length() + 1)})
-        pos0 = max(0, min(64, self.max_seq_len - self.k))
-        gen = torch.Generator(device=self.device).manual_seed(0)
-        vocab, dev = self.model.cfg.vocab_size, self.device
-        inputs: dict[tuple[int, int], tuple[Any, ...]] = {}  # built once per shape, outside the timings
-
-        def step(b: int, n: int) -> None:
-            if (b, n) not in inputs:
-                inputs[b, n] = (
-                    torch.randint(0, vocab, (b,), device=dev, generator=gen),  # cur
-                    torch.randint(0, vocab, (b, n), device=dev, generator=gen),  # drafts
-                    torch.full((b,), pos0, device=dev),  # pos
-                    torch.full((b,), n, device=dev),  # max_accept
-                    BatchSampling.from_params([SamplingParams()] * b, [None] * b, dev),
-                    torch.ones(b, dtype=torch.bool, device=dev),  # want drafts
-                )
-            cur, drafts, pos, max_accept, bs, want = inputs[b, n]
-            out = forward_step(self.model, cur, drafts if n else None, pos)
-            accept_drafts(out.head1, drafts, None, max_accept, bs, want, out.drafts, self.k - 1)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-
-        with torch.inference_mode():
-            costs = time_steps(step, sizes, self.k - 1)
-        log.info(
-            "verify-step cost (ms) by batch size and drafts: %s",
-            {b: [round(c * 1e3, 2) for c in row] for b, row in costs.items()},
-        )
-        return costs
 
     async def drain(self, timeout: float) -> bool:
         """Stop taking work and wait for queued and running requests; True if all finished."""
@@ -245,7 +162,10 @@ class Engine:
         if self._accepting and self.queue_full():
             return None
         self._at_door += 1
-        return DoorTicket(self)
+        return DoorTicket(self._leave_door)
+
+    def _leave_door(self) -> None:
+        self._at_door -= 1
 
     def pending(self) -> int:
         return len(self._predict_q) + len(self._gen_q) + len(self._batch)
@@ -268,45 +188,20 @@ class Engine:
         if depth + n > self.cfg.max_queue_size:
             raise EngineOverloaded(f"queue full ({depth} waiting, capacity {self.cfg.max_queue_size})")
 
-    def _check_ids(self, ids: list[int], extra: int = 0) -> None:
-        vocab = self.model.cfg.vocab_size
-        if not ids:
-            raise InvalidRequest("the input is empty")
-        if len(ids) + extra > self.max_seq_len:
-            raise InvalidRequest(
-                f"input tokens ({len(ids)}) + max_new_tokens ({extra}) exceed the context of {self.max_seq_len}"
-                if extra
-                else f"input has {len(ids)} tokens, the context is {self.max_seq_len}"
-            )
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise InvalidRequest(f"token ids must be in [0, {vocab})")
-
     def speculates(self, request: GenerateRequest) -> bool:
         """Whether a sequence drafts and verifies: the request's choice, else the engine's, and only if k > 1."""
         return self.k > 1 and (self.cfg.speculative if request.speculative is None else request.speculative)
 
-    def _check_sampling(self, p: SamplingParams) -> None:
-        """A row's parameters become batch tensors: a bad one would fail every request it is batched with."""
-        vocab = self.model.cfg.vocab_size
-        if not 0 <= p.top_k <= vocab:
-            raise InvalidRequest(f"top_k must be in [0, {vocab}] (0 = off)")
-        if not 0.0 <= p.temperature < float("inf"):
-            raise InvalidRequest("temperature must be a finite number >= 0")
-        if not 0.0 < p.top_p <= 1.0:
-            raise InvalidRequest("top_p must be in (0, 1]")
-        if p.seed is not None and not 0 <= p.seed < 2**64:
-            raise InvalidRequest("seed must be in [0, 2^64)")
-
     async def predict(self, requests: list[PredictRequest]) -> list[Scores]:
         """Score each request's next k tokens; the requests may share forward passes with others."""
         for r in requests:
-            self._check_ids(r.prompt_ids)
+            check_ids(r.prompt_ids, self.model.cfg.vocab_size, self.max_seq_len)
             if not 1 <= r.top_n <= self.model.cfg.vocab_size:
                 raise InvalidRequest(f"top_n must be in [1, {self.model.cfg.vocab_size}]")
             for cand in r.candidates:
                 if not 1 <= len(cand) <= self.k:
                     raise InvalidRequest(f"each candidate needs 1 to {self.k} tokens")
-                self._check_ids(cand)
+                check_ids(cand, self.model.cfg.vocab_size, self.max_seq_len)
         self._admit(len(requests))
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.cfg.request_timeout_s
@@ -331,8 +226,8 @@ class Engine:
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[Event, None]:
         """Stream events for one sequence; closing the iterator early cancels the sequence."""
-        self._check_ids(request.prompt_ids, request.max_new_tokens)
-        self._check_sampling(request.sampling)
+        check_ids(request.prompt_ids, self.model.cfg.vocab_size, self.max_seq_len, request.max_new_tokens)
+        check_sampling(request.sampling, self.model.cfg.vocab_size)
         if request.max_new_tokens < 1:
             raise InvalidRequest("max_new_tokens must be at least 1")
         self._admit(1)

@@ -14,7 +14,8 @@ import pytest
 from app.decoding.generate import generate as static_generate
 from app.decoding.predict import score_next
 from app.decoding.sampling import SamplingParams
-from app.engine.engine import Engine, EngineConfig
+from app.engine.config import EngineConfig
+from app.engine.engine import Engine
 from app.engine.types import (
     EngineFailure,
     EngineNotReady,

@@ -1,0 +1,60 @@
+"""Admission: queue places held from the door, and the checks a request passes before it joins a batch.
+
+The checks are against the model's limits (vocabulary, context); the API checks the shape of
+a request, the engine what the model can take. A bad row would otherwise fail every request
+batched with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextvars import ContextVar
+
+from app.decoding.sampling import SamplingParams
+from app.engine.types import InvalidRequest
+
+
+class DoorTicket:
+    """A queue place held from the moment a request passes the door (before its body is read)
+    until it is submitted to the engine or ends. Without it a burst would pass the door while
+    the queue still looked empty and be refused only after parsing, validation and tokenizing."""
+
+    __slots__ = ("_release",)
+
+    def __init__(self, release: Callable[[], None] | None) -> None:
+        self._release = release  # gives the place back; called at most once
+
+    def release(self) -> None:
+        if self._release is not None:
+            self._release()
+            self._release = None
+
+
+NO_TICKET = DoorTicket(None)  # for requests that hold no place (no engine yet)
+door_ticket: ContextVar[DoorTicket] = ContextVar("door_ticket", default=NO_TICKET)
+
+
+def check_ids(ids: list[int], vocab: int, context: int, extra: int = 0) -> None:
+    """Token ids in [0, vocab) that, with `extra` new tokens, fit the context."""
+    if not ids:
+        raise InvalidRequest("the input is empty")
+    if len(ids) + extra > context:
+        raise InvalidRequest(
+            f"input tokens ({len(ids)}) + max_new_tokens ({extra}) exceed the context of {context}"
+            if extra
+            else f"input has {len(ids)} tokens, the context is {context}"
+        )
+    if min(ids) < 0 or max(ids) >= vocab:
+        raise InvalidRequest(f"token ids must be in [0, {vocab})")
+
+
+def check_sampling(p: SamplingParams, vocab: int) -> None:
+    """Parameters that become batch tensors without overflow or NaN."""
+    if not 0 <= p.top_k <= vocab:
+        raise InvalidRequest(f"top_k must be in [0, {vocab}] (0 = off)")
+    if not 0.0 <= p.temperature < float("inf"):
+        raise InvalidRequest("temperature must be a finite number >= 0")
+    if not 0.0 < p.top_p <= 1.0:
+        raise InvalidRequest("top_p must be in (0, 1]")
+    if p.seed is not None and not 0 <= p.seed < 2**64:
+        raise InvalidRequest("seed must be in [0, 2^64)")

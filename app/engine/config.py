@@ -1,0 +1,39 @@
+"""The engine's configuration, its health report, and the one thread that runs its tensor work."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+
+def inference_thread() -> ThreadPoolExecutor:
+    """The one thread that runs every tensor operation of the service, model loading included.
+
+    With OpenMP (torch's CPU backend) each thread that runs a parallel op gets a thread team
+    of its own, and the team stays. With more OpenMP threads than cores, libgomp sleeps
+    sooner between parallel regions, and a decode step (hundreds of small parallel ops) pays
+    a wake-up for many of them: on 2 cores, one op on a second thread made decoding on the
+    worker 1.3-1.6x slower for good (`mtp bench threads`). So the model is loaded, its caches
+    allocated and every forward pass run on this thread only.
+    """
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtp-worker")
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 16
+    max_wait_ms: float = 5.0
+    max_queue_size: int = 256
+    speculative: bool = True
+    draft_tokens: int | None = None  # drafts verified per pass; None = k - 1, or fewer where faster
+    adaptive_drafts: bool = True  # with draft_tokens None: time the step at start-up and adapt (drafts.py)
+    request_timeout_s: float = 60.0
+    stall_timeout_s: float = 30.0
+
+
+@dataclass
+class Health:
+    alive: bool  # the worker task is running
+    stalled: bool  # a forward pass has run longer than stall_timeout_s
+    accepting: bool  # not draining or stopped
+    detail: str
