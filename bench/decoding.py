@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from app.decoding.generate import CompiledDecoder, Generation, generate
+from app.decoding.compiled import CompiledDecoder
+from app.decoding.generate import Generation, generate
 from app.model.checkpoint import load_checkpoint
 from app.model.model import MTPTransformer
 from app.training.data import read_corpus, split_text

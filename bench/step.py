@@ -12,7 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from app.decoding.generate import CompiledDecoder, forward_step
+from app.decoding.compiled import CompiledDecoder
+from app.decoding.generate import forward_step
 from app.model.checkpoint import load_checkpoint
 from app.model.model import Block
 

@@ -56,8 +56,7 @@ def test_cors_allows_configured_origins(client_factory: Callable[..., TestClient
 
 
 def test_json_log_lines_carry_the_request_id(capsys: pytest.CaptureFixture[str]) -> None:
-    from app.logs import request_id_var
-    from app.logs import setup_logging
+    from app.logs import request_id_var, setup_logging
 
     setup_logging("INFO", json_lines=True)
     token = request_id_var.set("abc-123")

@@ -11,7 +11,8 @@ import shutil
 import pytest
 import torch
 
-from app.decoding.generate import CompiledDecoder, generate
+from app.decoding.compiled import CompiledDecoder
+from app.decoding.generate import generate
 from app.decoding.sampling import SamplingParams
 
 N_NEW = 20
