@@ -58,10 +58,10 @@ class Metrics:
         self.spec_steps = Counter("mtp_spec_steps", "Verify passes that carried drafts (per sequence)", registry=r)
         self.spec_drafted = Counter("mtp_spec_drafted_tokens", "Draft tokens verified", registry=r)
         self.spec_accepted = Counter("mtp_spec_accepted_tokens", "Draft tokens accepted", registry=r)
-        self.spec_accepted_by_position = Counter(
-            "mtp_spec_accepted_by_position",
-            "Drafts accepted at each draft position (head j+1)",
-            ["position"],
+        self.spec_accepted_by_head = Counter(
+            "mtp_spec_accepted_by_head",
+            "Drafts accepted from each drafting head (head 2 drafts the token after the next)",
+            ["head"],
             registry=r,
         )
         self.drafts_per_pass = Gauge(
@@ -77,8 +77,8 @@ class Metrics:
         )
         for reason in FAILURE_REASONS:  # expose every reason at 0 so rate() works from the start
             self.failures.labels(reason)
-        for i in range(1, k):
-            self.spec_accepted_by_position.labels(str(i))
+        for head in range(2, k + 1):
+            self.spec_accepted_by_head.labels(str(head))
         for kind in ("predict", "prefill", "decode"):
             self.batch_size.labels(kind)
             self.forward_duration.labels(kind)

@@ -443,7 +443,7 @@ class Engine:
         return self._collect(res.tokens.tolist(), res.logprobs.tolist(), counts, 0)
 
     def _count_speculation(self, max_accept: list[int], emitted: list[int]) -> None:
-        """Per verify pass: drafts offered, accepted, and accepted at each draft position (head j+1)."""
+        """Per verify pass: drafts offered, accepted, and accepted per drafting head (draft j is head j+1's)."""
         m = self.metrics
         for offered, n in zip(max_accept, emitted, strict=True):
             if not offered:
@@ -453,7 +453,7 @@ class Engine:
             m.spec_accepted.inc(n - 1)
             m.spec_accepted_length.observe(n)
             for pos in range(1, n):
-                m.spec_accepted_by_position.labels(str(pos)).inc()
+                m.spec_accepted_by_head.labels(str(pos + 1)).inc()
 
     def _collect(
         self, tokens: list[list[int]], logprobs: list[list[float]], counts: list[int], row0: int

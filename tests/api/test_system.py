@@ -36,7 +36,7 @@ EXPECTED_FAMILIES = {
     "mtp_spec_steps": "counter",
     "mtp_spec_drafted_tokens": "counter",
     "mtp_spec_accepted_tokens": "counter",
-    "mtp_spec_accepted_by_position": "counter",
+    "mtp_spec_accepted_by_head": "counter",
     "mtp_spec_accepted_length": "histogram",
     "mtp_spec_drafts_per_pass": "gauge",
 }

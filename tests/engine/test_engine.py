@@ -153,8 +153,8 @@ async def test_fewer_drafts_per_pass_keep_greedy_output(
     repeating = await engine_factory(repeat_checkpoint, draft_tokens=1)  # every draft accepted
     _, fin = await run(repeating, GenerateRequest([5, 17], max_new_tokens=13))
     assert fin.accepted_tokens == fin.verify_steps > 0
-    assert counter(repeating, "mtp_spec_accepted_by_position_total", position="1") == fin.accepted_tokens
-    assert counter(repeating, "mtp_spec_accepted_by_position_total", position="2") == 0
+    assert counter(repeating, "mtp_spec_accepted_by_head_total", head="2") == fin.accepted_tokens
+    assert counter(repeating, "mtp_spec_accepted_by_head_total", head="3") == 0
 
 
 async def test_adaptive_draft_count_keeps_greedy_output(engine_factory: Callable[..., Any]) -> None:
@@ -211,13 +211,13 @@ async def test_repeating_model_accepts_every_draft(
     assert counter(engine, "mtp_spec_accepted_tokens_total") == fin.accepted_tokens
 
 
-async def test_accepted_drafts_are_counted_by_position(
+async def test_accepted_drafts_are_counted_by_head(
     engine_factory: Callable[..., Any], repeat_checkpoint: Path
 ) -> None:
     engine = await engine_factory(repeat_checkpoint)
     _, fin = await run(engine, GenerateRequest([1, 2], max_new_tokens=13, speculative=True))
-    by_position = [counter(engine, "mtp_spec_accepted_by_position_total", position=str(i)) for i in (1, 2)]
-    assert sum(by_position) == fin.accepted_tokens > 0
+    by_head = [counter(engine, "mtp_spec_accepted_by_head_total", head=str(h)) for h in (2, 3)]
+    assert sum(by_head) == fin.accepted_tokens > 0
 
 
 async def test_eos_ends_generation(
