@@ -38,12 +38,9 @@ def check_ids(ids: list[int], vocab: int, context: int, extra: int = 0) -> None:
     """Token ids in [0, vocab) that, with `extra` new tokens, fit the context."""
     if not ids:
         raise InvalidRequest("the input is empty")
-    if len(ids) + extra > context:
-        raise InvalidRequest(
-            f"input tokens ({len(ids)}) + max_new_tokens ({extra}) exceed the context of {context}"
-            if extra
-            else f"input has {len(ids)} tokens, the context is {context}"
-        )
+    if len(ids) + extra > context:  # the phrase client libraries look for: "maximum context length"
+        asked = f"{len(ids)} input tokens" + (f" + {extra} new tokens (max_new_tokens)" if extra else "")
+        raise InvalidRequest(f"this model's maximum context length is {context} tokens; the request asks for {asked}")
     if min(ids) < 0 or max(ids) >= vocab:
         raise InvalidRequest(f"token ids must be in [0, {vocab})")
 

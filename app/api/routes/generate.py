@@ -94,23 +94,21 @@ def options_for(params: GenerateParameters, srv: Serving) -> GenOptions:
     )
 
 
-async def prompt_ids(inputs: str, max_new_tokens: int, srv: Serving, field: str = "inputs") -> list[int]:
-    """Tokenize a prompt and check it against the input cap and the context; raises APIError(422)."""
+async def prompt_ids(inputs: str, srv: Serving, field: str = "inputs") -> list[int]:
+    """Tokenize a prompt and check it against the service's input cap; raises APIError(422).
+    The engine checks it against the model (context, vocabulary) when it is submitted."""
     [ids] = await srv.encode([inputs], field)
     if not ids:
         raise APIError(422, f"{field} must not be empty")
     limit = srv.state.max_input_tokens
     if len(ids) > limit:
         raise APIError(422, f"{field} has {len(ids)} tokens; the limit is {limit}")
-    ctx = srv.model_config.max_seq_len
-    if len(ids) + max_new_tokens > ctx:
-        raise APIError(422, f"{field} tokens ({len(ids)}) + max_new_tokens ({max_new_tokens}) must be <= {ctx}")
     return ids
 
 
 async def prepare(params: GenerateParameters, inputs: str, srv: Serving) -> tuple[list[int], GenOptions]:
     opts = options_for(params, srv)
-    return await prompt_ids(inputs, params.max_new_tokens, srv), opts
+    return await prompt_ids(inputs, srv), opts
 
 
 def details_of(final: GenFinal, with_tokens: bool) -> Details:

@@ -168,7 +168,7 @@ async def completions(req: CompletionRequest, srv: ServingDep, request: Request)
         raise APIError(422, f"prompt must hold 1 to {srv.settings.max_inputs_per_request} texts")
     params = _params(req)
     opts = options_for(params, srv)
-    prepared = [await prompt_ids(p, params.max_new_tokens, srv, "prompt") for p in prompts]
+    prepared = [await prompt_ids(p, srv, "prompt") for p in prompts]
     model = req.model or srv.state.model_id
     cid = f"cmpl-{uuid.uuid4().hex}"
     if req.stream:
