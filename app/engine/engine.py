@@ -285,7 +285,7 @@ class Engine:
         One loop iteration normally; while an iteration takes over 0.3 ms (a burst of requests
         being read, admitted or refused), more, up to max_wait_ms in all. Refusals and
         admissions of a burst then do not queue behind forward passes for CPU (measured with
-        `python -m app.bench.overload`: a 1 ms threshold left bursts whose 429 p99 reached 50 ms).
+        `python -m bench.overload`: a 1 ms threshold left bursts whose 429 p99 reached 50 ms).
         """
         deadline = time.monotonic() + self.cfg.max_wait_ms / 1000
         while True:

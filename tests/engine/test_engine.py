@@ -211,9 +211,7 @@ async def test_repeating_model_accepts_every_draft(
     assert counter(engine, "mtp_spec_accepted_tokens_total") == fin.accepted_tokens
 
 
-async def test_accepted_drafts_are_counted_by_head(
-    engine_factory: Callable[..., Any], repeat_checkpoint: Path
-) -> None:
+async def test_accepted_drafts_are_counted_by_head(engine_factory: Callable[..., Any], repeat_checkpoint: Path) -> None:
     engine = await engine_factory(repeat_checkpoint)
     _, fin = await run(engine, GenerateRequest([1, 2], max_new_tokens=13, speculative=True))
     by_head = [counter(engine, "mtp_spec_accepted_by_head_total", head=str(h)) for h in (2, 3)]
