@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from app import config
+
 
 class CLISubcommand:
     """One subcommand of `mtp`. Subclasses set `name` and `help`, add their options in
@@ -45,3 +47,15 @@ def value_parser(kind: type) -> Callable[[str], Any]:
 def flag(name: str) -> str:
     """The option for a field name: max_batch_size -> --max-batch-size."""
     return "--" + name.replace("_", "-")
+
+
+def add_checkpoint(parser: argparse.ArgumentParser, corpus: bool = True) -> None:
+    parser.add_argument("--checkpoint", default=str(config.DEFAULT_CHECKPOINT))
+    if corpus:
+        parser.add_argument("--corpus", default=str(config.DEFAULT_CORPUS), help="held-out prompts come from here")
+
+
+def add_device(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
+    parser.add_argument("--device", default="cpu")
+    if dtype:
+        parser.add_argument("--dtype", default="float32")

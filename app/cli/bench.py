@@ -15,7 +15,7 @@ from types import ModuleType
 from typing import Any
 
 from app import config
-from app.cli.base import CLISubcommand
+from app.cli.base import CLISubcommand, add_checkpoint, add_device
 
 INSTALL = "benchmarks need the repository checkout: pip install -e '.[bench]'"
 EXTRA = {"bench", "httpx", "transformers", "matplotlib"}  # imported by the benchmarks, not by the service
@@ -51,18 +51,6 @@ class Benchmark(CLISubcommand):
                 raise
             print(f"error: mtp bench {self.name}: cannot import {exc.name}; {INSTALL}", file=sys.stderr)
             return 2
-
-
-def add_checkpoint(parser: argparse.ArgumentParser, corpus: bool = True) -> None:
-    parser.add_argument("--checkpoint", default=str(config.DEFAULT_CHECKPOINT))
-    if corpus:
-        parser.add_argument("--corpus", default=str(config.DEFAULT_CORPUS), help="held-out prompts come from here")
-
-
-def add_device(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
-    parser.add_argument("--device", default="cpu")
-    if dtype:
-        parser.add_argument("--dtype", default="float32")
 
 
 def add_compile(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from app.cli.base import CLISubcommand
+from app.cli.base import CLISubcommand, add_device
 
 
 class EvalCommand(CLISubcommand):
@@ -18,8 +18,7 @@ class EvalCommand(CLISubcommand):
         parser.add_argument(
             "--heldout", action="store_true", help="evaluate only the last 10%% (the training split's held-out part)"
         )
-        parser.add_argument("--device", default="cpu")
-        parser.add_argument("--dtype", default="float32")
+        add_device(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         from app.model.checkpoint import load_checkpoint

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from app import config
-from app.cli.base import CLISubcommand
+from app.cli.base import CLISubcommand, add_checkpoint, add_device
 
 
 class GenerateCommand(CLISubcommand):
@@ -15,15 +14,14 @@ class GenerateCommand(CLISubcommand):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("text")
-        parser.add_argument("--checkpoint", default=str(config.DEFAULT_CHECKPOINT))
+        add_checkpoint(parser, corpus=False)
         parser.add_argument("--max-new-tokens", type=int, default=100)
         parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
         parser.add_argument("--top-k", type=int, default=0)
         parser.add_argument("--top-p", type=float, default=1.0)
         parser.add_argument("--seed", type=int, default=None)
         parser.add_argument("--no-speculative", action="store_true", help="plain one-token-per-pass decoding")
-        parser.add_argument("--device", default="cpu")
-        parser.add_argument("--dtype", default="float32")
+        add_device(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         from app.decoding.generate import generate

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from app import config
-from app.cli.base import CLISubcommand
+from app.cli.base import CLISubcommand, add_checkpoint, add_device
 
 
 class PredictCommand(CLISubcommand):
@@ -14,10 +13,9 @@ class PredictCommand(CLISubcommand):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("text")
-        parser.add_argument("--checkpoint", default=str(config.DEFAULT_CHECKPOINT))
+        add_checkpoint(parser, corpus=False)
         parser.add_argument("--top-n", type=int, default=5)
-        parser.add_argument("--device", default="cpu")
-        parser.add_argument("--dtype", default="float32")
+        add_device(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         from app.decoding.predict import score_next

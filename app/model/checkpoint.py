@@ -68,16 +68,22 @@ def save_checkpoint(
     return out
 
 
-def load_config(ckpt_dir: str | Path) -> ModelConfig:
-    path = Path(ckpt_dir) / CONFIG_FILE
+def read_json_object(path: Path, error: type[CheckpointError] = CheckpointError) -> dict[str, Any]:
+    """A JSON object from a file; raises `error` naming the file when it is missing or not one."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing file")
+        raise error(f"{path}: missing file")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+        raise error(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+        raise error(f"{path}: expected a JSON object")
+    return data
+
+
+def load_config(ckpt_dir: str | Path) -> ModelConfig:
+    path = Path(ckpt_dir) / CONFIG_FILE
+    data = read_json_object(path)
     try:
         return ModelConfig.from_dict(data)
     except ConfigError as exc:

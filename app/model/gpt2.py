@@ -23,7 +23,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 from torch import Tensor
 
-from app.model.checkpoint import CheckpointError, resolve_dtype, save_checkpoint
+from app.model.checkpoint import CheckpointError, read_json_object, resolve_dtype, save_checkpoint
 from app.model.model import ConfigError, ModelConfig, MTPTransformer
 from app.model.tokenizer import EOT, Tokenizer
 
@@ -171,14 +171,7 @@ def convert_gpt2_state_dict(hf_state: dict[str, Tensor], cfg: ModelConfig, k: in
 
 def _read_config(src: Path) -> dict[str, Any]:
     path = src / "config.json"
-    if not path.is_file():
-        raise GPT2ImportError(f"{path}: missing file")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GPT2ImportError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise GPT2ImportError(f"{path}: expected a JSON object")
+    data = read_json_object(path, GPT2ImportError)
     if data.get("model_type", "gpt2") != "gpt2":
         raise GPT2ImportError(f"{path}: model_type is {data['model_type']!r}, expected 'gpt2'")
     return data
