@@ -68,18 +68,20 @@ class Server:
         env: Mapping[str, str] | None = None,
         log_dir: Path | None = None,
         inherit_mtp: bool = False,
+        module: str = "app.cli",
     ) -> Server:
         """`python -m app.cli serve ARGS...` from ROOT on a free port; not yet ready (see wait_ready).
 
         settings: Settings fields (e.g. max_queue_size=16), passed as MTP_* variables; env: raw
         variables, applied last; log_dir: write the server's output to log_dir/server-PORT.log;
         inherit_mtp: keep our own MTP_* variables (they are dropped by default, so that a
-        setting of the caller's shell does not leak into a measurement).
+        setting of the caller's shell does not leak into a measurement); module: what
+        `python -m` runs (a test launcher that wraps app.cli, say).
         """
         port = free_port()
         base = {"checkpoint": checkpoint, "host": HOST, "port": port, **(settings or {})}
         full_env = server_env(base, env or {}, inherit_mtp)
-        cmd = [sys.executable, "-m", "app.cli", "serve", *args]
+        cmd = [sys.executable, "-m", module, "serve", *args]
         if log_dir is None:
             return cls(subprocess.Popen(cmd, cwd=ROOT, env=full_env), port, None)
         log_dir.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.config import Settings
+from app.engine.engine import Engine
 from app.main import create_app
 from app.model.checkpoint import save_checkpoint
 from app.model.model import ModelConfig, MTPTransformer
@@ -36,25 +37,6 @@ TRAINING_TEXT = (
 TINY = {"d_model": 32, "n_layers": 2, "num_heads": 4, "d_ff": 64, "k": 3, "max_seq_len": 64, "dropout_rate": 0.0}
 SERVER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 READY_TIMEOUT_S = 90.0
-
-# Loaded into `mtp serve` subprocesses through PYTHONPATH: with TEST_FORWARD_DELAY_S set, every
-# forward pass sleeps that long (through the engine's fault_hook seam), so a stream lasts long
-# enough to be dropped or drained mid-way without burning CPU.
-SITECUSTOMIZE = """
-import os
-_delay = float(os.environ.get("TEST_FORWARD_DELAY_S") or 0)
-if _delay > 0:
-    import time
-    from app.engine import engine as _engine
-
-    _init = _engine.Engine.__init__
-
-    def _init_with_delay(self, *args, **kwargs):
-        _init(self, *args, **kwargs)
-        self.fault_hook = lambda kind: time.sleep(_delay)
-
-    _engine.Engine.__init__ = _init_with_delay
-"""
 
 
 # ---- checkpoints ----------------------------------------------------------------------------
@@ -211,12 +193,32 @@ def start_server(ckpt: Path, workdir: Path, *args: str, forward_delay_s: float =
     """`python -m app.cli serve ARGS...` on CKPT (bench/server.py), its log in workdir; not yet ready.
 
     env: raw environment variables (MTP_IDLE_TIMEOUT_S="1"); forward_delay_s: every forward
-    pass sleeps that long (the SITECUSTOMIZE shim on the server's PYTHONPATH)."""
-    shim = workdir / "shim"
-    shim.mkdir(parents=True, exist_ok=True)
-    (shim / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    full_env = {**SERVER_ENV, **env, "PYTHONPATH": str(shim), "TEST_FORWARD_DELAY_S": str(forward_delay_s)}
-    return Server.start(ckpt, args=args, env=full_env, log_dir=workdir)
+    pass sleeps that long (the server runs as tests/slow_serve.py)."""
+    full_env = {**SERVER_ENV, **env, "TEST_FORWARD_DELAY_S": str(forward_delay_s)}
+    module = "tests.slow_serve" if forward_delay_s > 0 else "app.cli"
+    return Server.start(ckpt, args=args, env=full_env, log_dir=workdir, module=module)
+
+
+def set_fault_hook(engine: Engine, hook: Callable[[str], None] | None) -> None:
+    """Call hook(kind) at the start of each forward pass the engine runs ("predict", "prefill",
+    "decode"), on its worker thread, to slow it or raise inside it; None removes the hook."""
+    engine.__dict__.pop("_guarded", None)
+    if hook is None:
+        return
+    run = engine._guarded
+
+    def guarded(kind: str, fn: Callable[[], Any]) -> Any:
+        hook(kind)
+        return run(kind, fn)
+
+    engine._guarded = guarded  # type: ignore[method-assign]
+
+
+def forward_passes(engine: Engine) -> int:
+    """Forward passes the engine has run, from its metrics (mtp_forward_duration_seconds_count)."""
+    registry = engine.metrics.registry
+    kinds = ("predict", "prefill", "decode")
+    return int(sum(registry.get_sample_value("mtp_forward_duration_seconds_count", {"kind": k}) or 0 for k in kinds))
 
 
 @pytest.fixture(scope="session")

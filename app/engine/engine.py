@@ -82,8 +82,6 @@ class Engine:
         self._last_predict_batch = 0
         self._at_door = 0  # queue places held by requests past the door, not yet submitted
         self._predicting: list[PredictItem] = []  # the /predict batch on the worker now
-        self.forward_passes = 0  # every forward pass the worker ran (tests count batching with it)
-        self.fault_hook: Callable[[str], None] | None = None  # test seam: raise inside a forward
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -304,11 +302,9 @@ class Engine:
                 return await loop.run_in_executor(self._executor, self._guarded, kind, fn)
         finally:
             self._busy_since = None
-            self.forward_passes += 1
 
     def _guarded(self, kind: str, fn: Callable[[], T]) -> T:
-        if self.fault_hook is not None:
-            self.fault_hook(kind)
+        """One forward pass of `kind` ("predict", "prefill" or "decode") on the worker thread."""
         with torch.inference_mode():
             return fn()
 

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.conftest import set_fault_hook
+
 GOOD = {"inputs": "To be, or not to be", "top_n": 2}
 LONG_TEXT = "to be or not to be " * 40  # far more than the 64-token context
 
@@ -148,7 +150,7 @@ async def test_full_queue_gets_429_while_accepted_requests_complete(
     engine = app.state.service.engine
     while engine.pending() or engine._busy_since is not None:  # the warmup's last step
         await asyncio.sleep(0.005)
-    engine.fault_hook = lambda kind: time.sleep(0.3)  # the worker holds each batch 0.3 s
+    set_fault_hook(engine, lambda kind: time.sleep(0.3))  # the worker holds each batch 0.3 s
     first = asyncio.create_task(client.post("/predict", json=GOOD))
     while engine._busy_since is None:  # the first request is on the worker
         await asyncio.sleep(0.005)
@@ -168,7 +170,7 @@ async def test_full_queue_gets_429_while_accepted_requests_complete(
         assert r.headers["retry-after"] == "1"
     accepted = [await first, *(await asyncio.gather(*queued))]
     assert [r.status_code for r in accepted] == [200, 200, 200]
-    engine.fault_hook = None
+    set_fault_hook(engine, None)
     assert (await client.post("/predict", json=GOOD)).status_code == 200
 
 
@@ -242,12 +244,12 @@ def test_draining_gets_503_and_recovers(client: TestClient, envelope: Callable[.
 def test_request_timeout_gets_504(client_factory: Callable[..., TestClient], envelope: Callable[..., Any]) -> None:
     client = client_factory(request_timeout_s=0.2, warmup=False)
     engine = client.app.state.service.engine  # type: ignore[attr-defined]
-    engine.fault_hook = lambda kind: time.sleep(0.5)
+    set_fault_hook(engine, lambda kind: time.sleep(0.5))
     envelope(client.post("/predict", json=GOOD), 504, "timeout")
     envelope(client.post("/generate", json={"inputs": "To be", "parameters": {"max_new_tokens": 3}}), 504, "timeout")
     envelope(client.post("/generate_stream", json={"inputs": "To be"}), 504, "timeout")
     assert failures(client, "timeout") == 3
-    engine.fault_hook = None
+    set_fault_hook(engine, None)
     time.sleep(0.5)  # let the worker finish what it was holding
     still_serves(client)
 
@@ -263,7 +265,7 @@ def test_fault_in_predict_batch_gets_500_and_next_request_succeeds(
             raise faults.pop()
 
     wait_idle(engine)
-    engine.fault_hook = hook
+    set_fault_hook(engine, hook)
     body = envelope(client.post("/predict", json=GOOD), 500, "internal")
     assert "secret detail" not in body["error"]
     still_serves(client)

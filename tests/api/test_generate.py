@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.conftest import forward_passes, set_fault_hook
+
 PROMPT = "To be, or not to be"
 SPEC_KEYS = {"enabled", "verify_steps", "drafted_tokens", "accepted_tokens", "mean_accepted_length"}
 
@@ -179,12 +181,12 @@ async def test_concurrent_generations_match_solo_in_fewer_passes(aclient_factory
 
     solo, solo_passes = [], 0
     for i, p in enumerate(prompts):
-        before = engine.forward_passes
+        before = forward_passes(engine)
         solo.append((await client.post("/generate", json=body(i, p))).json())
-        solo_passes += engine.forward_passes - before
-    before = engine.forward_passes
+        solo_passes += forward_passes(engine) - before
+    before = forward_passes(engine)
     replies = await asyncio.gather(*(client.post("/generate", json=body(i, p)) for i, p in enumerate(prompts)))
-    assert engine.forward_passes - before < solo_passes
+    assert forward_passes(engine) - before < solo_passes
     for a, r in zip(solo, replies, strict=True):
         assert r.status_code == 200
         b = r.json()
@@ -196,7 +198,7 @@ async def test_dropped_stream_frees_its_slot(aclient_factory: Callable[..., Any]
     """Drive the ASGI app directly: the client disconnects right after the first event."""
     app, _ = await aclient_factory()
     state = app.state.service
-    state.engine.fault_hook = lambda kind: time.sleep(0.01)  # 100 tokens take over a second
+    set_fault_hook(state.engine, lambda kind: time.sleep(0.01))  # 100 tokens take over a second
     registry = state.metrics.registry
     cancelled = registry.get_sample_value("mtp_request_failures_total", {"reason": "cancelled"})
     payload = json.dumps({"inputs": PROMPT, "parameters": {"max_new_tokens": 50, "speculative": False}}).encode()
@@ -250,7 +252,7 @@ def test_fault_in_forward_pass_fails_that_request_only(client: TestClient, sse: 
             faults[kind] -= 1
             raise RuntimeError("injected fault")
 
-    engine.fault_hook = hook
+    set_fault_hook(engine, hook)
     r = client.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 4}})
     assert r.status_code == 500
     assert r.json()["error_type"] == "internal" and "injected" not in r.text

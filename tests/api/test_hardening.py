@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from app.model.checkpoint import save_checkpoint
 from app.model.model import ModelConfig, MTPTransformer
 from app.model.tokenizer import Tokenizer
-from tests.conftest import TINY
+from tests.conftest import TINY, set_fault_hook
 
 GOOD_GEN = {"inputs": "To be, or not to be", "parameters": {"max_new_tokens": 8}}
 KEY = {"Authorization": "Bearer s3cret"}
@@ -171,7 +171,7 @@ async def test_a_refused_multi_prompt_completion_cancels_its_admitted_siblings(
 ) -> None:
     app, client = await aclient_factory(max_queue_size=4, warmup=False)
     engine = app.state.service.engine
-    engine.fault_hook = lambda kind: time.sleep(0.05)
+    set_fault_hook(engine, lambda kind: time.sleep(0.05))
     r = await client.post("/v1/completions", json={"prompt": ["To be"] * 6, "max_tokens": 40, "temperature": 0})
     assert r.status_code == 429, r.text
     await wait_for(lambda: engine.pending() == 0, timeout=2)

@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.decoding.predict import score_next
+from tests.conftest import forward_passes
 
 TEXTS = ["To be, or not to be", "The quick brown fox", "naïve café", "question"]
 
@@ -106,9 +107,9 @@ async def test_concurrent_predicts_match_sequential_in_fewer_passes(aclient_fact
     engine = app.state.service.engine
     texts = [t + suffix for t in TEXTS for suffix in ("", " and", " of the sea")]
     sequential = [(await client.post("/predict", json={"inputs": t, "top_n": 5})).json() for t in texts]
-    before = engine.forward_passes
+    before = forward_passes(engine)
     replies = await asyncio.gather(*(client.post("/predict", json={"inputs": t, "top_n": 5}) for t in texts))
-    passes = engine.forward_passes - before
+    passes = forward_passes(engine) - before
     assert all(r.status_code == 200 for r in replies)
     assert passes < len(texts)
     for seq, r in zip(sequential, replies, strict=True):

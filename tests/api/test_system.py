@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app import __version__
 from app.metrics import Metrics
+from tests.conftest import set_fault_hook
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXPECTED_FAMILIES = {
@@ -66,7 +67,7 @@ def test_stalled_worker_fails_health_and_readiness(
 ) -> None:
     client = client_factory(stall_timeout_s=0.05, warmup=False)
     engine = client.app.state.service.engine  # type: ignore[attr-defined]
-    engine.fault_hook = lambda kind: time.sleep(0.6)  # one forward pass far past the stall timeout
+    set_fault_hook(engine, lambda kind: time.sleep(0.6))  # one forward pass far past the stall timeout
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(client.post, "/predict", json={"inputs": "To be"})
         deadline = time.monotonic() + 5

@@ -30,6 +30,7 @@ from app.engine.types import (
 )
 from app.metrics import Metrics
 from app.model.checkpoint import load_checkpoint
+from tests.conftest import forward_passes, set_fault_hook
 
 PROMPTS = [[5, 17, 42], [7], [100, 3, 9, 250, 11, 64, 2], [33, 33]]
 
@@ -93,9 +94,9 @@ async def test_predict_matches_unbatched_score_next(engine_factory: Callable[...
 async def test_concurrent_predicts_share_forward_passes(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory(max_batch_size=8)
     solo = [(await engine.predict([PredictRequest(p, top_n=3)]))[0] for p in PROMPTS * 2]
-    before = engine.forward_passes
+    before = forward_passes(engine)
     together = await asyncio.gather(*(engine.predict([PredictRequest(p, top_n=3)]) for p in PROMPTS * 2))
-    assert engine.forward_passes - before < len(PROMPTS) * 2
+    assert forward_passes(engine) - before < len(PROMPTS) * 2
     for a, (b,) in zip(solo, together, strict=True):
         assert a.top_ids == b.top_ids
         for pa, pb in zip(a.top_probs[0], b.top_probs[0], strict=True):
@@ -173,13 +174,13 @@ async def test_concurrent_generations_match_solo_runs_in_fewer_passes(engine_fac
     requests = [GenerateRequest(p, max_new_tokens=10 + 3 * i) for i, p in enumerate(PROMPTS)]
     solo, solo_passes = [], 0
     for r in requests:
-        before = engine.forward_passes
+        before = forward_passes(engine)
         solo.append((await run(engine, r))[0])
-        solo_passes += engine.forward_passes - before
-    before = engine.forward_passes
+        solo_passes += forward_passes(engine) - before
+    before = forward_passes(engine)
     together = await asyncio.gather(*(run(engine, r) for r in requests))
     assert [t for t, _ in together] == solo
-    assert engine.forward_passes - before < solo_passes
+    assert forward_passes(engine) - before < solo_passes
 
 
 async def test_seeded_sample_does_not_depend_on_batch_mates(engine_factory: Callable[..., Any]) -> None:
@@ -198,16 +199,16 @@ async def test_repeating_model_accepts_every_draft(
     engine_factory: Callable[..., Any], repeat_checkpoint: Path, repeat_token: int
 ) -> None:
     engine = await engine_factory(repeat_checkpoint)
-    before = engine.forward_passes
+    before = forward_passes(engine)
     tokens, fin = await run(engine, GenerateRequest([1, 2], max_new_tokens=13, speculative=True))
-    spec_passes = engine.forward_passes - before
+    spec_passes = forward_passes(engine) - before
     assert tokens == [repeat_token] * 13
     assert fin.reason == "length"
     assert fin.accepted_tokens == fin.drafted_tokens > 0
-    before = engine.forward_passes
+    before = forward_passes(engine)
     plain, _ = await run(engine, GenerateRequest([1, 2], max_new_tokens=13, speculative=False))
     assert plain == tokens
-    assert spec_passes < engine.forward_passes - before
+    assert spec_passes < forward_passes(engine) - before
     assert counter(engine, "mtp_spec_accepted_tokens_total") == fin.accepted_tokens
 
 
@@ -229,12 +230,12 @@ async def test_eos_ends_generation(
 
 async def test_one_token_generation_takes_one_forward_pass(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory()
-    before = engine.forward_passes
+    before = forward_passes(engine)
     tokens, _ = await run(engine, GenerateRequest([5, 6], max_new_tokens=1))
     await wait_for(lambda: engine.pending() == 0)
     await asyncio.sleep(0.05)
     assert len(tokens) == 1
-    assert engine.forward_passes - before == 1
+    assert forward_passes(engine) - before == 1
 
 
 # ---- lifecycle, overload, cancellation, faults ----------------------------------------------
@@ -242,7 +243,7 @@ async def test_one_token_generation_takes_one_forward_pass(engine_factory: Calla
 
 async def test_closing_a_stream_removes_the_sequence(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory()
-    engine.fault_hook = lambda kind: time.sleep(0.01)
+    set_fault_hook(engine, lambda kind: time.sleep(0.01))
     cancelled = counter(engine, "mtp_request_failures_total", reason="cancelled")
     stream = engine.generate(GenerateRequest([5, 6, 7], max_new_tokens=50, speculative=False))
     first = await anext(stream)
@@ -259,7 +260,7 @@ async def test_closing_a_stream_removes_the_sequence(engine_factory: Callable[..
 
 async def test_full_queue_raises_overloaded_and_accepted_work_completes(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory(max_queue_size=1)
-    engine.fault_hook = lambda kind: time.sleep(0.3)
+    set_fault_hook(engine, lambda kind: time.sleep(0.3))
     running = asyncio.create_task(engine.predict([PredictRequest([1, 2])]))
     await wait_for(lambda: engine._busy_since is not None)  # the worker holds the first request
     queued = asyncio.create_task(engine.predict([PredictRequest([3])]))
@@ -280,7 +281,7 @@ async def test_fault_in_forward_fails_only_that_batch(engine_factory: Callable[.
             faults[kind] -= 1
             raise RuntimeError("injected")
 
-    engine.fault_hook = hook
+    set_fault_hook(engine, hook)
     with pytest.raises(EngineFailure):
         await engine.predict([PredictRequest([1, 2])])
     assert len(await engine.predict([PredictRequest([1, 2])])) == 1
@@ -298,7 +299,7 @@ async def test_engine_not_started_or_shut_down_rejects_work(engine_factory: Call
         await engine.predict([PredictRequest([1])])
     assert not engine.health().alive
     await engine.start(warmup=True)
-    assert engine.health().alive and engine.forward_passes > 0
+    assert engine.health().alive and forward_passes(engine) > 0
     await engine.shutdown()
     with pytest.raises(EngineNotReady):
         await anext(engine.generate(GenerateRequest([1], max_new_tokens=2)))
@@ -306,7 +307,7 @@ async def test_engine_not_started_or_shut_down_rejects_work(engine_factory: Call
 
 async def test_drain_lets_running_sequences_finish_and_rejects_new_work(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory()
-    engine.fault_hook = lambda kind: time.sleep(0.01)
+    set_fault_hook(engine, lambda kind: time.sleep(0.01))
     task = asyncio.create_task(run(engine, GenerateRequest([1, 2], max_new_tokens=30, speculative=False)))
     await wait_for(lambda: len(engine._batch) == 1)
     drain = asyncio.create_task(engine.drain(10))
@@ -320,7 +321,7 @@ async def test_drain_lets_running_sequences_finish_and_rejects_new_work(engine_f
 
 async def test_request_expired_in_queue_times_out(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory(request_timeout_s=0.1)
-    engine.fault_hook = lambda kind: time.sleep(0.3)
+    set_fault_hook(engine, lambda kind: time.sleep(0.3))
     first = asyncio.create_task(engine.predict([PredictRequest([1])]))
     await wait_for(lambda: engine._busy_since is not None)
     with pytest.raises(EngineTimeout):
@@ -331,7 +332,7 @@ async def test_request_expired_in_queue_times_out(engine_factory: Callable[..., 
 
 async def test_long_forward_pass_marks_worker_stalled(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory(stall_timeout_s=0.05)
-    engine.fault_hook = lambda kind: time.sleep(0.3)
+    set_fault_hook(engine, lambda kind: time.sleep(0.3))
     task = asyncio.create_task(engine.predict([PredictRequest([1])]))
     await wait_for(lambda: engine.health().stalled)
     assert engine.health().detail == "worker stalled"
