@@ -66,7 +66,7 @@ class Metrics:
         )
         self.drafts_per_pass = Gauge(
             "mtp_spec_drafts_per_pass",
-            "Drafts each row fed in the last decode step (the draft policy's choice)",
+            "Drafts each row verified in the last decode step (the draft policy's choice)",
             registry=r,
         )
         self.spec_accepted_length = Histogram(

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from app.engine.engine import Engine, EngineConfig, inference_thread
-from app.engine.types import GenerateRequest, TokenEvent
+from app.engine.types import GenerateJob, TokenEvent
 from app.metrics import Metrics
 from app.model.checkpoint import load_checkpoint
 from bench.decoding import heldout_prompts
@@ -23,7 +23,7 @@ async def _rate(engine: Engine, prompts: list[list[int]], streams: int, sequence
     async def client(i: int) -> None:
         nonlocal tokens
         for r in range(sequences // streams):
-            request = GenerateRequest(prompts[(r * streams + i) % len(prompts)], max_new_tokens=new_tokens)
+            request = GenerateJob(prompts[(r * streams + i) % len(prompts)], max_new_tokens=new_tokens)
             async for event in engine.generate(request):
                 if isinstance(event, TokenEvent):
                     tokens += len(event.token_ids)

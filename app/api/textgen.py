@@ -13,7 +13,7 @@ from prometheus_client import Counter
 
 from app.decoding.sampling import SamplingParams
 from app.engine.engine import Engine
-from app.engine.types import EngineError, ErrorEvent, FinishEvent, GenerateRequest, TokenEvent
+from app.engine.types import EngineError, ErrorEvent, FinishEvent, GenerateJob, TokenEvent
 from app.model.tokenizer import Tokenizer
 
 
@@ -85,7 +85,7 @@ async def run_generation(
     removes the sequence from the batch at the next step.
     """
     sampling = opts.sampling()
-    request = GenerateRequest(
+    request = GenerateJob(
         prompt_ids=prompt_ids,
         max_new_tokens=opts.max_new_tokens,
         sampling=sampling,

@@ -34,7 +34,7 @@ def prefill(model: MTPTransformer, prompts: list[list[int]], row0: int = 0) -> T
 
 @dataclass
 class StepLogits:
-    """A forward step's output: head 1 at every fed position, and heads 2..k on demand."""
+    """A forward step's output: head 1 at every verified position, and heads 2..k on demand."""
 
     head1: Tensor  # [B, T, 1, V]
     drafts: Callable[[Tensor], Tensor] | None  # offsets [B] -> heads 2..k there [B, k-1, V]
@@ -80,7 +80,7 @@ def forward_step(
 def draft_count(k: int, draft_tokens: int | None) -> int:
     """Drafts verified per pass: heads 2..k propose k - 1; draft_tokens may take fewer.
 
-    The later heads are right less often, while each fed token adds to the pass's cost, so
+    The later heads are right less often, while each verified token adds to the pass's cost, so
     on some devices and batch sizes verifying fewer drafts is faster (`mtp bench speculative
     --draft-sweep`, `mtp bench engine`). Any cap keeps greedy output identical and sampling exact."""
     if draft_tokens is not None and draft_tokens < 0:
@@ -88,12 +88,12 @@ def draft_count(k: int, draft_tokens: int | None) -> int:
     return k - 1 if draft_tokens is None else min(draft_tokens, k - 1)
 
 
-def first_tokens(last_logits: Tensor, bs: BatchSampling, want_drafts: Tensor) -> StepResult:
+def first_tokens(last_logits: Tensor, sampling: BatchSampling, want_drafts: Tensor) -> StepResult:
     """The first generated token (and first drafts) from the prompt's last-position logits [B, k, V]."""
     B = last_logits.shape[0]
     no_drafts = last_logits.new_zeros(B, 0, dtype=torch.long)
     zero = torch.zeros(B, dtype=torch.long, device=last_logits.device)
-    return accept_drafts(last_logits[:, None], no_drafts, None, zero, bs, want_drafts)
+    return accept_drafts(last_logits[:, None], no_drafts, None, zero, sampling, want_drafts)
 
 
 @dataclass
@@ -137,16 +137,16 @@ def generate(
     draft_tokens caps the drafts verified per pass (default k - 1, all of heads 2..k).
     """
     cfg = model.cfg
-    n_draft = draft_count(cfg.k, draft_tokens)
+    n_drafts = draft_count(cfg.k, draft_tokens)
     B = len(prompts)
     device = model.head.proj.weight.device
     plist = params if isinstance(params, list) else [params or SamplingParams()] * B
     gens = [None if p.greedy else make_generator(p.seed) for p in plist]
-    bs = BatchSampling.from_params(plist, gens, device)
+    sampling = BatchSampling.from_params(plist, gens, device)
     lengths = [len(p) for p in prompts]
     if min(lengths) < 1 or max(lengths) + max_new_tokens > cfg.max_seq_len:
         raise ValueError(f"prompt length + max_new_tokens must be within 1..{cfg.max_seq_len}")
-    use_spec = speculative and n_draft > 0
+    use_spec = speculative and n_drafts > 0
     if compiled is None:
         model.setup_caches(B)
     elif compiled.model is not model or compiled.max_batch < B:
@@ -161,7 +161,7 @@ def generate(
     stats = GenerationStats(accepted_by_position=[0] * (cfg.k - 1))
     want = torch.full((B,), use_spec, device=device)
 
-    res = first_tokens(prefill(model, prompts), bs, want)
+    res = first_tokens(prefill(model, prompts), sampling, want)
     stats.forward_passes += 1
     pos = torch.tensor(lengths, device=device)
     while True:
@@ -184,16 +184,16 @@ def generate(
         cur = res.tokens[torch.arange(B, device=device), res.n_emitted - 1]  # [B] last emitted token
         remaining = torch.tensor([max_new_tokens - len(o) for o in out], device=device)
         # a row may accept at most remaining - 1 drafts (the bonus is the last token); finished rows: none
-        max_accept = (remaining - 1).clamp(min=0, max=n_draft) if use_spec else torch.zeros_like(remaining)
+        max_accept = (remaining - 1).clamp(min=0, max=n_drafts) if use_spec else torch.zeros_like(remaining)
         max_accept = torch.where(torch.tensor(done, device=device), 0, max_accept)
-        drafts = res.drafts[:, :n_draft] if use_spec else None
-        if compiled is not None and bs.all_greedy:
+        drafts = res.drafts[:, :n_drafts] if use_spec else None
+        if compiled is not None and sampling.all_greedy:
             res = compiled.greedy_step(cur, drafts, pos, max_accept)
         else:
             step = forward_step(model, cur, drafts, pos, want_drafts=use_spec, compiled=compiled)
-            fed = drafts if drafts is not None else cur.new_zeros(B, 0)
-            q = res.draft_probs[:, :n_draft] if res.draft_probs is not None else None
-            res = accept_drafts(step.head1, fed, q, max_accept, bs, want, step.drafts, cfg.k - 1)
+            verified = drafts if drafts is not None else cur.new_zeros(B, 0)
+            q = res.draft_probs[:, :n_drafts] if res.draft_probs is not None else None
+            res = accept_drafts(step.head1, verified, q, max_accept, sampling, want, step.drafts, cfg.k - 1)
         stats.forward_passes += 1
         _count(stats, res, max_accept, done)
         # pos advances by what each live row emitted; finished rows stay put

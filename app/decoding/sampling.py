@@ -62,7 +62,7 @@ def make_generator(seed: int | None) -> torch.Generator:
     return gen
 
 
-def logits_to_probs(logits: Tensor, bs: BatchSampling) -> Tensor:
+def logits_to_probs(logits: Tensor, sampling: BatchSampling) -> Tensor:
     """Processed distributions [B, ..., V] in float32: temperature, then top-k, then top-p.
 
     Greedy rows use temperature 1 (top-k / top-p, if given, keep the argmax); callers take their argmax.
@@ -70,16 +70,16 @@ def logits_to_probs(logits: Tensor, bs: BatchSampling) -> Tensor:
     shape = logits.shape
     B, V = shape[0], shape[-1]
     x = logits.float().reshape(B, -1, V)  # [B, N, V]
-    x = x / bs.temperature.clamp(min=1e-5)[:, None, None]
-    if bool((bs.top_k > 0).any()):
-        k = torch.where(bs.top_k > 0, bs.top_k, V).clamp(max=V)  # [B]
+    x = x / sampling.temperature.clamp(min=1e-5)[:, None, None]
+    if bool((sampling.top_k > 0).any()):
+        k = torch.where(sampling.top_k > 0, sampling.top_k, V).clamp(max=V)  # [B]
         kth = torch.sort(x, dim=-1, descending=True).values.gather(-1, (k - 1)[:, None, None].expand(B, x.shape[1], 1))
         x = x.masked_fill(x < kth, float("-inf"))
     probs = torch.softmax(x, dim=-1)
-    if bool((bs.top_p < 1.0).any()):
+    if bool((sampling.top_p < 1.0).any()):
         sorted_p, order = torch.sort(probs, dim=-1, descending=True)
         # drop a token when the mass before it already reaches top_p (the first token always stays)
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= bs.top_p[:, None, None]
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= sampling.top_p[:, None, None]
         drop[..., 0] = False  # even a top_p that rounds to 0 in float32 keeps the most likely token
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
@@ -87,10 +87,10 @@ def logits_to_probs(logits: Tensor, bs: BatchSampling) -> Tensor:
     return probs.reshape(shape)
 
 
-def sample_rows(probs: Tensor, bs: BatchSampling) -> Tensor:
+def sample_rows(probs: Tensor, sampling: BatchSampling) -> Tensor:
     """One token per row and position: probs [B, N, V] -> [B, N]. Greedy rows take the argmax."""
     tokens = probs.argmax(dim=-1)  # [B, N]
-    for b, gen in enumerate(bs.generators):
-        if not bool(bs.greedy[b]):
+    for b, gen in enumerate(sampling.generators):
+        if not bool(sampling.greedy[b]):
             tokens[b] = torch.multinomial(probs[b].cpu(), 1, generator=gen)[:, 0].to(tokens.device)
     return tokens

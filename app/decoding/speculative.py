@@ -40,14 +40,14 @@ def accept_drafts(
     drafts: Tensor,
     draft_probs: Tensor | None,
     max_accept: Tensor,
-    bs: BatchSampling,
+    sampling: BatchSampling,
     want_drafts: Tensor,
     draft_logits: Callable[[Tensor], Tensor] | None = None,
     n_drafts: int = 0,
 ) -> StepResult:
     """Steps 2-5 of a speculative step, given the verify pass's logits [B, T, k, V].
 
-    drafts [B, T-1] were fed at offsets 1..T-1; draft_probs [B, T-1, V] are the distributions
+    drafts [B, T-1] were verified at offsets 1..T-1; draft_probs [B, T-1, V] are the distributions
     they were sampled from (needed for sampled rows). max_accept [B] caps accepted drafts.
     want_drafts [B] bool: rows that will verify drafts next step (others skip drafting draws,
     so a row's random stream does not depend on its batch).
@@ -58,66 +58,66 @@ def accept_drafts(
     """
     B, T, _k, _V = logits.shape
     device = logits.device
-    n_prop = T - 1
+    n_verified = T - 1
     rows = torch.arange(B, device=device)
-    p = logits_to_probs(logits[:, :, 0], bs)  # [B, T, V] head 1, processed
+    p = logits_to_probs(logits[:, :, 0], sampling)  # [B, T, V] head 1, processed
 
     # Step 2: which drafts agree. Greedy: draft == argmax. Sampled: u < p(d) / q(d).
-    if n_prop > 0:
-        p_draft = p[:, :n_prop].gather(-1, drafts[..., None])[..., 0]  # [B, T-1]
-        agree = drafts == p[:, :n_prop].argmax(-1)
-        if not bs.all_greedy:
+    if n_verified > 0:
+        p_draft = p[:, :n_verified].gather(-1, drafts[..., None])[..., 0]  # [B, T-1]
+        agree = drafts == p[:, :n_verified].argmax(-1)
+        if not sampling.all_greedy:
             assert draft_probs is not None
             q_draft = draft_probs.gather(-1, drafts[..., None])[..., 0].clamp(min=1e-20)
-            u = torch.zeros(B, n_prop)
-            for b, gen in enumerate(bs.generators):  # max_accept uniforms from the row's own generator
-                m = min(int(max_accept[b]), n_prop)
-                if m and not bool(bs.greedy[b]):
+            u = torch.zeros(B, n_verified)
+            for b, gen in enumerate(sampling.generators):  # max_accept uniforms from the row's own generator
+                m = min(int(max_accept[b]), n_verified)
+                if m and not bool(sampling.greedy[b]):
                     u[b, :m] = torch.rand(m, generator=gen)
-            agree = torch.where(bs.greedy[:, None], agree, u.to(device) < p_draft / q_draft)
-        n_acc = torch.minimum(_leading_true(agree), max_accept.clamp(max=n_prop))  # [B]
+            agree = torch.where(sampling.greedy[:, None], agree, u.to(device) < p_draft / q_draft)
+        n_acc = torch.minimum(_leading_true(agree), max_accept.clamp(max=n_verified))  # [B]
     else:
         n_acc = torch.zeros(B, dtype=torch.long, device=device)
 
     # Step 3: the bonus token from head 1 at offset n_acc; after a rejection, a sampled row
     # draws from norm(max(0, p - q)) so that the output keeps head 1's distribution exactly.
     p_bonus = p[rows, n_acc]  # [B, V]
-    if n_prop > 0 and not bs.all_greedy:
+    if n_verified > 0 and not sampling.all_greedy:
         assert draft_probs is not None
-        rejected = (n_acc < max_accept.clamp(max=n_prop)) & ~bs.greedy  # stopped by a rejection
-        q_rej = draft_probs[rows, n_acc.clamp(max=n_prop - 1)]  # [B, V]
+        rejected = (n_acc < max_accept.clamp(max=n_verified)) & ~sampling.greedy  # stopped by a rejection
+        q_rej = draft_probs[rows, n_acc.clamp(max=n_verified - 1)]  # [B, V]
         residual = (p_bonus - q_rej).clamp(min=0.0)
         mass = residual.sum(-1, keepdim=True)
         residual = torch.where(mass > 0, residual / mass.clamp(min=1e-20), p_bonus)
         p_bonus = torch.where(rejected[:, None], residual, p_bonus)
-    bonus = sample_rows(p_bonus[:, None], bs)[:, 0]  # [B]
+    bonus = sample_rows(p_bonus[:, None], sampling)[:, 0]  # [B]
 
     # Step 4: emitted tokens = accepted drafts + bonus, left-aligned and padded to T.
     offsets = torch.arange(T, device=device)[None, :]  # [1, T]
-    padded = torch.cat([drafts, drafts.new_zeros(B, 1)], dim=1) if n_prop else drafts.new_zeros(B, 1)
+    padded = torch.cat([drafts, drafts.new_zeros(B, 1)], dim=1) if n_verified else drafts.new_zeros(B, 1)
     tokens = torch.where(offsets < n_acc[:, None], padded, bonus[:, None].expand(B, T))
     logprobs = torch.log_softmax(logits[:, :, 0].float(), dim=-1).gather(-1, tokens[..., None])[..., 0]
 
     # Step 5: heads 2..k at the last kept offset draft the next block.
     if logits.shape[2] > 1:
-        next_drafts, next_q = draft_next(logits[rows, n_acc, 1:], bs, want_drafts)
+        next_drafts, next_q = draft_next(logits[rows, n_acc, 1:], sampling, want_drafts)
     elif draft_logits is not None and bool(want_drafts.any()):
-        next_drafts, next_q = draft_next(draft_logits(n_acc), bs, want_drafts)
+        next_drafts, next_q = draft_next(draft_logits(n_acc), sampling, want_drafts)
     else:
         next_drafts, next_q = torch.zeros(B, n_drafts, dtype=torch.long, device=device), None
     return StepResult(tokens, n_acc + 1, logprobs, next_drafts, next_q)
 
 
-def draft_next(head_logits: Tensor, bs: BatchSampling, want: Tensor) -> tuple[Tensor, Tensor | None]:
+def draft_next(head_logits: Tensor, sampling: BatchSampling, want: Tensor) -> tuple[Tensor, Tensor | None]:
     """Drafts from heads 2..k: head_logits [B, k-1, V] -> (drafts [B, k-1], q [B, k-1, V] | None)."""
     B, n, _ = head_logits.shape
     if n == 0:
         return head_logits.new_zeros(B, 0, dtype=torch.long), None
-    q = logits_to_probs(head_logits, bs)  # [B, k-1, V]
+    q = logits_to_probs(head_logits, sampling)  # [B, k-1, V]
     drafts = q.argmax(-1)
-    if bs.all_greedy:
+    if sampling.all_greedy:
         return drafts, None
-    for b, gen in enumerate(bs.generators):
-        if bool(want[b]) and not bool(bs.greedy[b]):
+    for b, gen in enumerate(sampling.generators):
+        if bool(want[b]) and not bool(sampling.greedy[b]):
             drafts[b] = torch.multinomial(q[b].cpu(), 1, generator=gen)[:, 0].to(drafts.device)
     return drafts, q

@@ -25,7 +25,7 @@ from app.model.model import MTPTransformer
 
 
 @dataclass(eq=False)
-class Sequence:
+class RunningSequence:
     item: GenerateItem
     generator: torch.Generator | None
     speculative: bool
@@ -47,17 +47,17 @@ class DecodeBatch:
     ) -> None:
         self.model = model
         self.k = model.cfg.k
-        self.n_draft = draft_count(self.k, draft_tokens)  # drafts verified per pass (at most)
+        self.n_drafts = draft_count(self.k, draft_tokens)  # drafts verified per pass (at most)
         self.policy = policy  # picks fewer for all-greedy batches where that is faster
         self.device = model.head.proj.weight.device
-        self.seqs: list[Sequence] = []
+        self.seqs: list[RunningSequence] = []
         self.cur = torch.zeros(0, dtype=torch.long, device=self.device)  # [n] last token, not yet cached
         self.pos = torch.zeros(0, dtype=torch.long, device=self.device)  # [n] position of cur
         self.drafts = torch.zeros(0, self.k - 1, dtype=torch.long, device=self.device)  # [n, k-1]
         self.draft_probs: Tensor | None = None  # [n, k-1, V] when any row samples
         self.sampling = self._sampling()
         self.last_max_accept: list[int] = []  # drafts each row could accept in the last step
-        self.last_drafts = 0  # drafts fed per row in the last step
+        self.last_drafts = 0  # drafts verified per row in the last step
         self._survivors: list[int] | None = None  # old rows of self.seqs, until compact() runs
 
     def __len__(self) -> int:
@@ -70,7 +70,7 @@ class DecodeBatch:
     def _want_drafts(self) -> Tensor:
         return torch.tensor([s.speculative for s in self.seqs], dtype=torch.bool, device=self.device)
 
-    def concatenate(self, seqs: list[Sequence], first: StepResult, prompt_lengths: list[int]) -> None:
+    def concatenate(self, seqs: list[RunningSequence], first: StepResult, prompt_lengths: list[int]) -> None:
         """Append freshly prefilled rows; first holds their first token and drafts."""
         assert self._survivors is None, "compact() before prefilling new rows"
         n_new = len(seqs)
@@ -107,32 +107,32 @@ class DecodeBatch:
     def step(self) -> StepResult:
         """One decode step for every row: a verify pass if any row speculates, else plain decoding."""
         self.compact()
-        k, n_draft = self.k, self.n_draft
+        k, n_drafts = self.k, self.n_drafts
         spec = self._want_drafts()
         chosen = self.policy is not None and not bool((spec & ~self.sampling.greedy).any())
         if self.policy is not None and chosen:
-            n_draft = min(n_draft, self.policy.choose(len(self)))
+            n_drafts = min(n_drafts, self.policy.choose(len(self)))
         t0 = time.perf_counter()
         remaining = torch.tensor([s.remaining for s in self.seqs], device=self.device)
-        max_accept = torch.where(spec, (remaining - 1).clamp(min=0, max=n_draft), 0)  # [n]
-        use_drafts = bool(spec.any()) and n_draft > 0
-        fed = self.drafts[:, :n_draft] if use_drafts else self.drafts[:, :0]
-        q = self.draft_probs[:, :n_draft] if self.draft_probs is not None else None
+        max_accept = torch.where(spec, (remaining - 1).clamp(min=0, max=n_drafts), 0)  # [n]
+        use_drafts = bool(spec.any()) and n_drafts > 0
+        verified = self.drafts[:, :n_drafts] if use_drafts else self.drafts[:, :0]
+        q = self.draft_probs[:, :n_drafts] if self.draft_probs is not None else None
         # drafts are made whenever rows speculate, even on a step that verifies none (policy: 0),
         # so that the next step has real ones to verify
-        want = bool(spec.any()) and self.n_draft > 0
-        step = forward_step(self.model, self.cur, fed if use_drafts else None, self.pos, want_drafts=want)
-        res = accept_drafts(step.head1, fed, q, max_accept, self.sampling, spec, step.drafts, k - 1)
+        want = bool(spec.any()) and self.n_drafts > 0
+        step = forward_step(self.model, self.cur, verified if use_drafts else None, self.pos, want_drafts=want)
+        res = accept_drafts(step.head1, verified, q, max_accept, self.sampling, spec, step.drafts, k - 1)
         rows = torch.arange(len(self), device=self.device)
         self.cur = res.tokens[rows, res.n_emitted - 1]
         self.pos = self.pos + res.n_emitted
         self.drafts, self.draft_probs = res.drafts, res.draft_probs
         self.last_max_accept = max_accept.tolist()
         emitted = res.n_emitted.tolist()  # waits for the device: the step is done
-        self.last_drafts = n_draft if use_drafts else 0
+        self.last_drafts = n_drafts if use_drafts else 0
         if self.policy is not None:
             if chosen:
-                self.policy.observe_cost(len(self), n_draft, time.perf_counter() - t0)
+                self.policy.observe_cost(len(self), n_drafts, time.perf_counter() - t0)
             self.policy.observe(self.last_max_accept, emitted)
         for s, m, n in zip(self.seqs, self.last_max_accept, emitted, strict=True):
             if m:

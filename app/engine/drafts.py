@@ -2,7 +2,7 @@
 
 A verify pass over [cur, d_1..d_n] emits 1 + (accepted drafts) tokens; draft j counts only if
 drafts 1..j all agree, which happens with rate a_j (measured per draft position as the batch
-runs). Its cost grows with the tokens fed, steeply where the forward is compute-bound (large
+runs). Its cost grows with the tokens verified, steeply where the forward is compute-bound (large
 batches) and hardly at batch 1, where the pass is overhead-bound. So the policy times one
 step at each (batch size, n) once, at start-up, and each step picks
 
@@ -10,7 +10,7 @@ step at each (batch size, n) once, at start-up, and each step picks
 
 The start-up table is only a first estimate: a noisy neighbour during those few milliseconds
 would otherwise fix a wrong choice for the life of the process. So each greedy step's own
-duration is fed back (`observe_cost`), a cost is the median of the recent steps at that
+duration is verified back (`observe_cost`), a cost is the median of the recent steps at that
 (batch, n), and every EXPLORE_EVERY-th step at a batch size re-times the draft count seen
 least recently. Start-up timings are medians of interleaved rounds, and capped at what n+1
 plain steps would cost (feeding n+1 tokens in one pass never costs more).
@@ -47,7 +47,7 @@ EXPLORE_EVERY = 32  # every 32nd step at a batch size re-times the draft count m
 
 class DraftPolicy:
     def __init__(self, max_drafts: int, costs: dict[int, list[float]]) -> None:
-        """costs[batch] = step seconds with n = 0 .. max_drafts drafts fed, for a few batch sizes."""
+        """costs[batch] = step seconds with n = 0 .. max_drafts drafts verified, for a few batch sizes."""
         self.max_drafts = max_drafts
         self.batches = sorted(costs)
         self.costs = costs

@@ -25,7 +25,7 @@ from app.decoding.generate import first_tokens, prefill
 from app.decoding.predict import Scores, score_next
 from app.decoding.sampling import BatchSampling, make_generator
 from app.engine.admission import DoorTicket, check_ids, check_sampling, door_ticket
-from app.engine.batch import DecodeBatch, Sequence
+from app.engine.batch import DecodeBatch, RunningSequence
 from app.engine.config import EngineConfig, Health, inference_thread
 from app.engine.drafts import DraftPolicy, time_verify_steps
 from app.engine.types import (
@@ -38,10 +38,10 @@ from app.engine.types import (
     Event,
     FinishEvent,
     GenerateItem,
-    GenerateRequest,
+    GenerateJob,
     InvalidRequest,
     PredictItem,
-    PredictRequest,
+    PredictJob,
     TokenEvent,
 )
 from app.metrics import Metrics
@@ -104,15 +104,15 @@ class Engine:
         The first pass at a new shape pays one-off costs (kernel selection, allocator growth);
         paying them here keeps them out of the first burst of real traffic."""
         new = min(4, self.max_seq_len - 1)
-        await self.predict([PredictRequest([0])])
-        async for _ in self.generate(GenerateRequest([0], max_new_tokens=new)):
+        await self.predict([PredictJob([0])])
+        async for _ in self.generate(GenerateJob([0], max_new_tokens=new)):
             pass
         n = min(self.cfg.max_batch_size, self.cfg.max_queue_size)
         prompt = [0] * min(32, self.max_seq_len - new)
-        await self.predict([PredictRequest(prompt) for _ in range(n)])
+        await self.predict([PredictJob(prompt) for _ in range(n)])
 
         async def one() -> None:
-            async for _ in self.generate(GenerateRequest(prompt, max_new_tokens=new)):
+            async for _ in self.generate(GenerateJob(prompt, max_new_tokens=new)):
                 pass
 
         await asyncio.gather(*(one() for _ in range(n)))
@@ -186,11 +186,11 @@ class Engine:
         if depth + n > self.cfg.max_queue_size:
             raise EngineOverloaded(f"queue full ({depth} waiting, capacity {self.cfg.max_queue_size})")
 
-    def speculates(self, request: GenerateRequest) -> bool:
+    def speculates(self, request: GenerateJob) -> bool:
         """Whether a sequence drafts and verifies: the request's choice, else the engine's, and only if k > 1."""
         return self.k > 1 and (self.cfg.speculative if request.speculative is None else request.speculative)
 
-    async def predict(self, requests: list[PredictRequest]) -> list[Scores]:
+    async def predict(self, requests: list[PredictJob]) -> list[Scores]:
         """Score each request's next k tokens; the requests may share forward passes with others."""
         for r in requests:
             check_ids(r.prompt_ids, self.model.cfg.vocab_size, self.max_seq_len)
@@ -222,7 +222,7 @@ class Engine:
                         self.metrics.failures.labels("cancelled").inc()
             self._update_gauges()
 
-    async def generate(self, request: GenerateRequest) -> AsyncGenerator[Event, None]:
+    async def generate(self, request: GenerateJob) -> AsyncGenerator[Event, None]:
         """Stream events for one sequence; closing the iterator early cancels the sequence."""
         check_ids(request.prompt_ids, self.model.cfg.vocab_size, self.max_seq_len, request.max_new_tokens)
         check_sampling(request.sampling, self.model.cfg.vocab_size)
@@ -382,7 +382,7 @@ class Engine:
             self.metrics.queue_time.observe(now - item.submitted)
         self.metrics.batch_size.labels("prefill").observe(len(items))
         seqs = [
-            Sequence(
+            RunningSequence(
                 item=i,
                 generator=None if i.request.sampling.greedy else make_generator(i.request.sampling.seed),
                 speculative=self.speculates(i.request),
@@ -399,15 +399,15 @@ class Engine:
             return
         self._deliver(outputs)
 
-    def _prefill_sync(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int], list[float]]]:
+    def _prefill_sync(self, seqs: list[RunningSequence]) -> list[tuple[RunningSequence, list[int], list[float]]]:
         self._batch.compact()  # rows 0..n-1 hold the running sequences; new ones go after them
         row0 = len(self._batch)
         prompts = [s.item.request.prompt_ids for s in seqs]
-        bs = BatchSampling.from_params(
+        sampling = BatchSampling.from_params(
             [s.item.request.sampling for s in seqs], [s.generator for s in seqs], self.device
         )
         want = torch.tensor([s.speculative for s in seqs], dtype=torch.bool, device=self.device)
-        first = first_tokens(prefill(self.model, prompts, row0=row0), bs, want)
+        first = first_tokens(prefill(self.model, prompts, row0=row0), sampling, want)
         self._batch.concatenate(seqs, first, [len(p) for p in prompts])
         for s in seqs:
             self.metrics.prompt_tokens.inc(len(s.item.request.prompt_ids))
@@ -431,7 +431,7 @@ class Engine:
             return
         self._deliver(outputs)
 
-    def _decode_sync(self) -> list[tuple[Sequence, list[int], list[float]]]:
+    def _decode_sync(self) -> list[tuple[RunningSequence, list[int], list[float]]]:
         res = self._batch.step()
         self.metrics.drafts_per_pass.set(self._batch.last_drafts)
         counts = res.n_emitted.tolist()
@@ -453,7 +453,7 @@ class Engine:
 
     def _collect(
         self, tokens: list[list[int]], logprobs: list[list[float]], counts: list[int], row0: int
-    ) -> list[tuple[Sequence, list[int], list[float]]]:
+    ) -> list[tuple[RunningSequence, list[int], list[float]]]:
         """Per sequence: the tokens to emit, cut at EOS / stop tokens / max_new_tokens."""
         out = []
         for r, (toks, lps, n) in enumerate(zip(tokens, logprobs, counts, strict=True)):
@@ -469,7 +469,7 @@ class Engine:
 
     # ---- delivery (event loop) -------------------------------------------------------------
 
-    def _deliver(self, outputs: list[tuple[Sequence, list[int], list[float]]]) -> None:
+    def _deliver(self, outputs: list[tuple[RunningSequence, list[int], list[float]]]) -> None:
         now = time.monotonic()
         m = self.metrics
         for seq, toks, lps in outputs:
@@ -503,7 +503,7 @@ class Engine:
         self._batch.filter([not s.item.finished for s in self._batch.seqs])
         self._update_gauges()
 
-    def _finish(self, seq: Sequence, reason: str, error: Exception | None = None) -> None:
+    def _finish(self, seq: RunningSequence, reason: str, error: Exception | None = None) -> None:
         item = seq.item
         item.finished = True
         if error is not None:

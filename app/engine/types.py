@@ -37,14 +37,14 @@ class InvalidRequest(EngineError):
 
 
 @dataclass
-class PredictRequest:
+class PredictJob:
     prompt_ids: list[int]
     top_n: int = 5
     candidates: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
-class GenerateRequest:
+class GenerateJob:
     prompt_ids: list[int]
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -92,12 +92,12 @@ class WorkItem:
 
 @dataclass(eq=False)
 class PredictItem(WorkItem):
-    request: PredictRequest = field(default_factory=lambda: PredictRequest([]))
+    request: PredictJob = field(default_factory=lambda: PredictJob([]))
     future: asyncio.Future[Scores] | None = None
 
 
 @dataclass(eq=False)
 class GenerateItem(WorkItem):
-    request: GenerateRequest = field(default_factory=lambda: GenerateRequest([], 1))
+    request: GenerateJob = field(default_factory=lambda: GenerateJob([], 1))
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     finished: bool = False

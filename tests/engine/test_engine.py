@@ -23,9 +23,9 @@ from app.engine.types import (
     EngineTimeout,
     ErrorEvent,
     FinishEvent,
-    GenerateRequest,
+    GenerateJob,
     InvalidRequest,
-    PredictRequest,
+    PredictJob,
     TokenEvent,
 )
 from app.metrics import Metrics
@@ -52,7 +52,7 @@ async def engine_factory(checkpoint: Path) -> AsyncIterator[Callable[..., Any]]:
         await engine.shutdown()
 
 
-async def run(engine: Engine, request: GenerateRequest) -> tuple[list[int], FinishEvent]:
+async def run(engine: Engine, request: GenerateJob) -> tuple[list[int], FinishEvent]:
     tokens: list[int] = []
     async for event in engine.generate(request):
         if isinstance(event, TokenEvent):
@@ -81,7 +81,7 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
 
 async def test_predict_matches_unbatched_score_next(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory()
-    scores = await engine.predict([PredictRequest(p, top_n=4, candidates=[[1, 2], [7]]) for p in PROMPTS])
+    scores = await engine.predict([PredictJob(p, top_n=4, candidates=[[1, 2], [7]]) for p in PROMPTS])
     for prompt, got in zip(PROMPTS, scores, strict=True):
         want = score_next(engine.model, [prompt], 4, [[[1, 2], [7]]])
         assert got.top_ids == want.top_ids
@@ -93,9 +93,9 @@ async def test_predict_matches_unbatched_score_next(engine_factory: Callable[...
 
 async def test_concurrent_predicts_share_forward_passes(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory(max_batch_size=8)
-    solo = [(await engine.predict([PredictRequest(p, top_n=3)]))[0] for p in PROMPTS * 2]
+    solo = [(await engine.predict([PredictJob(p, top_n=3)]))[0] for p in PROMPTS * 2]
     before = forward_passes(engine)
-    together = await asyncio.gather(*(engine.predict([PredictRequest(p, top_n=3)]) for p in PROMPTS * 2))
+    together = await asyncio.gather(*(engine.predict([PredictJob(p, top_n=3)]) for p in PROMPTS * 2))
     assert forward_passes(engine) - before < len(PROMPTS) * 2
     for a, (b,) in zip(solo, together, strict=True):
         assert a.top_ids == b.top_ids
@@ -108,11 +108,11 @@ async def test_invalid_inputs_raise_invalid_request(engine_factory: Callable[...
     V, ctx = engine.model.cfg.vocab_size, engine.max_seq_len
     for bad in ([], [V], [-1], [1] * (ctx + 1)):
         with pytest.raises(InvalidRequest):
-            await engine.predict([PredictRequest(bad)])
+            await engine.predict([PredictJob(bad)])
     with pytest.raises(InvalidRequest):
-        await engine.predict([PredictRequest([1], candidates=[[1, 2, 3, 4]])])
+        await engine.predict([PredictJob([1], candidates=[[1, 2, 3, 4]])])
     with pytest.raises(InvalidRequest):
-        await anext(engine.generate(GenerateRequest([1] * 60, max_new_tokens=5)))
+        await anext(engine.generate(GenerateJob([1] * 60, max_new_tokens=5)))
     assert engine.pending() == 0
 
 
@@ -125,7 +125,7 @@ async def test_greedy_generation_matches_static_decoding(
 ) -> None:
     engine = await engine_factory()
     prompt = [5, 17, 42, 8]
-    tokens, fin = await run(engine, GenerateRequest(prompt, max_new_tokens=20, speculative=speculative))
+    tokens, fin = await run(engine, GenerateJob(prompt, max_new_tokens=20, speculative=speculative))
     reference = static_generate(engine.model, [prompt], 20, speculative=False, eos_id=tiny_tokenizer.eot_id)
     engine.model.setup_caches(engine.cfg.max_batch_size)  # static generate reallocated them
     assert tokens == reference.tokens[0]
@@ -137,8 +137,8 @@ async def test_greedy_generation_matches_static_decoding(
 async def test_speculative_greedy_matches_plain_greedy(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory()
     for prompt in PROMPTS:
-        spec, _ = await run(engine, GenerateRequest(prompt, max_new_tokens=25, speculative=True))
-        plain, _ = await run(engine, GenerateRequest(prompt, max_new_tokens=25, speculative=False))
+        spec, _ = await run(engine, GenerateJob(prompt, max_new_tokens=25, speculative=True))
+        plain, _ = await run(engine, GenerateJob(prompt, max_new_tokens=25, speculative=False))
         assert spec == plain
 
 
@@ -147,12 +147,12 @@ async def test_fewer_drafts_per_pass_keep_greedy_output(
 ) -> None:
     engine = await engine_factory(draft_tokens=1)
     for prompt in PROMPTS:
-        spec, fin = await run(engine, GenerateRequest(prompt, max_new_tokens=25, speculative=True))
-        plain, _ = await run(engine, GenerateRequest(prompt, max_new_tokens=25, speculative=False))
+        spec, fin = await run(engine, GenerateJob(prompt, max_new_tokens=25, speculative=True))
+        plain, _ = await run(engine, GenerateJob(prompt, max_new_tokens=25, speculative=False))
         assert spec == plain
         assert 0 < fin.drafted_tokens <= fin.verify_steps  # one draft per verify pass
     repeating = await engine_factory(repeat_checkpoint, draft_tokens=1)  # every draft accepted
-    _, fin = await run(repeating, GenerateRequest([5, 17], max_new_tokens=13))
+    _, fin = await run(repeating, GenerateJob([5, 17], max_new_tokens=13))
     assert fin.accepted_tokens == fin.verify_steps > 0
     assert counter(repeating, "mtp_spec_accepted_by_head_total", head="2") == fin.accepted_tokens
     assert counter(repeating, "mtp_spec_accepted_by_head_total", head="3") == 0
@@ -162,16 +162,16 @@ async def test_adaptive_draft_count_keeps_greedy_output(engine_factory: Callable
     engine = await engine_factory(start=False)
     await engine.start(warmup=True)  # times the verify step at start-up
     assert engine._batch.policy is not None
-    requests = [GenerateRequest(p, max_new_tokens=20) for p in PROMPTS]
+    requests = [GenerateJob(p, max_new_tokens=20) for p in PROMPTS]
     together = await asyncio.gather(*(run(engine, r) for r in requests))
     for r, (tokens, _) in zip(requests, together, strict=True):
-        plain, _ = await run(engine, GenerateRequest(r.prompt_ids, 20, speculative=False))
+        plain, _ = await run(engine, GenerateJob(r.prompt_ids, 20, speculative=False))
         assert tokens == plain
 
 
 async def test_concurrent_generations_match_solo_runs_in_fewer_passes(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory(max_batch_size=8)
-    requests = [GenerateRequest(p, max_new_tokens=10 + 3 * i) for i, p in enumerate(PROMPTS)]
+    requests = [GenerateJob(p, max_new_tokens=10 + 3 * i) for i, p in enumerate(PROMPTS)]
     solo, solo_passes = [], 0
     for r in requests:
         before = forward_passes(engine)
@@ -185,13 +185,13 @@ async def test_concurrent_generations_match_solo_runs_in_fewer_passes(engine_fac
 
 async def test_seeded_sample_does_not_depend_on_batch_mates(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory()
-    sampled = GenerateRequest([5, 17], 15, SamplingParams(temperature=1.0, do_sample=True, seed=1234))
+    sampled = GenerateJob([5, 17], 15, SamplingParams(temperature=1.0, do_sample=True, seed=1234))
     alone, _ = await run(engine, sampled)
     again, _ = await run(engine, sampled)
-    others = [GenerateRequest(p, 12, SamplingParams(do_sample=True, seed=i)) for i, p in enumerate(PROMPTS)]
+    others = [GenerateJob(p, 12, SamplingParams(do_sample=True, seed=i)) for i, p in enumerate(PROMPTS)]
     results = await asyncio.gather(run(engine, sampled), *(run(engine, r) for r in others))
     assert alone == again == results[0][0]
-    different, _ = await run(engine, GenerateRequest([5, 17], 15, SamplingParams(do_sample=True, seed=4321)))
+    different, _ = await run(engine, GenerateJob([5, 17], 15, SamplingParams(do_sample=True, seed=4321)))
     assert different != alone
 
 
@@ -200,13 +200,13 @@ async def test_repeating_model_accepts_every_draft(
 ) -> None:
     engine = await engine_factory(repeat_checkpoint)
     before = forward_passes(engine)
-    tokens, fin = await run(engine, GenerateRequest([1, 2], max_new_tokens=13, speculative=True))
+    tokens, fin = await run(engine, GenerateJob([1, 2], max_new_tokens=13, speculative=True))
     spec_passes = forward_passes(engine) - before
     assert tokens == [repeat_token] * 13
     assert fin.reason == "length"
     assert fin.accepted_tokens == fin.drafted_tokens > 0
     before = forward_passes(engine)
-    plain, _ = await run(engine, GenerateRequest([1, 2], max_new_tokens=13, speculative=False))
+    plain, _ = await run(engine, GenerateJob([1, 2], max_new_tokens=13, speculative=False))
     assert plain == tokens
     assert spec_passes < forward_passes(engine) - before
     assert counter(engine, "mtp_spec_accepted_tokens_total") == fin.accepted_tokens
@@ -214,7 +214,7 @@ async def test_repeating_model_accepts_every_draft(
 
 async def test_accepted_drafts_are_counted_by_head(engine_factory: Callable[..., Any], repeat_checkpoint: Path) -> None:
     engine = await engine_factory(repeat_checkpoint)
-    _, fin = await run(engine, GenerateRequest([1, 2], max_new_tokens=13, speculative=True))
+    _, fin = await run(engine, GenerateJob([1, 2], max_new_tokens=13, speculative=True))
     by_head = [counter(engine, "mtp_spec_accepted_by_head_total", head=str(h)) for h in (2, 3)]
     assert sum(by_head) == fin.accepted_tokens > 0
 
@@ -223,7 +223,7 @@ async def test_eos_ends_generation(
     engine_factory: Callable[..., Any], eos_checkpoint: Path, tiny_tokenizer: Any
 ) -> None:
     engine = await engine_factory(eos_checkpoint)
-    tokens, fin = await run(engine, GenerateRequest([1, 2, 3], max_new_tokens=10))
+    tokens, fin = await run(engine, GenerateJob([1, 2, 3], max_new_tokens=10))
     assert tokens == [tiny_tokenizer.eot_id]
     assert fin.reason == "eos_token" and fin.generated_tokens == 1
 
@@ -231,7 +231,7 @@ async def test_eos_ends_generation(
 async def test_one_token_generation_takes_one_forward_pass(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory()
     before = forward_passes(engine)
-    tokens, _ = await run(engine, GenerateRequest([5, 6], max_new_tokens=1))
+    tokens, _ = await run(engine, GenerateJob([5, 6], max_new_tokens=1))
     await wait_for(lambda: engine.pending() == 0)
     await asyncio.sleep(0.05)
     assert len(tokens) == 1
@@ -245,7 +245,7 @@ async def test_closing_a_stream_removes_the_sequence(engine_factory: Callable[..
     engine = await engine_factory()
     set_fault_hook(engine, lambda kind: time.sleep(0.01))
     cancelled = counter(engine, "mtp_request_failures_total", reason="cancelled")
-    stream = engine.generate(GenerateRequest([5, 6, 7], max_new_tokens=50, speculative=False))
+    stream = engine.generate(GenerateJob([5, 6, 7], max_new_tokens=50, speculative=False))
     first = await anext(stream)
     assert isinstance(first, TokenEvent)
     assert counter(engine, "mtp_running_sequences") == 1
@@ -254,21 +254,21 @@ async def test_closing_a_stream_removes_the_sequence(engine_factory: Callable[..
     assert counter(engine, "mtp_running_sequences") == 0
     assert counter(engine, "mtp_queue_depth") == 0
     assert counter(engine, "mtp_request_failures_total", reason="cancelled") == cancelled + 1
-    tokens, _ = await run(engine, GenerateRequest([5], max_new_tokens=3))  # the slot is reusable
+    tokens, _ = await run(engine, GenerateJob([5], max_new_tokens=3))  # the slot is reusable
     assert len(tokens) == 3
 
 
 async def test_full_queue_raises_overloaded_and_accepted_work_completes(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory(max_queue_size=1)
     set_fault_hook(engine, lambda kind: time.sleep(0.3))
-    running = asyncio.create_task(engine.predict([PredictRequest([1, 2])]))
+    running = asyncio.create_task(engine.predict([PredictJob([1, 2])]))
     await wait_for(lambda: engine._busy_since is not None)  # the worker holds the first request
-    queued = asyncio.create_task(engine.predict([PredictRequest([3])]))
+    queued = asyncio.create_task(engine.predict([PredictJob([3])]))
     await wait_for(lambda: engine.pending() == 1)
     with pytest.raises(EngineOverloaded):
-        await engine.predict([PredictRequest([4])])
+        await engine.predict([PredictJob([4])])
     with pytest.raises(EngineOverloaded):
-        await anext(engine.generate(GenerateRequest([4], max_new_tokens=2)))
+        await anext(engine.generate(GenerateJob([4], max_new_tokens=2)))
     assert len(await running) == 1 and len(await queued) == 1
 
 
@@ -283,12 +283,12 @@ async def test_fault_in_forward_fails_only_that_batch(engine_factory: Callable[.
 
     set_fault_hook(engine, hook)
     with pytest.raises(EngineFailure):
-        await engine.predict([PredictRequest([1, 2])])
-    assert len(await engine.predict([PredictRequest([1, 2])])) == 1
-    events = [e async for e in engine.generate(GenerateRequest([1, 2], max_new_tokens=5))]
+        await engine.predict([PredictJob([1, 2])])
+    assert len(await engine.predict([PredictJob([1, 2])])) == 1
+    events = [e async for e in engine.generate(GenerateJob([1, 2], max_new_tokens=5))]
     assert isinstance(events[0], TokenEvent)  # the prefill worked; the decode step failed
     assert isinstance(events[-1], ErrorEvent) and isinstance(events[-1].error, EngineFailure)
-    tokens, fin = await run(engine, GenerateRequest([1, 2], max_new_tokens=5))
+    tokens, fin = await run(engine, GenerateJob([1, 2], max_new_tokens=5))
     assert len(tokens) == fin.generated_tokens == 5
     assert engine.health().alive
 
@@ -296,24 +296,24 @@ async def test_fault_in_forward_fails_only_that_batch(engine_factory: Callable[.
 async def test_engine_not_started_or_shut_down_rejects_work(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory(start=False)
     with pytest.raises(EngineNotReady):
-        await engine.predict([PredictRequest([1])])
+        await engine.predict([PredictJob([1])])
     assert not engine.health().alive
     await engine.start(warmup=True)
     assert engine.health().alive and forward_passes(engine) > 0
     await engine.shutdown()
     with pytest.raises(EngineNotReady):
-        await anext(engine.generate(GenerateRequest([1], max_new_tokens=2)))
+        await anext(engine.generate(GenerateJob([1], max_new_tokens=2)))
 
 
 async def test_drain_lets_running_sequences_finish_and_rejects_new_work(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory()
     set_fault_hook(engine, lambda kind: time.sleep(0.01))
-    task = asyncio.create_task(run(engine, GenerateRequest([1, 2], max_new_tokens=30, speculative=False)))
+    task = asyncio.create_task(run(engine, GenerateJob([1, 2], max_new_tokens=30, speculative=False)))
     await wait_for(lambda: len(engine._batch) == 1)
     drain = asyncio.create_task(engine.drain(10))
     await asyncio.sleep(0)
     with pytest.raises(EngineNotReady):
-        await engine.predict([PredictRequest([1])])
+        await engine.predict([PredictJob([1])])
     assert await drain is True
     tokens, fin = await task
     assert fin.reason == "length" and len(tokens) == 30
@@ -322,10 +322,10 @@ async def test_drain_lets_running_sequences_finish_and_rejects_new_work(engine_f
 async def test_request_expired_in_queue_times_out(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory(request_timeout_s=0.1)
     set_fault_hook(engine, lambda kind: time.sleep(0.3))
-    first = asyncio.create_task(engine.predict([PredictRequest([1])]))
+    first = asyncio.create_task(engine.predict([PredictJob([1])]))
     await wait_for(lambda: engine._busy_since is not None)
     with pytest.raises(EngineTimeout):
-        await engine.predict([PredictRequest([2])])
+        await engine.predict([PredictJob([2])])
     with pytest.raises(EngineTimeout):
         await first  # already running when its deadline passed: the deadline still holds
 
@@ -333,7 +333,7 @@ async def test_request_expired_in_queue_times_out(engine_factory: Callable[..., 
 async def test_long_forward_pass_marks_worker_stalled(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory(stall_timeout_s=0.05)
     set_fault_hook(engine, lambda kind: time.sleep(0.3))
-    task = asyncio.create_task(engine.predict([PredictRequest([1])]))
+    task = asyncio.create_task(engine.predict([PredictJob([1])]))
     await wait_for(lambda: engine.health().stalled)
     assert engine.health().detail == "worker stalled"
     await task
@@ -356,7 +356,7 @@ async def test_fuzzed_sampling_parameters_inside_a_batch_of_good_requests(engine
 
     async def run(params: SamplingParams) -> list[int]:
         out: list[int] = []
-        async for ev in engine.generate(GenerateRequest([5, 6, 7], max_new_tokens=6, sampling=params)):
+        async for ev in engine.generate(GenerateJob([5, 6, 7], max_new_tokens=6, sampling=params)):
             if isinstance(ev, TokenEvent):
                 out.extend(ev.token_ids)
         return out

@@ -71,9 +71,9 @@ STREAM_DOC: dict[int | str, dict[str, Any]] = {
 }
 
 
-def options_for(params: GenerateParameters, srv: Serving) -> GenOptions:
+def options_for(params: GenerateParameters, serving: Serving) -> GenOptions:
     """Check the parameters against the service's limits; raises APIError(422)."""
-    s = srv.settings
+    s = serving.settings
     if params.max_new_tokens > s.max_new_tokens:
         raise APIError(422, f"max_new_tokens must be at most {s.max_new_tokens}")
     if len(params.stop) > s.max_stop_sequences:
@@ -94,21 +94,21 @@ def options_for(params: GenerateParameters, srv: Serving) -> GenOptions:
     )
 
 
-async def prompt_ids(inputs: str, srv: Serving, field: str = "inputs") -> list[int]:
+async def prompt_ids(inputs: str, serving: Serving, field: str = "inputs") -> list[int]:
     """Tokenize a prompt and check it against the service's input cap; raises APIError(422).
     The engine checks it against the model (context, vocabulary) when it is submitted."""
-    [ids] = await srv.encode([inputs], field)
+    [ids] = await serving.encode([inputs], field)
     if not ids:
         raise APIError(422, f"{field} must not be empty")
-    limit = srv.state.max_input_tokens
+    limit = serving.state.max_input_tokens
     if len(ids) > limit:
         raise APIError(422, f"{field} has {len(ids)} tokens; the limit is {limit}")
     return ids
 
 
-async def prepare(params: GenerateParameters, inputs: str, srv: Serving) -> tuple[list[int], GenOptions]:
-    opts = options_for(params, srv)
-    return await prompt_ids(inputs, srv), opts
+async def prepare(params: GenerateParameters, inputs: str, serving: Serving) -> tuple[list[int], GenOptions]:
+    opts = options_for(params, serving)
+    return await prompt_ids(inputs, serving), opts
 
 
 def details_of(final: GenFinal, with_tokens: bool) -> Details:
@@ -131,9 +131,9 @@ def _token(t: GenToken) -> Token:
     return Token(id=t.id, text=t.text, logprob=t.logprob, special=t.special)
 
 
-async def complete(srv: Serving, ids: list[int], opts: GenOptions) -> GenFinal:
+async def complete(serving: Serving, ids: list[int], opts: GenOptions) -> GenFinal:
     """Run a generation to the end (non-streaming); the engine's deadline bounds it (504)."""
-    async for out in run_generation(srv.engine, srv.tokenizer, ids, opts):
+    async for out in run_generation(serving.engine, serving.tokenizer, ids, opts):
         if isinstance(out, GenFinal):
             return out
     raise APIError(500, "generation ended without a result", "internal")
@@ -177,24 +177,24 @@ async def event_stream(outs: AsyncIterator[GenToken | GenFinal | GenError], pref
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=SSE_DOC)
-async def generate(req: GenerateRequest, srv: ServingDep, request: Request) -> GenerateResponse | StreamingResponse:
+async def generate(req: GenerateRequest, serving: ServingDep, request: Request) -> GenerateResponse | StreamingResponse:
     """Generate a continuation; with "stream": true, as server-sent events."""
-    ids, opts = await prepare(req.parameters, req.inputs, srv)
+    ids, opts = await prepare(req.parameters, req.inputs, serving)
     if req.stream:
-        return await _stream(srv, ids, opts, req)
-    final = await unless_disconnected(request, complete(srv, ids, opts))
+        return await _stream(serving, ids, opts, req)
+    final = await unless_disconnected(request, complete(serving, ids, opts))
     text = (req.inputs if req.parameters.return_full_text else "") + final.generated_text
     return GenerateResponse(generated_text=text, details=details_of(final, True) if req.parameters.details else None)
 
 
 @router.post("/generate_stream", response_class=StreamingResponse, responses=STREAM_DOC)
-async def generate_stream(req: GenerateRequest, srv: ServingDep) -> StreamingResponse:
+async def generate_stream(req: GenerateRequest, serving: ServingDep) -> StreamingResponse:
     """Generate a continuation as server-sent events, one event per token."""
-    ids, opts = await prepare(req.parameters, req.inputs, srv)
-    return await _stream(srv, ids, opts, req)
+    ids, opts = await prepare(req.parameters, req.inputs, serving)
+    return await _stream(serving, ids, opts, req)
 
 
-async def _stream(srv: Serving, ids: list[int], opts: GenOptions, req: GenerateRequest) -> StreamingResponse:
-    outs = await open_stream(srv.engine, srv.tokenizer, ids, opts, srv.state.metrics.failures)
+async def _stream(serving: Serving, ids: list[int], opts: GenOptions, req: GenerateRequest) -> StreamingResponse:
+    outs = await open_stream(serving.engine, serving.tokenizer, ids, opts, serving.state.metrics.failures)
     frames = event_stream(outs, req.inputs if req.parameters.return_full_text else "")
     return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -134,8 +134,8 @@ async def all_or_nothing(works: list[Coroutine[Any, Any, T]]) -> list[T]:
     return [t.result() for t in tasks]
 
 
-async def _run(srv: Serving, ids: list[int], opts: GenOptions) -> GenFinal:
-    async for out in run_generation(srv.engine, srv.tokenizer, ids, opts):
+async def _run(serving: Serving, ids: list[int], opts: GenOptions) -> GenFinal:
+    async for out in run_generation(serving.engine, serving.tokenizer, ids, opts):
         if isinstance(out, GenFinal):
             return out
     raise APIError(500, "generation ended without a result", "internal")
@@ -161,21 +161,21 @@ async def _run(srv: Serving, ids: list[int], opts: GenOptions) -> GenFinal:
         **error_responses(*INFERENCE_ERRORS, model=OpenAIError),
     },
 )
-async def completions(req: CompletionRequest, srv: ServingDep, request: Request) -> Completion | StreamingResponse:
+async def completions(req: CompletionRequest, serving: ServingDep, request: Request) -> Completion | StreamingResponse:
     """Complete one prompt or several (one choice each); "stream": true sends SSE chunks ending in [DONE]."""
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-    if not prompts or len(prompts) > srv.settings.max_inputs_per_request:
-        raise APIError(422, f"prompt must hold 1 to {srv.settings.max_inputs_per_request} texts")
+    if not prompts or len(prompts) > serving.settings.max_inputs_per_request:
+        raise APIError(422, f"prompt must hold 1 to {serving.settings.max_inputs_per_request} texts")
     params = _params(req)
-    opts = options_for(params, srv)
-    prepared = [await prompt_ids(p, srv, "prompt") for p in prompts]
-    model = req.model or srv.state.model_id
+    opts = options_for(params, serving)
+    prepared = [await prompt_ids(p, serving, "prompt") for p in prompts]
+    model = req.model or serving.state.model_id
     cid = f"cmpl-{uuid.uuid4().hex}"
     if req.stream:
         if len(prompts) != 1:
             raise APIError(422, "streaming takes a single prompt")
-        return await _stream(srv, prepared[0], opts, req, cid, model)
-    finals = await unless_disconnected(request, all_or_nothing([_run(srv, ids, opts) for ids in prepared]))
+        return await _stream(serving, prepared[0], opts, req, cid, model)
+    finals = await unless_disconnected(request, all_or_nothing([_run(serving, ids, opts) for ids in prepared]))
     completion_tokens = sum(f.generated_tokens for f in finals)
     prompt_tokens = sum(len(ids) for ids in prepared)
     return Completion(
@@ -192,7 +192,7 @@ async def completions(req: CompletionRequest, srv: ServingDep, request: Request)
 
 
 async def _stream(
-    srv: Serving, ids: list[int], opts: GenOptions, req: CompletionRequest, cid: str, model: str
+    serving: Serving, ids: list[int], opts: GenOptions, req: CompletionRequest, cid: str, model: str
 ) -> StreamingResponse:
     created = int(time.time())
 
@@ -209,7 +209,7 @@ async def _stream(
         }
         return f"data: {json.dumps(body)}\n\n"
 
-    outs = await open_stream(srv.engine, srv.tokenizer, ids, opts, srv.state.metrics.failures)
+    outs = await open_stream(serving.engine, serving.tokenizer, ids, opts, serving.state.metrics.failures)
 
     async def body() -> AsyncGenerator[str, None]:
         """Chunks, then [DONE]; no asyncio.timeout across yields (the engine's deadline ends it)."""

@@ -18,12 +18,12 @@ from app.api.schemas import (
     error_responses,
 )
 from app.decoding.predict import Scores
-from app.engine.types import PredictRequest as EnginePredict
+from app.engine.types import PredictJob
 
 router = APIRouter(tags=["inference"])
 
 
-async def _token_inputs(req: PredictRequest, srv: Serving) -> list[list[int]]:
+async def _token_inputs(req: PredictRequest, serving: Serving) -> list[list[int]]:
     if (req.inputs is None) == (req.input_ids is None):
         raise APIError(422, "give exactly one of inputs or input_ids")
     ids: list[list[int]] = []
@@ -31,37 +31,39 @@ async def _token_inputs(req: PredictRequest, srv: Serving) -> list[list[int]]:
         texts = [req.inputs] if isinstance(req.inputs, str) else req.inputs
         if not texts or any(not t for t in texts):
             raise APIError(422, "inputs must be non-empty texts")
-        ids = await srv.encode(texts, "inputs")
+        ids = await serving.encode(texts, "inputs")
     elif req.input_ids:
         ids = [list(r) for r in req.input_ids if isinstance(r, list)] or [
             [int(i) for i in req.input_ids if isinstance(i, int)]
         ]
     if not ids or any(not row for row in ids):
         raise APIError(422, "inputs must not be empty")
-    if len(ids) > srv.settings.max_inputs_per_request:
-        raise APIError(422, f"at most {srv.settings.max_inputs_per_request} inputs per request")
-    limit = srv.state.max_input_tokens
+    if len(ids) > serving.settings.max_inputs_per_request:
+        raise APIError(422, f"at most {serving.settings.max_inputs_per_request} inputs per request")
+    limit = serving.state.max_input_tokens
     for row in ids:  # the engine checks the ids against the model (vocabulary, context)
         if len(row) > limit:
             raise APIError(422, f"an input has {len(row)} tokens; the limit is {limit}")
     return ids
 
 
-async def _candidates(req: PredictRequest, srv: Serving, k: int) -> list[list[int]]:
+async def _candidates(req: PredictRequest, serving: Serving, k: int) -> list[list[int]]:
     if not req.candidates:
         return []
-    if len(req.candidates) > srv.settings.max_candidates:
-        raise APIError(422, f"at most {srv.settings.max_candidates} candidates")
+    if len(req.candidates) > serving.settings.max_candidates:
+        raise APIError(422, f"at most {serving.settings.max_candidates} candidates")
     texts = [c for c in req.candidates if isinstance(c, str)]
-    cands = await srv.encode(texts, "candidates") if texts else [list(c) for c in req.candidates if isinstance(c, list)]
+    cands = (
+        await serving.encode(texts, "candidates") if texts else [list(c) for c in req.candidates if isinstance(c, list)]
+    )
     for c in cands:  # the request's k; the engine checks the ids against the model
         if not 1 <= len(c) <= k:
             raise APIError(422, f"each candidate must be 1 to {k} tokens (got {len(c)})")
     return cands
 
 
-def _result(scores: Scores, prompt: list[int], k: int, cands: list[list[int]], srv: Serving) -> PredictResult:
-    tok = srv.tokenizer
+def _result(scores: Scores, prompt: list[int], k: int, cands: list[list[int]], serving: Serving) -> PredictResult:
+    tok = serving.tokenizer
     positions = [
         PositionTop(
             position=j + 1,
@@ -88,15 +90,17 @@ def _result(scores: Scores, prompt: list[int], k: int, cands: list[list[int]], s
 
 
 @router.post("/predict", response_model=PredictResponse, responses=error_responses(*INFERENCE_ERRORS))
-async def predict(req: PredictRequest, srv: ServingDep, request: Request) -> PredictResponse:
+async def predict(req: PredictRequest, serving: ServingDep, request: Request) -> PredictResponse:
     """Score the next k tokens of each input with the k MTP heads."""
-    k = req.k or srv.model_config.k
-    if k > srv.model_config.k:
-        raise APIError(422, f"k must be at most the model's k ({srv.model_config.k})")
-    if req.top_n > srv.settings.max_top_n:
-        raise APIError(422, f"top_n must be at most {srv.settings.max_top_n}")
-    prompts = await _token_inputs(req, srv)
-    cands = await _candidates(req, srv, k)
-    batch = [EnginePredict(prompt_ids=p, top_n=req.top_n, candidates=cands) for p in prompts]
-    scores = await unless_disconnected(request, srv.engine.predict(batch))
-    return PredictResponse(k=k, results=[_result(s, p, k, cands, srv) for s, p in zip(scores, prompts, strict=True)])
+    k = req.k or serving.model_config.k
+    if k > serving.model_config.k:
+        raise APIError(422, f"k must be at most the model's k ({serving.model_config.k})")
+    if req.top_n > serving.settings.max_top_n:
+        raise APIError(422, f"top_n must be at most {serving.settings.max_top_n}")
+    prompts = await _token_inputs(req, serving)
+    cands = await _candidates(req, serving, k)
+    batch = [PredictJob(prompt_ids=p, top_n=req.top_n, candidates=cands) for p in prompts]
+    scores = await unless_disconnected(request, serving.engine.predict(batch))
+    return PredictResponse(
+        k=k, results=[_result(s, p, k, cands, serving) for s, p in zip(scores, prompts, strict=True)]
+    )

@@ -48,12 +48,12 @@ async def ready(state: StateDep) -> HealthResponse | JSONResponse:
 
 
 @router.get("/info", response_model=InfoResponse, responses=error_responses(401, 503))
-async def info(srv: ServingDep) -> InfoResponse:
+async def info(serving: ServingDep) -> InfoResponse:
     """The model's configuration, the service's limits, version, device and dtype."""
-    s, cfg = srv.settings, srv.model_config
-    engine_info = srv.engine.info()
+    s, cfg = serving.settings, serving.model_config
+    engine_info = serving.engine.info()
     return InfoResponse(
-        model_id=srv.state.model_id,
+        model_id=serving.state.model_id,
         version=__version__,
         model=cfg.to_dict(),
         k=cfg.k,
@@ -64,7 +64,7 @@ async def info(srv: ServingDep) -> InfoResponse:
         speculative=engine_info["speculative"],
         draft_policy=engine_info["draft_policy"],
         limits=Limits(
-            max_input_tokens=srv.state.max_input_tokens,
+            max_input_tokens=serving.state.max_input_tokens,
             max_new_tokens=min(s.max_new_tokens, cfg.max_seq_len - 1),
             max_top_n=min(s.max_top_n, cfg.vocab_size),
             max_candidates=s.max_candidates,
@@ -89,16 +89,16 @@ async def info(srv: ServingDep) -> InfoResponse:
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(*INFERENCE_ERRORS))
-async def tokenize(req: TokenizeRequest, srv: ServingDep) -> TokenizeResponse:
+async def tokenize(req: TokenizeRequest, serving: ServingDep) -> TokenizeResponse:
     """Token ids and character offsets of a text."""
-    [enc] = await srv.encodings([req.inputs], "inputs")
-    if len(enc.ids) > srv.settings.max_tokenize_tokens:
+    [enc] = await serving.encodings([req.inputs], "inputs")
+    if len(enc.ids) > serving.settings.max_tokenize_tokens:
         raise APIError(
-            422, f"inputs has {len(enc.ids)} tokens; /tokenize returns at most {srv.settings.max_tokenize_tokens}"
+            422, f"inputs has {len(enc.ids)} tokens; /tokenize returns at most {serving.settings.max_tokenize_tokens}"
         )
     return TokenizeResponse(
         tokens=[
-            TokenOut(id=i, text=srv.tokenizer.id_to_text(i), start=a, stop=b)
+            TokenOut(id=i, text=serving.tokenizer.id_to_text(i), start=a, stop=b)
             for i, (a, b) in zip(enc.ids, enc.offsets, strict=True)
         ]
     )
