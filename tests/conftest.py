@@ -216,7 +216,7 @@ def set_fault_hook(engine: Engine, hook: Callable[[str], None] | None) -> None:
 
 def forward_passes(engine: Engine) -> int:
     """Forward passes the engine has run, from its metrics (mtp_forward_duration_seconds_count)."""
-    registry = engine.metrics.registry
+    registry = engine.stats.metrics.registry
     kinds = ("predict", "prefill", "decode")
     return int(sum(registry.get_sample_value("mtp_forward_duration_seconds_count", {"kind": k}) or 0 for k in kinds))
 

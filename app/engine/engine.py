@@ -28,6 +28,7 @@ from app.engine.admission import DoorTicket, check_ids, check_sampling, door_tic
 from app.engine.batch import DecodeBatch, RunningSequence
 from app.engine.config import EngineConfig, Health, inference_thread
 from app.engine.drafts import DraftPolicy, time_verify_steps
+from app.engine.stats import EngineStats
 from app.engine.types import (
     EngineError,
     EngineFailure,
@@ -65,7 +66,7 @@ class Engine:
         self.model = model
         self._eos: frozenset[int] = frozenset() if eos_id is None else frozenset({eos_id})
         self.cfg = cfg
-        self.metrics = metrics
+        self.stats = EngineStats(metrics)
         self.k = model.cfg.k
         self.max_seq_len = model.cfg.max_seq_len
         self.device = model.head.proj.weight.device
@@ -219,7 +220,7 @@ class Engine:
                     item.future.cancel()
                     if item in self._predict_q:
                         self._predict_q.remove(item)
-                        self.metrics.failures.labels("cancelled").inc()
+                        self.stats.cancelled()
             self._update_gauges()
 
     async def generate(self, request: GenerateJob) -> AsyncGenerator[Event, None]:
@@ -251,7 +252,7 @@ class Engine:
         if item in self._gen_q:  # still queued: leave now, not when a slot frees up
             self._gen_q.remove(item)
             item.finished = True
-            self.metrics.failures.labels("cancelled").inc()
+            self.stats.cancelled()
             self._update_gauges()
         self._wakeup.set()
 
@@ -298,7 +299,7 @@ class Engine:
         self._busy_since = time.monotonic()
         loop = asyncio.get_running_loop()
         try:
-            with self.metrics.forward_duration.labels(kind).time():
+            with self.stats.forward(kind):
                 return await loop.run_in_executor(self._executor, self._guarded, kind, fn)
         finally:
             self._busy_since = None
@@ -315,7 +316,7 @@ class Engine:
 
     def _expired(self, item: PredictItem | GenerateItem, now: float) -> bool:
         if item.cancelled:
-            self.metrics.failures.labels("cancelled").inc()
+            self.stats.cancelled()
             return True
         return now > item.deadline
 
@@ -345,9 +346,7 @@ class Engine:
         self._last_predict_batch = len(items)
         if not items:
             return
-        for item in items:
-            self.metrics.queue_time.observe(now - item.submitted)
-        self.metrics.batch_size.labels("predict").observe(len(items))
+        self.stats.batch("predict", (i.submitted for i in items), now)
         prompts = [i.request.prompt_ids for i in items]
         top_n = max(i.request.top_n for i in items)
         cands = [i.request.candidates for i in items]
@@ -378,9 +377,7 @@ class Engine:
         self._update_gauges()
         if not items:
             return
-        for item in items:
-            self.metrics.queue_time.observe(now - item.submitted)
-        self.metrics.batch_size.labels("prefill").observe(len(items))
+        self.stats.batch("prefill", (i.submitted for i in items), now)
         seqs = [
             RunningSequence(
                 item=i,
@@ -410,7 +407,7 @@ class Engine:
         first = first_tokens(prefill(self.model, prompts, row0=row0), sampling, want)
         self._batch.concatenate(seqs, first, [len(p) for p in prompts])
         for s in seqs:
-            self.metrics.prompt_tokens.inc(len(s.item.request.prompt_ids))
+            self.stats.prompt_tokens(len(s.item.request.prompt_ids))
         return self._collect(first.tokens[:, :1].tolist(), first.logprobs[:, :1].tolist(), [1] * len(seqs), row0)
 
     async def _run_decode_step(self) -> None:
@@ -422,7 +419,6 @@ class Engine:
         self._drop_finished()
         if not len(self._batch):
             return
-        self.metrics.batch_size.labels("decode").observe(len(self._batch))
         try:
             outputs = await self._in_worker("decode", self._decode_sync)
         except Exception as exc:
@@ -433,23 +429,9 @@ class Engine:
 
     def _decode_sync(self) -> list[tuple[RunningSequence, list[int], list[float]]]:
         res = self._batch.step()
-        self.metrics.drafts_per_pass.set(self._batch.last_drafts)
         counts = res.n_emitted.tolist()
-        self._count_speculation(self._batch.last_max_accept, counts)
+        self.stats.decode_step(len(self._batch), self._batch.last_drafts, self._batch.last_max_accept, counts)
         return self._collect(res.tokens.tolist(), res.logprobs.tolist(), counts, 0)
-
-    def _count_speculation(self, max_accept: list[int], emitted: list[int]) -> None:
-        """Per verify pass: drafts offered, accepted, and accepted per drafting head (draft j is head j+1's)."""
-        m = self.metrics
-        for offered, n in zip(max_accept, emitted, strict=True):
-            if not offered:
-                continue
-            m.spec_steps.inc()
-            m.spec_drafted.inc(offered)
-            m.spec_accepted.inc(n - 1)
-            m.spec_accepted_length.observe(n)
-            for pos in range(1, n):
-                m.spec_accepted_by_head.labels(str(pos + 1)).inc()
 
     def _collect(
         self, tokens: list[list[int]], logprobs: list[list[float]], counts: list[int], row0: int
@@ -471,24 +453,16 @@ class Engine:
 
     def _deliver(self, outputs: list[tuple[RunningSequence, list[int], list[float]]]) -> None:
         now = time.monotonic()
-        m = self.metrics
         for seq, toks, lps in outputs:
             if seq.item.finished or seq.item.cancelled:  # a cancelled one leaves at the next step
                 continue
             if now > seq.item.deadline:  # a pass that ended past the deadline delivers nothing
                 self._finish(seq, "cancelled", self._timed_out("generate"))
                 continue
-            if toks:
-                if seq.last_token_at is None:
-                    m.ttft.observe(now - seq.item.submitted)
-                else:
-                    gap = (now - seq.last_token_at) / len(toks)
-                    for _ in toks:
-                        m.itl.observe(gap)
             reason = "eos_token" if toks and toks[-1] in seq.stop_ids else ("length" if seq.remaining <= 0 else None)
             if toks:
+                self.stats.tokens(len(toks), seq.item.submitted, seq.last_token_at, now)
                 seq.last_token_at = now
-                m.generated_tokens.inc(len(toks))
                 seq.item.events.put_nowait(TokenEvent(toks, lps, final=reason is not None))
             if reason is not None:
                 self._finish(seq, reason)
@@ -542,8 +516,7 @@ class Engine:
         self._update_gauges()
 
     def _update_gauges(self) -> None:
-        self.metrics.queue_depth.set(len(self._predict_q) + len(self._gen_q))
-        self.metrics.running.set(len(self._batch))
+        self.stats.gauges(len(self._predict_q) + len(self._gen_q), len(self._batch))
 
     def info(self) -> dict[str, Any]:
         policy = self._batch.policy

@@ -65,7 +65,7 @@ async def run(engine: Engine, request: GenerateJob) -> tuple[list[int], FinishEv
 
 
 def counter(engine: Engine, name: str, **labels: str) -> float:
-    value = engine.metrics.registry.get_sample_value(name, labels or None)
+    value = engine.stats.metrics.registry.get_sample_value(name, labels or None)
     return value or 0.0
 
 
