@@ -4,6 +4,7 @@ client disconnects, idle connections, the connection cap, shutdown bounds and qu
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.api.test_server import metric, wait_until
 
@@ -168,3 +170,20 @@ def test_a_broken_checkpoint_prints_its_message_without_a_traceback(tmp_path: Pa
     assert done.returncode == 2
     assert "max_seq_len=1000000000 needs" in done.stderr and "GiB is available" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_an_idle_server_does_not_spin(server_factory: Callable[..., Any]) -> None:
+    """The engine's worker blocks when there is no work: an idle server uses under 0.1 s of CPU in 5 s."""
+    srv = server_factory()
+    assert httpx.post(f"{srv.url}/generate", json={"inputs": PROMPT}, timeout=30).status_code == 200
+    time.sleep(1.0)  # the request's last step and its metrics settle
+    before = cpu_seconds(srv.proc.pid)
+    time.sleep(5.0)
+    assert cpu_seconds(srv.proc.pid) - before < 0.1
