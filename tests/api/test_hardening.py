@@ -237,7 +237,7 @@ def test_streamed_completion_never_leaks_part_of_a_stop_sequence(
 # ---- 10. the draft policy recovers from a noisy start-up ------------------------------------
 
 
-async def test_info_and_metrics_show_what_the_draft_policy_does(client: TestClient) -> None:
+def test_info_and_metrics_show_what_the_draft_policy_does(client: TestClient) -> None:
     client.post("/generate", json=GOOD_GEN)
     policy = client.get("/info").json()["draft_policy"]
     assert set(policy) == {"acceptance", "drafts_by_batch", "step_ms"}
