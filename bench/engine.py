@@ -40,12 +40,12 @@ async def _run(checkpoint: str, corpus: str, streams: int, new_tokens: int, repe
     cfg = EngineConfig(max_batch_size=max(streams, 1), max_queue_size=1024)
     engine = Engine(model, tok.eot_id, cfg, Metrics(k=model.cfg.k), executor=worker)
     await engine.start()  # warms up and times the verify step for the draft policy
-    policy = engine._batch.policy
+    policy = engine.core.batch.policy
     rates: dict[str, dict[int, list[float]]] = {m: {1: [], streams: []} for m in ("adaptive", "fixed")}
     try:
         for _ in range(repeats):
             for mode in rates:
-                engine._batch.policy = policy if mode == "adaptive" else None
+                engine.core.batch.policy = policy if mode == "adaptive" else None
                 for s in (1, streams):
                     rates[mode][s].append(await _rate(engine, prompts, s, max(12, 3 * s), new_tokens))
     finally:

@@ -202,16 +202,17 @@ def start_server(ckpt: Path, workdir: Path, *args: str, forward_delay_s: float =
 def set_fault_hook(engine: Engine, hook: Callable[[str], None] | None) -> None:
     """Call hook(kind) at the start of each forward pass the engine runs ("predict", "prefill",
     "decode"), on its worker thread, to slow it or raise inside it; None removes the hook."""
-    engine.__dict__.pop("_guarded", None)
+    core = engine.core
+    core.__dict__.pop("_guarded", None)
     if hook is None:
         return
-    run = engine._guarded
+    run = core._guarded
 
     def guarded(kind: str, fn: Callable[[], Any]) -> Any:
         hook(kind)
         return run(kind, fn)
 
-    engine._guarded = guarded  # type: ignore[method-assign]
+    core._guarded = guarded  # type: ignore[method-assign]
 
 
 def forward_passes(engine: Engine) -> int:

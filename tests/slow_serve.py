@@ -11,17 +11,17 @@ from collections.abc import Callable
 from typing import Any
 
 from app.cli.main import main
-from app.engine.engine import Engine
+from app.engine.core import EngineCore
 
 
 def slow_forward_passes(delay_s: float) -> None:
-    run = Engine._guarded
+    run = EngineCore._guarded
 
-    def slowed(self: Engine, kind: str, fn: Callable[[], Any]) -> Any:
+    def slowed(self: EngineCore, kind: str, fn: Callable[[], Any]) -> Any:
         time.sleep(delay_s)
         return run(self, kind, fn)
 
-    Engine._guarded = slowed  # type: ignore[method-assign]
+    EngineCore._guarded = slowed  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from tokenizers import Encoding
 
 from app.api.errors import APIError
 from app.config import Settings
-from app.engine.engine import Engine
+from app.engine.client import EngineClient
 from app.metrics import Metrics
 from app.model.model import ModelConfig
 from app.model.tokenizer import Tokenizer
@@ -29,7 +29,7 @@ from app.model.tokenizer import Tokenizer
 class ServiceState:
     settings: Settings
     metrics: Metrics
-    engine: Engine | None = None
+    engine: EngineClient | None = None
     tokenizer: Tokenizer | None = None
     model_config: ModelConfig | None = None
     model_id: str = ""
@@ -62,7 +62,7 @@ class Serving:
     """What an inference route needs once the service is ready."""
 
     state: ServiceState
-    engine: Engine
+    engine: EngineClient
     tokenizer: Tokenizer
     model_config: ModelConfig
     settings: Settings

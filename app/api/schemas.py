@@ -230,6 +230,9 @@ class InfoResponse(BaseModel):
     draft_policy: dict[str, Any] | None = Field(
         None, description="Greedy steps' draft count per batch size, from measured step costs and acceptance"
     )
+    threads: dict[str, int] | None = Field(
+        None, description="CPU: intra-op threads each kind/size of pass runs at now, the count timed fastest"
+    )
     limits: Limits
     auth_required: bool
 

@@ -3,9 +3,9 @@
 Sequences join with `concatenate` (after their prefill wrote cache rows n..n+m-1) and leave
 with `filter`, which compacts the surviving cache rows to 0..n'-1 (TGI's Batch filter/concatenate).
 
-`filter` runs on the event loop and only drops the sequences; the tensor work it implies (one
-gather per cache and per state tensor) is deferred to `compact`, which the worker thread runs
-before it next touches the cache, so the event loop never copies cache memory.
+`filter` only drops the sequences; the tensor work it implies (one gather per cache and per
+state tensor) is deferred to `compact`, which runs before the cache is next touched, so a
+step that drops several sequences compacts once.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class RunningSequence:
     accepted: int = 0
     verify_steps: int = 0
     last_token_at: float | None = None
+    ended: bool = False  # finished, failed or cancelled: leaves the batch at the step boundary
 
     @property
     def remaining(self) -> int:

@@ -1,10 +1,9 @@
-"""The engine: owns the model; token ids in, token ids and probabilities out.
+"""The engine's event-loop side: admission, submission, and the hand-off of each step's outputs.
 
-One asyncio worker task forms batches; every tensor operation runs on a single dedicated
-thread (the executor), so the event loop stays free to answer /health and /metrics at full
-load. /predict requests are batched into one padded forward pass; /generate sequences share
-a continuous (iteration-level) batch with a KV cache: new sequences are prefilled and join at
-step boundaries, finished or cancelled ones leave without stalling the others.
+Every tensor operation runs on one inference thread, in the core loop (core.py), which runs
+step after step without waiting on the event loop. The event loop only admits requests into
+the core's inbox, receives each step's outputs in one call, and hands them to the request
+streams and futures, so it stays free to answer /health and /metrics at full load.
 """
 
 from __future__ import annotations
@@ -14,27 +13,20 @@ import contextlib
 import functools
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import torch
-
-from app.decoding.generate import first_tokens, prefill
-from app.decoding.predict import Scores, score_next
-from app.decoding.sampling import BatchSampling, make_generator
+from app.decoding.predict import Scores
 from app.engine.admission import DoorTicket, check_ids, check_sampling, door_ticket
-from app.engine.batch import DecodeBatch, RunningSequence
 from app.engine.config import EngineConfig, Health, inference_thread
+from app.engine.core import Abort, Call, DropAll, EngineCore, StepOutput, Stop, Submit
 from app.engine.drafts import DraftPolicy, time_verify_steps
 from app.engine.stats import EngineStats
 from app.engine.types import (
     EngineError,
-    EngineFailure,
     EngineNotReady,
     EngineOverloaded,
-    EngineTimeout,
     ErrorEvent,
     Event,
     FinishEvent,
@@ -43,18 +35,20 @@ from app.engine.types import (
     InvalidRequest,
     PredictItem,
     PredictJob,
-    TokenEvent,
+    WorkItem,
 )
 from app.metrics import Metrics
 from app.model.model import MTPTransformer
 
 log = logging.getLogger(__name__)
 
-
 T = TypeVar("T")
+STOP_WAIT_S = 1.0  # shutdown waits this long for the core to finish its step
 
 
 class Engine:
+    """The EngineClient the API uses (client.py): generate, predict, abort, health, info."""
+
     def __init__(
         self,
         model: MTPTransformer,
@@ -64,39 +58,37 @@ class Engine:
         executor: ThreadPoolExecutor | None = None,  # the thread that loaded the model, if any
     ) -> None:
         self.model = model
-        self._eos: frozenset[int] = frozenset() if eos_id is None else frozenset({eos_id})
         self.cfg = cfg
         self.stats = EngineStats(metrics)
         self.k = model.cfg.k
         self.max_seq_len = model.cfg.max_seq_len
         self.device = model.head.proj.weight.device
         self.dtype = model.head.proj.weight.dtype
-        self._predict_q: deque[PredictItem] = deque()
-        self._gen_q: deque[GenerateItem] = deque()
-        self._wakeup = asyncio.Event()
+        eos = frozenset() if eos_id is None else frozenset({eos_id})
+        self.core = EngineCore(model, eos, cfg, self.stats, lambda item: self.speculates(item.request))
         self._executor = executor or inference_thread()
-        self._task: asyncio.Task[None] | None = None
-        self._batch = DecodeBatch(model, cfg.draft_tokens)
+        self._running: asyncio.Future[None] | None = None  # the core loop, on the inference thread
         self._accepting = False
-        self._stopping = False
-        self._busy_since: float | None = None
-        self._last_predict_batch = 0
+        self._queued = 0  # requests submitted to the core and still waiting there
         self._at_door = 0  # queue places held by requests past the door, not yet submitted
-        self._predicting: list[PredictItem] = []  # the /predict batch on the worker now
+        self._live: set[WorkItem] = set()  # submitted and not yet answered
+        self._by_id: dict[str, set[GenerateItem]] = {}  # live sequences by request id, for abort()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self, warmup: bool = True) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self.model.setup_caches, self.cfg.max_batch_size)
-        self._task = asyncio.create_task(self._run(), name="mtp-engine")
+        self.core.post = lambda out: loop.call_soon_threadsafe(self._on_step, out)
+        self._running = asyncio.wrap_future(self._executor.submit(self.core.run))
         self._accepting = True
         if warmup:
             await self._warmup()
             if self.cfg.adaptive_drafts and self.cfg.draft_tokens is None and self.k > 1:
-                time_them = functools.partial(time_verify_steps, self.model, self.cfg.max_batch_size)
-                costs = await loop.run_in_executor(self._executor, time_them)
-                self._batch.policy = DraftPolicy(self.k - 1, costs)
+                costs = await self.call(functools.partial(time_verify_steps, self.model, self.cfg.max_batch_size))
+                policy = DraftPolicy(self.k - 1, costs)
+                await self.call(functools.partial(setattr, self.core.batch, "policy", policy))
+        await self.call(self.core.snapshot_policies)
         log.info("engine ready: k=%d, max_batch_size=%d, device=%s", self.k, self.cfg.max_batch_size, self.device)
 
     async def _warmup(self) -> None:
@@ -118,6 +110,17 @@ class Engine:
 
         await asyncio.gather(*(one() for _ in range(n)))
 
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run fn on the inference thread between two steps of the core loop."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def done(result: Any, exc: BaseException | None) -> None:
+            loop.call_soon_threadsafe(_settle, future, result, exc)
+
+        self.core.put(Call(fn, done))
+        return await future
+
     async def drain(self, timeout: float) -> bool:
         """Stop taking work and wait for queued and running requests; True if all finished."""
         self._accepting = False
@@ -128,30 +131,27 @@ class Engine:
 
     async def shutdown(self) -> None:
         self._accepting = False
-        self._stopping = True
-        self._wakeup.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        if self._running is not None:
+            self.core.put(Stop())
+            with contextlib.suppress(Exception):  # a stalled pass is left behind (daemon thread)
+                await asyncio.wait_for(asyncio.shield(self._running), STOP_WAIT_S)
         self.fail_all(EngineNotReady("the server is shutting down"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def fail_all(self, error: EngineError) -> None:
         """End every queued and running request with error now (streams get it as their last event).
 
-        Running sequences leave the batch at the next step boundary, as cancelled ones do."""
-        for item in [*self._predict_q, *self._predicting]:
-            self._fail_predict(item, error)
-        for gitem in [*self._gen_q, *(s.item for s in self._batch.seqs)]:
-            self._finish_error(gitem, error)
-        self._predict_q.clear()
-        self._gen_q.clear()
-        self._update_gauges()
+        The core forgets them at its next step boundary."""
+        for item in list(self._live):
+            self._answer(item, error)
+        self._queued = 0
+        self.core.put(DropAll())
+
+    # ---- admission (event loop) ------------------------------------------------------------
 
     def places_free(self) -> int:
         """Queue places neither queued nor held at the door."""
-        return self.cfg.max_queue_size - (len(self._predict_q) + len(self._gen_q) + self._at_door)
+        return self.cfg.max_queue_size - (self._queued + self._at_door)
 
     def queue_full(self) -> bool:
         return self.places_free() <= 0
@@ -167,15 +167,14 @@ class Engine:
         self._at_door -= 1
 
     def pending(self) -> int:
-        return len(self._predict_q) + len(self._gen_q) + len(self._batch)
+        return len(self._live)
 
     def health(self) -> Health:
-        alive = self._task is not None and not self._task.done()
-        stalled = self._busy_since is not None and time.monotonic() - self._busy_since > self.cfg.stall_timeout_s
+        alive = self._running is not None and not self._running.done()
+        busy_since = self.core.busy_since
+        stalled = busy_since is not None and time.monotonic() - busy_since > self.cfg.stall_timeout_s
         detail = "ok" if alive and not stalled else ("worker stalled" if alive else "worker not running")
         return Health(alive=alive, stalled=stalled, accepting=self._accepting, detail=detail)
-
-    # ---- submission (event loop) -----------------------------------------------------------
 
     def _admit(self, n: int) -> None:
         door_ticket.get().release()  # the place held at the door becomes this queue entry
@@ -183,13 +182,20 @@ class Engine:
             raise EngineNotReady("the server is not accepting requests")
         if n > self.cfg.max_queue_size:  # could never fit: not a retryable overload
             raise InvalidRequest(f"{n} inputs exceed the queue capacity of {self.cfg.max_queue_size}")
-        depth = len(self._predict_q) + len(self._gen_q) + self._at_door
+        depth = self._queued + self._at_door
         if depth + n > self.cfg.max_queue_size:
             raise EngineOverloaded(f"queue full ({depth} waiting, capacity {self.cfg.max_queue_size})")
+
+    def _submit(self, items: list[PredictItem] | list[GenerateItem]) -> None:
+        self._queued += len(items)
+        self._live.update(items)
+        self.core.put(Submit(items))
 
     def speculates(self, request: GenerateJob) -> bool:
         """Whether a sequence drafts and verifies: the request's choice, else the engine's, and only if k > 1."""
         return self.k > 1 and (self.cfg.speculative if request.speculative is None else request.speculative)
+
+    # ---- requests --------------------------------------------------------------------------
 
     async def predict(self, requests: list[PredictJob]) -> list[Scores]:
         """Score each request's next k tokens; the requests may share forward passes with others."""
@@ -205,23 +211,14 @@ class Engine:
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.cfg.request_timeout_s
         items = [PredictItem(request=r, future=loop.create_future(), deadline=deadline) for r in requests]
-        self._predict_q.extend(items)
-        self._update_gauges()
-        self._wakeup.set()
+        self._submit(items)
         try:
             async with asyncio.timeout(self.cfg.request_timeout_s):  # also when the forward outlasts it
                 return list(await asyncio.gather(*(i.future for i in items if i.future is not None)))
         except TimeoutError:
-            raise self._timed_out("predict") from None
+            raise self.core.timed_out("predict") from None
         finally:
-            for item in items:  # a caller that went away leaves nothing behind in the queue
-                if item.future is not None and not item.future.done():
-                    item.cancelled = True
-                    item.future.cancel()
-                    if item in self._predict_q:
-                        self._predict_q.remove(item)
-                        self.stats.cancelled()
-            self._update_gauges()
+            self._abort([i for i in items if i in self._live])  # a caller that went away leaves nothing behind
 
     async def generate(self, request: GenerateJob) -> AsyncGenerator[Event, None]:
         """Stream events for one sequence; closing the iterator early cancels the sequence."""
@@ -231,9 +228,8 @@ class Engine:
             raise InvalidRequest("max_new_tokens must be at least 1")
         self._admit(1)
         item = GenerateItem(request=request, deadline=time.monotonic() + self.cfg.request_timeout_s)
-        self._gen_q.append(item)
-        self._update_gauges()
-        self._wakeup.set()
+        self._by_id.setdefault(request.request_id, set()).add(item)
+        self._submit([item])
         try:
             while True:
                 event = await item.events.get()
@@ -241,300 +237,78 @@ class Engine:
                 if isinstance(event, (FinishEvent, ErrorEvent)):
                     return
         finally:
-            if not item.finished:
-                self.abort(item)
+            self._abort([item])
 
-    def abort(self, item: GenerateItem) -> None:
-        """Cancel a sequence; it leaves the queue or the batch at the next step boundary."""
-        if item.finished or item.cancelled:
-            return
-        item.cancelled = True
-        if item in self._gen_q:  # still queued: leave now, not when a slot frees up
-            self._gen_q.remove(item)
-            item.finished = True
-            self.stats.cancelled()
-            self._update_gauges()
-        self._wakeup.set()
+    def stop(self, request: GenerateJob) -> None:
+        """The caller has all it wants of this sequence (a stop sequence matched): end it as a
+        success, not a cancellation. Closing its stream then ends it at the next step boundary."""
+        for item in self._by_id.get(request.request_id, ()):
+            if item.request is request:
+                item.stopped = True
 
-    # ---- the worker (event loop side) ------------------------------------------------------
+    def abort(self, request_id: str) -> None:
+        """Cancel every sequence of a request; they leave the queue or the batch at the next step boundary."""
+        self._abort(list(self._by_id.get(request_id, ())))
 
-    async def _run(self) -> None:
-        while not self._stopping:
-            try:
-                if not (self._predict_q or self._gen_q or len(self._batch)):
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                await self._yield_to_network()
-                if self._predict_q:
-                    await self._run_predict_batch()
-                if self._gen_q and len(self._batch) < self.cfg.max_batch_size:
-                    await self._run_prefill()
-                if len(self._batch):
-                    await self._run_decode_step()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # never let the worker die on a bug; fail the requests it held
-                log.exception("engine worker error")
-                self._fail_running(EngineFailure("internal error in the inference worker"))
+    def _abort(self, items: list[PredictItem] | list[GenerateItem]) -> None:
+        live = [i for i in items if i in self._live and not i.cancelled]
+        for item in live:
+            item.cancelled = True  # forgotten once the core lets it go (StepOutput.released)
+        if live:
+            self.core.put(Abort(live))  # type: ignore[arg-type]
 
-    async def _yield_to_network(self) -> None:
-        """Let the event loop work off its backlog before a forward pass takes the cores.
+    def _forget(self, item: WorkItem) -> None:
+        self._live.discard(item)
+        if isinstance(item, GenerateItem) and item.request.request_id in self._by_id:
+            ids = self._by_id[item.request.request_id]
+            ids.discard(item)
+            if not ids:
+                del self._by_id[item.request.request_id]
 
-        One loop iteration normally; while an iteration takes over 0.3 ms (a burst of requests
-        being read, admitted or refused), more, up to max_wait_ms in all. Refusals and
-        admissions of a burst then do not queue behind forward passes for CPU (measured with
-        `python -m bench.overload`: a 1 ms threshold left bursts whose 429 p99 reached 50 ms).
-        """
-        deadline = time.monotonic() + self.cfg.max_wait_ms / 1000
-        while True:
-            t0 = time.monotonic()
-            await asyncio.sleep(0)
-            now = time.monotonic()
-            if now - t0 < 0.0003 or now >= deadline:
-                return
+    # ---- one step's outputs (event loop) ---------------------------------------------------
 
-    async def _in_worker(self, kind: str, fn: Callable[[], T]) -> T:
-        """Run fn on the worker thread, timing it as one forward pass of `kind`."""
-        self._busy_since = time.monotonic()
-        loop = asyncio.get_running_loop()
-        try:
-            with self.stats.forward(kind):
-                return await loop.run_in_executor(self._executor, self._guarded, kind, fn)
-        finally:
-            self._busy_since = None
+    def _on_step(self, out: StepOutput) -> None:
+        """The core's hand-off: one call per step, for every sequence and /predict request in it."""
+        self._queued = max(0, self._queued - out.left_queue)
+        for item in out.released:
+            self._forget(item)
+        for item, result in out.results:
+            if item in self._live:
+                self._answer(item, result)
+        for gen_item, event in out.events:
+            if gen_item in self._live:
+                gen_item.events.put_nowait(event)
+                if isinstance(event, (FinishEvent, ErrorEvent)):
+                    self._forget(gen_item)
 
-    def _guarded(self, kind: str, fn: Callable[[], T]) -> T:
-        """One forward pass of `kind` ("predict", "prefill" or "decode") on the worker thread."""
-        with torch.inference_mode():
-            return fn()
-
-    def _timed_out(self, where: str) -> EngineTimeout:
-        """The one timeout error (504), logged as one line: an expected event, not a fault."""
-        log.info("request timed out after %gs (%s)", self.cfg.request_timeout_s, where)
-        return EngineTimeout(f"request timed out after {self.cfg.request_timeout_s:g}s")
-
-    def _expired(self, item: PredictItem | GenerateItem, now: float) -> bool:
-        if item.cancelled:
-            self.stats.cancelled()
-            return True
-        return now > item.deadline
-
-    async def _run_predict_batch(self) -> None:
-        cfg = self.cfg
-        # Batch formation: a lone request on an idle worker runs at once; under concurrency (the
-        # last batch held several requests) wait up to max_wait_ms from the oldest arrival to fill.
-        if not len(self._batch) and self._last_predict_batch > 1:
-            deadline = self._predict_q[0].submitted + cfg.max_wait_ms / 1000
-            while len(self._predict_q) < cfg.max_batch_size and (left := deadline - time.monotonic()) > 0:
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=left)
-                except TimeoutError:
-                    break
-        now = time.monotonic()
-        items: list[PredictItem] = []
-        while self._predict_q and len(items) < cfg.max_batch_size:
-            item = self._predict_q.popleft()
-            if item.future is not None and item.future.done():
-                continue  # the caller went away
-            if self._expired(item, now):
-                self._fail_predict(item, self._timed_out("predict, in the queue"))
-                continue
-            items.append(item)
-        self._update_gauges()
-        self._last_predict_batch = len(items)
-        if not items:
-            return
-        self.stats.batch("predict", (i.submitted for i in items), now)
-        prompts = [i.request.prompt_ids for i in items]
-        top_n = max(i.request.top_n for i in items)
-        cands = [i.request.candidates for i in items]
-        self._predicting = items
-        try:
-            scores = await self._in_worker("predict", lambda: score_next(self.model, prompts, top_n, cands))
-        except Exception as exc:
-            log.exception("predict batch of %d failed", len(items))
-            for item in items:
-                self._fail_predict(item, EngineFailure(f"forward pass failed: {type(exc).__name__}"))
-            return
-        finally:
-            self._predicting = []
-        for b, item in enumerate(items):
+    def _answer(self, item: WorkItem, result: Any) -> None:
+        """Give a request its result (or error) and forget it."""
+        self._forget(item)
+        if isinstance(item, PredictItem):
             if item.future is not None and not item.future.done():
-                item.future.set_result(_row(scores, b, item.request.top_n))
-
-    async def _run_prefill(self) -> None:
-        now = time.monotonic()
-        free = self.cfg.max_batch_size - len(self._batch)
-        items: list[GenerateItem] = []
-        while self._gen_q and len(items) < free:
-            item = self._gen_q.popleft()
-            if self._expired(item, now):
-                self._finish_error(item, self._timed_out("generate, in the queue"))
-                continue
-            items.append(item)
-        self._update_gauges()
-        if not items:
-            return
-        self.stats.batch("prefill", (i.submitted for i in items), now)
-        seqs = [
-            RunningSequence(
-                item=i,
-                generator=None if i.request.sampling.greedy else make_generator(i.request.sampling.seed),
-                speculative=self.speculates(i.request),
-                stop_ids=i.request.stop_token_ids | self._eos,
-            )
-            for i in items
-        ]
-        try:
-            outputs = await self._in_worker("prefill", lambda: self._prefill_sync(seqs))
-        except Exception as exc:
-            log.exception("prefill of %d sequences failed", len(items))
-            for item in items:
-                self._finish_error(item, EngineFailure(f"forward pass failed: {type(exc).__name__}"))
-            return
-        self._deliver(outputs)
-
-    def _prefill_sync(self, seqs: list[RunningSequence]) -> list[tuple[RunningSequence, list[int], list[float]]]:
-        self._batch.compact()  # rows 0..n-1 hold the running sequences; new ones go after them
-        row0 = len(self._batch)
-        prompts = [s.item.request.prompt_ids for s in seqs]
-        sampling = BatchSampling.from_params(
-            [s.item.request.sampling for s in seqs], [s.generator for s in seqs], self.device
-        )
-        want = torch.tensor([s.speculative for s in seqs], dtype=torch.bool, device=self.device)
-        first = first_tokens(prefill(self.model, prompts, row0=row0), sampling, want)
-        self._batch.concatenate(seqs, first, [len(p) for p in prompts])
-        for s in seqs:
-            self.stats.prompt_tokens(len(s.item.request.prompt_ids))
-        return self._collect(first.tokens[:, :1].tolist(), first.logprobs[:, :1].tolist(), [1] * len(seqs), row0)
-
-    async def _run_decode_step(self) -> None:
-        now = time.monotonic()
-        for s in self._batch.seqs:
-            if not s.item.finished and self._expired(s.item, now):
-                err = self._timed_out("generate") if not s.item.cancelled else None
-                self._finish(s, "cancelled", err)
-        self._drop_finished()
-        if not len(self._batch):
-            return
-        try:
-            outputs = await self._in_worker("decode", self._decode_sync)
-        except Exception as exc:
-            log.exception("decode step of %d sequences failed", len(self._batch))
-            self._fail_running(EngineFailure(f"forward pass failed: {type(exc).__name__}"))
-            return
-        self._deliver(outputs)
-
-    def _decode_sync(self) -> list[tuple[RunningSequence, list[int], list[float]]]:
-        res = self._batch.step()
-        counts = res.n_emitted.tolist()
-        self.stats.decode_step(len(self._batch), self._batch.last_drafts, self._batch.last_max_accept, counts)
-        return self._collect(res.tokens.tolist(), res.logprobs.tolist(), counts, 0)
-
-    def _collect(
-        self, tokens: list[list[int]], logprobs: list[list[float]], counts: list[int], row0: int
-    ) -> list[tuple[RunningSequence, list[int], list[float]]]:
-        """Per sequence: the tokens to emit, cut at EOS / stop tokens / max_new_tokens."""
-        out = []
-        for r, (toks, lps, n) in enumerate(zip(tokens, logprobs, counts, strict=True)):
-            seq = self._batch.seqs[row0 + r]
-            keep = min(n, seq.remaining)
-            for t in range(keep):
-                if toks[t] in seq.stop_ids:
-                    keep = t + 1
-                    break
-            seq.generated += keep
-            out.append((seq, toks[:keep], lps[:keep]))
-        return out
-
-    # ---- delivery (event loop) -------------------------------------------------------------
-
-    def _deliver(self, outputs: list[tuple[RunningSequence, list[int], list[float]]]) -> None:
-        now = time.monotonic()
-        for seq, toks, lps in outputs:
-            if seq.item.finished or seq.item.cancelled:  # a cancelled one leaves at the next step
-                continue
-            if now > seq.item.deadline:  # a pass that ended past the deadline delivers nothing
-                self._finish(seq, "cancelled", self._timed_out("generate"))
-                continue
-            reason = "eos_token" if toks and toks[-1] in seq.stop_ids else ("length" if seq.remaining <= 0 else None)
-            if toks:
-                self.stats.tokens(len(toks), seq.item.submitted, seq.last_token_at, now)
-                seq.last_token_at = now
-                seq.item.events.put_nowait(TokenEvent(toks, lps, final=reason is not None))
-            if reason is not None:
-                self._finish(seq, reason)
-        self._drop_finished()
-
-    def _drop_finished(self) -> None:
-        """Finished and cancelled sequences leave the batch now, before the next step is formed.
-
-        Runs on the event loop between worker calls (never during one); the cache rows are
-        compacted later, on the worker thread, before the next forward pass.
-        """
-        self._batch.filter([not s.item.finished for s in self._batch.seqs])
-        self._update_gauges()
-
-    def _finish(self, seq: RunningSequence, reason: str, error: Exception | None = None) -> None:
-        item = seq.item
-        item.finished = True
-        if error is not None:
-            item.events.put_nowait(ErrorEvent(error))  # type: ignore[arg-type]
-            return
-        if item.cancelled:
-            return
-        req = item.request
-        item.events.put_nowait(
-            FinishEvent(
-                reason=reason,
-                generated_tokens=seq.generated,
-                prompt_tokens=len(req.prompt_ids),
-                drafted_tokens=seq.drafted,
-                accepted_tokens=seq.accepted,
-                verify_steps=seq.verify_steps,
-                seed=req.sampling.seed,
-            )
-        )
-
-    def _finish_error(self, item: GenerateItem, error: Exception) -> None:
-        if item.finished:
-            return
-        item.finished = True
-        item.events.put_nowait(ErrorEvent(error))  # type: ignore[arg-type]
-
-    def _fail_predict(self, item: PredictItem, error: Exception) -> None:
-        if item.future is not None and not item.future.done():
-            item.future.set_exception(error)
-
-    def _fail_running(self, error: Exception) -> None:
-        """A failed decode step: fail every sequence in the batch and start a fresh one."""
-        for seq in self._batch.seqs:
-            self._finish_error(seq.item, error)
-        self._batch = DecodeBatch(self.model, self.cfg.draft_tokens, self._batch.policy)
-        self._update_gauges()
-
-    def _update_gauges(self) -> None:
-        self.stats.gauges(len(self._predict_q) + len(self._gen_q), len(self._batch))
+                if isinstance(result, BaseException):
+                    item.future.set_exception(result)
+                else:
+                    item.future.set_result(result)
+        elif isinstance(item, GenerateItem) and isinstance(result, EngineError):
+            item.events.put_nowait(ErrorEvent(result))
 
     def info(self) -> dict[str, Any]:
-        policy = self._batch.policy
         return {
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "k": self.k,
             "speculative": self.cfg.speculative and self.k > 1,
-            "draft_policy": policy.describe() if policy is not None else None,
+            "draft_policy": None,
+            "threads": None,
+            **self.core.policy_info,
         }
 
 
-def _row(scores: Scores, b: int, top_n: int) -> Scores:
-    """Row b of a batch's scores, trimmed to that request's top_n."""
-    return Scores(
-        top_ids=[[ids[:top_n] for ids in scores.top_ids[b]]],
-        top_probs=[[p[:top_n] for p in scores.top_probs[b]]],
-        top_logprobs=[[p[:top_n] for p in scores.top_logprobs[b]]],
-        greedy=[scores.greedy[b]],
-        candidates=[scores.candidates[b]],
-    )
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)

@@ -87,7 +87,8 @@ class WorkItem:
 
     submitted: float = field(default_factory=time.monotonic)
     deadline: float = float("inf")
-    cancelled: bool = False
+    cancelled: bool = False  # the caller has gone, or has what it wanted (stopped)
+    stopped: bool = False  # ... what it wanted: a stop sequence matched; a success, not a failure
 
 
 @dataclass(eq=False)

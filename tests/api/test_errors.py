@@ -27,7 +27,7 @@ def still_serves(client: TestClient) -> None:
 def wait_idle(engine: Any) -> None:
     """Wait out the worker's last step of earlier work (warmup), so a fault_hook set now hits our request."""
     deadline = time.monotonic() + 5
-    while (engine.pending() or engine._busy_since is not None) and time.monotonic() < deadline:
+    while (engine.pending() or engine.core.busy_since is not None) and time.monotonic() < deadline:
         time.sleep(0.005)
 
 
@@ -148,11 +148,11 @@ async def test_full_queue_gets_429_while_accepted_requests_complete(
 ) -> None:
     app, client = await aclient_factory(max_queue_size=2)
     engine = app.state.service.engine
-    while engine.pending() or engine._busy_since is not None:  # the warmup's last step
+    while engine.pending() or engine.core.busy_since is not None:  # the warmup's last step
         await asyncio.sleep(0.005)
     set_fault_hook(engine, lambda kind: time.sleep(0.3))  # the worker holds each batch 0.3 s
     first = asyncio.create_task(client.post("/predict", json=GOOD))
-    while engine._busy_since is None:  # the first request is on the worker
+    while engine.core.busy_since is None:  # the first request is on the worker
         await asyncio.sleep(0.005)
     queued = [
         asyncio.create_task(client.post("/predict", json=GOOD)),

@@ -1,5 +1,6 @@
 """Startup checks, CORS, JSON logs, and a dead inference worker."""
 
+import asyncio
 import json
 import logging
 import os
@@ -10,6 +11,9 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+
+from app.engine.core import Stop
+from app.engine.engine import Engine
 
 
 def serve_once(ckpt: Path) -> subprocess.CompletedProcess[str]:
@@ -79,10 +83,7 @@ def test_dead_worker_turns_health_and_ready_to_503(client: TestClient) -> None:
         assert "worker" in r.json()["error"]
 
 
-async def _cancel_worker(engine: object) -> None:
-    task = engine._task  # type: ignore[attr-defined]
-    task.cancel()
-    try:
-        await task
-    except BaseException:
-        pass
+async def _cancel_worker(engine: Engine) -> None:
+    engine.core.put(Stop())  # the core loop ends as if it had died
+    while engine.health().alive:
+        await asyncio.sleep(0.01)

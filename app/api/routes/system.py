@@ -63,6 +63,7 @@ async def info(serving: ServingDep) -> InfoResponse:
         dtype=engine_info["dtype"],
         speculative=engine_info["speculative"],
         draft_policy=engine_info["draft_policy"],
+        threads=engine_info["threads"],
         limits=Limits(
             max_input_tokens=serving.state.max_input_tokens,
             max_new_tokens=min(s.max_new_tokens, cfg.max_seq_len - 1),

@@ -1,0 +1,76 @@
+"""What runs next: the waiting queues, batch formation and expiry (bookkeeping only, no tensors).
+
+Owned by the core loop's thread: the event loop never touches it, it only sends messages.
+The running decode batch (with its draft policy) lives here too; the core executes its steps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from app.engine.batch import DecodeBatch
+from app.engine.config import EngineConfig
+from app.engine.types import GenerateItem, PredictItem, WorkItem
+from app.model.model import MTPTransformer
+
+
+class Scheduler:
+    def __init__(self, model: MTPTransformer, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        self.predict_q: deque[PredictItem] = deque()
+        self.gen_q: deque[GenerateItem] = deque()
+        self.batch = DecodeBatch(model, cfg.draft_tokens)
+        self.last_predict_batch = 0  # requests in the last /predict batch
+
+    def add(self, item: PredictItem | GenerateItem) -> None:
+        (self.predict_q if isinstance(item, PredictItem) else self.gen_q).append(item)  # type: ignore[arg-type]
+
+    def remove(self, item: WorkItem) -> bool:
+        """Take a still-waiting item out of its queue; False if it is not waiting."""
+        q: deque[WorkItem] = self.predict_q if isinstance(item, PredictItem) else self.gen_q  # type: ignore[assignment]
+        try:
+            q.remove(item)
+        except ValueError:
+            return False
+        return True
+
+    def waiting(self) -> int:
+        return len(self.predict_q) + len(self.gen_q)
+
+    def idle(self) -> bool:
+        return not (self.predict_q or self.gen_q or len(self.batch))
+
+    def predict_fill_wait(self, now: float) -> float:
+        """Seconds to wait for more /predict requests before running the batch (0: run now).
+
+        A lone request on an idle core runs at once; under concurrency (the last batch held
+        several requests) wait up to max_wait_ms from the oldest arrival to fill the batch.
+        Never while sequences are decoding: they would stall for it."""
+        if not self.predict_q or len(self.batch) or self.last_predict_batch <= 1:
+            return 0.0
+        if len(self.predict_q) >= self.cfg.max_batch_size:
+            return 0.0
+        return max(0.0, self.predict_q[0].submitted + self.cfg.max_wait_ms / 1000 - now)
+
+    def take_predict(self, now: float) -> tuple[list[PredictItem], list[PredictItem]]:
+        """The next /predict batch, and the waiting requests found expired or cancelled."""
+        items: list[PredictItem] = []
+        dropped: list[PredictItem] = []
+        while self.predict_q and len(items) < self.cfg.max_batch_size:
+            item = self.predict_q.popleft()
+            (dropped if item.cancelled or now > item.deadline else items).append(item)
+        self.last_predict_batch = len(items)
+        return items, dropped
+
+    def take_prefill(self, now: float) -> tuple[list[GenerateItem], list[GenerateItem]]:
+        """Sequences to prefill into the free rows of the batch, and those found expired or cancelled."""
+        items: list[GenerateItem] = []
+        dropped: list[GenerateItem] = []
+        free = self.cfg.max_batch_size - len(self.batch)
+        while self.gen_q and len(items) < free:
+            item = self.gen_q.popleft()
+            (dropped if item.cancelled or now > item.deadline else items).append(item)
+        return items, dropped
+
+    def wants_prefill(self) -> bool:
+        return bool(self.gen_q) and len(self.batch) < self.cfg.max_batch_size

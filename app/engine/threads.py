@@ -1,0 +1,89 @@
+"""How many intra-op threads a forward pass uses: the count that runs it fastest now.
+
+On a quiet 2-core machine two OpenMP threads and one are close at batch 1, and two win on
+bigger passes. With a busy process on one of the cores, a team of two waits at every barrier
+of every op for whichever member the kernel has descheduled: greedy speculative generate() on
+the default model ran at 100 tok/s with two threads against 650 with one, while two training
+processes ran at nice 19 (`python -m bench.threads --contention`). A fixed count is wrong on
+one machine or the other, and a neighbour's load comes and goes.
+
+So the core loop times each pass at the thread count it used, per kind of pass and size, and
+runs each pass at the count whose recent passes were fastest. Now and then it re-times the
+other count, at an interval that doubles (up to MAX_INTERVAL passes) while the choice holds
+and drops back to MIN_INTERVAL when it changes, so an exploration step under contention costs
+little; a re-timing that beats the current choice is repeated at once, so the choice follows
+the machine's load within a few steps of the next re-timing.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+RECENT = 5  # pass durations kept per (key, threads); their median is the cost
+MIN_INTERVAL = 16  # passes of a key between re-timings of the other thread count, at first
+MAX_INTERVAL = 256  # ... doubling up to this while the same count stays fastest
+
+Key = tuple[str, int]  # (kind of pass, size bucket)
+
+
+def size_bucket(n: int) -> int:
+    """The power of two at or above n: passes of similar size share their timings."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+class ThreadPolicy:
+    def __init__(self, max_threads: int) -> None:
+        self.choices = sorted({1, max(1, max_threads)})
+        self.current = 0  # unknown on the core's thread until the first pass sets it
+        self.recent: dict[Key, dict[int, deque[float]]] = {}
+        self.until_explore: dict[Key, int] = {}
+        self.interval: dict[Key, int] = {}
+        self.best: dict[Key, int] = {}
+
+    def choose(self, key: Key) -> int:
+        """Threads for the next pass of `key`."""
+        if len(self.choices) == 1:
+            return self.choices[0]
+        recent = self.recent.setdefault(key, {n: deque(maxlen=RECENT) for n in self.choices})
+        for n in self.choices:
+            if not recent[n]:
+                return n  # time every count once first
+        best = min(self.choices, key=lambda n: statistics.median(recent[n]))
+        if best != self.best.get(key):
+            self.best[key] = best
+            self.interval[key] = MIN_INTERVAL
+            self.until_explore[key] = MIN_INTERVAL
+        self.until_explore[key] -= 1
+        if self.until_explore[key] <= 0:
+            self.interval[key] = min(2 * self.interval[key], MAX_INTERVAL)
+            self.until_explore[key] = self.interval[key]
+            return next(n for n in self.choices if n != best)
+        return best
+
+    def run(self, key: Key, fn: Callable[[], T]) -> T:
+        """Run fn at the chosen thread count, and record how long it took."""
+        n = self.choose(key)
+        if n != self.current:
+            torch.set_num_threads(n)  # this thread's OpenMP team: the core runs every pass
+            self.current = n
+        t0 = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - t0
+        if key in self.recent:
+            recent = self.recent[key]
+            best = self.best.get(key)
+            if best is not None and n != best and seconds < statistics.median(recent[best]):
+                self.until_explore[key] = 1  # the other count looks faster now: confirm it at once
+            recent[n].append(seconds)
+        return result
+
+    def describe(self) -> dict[str, int]:
+        """The thread count each kind and size runs at now, for /info."""
+        return {f"{kind}/{size}": n for (kind, size), n in sorted(self.best.items())}
