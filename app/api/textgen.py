@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter
 
 from app.decoding.sampling import SamplingParams
-from app.engine.engine import Engine
+from app.engine.client import EngineClient
 from app.engine.types import EngineError, ErrorEvent, FinishEvent, GenerateJob, TokenEvent
+from app.logs import request_id_var
 from app.model.tokenizer import Tokenizer
 
 
@@ -77,7 +78,7 @@ class GenFinal:
 
 
 async def run_generation(
-    engine: Engine, tok: Tokenizer, prompt_ids: list[int], opts: GenOptions
+    engine: EngineClient, tok: Tokenizer, prompt_ids: list[int], opts: GenOptions
 ) -> AsyncGenerator[GenToken | GenFinal, None]:
     """Yield one GenToken per generated token, then a GenFinal. Raises EngineError on failure.
 
@@ -90,6 +91,7 @@ async def run_generation(
         max_new_tokens=opts.max_new_tokens,
         sampling=sampling,
         speculative=opts.speculative,
+        request_id=request_id_var.get(),
     )
     spec = engine.speculates(request)
     decoder = tok.stream_decoder()
@@ -132,6 +134,7 @@ async def run_generation(
                     if cut is not None:
                         final = _final(text[:cut], "stop_sequence", tokens, prompt_ids, sampling, spec, None)
                         final.stop_sequence = next(st for st in opts.stop if text[:cut].endswith(st))
+                        engine.stop(request)  # closing the stream below is a finish, not a cancellation
                         yield final
                         return
             elif isinstance(event, FinishEvent):
@@ -149,7 +152,7 @@ class GenError:
 
 
 async def open_stream(
-    engine: Engine, tok: Tokenizer, prompt_ids: list[int], opts: GenOptions, failures: Counter
+    engine: EngineClient, tok: Tokenizer, prompt_ids: list[int], opts: GenOptions, failures: Counter
 ) -> AsyncIterator[GenToken | GenFinal | GenError]:
     """run_generation with its first output pulled before the response starts, shared by the
     streaming routes. A failure before it (queue full, not ready, timed out in the queue)

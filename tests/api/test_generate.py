@@ -108,6 +108,26 @@ def test_stop_sequence_cuts_text_and_reports_stop(client: TestClient, sse: Calla
     assert len(events) == d["generated_tokens"]
 
 
+def test_a_stop_sequence_finish_is_a_success_not_a_cancellation(
+    client: TestClient, sse: Callable[[str], list[Any]]
+) -> None:
+    state = client.app.state.service  # type: ignore[attr-defined]
+    registry = state.metrics.registry
+    text = gen(client, max_new_tokens=30)["generated_text"]
+    stop = text[6:9]
+    cancelled = registry.get_sample_value("mtp_request_failures_total", {"reason": "cancelled"}) or 0.0
+    assert gen(client, max_new_tokens=30, stop=[stop], details=True)["details"]["finish_reason"] == "stop_sequence"
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 30, "stop": [stop]}}
+    assert stream_events(client, sse, "/generate_stream", body)[-1]["details"]["finish_reason"] == "stop_sequence"
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 30, "temperature": 0, "stop": [stop]})
+    assert r.json()["choices"][0]["finish_reason"] == "stop"
+    deadline = time.monotonic() + 5
+    while state.engine.pending() and time.monotonic() < deadline:  # the core lets them go at a step boundary
+        time.sleep(0.01)
+    assert state.engine.pending() == 0
+    assert (registry.get_sample_value("mtp_request_failures_total", {"reason": "cancelled"}) or 0.0) == cancelled
+
+
 def test_eos_token_finishes_generation(
     client_factory: Callable[..., TestClient], eos_checkpoint: Path, sse: Callable[[str], list[Any]]
 ) -> None:
