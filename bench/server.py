@@ -41,13 +41,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_env(settings: Mapping[str, object | None], env: Mapping[str, str], inherit_mtp: bool) -> dict[str, str]:
+def server_env(
+    settings: Mapping[str, object | None], env: Mapping[str, str], inherit_mtp: bool, root: Path = ROOT
+) -> dict[str, str]:
     """The child's environment: ours (MTP_* dropped unless inherit_mtp), then the settings as
-    MTP_NAME (None: left unset), then `env` as given, with ROOT first on PYTHONPATH."""
+    MTP_NAME (None: left unset), then `env` as given, with root first on PYTHONPATH."""
     out = {k: v for k, v in os.environ.items() if inherit_mtp or not k.startswith("MTP_")}
     out.update({f"MTP_{k.upper()}": str(v) for k, v in settings.items() if v is not None})
     out.update(env)
-    paths = [str(ROOT), *out.get("PYTHONPATH", "").split(os.pathsep)]
+    paths = [str(root), *out.get("PYTHONPATH", "").split(os.pathsep)]
     out["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
     return out
 
@@ -69,6 +71,7 @@ class Server:
         log_dir: Path | None = None,
         inherit_mtp: bool = False,
         module: str = "app.cli",
+        root: Path = ROOT,
     ) -> Server:
         """`python -m app.cli serve ARGS...` from ROOT on a free port; not yet ready (see wait_ready).
 
@@ -76,18 +79,19 @@ class Server:
         variables, applied last; log_dir: write the server's output to log_dir/server-PORT.log;
         inherit_mtp: keep our own MTP_* variables (they are dropped by default, so that a
         setting of the caller's shell does not leak into a measurement); module: what
-        `python -m` runs (a test launcher that wraps app.cli, say).
+        `python -m` runs (a test launcher that wraps app.cli, say); root: the checkout whose
+        `app` runs (another commit's worktree, for a comparison).
         """
         port = free_port()
         base = {"checkpoint": checkpoint, "host": HOST, "port": port, **(settings or {})}
-        full_env = server_env(base, env or {}, inherit_mtp)
+        full_env = server_env(base, env or {}, inherit_mtp, root)
         cmd = [sys.executable, "-m", module, "serve", *args]
         if log_dir is None:
-            return cls(subprocess.Popen(cmd, cwd=ROOT, env=full_env), port, None)
+            return cls(subprocess.Popen(cmd, cwd=root, env=full_env), port, None)
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"server-{port}.log"
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, cwd=root, env=full_env, stdout=log, stderr=subprocess.STDOUT)
         return cls(proc, port, log_path)
 
     @property
@@ -128,9 +132,10 @@ def running(
     log_dir: Path | None = None,
     inherit_mtp: bool = False,
     ready_timeout: float = 120.0,
+    root: Path = ROOT,
 ) -> Iterator[Server]:
     """A started, ready Server (see Server.start), stopped on leaving the block."""
-    srv = Server.start(checkpoint, settings, log_dir=log_dir, inherit_mtp=inherit_mtp)
+    srv = Server.start(checkpoint, settings, log_dir=log_dir, inherit_mtp=inherit_mtp, root=root)
     try:
         yield srv.wait_ready(ready_timeout)
     finally:

@@ -1,0 +1,123 @@
+"""Served /generate speed against the model's own, and against an older commit's server.
+
+    python -m bench.served [--baseline GIT_REF] [--rounds 2] [--streams 16] [--new-tokens 200]
+
+Phases, one torch process at a time (two would fight over the cores):
+  1. offline: generate() in this process on the prompts the servers get, greedy, at every
+     draft count 0 .. k-1; the fastest is "the model's own speed" at batch 1;
+  2. servers in alternating phases A, B, A, B ... (this checkout, then GIT_REF's code checked
+     out in a temporary worktree), each measuring one sequential stream and `streams`
+     concurrent ones (POST /generate, streamed, greedy, default speculation).
+Every ratio is computed from figures of this one run; a server's figure is the median of its rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app import config
+from app.decoding.generate import generate
+from app.model.checkpoint import load_checkpoint
+from bench.decoding import heldout_prompts, write_json
+from bench.server import ROOT, running
+from bench.service import generate_load
+
+
+def offline_rate(checkpoint: str, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
+    """Tokens/s of generate() at batch 1 over the prompts, for each draft count; and the best."""
+    model, _ = load_checkpoint(checkpoint)
+    rates: dict[int, float] = {}
+    with torch.inference_mode():
+        generate(model, prompts[:1], 8)  # warm
+        for n in range(model.cfg.k):
+            tokens, t0 = 0, time.perf_counter()
+            for p in prompts:
+                g = generate(model, [p], new_tokens, speculative=n > 0, draft_tokens=n)
+                tokens += len(g.tokens[0])
+            rates[n] = tokens / (time.perf_counter() - t0)
+    best = max(rates, key=lambda n: rates[n])
+    return {
+        "tokens_per_s_by_drafts": {n: round(r, 1) for n, r in rates.items()},
+        "best_drafts": best,
+        "tokens_per_s": round(rates[best], 1),
+    }
+
+
+def baseline_tree(ref: str) -> Path:
+    """A detached worktree of ref (reused if it exists), whose `app` a baseline server runs."""
+    sha = subprocess.run(["git", "rev-parse", ref], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.gettempdir()) / f"mtp-baseline-{sha.strip()[:12]}"
+    if not (path / "app").is_dir():
+        subprocess.run(["git", "worktree", "add", "--detach", str(path), sha.strip()], cwd=ROOT, check=True)
+    return path
+
+
+def served_phase(root: Path, checkpoint: str, texts: list[str], streams: int, new_tokens: int) -> dict[str, Any]:
+    settings = {"log_level": "WARNING", "max_queue_size": 1024, "max_new_tokens": max(256, new_tokens)}
+    with running(checkpoint, settings, root=root, ready_timeout=600) as srv:
+        one = asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts)))
+        many = asyncio.run(generate_load(srv.url, texts, streams, new_tokens, 2))
+    return {"1_stream": one, f"{streams}_streams": many}
+
+
+def bench_served(
+    checkpoint: str, corpus: str, baseline: str | None, rounds: int, streams: int, new_tokens: int, prompts: int
+) -> dict[str, Any]:
+    _, tok = load_checkpoint(checkpoint)
+    ids = heldout_prompts(corpus, tok, prompts, 32, seed=1)
+    texts = [tok.decode(p) for p in ids]
+    out: dict[str, Any] = {
+        "benchmark": "served_generate",
+        "checkpoint": checkpoint,
+        "new_tokens": new_tokens,
+        "prompts": prompts,
+        "torch_threads": torch.get_num_threads(),
+        "offline": offline_rate(checkpoint, ids, new_tokens),
+    }
+    trees = {"this": ROOT, **({"baseline": baseline_tree(baseline)} if baseline else {})}
+    phases: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+    for _ in range(rounds):
+        for name, root in trees.items():  # A, B, A, B: drift on this machine hits both alike
+            phases[name].append(served_phase(root, checkpoint, texts, streams, new_tokens))
+    many = f"{streams}_streams"
+    med = {
+        name: {key: statistics.median(p[key]["tokens_per_s"] for p in runs) for key in ("1_stream", many)}
+        for name, runs in phases.items()
+    }
+    out["phases"] = phases
+    out["tokens_per_s"] = med
+    ratios = {"1_stream_vs_offline": round(med["this"]["1_stream"] / out["offline"]["tokens_per_s"], 3)}
+    if baseline:
+        out["baseline"] = baseline
+        for key in ("1_stream", many):
+            ratios[f"{key}_vs_baseline"] = round(med["this"][key] / med["baseline"][key], 2)
+    out["ratios"] = ratios
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=str(config.DEFAULT_CHECKPOINT))
+    parser.add_argument("--corpus", default=str(config.DEFAULT_CORPUS))
+    parser.add_argument("--baseline", help="a git ref whose server to compare against (e.g. a0fa624)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of server phases")
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--out", help="also write the JSON here")
+    a = parser.parse_args()
+    result = bench_served(a.checkpoint, a.corpus, a.baseline, a.rounds, a.streams, a.new_tokens, a.prompts)
+    write_json(result, a.out)
+
+
+if __name__ == "__main__":
+    main()
