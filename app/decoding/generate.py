@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from app.decoding.predict import pad_right
-from app.decoding.sampling import BatchSampling, SamplingParams, make_generator
+from app.decoding.sampling import BatchSampling, SamplingParams, count_emitted, make_generator, penalty_state
 from app.decoding.speculative import StepResult, accept_drafts
 from app.model.model import MTPTransformer
 
@@ -142,7 +142,8 @@ def generate(
     device = model.head.proj.weight.device
     plist = params if isinstance(params, list) else [params or SamplingParams()] * B
     gens = [None if p.greedy else make_generator(p.seed) for p in plist]
-    sampling = BatchSampling.from_params(plist, gens, device)
+    penalty = penalty_state(prompts, cfg.vocab_size, device) if any(p.penalized for p in plist) else None
+    sampling = BatchSampling.from_params(plist, gens, device, penalty)
     lengths = [len(p) for p in prompts]
     if min(lengths) < 1 or max(lengths) + max_new_tokens > cfg.max_seq_len:
         raise ValueError(f"prompt length + max_new_tokens must be within 1..{cfg.max_seq_len}")
@@ -165,6 +166,8 @@ def generate(
     stats.forward_passes += 1
     pos = torch.tensor(lengths, device=device)
     while True:
+        if sampling.penalties is not None:  # the tokens just emitted count from the next step on
+            sampling.penalties.counts = count_emitted(sampling.penalties.counts, res.tokens, res.n_emitted)
         # collect this step's tokens; a finished row emits nothing more
         for b in range(B):
             if done[b]:
@@ -187,7 +190,7 @@ def generate(
         max_accept = (remaining - 1).clamp(min=0, max=n_drafts) if use_spec else torch.zeros_like(remaining)
         max_accept = torch.where(torch.tensor(done, device=device), 0, max_accept)
         drafts = res.drafts[:, :n_drafts] if use_spec else None
-        if compiled is not None and sampling.all_greedy:
+        if compiled is not None and sampling.all_greedy and sampling.penalties is None:
             res = compiled.greedy_step(cur, drafts, pos, max_accept)
         else:
             step = forward_step(model, cur, drafts, pos, want_drafts=use_spec, compiled=compiled)

@@ -1,4 +1,4 @@
-"""Per-row sampling parameters and logits processing (temperature, top-k, top-p).
+"""Per-row sampling parameters and logits processing (penalties and bias, temperature, top-k, top-p).
 
 Every row of a batch carries its own parameters and its own torch.Generator, so a
 request's tokens do not depend on what it was batched with.
@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -19,10 +20,78 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0 = off
     do_sample: bool = False  # False = greedy (temperature, top_k, top_p ignored)
     seed: int | None = None
+    # logits processors, applied before the above, to greedy rows too (OpenAI's and vLLM's meanings):
+    frequency_penalty: float = 0.0  # minus this times the count of the token in the generated text
+    presence_penalty: float = 0.0  # minus this if the token is in the generated text
+    repetition_penalty: float = 1.0  # tokens of the prompt or generated text: logit / r if > 0, else * r
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        neutral = self.frequency_penalty == 0.0 and self.presence_penalty == 0.0 and self.repetition_penalty == 1.0
+        return not neutral or bool(self.logit_bias)
+
+
+@dataclass
+class Penalties:
+    """Per-row logits processors and the token counts they read; only for batches that use them."""
+
+    frequency: Tensor  # [B]
+    presence: Tensor  # [B]
+    repetition: Tensor  # [B]
+    bias: Tensor  # [B, V] added to the logits
+    counts: Tensor  # [B, V] float: each token's count in the row's generated text so far
+    prompt: Tensor  # [B, V] bool: tokens of the row's prompt
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], counts: Tensor, prompt: Tensor) -> Penalties:
+        device, V = counts.device, counts.shape[-1]
+        bias = torch.zeros(len(params), V, device=device)
+        for b, p in enumerate(params):
+            for token, value in p.logit_bias:
+                bias[b, token] = value
+        return cls(
+            frequency=torch.tensor([p.frequency_penalty for p in params], device=device),
+            presence=torch.tensor([p.presence_penalty for p in params], device=device),
+            repetition=torch.tensor([p.repetition_penalty for p in params], device=device),
+            bias=bias,
+            counts=counts,
+            prompt=prompt,
+        )
+
+    def apply(self, logits: Tensor, fed: Tensor | None = None) -> Tensor:
+        """Processed logits [B, N, V] (float32). Position n of a verify pass follows the first n
+        fed drafts (fed [B, N-1]), so its counts include them: accepting a draft then means
+        what it would in plain decoding, and speculation stays exact."""
+        B, N, V = logits.shape
+        counts = self.counts[:, None, :].expand(B, N, V)
+        if fed is not None and fed.shape[1] and N > 1:
+            seen_drafts = F.one_hot(fed[:, : N - 1], V).cumsum(dim=1).to(counts.dtype)  # [B, N-1, V]
+            counts = counts + torch.cat([counts.new_zeros(B, 1, V), seen_drafts], dim=1)
+        r = self.repetition[:, None, None]
+        repeated = (counts > 0) | self.prompt[:, None, :]
+        x = torch.where(repeated, torch.where(logits > 0, logits / r, logits * r), logits)
+        x = x - self.frequency[:, None, None] * counts - self.presence[:, None, None] * (counts > 0).float()
+        return x + self.bias[:, None, :]
+
+
+def penalty_state(prompts: list[list[int]], V: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(counts, prompt mask) [B, V] for new rows: nothing generated yet, and their prompts' tokens."""
+    prompt = torch.zeros(len(prompts), V, dtype=torch.bool, device=device)
+    for b, ids in enumerate(prompts):
+        prompt[b, torch.tensor(ids, device=device)] = True
+    return torch.zeros(len(prompts), V, device=device), prompt
+
+
+def count_emitted(counts: Tensor, tokens: Tensor, n_emitted: Tensor) -> Tensor:
+    """counts [B, V] plus the tokens each row emitted this step (tokens [B, T], the first n_emitted [B])."""
+    T = tokens.shape[1]
+    emitted = (torch.arange(T, device=tokens.device)[None, :] < n_emitted[:, None]).to(counts.dtype)  # [B, T]
+    return counts.scatter_add(1, tokens, emitted)
 
 
 @dataclass
@@ -34,17 +103,26 @@ class BatchSampling:
     top_p: Tensor  # [B] float; 1.0 = off
     greedy: Tensor  # [B] bool
     generators: list[torch.Generator | None]  # one per row; None for greedy rows
+    penalties: Penalties | None = None  # when any row has a penalty or a logit bias
 
     @classmethod
     def from_params(
-        cls, params: list[SamplingParams], generators: list[torch.Generator | None], device: torch.device
+        cls,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        device: torch.device,
+        state: tuple[Tensor, Tensor] | None = None,
     ) -> BatchSampling:
+        """state: the rows' (counts, prompt mask) [B, V], needed when any row is penalized."""
+        penalized = any(p.penalized for p in params)
+        assert state is not None or not penalized, "penalized rows need their token counts"
         return cls(
             temperature=torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device),
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
             top_p=torch.tensor([p.top_p for p in params], device=device),
             greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device),
             generators=generators,
+            penalties=Penalties.build(params, *state) if penalized and state is not None else None,
         )
 
     @property
@@ -62,14 +140,17 @@ def make_generator(seed: int | None) -> torch.Generator:
     return gen
 
 
-def logits_to_probs(logits: Tensor, sampling: BatchSampling) -> Tensor:
-    """Processed distributions [B, ..., V] in float32: temperature, then top-k, then top-p.
+def logits_to_probs(logits: Tensor, sampling: BatchSampling, fed: Tensor | None = None) -> Tensor:
+    """Processed distributions [B, ..., V] in float32: penalties and bias, temperature, top-k, top-p.
 
     Greedy rows use temperature 1 (top-k / top-p, if given, keep the argmax); callers take their argmax.
+    fed [B, N-1]: the drafts a verify pass fed after its first position (Penalties.apply).
     """
     shape = logits.shape
     B, V = shape[0], shape[-1]
     x = logits.float().reshape(B, -1, V)  # [B, N, V]
+    if sampling.penalties is not None:
+        x = sampling.penalties.apply(x, fed)
     x = x / sampling.temperature.clamp(min=1e-5)[:, None, None]
     if bool((sampling.top_k > 0).any()):
         k = torch.where(sampling.top_k > 0, sampling.top_k, V).clamp(max=V)  # [B]

@@ -60,7 +60,7 @@ def accept_drafts(
     device = logits.device
     n_verified = T - 1
     rows = torch.arange(B, device=device)
-    p = logits_to_probs(logits[:, :, 0], sampling)  # [B, T, V] head 1, processed
+    p = logits_to_probs(logits[:, :, 0], sampling, fed=drafts)  # [B, T, V] head 1, processed
 
     # Step 2: which drafts agree. Greedy: draft == argmax. Sampled: u < p(d) / q(d).
     if n_verified > 0:

@@ -45,6 +45,9 @@ def check_ids(ids: list[int], vocab: int, context: int, extra: int = 0) -> None:
         raise InvalidRequest(f"token ids must be in [0, {vocab})")
 
 
+MAX_REPETITION_PENALTY = 100.0
+
+
 def check_sampling(p: SamplingParams, vocab: int) -> None:
     """Parameters that become batch tensors without overflow or NaN."""
     if not 0 <= p.top_k <= vocab:
@@ -55,3 +58,13 @@ def check_sampling(p: SamplingParams, vocab: int) -> None:
         raise InvalidRequest("top_p must be in (0, 1]")
     if p.seed is not None and not 0 <= p.seed < 2**64:
         raise InvalidRequest("seed must be in [0, 2^64)")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if not -2.0 <= getattr(p, name) <= 2.0:
+            raise InvalidRequest(f"{name} must be in [-2, 2]")
+    if not 0.0 < p.repetition_penalty <= MAX_REPETITION_PENALTY:
+        raise InvalidRequest(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}]")
+    for token, value in p.logit_bias:
+        if not 0 <= token < vocab:
+            raise InvalidRequest(f"logit_bias: token ids must be in [0, {vocab})")
+        if not -100.0 <= value <= 100.0:
+            raise InvalidRequest("logit_bias: values must be in [-100, 100]")

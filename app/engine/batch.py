@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from app.decoding.generate import draft_count, forward_step
-from app.decoding.sampling import BatchSampling, SamplingParams
+from app.decoding.sampling import BatchSampling, SamplingParams, count_emitted
 from app.decoding.speculative import StepResult, accept_drafts
 from app.engine.drafts import DraftPolicy
 from app.engine.types import GenerateItem
@@ -56,6 +56,7 @@ class DecodeBatch:
         self.pos = torch.zeros(0, dtype=torch.long, device=self.device)  # [n] position of cur
         self.drafts = torch.zeros(0, self.k - 1, dtype=torch.long, device=self.device)  # [n, k-1]
         self.draft_probs: Tensor | None = None  # [n, k-1, V] when any row samples
+        self.penalty: tuple[Tensor, Tensor] | None = None  # [n, V] counts and prompt masks, when any row is penalized
         self.sampling = self._sampling()
         self.last_max_accept: list[int] = []  # drafts each row could accept in the last step
         self.last_drafts = 0  # drafts verified per row in the last step
@@ -66,15 +67,33 @@ class DecodeBatch:
 
     def _sampling(self) -> BatchSampling:
         params: list[SamplingParams] = [s.item.request.sampling for s in self.seqs]
-        return BatchSampling.from_params(params, [s.generator for s in self.seqs], self.device)
+        if not any(p.penalized for p in params):
+            self.penalty = None  # no row reads counts: stop keeping them
+        return BatchSampling.from_params(params, [s.generator for s in self.seqs], self.device, self.penalty)
 
     def _want_drafts(self) -> Tensor:
         return torch.tensor([s.speculative for s in self.seqs], dtype=torch.bool, device=self.device)
 
-    def concatenate(self, seqs: list[RunningSequence], first: StepResult, prompt_lengths: list[int]) -> None:
-        """Append freshly prefilled rows; first holds their first token and drafts."""
+    def concatenate(
+        self,
+        seqs: list[RunningSequence],
+        first: StepResult,
+        prompt_lengths: list[int],
+        penalty: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
+        """Append freshly prefilled rows; first holds their first token and drafts; penalty: their
+        (counts, prompt masks) before the first token, when any of them is penalized."""
         assert self._survivors is None, "compact() before prefilling new rows"
         n_new = len(seqs)
+        if penalty is not None or self.penalty is not None:
+            V = self.model.cfg.vocab_size
+            old = self.penalty or (
+                self.cur.new_zeros(len(self), V, dtype=torch.float),
+                self.cur.new_zeros(len(self), V, dtype=torch.bool),
+            )
+            new = penalty or (old[0].new_zeros(n_new, V), old[1].new_zeros(n_new, V))
+            counts = count_emitted(new[0], first.tokens, first.n_emitted)
+            self.penalty = (torch.cat([old[0], counts]), torch.cat([old[1], new[1]]))
         self.seqs.extend(seqs)
         last = first.tokens[torch.arange(n_new, device=self.device), first.n_emitted - 1]
         self.cur = torch.cat([self.cur, last])
@@ -101,6 +120,8 @@ class DecodeBatch:
             # positions < pos are cached; cur (at pos) and anything after it are not yet
             self.model.compact_cache_rows(idx, int(self.pos[idx].max()))
         self.cur, self.pos, self.drafts = self.cur[idx], self.pos[idx], self.drafts[idx]
+        if self.penalty is not None:
+            self.penalty = (self.penalty[0][idx], self.penalty[1][idx])
         if self.draft_probs is not None:
             self.draft_probs = self.draft_probs[idx] if survivors else None
         self.sampling = self._sampling()
@@ -128,6 +149,9 @@ class DecodeBatch:
         self.cur = res.tokens[rows, res.n_emitted - 1]
         self.pos = self.pos + res.n_emitted
         self.drafts, self.draft_probs = res.drafts, res.draft_probs
+        if self.penalty is not None and self.sampling.penalties is not None:
+            self.penalty = (count_emitted(self.penalty[0], res.tokens, res.n_emitted), self.penalty[1])
+            self.sampling.penalties.counts = self.penalty[0]
         self.last_max_accept = max_accept.tolist()
         emitted = res.n_emitted.tolist()  # waits for the device: the step is done
         self.last_drafts = n_drafts if use_drafts else 0

@@ -18,7 +18,7 @@ import torch
 
 from app.decoding.generate import first_tokens, prefill
 from app.decoding.predict import Scores, score_next
-from app.decoding.sampling import BatchSampling, make_generator
+from app.decoding.sampling import BatchSampling, make_generator, penalty_state
 from app.engine.batch import DecodeBatch, RunningSequence
 from app.engine.config import EngineConfig
 from app.engine.scheduler import Scheduler
@@ -296,12 +296,14 @@ class EngineCore:
         self.batch.compact()  # rows 0..n-1 hold the running sequences; new ones go after them
         row0 = len(self.batch)
         prompts = [s.item.request.prompt_ids for s in seqs]
-        sampling = BatchSampling.from_params(
-            [s.item.request.sampling for s in seqs], [s.generator for s in seqs], self.device
+        params = [s.item.request.sampling for s in seqs]
+        penalty = (
+            penalty_state(prompts, self.model.cfg.vocab_size, self.device) if any(p.penalized for p in params) else None
         )
+        sampling = BatchSampling.from_params(params, [s.generator for s in seqs], self.device, penalty)
         want = torch.tensor([s.speculative for s in seqs], dtype=torch.bool, device=self.device)
         first = first_tokens(prefill(self.model, prompts, row0=row0), sampling, want)
-        self.batch.concatenate(seqs, first, [len(p) for p in prompts])
+        self.batch.concatenate(seqs, first, [len(p) for p in prompts], penalty)
         for p in prompts:
             self.stats.prompt_tokens(len(p))
         return self._collect(first.tokens[:, :1].tolist(), first.logprobs[:, :1].tolist(), [1] * len(seqs), row0)

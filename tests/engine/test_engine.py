@@ -183,6 +183,33 @@ async def test_concurrent_generations_match_solo_runs_in_fewer_passes(engine_fac
     assert forward_passes(engine) - before < solo_passes
 
 
+async def test_penalized_sequences_in_a_running_batch_match_static_decoding(
+    engine_factory: Callable[..., Any], tiny_tokenizer: Any
+) -> None:
+    """Rows with penalties join and leave a continuous batch of plain rows; each gets the tokens
+    a static batch of its own gives (their counts follow their rows through compaction)."""
+    engine = await engine_factory()
+    penalties = [
+        SamplingParams(frequency_penalty=1.2),
+        SamplingParams(repetition_penalty=2.0, presence_penalty=0.5),
+        SamplingParams(logit_bias=((7, 3.0),)),
+        SamplingParams(),
+    ]
+    jobs = [
+        GenerateJob(PROMPTS[i % len(PROMPTS)], max_new_tokens=8 + 4 * i, sampling=p, speculative=i % 2 == 0)
+        for i, p in enumerate(penalties)
+    ]
+    got = await asyncio.gather(*(run(engine, j) for j in jobs))
+    for job, (tokens, _) in zip(jobs, got, strict=True):
+        ref = static_generate(
+            engine.model, [job.prompt_ids], job.max_new_tokens, job.sampling, eos_id=tiny_tokenizer.eot_id
+        )
+        assert tokens == ref.tokens[0]
+    engine.model.setup_caches(engine.cfg.max_batch_size)  # static generate reallocated them
+    plain = await run(engine, GenerateJob(PROMPTS[0], max_new_tokens=8))
+    assert plain[0] != got[0][0]  # the penalty changed the text
+
+
 async def test_seeded_sample_does_not_depend_on_batch_mates(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory()
     sampled = GenerateJob([5, 17], 15, SamplingParams(temperature=1.0, do_sample=True, seed=1234))
