@@ -419,7 +419,8 @@ def top_k_overflow(url: str, good: int = 10) -> Result:
 
 
 def lone_surrogate(url: str) -> Result:
-    """A lone UTF-16 surrogate (the JSON escape \\ud800) in any text field is a 422 that names the field."""
+    """A lone UTF-16 surrogate (the JSON escape \\ud800) in any text field is a 422 that names the field
+    (on /v1, OpenAI's 400 invalid_request_error)."""
     s = "\\ud800"  # in the JSON text, not a Python surrogate: json.loads turns it into one server-side
     cases = [
         ("/predict", "inputs", f'{{"inputs": "{s}"}}'),
@@ -432,7 +433,7 @@ def lone_surrogate(url: str) -> Result:
     for path, fld, body in cases:
         r = httpx.post(url + path, content=body.encode(), headers={"content-type": "application/json"}, timeout=30)
         named = fld in error_message(r)
-        defect = defect or r.status_code != 422 or not named
+        defect = defect or r.status_code != (400 if path.startswith("/v1/") else 422) or not named
         parts.append(f"{path} {fld}: {r.status_code}" + ("" if named or r.status_code == 200 else " (field not named)"))
     return Result("lone-surrogate", 'JSON "\\ud800" in each text field', "; ".join(parts), defect)
 

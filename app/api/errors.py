@@ -39,7 +39,7 @@ KINDS: dict[str, ErrorKind] = {
     "body_timeout": ErrorKind(408, "timeout", "timeout"),
     "too_large": ErrorKind(413, "too_large", "too_large"),
     "cancelled": ErrorKind(499, "cancelled", None),  # the engine counts the cancellation
-    "bad_request": ErrorKind(400, "bad_request", None),
+    "bad_request": ErrorKind(400, "bad_request", "validation"),  # /v1 answers 400 where the rest answers 422
     "not_found": ErrorKind(404, "not_found", None),
     "method_not_allowed": ErrorKind(405, "method_not_allowed", None),
     "unsupported_media_type": ErrorKind(415, "unsupported_media_type", None),
@@ -72,18 +72,29 @@ class APIError(Exception):
 
 
 def envelope(
-    status: int, message: str, error_type: str, headers: dict[str, str] | None = None, openai: bool = False
+    status: int,
+    message: str,
+    error_type: str,
+    headers: dict[str, str] | None = None,
+    openai: bool = False,
+    param: str | None = None,
 ) -> JSONResponse:
-    """The error reply; on /v1/* routes in OpenAI's shape ({"error": {"message", "type", ...}})."""
+    """The error reply; on /v1/* routes in OpenAI's shape ({"error": {"message", "type", ...}}),
+    where a request the server cannot take as it is (422 elsewhere) is 400 invalid_request_error,
+    as OpenAI and vLLM answer it."""
     if status == 429:
         headers = {**(headers or {}), "Retry-After": RETRY_AFTER_S}
-    return JSONResponse(error_body(message, error_type, openai, status), status_code=status, headers=headers)
+    if openai and status == 422:
+        status, error_type = 400, "invalid_request_error"
+    return JSONResponse(error_body(message, error_type, openai, status, param), status_code=status, headers=headers)
 
 
-def error_body(message: str, error_type: str, openai: bool, status: int | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, error_type: str, openai: bool, status: int | None = None, param: str | None = None
+) -> dict[str, Any]:
     """The error envelope of an API family: TGI's {"error", "error_type"} or OpenAI's {"error": {...}}."""
     if openai:
-        return {"error": {"message": message, "type": error_type, "param": None, "code": status}}
+        return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
     return {"error": message, "error_type": error_type}
 
 
@@ -115,7 +126,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return envelope(422, describe_validation(list(exc.errors())), "validation", openai=_is_openai(request))
+        errors = list(exc.errors())
+        loc = [str(p) for p in errors[0].get("loc", ()) if p != "body"] if errors else []
+        return envelope(
+            422, describe_validation(errors), "validation", openai=_is_openai(request), param=".".join(loc) or None
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

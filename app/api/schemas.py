@@ -27,6 +27,9 @@ def unencodable(data: object, path: str = "") -> str | None:
 
 
 class Strict(BaseModel):
+    """A request body: unknown fields are errors, and null means "the default" for every field
+    (as OpenAI's and TGI's clients send it, e.g. max_tokens=None)."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)  # no "5" -> 5 coercion
 
     @model_validator(mode="before")
@@ -36,6 +39,8 @@ class Strict(BaseModel):
             raise PydanticCustomError(
                 "invalid_text", "{field}: not valid Unicode text (a lone surrogate)", {"field": where}
             )
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
         return data
 
 
@@ -126,6 +131,21 @@ class GenerateParameters(Strict):
     details: bool = False
     return_full_text: bool = False
     speculative: bool | None = Field(None, description="Self-speculative decoding; null = the server default")
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, description="Tokens of the prompt or the output: logit / r if positive, else * r; 1 = off"
+    )
+    frequency_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="Minus this times each token's count in the output; 0 = off"
+    )
+    truncate: int | None = Field(None, ge=1, description="Keep only the last this-many input tokens")
+    # TGI's other parameters: accepted with their neutral values, a clear 422 otherwise
+    best_of: int | None = Field(None, ge=1, description="Only 1 (one sequence) is supported")
+    decoder_input_details: bool = Field(False, description="Not supported: false")
+    top_n_tokens: int | None = Field(None, ge=0, description="Not supported: 0 or null")
+    typical_p: float | None = Field(None, gt=0.0, le=1.0, description="Not supported: 1.0 or null")
+    watermark: bool = Field(False, description="Not supported: false")
+    grammar: dict[str, Any] | None = Field(None, description="Not supported: null")
+    adapter_id: str | None = Field(None, description="Not supported: null")
 
 
 class GenerateRequest(Strict):
@@ -156,12 +176,21 @@ class SpeculationDetails(BaseModel):
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
 
+class PrefillToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
+
+
 class Details(BaseModel):
     finish_reason: FinishReason
     generated_tokens: int
     input_length: int
     seed: int | None
     speculation: SpeculationDetails
+    prefill: list[PrefillToken] = Field(
+        default_factory=list, description="The input tokens (TGI's decoder_input_details; empty unless asked for)"
+    )
     tokens: list[Token] | None = None
 
 

@@ -28,6 +28,10 @@ class GenOptions:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     speculative: bool | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def sampling(self) -> SamplingParams:
         # As in text-generation-inference: setting temperature (> 0), top_k or top_p turns sampling on.
@@ -41,6 +45,10 @@ class GenOptions:
             top_p=self.top_p if self.top_p is not None else 1.0,
             do_sample=sample,
             seed=seed,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=self.logit_bias,
         )
 
 

@@ -320,3 +320,70 @@ def test_a_k1_model_reports_speculation_off(
     spec = client.post("/generate", json=body).json()["details"]["speculation"]
     assert spec["enabled"] is False and spec["verify_steps"] == 0 and spec["mean_accepted_length"] == 1.0
     assert client.get("/info").json()["speculative"] is False
+
+
+TGI_NEUTRAL = {
+    "best_of": 1,
+    "decoder_input_details": False,
+    "details": True,
+    "do_sample": False,
+    "frequency_penalty": None,
+    "max_new_tokens": 5,
+    "repetition_penalty": None,
+    "return_full_text": False,
+    "seed": None,
+    "stop": [],
+    "temperature": None,
+    "top_k": None,
+    "top_n_tokens": None,
+    "top_p": None,
+    "truncate": None,
+    "typical_p": None,
+    "watermark": False,
+    "grammar": None,
+    "adapter_id": None,
+}
+
+
+def test_tgi_parameters_with_neutral_values_are_accepted(client: TestClient) -> None:
+    """What text-generation's Client sends on every call."""
+    body = client.post("/generate", json={"inputs": PROMPT, "parameters": TGI_NEUTRAL}).json()
+    assert body["generated_text"] == gen(client, max_new_tokens=5)["generated_text"]
+    assert body["details"]["prefill"] == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("best_of", 2), ("decoder_input_details", True), ("top_n_tokens", 3), ("typical_p", 0.5), ("watermark", True)],
+)
+def test_unsupported_tgi_parameters_get_422_naming_them(
+    client: TestClient, envelope: Callable[..., dict[str, Any]], name: str, value: Any
+) -> None:
+    r = client.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2, name: value}})
+    assert envelope(r, 422, "validation")["error"].startswith(name)
+
+
+def test_truncate_keeps_the_last_input_tokens(client: TestClient) -> None:
+    full = gen(client, max_new_tokens=4, details=True)["details"]["input_length"]
+    cut = gen(client, max_new_tokens=4, details=True, truncate=3)
+    assert full > 3 and cut["details"]["input_length"] == 3
+    tail = client.post("/tokenize", json={"inputs": PROMPT}).json()["tokens"][-3:]
+    same = gen(client, "".join(t["text"] for t in tail), max_new_tokens=4)
+    assert cut["generated_text"] == same["generated_text"]
+
+
+def test_root_route_is_tgis_generate_or_stream(client: TestClient, sse: Callable[[str], list[Any]]) -> None:
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 4}}
+    listed = client.post("/", json=body).json()
+    assert listed == [gen(client, max_new_tokens=4)]
+    events = stream_events(client, sse, "/", {**body, "stream": True})
+    assert events[-1]["generated_text"] == listed[0]["generated_text"]
+
+
+def test_repetition_and_frequency_penalties_change_generate(client: TestClient) -> None:
+    text = "ab " * 20
+    plain = gen(client, text, max_new_tokens=12, details=True)
+    penalized = gen(client, text, max_new_tokens=12, details=True, repetition_penalty=50.0)
+    prompt_ids = {t["id"] for t in client.post("/tokenize", json={"inputs": text}).json()["tokens"]}
+    assert [t["id"] for t in penalized["details"]["tokens"]] != [t["id"] for t in plain["details"]["tokens"]]
+    assert not prompt_ids & {t["id"] for t in penalized["details"]["tokens"]}  # a huge penalty avoids them

@@ -82,6 +82,18 @@ def options_for(params: GenerateParameters, serving: Serving) -> GenOptions:
         raise APIError(422, f"stop sequences must be 1 to {s.max_stop_length} characters")
     if params.temperature is not None and params.temperature > s.max_temperature:
         raise APIError(422, f"temperature must be at most {s.max_temperature:g}")
+    unsupported = {
+        "best_of": params.best_of not in (None, 1),
+        "decoder_input_details": params.decoder_input_details,
+        "top_n_tokens": params.top_n_tokens not in (None, 0),
+        "typical_p": params.typical_p not in (None, 1.0),
+        "watermark": params.watermark,
+        "grammar": params.grammar is not None,
+        "adapter_id": params.adapter_id not in (None, ""),
+    }
+    for name, used in unsupported.items():
+        if used:
+            raise APIError(422, f"{name}: not supported by this server (leave it unset or at its neutral value)")
     return GenOptions(
         max_new_tokens=params.max_new_tokens,
         temperature=params.temperature,
@@ -91,13 +103,18 @@ def options_for(params: GenerateParameters, serving: Serving) -> GenOptions:
         seed=params.seed,
         stop=params.stop,
         speculative=params.speculative,
+        frequency_penalty=params.frequency_penalty or 0.0,
+        repetition_penalty=params.repetition_penalty if params.repetition_penalty is not None else 1.0,
     )
 
 
-async def prompt_ids(inputs: str, serving: Serving, field: str = "inputs") -> list[int]:
-    """Tokenize a prompt and check it against the service's input cap; raises APIError(422).
-    The engine checks it against the model (context, vocabulary) when it is submitted."""
+async def prompt_ids(inputs: str, serving: Serving, field: str = "inputs", truncate: int | None = None) -> list[int]:
+    """Tokenize a prompt (keeping its last `truncate` tokens, if given) and check it against the
+    service's input cap; raises APIError(422). The engine checks it against the model (context,
+    vocabulary) when it is submitted."""
     [ids] = await serving.encode([inputs], field)
+    if truncate is not None:
+        ids = ids[-truncate:]
     if not ids:
         raise APIError(422, f"{field} must not be empty")
     limit = serving.state.max_input_tokens
@@ -108,7 +125,7 @@ async def prompt_ids(inputs: str, serving: Serving, field: str = "inputs") -> li
 
 async def prepare(params: GenerateParameters, inputs: str, serving: Serving) -> tuple[list[int], GenOptions]:
     opts = options_for(params, serving)
-    return await prompt_ids(inputs, serving), opts
+    return await prompt_ids(inputs, serving, truncate=params.truncate), opts
 
 
 def details_of(final: GenFinal, with_tokens: bool) -> Details:
@@ -185,6 +202,15 @@ async def generate(req: GenerateRequest, serving: ServingDep, request: Request) 
     final = await unless_disconnected(request, complete(serving, ids, opts))
     text = (req.inputs if req.parameters.return_full_text else "") + final.generated_text
     return GenerateResponse(generated_text=text, details=details_of(final, True) if req.parameters.details else None)
+
+
+@router.post("/", response_model=list[GenerateResponse], responses=SSE_DOC)
+async def compat_generate(
+    req: GenerateRequest, serving: ServingDep, request: Request
+) -> list[GenerateResponse] | StreamingResponse:
+    """TGI's root route: with "stream": true /generate_stream's events, else /generate's reply in a list."""
+    out = await generate(req, serving, request)
+    return out if isinstance(out, StreamingResponse) else [out]
 
 
 @router.post("/generate_stream", response_class=StreamingResponse, responses=STREAM_DOC)

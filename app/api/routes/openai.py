@@ -33,7 +33,14 @@ class CompletionRequest(Strict):
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, description="vLLM's extension: 1 = off")
+    logit_bias: dict[str, float] = Field(
+        default_factory=dict, description="Token id (as a string) -> bias in [-100, 100]"
+    )
     n: Literal[1] = 1
+    best_of: Literal[1] = 1
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     logprobs: int | None = Field(None, ge=0, le=0, description="Only the chosen token's logprob (0) is supported")
@@ -105,6 +112,13 @@ def _params(req: CompletionRequest) -> GenerateParameters:
     )
 
 
+def _logit_bias(req: CompletionRequest) -> tuple[tuple[int, float], ...]:
+    try:
+        return tuple((int(token), value) for token, value in req.logit_bias.items())
+    except ValueError:
+        raise APIError(422, "logit_bias: keys must be token ids") from None
+
+
 def _choice(final: GenFinal, index: int, with_logprobs: bool) -> CompletionChoice:
     logprobs = None
     if with_logprobs:
@@ -158,7 +172,7 @@ async def _run(serving: Serving, ids: list[int], opts: GenOptions) -> GenFinal:
                 }
             },
         },
-        **error_responses(*INFERENCE_ERRORS, model=OpenAIError),
+        **error_responses(400, 404, *INFERENCE_ERRORS, model=OpenAIError),
     },
 )
 async def completions(req: CompletionRequest, serving: ServingDep, request: Request) -> Completion | StreamingResponse:
@@ -166,10 +180,14 @@ async def completions(req: CompletionRequest, serving: ServingDep, request: Requ
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if not prompts or len(prompts) > serving.settings.max_inputs_per_request:
         raise APIError(422, f"prompt must hold 1 to {serving.settings.max_inputs_per_request} texts")
+    if req.model not in (None, serving.state.model_id):
+        raise APIError(404, f"The model `{req.model}` does not exist.", "NotFoundError")
     params = _params(req)
     opts = options_for(params, serving)
+    opts.frequency_penalty, opts.presence_penalty = req.frequency_penalty, req.presence_penalty
+    opts.repetition_penalty, opts.logit_bias = req.repetition_penalty, _logit_bias(req)
     prepared = [await prompt_ids(p, serving, "prompt") for p in prompts]
-    model = req.model or serving.state.model_id
+    model = serving.state.model_id
     cid = f"cmpl-{uuid.uuid4().hex}"
     if req.stream:
         if len(prompts) != 1:

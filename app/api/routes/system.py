@@ -25,9 +25,10 @@ router = APIRouter(tags=["system"])
 
 @router.api_route("/health", methods=["GET", "HEAD"], response_model=HealthResponse, responses=error_responses(503))
 async def health(state: StateDep) -> HealthResponse | JSONResponse:
-    """Liveness: the process answers and its inference worker is alive and making progress."""
-    if state.engine is None:
-        return HealthResponse(status="ok", worker="starting")
+    """200 when the service can serve (TGI's meaning): the model is loaded and warm and the
+    inference worker is alive and making progress; draining still counts as alive."""
+    if state.engine is None or not (state.ready or state.draining):
+        return envelope(503, "model loading", "not_ready")
     h = state.engine.health()
     if not h.alive or h.stalled:
         return envelope(503, f"inference worker unhealthy: {h.detail}", "unhealthy")

@@ -1,0 +1,72 @@
+"""The clients people already use, unchanged, against a real server: TGI's (huggingface_hub's
+InferenceClient, text-generation's Client) and OpenAI's (openai, LangChain's OpenAI LLM)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from huggingface_hub import InferenceClient
+from langchain_openai import OpenAI as LangChainOpenAI
+from text_generation import Client as TGIClient
+
+PROMPT = "To be, or not to be"
+
+
+def test_huggingface_hub_text_generation_at_the_url_tgi_documents(server: Any) -> None:
+    client = InferenceClient(model=server.url)
+    text = client.text_generation(PROMPT, max_new_tokens=6)
+    assert isinstance(text, str) and text
+    out = client.text_generation(PROMPT, max_new_tokens=6, details=True, repetition_penalty=1.3, seed=1)
+    assert out.details is not None and out.details.generated_tokens == len(out.details.tokens) == 6
+    assert out.details.finish_reason == "length"
+    streamed = list(client.text_generation(PROMPT, max_new_tokens=6, stream=True, details=True))
+    assert "".join(s.token.text for s in streamed) == streamed[-1].generated_text
+    assert streamed[-1].generated_text == client.text_generation(PROMPT, max_new_tokens=6)
+
+
+def test_text_generation_client_at_the_root_url(server: Any) -> None:
+    client = TGIClient(server.url, timeout=30)
+    res = client.generate(PROMPT, max_new_tokens=6, stop_sequences=["zzz"])
+    assert res.details.generated_tokens == 6 and res.details.prefill == []
+    assert res.generated_text == "".join(t.text for t in res.details.tokens)
+    streamed = list(client.generate_stream(PROMPT, max_new_tokens=6))
+    assert streamed[-1].generated_text == res.generated_text
+    with pytest.raises(Exception, match="typical_p"):
+        client.generate(PROMPT, max_new_tokens=2, typical_p=0.5)  # not supported: a clear 422
+
+
+def test_langchain_openai_llm_invoke_stream_and_batch(server: Any) -> None:
+    """LangChain's OpenAI LLM always sends frequency_penalty, presence_penalty, n and logit_bias."""
+    llm = LangChainOpenAI(base_url=f"{server.url}/v1", api_key="x", model="tiny", max_tokens=8, temperature=0)
+    text = llm.invoke(PROMPT)
+    assert isinstance(text, str) and text
+    assert "".join(llm.stream(PROMPT)) == text
+    assert llm.batch([PROMPT, PROMPT]) == [text, text]
+
+
+def test_openai_client_with_penalties_and_nulls(server: Any) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=30)
+    plain = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0)
+    tokens = httpx.post(f"{server.url}/tokenize", json={"inputs": "e"}, timeout=30).json()["tokens"]
+    biased = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, logit_bias={str(tokens[0]["id"]): 100}
+    )
+    assert biased.choices[0].text == "e" * 12 != plain.choices[0].text  # applied, not ignored
+    penalized = client.completions.create(
+        model="tiny",
+        prompt=PROMPT,
+        max_tokens=12,
+        temperature=0,
+        frequency_penalty=2.0,
+        presence_penalty=2.0,
+        logit_bias={str(tokens[0]["id"]): 10},
+    )
+    text = penalized.choices[0].text
+    assert text.startswith("e") and text.count("e") < 12  # each "e" makes the next less likely
+    body = {"model": None, "prompt": PROMPT, "max_tokens": None, "temperature": None, "stop": None, "seed": None}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200, r.text  # null is the default
+    assert r.json()["usage"]["completion_tokens"] == 16
