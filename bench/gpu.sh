@@ -19,4 +19,6 @@ timeout 240 mtp --log-level WARNING bench speculative --device cuda --dtype bflo
   --out "$OUT/speculative.json"
 timeout 200 mtp --log-level WARNING bench service --device cuda --dtype bfloat16 --seconds 10 --new-tokens 64 \
   --out "$OUT/service.json"
+# the served /generate benchmark: a real server's single stream and 16 streams against offline generate()
+timeout 150 python3 -m bench.served --device cuda --rounds 1 --prompts 4 --out "$OUT/served.json"
 echo "bench/gpu.sh: done in $((SECONDS - start)) s; results in $OUT"

@@ -26,15 +26,16 @@ import torch
 
 from app import config
 from app.decoding.generate import generate
-from app.model.checkpoint import load_checkpoint
+from app.model.checkpoint import load_checkpoint, resolve_device, resolve_dtype
 from bench.decoding import heldout_prompts, write_json
 from bench.server import ROOT, running
 from bench.service import generate_load
 
 
-def offline_rate(checkpoint: str, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
+def offline_rate(checkpoint: str, prompts: list[list[int]], new_tokens: int, device: str) -> dict[str, Any]:
     """Tokens/s of generate() at batch 1 over the prompts, for each draft count; and the best."""
-    model, _ = load_checkpoint(checkpoint)
+    dev = resolve_device(device)
+    model, _ = load_checkpoint(checkpoint, device=dev, dtype=resolve_dtype("auto", dev))  # as the servers load it
     rates: dict[int, float] = {}
     with torch.inference_mode():
         generate(model, prompts[:1], 8)  # warm
@@ -61,8 +62,15 @@ def baseline_tree(ref: str) -> Path:
     return path
 
 
-def served_phase(root: Path, checkpoint: str, texts: list[str], streams: int, new_tokens: int) -> dict[str, Any]:
-    settings = {"log_level": "WARNING", "max_queue_size": 1024, "max_new_tokens": max(256, new_tokens)}
+def served_phase(
+    root: Path, checkpoint: str, device: str, texts: list[str], streams: int, new_tokens: int
+) -> dict[str, Any]:
+    settings = {
+        "log_level": "WARNING",
+        "device": device,
+        "max_queue_size": 1024,
+        "max_new_tokens": max(256, new_tokens),
+    }
     with running(checkpoint, settings, root=root, ready_timeout=600) as srv:
         one = asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts)))
         many = asyncio.run(generate_load(srv.url, texts, streams, new_tokens, 2))
@@ -70,7 +78,14 @@ def served_phase(root: Path, checkpoint: str, texts: list[str], streams: int, ne
 
 
 def bench_served(
-    checkpoint: str, corpus: str, baseline: str | None, rounds: int, streams: int, new_tokens: int, prompts: int
+    checkpoint: str,
+    corpus: str,
+    baseline: str | None,
+    rounds: int,
+    streams: int,
+    new_tokens: int,
+    prompts: int,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     _, tok = load_checkpoint(checkpoint)
     ids = heldout_prompts(corpus, tok, prompts, 32, seed=1)
@@ -81,13 +96,14 @@ def bench_served(
         "new_tokens": new_tokens,
         "prompts": prompts,
         "torch_threads": torch.get_num_threads(),
-        "offline": offline_rate(checkpoint, ids, new_tokens),
+        "device": device,
+        "offline": offline_rate(checkpoint, ids, new_tokens, device),
     }
     trees = {"this": ROOT, **({"baseline": baseline_tree(baseline)} if baseline else {})}
     phases: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
     for _ in range(rounds):
         for name, root in trees.items():  # A, B, A, B: drift on this machine hits both alike
-            phases[name].append(served_phase(root, checkpoint, texts, streams, new_tokens))
+            phases[name].append(served_phase(root, checkpoint, device, texts, streams, new_tokens))
     many = f"{streams}_streams"
     med = {
         name: {key: statistics.median(p[key]["tokens_per_s"] for p in runs) for key in ("1_stream", many)}
@@ -113,9 +129,10 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: the offline run and the servers")
     parser.add_argument("--out", help="also write the JSON here")
     a = parser.parse_args()
-    result = bench_served(a.checkpoint, a.corpus, a.baseline, a.rounds, a.streams, a.new_tokens, a.prompts)
+    result = bench_served(a.checkpoint, a.corpus, a.baseline, a.rounds, a.streams, a.new_tokens, a.prompts, a.device)
     write_json(result, a.out)
 
 
