@@ -10,7 +10,7 @@ from app.cli.base import CLISubcommand, add_device
 
 class EvalCommand(CLISubcommand):
     name = "eval"
-    help = "bits per byte and per-head loss/accuracy on a text file"
+    help = "bits per byte and per-head loss/accuracy on a text file (sequential heads: teacher-forced)"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("checkpoint")
@@ -36,6 +36,7 @@ class EvalCommand(CLISubcommand):
         ]
         report = {
             "bits_per_byte": round(stats["bits_per_byte"], 4),
+            "head_type": model.cfg.head_type,  # sequential: head j+1 teacher-forced on the true tokens
             "per_head": per_head,
             "tokens": stats["tokens_scored"],
             "bytes": stats["bytes"],

@@ -10,12 +10,21 @@ from typing import Any
 
 from app import config
 from app.cli.base import CLISubcommand, flag, value_parser
-from app.model.model import ModelConfig
+from app.model.model import HEAD_TYPES, ModelConfig
 from app.training.train import TrainConfig
 
-CHOICES = {"precision": ["auto", "fp32", "bf16"], "save_dtype": ["float32", "float16", "bfloat16"]}
+CHOICES = {
+    "precision": ["auto", "fp32", "bf16"],
+    "save_dtype": ["float32", "float16", "bfloat16"],
+    "head_type": list(HEAD_TYPES),
+}
+TYPES: dict[str, type] = {"mtp_weight": float}  # fields whose default (None) does not say their type
 HELP = {
-    "head_weights": "comma-separated loss weights, one per head; None: equal",
+    "head_type": "linear: one Linear d_model -> k*vocab; sequential: DeepSeek-V3's MTP modules "
+    "(one block per extra depth, teacher-forced in training)",
+    "head_weights": "comma-separated loss weights, one per head; None: equal, or --mtp-weight's",
+    "mtp_weight": "DeepSeek-V3's MTP loss weight λ: head 1 weighs 1 and heads 2..k λ/(k-1) each "
+    "(L_main + λ/(k-1) Σ L_j, divided by 1+λ like every weighting); either head type; not with --head-weights",
     "eval_windows": "windows of held-out text per periodic evaluation",
 }
 
@@ -28,7 +37,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type[Any], skip: set[str],
         assert value is not MISSING, f"{cls.__name__}.{f.name} needs a default to be an option"
         parser.add_argument(
             flag(f.name),
-            type=value_parser(type(value)),
+            type=value_parser(TYPES.get(f.name, type(value))),
             default=value,
             choices=CHOICES.get(f.name),
             help=f"{prefix}{HELP.get(f.name, f.name)} (default {value})",

@@ -1,6 +1,7 @@
 """The multi-token-prediction (MTP) transformer.
 
-Reads top to bottom: config, KV cache, attention, feed-forward, block, MTP head, model.
+Reads top to bottom: config, KV cache, attention, feed-forward, block, MTP heads (linear and
+sequential), model.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 POSITIONAL_ENCODINGS = ("sinusoidal", "learned")
 NORM_POSITIONS = ("post", "pre")
 GELU_VARIANTS = ("exact", "tanh")
+HEAD_TYPES = ("linear", "sequential")
 
 
 class ConfigError(ValueError):
@@ -37,6 +39,9 @@ class ModelConfig:
     gelu: str = "exact"  # "exact" (erf) or "tanh" (GPT-2's approximation)
     bias: bool = True
     layer_norm_eps: float = 1e-5
+    # "linear": one Linear d_model -> k * vocab on the trunk's last state (a config without the
+    # field is one); "sequential": DeepSeek-V3's MTP modules, one block per extra depth
+    head_type: str = "linear"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "num_heads", "d_ff", "k", "max_seq_len"):
@@ -59,6 +64,7 @@ class ModelConfig:
             ("positional_encoding", POSITIONAL_ENCODINGS),
             ("norm_position", NORM_POSITIONS),
             ("gelu", GELU_VARIANTS),
+            ("head_type", HEAD_TYPES),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -205,6 +211,50 @@ class MTPHead(nn.Module):
         return F.linear(h, self.proj.weight[rows], bias).unflatten(-1, (stop - start, self.vocab_size))
 
 
+class MTPModule(nn.Module):
+    """DeepSeek-V3's MTP module for one extra depth j: the previous depth's state at position t
+    and the embedding of token t + j, each RMS-normed, concatenated, projected 2d -> d, then one
+    causal block (with its own KV cache when serving). The shared output projection reads its
+    state; it predicts token t + j + 1."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm_h = nn.RMSNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.norm_emb = nn.RMSNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.block = Block(cfg)
+        # a pre-norm block leaves its residual stream un-normed: like the trunk's ln_f, but its own
+        self.ln_f = (
+            nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias) if cfg.norm_position == "pre" else None
+        )
+
+    def forward(self, h_prev: Tensor, emb: Tensor, input_pos: Tensor | None, kv_len: int | None, row0: int) -> Tensor:
+        # normed in float32: under CPU autocast the state arrives in bf16, the norms' weights are float32
+        x = torch.cat([self.norm_h(h_prev.float()), self.norm_emb(emb.float())], dim=-1)  # [B, T, 2C]
+        x = self.proj(x.to(h_prev.dtype))  # [B, T, C]
+        x = self.block(x, input_pos, kv_len, row0)
+        return self.ln_f(x) if self.ln_f is not None else x
+
+
+class SequentialHeads(nn.Module):
+    """Head 1 is the output projection on the trunk's state, shared by the k - 1 MTP modules
+    (depths 1..k-1). Depth j needs the tokens up to t + j, so only head 1 is computed from a state
+    alone; the model's mtp_module runs a depth."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.k, self.vocab_size = cfg.k, cfg.vocab_size
+        self.proj = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.bias)  # shared by every depth
+        self.depths = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.k - 1))
+
+    def forward(self, h: Tensor, heads: slice | None = None) -> Tensor:
+        """Head 1's logits [..., 1, V]; `heads` may only select head 1 (as MTPHead's slice(0, 1))."""
+        start, stop, _ = (heads or slice(None)).indices(self.k)
+        if (start, stop) != (0, 1):
+            raise ValueError("sequential heads compute only head 1 from a state; run mtp_module for depths 2..k")
+        return self.proj(h)[..., None, :]  # [..., 1, V]
+
+
 def sinusoidal_table(max_len: int, d_model: int) -> Tensor:
     pos = torch.arange(max_len, dtype=torch.float32)[:, None]  # [S, 1]
     freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
@@ -212,6 +262,13 @@ def sinusoidal_table(max_len: int, d_model: int) -> Tensor:
     table[:, 0::2] = torch.sin(pos * freq)
     table[:, 1::2] = torch.cos(pos * freq)
     return table  # [S, d_model]
+
+
+def shift_left(idx: Tensor, steps: int) -> Tensor:
+    """idx [B, T] moved `steps` positions left, zero-padded at the end: out[:, t] = idx[:, t + steps]."""
+    out = torch.zeros_like(idx)
+    out[:, : max(idx.shape[1] - steps, 0)] = idx[:, steps:]
+    return out  # [B, T]
 
 
 class MTPTransformer(nn.Module):
@@ -231,7 +288,7 @@ class MTPTransformer(nn.Module):
         self.ln_f = (
             nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias) if cfg.norm_position == "pre" else None
         )
-        self.head = MTPHead(cfg)
+        self.head: MTPHead | SequentialHeads = MTPHead(cfg) if cfg.head_type == "linear" else SequentialHeads(cfg)
         self.apply(self._init_weights)
         self.emb_scale = math.sqrt(cfg.d_model)
         if self.pos_emb is None:  # unit-variance scaled embeddings, comparable to the sin/cos table
@@ -269,10 +326,14 @@ class MTPTransformer(nn.Module):
             attn.kv_cache.compact(rows, length)
 
     def _attentions(self) -> list[CausalSelfAttention]:
-        return [cast(Block, block).attn for block in self.blocks]
+        """The trunk's attention layers, then the MTP modules' (one per depth, sequential heads)."""
+        blocks = [cast(Block, block) for block in self.blocks]
+        if isinstance(self.head, SequentialHeads):
+            blocks += [cast(MTPModule, module).block for module in self.head.depths]
+        return [block.attn for block in blocks]
 
     def trunk(self, idx: Tensor, input_pos: Tensor | None = None, kv_len: int | None = None, row0: int = 0) -> Tensor:
-        """Hidden states [B, T, d_model] for token ids idx [B, T].
+        """Hidden states [B, T, d_model] for token ids idx [B, T] (depth 0 of sequential heads).
 
         Without input_pos: a plain causal pass over positions 0..T-1 (training, no cache).
         With input_pos [B, T]: per-row positions, written to and read from KV-cache rows
@@ -302,16 +363,72 @@ class MTPTransformer(nn.Module):
         last_only: bool = False,
         row0: int = 0,
     ) -> Tensor:
-        """MTP logits: [B, T, k, V], or [B, k, V] for the last position with last_only."""
+        """MTP logits: [B, T, k, V], or [B, k, V] for the last position with last_only.
+
+        Sequential heads are teacher-forced over the window (training and evaluation, no cache):
+        depth j at position t reads the true tokens up to t + j, so at the last j positions, whose
+        token t + j lies past the window, its logits are computed on padding and must be ignored.
+        """
+        if isinstance(self.head, SequentialHeads):
+            if input_pos is not None or last_only:
+                raise ValueError(
+                    "sequential heads: forward is the teacher-forced window; serve with trunk + mtp_module"
+                )
+            return self._teacher_forced(idx)
         h = self.trunk(idx, input_pos, kv_len, row0)
         if last_only:
             h = h[:, -1]  # [B, C]
         return self.head(h)
 
+    def _teacher_forced(self, idx: Tensor) -> Tensor:
+        h = self.trunk(idx)  # [B, T, C], depth 0
+        logits = [self.head.proj(h)]  # head 1: [B, T, V]
+        for depth in range(1, self.cfg.k):
+            h, depth_logits = self.mtp_module(depth, h, shift_left(idx, depth))
+            logits.append(depth_logits)
+        return torch.stack(logits, dim=2)  # [B, T, k, V]
+
+    def mtp_module(
+        self,
+        depth: int,
+        h_prev: Tensor,
+        next_ids: Tensor,
+        input_pos: Tensor | None = None,
+        kv_len: int | None = None,
+        row0: int = 0,
+    ) -> tuple[Tensor, Tensor]:
+        """Run sequential depth `depth` (1..k-1): (state [B, T, C], logits [B, T, V]).
+
+        h_prev [B, T, C] is depth - 1's state at positions t (depth 0: trunk()'s), next_ids [B, T]
+        the tokens at t + depth; the logits are for the tokens at t + depth + 1. Without input_pos
+        t = 0..T-1, uncached. With input_pos [B, T] (the positions t, per row) the module's own KV
+        cache is written and read there, in rows row0..row0+B-1, as trunk() does: module j's entry
+        at t depends on token t + j, so after a rejected draft the positions that read it are
+        simply run again. Drafting: head 1 at the last accepted position p gives draft 1; depth 1
+        on (trunk state at p, draft 1) gives draft 2, depth 2 on (its state, draft 2) draft 3, ...
+        """
+        if not isinstance(self.head, SequentialHeads) or not 1 <= depth < self.cfg.k:
+            raise ValueError(f"mtp_module needs sequential heads and 1 <= depth < k, got depth {depth}")
+        if input_pos is not None and kv_len is None:
+            kv_len = int(input_pos.max()) + 1
+        module = cast(MTPModule, self.head.depths[depth - 1])
+        h = module(h_prev, self.tok_emb(next_ids), input_pos, kv_len, row0)  # [B, T, C]
+        return h, self.head.proj(h)  # [B, T, C], [B, T, V]
+
     @torch.no_grad()
     def predict_proba(self, idx: Tensor) -> Tensor:
-        """Softmax per head at the last position: [B, k, V]."""
-        return torch.softmax(self.forward(idx, last_only=True).float(), dim=-1)
+        """Softmax per head at the last position: [B, k, V]. Sequential depth j conditions on
+        the greedy tokens of heads 1..j (a chain, where the linear heads are marginals)."""
+        if not isinstance(self.head, SequentialHeads):
+            return torch.softmax(self.forward(idx, last_only=True).float(), dim=-1)
+        h = self.trunk(idx)  # [B, T, C]
+        logits = [self.head.proj(h[:, -1])]  # [B, V]
+        seq = idx
+        for depth in range(1, self.cfg.k):
+            seq = torch.cat([seq, logits[-1].argmax(-1, keepdim=True)], dim=1)  # [B, T + depth]
+            h, depth_logits = self.mtp_module(depth, h, seq[:, depth:])  # [B, T, C], [B, T, V]
+            logits.append(depth_logits[:, -1])
+        return torch.softmax(torch.stack(logits, dim=1).float(), dim=-1)  # [B, k, V]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -81,6 +81,8 @@ def distill_heads(
     k, V = model.cfg.k, model.cfg.vocab_size
     if k < 2:
         raise ValueError("the model has a single head: nothing to distil")
+    if model.cfg.head_type != "linear":
+        raise ValueError(f"distill-heads trains linear heads 2..k; this model's heads are {model.cfg.head_type}")
     train_ids = tok.encode(split_text(read_corpus(corpus))[0])
     rng = random.Random(seed)
     starts = [rng.randrange(0, len(train_ids) - prompt_tokens) for _ in range(prompts)]

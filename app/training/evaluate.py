@@ -19,7 +19,9 @@ def evaluate_ids(
     """Non-overlapping windows of max_seq_len; every token after the first is scored once by head 1.
 
     Returns summed head-1 nats, per-head mean loss and top-1 accuracy (head j scores
-    the token j steps ahead wherever it lies inside the same window).
+    the token j steps ahead wherever it lies inside the same window). Sequential heads are
+    teacher-forced: head j reads the true tokens before its target, as when every earlier draft
+    was accepted, so its top-1 is its acceptance rate given a correct prefix.
     """
     cfg = model.cfg
     T, k = cfg.max_seq_len, cfg.k

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -25,8 +27,16 @@ def mtp_loss(logits: Tensor, targets: Tensor, weights: Tensor) -> tuple[Tensor, 
     return (heads * weights).sum() / weights.sum(), heads.detach()
 
 
-def head_weights(spec: str | None, k: int) -> Tensor:
-    """Parse '1,0.5,0.5,0.5' into a [k] tensor; None means equal weights."""
+def head_weights(spec: str | None, k: int, mtp_weight: float | None = None) -> Tensor:
+    """The k heads' loss weights [k]: spec '1,0.5,0.5,0.5' parsed; else, with mtp_weight λ,
+    DeepSeek-V3's 1, λ/(k-1), .., λ/(k-1) (L_main + λ/(k-1) Σ L_j, as mtp_loss's weighted mean:
+    divided by 1 + λ); else equal weights."""
+    if spec is not None and mtp_weight is not None:
+        raise ValueError("give head weights or an MTP weight (λ), not both")
+    if mtp_weight is not None:
+        if not (math.isfinite(mtp_weight) and mtp_weight >= 0):
+            raise ValueError(f"the MTP weight λ must be a non-negative number, got {mtp_weight!r}")
+        return torch.tensor([1.0] + [mtp_weight / max(k - 1, 1)] * (k - 1))
     if spec is None:
         return torch.ones(k)
     values = [float(v) for v in spec.split(",")]

@@ -44,7 +44,8 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    head_weights: str | None = None  # e.g. "1,1,0.75,0.5"; None = equal
+    head_weights: str | None = None  # e.g. "1,1,0.75,0.5"; None = equal (or mtp_weight's)
+    mtp_weight: float | None = None  # DeepSeek-V3's λ: weights 1, λ/(k-1), ..; not with head_weights
     eval_interval: int = 250
     eval_windows: int = 40  # windows of held-out text per periodic evaluation
     seed: int = 1337
@@ -139,7 +140,8 @@ def train(tc: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[st
     stream = TokenStream(tok.encode(train_text))
     model = MTPTransformer(tc.model).to(device)
     opt = make_optimizer(model, tc)
-    weights = head_weights(tc.head_weights, tc.model.k).to(device)
+    weights = head_weights(tc.head_weights, tc.model.k, tc.mtp_weight).to(device)
+    teacher_forced = tc.model.head_type == "sequential"
 
     history: list[dict[str, Any]] = []
     start_step, elapsed = 0, 0.0
@@ -156,7 +158,7 @@ def train(tc: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[st
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc)
-        x, y = stream.sample(tc.batch_size, tc.model.max_seq_len, tc.model.k, gen)
+        x, y = stream.sample(tc.batch_size, tc.model.max_seq_len, tc.model.k, gen, teacher_forced)
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)  # [B, T, k, V]
