@@ -48,6 +48,15 @@ def test_docs_stay_open_with_an_api_key(client_factory: Callable[..., TestClient
     assert client.post("/predict", json={"inputs": "a"}).status_code == 401
 
 
+def test_docs_traffic_has_route_labels_of_its_own(client: TestClient) -> None:
+    for path in ("/docs", "/openapi.json", "/docs/assets/swagger-ui.css", "/docs/assets/missing.js"):
+        client.get(path)
+    text = client.get("/metrics").text
+    for route, status in [("/docs", 200), ("/openapi.json", 200), ("/docs/assets", 200), ("/docs/assets", 404)]:
+        assert f'mtp_requests_total{{route="{route}",status="{status}"}} 1.0' in text, (route, status)
+    assert 'route="unmatched"' not in text  # kept for paths that no route serves
+
+
 def render(url: str, profile: Path) -> str:
     """The DOM of `url` after its scripts ran, from headless Chromium that can resolve no host but 127.0.0.1."""
     assert CHROMIUM is not None, "chromium not installed: CI must install it (.ci/run)"
