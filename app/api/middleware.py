@@ -20,6 +20,7 @@ from typing import Any
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.docs import ASSETS_PATH
 from app.api.errors import envelope, failure_reason
 from app.engine.admission import NO_TICKET, DoorTicket, door_ticket
 from app.logs import request_id_var
@@ -42,6 +43,18 @@ def new_request_id() -> str:
 
 SHED_PATHS = frozenset({"/predict", "/generate", "/generate_stream", "/v1/completions"})
 KEYED_PATHS = frozenset({"/predict", "/generate", "/generate_stream", "/tokenize"})  # and every /v1/ path
+
+
+def route_label(scope: Scope, path: str) -> str:
+    """The route label of a request's metrics: the matched route's template (an inference route's
+    path also when refused before routing), /openapi.json, the docs assets as one label, else
+    "unmatched" (a label per unknown URL would grow without bound)."""
+    route = scope.get("route")  # set for FastAPI routes only, not for /openapi.json or a mount
+    if route is not None:
+        return str(route.path)
+    if path in SHED_PATHS or path == "/openapi.json":
+        return path
+    return ASSETS_PATH if path.startswith(ASSETS_PATH + "/") else "unmatched"
 
 
 def authorized(headers: dict[bytes, bytes], key: str) -> bool:
@@ -199,9 +212,7 @@ class RequestContext:
             if ticket is not None:
                 ticket.release()  # a request that ended before reaching the queue frees its place
             door_ticket.reset(ticket_token)
-            route = scope.get("route")
-            path = getattr(route, "path", None) or (path if path in SHED_PATHS else "unmatched")
-            self._observe(path, status_box[0], time.perf_counter() - start)
+            self._observe(route_label(scope, path), status_box[0], time.perf_counter() - start)
             request_id_var.reset(token)
 
 
