@@ -21,7 +21,7 @@ from app.api.deps import ServiceState
 from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContext
-from app.api.routes import generate, openai, predict, system
+from app.api.routes import chat, generate, openai, predict, system
 from app.config import Settings
 from app.engine.admission import NO_TICKET
 from app.engine.config import EngineConfig, inference_thread
@@ -101,7 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = ServiceState(settings=settings, metrics=metrics)
     install_error_handlers(app)
     install_docs(app)
-    for router in (system.router, predict.router, generate.router, openai.router):
+    for router in (system.router, predict.router, generate.router, openai.router, chat.router):
         app.include_router(router)
     if settings.cors_origins:
         app.add_middleware(

@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from app.model.chat import ChatTemplateError, load_chat_template
 from app.model.model import ConfigError, ModelConfig, MTPTransformer
 from app.model.tokenizer import Tokenizer
 
@@ -95,9 +96,14 @@ def load_tokenizer(ckpt_dir: str | Path) -> Tokenizer:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing file")
     try:
-        return Tokenizer.from_file(path)
+        tokenizer = Tokenizer.from_file(path)
     except Exception as exc:  # tokenizers raises plain Exception subclasses
         raise CheckpointError(f"{path}: cannot load tokenizer ({exc})") from exc
+    try:
+        tokenizer.chat_template = load_chat_template(ckpt_dir)
+    except ChatTemplateError as exc:
+        raise CheckpointError(str(exc)) from exc
+    return tokenizer
 
 
 def load_weights(path: Path, model: MTPTransformer) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from app.model.chat import DEFAULT as DEFAULT_CHAT_TEMPLATE
+
 EOT = "<|endoftext|>"
 
 
@@ -52,6 +54,7 @@ class Tokenizer:
             else:
                 self._bytes.append(bytes(table[c] for c in piece))
         self.special_ids = frozenset(special)
+        self.chat_template = DEFAULT_CHAT_TEMPLATE  # the checkpoint's, when it has one (load_tokenizer)
 
     def cover(self, vocab_size: int) -> None:
         """Give ids up to vocab_size (a model's padded vocabulary) an empty text, so any id the model

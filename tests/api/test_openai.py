@@ -128,7 +128,7 @@ def test_streamed_text_equals_completion_text_when_ending_mid_character(
         {"prompt": PROMPT, "top_p": 0},
         {"prompt": PROMPT, "n": 2},
         {"prompt": PROMPT, "echo": True},
-        {"prompt": PROMPT, "logprobs": 5},
+        {"prompt": PROMPT, "logprobs": 50},
         {"prompt": PROMPT, "max_tokens": 0},
         {"prompt": PROMPT, "max_tokens": 300},
         {"prompt": PROMPT, "frequency_penalty": 3.0},

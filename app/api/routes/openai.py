@@ -1,4 +1,5 @@
-"""OpenAI-compatible /v1/completions and /v1/models (errors in OpenAI's shape on these routes)."""
+"""OpenAI-compatible /v1/completions and /v1/models (errors in OpenAI's shape on these routes),
+and what /v1/chat/completions (chat.py) shares with them."""
 
 from __future__ import annotations
 
@@ -11,84 +12,26 @@ from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
 
 from app.api.deps import Serving, ServingDep, StateDep, unless_disconnected
 from app.api.errors import APIError, error_body
+from app.api.openai_protocol import (
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    Usage,
+)
 from app.api.routes.generate import options_for, prompt_ids
-from app.api.schemas import INFERENCE_ERRORS, MAX_SEED, GenerateParameters, OpenAIError, Strict, error_responses
+from app.api.schemas import INFERENCE_ERRORS, GenerateParameters, OpenAIError, error_responses
 from app.api.textgen import GenError, GenFinal, GenOptions, GenToken, open_stream, run_generation
+from app.model.tokenizer import Tokenizer
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 T = TypeVar("T")
-
-
-class StreamOptions(Strict):
-    include_usage: bool = False
-
-
-class CompletionRequest(Strict):
-    model: str | None = None
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, description="vLLM's extension: 1 = off")
-    logit_bias: dict[str, float] = Field(
-        default_factory=dict, description="Token id (as a string) -> bias in [-100, 100]"
-    )
-    n: Literal[1] = 1
-    best_of: Literal[1] = 1
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    logprobs: int | None = Field(None, ge=0, le=0, description="Only the chosen token's logprob (0) is supported")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    echo: Literal[False] = False
-    user: str | None = None
-
-
-class CompletionLogprobs(BaseModel):
-    tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None = None
-    text_offset: list[int]
-
-
-class CompletionChoice(BaseModel):
-    text: str
-    index: int
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["length", "stop"] | None = None
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class Completion(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "mtp"
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
 
 
 STARTED = int(time.time())
@@ -100,36 +43,64 @@ async def models(state: StateDep) -> ModelList:
     return ModelList(data=[ModelCard(id=state.model_id or "mtp", created=STARTED)])
 
 
-def _params(req: CompletionRequest) -> GenerateParameters:
-    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-    return GenerateParameters(
-        max_new_tokens=req.max_tokens,
+# What TGI's clients send as the model when they were given a server's URL rather than a model
+# name (huggingface_hub's InferenceClient: "dummy"; TGI's own docs: "tgi"): they mean this model.
+URL_CLIENT_MODELS = ("dummy", "tgi")
+
+
+def check_model(model: str | None, serving: Serving) -> None:
+    """An unknown model is 404 (as vLLM answers it); none, this one's id, or a URL client's placeholder is fine."""
+    if model not in (None, serving.state.model_id, *URL_CLIENT_MODELS):
+        raise APIError(404, f"The model `{model}` does not exist.", "NotFoundError")
+
+
+def stops_of(stop: str | list[str] | None) -> list[str]:
+    return [stop] if isinstance(stop, str) else (stop or [])
+
+
+def gen_options(
+    req: CompletionRequest | ChatCompletionRequest, serving: Serving, max_tokens: int, top_logprobs: int
+) -> GenOptions:
+    """The generation options of an OpenAI request, checked against the service's limits."""
+    params = GenerateParameters(
+        max_new_tokens=max_tokens,
         temperature=req.temperature,
         top_p=req.top_p if req.top_p < 1.0 else None,
         do_sample=req.temperature > 0,
         seed=req.seed,
-        stop=stops,
+        stop=stops_of(req.stop),
     )
-
-
-def _logit_bias(req: CompletionRequest) -> tuple[tuple[int, float], ...]:
+    opts = options_for(params, serving)
+    if top_logprobs > serving.settings.max_logprobs:
+        raise APIError(422, f"logprobs: at most {serving.settings.max_logprobs} most likely tokens per token")
     try:
-        return tuple((int(token), value) for token, value in req.logit_bias.items())
+        opts.logit_bias = tuple((int(token), value) for token, value in req.logit_bias.items())
     except ValueError:
         raise APIError(422, "logit_bias: keys must be token ids") from None
+    opts.frequency_penalty, opts.presence_penalty = req.frequency_penalty, req.presence_penalty
+    opts.repetition_penalty, opts.top_logprobs = req.repetition_penalty, top_logprobs
+    return opts
 
 
-def _choice(final: GenFinal, index: int, with_logprobs: bool) -> CompletionChoice:
+def finish_reason(final: GenFinal) -> Literal["length", "stop"]:
+    return "length" if final.finish_reason == "length" else "stop"
+
+
+def _choice(final: GenFinal, index: int, with_logprobs: bool, tok: Tokenizer) -> CompletionChoice:
     logprobs = None
+    with_top = any(t.top for t in final.tokens)
     if with_logprobs:
         offsets, pos = [], 0
         for t in final.tokens:
             offsets.append(pos)
             pos += len(t.text)
         logprobs = CompletionLogprobs(
-            tokens=[t.text for t in final.tokens], token_logprobs=[t.logprob for t in final.tokens], text_offset=offsets
+            tokens=[tok.id_to_text(t.id) for t in final.tokens],  # each token's own text, as in top_logprobs
+            token_logprobs=[t.logprob for t in final.tokens],
+            top_logprobs=[{c.text: c.logprob for c in t.top} for t in final.tokens] if with_top else None,
+            text_offset=offsets,
         )
-    reason: Literal["length", "stop"] = "length" if final.finish_reason == "length" else "stop"
+    reason = finish_reason(final)
     return CompletionChoice(text=final.text_without_stop, index=index, logprobs=logprobs, finish_reason=reason)
 
 
@@ -148,7 +119,7 @@ async def all_or_nothing(works: list[Coroutine[Any, Any, T]]) -> list[T]:
     return [t.result() for t in tasks]
 
 
-async def _run(serving: Serving, ids: list[int], opts: GenOptions) -> GenFinal:
+async def run_to_end(serving: Serving, ids: list[int], opts: GenOptions) -> GenFinal:
     async for out in run_generation(serving.engine, serving.tokenizer, ids, opts):
         if isinstance(out, GenFinal):
             return out
@@ -180,12 +151,8 @@ async def completions(req: CompletionRequest, serving: ServingDep, request: Requ
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if not prompts or len(prompts) > serving.settings.max_inputs_per_request:
         raise APIError(422, f"prompt must hold 1 to {serving.settings.max_inputs_per_request} texts")
-    if req.model not in (None, serving.state.model_id):
-        raise APIError(404, f"The model `{req.model}` does not exist.", "NotFoundError")
-    params = _params(req)
-    opts = options_for(params, serving)
-    opts.frequency_penalty, opts.presence_penalty = req.frequency_penalty, req.presence_penalty
-    opts.repetition_penalty, opts.logit_bias = req.repetition_penalty, _logit_bias(req)
+    check_model(req.model, serving)
+    opts = gen_options(req, serving, req.max_tokens, req.logprobs or 0)
     prepared = [await prompt_ids(p, serving, "prompt") for p in prompts]
     model = serving.state.model_id
     cid = f"cmpl-{uuid.uuid4().hex}"
@@ -193,14 +160,14 @@ async def completions(req: CompletionRequest, serving: ServingDep, request: Requ
         if len(prompts) != 1:
             raise APIError(422, "streaming takes a single prompt")
         return await _stream(serving, prepared[0], opts, req, cid, model)
-    finals = await unless_disconnected(request, all_or_nothing([_run(serving, ids, opts) for ids in prepared]))
+    finals = await unless_disconnected(request, all_or_nothing([run_to_end(serving, ids, opts) for ids in prepared]))
     completion_tokens = sum(f.generated_tokens for f in finals)
     prompt_tokens = sum(len(ids) for ids in prepared)
     return Completion(
         id=cid,
         created=int(time.time()),
         model=model,
-        choices=[_choice(f, i, req.logprobs is not None) for i, f in enumerate(finals)],
+        choices=[_choice(f, i, req.logprobs is not None, serving.tokenizer) for i, f in enumerate(finals)],
         usage=Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
@@ -214,8 +181,9 @@ async def _stream(
 ) -> StreamingResponse:
     created = int(time.time())
 
-    def chunk(text: str, reason: str | None, lp: float | None = None) -> str:
-        logprobs = {"tokens": [text], "token_logprobs": [lp], "top_logprobs": None, "text_offset": [0]}
+    def chunk(text: str, reason: str | None, lp: float | None = None, top: dict[str, float] | None = None) -> str:
+        tops = [top] if top else None
+        logprobs = {"tokens": [text], "token_logprobs": [lp], "top_logprobs": tops, "text_offset": [0]}
         body = {
             "id": cid,
             "object": "text_completion",
@@ -240,13 +208,14 @@ async def _stream(
                 pending.append(f"data: {json.dumps(error_body(err.message, err.error_type, openai=True))}\n\n")
             elif isinstance(out, GenToken):
                 sent += len(out.released)
-                pending.append(chunk(out.released, None, out.logprob if want_lp else None))  # one per token
+                top = {c.text: c.logprob for c in out.top} if out.top else None
+                pending.append(chunk(out.released, None, out.logprob if want_lp else None, top))  # one per token
                 if not out.flush:
                     continue
             else:
                 if rest := out.text_without_stop[sent:]:
                     pending.append(chunk(rest, None))
-                pending.append(chunk("", "length" if out.finish_reason == "length" else "stop"))
+                pending.append(chunk("", finish_reason(out)))
                 if req.stream_options and req.stream_options.include_usage:
                     usage = {
                         "prompt_tokens": len(ids),
