@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     max_input_tokens: int | None = Field(None, ge=1)  # None = the model's context
     max_new_tokens: int = Field(256, ge=1)
     max_top_n: int = Field(100, ge=1)
+    max_logprobs: int = Field(20, ge=0)  # most likely tokens per generated token (logprobs, top_n_tokens)
     max_candidates: int = Field(32, ge=0)
     max_inputs_per_request: int = Field(32, ge=1)
     max_stop_sequences: int = Field(8, ge=0)

@@ -141,7 +141,7 @@ class GenerateParameters(Strict):
     # TGI's other parameters: accepted with their neutral values, a clear 422 otherwise
     best_of: int | None = Field(None, ge=1, description="Only 1 (one sequence) is supported")
     decoder_input_details: bool = Field(False, description="Not supported: false")
-    top_n_tokens: int | None = Field(None, ge=0, description="Not supported: 0 or null")
+    top_n_tokens: int | None = Field(None, ge=0, description="The most likely tokens at each generated token")
     typical_p: float | None = Field(None, gt=0.0, le=1.0, description="Not supported: 1.0 or null")
     watermark: bool = Field(False, description="Not supported: false")
     grammar: dict[str, Any] | None = Field(None, description="Not supported: null")
@@ -192,6 +192,7 @@ class Details(BaseModel):
         default_factory=list, description="The input tokens (TGI's decoder_input_details; empty unless asked for)"
     )
     tokens: list[Token] | None = None
+    top_tokens: list[list[Token]] | None = Field(None, description="Per generated token, with top_n_tokens")
 
 
 class GenerateResponse(BaseModel):
@@ -202,6 +203,7 @@ class GenerateResponse(BaseModel):
 class StreamEvent(BaseModel):
     index: int
     token: Token
+    top_tokens: list[Token] | None = None
     generated_text: str | None = None
     details: Details | None = None
 
@@ -228,6 +230,7 @@ class Limits(BaseModel):
     max_input_tokens: int
     max_new_tokens: int
     max_top_n: int
+    max_logprobs: int
     max_candidates: int
     max_inputs_per_request: int
     max_stop_sequences: int

@@ -32,6 +32,7 @@ class GenOptions:
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    top_logprobs: int = 0  # per generated token, this many most likely tokens with their logprobs
 
     def sampling(self) -> SamplingParams:
         # As in text-generation-inference: setting temperature (> 0), top_k or top_p turns sampling on.
@@ -62,6 +63,14 @@ class GenToken:
     last: bool = False  # the GenFinal follows at once
     flush: bool = True  # no further token is ready now (False: more of the same engine step follow)
     released: str = ""  # text now safe to stream: none of it can turn out to begin a stop sequence
+    top: list[TopToken] = field(default_factory=list)  # the most likely tokens here, when asked for
+
+
+@dataclass
+class TopToken:
+    id: int
+    text: str
+    logprob: float
 
 
 @dataclass
@@ -100,6 +109,7 @@ async def run_generation(
         sampling=sampling,
         speculative=opts.speculative,
         request_id=request_id_var.get(),
+        top_logprobs=opts.top_logprobs,
     )
     spec = engine.speculates(request)
     decoder = tok.stream_decoder()
@@ -135,6 +145,7 @@ async def run_generation(
                         last=cut is not None or final_token,
                         flush=i == n - 1,
                         released=text[released:safe],
+                        top=[TopToken(t, tok.id_to_text(t), v) for t, v in event.top[i]] if event.top else [],
                     )
                     released = max(released, safe)
                     tokens.append(gt)

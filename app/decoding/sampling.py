@@ -87,6 +87,13 @@ def penalty_state(prompts: list[list[int]], V: int, device: torch.device) -> tup
     return torch.zeros(len(prompts), V, device=device), prompt
 
 
+def top_logprobs(logits: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The n most likely tokens at each position and their log-probabilities (the model's own
+    softmax, as each emitted token's logprob is): logits [B, T, V] -> (ids, logprobs) [B, T, n]."""
+    values, ids = torch.log_softmax(logits.float(), dim=-1).topk(n, dim=-1)
+    return ids, values
+
+
 def count_emitted(counts: Tensor, tokens: Tensor, n_emitted: Tensor) -> Tensor:
     """counts [B, V] plus the tokens each row emitted this step (tokens [B, T], the first n_emitted [B])."""
     T = tokens.shape[1]

@@ -60,6 +60,7 @@ class DecodeBatch:
         self.sampling = self._sampling()
         self.last_max_accept: list[int] = []  # drafts each row could accept in the last step
         self.last_drafts = 0  # drafts verified per row in the last step
+        self.last_head1: Tensor | None = None  # head 1's logits at the last step's offsets [n, T, V]
         self._survivors: list[int] | None = None  # old rows of self.seqs, until compact() runs
 
     def __len__(self) -> int:
@@ -145,6 +146,7 @@ class DecodeBatch:
         want = bool(spec.any()) and self.n_drafts > 0
         step = forward_step(self.model, self.cur, verified if use_drafts else None, self.pos, want_drafts=want)
         res = accept_drafts(step.head1, verified, q, max_accept, self.sampling, spec, step.drafts, k - 1)
+        self.last_head1 = step.head1[:, :, 0]  # [n, T, V]: for the top log-probabilities rows ask for
         rows = torch.arange(len(self), device=self.device)
         self.cur = res.tokens[rows, res.n_emitted - 1]
         self.pos = self.pos + res.n_emitted

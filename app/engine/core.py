@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
+from torch import Tensor
 
 from app.decoding.generate import first_tokens, prefill
 from app.decoding.predict import Scores, score_next
-from app.decoding.sampling import BatchSampling, make_generator, penalty_state
+from app.decoding.sampling import BatchSampling, make_generator, penalty_state, top_logprobs
 from app.engine.batch import DecodeBatch, RunningSequence
 from app.engine.config import EngineConfig
 from app.engine.scheduler import Scheduler
@@ -52,6 +53,17 @@ class StepOutput:
     results: list[tuple[PredictItem, Scores | EngineError]] = field(default_factory=list)
     left_queue: int = 0  # requests that left the waiting queues (started, dropped or cancelled)
     released: list[WorkItem] = field(default_factory=list)  # cancelled requests the core has let go
+
+
+@dataclass
+class Emitted:
+    """What one pass gives one sequence: its tokens (cut at a stop token or its length), their
+    log-probabilities, and the most likely tokens at each, when the request asks for them."""
+
+    seq: RunningSequence
+    tokens: list[int]
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]] | None = None
 
 
 # ---- inbox messages ---------------------------------------------------------------------------
@@ -292,7 +304,7 @@ class EngineCore:
             return
         self._update(out, outputs)
 
-    def _prefill(self, seqs: list[RunningSequence]) -> list[tuple[RunningSequence, list[int], list[float]]]:
+    def _prefill(self, seqs: list[RunningSequence]) -> list[Emitted]:
         self.batch.compact()  # rows 0..n-1 hold the running sequences; new ones go after them
         row0 = len(self.batch)
         prompts = [s.item.request.prompt_ids for s in seqs]
@@ -302,11 +314,21 @@ class EngineCore:
         )
         sampling = BatchSampling.from_params(params, [s.generator for s in seqs], self.device, penalty)
         want = torch.tensor([s.speculative for s in seqs], dtype=torch.bool, device=self.device)
-        first = first_tokens(prefill(self.model, prompts, row0=row0), sampling, want)
+        last = prefill(self.model, prompts, row0=row0)  # [B, k, V] at each prompt's last position
+        first = first_tokens(last, sampling, want)
         self.batch.concatenate(seqs, first, [len(p) for p in prompts], penalty)
         for p in prompts:
             self.stats.prompt_tokens(len(p))
-        return self._collect(first.tokens[:, :1].tolist(), first.logprobs[:, :1].tolist(), [1] * len(seqs), row0)
+        top = self._top(seqs, last[:, None, 0])
+        return self._collect(first.tokens[:, :1].tolist(), first.logprobs[:, :1].tolist(), [1] * len(seqs), row0, top)
+
+    def _top(self, seqs: list[RunningSequence], head1: Tensor | None) -> tuple[list[Any], list[Any]] | None:
+        """The most likely tokens at each offset [B, T, n] (ids, logprobs), for the rows that ask."""
+        n = min(max((s.item.request.top_logprobs for s in seqs), default=0), self.model.cfg.vocab_size)
+        if n == 0 or head1 is None:
+            return None
+        ids, lps = top_logprobs(head1, n)
+        return ids.tolist(), lps.tolist()
 
     def _run_decode(self, out: StepOutput) -> None:
         now = time.monotonic()
@@ -339,15 +361,21 @@ class EngineCore:
             "threads": self.threads.describe() if self.threads is not None else None,
         }
 
-    def _decode(self) -> list[tuple[RunningSequence, list[int], list[float]]]:
+    def _decode(self) -> list[Emitted]:
         res = self.batch.step()
         counts = res.n_emitted.tolist()
         self.stats.decode_step(len(self.batch), self.batch.last_drafts, self.batch.last_max_accept, counts)
-        return self._collect(res.tokens.tolist(), res.logprobs.tolist(), counts, 0)
+        top = self._top(self.batch.seqs, self.batch.last_head1)
+        return self._collect(res.tokens.tolist(), res.logprobs.tolist(), counts, 0, top)
 
     def _collect(
-        self, tokens: list[list[int]], logprobs: list[list[float]], counts: list[int], row0: int
-    ) -> list[tuple[RunningSequence, list[int], list[float]]]:
+        self,
+        tokens: list[list[int]],
+        logprobs: list[list[float]],
+        counts: list[int],
+        row0: int,
+        top: tuple[list[Any], list[Any]] | None = None,
+    ) -> list[Emitted]:
         """Per sequence: the tokens to emit, cut at EOS / stop tokens / max_new_tokens."""
         out = []
         for r, (toks, lps, n) in enumerate(zip(tokens, logprobs, counts, strict=True)):
@@ -358,15 +386,20 @@ class EngineCore:
                     keep = t + 1
                     break
             seq.generated += keep
-            out.append((seq, toks[:keep], lps[:keep]))
+            want = seq.item.request.top_logprobs
+            row_top = None
+            if top is not None and want:
+                ids, values = top[0][r], top[1][r]
+                row_top = [list(zip(ids[t][:want], values[t][:want], strict=True)) for t in range(keep)]
+            out.append(Emitted(seq, toks[:keep], lps[:keep], row_top))
         return out
 
     # ---- update ----------------------------------------------------------------------------
 
-    def _update(self, out: StepOutput, outputs: list[tuple[RunningSequence, list[int], list[float]]]) -> None:
+    def _update(self, out: StepOutput, outputs: list[Emitted]) -> None:
         """Turn a pass's tokens into events; finished, cancelled and expired sequences leave the batch."""
         now = time.monotonic()
-        for seq, toks, lps in outputs:
+        for seq, toks, lps, top in ((e.seq, e.tokens, e.logprobs, e.top) for e in outputs):
             if seq.item.cancelled:  # counted and dropped at the next step boundary
                 continue
             if now > seq.item.deadline:  # a pass that ended past the deadline delivers nothing
@@ -376,7 +409,7 @@ class EngineCore:
             if toks:
                 self.stats.tokens(len(toks), seq.item.submitted, seq.last_token_at, now)
                 seq.last_token_at = now
-                out.events.append((seq.item, TokenEvent(toks, lps, final=reason is not None)))
+                out.events.append((seq.item, TokenEvent(toks, lps, final=reason is not None, top=top)))
             if reason is not None:
                 self._end(out, seq, reason=reason)
         self._drop_ended()

@@ -226,6 +226,8 @@ class Engine:
         check_sampling(request.sampling, self.model.cfg.vocab_size)
         if request.max_new_tokens < 1:
             raise InvalidRequest("max_new_tokens must be at least 1")
+        if not 0 <= request.top_logprobs <= self.model.cfg.vocab_size:
+            raise InvalidRequest(f"top log-probabilities must be in [0, {self.model.cfg.vocab_size}]")
         self._admit(1)
         item = GenerateItem(request=request, deadline=time.monotonic() + self.cfg.request_timeout_s)
         self._by_id.setdefault(request.request_id, set()).add(item)

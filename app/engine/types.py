@@ -51,6 +51,7 @@ class GenerateJob:
     speculative: bool | None = None  # None = the engine's default
     stop_token_ids: frozenset[int] = frozenset()
     request_id: str = ""
+    top_logprobs: int = 0  # per generated token, the most likely tokens and their logprobs
 
 
 @dataclass
@@ -60,6 +61,7 @@ class TokenEvent:
     token_ids: list[int]
     logprobs: list[float]
     final: bool = False  # the sequence ends with these tokens; a FinishEvent follows at once
+    top: list[list[tuple[int, float]]] | None = None  # per token: (id, logprob), most likely first
 
 
 @dataclass

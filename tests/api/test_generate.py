@@ -354,7 +354,13 @@ def test_tgi_parameters_with_neutral_values_are_accepted(client: TestClient) -> 
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("best_of", 2), ("decoder_input_details", True), ("top_n_tokens", 3), ("typical_p", 0.5), ("watermark", True)],
+    [
+        ("best_of", 2),
+        ("decoder_input_details", True),
+        ("typical_p", 0.5),
+        ("watermark", True),
+        ("grammar", {"type": "json"}),
+    ],
 )
 def test_unsupported_tgi_parameters_get_422_naming_them(
     client: TestClient, envelope: Callable[..., dict[str, Any]], name: str, value: Any

@@ -85,7 +85,6 @@ def options_for(params: GenerateParameters, serving: Serving) -> GenOptions:
     unsupported = {
         "best_of": params.best_of not in (None, 1),
         "decoder_input_details": params.decoder_input_details,
-        "top_n_tokens": params.top_n_tokens not in (None, 0),
         "typical_p": params.typical_p not in (None, 1.0),
         "watermark": params.watermark,
         "grammar": params.grammar is not None,
@@ -94,6 +93,8 @@ def options_for(params: GenerateParameters, serving: Serving) -> GenOptions:
     for name, used in unsupported.items():
         if used:
             raise APIError(422, f"{name}: not supported by this server (leave it unset or at its neutral value)")
+    if (params.top_n_tokens or 0) > s.max_logprobs:
+        raise APIError(422, f"top_n_tokens must be at most {s.max_logprobs}")
     return GenOptions(
         max_new_tokens=params.max_new_tokens,
         temperature=params.temperature,
@@ -104,6 +105,7 @@ def options_for(params: GenerateParameters, serving: Serving) -> GenOptions:
         stop=params.stop,
         speculative=params.speculative,
         frequency_penalty=params.frequency_penalty or 0.0,
+        top_logprobs=params.top_n_tokens or 0,
         repetition_penalty=params.repetition_penalty if params.repetition_penalty is not None else 1.0,
     )
 
@@ -141,7 +143,12 @@ def details_of(final: GenFinal, with_tokens: bool) -> Details:
             accepted_tokens=final.accepted_tokens,
         ),
         tokens=[_token(t) for t in final.tokens] if with_tokens else None,
+        top_tokens=[_top(t) for t in final.tokens] if with_tokens and any(t.top for t in final.tokens) else None,
     )
+
+
+def _top(t: GenToken) -> list[Token]:
+    return [Token(id=c.id, text=c.text, logprob=c.logprob, special=False) for c in t.top]
 
 
 def _token(t: GenToken) -> Token:
@@ -177,17 +184,22 @@ async def event_stream(outs: AsyncIterator[GenToken | GenFinal | GenError], pref
             last = out
             continue
         elif isinstance(out, GenToken):
-            pending.append(sse(StreamEvent(index=out.index, token=_token(out)).model_dump()))
+            ev = StreamEvent(index=out.index, token=_token(out), top_tokens=_top(out) if out.top else None)
+            pending.append(sse(ev.model_dump(exclude=None if out.top else {"top_tokens"})))
             if not out.flush:
                 continue
         elif last is not None:
             ev = StreamEvent(
                 index=last.index,
                 token=_token(last),
+                top_tokens=_top(last) if last.top else None,
                 generated_text=prefix + out.generated_text,
                 details=details_of(out, with_tokens=False),
             )
-            pending.append(sse(ev.model_dump(exclude={"details": {"tokens"}})))
+            skip: dict[str, Any] = {"details": {"tokens", "top_tokens"}}
+            if not last.top:
+                skip["top_tokens"] = True
+            pending.append(sse(ev.model_dump(exclude=skip)))
         if pending:
             yield "".join(pending)
             pending.clear()

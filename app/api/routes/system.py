@@ -69,6 +69,7 @@ async def info(serving: ServingDep) -> InfoResponse:
             max_input_tokens=serving.state.max_input_tokens,
             max_new_tokens=min(s.max_new_tokens, cfg.max_seq_len - 1),
             max_top_n=min(s.max_top_n, cfg.vocab_size),
+            max_logprobs=min(s.max_logprobs, cfg.vocab_size),
             max_candidates=s.max_candidates,
             max_inputs_per_request=s.max_inputs_per_request,
             max_stop_sequences=s.max_stop_sequences,
