@@ -70,3 +70,58 @@ def test_openai_client_with_penalties_and_nulls(server: Any) -> None:
     r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
     assert r.status_code == 200, r.text  # null is the default
     assert r.json()["usage"]["completion_tokens"] == 16
+
+
+def test_chat_clients_openai_langchain_and_huggingface_hub(server: Any) -> None:
+    from langchain_openai import ChatOpenAI
+
+    messages = [{"role": "user", "content": PROMPT}]
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=30)
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+    text = reply.choices[0].message.content
+    assert text is not None and reply.usage is not None
+    chunks = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, stream=True)  # type: ignore[arg-type]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+
+    chat = ChatOpenAI(base_url=f"{server.url}/v1", api_key="x", model="tiny", max_tokens=8, temperature=0)
+    assert chat.invoke(PROMPT).content == text
+    assert "".join(str(c.content) for c in chat.stream(PROMPT)) == text
+    assert [m.content for m in chat.batch([PROMPT, PROMPT])] == [text, text]
+
+    hub = InferenceClient(model=server.url)
+    out = hub.chat_completion(messages, max_tokens=8, temperature=0)
+    assert out.choices[0].message.content == text
+    streamed = hub.chat_completion(messages, max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
+
+
+def test_litellm_openai_and_huggingface_providers(server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch of its price list: nothing outside
+    import litellm
+
+    messages = [{"role": "user", "content": PROMPT}]
+    want = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x").chat.completions.create(
+        model="tiny",
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=8,
+        temperature=0,
+    )
+    text = want.choices[0].message.content
+    got = litellm.completion(
+        model="openai/tiny", api_base=f"{server.url}/v1", api_key="x", messages=messages, max_tokens=8, temperature=0
+    )
+    assert got.choices[0].message.content == text
+    streamed = litellm.completion(
+        model="openai/tiny",
+        api_base=f"{server.url}/v1",
+        api_key="x",
+        messages=messages,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == text
+    hf = litellm.completion(
+        model="huggingface/tiny", api_base=server.url, api_key="x", messages=messages, max_tokens=8, temperature=0
+    )
+    assert hf.choices[0].message.content == text
