@@ -39,7 +39,7 @@ class Settings(BaseSettings):
         ENGINE.draft_tokens, ge=0
     )  # drafts verified per pass (None: k - 1, or fewer where faster)
     adaptive_drafts: bool = ENGINE.adaptive_drafts  # greedy batches verify the draft count timed fastest for their size
-    adaptive_threads: bool = ENGINE.adaptive_threads  # CPU: each pass at 1 or torch_threads threads, the faster now
+    adaptive_threads: bool = ENGINE.adaptive_threads  # CPU: decode steps at 1 or torch_threads threads, the faster now
 
     # per-request caps
     max_input_tokens: int | None = Field(None, ge=1)  # None = the model's context

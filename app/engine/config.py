@@ -27,7 +27,7 @@ class EngineConfig:
     speculative: bool = True
     draft_tokens: int | None = None  # drafts verified per pass; None = k - 1, or fewer where faster
     adaptive_drafts: bool = True  # with draft_tokens None: time the step at start-up and adapt (drafts.py)
-    adaptive_threads: bool = True  # CPU: run each pass at the thread count timed fastest now (threads.py)
+    adaptive_threads: bool = True  # CPU: run each decode step at the thread count timed fastest now (threads.py)
     request_timeout_s: float = 60.0
     stall_timeout_s: float = 30.0
 

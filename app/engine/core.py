@@ -236,7 +236,7 @@ class EngineCore:
         self.busy_since = time.monotonic()
         try:
             with self.stats.forward(kind):
-                if self.threads is None:
+                if self.threads is None or kind != "decode":  # prefills and /predict: few, varied passes
                     return self._guarded(kind, fn)
                 return self.threads.run((kind, size_bucket(size)), lambda: self._guarded(kind, fn))
         finally:

@@ -1,18 +1,18 @@
-"""How many intra-op threads a forward pass uses: the count that runs it fastest now.
+"""How many intra-op threads a decode step uses: the count that runs it fastest now.
 
-On a quiet 2-core machine two OpenMP threads and one are close at batch 1, and two win on
-bigger passes. With a busy process on one of the cores, a team of two waits at every barrier
-of every op for whichever member the kernel has descheduled: greedy speculative generate() on
-the default model ran at 100 tok/s with two threads against 650 with one, while two training
-processes ran at nice 19 (`python -m bench.threads --contention`). A fixed count is wrong on
-one machine or the other, and a neighbour's load comes and goes.
+On a quiet 2-core machine two OpenMP threads serve the most. With a busy process on one of
+the cores, a team of two waits at every barrier of every op for whichever member the kernel
+has descheduled: served single-stream /generate fell to 0.28x of its quiet speed with two
+threads and kept 0.96x with one (`python -m bench.contention`, docs/benchmarks.md). A fixed
+count is wrong on one machine or the other, and a neighbour's load comes and goes.
 
-So the core loop times each pass at the thread count it used, per kind of pass and size, and
-runs each pass at the count whose recent passes were fastest. Now and then it re-times the
-other count, at an interval that doubles (up to MAX_INTERVAL passes) while the choice holds
-and drops back to MIN_INTERVAL when it changes, so an exploration step under contention costs
-little; a re-timing that beats the current choice is repeated at once, so the choice follows
-the machine's load within a few steps of the next re-timing.
+So the core loop times each decode step at the thread count it used, per batch size, and runs
+each step at the count whose recent steps were fastest. Now and then it re-times the other
+count, at an interval that doubles (up to MAX_INTERVAL steps) while the choice holds and drops
+back to MIN_INTERVAL when it changes, so an exploration step under contention costs little; a
+re-timing clearly faster than the current choice is repeated at once, so the choice follows
+the machine's load within a few steps of the next re-timing. Prefills and /predict passes,
+few and of varied sizes, run at the full count.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ import torch
 
 T = TypeVar("T")
 RECENT = 5  # pass durations kept per (key, threads); their median is the cost
-MIN_INTERVAL = 16  # passes of a key between re-timings of the other thread count, at first
+MIN_INTERVAL = 32  # passes of a key between re-timings of the other thread count, at first
 MAX_INTERVAL = 256  # ... doubling up to this while the same count stays fastest
 
+CONFIRM_BELOW = 0.9  # a re-timing this much faster than the current choice is repeated at once
 Key = tuple[str, int]  # (kind of pass, size bucket)
 
 
@@ -79,8 +80,8 @@ class ThreadPolicy:
         if key in self.recent:
             recent = self.recent[key]
             best = self.best.get(key)
-            if best is not None and n != best and seconds < statistics.median(recent[best]):
-                self.until_explore[key] = 1  # the other count looks faster now: confirm it at once
+            if best is not None and n != best and seconds < CONFIRM_BELOW * statistics.median(recent[best]):
+                self.until_explore[key] = 1  # the other count looks clearly faster now: confirm it at once
             recent[n].append(seconds)
         return result
 
