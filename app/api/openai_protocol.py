@@ -16,7 +16,7 @@ class StreamOptions(Strict):
 
 class CompletionRequest(Strict):
     model: str | None = None
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="Texts or token ids")
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -26,8 +26,10 @@ class CompletionRequest(Strict):
     logit_bias: dict[str, float] = Field(
         default_factory=dict, description="Token id (as a string) -> bias in [-100, 100]"
     )
-    n: Literal[1] = 1
-    best_of: Literal[1] = 1
+    n: int = Field(1, ge=1, description="Choices per prompt, each its own sequence (not with stream)")
+    best_of: int | None = Field(
+        None, ge=1, description="Sequences generated per prompt (>= n); the n of highest total logprob are returned"
+    )
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     logprobs: int | None = Field(
@@ -35,7 +37,7 @@ class CompletionRequest(Strict):
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
-    echo: Literal[False] = False
+    echo: bool = Field(False, description="Prepend the prompt's text to each choice (not with logprobs)")
     user: str | None = None
 
 

@@ -267,6 +267,15 @@ class InfoResponse(BaseModel):
     )
     limits: Limits
     auth_required: bool
+    # text-generation-inference's flat fields, for clients and dashboards that read them
+    model_dtype: str
+    model_device_type: str
+    max_input_tokens: int
+    max_total_tokens: int
+    max_best_of: int = 1
+    max_stop_sequences: int
+    max_concurrent_requests: int
+    sha: str | None = Field(None, description="The code's git commit, where the checkout has one")
 
 
 class HealthResponse(BaseModel):

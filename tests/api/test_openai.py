@@ -126,15 +126,16 @@ def test_streamed_text_equals_completion_text_when_ending_mid_character(
     [
         {"prompt": PROMPT, "temperature": 2.5},
         {"prompt": PROMPT, "top_p": 0},
-        {"prompt": PROMPT, "n": 2},
-        {"prompt": PROMPT, "echo": True},
+        {"prompt": PROMPT, "n": 2, "best_of": 1},
+        {"prompt": PROMPT, "n": 100},
+        {"prompt": [10**9]},
         {"prompt": PROMPT, "logprobs": 50},
         {"prompt": PROMPT, "max_tokens": 0},
         {"prompt": PROMPT, "max_tokens": 300},
         {"prompt": PROMPT, "frequency_penalty": 3.0},
         {"prompt": PROMPT, "logit_bias": {"x": 1.0}},
         {"prompt": PROMPT, "logit_bias": {"1": 500.0}},
-        {"prompt": PROMPT, "best_of": 2},
+        {"prompt": PROMPT, "best_of": 2, "stream": True},
         {"prompt": ""},
         {"prompt": []},
         {"prompt": [PROMPT, PROMPT], "stream": True},
@@ -187,3 +188,37 @@ def test_official_openai_client_works_against_the_server(server: Any) -> None:
     assert exc.value.body.get("param") == "temperature"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt=PROMPT, max_tokens=6)
+
+
+def test_model_card_by_id(client: TestClient) -> None:
+    model_id = client.get("/v1/models").json()["data"][0]["id"]
+    assert client.get(f"/v1/models/{model_id}").json()["id"] == model_id
+    r = client.get("/v1/models/gpt-4")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
+
+
+def test_token_id_prompts_complete_like_their_text(client: TestClient) -> None:
+    ids = [t["id"] for t in client.post("/tokenize", json={"inputs": PROMPT}).json()["tokens"]]
+    by_text = complete(client, max_tokens=6, temperature=0)
+    assert complete(client, prompt=ids, max_tokens=6, temperature=0)["choices"] == by_text["choices"]
+    two = complete(client, prompt=[ids, ids], max_tokens=6, temperature=0)["choices"]
+    assert [c["text"] for c in two] == [by_text["choices"][0]["text"]] * 2 and [c["index"] for c in two] == [0, 1]
+
+
+def test_n_best_of_and_echo(client: TestClient) -> None:
+    sampled = complete(client, max_tokens=8, temperature=1.0, seed=3, n=3)["choices"]
+    assert [c["index"] for c in sampled] == [0, 1, 2] and len({c["text"] for c in sampled}) > 1
+    best = complete(client, max_tokens=8, temperature=1.0, seed=3, n=1, best_of=3, logprobs=0)["choices"]
+    totals = [
+        sum(
+            complete(client, max_tokens=8, temperature=1.0, seed=3 + i, logprobs=0)["choices"][0]["logprobs"][
+                "token_logprobs"
+            ]
+        )
+        for i in range(3)
+    ]
+    assert sum(best[0]["logprobs"]["token_logprobs"]) == pytest.approx(max(totals))
+    echoed = complete(client, max_tokens=4, temperature=0, echo=True)["choices"][0]["text"]
+    assert echoed == PROMPT + complete(client, max_tokens=4, temperature=0)["choices"][0]["text"]
+    for bad in ({"n": 2, "best_of": 1}, {"echo": True, "logprobs": 1}, {"n": 2, "stream": True}):
+        assert client.post("/v1/completions", json={"prompt": PROMPT, **bad}).status_code == 400

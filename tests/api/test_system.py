@@ -229,3 +229,14 @@ def test_model_loading_caches_and_forward_passes_run_on_the_inference_thread(
     assert client.post("/generate", json={"inputs": "To be", "parameters": {"max_new_tokens": 4}}).status_code == 200
     names = set().union(*threads.values())
     assert all(threads.values()) and len(names) == 1 and names.pop().startswith("mtp-worker"), threads
+
+
+def test_info_carries_tgis_flat_fields(client: TestClient) -> None:
+    info = client.get("/info").json()
+    assert info["model_id"] and info["version"]
+    assert info["model_dtype"] == info["dtype"] and info["model_device_type"] == "cpu"
+    assert info["max_input_tokens"] == info["limits"]["max_input_tokens"]
+    assert info["max_total_tokens"] == info["max_seq_len"] and info["max_best_of"] == 1
+    assert info["max_stop_sequences"] == info["limits"]["max_stop_sequences"]
+    assert info["max_concurrent_requests"] == info["limits"]["max_queue_size"]
+    assert info["sha"] is None or len(info["sha"]) == 40

@@ -4,6 +4,7 @@ and what /v1/chat/completions (chat.py) shares with them."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -46,6 +47,14 @@ async def models(state: StateDep) -> ModelList:
 # What TGI's clients send as the model when they were given a server's URL rather than a model
 # name (huggingface_hub's InferenceClient: "dummy"; TGI's own docs: "tgi"): they mean this model.
 URL_CLIENT_MODELS = ("dummy", "tgi")
+
+
+@router.get("/models/{model_id}", response_model=ModelCard, responses=error_responses(401, 404, model=OpenAIError))
+async def model_card(model_id: str, state: StateDep) -> ModelCard:
+    """This model's card; any other id is 404."""
+    if model_id != (state.model_id or "mtp"):
+        raise APIError(404, f"The model `{model_id}` does not exist.", "NotFoundError")
+    return ModelCard(id=model_id, created=STARTED)
 
 
 def check_model(model: str | None, serving: Serving) -> None:
@@ -147,33 +156,76 @@ async def run_to_end(serving: Serving, ids: list[int], opts: GenOptions) -> GenF
     },
 )
 async def completions(req: CompletionRequest, serving: ServingDep, request: Request) -> Completion | StreamingResponse:
-    """Complete one prompt or several (one choice each); "stream": true sends SSE chunks ending in [DONE]."""
-    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-    if not prompts or len(prompts) > serving.settings.max_inputs_per_request:
-        raise APIError(422, f"prompt must hold 1 to {serving.settings.max_inputs_per_request} texts")
+    """Complete one prompt or several (n choices each, the best n of best_of); "stream": true sends
+    SSE chunks ending in [DONE]."""
     check_model(req.model, serving)
+    prepared = await _prompts(req, serving)
+    best_of = req.best_of or req.n
+    if best_of < req.n:
+        raise APIError(422, "best_of: must be at least n")
+    if len(prepared) * best_of > serving.settings.max_inputs_per_request:
+        raise APIError(422, f"n: prompts times best_of must be at most {serving.settings.max_inputs_per_request}")
+    if req.echo and req.logprobs is not None:
+        raise APIError(422, "echo: not supported together with logprobs (the prompt's log-probabilities)")
     opts = gen_options(req, serving, req.max_tokens, req.logprobs or 0)
-    prepared = [await prompt_ids(p, serving, "prompt") for p in prompts]
     model = serving.state.model_id
     cid = f"cmpl-{uuid.uuid4().hex}"
     if req.stream:
-        if len(prompts) != 1:
-            raise APIError(422, "streaming takes a single prompt")
+        if len(prepared) != 1 or best_of != 1 or req.echo:
+            raise APIError(422, "stream: takes a single prompt, n = best_of = 1 and no echo")
         return await _stream(serving, prepared[0], opts, req, cid, model)
-    finals = await unless_disconnected(request, all_or_nothing([run_to_end(serving, ids, opts) for ids in prepared]))
+    runs = [run_to_end(serving, ids, _nth(opts, i)) for ids in prepared for i in range(best_of)]
+    finals = await unless_disconnected(request, all_or_nothing(runs))
+    choices: list[CompletionChoice] = []
+    for p, ids in enumerate(prepared):
+        ranked = finals[p * best_of : (p + 1) * best_of]
+        if best_of > req.n:  # the n of highest total log-probability, as OpenAI's best_of
+            ranked = sorted(ranked, key=lambda f: -sum(t.logprob for t in f.tokens))[: req.n]
+        echo = serving.tokenizer.decode(ids) if req.echo else ""
+        for f in ranked:
+            choice = _choice(f, len(choices), req.logprobs is not None, serving.tokenizer)
+            choice.text = echo + choice.text
+            choices.append(choice)
     completion_tokens = sum(f.generated_tokens for f in finals)
     prompt_tokens = sum(len(ids) for ids in prepared)
     return Completion(
         id=cid,
         created=int(time.time()),
         model=model,
-        choices=[_choice(f, i, req.logprobs is not None, serving.tokenizer) for i, f in enumerate(finals)],
+        choices=choices,
         usage=Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
         ),
     )
+
+
+async def _prompts(req: CompletionRequest, serving: Serving) -> list[list[int]]:
+    """The prompts as token ids: texts are tokenized; ids are checked by the engine."""
+    p = req.prompt
+    if isinstance(p, str):
+        texts_or_ids: list[str] | list[list[int]] = [p]
+    elif p and isinstance(p[0], int):
+        texts_or_ids = [p]
+    else:
+        texts_or_ids = p  # type: ignore[assignment]
+    if not texts_or_ids or len(texts_or_ids) > serving.settings.max_inputs_per_request:
+        raise APIError(422, f"prompt must hold 1 to {serving.settings.max_inputs_per_request} prompts")
+    out = []
+    for item in texts_or_ids:
+        if isinstance(item, str):
+            out.append(await prompt_ids(item, serving, "prompt"))
+        elif not item or len(item) > serving.state.max_input_tokens:
+            raise APIError(422, f"prompt must hold 1 to {serving.state.max_input_tokens} token ids")
+        else:
+            out.append(list(item))
+    return out
+
+
+def _nth(opts: GenOptions, i: int) -> GenOptions:
+    """Choice i's options: a seeded request seeds choice i with seed + i, so the choices differ."""
+    return opts if i == 0 or opts.seed is None else dataclasses.replace(opts, seed=opts.seed + i)
 
 
 async def _stream(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -19,6 +21,7 @@ from app.api.schemas import (
     TokenOut,
     error_responses,
 )
+from app.config import REPO_ROOT
 
 router = APIRouter(tags=["system"])
 
@@ -46,6 +49,18 @@ async def ready(state: StateDep) -> HealthResponse | JSONResponse:
     if not h.alive or h.stalled:
         return envelope(503, f"inference worker unhealthy: {h.detail}", "not_ready")
     return HealthResponse(status="ready", worker=h.detail)
+
+
+def _git_sha() -> str | None:
+    """The checkout's commit, if this code runs from one (an image has no .git)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+GIT_SHA = _git_sha()
 
 
 @router.get("/info", response_model=InfoResponse, responses=error_responses(401, 503))
@@ -88,6 +103,13 @@ async def info(serving: ServingDep) -> InfoResponse:
             max_connections=s.max_connections,
         ),
         auth_required=s.api_key is not None,
+        model_dtype=engine_info["dtype"],
+        model_device_type=engine_info["device"].split(":")[0],
+        max_input_tokens=serving.state.max_input_tokens,
+        max_total_tokens=cfg.max_seq_len,
+        max_stop_sequences=s.max_stop_sequences,
+        max_concurrent_requests=s.max_queue_size,
+        sha=GIT_SHA,
     )
 
 
