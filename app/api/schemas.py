@@ -142,7 +142,9 @@ class GenerateParameters(Strict):
     best_of: int | None = Field(None, ge=1, description="Only 1 (one sequence) is supported")
     decoder_input_details: bool = Field(False, description="Not supported: false")
     top_n_tokens: int | None = Field(None, ge=0, description="The most likely tokens at each generated token")
-    typical_p: float | None = Field(None, gt=0.0, le=1.0, description="Not supported: 1.0 or null")
+    typical_p: float | None = Field(
+        None, gt=0.0, le=1.0, description="Locally typical sampling: the typical set's mass (turns sampling on)"
+    )
     watermark: bool = Field(False, description="Not supported: false")
     grammar: dict[str, Any] | None = Field(None, description="Not supported: null")
     adapter_id: str | None = Field(None, description="Not supported: null")

@@ -24,6 +24,7 @@ class GenOptions:
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
+    typical_p: float | None = None
     do_sample: bool = False
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
@@ -37,6 +38,7 @@ class GenOptions:
     def sampling(self) -> SamplingParams:
         # As in text-generation-inference: setting temperature (> 0), top_k or top_p turns sampling on.
         sample = self.do_sample or bool(self.temperature) or bool(self.top_k) or self.top_p is not None
+        sample = sample or self.typical_p is not None
         if self.temperature == 0.0:
             sample = False
         seed = self.seed if self.seed is not None else (secrets.randbelow(2**63) if sample else None)
@@ -44,6 +46,7 @@ class GenOptions:
             temperature=self.temperature if self.temperature is not None else 1.0,
             top_k=self.top_k or 0,
             top_p=self.top_p if self.top_p is not None else 1.0,
+            typical_p=self.typical_p if self.typical_p is not None else 1.0,
             do_sample=sample,
             seed=seed,
             frequency_penalty=self.frequency_penalty,

@@ -18,6 +18,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
+    typical_p: float = 1.0  # locally typical sampling (Meister et al.): 1.0 = off; sampled rows only
     do_sample: bool = False  # False = greedy (temperature, top_k, top_p ignored)
     seed: int | None = None
     # logits processors, applied before the above, to greedy rows too (OpenAI's and vLLM's meanings):
@@ -109,6 +110,7 @@ class BatchSampling:
     top_k: Tensor  # [B] long; 0 = off
     top_p: Tensor  # [B] float; 1.0 = off
     greedy: Tensor  # [B] bool
+    typical_p: Tensor  # [B] float; 1.0 = off (and for greedy rows, whose argmax it could drop)
     generators: list[torch.Generator | None]  # one per row; None for greedy rows
     penalties: Penalties | None = None  # when any row has a penalty or a logit bias
 
@@ -128,6 +130,7 @@ class BatchSampling:
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
             top_p=torch.tensor([p.top_p for p in params], device=device),
             greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device),
+            typical_p=torch.tensor([1.0 if p.greedy else p.typical_p for p in params], device=device),
             generators=generators,
             penalties=Penalties.build(params, *state) if penalized and state is not None else None,
         )
@@ -172,7 +175,22 @@ def logits_to_probs(logits: Tensor, sampling: BatchSampling, fed: Tensor | None 
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)
+    if bool((sampling.typical_p < 1.0).any()):
+        probs = _typical(probs, sampling.typical_p)
     return probs.reshape(shape)
+
+
+def _typical(probs: Tensor, mass: Tensor) -> Tensor:
+    """Locally typical sampling: keep the tokens whose surprisal is closest to the entropy, fewest
+    first, until their mass reaches typical_p (mass [B]); probs [B, N, V], renormalized."""
+    logp = probs.clamp(min=1e-30).log()
+    entropy = -(probs * logp).sum(-1, keepdim=True)  # [B, N, 1]
+    order = (-logp - entropy).abs().argsort(dim=-1)  # most typical first
+    sorted_p = probs.gather(-1, order)
+    drop = (sorted_p.cumsum(-1) - sorted_p) >= mass[:, None, None]  # the mass before it already suffices
+    drop[..., 0] = False
+    kept = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return kept / kept.sum(-1, keepdim=True)
 
 
 def sample_rows(probs: Tensor, sampling: BatchSampling) -> Tensor:

@@ -56,6 +56,8 @@ def check_sampling(p: SamplingParams, vocab: int) -> None:
         raise InvalidRequest("temperature must be a finite number >= 0")
     if not 0.0 < p.top_p <= 1.0:
         raise InvalidRequest("top_p must be in (0, 1]")
+    if not 0.0 < p.typical_p <= 1.0:
+        raise InvalidRequest("typical_p must be in (0, 1]")
     if p.seed is not None and not 0 <= p.seed < 2**64:
         raise InvalidRequest("seed must be in [0, 2^64)")
     for name in ("frequency_penalty", "presence_penalty"):

@@ -34,8 +34,9 @@ def test_text_generation_client_at_the_root_url(server: Any) -> None:
     assert res.generated_text == "".join(t.text for t in res.details.tokens)
     streamed = list(client.generate_stream(PROMPT, max_new_tokens=6))
     assert streamed[-1].generated_text == res.generated_text
-    with pytest.raises(Exception, match="typical_p"):
-        client.generate(PROMPT, max_new_tokens=2, typical_p=0.5)  # not supported: a clear 422
+    with pytest.raises(Exception, match="watermark"):
+        client.generate(PROMPT, max_new_tokens=2, watermark=True)  # not supported: a clear 422
+    assert client.generate(PROMPT, max_new_tokens=4, typical_p=0.5, seed=1).details.seed == 1
 
 
 def test_langchain_openai_llm_invoke_stream_and_batch(server: Any) -> None:

@@ -357,7 +357,6 @@ def test_tgi_parameters_with_neutral_values_are_accepted(client: TestClient) -> 
     [
         ("best_of", 2),
         ("decoder_input_details", True),
-        ("typical_p", 0.5),
         ("watermark", True),
         ("grammar", {"type": "json"}),
     ],
@@ -393,3 +392,10 @@ def test_repetition_and_frequency_penalties_change_generate(client: TestClient) 
     prompt_ids = {t["id"] for t in client.post("/tokenize", json={"inputs": text}).json()["tokens"]}
     assert [t["id"] for t in penalized["details"]["tokens"]] != [t["id"] for t in plain["details"]["tokens"]]
     assert not prompt_ids & {t["id"] for t in penalized["details"]["tokens"]}  # a huge penalty avoids them
+
+
+def test_typical_p_samples_from_the_typical_set(client: TestClient) -> None:
+    body = gen(client, max_new_tokens=12, typical_p=0.3, seed=5, details=True)
+    assert body == gen(client, max_new_tokens=12, typical_p=0.3, seed=5, details=True)  # seeded: reproducible
+    assert body["details"]["seed"] == 5  # typical_p turns sampling on, as in TGI
+    assert body != gen(client, max_new_tokens=12, seed=5, do_sample=True, details=True)

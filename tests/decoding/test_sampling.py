@@ -176,3 +176,22 @@ def test_speculative_sampling_logprobs_are_head_one_log_softmax(random_model):
     want = logp.gather(-1, seq[0, len(prompt) :, None])[:, 0]
     torch.testing.assert_close(torch.tensor(out.logprobs[0]), want, atol=1e-4, rtol=0)
     assert all(math.isfinite(v) and v <= 0 for v in out.logprobs[0])
+
+
+def test_typical_p_keeps_the_tokens_nearest_the_entropy_until_their_mass_suffices():
+    probs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    entropy = float(-(probs * probs.log()).sum())
+    order = (-probs.log() - entropy).abs().argsort().tolist()  # most typical first
+    sampling = BatchSampling.from_params([SamplingParams(do_sample=True, typical_p=0.3)], [None], torch.device("cpu"))
+    out = logits_to_probs(probs.log()[None, None], sampling)[0, 0]
+    kept, mass = [], 0.0
+    for i in order:  # by the definition: add tokens until the mass reaches 0.3
+        kept.append(i)
+        mass += float(probs[i])
+        if mass >= 0.3:
+            break
+    assert sorted(torch.nonzero(out).flatten().tolist()) == sorted(kept)
+    assert torch.allclose(out[kept], probs[kept] / probs[kept].sum())
+    assert 0 not in kept  # here the most likely token is not typical: greedy rows never use typical_p
+    greedy = BatchSampling.from_params([SamplingParams(typical_p=0.3)], [None], torch.device("cpu"))
+    assert int(logits_to_probs(probs.log()[None, None], greedy)[0, 0].argmax()) == 0

@@ -85,7 +85,6 @@ def options_for(params: GenerateParameters, serving: Serving) -> GenOptions:
     unsupported = {
         "best_of": params.best_of not in (None, 1),
         "decoder_input_details": params.decoder_input_details,
-        "typical_p": params.typical_p not in (None, 1.0),
         "watermark": params.watermark,
         "grammar": params.grammar is not None,
         "adapter_id": params.adapter_id not in (None, ""),
@@ -100,6 +99,7 @@ def options_for(params: GenerateParameters, serving: Serving) -> GenOptions:
         temperature=params.temperature,
         top_k=params.top_k,
         top_p=params.top_p,
+        typical_p=params.typical_p if params.typical_p not in (None, 1.0) else None,
         do_sample=params.do_sample,
         seed=params.seed,
         stop=params.stop,
