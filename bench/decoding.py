@@ -79,6 +79,11 @@ def bench_speculative(
     """
     model, tok = load_checkpoint(checkpoint, device=device, dtype=dtype)
     k = model.cfg.k
+    if compile and model.cfg.head_type != "linear":
+        raise ValueError(
+            f"compiled decode steps cover the linear MTP head only; this checkpoint's heads are "
+            f"{model.cfg.head_type}: run the benchmark eagerly (--no-compile)"
+        )
     prompts = heldout_prompts(corpus, tok, n_prompts, prompt_tokens, seed)
     timed_generate(model, prompts[:1], 16, True)  # warm-up both paths
     timed_generate(model, prompts[:1], 16, False)
@@ -145,6 +150,8 @@ def bench_speculative(
     return {
         "benchmark": "speculative_vs_plain_greedy",
         "checkpoint": checkpoint,
+        "head_type": model.cfg.head_type,
+        "k": k,
         "device": device,
         "dtype": dtype,
         "batch_size": 1,
@@ -159,6 +166,7 @@ def bench_speculative(
         "plain_bytes_per_s": round(nbytes / plain_s, 1),
         "speculative_bytes_per_s": round(nbytes / spec_s, 1),
         "tokens_per_forward": round(tokens / forwards, 3),
+        "bytes_per_forward": round(nbytes / forwards, 3),
         "mean_accepted_length": round((accepted + verify) / verify, 3) if verify else 1.0,
         "acceptance_by_head": {f"head_{i + 2}": round(c / verify, 3) for i, c in enumerate(by_pos)} if verify else {},
         "identical_outputs": identical,

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from app.decoding.compiled import CompiledDecoder
 from app.decoding.generate import forward_step
+from app.decoding.sampling import BatchSampling, SamplingParams
 from app.model.checkpoint import load_checkpoint
 from app.model.model import Block
 
@@ -47,6 +48,8 @@ def bench_step(
     cur = torch.randint(0, V, (1,), device=dev)
     pos = torch.tensor([100], device=dev)
     zero = torch.zeros(1, dtype=torch.long, device=dev)
+    greedy = BatchSampling.from_params([SamplingParams()], [None], dev)
+    want = torch.ones(1, dtype=torch.bool, device=dev)
 
     def plain() -> object:
         return forward_step(model, cur, None, pos, want_drafts=False).head1
@@ -56,7 +59,8 @@ def bench_step(
 
         def run() -> object:
             step = forward_step(model, cur, drafts, pos)
-            return step.drafts(zero) if step.drafts is not None else step.head1
+            tokens = torch.cat([drafts, cur[:, None]], dim=1)  # [1, T]: what an all-accepting pass emits
+            return step.drafts(zero, tokens, greedy, want) if step.drafts is not None else step.head1
 
         return run
 

@@ -96,6 +96,20 @@ def lead_byte_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_tokenize
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "lead-byte", model, tiny_tokenizer)
 
 
+@pytest.fixture(scope="session")
+def sequential_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Tokenizer) -> Path:
+    """The tiny model with sequential MTP modules (k=3): weights spread so that logits are O(1) and
+    drafts depend on the modules' caches, and one token favoured by the shared output projection,
+    so that some module drafts are accepted (a random model's almost never are)."""
+    model = _build(tiny_tokenizer, head_type="sequential")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.15 * torch.randn(p.shape, generator=gen))
+        model.head.proj.bias[tiny_tokenizer.encode(" the")[0]] += 1.0
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "sequential", model, tiny_tokenizer)
+
+
 # ---- in-process apps ------------------------------------------------------------------------
 
 

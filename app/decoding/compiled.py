@@ -26,6 +26,11 @@ class CompiledDecoder:
     """
 
     def __init__(self, model: MTPTransformer, max_batch: int, autotune: bool = False) -> None:
+        if model.cfg.head_type != "linear":
+            raise ValueError(
+                f"compiled decoding covers the linear MTP head only, not head_type {model.cfg.head_type!r}: "
+                "decode this model eagerly (no CompiledDecoder; `--no-compile` in mtp bench)"
+            )
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True  # weights are constants of the compiled graph

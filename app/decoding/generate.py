@@ -6,7 +6,6 @@ for its continuous batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -15,29 +14,51 @@ from torch import Tensor
 
 from app.decoding.predict import pad_right
 from app.decoding.sampling import BatchSampling, SamplingParams, count_emitted, make_generator, penalty_state
-from app.decoding.speculative import StepResult, accept_drafts
-from app.model.model import MTPTransformer
+from app.decoding.sequential import draft_sequential, prefill_window
+from app.decoding.speculative import Drafted, Drafter, StepResult, accept_drafts, draft_next
+from app.model.model import MTPTransformer, SequentialHeads
 
 if TYPE_CHECKING:
     from app.decoding.compiled import CompiledDecoder
 
 
-def prefill(model: MTPTransformer, prompts: list[list[int]], row0: int = 0) -> Tensor:
-    """Run prompts (right-padded) into KV-cache rows row0.. ; return the last position's logits [B, k, V]."""
+@dataclass
+class Prefilled:
+    """A prefill's output: the last position's logits, and (sequential heads) how to draft from it."""
+
+    logits: Tensor  # [B, k, V] linear heads; [B, 1, V] (head 1) sequential heads
+    drafter: Drafter | None = None  # sequential heads: the modules over the prompts and the first token
+    n_drafts: int = 0  # sequential heads: k - 1, the drafts' width even when none are made
+
+
+def prefill(model: MTPTransformer, prompts: list[list[int]], row0: int = 0, n_drafts: int | None = None) -> Prefilled:
+    """Run prompts (right-padded) into KV-cache rows row0.. ; the last position's logits.
+
+    With sequential heads the modules' caches are filled for the prompts' positions when the
+    first drafts are made (first_tokens), since module j at position t reads token t + j."""
     device = model.head.proj.weight.device
     idx, lengths = pad_right(prompts, device)
-    T = idx.shape[1]
-    pos = torch.arange(T, device=device).expand(len(prompts), T)
+    B, T = idx.shape
+    pos = torch.arange(T, device=device).expand(B, T)
     h = model.trunk(idx, pos, kv_len=T, row0=row0)  # [B, T, C]
-    return model.head(h[torch.arange(len(prompts), device=device), lengths - 1])  # only the last position
+    last = h[torch.arange(B, device=device), lengths - 1]  # [B, C]
+    if not isinstance(model.head, SequentialHeads):
+        return Prefilled(model.head(last))  # only the last position
+    zero = torch.zeros(B, dtype=torch.long, device=device)
+
+    def drafter(n_acc: Tensor, tokens: Tensor, sampling: BatchSampling, want: Tensor) -> Drafted:
+        window = prefill_window(idx, lengths, tokens[:, 0])  # positions 1..T, the first token at L
+        return draft_sequential(model, h, window, zero, lengths - 1, None, sampling, want, n_drafts, row0)
+
+    return Prefilled(model.head(last, heads=slice(0, 1)), drafter, model.cfg.k - 1)
 
 
 @dataclass
 class StepLogits:
-    """A forward step's output: head 1 at every verified position, and heads 2..k on demand."""
+    """A forward step's output: head 1 at every verified position, and the drafter of the next drafts."""
 
     head1: Tensor  # [B, T, 1, V]
-    drafts: Callable[[Tensor], Tensor] | None  # offsets [B] -> heads 2..k there [B, k-1, V]
+    drafts: Drafter | None  # heads 2..k at the kept offsets, or the sequential modules
 
 
 def step_inputs(cur: Tensor, drafts: Tensor | None, pos: Tensor) -> tuple[Tensor, Tensor]:
@@ -54,6 +75,8 @@ def forward_step(
     row0: int = 0,
     want_drafts: bool = True,
     compiled: CompiledDecoder | None = None,
+    states: Tensor | None = None,
+    n_drafts: int | None = None,
 ) -> StepLogits:
     """Step 1: one forward over [cur, drafts] at positions pos.. .
 
@@ -61,6 +84,8 @@ def forward_step(
     position; heads 2..k only where the next drafts come from, and not at all without
     want_drafts — a plain step costs the trunk plus one vocabulary projection. With
     `compiled` (rows from 0 only) the trunk and head 1 run as one compiled graph.
+    Sequential heads draft n_drafts (default k - 1) tokens with their modules, given the
+    previous step's carried `states` (StepResult.states).
     """
     idx, input_pos = step_inputs(cur, drafts, pos)  # [B, T]
     if compiled is not None:
@@ -69,12 +94,21 @@ def forward_step(
     else:
         h = model.trunk(idx, input_pos, row0=row0)  # [B, T, C]
         head1 = model.head(h, heads=slice(0, 1))  # [B, T, 1, V]
+    if not want_drafts or model.cfg.k == 1:
+        return StepLogits(head1, None)
+    if isinstance(model.head, SequentialHeads):
+
+        def draft_modules(n_acc: Tensor, tokens: Tensor, sampling: BatchSampling, want: Tensor) -> Drafted:
+            return draft_sequential(model, h, tokens, pos, n_acc, states, sampling, want, n_drafts, row0)
+
+        return StepLogits(head1, draft_modules)
     rows = torch.arange(h.shape[0], device=h.device)
 
-    def draft_logits(offsets: Tensor) -> Tensor:
-        return model.head(h[rows, offsets], heads=slice(1, None))  # [B, k-1, V]
+    def draft_heads(n_acc: Tensor, tokens: Tensor, sampling: BatchSampling, want: Tensor) -> Drafted:
+        head_logits = model.head(h[rows, n_acc], heads=slice(1, None))  # [B, k-1, V]
+        return Drafted(*draft_next(head_logits, sampling, want), None)
 
-    return StepLogits(head1, draft_logits if want_drafts and model.cfg.k > 1 else None)
+    return StepLogits(head1, draft_heads)
 
 
 def draft_count(k: int, draft_tokens: int | None) -> int:
@@ -88,12 +122,15 @@ def draft_count(k: int, draft_tokens: int | None) -> int:
     return k - 1 if draft_tokens is None else min(draft_tokens, k - 1)
 
 
-def first_tokens(last_logits: Tensor, sampling: BatchSampling, want_drafts: Tensor) -> StepResult:
-    """The first generated token (and first drafts) from the prompt's last-position logits [B, k, V]."""
-    B = last_logits.shape[0]
-    no_drafts = last_logits.new_zeros(B, 0, dtype=torch.long)
-    zero = torch.zeros(B, dtype=torch.long, device=last_logits.device)
-    return accept_drafts(last_logits[:, None], no_drafts, None, zero, sampling, want_drafts)
+def first_tokens(prefilled: Prefilled, sampling: BatchSampling, want_drafts: Tensor) -> StepResult:
+    """The first generated token (and first drafts) from a prefill's last-position logits."""
+    logits = prefilled.logits  # [B, k or 1, V]
+    B = logits.shape[0]
+    no_drafts = logits.new_zeros(B, 0, dtype=torch.long)
+    zero = torch.zeros(B, dtype=torch.long, device=logits.device)
+    return accept_drafts(
+        logits[:, None], no_drafts, None, zero, sampling, want_drafts, prefilled.drafter, prefilled.n_drafts
+    )
 
 
 @dataclass
@@ -162,7 +199,7 @@ def generate(
     stats = GenerationStats(accepted_by_position=[0] * (cfg.k - 1))
     want = torch.full((B,), use_spec, device=device)
 
-    res = first_tokens(prefill(model, prompts), sampling, want)
+    res = first_tokens(prefill(model, prompts, n_drafts=n_drafts), sampling, want)
     stats.forward_passes += 1
     pos = torch.tensor(lengths, device=device)
     while True:
@@ -193,7 +230,9 @@ def generate(
         if compiled is not None and sampling.all_greedy and sampling.penalties is None:
             res = compiled.greedy_step(cur, drafts, pos, max_accept)
         else:
-            step = forward_step(model, cur, drafts, pos, want_drafts=use_spec, compiled=compiled)
+            step = forward_step(
+                model, cur, drafts, pos, want_drafts=use_spec, compiled=compiled, states=res.states, n_drafts=n_drafts
+            )
             verified = drafts if drafts is not None else cur.new_zeros(B, 0)
             q = res.draft_probs[:, :n_drafts] if res.draft_probs is not None else None
             res = accept_drafts(step.head1, verified, q, max_accept, sampling, want, step.drafts, cfg.k - 1)

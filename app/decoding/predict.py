@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
-from app.model.model import MTPTransformer
+from app.model.model import MTPTransformer, SequentialHeads
 
 
 @dataclass
@@ -39,19 +40,35 @@ def score_next(
     Prompts are right-padded: causal attention never lets a real position see a pad, so each
     row's last real position gives exactly its unbatched distribution. Candidate token j is
     scored by head j + 1 (the head that predicts j + 1 steps ahead).
+
+    Linear heads give each position's marginal from the prompt alone. Sequential heads are a
+    chain: position j + 1 conditions on the greedy tokens of positions 1..j, and a candidate's
+    token j + 1 on the candidate's own tokens 1..j, so its total is the chain probability
+    log p(c_1 .. c_m | prompt) under the modules.
     """
     device = model.head.proj.weight.device
     idx, lengths = pad_right(prompts, device)
-    h = model.trunk(idx)[torch.arange(len(prompts), device=device), lengths - 1]  # [B, C]
-    logp = torch.log_softmax(model.head(h).float(), dim=-1)  # [B, k, V]
+    h_all = model.trunk(idx)  # [B, T, C]
+    rows = torch.arange(len(prompts), device=device)
+    sequential = isinstance(model.head, SequentialHeads)
+    if sequential:
+        logp = _chain_logprobs(model, h_all, idx, lengths, None)  # [B, k, V]
+    else:
+        logp = torch.log_softmax(model.head(h_all[rows, lengths - 1]).float(), dim=-1)  # [B, k, V]
     top_lp, top_ids = logp.topk(min(top_n, logp.shape[-1]), dim=-1)  # [B, k, n]
-    cand_scores: list[list[list[float]]] = []
-    for b, cands in enumerate(candidates or [[] for _ in prompts]):
-        rows = []
-        for cand in cands:
-            heads = torch.arange(len(cand), device=device)
-            rows.append(logp[b, heads, torch.tensor(cand, device=device)].tolist())
-        cand_scores.append(rows)
+    cands = candidates or [[] for _ in prompts]
+    flat = [(b, cand) for b, cs in enumerate(cands) for cand in cs]
+    cand_logp = logp[[b for b, _ in flat]]  # [N, k, V]: the heads' distributions for each candidate
+    if sequential and flat and max(len(c) for _, c in flat) > 1:
+        own = torch.zeros(len(flat), model.cfg.k, dtype=torch.long, device=device)  # [N, k]
+        for i, (_, cand) in enumerate(flat):
+            own[i, : len(cand)] = torch.tensor(cand, device=device)
+        sel = torch.tensor([b for b, _ in flat], device=device)
+        cand_logp = _chain_logprobs(model, h_all[sel], idx[sel], lengths[sel], own)
+    cand_scores: list[list[list[float]]] = [[] for _ in prompts]
+    for i, (b, cand) in enumerate(flat):
+        heads = torch.arange(len(cand), device=device)
+        cand_scores[b].append(cand_logp[i, heads, torch.tensor(cand, device=device)].tolist())
     return Scores(
         top_ids=top_ids.tolist(),
         top_probs=top_lp.exp().tolist(),
@@ -59,3 +76,18 @@ def score_next(
         greedy=logp.argmax(-1).tolist(),
         candidates=cand_scores,
     )
+
+
+def _chain_logprobs(model: MTPTransformer, h: Tensor, idx: Tensor, lengths: Tensor, own: Tensor | None) -> Tensor:
+    """Sequential heads' log-probabilities [N, k, V] after each row's prompt (idx [N, T], right-
+    padded, lengths [N]; h [N, T, C] the trunk's states): depth j runs, uncached, over the prompt
+    followed by the continuation's first j tokens: own [N, k] when given, else the greedy ones."""
+    N, T = idx.shape
+    rows, last = torch.arange(N, device=idx.device), lengths - 1
+    seq = torch.cat([idx, idx.new_zeros(N, model.cfg.k)], dim=1)  # [N, T + k]
+    logp = [torch.log_softmax(model.head.proj(h[rows, last]).float(), dim=-1)]  # head 1: [N, V]
+    for j in range(1, model.cfg.k):
+        seq[rows, last + j] = own[:, j - 1] if own is not None else logp[-1].argmax(-1)  # token j at L - 1 + j
+        h = model.mtp_state(j, h, seq[:, j : j + T])  # [N, T, C]: position t reads token t + j
+        logp.append(torch.log_softmax(model.head.proj(h[rows, last]).float(), dim=-1))
+    return torch.stack(logp, dim=1)  # [N, k, V]

@@ -4,7 +4,9 @@ State per row: `cur`, the last emitted token (not yet in the KV cache) at positi
 `drafts` [k-1], the proposals of heads 2..k for positions pos+1 .. pos+k-1. One verify pass
 feeds [cur, drafts] at positions pos .. pos+k-1; head 1 at offset t checks draft t+1. The
 longest agreeing prefix is kept plus one bonus token from head 1, and heads 2..k at the last
-kept offset draft the next block, so drafting costs no extra forward pass.
+kept offset draft the next block, so drafting costs no extra forward pass. Sequential heads
+draft with their modules instead, one module call per draft after the verify pass
+(app/decoding/sequential.py); verification is the same.
 
 Rows accept different numbers of tokens: outputs are padded [B, T] with per-row counts (as
 vLLM's rejection sampler does), and `max_accept` caps each row (0 = plain decoding for that row).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,6 +31,17 @@ class StepResult:
     logprobs: Tensor  # [B, T] head-1 log-probability (unprocessed softmax) of each emitted token
     drafts: Tensor  # [B, k-1] proposals for the next step
     draft_probs: Tensor | None  # [B, k-1, V] processed draft distributions q (None if all greedy)
+    states: Tensor | None = None  # [B, k-2, C] sequential heads: what the next drafting call carries over
+
+
+class Drafted(NamedTuple):
+    drafts: Tensor  # [B, k-1]
+    q: Tensor | None  # [B, k-1, V] processed draft distributions (None if all greedy)
+    states: Tensor | None  # [B, k-2, C] sequential heads' carried states (None for the linear head)
+
+
+# (kept offsets n_acc [B], emitted tokens [B, T], sampling, want [B]) -> the next drafts
+Drafter = Callable[[Tensor, Tensor, BatchSampling, Tensor], Drafted]
 
 
 def _leading_true(mask: Tensor) -> Tensor:
@@ -42,7 +56,7 @@ def accept_drafts(
     max_accept: Tensor,
     sampling: BatchSampling,
     want_drafts: Tensor,
-    draft_logits: Callable[[Tensor], Tensor] | None = None,
+    drafter: Drafter | None = None,
     n_drafts: int = 0,
 ) -> StepResult:
     """Steps 2-5 of a speculative step, given the verify pass's logits [B, T, k, V].
@@ -52,9 +66,9 @@ def accept_drafts(
     want_drafts [B] bool: rows that will verify drafts next step (others skip drafting draws,
     so a row's random stream does not depend on its batch).
 
-    logits may carry head 1 only ([B, T, 1, V]); then draft_logits(offsets [B]) computes heads
-    2..k at just the kept offsets ([B, k-1, V]), or, when None, no drafts are made (n_drafts
-    zero columns come back).
+    logits may carry head 1 only ([B, T, 1, V]); then drafter(n_acc, tokens, sampling, want)
+    makes the next drafts (linear heads 2..k at the kept offsets, or the sequential modules from
+    the bonus token on), or, when None, no drafts are made (n_drafts zero columns come back).
     """
     B, T, _k, _V = logits.shape
     device = logits.device
@@ -98,14 +112,14 @@ def accept_drafts(
     tokens = torch.where(offsets < n_acc[:, None], padded, bonus[:, None].expand(B, T))
     logprobs = torch.log_softmax(logits[:, :, 0].float(), dim=-1).gather(-1, tokens[..., None])[..., 0]
 
-    # Step 5: heads 2..k at the last kept offset draft the next block.
+    # Step 5: heads 2..k at the last kept offset (or the sequential modules) draft the next block.
     if logits.shape[2] > 1:
-        next_drafts, next_q = draft_next(logits[rows, n_acc, 1:], sampling, want_drafts)
-    elif draft_logits is not None and bool(want_drafts.any()):
-        next_drafts, next_q = draft_next(draft_logits(n_acc), sampling, want_drafts)
+        nxt = Drafted(*draft_next(logits[rows, n_acc, 1:], sampling, want_drafts), None)
+    elif drafter is not None and bool(want_drafts.any()):
+        nxt = drafter(n_acc, tokens, sampling, want_drafts)
     else:
-        next_drafts, next_q = torch.zeros(B, n_drafts, dtype=torch.long, device=device), None
-    return StepResult(tokens, n_acc + 1, logprobs, next_drafts, next_q)
+        nxt = Drafted(torch.zeros(B, n_drafts, dtype=torch.long, device=device), None, None)
+    return StepResult(tokens, n_acc + 1, logprobs, nxt.drafts, nxt.q, nxt.states)
 
 
 def draft_next(head_logits: Tensor, sampling: BatchSampling, want: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -56,6 +56,7 @@ class DecodeBatch:
         self.pos = torch.zeros(0, dtype=torch.long, device=self.device)  # [n] position of cur
         self.drafts = torch.zeros(0, self.k - 1, dtype=torch.long, device=self.device)  # [n, k-1]
         self.draft_probs: Tensor | None = None  # [n, k-1, V] when any row samples
+        self.states: Tensor | None = None  # [n, k-2, C] sequential heads' carried states, when drafting
         self.penalty: tuple[Tensor, Tensor] | None = None  # [n, V] counts and prompt masks, when any row is penalized
         self.sampling = self._sampling()
         self.last_max_accept: list[int] = []  # drafts each row could accept in the last step
@@ -101,6 +102,7 @@ class DecodeBatch:
         self.pos = torch.cat([self.pos, torch.tensor(prompt_lengths, device=self.device)])
         self.drafts = torch.cat([self.drafts, first.drafts])
         self.draft_probs = _cat_optional(self.draft_probs, first.draft_probs, len(self) - n_new, n_new)
+        self.states = _cat_optional(self.states, first.states, len(self) - n_new, n_new)
         self.sampling = self._sampling()
 
     def filter(self, keep: list[bool]) -> None:
@@ -125,6 +127,8 @@ class DecodeBatch:
             self.penalty = (self.penalty[0][idx], self.penalty[1][idx])
         if self.draft_probs is not None:
             self.draft_probs = self.draft_probs[idx] if survivors else None
+        if self.states is not None:
+            self.states = self.states[idx] if survivors else None
         self.sampling = self._sampling()
 
     def step(self) -> StepResult:
@@ -144,13 +148,21 @@ class DecodeBatch:
         # drafts are made whenever rows speculate, even on a step that verifies none (policy: 0),
         # so that the next step has real ones to verify
         want = bool(spec.any()) and self.n_drafts > 0
-        step = forward_step(self.model, self.cur, verified if use_drafts else None, self.pos, want_drafts=want)
+        step = forward_step(
+            self.model,
+            self.cur,
+            verified if use_drafts else None,
+            self.pos,
+            want_drafts=want,
+            states=self.states,
+            n_drafts=self.n_drafts,
+        )
         res = accept_drafts(step.head1, verified, q, max_accept, self.sampling, spec, step.drafts, k - 1)
         self.last_head1 = step.head1[:, :, 0]  # [n, T, V]: for the top log-probabilities rows ask for
         rows = torch.arange(len(self), device=self.device)
         self.cur = res.tokens[rows, res.n_emitted - 1]
         self.pos = self.pos + res.n_emitted
-        self.drafts, self.draft_probs = res.drafts, res.draft_probs
+        self.drafts, self.draft_probs, self.states = res.drafts, res.draft_probs, res.states
         if self.penalty is not None and self.sampling.penalties is not None:
             self.penalty = (count_emitted(self.penalty[0], res.tokens, res.n_emitted), self.penalty[1])
             self.sampling.penalties.counts = self.penalty[0]

@@ -314,12 +314,12 @@ class EngineCore:
         )
         sampling = BatchSampling.from_params(params, [s.generator for s in seqs], self.device, penalty)
         want = torch.tensor([s.speculative for s in seqs], dtype=torch.bool, device=self.device)
-        last = prefill(self.model, prompts, row0=row0)  # [B, k, V] at each prompt's last position
+        last = prefill(self.model, prompts, row0=row0)  # logits [B, k or 1, V] at each prompt's last position
         first = first_tokens(last, sampling, want)
         self.batch.concatenate(seqs, first, [len(p) for p in prompts], penalty)
         for p in prompts:
             self.stats.prompt_tokens(len(p))
-        top = self._top(seqs, last[:, None, 0])
+        top = self._top(seqs, last.logits[:, None, 0])
         return self._collect(first.tokens[:, :1].tolist(), first.logprobs[:, :1].tolist(), [1] * len(seqs), row0, top)
 
     def _top(self, seqs: list[RunningSequence], head1: Tensor | None) -> tuple[list[Any], list[Any]] | None:

@@ -404,16 +404,27 @@ class MTPTransformer(nn.Module):
         t = 0..T-1, uncached. With input_pos [B, T] (the positions t, per row) the module's own KV
         cache is written and read there, in rows row0..row0+B-1, as trunk() does: module j's entry
         at t depends on token t + j, so after a rejected draft the positions that read it are
-        simply run again. Drafting: head 1 at the last accepted position p gives draft 1; depth 1
-        on (trunk state at p, draft 1) gives draft 2, depth 2 on (its state, draft 2) draft 3, ...
+        simply run again (drafting with the modules: app/decoding/sequential.py).
         """
+        h = self.mtp_state(depth, h_prev, next_ids, input_pos, kv_len, row0)  # [B, T, C]
+        return h, self.head.proj(h)  # [B, T, C], [B, T, V]
+
+    def mtp_state(
+        self,
+        depth: int,
+        h_prev: Tensor,
+        next_ids: Tensor,
+        input_pos: Tensor | None = None,
+        kv_len: int | None = None,
+        row0: int = 0,
+    ) -> Tensor:
+        """mtp_module's state [B, T, C] alone: drafting projects only the positions it reads."""
         if not isinstance(self.head, SequentialHeads) or not 1 <= depth < self.cfg.k:
             raise ValueError(f"mtp_module needs sequential heads and 1 <= depth < k, got depth {depth}")
         if input_pos is not None and kv_len is None:
             kv_len = int(input_pos.max()) + 1
         module = cast(MTPModule, self.head.depths[depth - 1])
-        h = module(h_prev, self.tok_emb(next_ids), input_pos, kv_len, row0)  # [B, T, C]
-        return h, self.head.proj(h)  # [B, T, C], [B, T, V]
+        return module(h_prev, self.tok_emb(next_ids), input_pos, kv_len, row0)  # [B, T, C]
 
     @torch.no_grad()
     def predict_proba(self, idx: Tensor) -> Tensor:

@@ -70,7 +70,9 @@ def test_openai_client_with_penalties_and_nulls(server: Any) -> None:
     body = {"model": None, "prompt": PROMPT, "max_tokens": None, "temperature": None, "stop": None, "seed": None}
     r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
     assert r.status_code == 200, r.text  # null is the default
-    assert r.json()["usage"]["completion_tokens"] == 16
+    choice, used = r.json()["choices"][0], r.json()["usage"]["completion_tokens"]
+    assert used == 16 if choice["finish_reason"] == "length" else 0 < used < 16  # max_tokens null: 16
+    assert r.json()["model"] == "tiny"  # model null: this one
 
 
 def test_chat_clients_openai_langchain_and_huggingface_hub(server: Any) -> None:

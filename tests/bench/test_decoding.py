@@ -2,7 +2,13 @@
 they claim: identical greedy outputs, consistent token counts, and the step timings."""
 
 from itertools import pairwise
+from pathlib import Path
 
+import pytest
+import torch
+
+from app.model.checkpoint import load_checkpoint, save_checkpoint
+from app.model.model import ModelConfig, MTPTransformer
 from bench.decoding import bench_speculative
 from bench.step import bench_step
 
@@ -19,6 +25,22 @@ def test_bench_speculative_reports_identical_outputs_and_acceptance(byte_checkpo
     acc = list(r["acceptance_by_head"].values())
     assert all(0.0 <= b <= a <= 1.0 for a, b in pairwise(acc))
     assert len(r["per_prompt"]) == 3 and "compiled" not in r
+
+
+def test_bench_speculative_runs_sequential_heads_eagerly(byte_checkpoint: tuple[str, str], tmp_path: Path) -> None:
+    ckpt, corpus = byte_checkpoint
+    _, tok = load_checkpoint(ckpt)
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size, d_model=32, n_layers=2, num_heads=4, d_ff=64, k=3, head_type="sequential"
+    )
+    seq = str(save_checkpoint(tmp_path / "seq", MTPTransformer(cfg), tok, dtype="float32"))
+    r = bench_speculative(seq, corpus, n_prompts=2, prompt_tokens=8, new_tokens=16, compile=False)
+    assert r["head_type"] == "sequential" and r["identical_outputs"] is True
+    assert 1.0 <= r["tokens_per_forward"] <= 3.0 and r["bytes_per_forward"] == r["tokens_per_forward"]
+    assert list(r["acceptance_by_head"]) == ["head_2", "head_3"] and r["speculative_tokens_per_s"] > 0
+    with pytest.raises(ValueError, match="--no-compile"):
+        bench_speculative(seq, corpus, n_prompts=1, prompt_tokens=8, new_tokens=4, compile=True)
 
 
 def test_bench_step_times_plain_and_verify_passes(byte_checkpoint: tuple[str, str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ import pytest
 from app.decoding.generate import generate as static_generate
 from app.decoding.predict import score_next
 from app.decoding.sampling import SamplingParams
+from app.decoding.speculative import accept_drafts
+from app.engine.batch import DecodeBatch
 from app.engine.config import EngineConfig
 from app.engine.engine import Engine
 from app.engine.types import (
@@ -220,6 +223,99 @@ async def test_seeded_sample_does_not_depend_on_batch_mates(engine_factory: Call
     assert alone == again == results[0][0]
     different, _ = await run(engine, GenerateJob([5, 17], 15, SamplingParams(do_sample=True, seed=4321)))
     assert different != alone
+
+
+SEQ_JOBS = [
+    GenerateJob(PROMPTS[0], 20),
+    GenerateJob(PROMPTS[1], 9, SamplingParams(do_sample=True, temperature=1.0, seed=3)),
+    GenerateJob(PROMPTS[2], 16, SamplingParams(do_sample=True, temperature=0.8, top_p=0.9, seed=4)),
+    GenerateJob(PROMPTS[3], 12, SamplingParams(repetition_penalty=1.5)),
+    GenerateJob(PROMPTS[0][:2], 14, speculative=False),
+    GenerateJob(PROMPTS[2][:5], 18, SamplingParams(do_sample=True, seed=5)),
+]
+
+
+def record_drafts(monkeypatch: pytest.MonkeyPatch) -> dict[tuple[int, ...], list[list[int]]]:
+    """The drafts each speculative sequence holds after its prefill and after every decode step
+    (by prompt), in the engine's continuous batch and in static generate() alike."""
+    log: dict[tuple[int, ...], list[list[int]]] = defaultdict(list)
+    concatenate, step = DecodeBatch.concatenate, DecodeBatch.step
+
+    def note(batch: DecodeBatch, rows: range) -> None:
+        for r in rows:
+            if batch.seqs[r].speculative:
+                log[tuple(batch.seqs[r].item.request.prompt_ids)].append(batch.drafts[r].tolist())
+
+    def concatenated(batch: DecodeBatch, seqs: list, *args: Any, **kw: Any) -> None:
+        concatenate(batch, seqs, *args, **kw)
+        note(batch, range(len(batch) - len(seqs), len(batch)))
+
+    def stepped(batch: DecodeBatch) -> Any:
+        res = step(batch)
+        note(batch, range(len(batch)))
+        return res
+
+    monkeypatch.setattr(DecodeBatch, "concatenate", concatenated)
+    monkeypatch.setattr(DecodeBatch, "step", stepped)
+    return log
+
+
+async def test_sequential_model_serves_what_static_generate_gives(
+    engine_factory: Callable[..., Any], sequential_checkpoint: Path, tiny_tokenizer: Any, monkeypatch: Any
+) -> None:
+    """Sequential MTP modules in the continuous batch: each request gets the tokens and every step
+    the drafts that static generate() of it alone gives (so the modules' caches and carried states
+    follow their rows), alone and with batch mates that join together, join while it runs and
+    leave before it."""
+    engine = await engine_factory(sequential_checkpoint, max_batch_size=8)
+    model = engine.model
+    refs, ref_drafts = [], {}
+    for job in SEQ_JOBS:
+        spec = job.speculative is not False
+        with monkeypatch.context() as m:
+            steps: list[list[int]] = []
+            m.setattr("app.decoding.generate.accept_drafts", lambda *a, **kw: _noted(steps, *a, **kw))
+            ref = static_generate(
+                model, [job.prompt_ids], job.max_new_tokens, job.sampling, spec, tiny_tokenizer.eot_id
+            )
+        refs.append((ref.tokens[0], ref.stats.drafted, ref.stats.accepted))
+        if spec:
+            ref_drafts[tuple(job.prompt_ids)] = steps
+    model.setup_caches(engine.cfg.max_batch_size)  # static generate reallocated them
+    assert 0 < sum(r[2] for r in refs) < sum(r[1] for r in refs)  # drafts accepted and rejected
+
+    def summary(result: tuple[list[int], FinishEvent]) -> tuple[list[int], int, int]:
+        tokens, fin = result
+        return tokens, fin.drafted_tokens, fin.accepted_tokens
+
+    three = await engine_factory(sequential_checkpoint, max_batch_size=3)  # the rest join as rows leave
+    for eng, together in ((engine, False), (engine, True), (three, True)):
+        drafts = record_drafts(monkeypatch)
+        if together:
+            results = await asyncio.gather(*(run(eng, job) for job in SEQ_JOBS))
+        else:
+            results = [await run(eng, job) for job in SEQ_JOBS]
+        monkeypatch.undo()
+        assert [summary(r) for r in results] == refs
+        assert dict(drafts) == ref_drafts
+
+
+async def test_sequential_model_with_adaptive_draft_count_keeps_greedy_output(
+    engine_factory: Callable[..., Any], sequential_checkpoint: Path
+) -> None:
+    engine = await engine_factory(sequential_checkpoint, start=False)
+    await engine.start(warmup=True)  # times verify steps, module drafting included
+    assert engine.core.batch.policy is not None
+    jobs = [GenerateJob(p, max_new_tokens=20) for p in PROMPTS]
+    together = await asyncio.gather(*(run(engine, j) for j in jobs))
+    for job, (tokens, _) in zip(jobs, together, strict=True):
+        assert tokens == (await run(engine, GenerateJob(job.prompt_ids, 20, speculative=False)))[0]
+
+
+def _noted(steps: list[list[int]], *args: Any, **kw: Any) -> Any:
+    res = accept_drafts(*args, **kw)
+    steps.append(res.drafts[0].tolist())
+    return res
 
 
 async def test_repeating_model_accepts_every_draft(
