@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from app import config
-from app.model.checkpoint import load_checkpoint
+from app.model.checkpoint import load_tokenizer
 from bench.decoding import heldout_prompts, write_json
 from bench.server import running
 from bench.service import generate_load
@@ -45,7 +45,7 @@ def busy_core() -> Iterator[None]:
 
 
 def bench_contention(checkpoint: str, corpus: str, rounds: int, prompts: int, new_tokens: int) -> dict[str, Any]:
-    _, tok = load_checkpoint(checkpoint)
+    tok = load_tokenizer(checkpoint)
     texts = [tok.decode(p) for p in heldout_prompts(corpus, tok, prompts, 32, seed=1)]
     out: dict[str, Any] = {"benchmark": "served_under_contention", "checkpoint": checkpoint, "configs": {}}
     for name, settings in CONFIGS.items():

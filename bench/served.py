@@ -26,7 +26,7 @@ import torch
 
 from app import config
 from app.decoding.generate import generate
-from app.model.checkpoint import load_checkpoint, resolve_device, resolve_dtype
+from app.model.checkpoint import load_checkpoint, load_tokenizer, resolve_device, resolve_dtype
 from bench.decoding import heldout_prompts, write_json
 from bench.server import ROOT, running
 from bench.service import generate_load
@@ -87,7 +87,7 @@ def bench_served(
     prompts: int,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    _, tok = load_checkpoint(checkpoint)
+    tok = load_tokenizer(checkpoint)
     ids = heldout_prompts(corpus, tok, prompts, 32, seed=1)
     texts = [tok.decode(p) for p in ids]
     out: dict[str, Any] = {

@@ -399,7 +399,8 @@ class EngineCore:
     def _update(self, out: StepOutput, outputs: list[Emitted]) -> None:
         """Turn a pass's tokens into events; finished, cancelled and expired sequences leave the batch."""
         now = time.monotonic()
-        for seq, toks, lps, top in ((e.seq, e.tokens, e.logprobs, e.top) for e in outputs):
+        for e in outputs:
+            seq, toks, lps = e.seq, e.tokens, e.logprobs
             if seq.item.cancelled:  # counted and dropped at the next step boundary
                 continue
             if now > seq.item.deadline:  # a pass that ended past the deadline delivers nothing
@@ -409,7 +410,7 @@ class EngineCore:
             if toks:
                 self.stats.tokens(len(toks), seq.item.submitted, seq.last_token_at, now)
                 seq.last_token_at = now
-                out.events.append((seq.item, TokenEvent(toks, lps, final=reason is not None, top=top)))
+                out.events.append((seq.item, TokenEvent(toks, lps, final=reason is not None, top=e.top)))
             if reason is not None:
                 self._end(out, seq, reason=reason)
         self._drop_ended()

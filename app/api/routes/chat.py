@@ -3,7 +3,6 @@ checkpoint's chat template (app/model/chat.py), and the reply ends where the tem
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 import uuid
@@ -26,7 +25,7 @@ from app.api.openai_protocol import (
     Usage,
 )
 from app.api.routes.generate import prompt_ids
-from app.api.routes.openai import all_or_nothing, check_model, finish_reason, gen_options, run_to_end
+from app.api.routes.openai import all_or_nothing, check_model, finish_reason, gen_options, nth_choice, run_to_end
 from app.api.schemas import INFERENCE_ERRORS, OpenAIError, error_responses
 from app.api.textgen import GenError, GenFinal, GenOptions, GenToken, open_stream
 from app.model.tokenizer import Tokenizer
@@ -75,11 +74,8 @@ async def chat_completions(
         if req.n != 1:
             raise APIError(422, "n: streaming takes n = 1")
         return await _stream(serving, ids, opts, req, cid)
-    # each choice is its own sequence; a seeded request seeds choice i with seed + i
-    runs = [
-        run_to_end(serving, ids, dataclasses.replace(opts, seed=None if opts.seed is None else opts.seed + i))
-        for i in range(req.n)
-    ]
+    # each choice is its own sequence (nth_choice: a seeded request seeds choice i with seed + i)
+    runs = [run_to_end(serving, ids, nth_choice(opts, i)) for i in range(req.n)]
     finals = await unless_disconnected(request, all_or_nothing(runs))
     tok = serving.tokenizer
     choices = [

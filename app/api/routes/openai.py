@@ -174,7 +174,7 @@ async def completions(req: CompletionRequest, serving: ServingDep, request: Requ
         if len(prepared) != 1 or best_of != 1 or req.echo:
             raise APIError(422, "stream: takes a single prompt, n = best_of = 1 and no echo")
         return await _stream(serving, prepared[0], opts, req, cid, model)
-    runs = [run_to_end(serving, ids, _nth(opts, i)) for ids in prepared for i in range(best_of)]
+    runs = [run_to_end(serving, ids, nth_choice(opts, i)) for ids in prepared for i in range(best_of)]
     finals = await unless_disconnected(request, all_or_nothing(runs))
     choices: list[CompletionChoice] = []
     for p, ids in enumerate(prepared):
@@ -223,7 +223,7 @@ async def _prompts(req: CompletionRequest, serving: Serving) -> list[list[int]]:
     return out
 
 
-def _nth(opts: GenOptions, i: int) -> GenOptions:
+def nth_choice(opts: GenOptions, i: int) -> GenOptions:
     """Choice i's options: a seeded request seeds choice i with seed + i, so the choices differ."""
     return opts if i == 0 or opts.seed is None else dataclasses.replace(opts, seed=opts.seed + i)
 
