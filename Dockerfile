@@ -3,8 +3,9 @@
 # mtp-serve: HTTP inference service for the multi-token-prediction transformer.
 #
 # Two stages: `builder` makes a virtualenv at /opt/venv holding torch and the `app`
-# package; `runtime` is a bare python:3.11-slim that copies that venv, the default
-# checkpoint and nothing else (no compiler, no pip cache, no source tree).
+# package; `runtime` is python:3.11-slim with g++ (Inductor builds the compiled decode
+# steps' CPU kernels with it at start-up, MTP_COMPILE), that venv and the default
+# checkpoint (no pip cache, no source tree).
 #
 # CPU (default) and CUDA images differ only in which torch wheel goes into the venv:
 #
@@ -60,6 +61,15 @@ RUN groupadd --gid 10001 mtp \
     && useradd --uid 10001 --gid 10001 --no-log-init --no-create-home \
        --home-dir /tmp --shell /usr/sbin/nologin mtp
 
+# The compiled decode steps (MTP_COMPILE=true, the default) need a C++ compiler at run
+# time on CPU; without one the service logs the failure and serves eager steps.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/* \
+    && mkdir -p /var/cache/mtp \
+    && chown 10001:10001 /var/cache/mtp
+
 COPY --from=builder /opt/venv /opt/venv
 
 # The default checkpoint is baked in; set MTP_CHECKPOINT to a mounted directory
@@ -68,7 +78,9 @@ WORKDIR /app
 COPY models/default /app/models/default
 
 # Caches that torch, matplotlib and friends write go to /tmp, so the container runs
-# with a read-only root filesystem plus a writable /tmp (tmpfs / emptyDir).
+# with a read-only root filesystem plus a writable /tmp (tmpfs / emptyDir). The compiled
+# decode steps and Inductor's autotuning results go to /var/cache/mtp: mount a volume
+# there and later starts read them instead of compiling again (minutes on 2 cores).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -76,6 +88,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     XDG_CACHE_HOME=/tmp/.cache \
     MPLCONFIGDIR=/tmp/matplotlib \
     MTP_CHECKPOINT=/app/models/default \
+    MTP_COMPILE_CACHE_DIR=/var/cache/mtp \
     MTP_HOST=0.0.0.0 \
     MTP_PORT=8000 \
     MTP_DEVICE=auto \
@@ -86,7 +99,8 @@ EXPOSE 8000
 
 # /health is liveness only (the process answers); readiness (/ready) is for load
 # balancers and Kubernetes, not for restarting the container while the model loads.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+# /health is 503 until the decode steps are compiled: a cold start takes minutes on CPU.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=900s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('MTP_PORT', '8000'), timeout=4)"]
 
 CMD ["mtp", "serve"]

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     )  # drafts verified per pass (None: k - 1, or fewer where faster)
     adaptive_drafts: bool = ENGINE.adaptive_drafts  # greedy batches verify the draft count timed fastest for their size
     adaptive_threads: bool = ENGINE.adaptive_threads  # CPU: decode steps at 1 or torch_threads threads, the faster now
+    # compiled decode steps (app/engine/compile.py): not ready until compiled; false: eager steps
+    compile: bool = ENGINE.compile
+    compile_autotune: bool = ENGINE.compile_autotune  # CPU: Inductor's C++ GEMM vs MKL per matmul
+    compile_cache_dir: str | None = ENGINE.compile_cache_dir  # None: $TORCHINDUCTOR_CACHE_DIR or ~/.cache/mtp/inductor
+    compile_draft_counts: list[int] | None = Field(ENGINE.compile_draft_counts)  # None: 1, 3 and k - 1
 
     # per-request caps
     max_input_tokens: int | None = Field(None, ge=1)  # None = the model's context

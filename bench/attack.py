@@ -99,7 +99,7 @@ class Lab:
         return srv
 
     @contextlib.contextmanager
-    def dedicated(self, ready_timeout: float = 120.0, **settings: object | None) -> Iterator[Server]:
+    def dedicated(self, ready_timeout: float = 900.0, **settings: object | None) -> Iterator[Server]:
         srv = launch(self.checkpoint, self.workdir, {**self.defaults, **settings})
         try:
             srv.wait_ready(ready_timeout)

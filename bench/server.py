@@ -101,7 +101,7 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
-    def wait_ready(self, timeout: float = 120.0) -> Server:
+    def wait_ready(self, timeout: float = 900.0) -> Server:  # a cold compile of the decode steps takes minutes
         """Poll /ready until it answers 200; ServerExited or NotReady (with the log's tail) if not."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -131,7 +131,7 @@ def running(
     *,
     log_dir: Path | None = None,
     inherit_mtp: bool = False,
-    ready_timeout: float = 120.0,
+    ready_timeout: float = 900.0,
     root: Path = ROOT,
 ) -> Iterator[Server]:
     """A started, ready Server (see Server.start), stopped on leaving the block."""

@@ -209,7 +209,8 @@ def main() -> int:
     if shutil.which("prometheus") is None:
         raise SystemExit("FAIL prometheus not on PATH (Debian package `prometheus`)")
     dashboard = json.loads(dashboard_path.read_text())
-    with tempfile.TemporaryDirectory() as tmp, running("models/default", {"device": "cpu"}, log_dir=Path(tmp)) as srv:
+    settings = {"device": "cpu", "compile": False}  # eager steps: the server is ready in seconds
+    with tempfile.TemporaryDirectory() as tmp, running("models/default", settings, log_dir=Path(tmp)) as srv:
         prometheus, prom = start_prometheus(Path(tmp), f"127.0.0.1:{srv.port}", rules_path)
         try:
             wait_until("Prometheus ready", lambda: httpx.get(f"{prom}/-/ready", timeout=2).status_code == 200)

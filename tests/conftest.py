@@ -35,7 +35,8 @@ TRAINING_TEXT = (
     + "naïve café, 東京, こんにちは. " * 5
 )
 TINY = {"d_model": 32, "n_layers": 2, "num_heads": 4, "d_ff": 64, "k": 3, "max_seq_len": 64, "dropout_rate": 0.0}
-SERVER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# eager decode steps unless a test asks for compiled ones: compiling costs seconds per shape
+SERVER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "MTP_COMPILE": "false"}
 READY_TIMEOUT_S = 90.0
 
 
@@ -120,6 +121,7 @@ def app_factory(checkpoint: Path) -> Callable[..., FastAPI]:
     def make(**overrides: Any) -> FastAPI:
         overrides.setdefault("checkpoint", checkpoint)
         overrides.setdefault("device", "cpu")
+        overrides.setdefault("compile", False)  # compiled steps: tests/engine/test_compiled.py
         return create_app(Settings(**overrides))
 
     return make

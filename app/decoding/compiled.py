@@ -1,8 +1,11 @@
-"""torch.compile'd decode steps at fixed shapes (gpt-fast style), for generate() on a static batch."""
+"""torch.compile'd decode steps at fixed shapes (gpt-fast style): one implementation for
+generate() on a static batch and for the engine's continuous batch."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -14,42 +17,70 @@ from app.model.model import MTPTransformer
 
 
 class CompiledDecoder:
-    """torch.compile'd decode steps, gpt-fast style, for generate() on a static batch.
+    """torch.compile'd decode steps at fixed shapes, for generate() and the engine.
 
     The compiled step attends over the whole KV cache under the position mask (stale entries
     past a row's position are masked), so its shapes never change from step to step: each
-    (batch, tokens-per-step) pair compiles once — T = 1 for plain steps, T = k for verify
-    passes. Inductor's freezing folds and prepacks the weights, which is most of the gain on
-    CPU. The caches are allocated here for `max_batch` rows and kept across generate() calls.
-    For all-greedy batches `greedy_step` also compiles the acceptance and drafting into the
-    step's graph; sampled batches run the compiled forward and the eager accept_drafts.
+    (batch, tokens-per-step) pair compiles once. Inductor's freezing folds and prepacks the
+    weights, which is most of the gain on CPU; on CUDA the graphs are also captured as CUDA
+    graphs (mode "reduce-overhead"), so a step is one replay instead of dozens of launches.
+
+    batch_sizes and widths, when given, are the shapes compiled: a step's rows are padded up to
+    the next batch size (the padding rows are cache rows past the batch, which hold no
+    sequence) and its tokens per row up to the next width (padding tokens are written past the
+    row's position, where the mask hides them until real tokens overwrite them). Without them a
+    step compiles at its own shape. The caches are allocated here for `max_batch` rows and kept.
+
+    `__call__` runs the trunk and head 1 (any head type); for all-greedy batches of linear
+    heads, `greedy_step` also compiles acceptance and drafting into the step's graph.
     """
 
-    def __init__(self, model: MTPTransformer, max_batch: int, autotune: bool = False) -> None:
-        if model.cfg.head_type != "linear":
-            raise ValueError(
-                f"compiled decoding covers the linear MTP head only, not head_type {model.cfg.head_type!r}: "
-                "decode this model eagerly (no CompiledDecoder; `--no-compile` in mtp bench)"
-            )
+    def __init__(
+        self,
+        model: MTPTransformer,
+        max_batch: int,
+        autotune: bool = False,
+        batch_sizes: Iterable[int] | None = None,
+        widths: Iterable[int] | None = None,
+    ) -> None:
+        import torch._dynamo.config as dynamo_config
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True  # weights are constants of the compiled graph
         self.model = model
         self.max_batch = max_batch
+        self.k = model.cfg.k
         self.cache_len = model.cfg.max_seq_len + model.cfg.k - 1
+        self.batch_sizes = sorted(set(batch_sizes)) if batch_sizes is not None else None
+        self.widths = sorted(set(widths)) if widths is not None else None
+        self.threads: dict[int, list[int]] = {}  # batch size -> the thread counts warm() compiled it at
+        if self.batch_sizes is not None and (self.batch_sizes[0] < 1 or self.batch_sizes[-1] > max_batch):
+            raise ValueError(f"compiled batch sizes must be within 1..{max_batch}")
+        if self.widths is not None and (self.widths[0] < 1 or self.widths[-1] > self.k):
+            raise ValueError(f"compiled widths (tokens per row per step) must be within 1..{self.k}")
+        # one graph per shape, all of this class's step functions: Dynamo's default limit on
+        # graphs per function (8) would leave the rest eager
+        graphs = 4 * max(1, len(self.shapes())) + 8
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, graphs)
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * graphs)
         model.setup_caches(max_batch)
         self._caches = model.kv_caches()
+        device = model.head.proj.weight.device
         # autotune: Inductor times its C++ GEMM template (AVX-512 micro-kernels, specialised
         # to each frozen weight's shape) against ATen's MKL call for every matmul and keeps
         # the faster; compiling takes minutes instead of seconds.
         options: dict[str, str | int | bool | Callable[..., Any]] | None = (
             {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"} if autotune else None
         )
+        mode = "reduce-overhead" if device.type == "cuda" and options is None else None
+        if device.type == "cuda" and options is not None:
+            options = {**options, "triton.cudagraphs": True, "max_autotune_gemm_backends": "TRITON,ATEN"}
         # The drafting heads' rows of the MTP projection as a Linear of their own: the C++
         # template reads a frozen weight that is a row-offset view from its first row (wrong
         # drafts; torch 2.13), so it gets a copy. Head 1's rows start at 0 and stay a view.
         self._drafter: nn.Linear | None = None
-        if autotune and model.cfg.k > 1:
+        self.linear = model.cfg.head_type == "linear"
+        if autotune and self.linear and model.cfg.k > 1:
             V, proj = model.cfg.vocab_size, model.head.proj
             self._drafter = nn.Linear(proj.in_features, proj.out_features - V, bias=proj.bias is not None)
             self._drafter.to(device=proj.weight.device, dtype=proj.weight.dtype).requires_grad_(False)
@@ -57,8 +88,60 @@ class CompiledDecoder:
                 self._drafter.weight.copy_(proj.weight[V:])
                 if proj.bias is not None:
                     self._drafter.bias.copy_(proj.bias[V:])
-        self._step = torch.compile(self._eager_step, dynamic=False, options=options)
-        self._greedy = torch.compile(self._eager_greedy_step, dynamic=False, options=options)
+        self._step = torch.compile(self._eager_step, dynamic=False, mode=mode, options=options)
+        self._greedy = torch.compile(self._eager_greedy_step, dynamic=False, mode=mode, options=options)
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """The (batch, width) shapes this decoder compiles, when it has buckets."""
+        if self.batch_sizes is None or self.widths is None:
+            return []
+        return [(b, w) for b in self.batch_sizes for w in self.widths]
+
+    def warm(
+        self, threads: Callable[[int], list[int]] | None = None, greedy: bool = False
+    ) -> Iterator[tuple[int, int, int, float]]:
+        """Compile every shape now (rows from 0 at positions 0.., so only while no sequence holds a
+        cache row), yielding (batch, width, threads, seconds) as each is done; greedy: the fused
+        greedy step's graphs too. threads(batch): the intra-op thread counts to compile that
+        batch size at (Dynamo guards on the count, and Inductor's C++ kernels are built for
+        it); default: the current count."""
+        device = self.model.head.proj.weight.device
+        before = torch.get_num_threads()
+        try:
+            for b, w in self.shapes():
+                counts = threads(b) if threads is not None else [before]
+                self.threads[b] = sorted(set(counts))
+                for n in self.threads[b]:
+                    torch.set_num_threads(n)
+                    t0 = time.perf_counter()
+                    with torch.inference_mode():
+                        idx = torch.zeros(b, w, dtype=torch.long, device=device)
+                        self(idx, torch.arange(w, device=device).expand(b, w))
+                        if greedy and self.linear:
+                            drafts = idx[:, 1:] if w > 1 else None
+                            self.greedy_step(idx[:, 0], drafts, idx[:, 0], idx.new_zeros(b), want_drafts=self.k > 1)
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                    yield b, w, n, time.perf_counter() - t0
+        finally:
+            torch.set_num_threads(before)
+
+    def thread_counts(self, b: int) -> list[int] | None:
+        """The thread counts a step of b rows was compiled at (None: not compiled, any count)."""
+        if not self.covers(b, 1):
+            return None
+        return self.threads.get(self.padded_batch(b))
+
+    def covers(self, b: int, t: int) -> bool:
+        """Whether a step of b rows and t tokens each has a compiled shape (always, without buckets)."""
+        big = self.batch_sizes is not None and b > self.batch_sizes[-1]
+        return not big and not (self.widths is not None and t > self.widths[-1])
+
+    def padded_batch(self, b: int) -> int:
+        return _bucket(self.batch_sizes, b)
+
+    def padded_width(self, t: int) -> int:
+        return _bucket(self.widths, t)
 
     def _draft_logits(self, h: Tensor) -> Tensor:
         """Heads 2..k at hidden states h [B, C] -> [B, k-1, V]."""
@@ -71,13 +154,29 @@ class CompiledDecoder:
         them); the same tensors every time, so the compiled graphs stay valid."""
         self.model.set_kv_caches(self._caches)
 
+    def _pad(self, idx: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Pad [B, T] step inputs to the compiled shape (unchanged without buckets)."""
+        B, T = idx.shape
+        PB, PT = self.padded_batch(B), self.padded_width(T)
+        if (PB, PT) == (B, T):  # contiguous: Dynamo guards on strides too
+            return idx.contiguous(), input_pos.contiguous()
+        if PT > T:  # more tokens per row, at the positions after the row's last
+            idx = torch.cat([idx, idx.new_zeros(B, PT - T)], dim=1)
+            input_pos = input_pos[:, :1] + torch.arange(PT, device=idx.device)[None, :]
+        if PB > B:  # rows past the batch: free cache rows, written at positions 0..PT-1
+            idx = torch.cat([idx, idx.new_zeros(PB - B, PT)])
+            input_pos = torch.cat([input_pos, torch.arange(PT, device=idx.device).expand(PB - B, PT)])
+        return idx.contiguous(), input_pos.contiguous()
+
     def _eager_step(self, idx: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
         h = self.model.trunk(idx, input_pos, kv_len=self.cache_len)
         return self.model.head(h, heads=slice(0, 1)), h
 
     def __call__(self, idx: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
         """Head 1's logits [B, T, 1, V] and the hidden states [B, T, C] at positions input_pos."""
-        return self._step(idx, input_pos)
+        B, T = idx.shape
+        head1, h = self._step(*self._pad(idx, input_pos))
+        return head1[:B, :T], h[:B, :T]
 
     def _eager_greedy_step(
         self, idx: Tensor, input_pos: Tensor, max_accept: Tensor, draft: bool
@@ -103,13 +202,33 @@ class CompiledDecoder:
             drafts = idx.new_zeros(B, 0)
         return tokens, n_acc + 1, logprobs, drafts
 
-    def greedy_step(self, cur: Tensor, drafts: Tensor | None, pos: Tensor, max_accept: Tensor) -> StepResult:
+    def greedy_step(
+        self, cur: Tensor, drafts: Tensor | None, pos: Tensor, max_accept: Tensor, want_drafts: bool | None = None
+    ) -> StepResult:
         """A whole greedy decode step as one compiled graph: the forward over [cur, drafts],
         acceptance (drafts equal to head 1's argmax, at most max_accept [B] of them), the
         bonus token, log-probabilities and the next drafts from heads 2..k — what
-        forward_step + accept_drafts compute for all-greedy rows, without their eager ops."""
+        forward_step + accept_drafts compute for all-greedy rows of linear heads, without
+        their eager ops. Padding tokens are never accepted (max_accept < the real width).
+        want_drafts: make the next drafts (default: when this step verifies some)."""
+        if not self.linear:
+            raise ValueError("the fused greedy step covers the linear MTP head only; use forward_step")
         idx, input_pos = step_inputs(cur, drafts, pos)
-        T = idx.shape[1]
-        draft = drafts is not None and drafts.shape[1] > 0
-        tokens, n_emitted, logprobs, nxt = self._greedy(idx, input_pos, max_accept.clamp(max=T - 1), draft)
-        return StepResult(tokens, n_emitted, logprobs, nxt, None)
+        B, T = idx.shape
+        draft = drafts is not None and drafts.shape[1] > 0 if want_drafts is None else want_drafts and self.k > 1
+        pidx, ppos = self._pad(idx, input_pos)
+        cap = max_accept.clamp(max=T - 1)
+        if pidx.shape[0] > B:
+            cap = torch.cat([cap, cap.new_zeros(pidx.shape[0] - B)])
+        tokens, n_emitted, logprobs, nxt = self._greedy(pidx, ppos, cap, draft)
+        return StepResult(tokens[:B, :T], n_emitted[:B], logprobs[:B, :T], nxt[:B], None)
+
+
+def _bucket(sizes: list[int] | None, n: int) -> int:
+    """The smallest compiled size at or above n (n itself without buckets, or past the largest)."""
+    if sizes is None:
+        return n
+    i = bisect.bisect_left(sizes, n)
+    if i == len(sizes):
+        raise ValueError(f"no compiled shape holds {n} (largest: {sizes[-1]})")
+    return sizes[i]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from app.decoding.compiled import CompiledDecoder
 from app.decoding.generate import draft_count, forward_step
 from app.decoding.sampling import BatchSampling, SamplingParams, count_emitted
 from app.decoding.speculative import StepResult, accept_drafts
@@ -50,6 +51,7 @@ class DecodeBatch:
         self.k = model.cfg.k
         self.n_drafts = draft_count(self.k, draft_tokens)  # drafts verified per pass (at most)
         self.policy = policy  # picks fewer for all-greedy batches where that is faster
+        self.compiled: CompiledDecoder | None = None  # runs the steps whose shape it compiled
         self.device = model.head.proj.weight.device
         self.seqs: list[RunningSequence] = []
         self.cur = torch.zeros(0, dtype=torch.long, device=self.device)  # [n] last token, not yet cached
@@ -148,6 +150,8 @@ class DecodeBatch:
         # drafts are made whenever rows speculate, even on a step that verifies none (policy: 0),
         # so that the next step has real ones to verify
         want = bool(spec.any()) and self.n_drafts > 0
+        width = 1 + verified.shape[1]
+        compiled = self.compiled if self.compiled is not None and self.compiled.covers(len(self), width) else None
         step = forward_step(
             self.model,
             self.cur,
@@ -156,6 +160,7 @@ class DecodeBatch:
             want_drafts=want,
             states=self.states,
             n_drafts=self.n_drafts,
+            compiled=compiled,
         )
         res = accept_drafts(step.head1, verified, q, max_accept, self.sampling, spec, step.drafts, k - 1)
         self.last_head1 = step.head1[:, :, 0]  # [n, T, V]: for the top log-probabilities rows ask for

@@ -28,6 +28,12 @@ class EngineConfig:
     draft_tokens: int | None = None  # drafts verified per pass; None = k - 1, or fewer where faster
     adaptive_drafts: bool = True  # with draft_tokens None: time the step at start-up and adapt (drafts.py)
     adaptive_threads: bool = True  # CPU: run each decode step at the thread count timed fastest now (threads.py)
+    # decode steps as torch.compile'd graphs at fixed shapes (app/decoding/compiled.py); False: eager
+    compile: bool = True
+    compile_autotune: bool = True  # CPU: time Inductor's C++ GEMMs against MKL per matmul (slower cold start)
+    compile_cache_dir: str | None = None  # Inductor's on-disk cache; None: $TORCHINDUCTOR_CACHE_DIR or torch's
+    # draft counts a compiled verify pass may carry (a step pads to the next); None: 0, 1, 3 and k - 1
+    compile_draft_counts: list[int] | None = None
     request_timeout_s: float = 60.0
     stall_timeout_s: float = 30.0
 

@@ -238,7 +238,11 @@ class EngineCore:
             with self.stats.forward(kind):
                 if self.threads is None or kind != "decode":  # prefills and /predict: few, varied passes
                     return self._guarded(kind, fn)
-                return self.threads.run((kind, size_bucket(size)), lambda: self._guarded(kind, fn))
+                compiled = self.batch.compiled
+                allowed = (
+                    compiled.threads.get(compiled.padded_batch(size)) if compiled and compiled.covers(size, 1) else None
+                )
+                return self.threads.run((kind, size_bucket(size)), lambda: self._guarded(kind, fn), allowed)
         finally:
             self.busy_since = None
 

@@ -28,7 +28,7 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,6 +36,9 @@ from app.decoding.generate import forward_step
 from app.decoding.sampling import BatchSampling, SamplingParams
 from app.decoding.speculative import accept_drafts
 from app.model.model import MTPTransformer
+
+if TYPE_CHECKING:
+    from app.decoding.compiled import CompiledDecoder
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +49,11 @@ EXPLORE_EVERY = 32  # every 32nd step at a batch size re-times the draft count m
 
 
 class DraftPolicy:
-    def __init__(self, max_drafts: int, costs: dict[int, list[float]]) -> None:
-        """costs[batch] = step seconds with n = 0 .. max_drafts drafts verified, for a few batch sizes."""
+    def __init__(self, max_drafts: int, costs: dict[int, list[float]], choices: list[int] | None = None) -> None:
+        """costs[batch] = step seconds with n = 0 .. max_drafts drafts verified, for a few batch sizes;
+        choices: the draft counts a step may verify (compiled steps: the widths compiled), default all."""
         self.max_drafts = max_drafts
+        self.choices = sorted(set(choices)) if choices is not None else list(range(max_drafts + 1))
         self.batches = sorted(costs)
         self.costs = costs
         self.offered = [0] * max_drafts  # verify passes in which draft position j was offered
@@ -80,22 +85,20 @@ class DraftPolicy:
         self.steps[b] += 1
         if self.steps[b] % EXPLORE_EVERY == 0:
             seen = self.last_seen[b]
-            return seen.index(min(seen))
+            return min(self.choices, key=lambda n: seen[n])
         return self.best(b)
 
     def best(self, b: int) -> int:
         """The draft count with the most expected tokens per second at measured batch size b."""
         cost = self.cost(b)
-        best, best_rate, expected = 0, 1.0 / cost[0], 1.0
-        for n, a in enumerate(self.rates(), start=1):
-            expected += a
-            if expected / cost[n] > best_rate:
-                best, best_rate = n, expected / cost[n]
-        return best
+        expected = [1.0]  # tokens a pass verifying n drafts is expected to emit
+        for a in self.rates():
+            expected.append(expected[-1] + a)
+        return max(self.choices, key=lambda n: (expected[n] / cost[n], -n))
 
     def observe_cost(self, batch: int, n: int, seconds: float) -> None:
         """A greedy step's duration; only exact measured batch sizes count (a smaller batch costs less)."""
-        if batch in self.recent and 0 <= n <= self.max_drafts:
+        if batch in self.recent and n in self.choices:
             self.recent[batch][n].append(seconds)
             self.last_seen[batch][n] = self.steps[batch]
 
@@ -116,16 +119,24 @@ class DraftPolicy:
 
 
 def time_steps(
-    step: Callable[[int, int], None], batches: list[int], max_drafts: int, reps: int = 8
+    step: Callable[[int, int], None],
+    batches: list[int],
+    max_drafts: int,
+    reps: int = 8,
+    counts: list[int] | None = None,
 ) -> dict[int, list[float]]:
     """Seconds of step(batch, n_drafts) for every batch size and n = 0 .. max_drafts.
+
+    With `counts`, only those draft counts are run; any other n costs what the next count
+    above it does (a compiled step pads its tokens to that width).
 
     Each shape is run once to warm it, then `reps` rounds time every shape in turn, so a burst
     of interference hits all shapes alike rather than a few; the median of a shape's rounds is
     its cost. A row is then made non-decreasing in n (feeding more tokens never costs less)
     and capped at (n+1) x the plain step (one pass never costs more than n+1 plain ones).
     """
-    shapes = [(b, n) for b in batches for n in range(max_drafts + 1)]
+    timed = sorted(set(counts)) if counts is not None else list(range(max_drafts + 1))
+    shapes = [(b, n) for b in batches for n in timed]
     for b, n in shapes:
         step(b, n)
     times: dict[tuple[int, int], list[float]] = {shape: [] for shape in shapes}
@@ -138,18 +149,23 @@ def time_steps(
     for b in batches:
         row: list[float] = []
         for n in range(max_drafts + 1):
-            median = statistics.median(times[b, n])
+            median = statistics.median(times[b, next(m for m in timed if m >= n)])
             row.append(median if not row else min(max(median, row[-1]), (n + 1) * row[0]))
         costs[b] = row
     return costs
 
 
-def time_verify_steps(model: MTPTransformer, max_batch_size: int) -> dict[int, list[float]]:
+def time_verify_steps(
+    model: MTPTransformer, max_batch_size: int, compiled: CompiledDecoder | None = None
+) -> dict[int, list[float]]:
     """Seconds of a greedy decode step at batch sizes 1, 2, 4, .. max_batch_size and 0 .. k-1
     drafts, on random tokens at position 64 (the inference thread, before any sequence holds a
-    cache row)."""
+    cache row). With `compiled`, the steps that will run: its compiled batch sizes and widths."""
     k, vocab, dev = model.cfg.k, model.cfg.vocab_size, model.head.proj.weight.device
     sizes = sorted({min(2**i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
+    counts = None
+    if compiled is not None and compiled.batch_sizes is not None and compiled.widths is not None:
+        sizes, counts = compiled.batch_sizes, [w - 1 for w in compiled.widths]
     pos0 = max(0, min(64, model.cfg.max_seq_len - k))
     gen = torch.Generator(device=dev).manual_seed(0)
     inputs: dict[tuple[int, int], tuple[Any, ...]] = {}  # built once per shape, outside the timings
@@ -165,13 +181,15 @@ def time_verify_steps(model: MTPTransformer, max_batch_size: int) -> dict[int, l
                 torch.ones(b, dtype=torch.bool, device=dev),  # want drafts
             )
         cur, drafts, pos, max_accept, sampling, want = inputs[b, n]
-        out = forward_step(model, cur, drafts if n else None, pos)
+        if compiled is not None and (counts := compiled.thread_counts(b)):
+            torch.set_num_threads(max(counts))  # a count the step was compiled at
+        out = forward_step(model, cur, drafts if n else None, pos, compiled=compiled)
         accept_drafts(out.head1, drafts, None, max_accept, sampling, want, out.drafts, k - 1)
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
     with torch.inference_mode():
-        costs = time_steps(step, sizes, k - 1)
+        costs = time_steps(step, sizes, k - 1, counts=counts)
     log.info(
         "verify-step cost (ms) by batch size and drafts: %s",
         {b: [round(c * 1e3, 2) for c in row] for b, row in costs.items()},

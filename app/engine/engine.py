@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from app.decoding.predict import Scores
 from app.engine.admission import DoorTicket, check_ids, check_sampling, door_ticket
+from app.engine.compile import build_compiled
 from app.engine.config import EngineConfig, Health, inference_thread
 from app.engine.core import Abort, Call, DropAll, EngineCore, StepOutput, Stop, Submit
 from app.engine.drafts import DraftPolicy, time_verify_steps
@@ -73,20 +74,40 @@ class Engine:
         self._at_door = 0  # queue places held by requests past the door, not yet submitted
         self._live: set[WorkItem] = set()  # submitted and not yet answered
         self._by_id: dict[str, set[GenerateItem]] = {}  # live sequences by request id, for abort()
+        self.compiled_info: dict[str, Any] | None = None  # the compiled step shapes, once built
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self, warmup: bool = True) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self.model.setup_caches, self.cfg.max_batch_size)
+        compiled = None
+        if self.cfg.compile:  # not ready until every shape is compiled (app/engine/compile.py)
+            t0 = time.perf_counter()
+            try:
+                compiled = await loop.run_in_executor(self._executor, build_compiled, self.model, self.cfg)
+            except Exception as exc:  # e.g. no C++ compiler for Inductor's CPU kernels
+                log.error("compiling the decode steps failed, serving eager steps: %s: %s", type(exc).__name__, exc)
+                self.compiled_info = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            else:
+                self.core.batch.compiled = compiled
+                self.compiled_info = {
+                    "batch_sizes": compiled.batch_sizes,
+                    "widths": compiled.widths,
+                    "threads": compiled.threads,
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+        if compiled is None:
+            await loop.run_in_executor(self._executor, self.model.setup_caches, self.cfg.max_batch_size)
         self.core.post = lambda out: loop.call_soon_threadsafe(self._on_step, out)
         self._running = asyncio.wrap_future(self._executor.submit(self.core.run))
         self._accepting = True
         if warmup:
             await self._warmup()
             if self.cfg.adaptive_drafts and self.cfg.draft_tokens is None and self.k > 1:
-                costs = await self.call(functools.partial(time_verify_steps, self.model, self.cfg.max_batch_size))
-                policy = DraftPolicy(self.k - 1, costs)
+                timing = functools.partial(time_verify_steps, self.model, self.cfg.max_batch_size, compiled)
+                costs = await self.call(timing)
+                choices = [w - 1 for w in compiled.widths] if compiled is not None and compiled.widths else None
+                policy = DraftPolicy(self.k - 1, costs, choices)
                 await self.call(functools.partial(setattr, self.core.batch, "policy", policy))
         await self.call(self.core.snapshot_policies)
         log.info("engine ready: k=%d, max_batch_size=%d, device=%s", self.k, self.cfg.max_batch_size, self.device)
@@ -301,6 +322,7 @@ class Engine:
             "dtype": str(self.dtype).removeprefix("torch."),
             "k": self.k,
             "speculative": self.cfg.speculative and self.k > 1,
+            "compiled": self.compiled_info,
             "draft_policy": None,
             "threads": None,
             **self.core.policy_info,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TypeVar
 
 import torch
@@ -48,15 +48,16 @@ class ThreadPolicy:
         self.interval: dict[Key, int] = {}
         self.best: dict[Key, int] = {}
 
-    def choose(self, key: Key) -> int:
-        """Threads for the next pass of `key`."""
-        if len(self.choices) == 1:
-            return self.choices[0]
+    def choose(self, key: Key, allowed: Collection[int] | None = None) -> int:
+        """Threads for the next pass of `key`, among `allowed` (default: every count)."""
+        choices = [n for n in self.choices if allowed is None or n in allowed] or self.choices[-1:]
+        if len(choices) == 1:
+            return choices[0]
         recent = self.recent.setdefault(key, {n: deque(maxlen=RECENT) for n in self.choices})
-        for n in self.choices:
+        for n in choices:
             if not recent[n]:
                 return n  # time every count once first
-        best = min(self.choices, key=lambda n: statistics.median(recent[n]))
+        best = min(choices, key=lambda n: statistics.median(recent[n]))
         if best != self.best.get(key):
             self.best[key] = best
             self.interval[key] = MIN_INTERVAL
@@ -65,12 +66,13 @@ class ThreadPolicy:
         if self.until_explore[key] <= 0:
             self.interval[key] = min(2 * self.interval[key], MAX_INTERVAL)
             self.until_explore[key] = self.interval[key]
-            return next(n for n in self.choices if n != best)
+            return next(n for n in choices if n != best)
         return best
 
-    def run(self, key: Key, fn: Callable[[], T]) -> T:
-        """Run fn at the chosen thread count, and record how long it took."""
-        n = self.choose(key)
+    def run(self, key: Key, fn: Callable[[], T], allowed: Collection[int] | None = None) -> T:
+        """Run fn at the thread count chosen among `allowed` (a compiled step: the counts it
+        was compiled for; Dynamo guards on the count), and record how long it took."""
+        n = self.choose(key, allowed)
         if n != self.current:
             torch.set_num_threads(n)  # this thread's OpenMP team: the core runs every pass
             self.current = n

@@ -147,3 +147,10 @@ def random_prompts(n: int, vocab: int, min_len: int, max_len: int, seed: int) ->
 def make_prompts() -> Callable[..., list[list[int]]]:
     """make_prompts(n, vocab, min_len, max_len, seed): random prompts of varied lengths."""
     return random_prompts
+
+
+@pytest.fixture(scope="module")
+def small_model(random_model) -> MTPTransformer:
+    """Vocabulary 6, k = 3: spread enough to fill ~200 of the 216 cells of a 3-token joint, and
+    heads that disagree, so about half the drafts are rejected (the chi-square tests)."""
+    return random_model(seed=0, scale=0.25, vocab_size=6, k=3, d_model=16, d_ff=32, max_seq_len=16)

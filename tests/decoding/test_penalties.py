@@ -13,7 +13,6 @@ import torch
 from app.decoding.generate import generate
 from app.decoding.sampling import SamplingParams
 from tests.decoding.test_speculative import (
-    K_SMALL,
     PROMPT,
     V_SMALL,
     chi2_pvalue,
@@ -89,11 +88,6 @@ def exact_penalized_joint(model, settings: dict, depth: int) -> torch.Tensor:
         last = torch.softmax(penalized(head1[depth - 1], PROMPT, list(prefix), p), -1).double()
         joint[prefix] = prob * last
     return joint
-
-
-@pytest.fixture(scope="module")
-def small_model(random_model):
-    return random_model(seed=0, scale=0.25, vocab_size=V_SMALL, k=K_SMALL, d_model=16, d_ff=32, max_seq_len=16)
 
 
 SAMPLED = dict(frequency_penalty=0.9, presence_penalty=0.4, repetition_penalty=1.5, logit_bias=((2, 1.0),))

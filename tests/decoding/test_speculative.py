@@ -157,12 +157,6 @@ PROMPT = [1, 4, 2]
 SETTINGS = [dict(temperature=1.0), dict(temperature=0.7, top_k=4, top_p=0.9)]
 
 
-@pytest.fixture(scope="module")
-def small_model(random_model):
-    # spread enough to fill ~200 of the 216 cells, and heads that disagree: about half the drafts are rejected
-    return random_model(seed=0, scale=0.25, vocab_size=V_SMALL, k=K_SMALL, d_model=16, d_ff=32, max_seq_len=16)
-
-
 @torch.no_grad()
 def exact_joint(model, settings: dict, depth: int) -> torch.Tensor:
     """P(x1..xd | prompt) = prod_i p(xi | prompt, x1..x(i-1)), head 1 processed by the settings: [V] * depth.

@@ -6,7 +6,7 @@ import asyncio
 import random
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,6 @@ from app.decoding.predict import score_next
 from app.decoding.sampling import SamplingParams
 from app.decoding.speculative import accept_drafts
 from app.engine.batch import DecodeBatch
-from app.engine.config import EngineConfig
 from app.engine.engine import Engine
 from app.engine.types import (
     EngineFailure,
@@ -31,28 +30,9 @@ from app.engine.types import (
     PredictJob,
     TokenEvent,
 )
-from app.metrics import Metrics
-from app.model.checkpoint import load_checkpoint
 from tests.conftest import forward_passes, set_fault_hook
 
 PROMPTS = [[5, 17, 42], [7], [100, 3, 9, 250, 11, 64, 2], [33, 33]]
-
-
-@pytest.fixture
-async def engine_factory(checkpoint: Path) -> AsyncIterator[Callable[..., Any]]:
-    engines: list[Engine] = []
-
-    async def make(ckpt: Path | None = None, start: bool = True, **cfg: Any) -> Engine:
-        model, tok = load_checkpoint(ckpt or checkpoint)
-        engine = Engine(model, eos_id=tok.eot_id, cfg=EngineConfig(**cfg), metrics=Metrics(k=model.cfg.k))
-        if start:
-            await engine.start(warmup=False)
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        await engine.shutdown()
 
 
 async def run(engine: Engine, request: GenerateJob) -> tuple[list[int], FinishEvent]:

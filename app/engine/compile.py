@@ -1,0 +1,71 @@
+"""The engine's compiled decode steps: which shapes, where Inductor caches them, and building
+them on the inference thread before the service is ready."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from app.decoding.compiled import CompiledDecoder
+from app.engine.config import EngineConfig
+from app.model.model import MTPTransformer
+
+log = logging.getLogger(__name__)
+
+SMALL_BATCH = 2  # batch sizes compiled at one thread too, for the thread policy
+
+
+def compile_shapes(cfg: EngineConfig, k: int) -> tuple[list[int], list[int]]:
+    """The batch sizes and widths (tokens per row per step) the engine compiles.
+
+    A batch pads to the next power of two (or max_batch_size). A verify pass carries one of a
+    few draft counts, each a width of its own, and always the most any row verifies (sampled
+    rows verify every draft): fewer widths mean fewer graphs but more padding."""
+    sizes = sorted({min(2**i, cfg.max_batch_size) for i in range(cfg.max_batch_size.bit_length() + 1)})
+    counts = cfg.compile_draft_counts if cfg.compile_draft_counts is not None else [1, 3]
+    most = k - 1 if cfg.draft_tokens is None else min(cfg.draft_tokens, k - 1)
+    widths = sorted({1, most + 1} | {n + 1 for n in counts if 0 <= n < most})
+    return sizes, widths
+
+
+def thread_counts(cfg: EngineConfig, model: MTPTransformer, batch: int) -> list[int]:
+    """The intra-op thread counts a batch size is compiled at. With adaptive threads (CPU),
+    batches of up to SMALL_BATCH rows get one thread as well as all of them, so the thread
+    policy can fall back to one under a busy neighbour (threads.py); larger batches, where
+    one thread is far slower, get all."""
+    n = torch.get_num_threads()
+    adaptive = cfg.adaptive_threads and model.head.proj.weight.device.type == "cpu"
+    return sorted({1, n}) if adaptive and batch <= SMALL_BATCH else [n]
+
+
+def cache_dir(cfg: EngineConfig) -> Path:
+    """Inductor's on-disk cache: the setting, else $TORCHINDUCTOR_CACHE_DIR, else ~/.cache/mtp/inductor."""
+    if cfg.compile_cache_dir:
+        return Path(cfg.compile_cache_dir)
+    if env := os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mtp" / "inductor"
+
+
+def build_compiled(model: MTPTransformer, cfg: EngineConfig) -> CompiledDecoder:
+    """Compile every decode-step shape (inference thread, before any sequence holds a cache row).
+
+    Allocates the model's KV caches for max_batch_size rows. A cold cache costs Inductor's
+    code generation and autotuning for every shape; a warm one only tracing and loading."""
+    path = cache_dir(cfg)
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)  # read by Inductor whenever it touches its cache
+    sizes, widths = compile_shapes(cfg, model.cfg.k)
+    autotune = cfg.compile_autotune and model.head.proj.weight.device.type == "cpu"
+    t0 = time.perf_counter()
+    log.info("compiling decode steps: batch sizes %s x widths %s, autotune=%s, cache %s", sizes, widths, autotune, path)
+    compiled = CompiledDecoder(model, cfg.max_batch_size, autotune=autotune, batch_sizes=sizes, widths=widths)
+    for b, w, n, seconds in compiled.warm(functools.partial(thread_counts, cfg, model)):
+        log.info("compiled decode step batch=%d width=%d threads=%d in %.1f s", b, w, n, seconds)
+    log.info("decode steps compiled in %.1f s", time.perf_counter() - t0)
+    return compiled

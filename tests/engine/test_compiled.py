@@ -1,0 +1,52 @@
+"""The engine on compiled decode steps (MTP_COMPILE): the eager tokens at every batch size the
+continuous batch passes through, a draft policy over the compiled widths, and no compiling
+once the engine is ready."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from app.decoding.generate import generate as static_generate
+from app.engine.types import GenerateJob
+from app.model.checkpoint import load_checkpoint
+from tests.engine.test_engine import PROMPTS, run
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler"
+)
+
+
+def graphs_compiled() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+async def test_compiled_engine_gives_the_eager_greedy_tokens_and_never_compiles_after_start(
+    engine_factory: Callable[..., Any], checkpoint: Path, tmp_path: Path
+) -> None:
+    engine = await engine_factory(
+        start=False, compile=True, compile_autotune=False, compile_cache_dir=str(tmp_path), max_batch_size=4
+    )
+    await engine.start(warmup=True)  # compiles, warms up and times the draft policy on compiled steps
+    info = engine.info()["compiled"]
+    assert info["batch_sizes"] == [1, 2, 4] and info["widths"] == [1, 2, 3]  # k = 3
+    assert any(tmp_path.iterdir())  # Inductor's cache lives where the setting says
+    policy = engine.core.batch.policy
+    assert policy is not None and policy.choices == [0, 1, 2]
+    eager_model, tok = load_checkpoint(checkpoint)  # generate() here must not touch the engine's caches
+    want = static_generate(eager_model, PROMPTS, 20, speculative=False, eos_id=tok.eot_id).tokens
+
+    before = graphs_compiled()
+    alone = [(await run(engine, GenerateJob(p, max_new_tokens=20)))[0] for p in PROMPTS]
+    three = await asyncio.gather(*(run(engine, GenerateJob(p, max_new_tokens=20)) for p in PROMPTS[:3]))  # pads to 4
+    plain = await asyncio.gather(*(run(engine, GenerateJob(p, max_new_tokens=20, speculative=False)) for p in PROMPTS))
+    assert alone == want
+    assert [t for t, _ in three] == want[:3]
+    assert [t for t, _ in plain] == want
+    assert graphs_compiled() == before  # every step ran a shape compiled before the engine was ready
