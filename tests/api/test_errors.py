@@ -15,6 +15,7 @@ from tests.conftest import set_fault_hook
 
 GOOD = {"inputs": "To be, or not to be", "top_n": 2}
 LONG_TEXT = "to be or not to be " * 40  # far more than the 64-token context
+PREFILL_DETAILS = {"details": True, "decoder_input_details": True}
 
 
 def still_serves(client: TestClient) -> None:
@@ -73,6 +74,13 @@ BAD_REQUESTS = {
     "generate_unknown_field": ("/generate", {"inputs": "a", "bogus": True}),
     "generate_unknown_parameter": ("/generate", {"inputs": "a", "parameters": {"max_tokens": 3}}),
     "generate_stream_bad_temperature": ("/generate_stream", {"inputs": "a", "parameters": {"temperature": -1}}),
+    # TGI's decoder_input_details is not for streams (its ValidationError::PrefillDetailsStream)
+    "generate_stream_decoder_input_details": ("/generate_stream", {"inputs": "a", "parameters": PREFILL_DETAILS}),
+    "generate_streaming_decoder_input_details": (
+        "/generate",
+        {"inputs": "a", "parameters": PREFILL_DETAILS, "stream": True},
+    ),
+    "root_streaming_decoder_input_details": ("/", {"inputs": "a", "parameters": PREFILL_DETAILS, "stream": True}),
     "tokenize_unknown_field": ("/tokenize", {"inputs": "a", "extra": 1}),
 }
 

@@ -356,7 +356,6 @@ def test_tgi_parameters_with_neutral_values_are_accepted(client: TestClient) -> 
     ("name", "value"),
     [
         ("best_of", 2),
-        ("decoder_input_details", True),
         ("watermark", True),
         ("grammar", {"type": "json"}),
     ],
