@@ -3,12 +3,15 @@ InferenceClient, text-generation's Client) and OpenAI's (openai, LangChain's Ope
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+import text_generation.errors as tgi_errors
 from huggingface_hub import InferenceClient
 from huggingface_hub import errors as hub_errors
 from langchain_openai import OpenAI as LangChainOpenAI
@@ -74,6 +77,37 @@ def test_text_generation_client_decoder_input_details(server: Any, checkpoint: P
     top = client.generate(PROMPT, max_new_tokens=4, decoder_input_details=True, top_n_tokens=3)
     assert_prefill_is_the_prompt_scored_by_head_1(top.details.prefill, checkpoint)
     assert top.details.top_tokens is not None and [len(t) for t in top.details.top_tokens] == [3] * 4
+
+
+def test_error_types_are_tgis_names_over_http(server_factory: Callable[..., Any]) -> None:
+    """422 is "validation" and a full queue's 429 is "overloaded", as TGI names them, so TGI's
+    clients raise their ValidationError and OverloadedError."""
+    srv = server_factory(MTP_MAX_QUEUE_SIZE="1")
+    bad = {"inputs": PROMPT, "parameters": {"decoder_input_details": True}}
+    for path, body in [
+        ("/generate_stream", bad),
+        ("/generate", {**bad, "stream": True}),
+        ("/", {**bad, "stream": True}),
+    ]:
+        r = httpx.post(f"{srv.url}{path}", json=body, timeout=30)
+        assert r.status_code == 422 and r.json()["error_type"] == "validation", (path, r.text)
+        assert "not supported when streaming" in r.json()["error"]
+    with pytest.raises(tgi_errors.ValidationError):
+        TGIClient(srv.url, timeout=30).generate(PROMPT, max_new_tokens=2, watermark=True)
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        # a request whose body is still arriving holds the one queue place
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        sock.sendall(b'Content-Length: 23\r\n\r\n{"inputs": ')
+        r = httpx.post(f"{srv.url}/generate", json={"inputs": PROMPT}, timeout=30)
+        assert r.status_code == 429 and r.json() == {"error": r.json()["error"], "error_type": "overloaded"}
+        assert r.headers["retry-after"] == "1"
+        with pytest.raises(tgi_errors.OverloadedError):
+            TGIClient(srv.url, timeout=30).generate(PROMPT, max_new_tokens=2)
+        with pytest.raises(hub_errors.OverloadedError):
+            InferenceClient(model=srv.url).text_generation(PROMPT, max_new_tokens=2)
+        sock.sendall(b'"a", "x": 1}')  # the body completes: an unknown field, a 422
+        assert sock.recv(65536).startswith(b"HTTP/1.1 422 ")
+    assert httpx.post(f"{srv.url}/generate", json={"inputs": PROMPT}, timeout=30).status_code == 200
 
 
 def test_langchain_openai_llm_invoke_stream_and_batch(server: Any) -> None:

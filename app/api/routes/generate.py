@@ -180,7 +180,7 @@ async def complete(serving: Serving, ids: list[int], opts: GenOptions) -> GenFin
     async for out in run_generation(serving.engine, serving.tokenizer, ids, opts):
         if isinstance(out, GenFinal):
             return out
-    raise APIError(500, "generation ended without a result", "internal")
+    raise APIError(500, "generation ended without a result", "incomplete_generation")
 
 
 def sse(payload: dict[str, object]) -> str:
