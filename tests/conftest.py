@@ -202,6 +202,14 @@ def envelope() -> Callable[..., dict[str, Any]]:
     return assert_envelope
 
 
+@torch.no_grad()
+def head1_prompt_logprobs(model: MTPTransformer, ids: list[int]) -> list[float]:
+    """log p(ids[t] | ids[:t]) for t = 1..L-1 under head 1, from the model's own uncached forward:
+    what TGI's decoder_input_details reports for every input token but the first."""
+    logits = model(torch.tensor([ids]))[0, :-1, 0].float()  # [L-1, V]: position t predicts token t + 1
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
 # ---- real `mtp serve` processes -------------------------------------------------------------
 
 

@@ -21,20 +21,26 @@ log = logging.getLogger(__name__)
 class ErrorKind:
     """One kind of failure: its HTTP status, its error_type in replies and SSE error events, and
     its mtp_request_failures_total label (None: not a failure of the request, or counted by the
-    engine, as cancellations are)."""
+    engine, as cancellations are). error_type is TGI's name where TGI has the kind (its
+    InferError::error_type, which huggingface_hub and text-generation turn into their exception
+    classes); openai_type, where given, is the type /v1/* sends instead."""
 
     status: int
     error_type: str
     reason: str | None
+    openai_type: str | None = None
 
 
 # The one table of failures, keyed by the engine's EngineError.kind where the engine raises them.
+# The first kind of a status is that status's default (BY_STATUS).
 KINDS: dict[str, ErrorKind] = {
     "validation": ErrorKind(422, "validation", "validation"),
     "overloaded": ErrorKind(429, "overloaded", "overloaded"),
     "not_ready": ErrorKind(503, "not_ready", "not_ready"),
     "timeout": ErrorKind(504, "timeout", "timeout"),
-    "error": ErrorKind(500, "internal", "error"),
+    "internal": ErrorKind(500, "internal", "error"),  # a fault outside the model's passes (TGI has no name)
+    "error": ErrorKind(500, "generation", "error", "internal"),  # a forward pass failed (TGI: 424 there)
+    "incomplete_generation": ErrorKind(500, "incomplete_generation", "error", "internal"),  # no final result
     "unauthorized": ErrorKind(401, "unauthorized", "unauthorized"),
     "body_timeout": ErrorKind(408, "timeout", "timeout"),
     "too_large": ErrorKind(413, "too_large", "too_large"),
@@ -44,7 +50,8 @@ KINDS: dict[str, ErrorKind] = {
     "method_not_allowed": ErrorKind(405, "method_not_allowed", None),
     "unsupported_media_type": ErrorKind(415, "unsupported_media_type", None),
 }
-BY_STATUS = {kind.status: kind for kind in KINDS.values()}
+BY_STATUS = {kind.status: kind for kind in reversed(KINDS.values())}
+OPENAI_TYPES = {kind.error_type: kind.openai_type for kind in KINDS.values() if kind.openai_type is not None}
 assert {k.reason for k in KINDS.values()} - {None} <= set(FAILURE_REASONS), "a reason the metrics do not expose"
 RETRY_AFTER_S = "1"
 BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's 400 detail when json.loads raises
@@ -94,7 +101,8 @@ def error_body(
 ) -> dict[str, Any]:
     """The error envelope of an API family: TGI's {"error", "error_type"} or OpenAI's {"error": {...}}."""
     if openai:
-        return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+        kind = OPENAI_TYPES.get(error_type, error_type)
+        return {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return {"error": message, "error_type": error_type}
 
 

@@ -140,7 +140,11 @@ class GenerateParameters(Strict):
     truncate: int | None = Field(None, ge=1, description="Keep only the last this-many input tokens")
     # TGI's other parameters: accepted with their neutral values, a clear 422 otherwise
     best_of: int | None = Field(None, ge=1, description="Only 1 (one sequence) is supported")
-    decoder_input_details: bool = Field(False, description="Not supported: false")
+    decoder_input_details: bool = Field(
+        False,
+        description="details.prefill: the input tokens with their log-probabilities under head 1 (implies details; "
+        "not with streaming)",
+    )
     top_n_tokens: int | None = Field(None, ge=0, description="The most likely tokens at each generated token")
     typical_p: float | None = Field(
         None, gt=0.0, le=1.0, description="Locally typical sampling: the typical set's mass (turns sampling on)"
@@ -181,7 +185,7 @@ FinishReason = Literal["length", "eos_token", "stop_sequence"]
 class PrefillToken(BaseModel):
     id: int
     text: str
-    logprob: float | None
+    logprob: float | None = Field(description="log p(token | the input tokens before it); null for the first")
 
 
 class Details(BaseModel):
@@ -191,7 +195,7 @@ class Details(BaseModel):
     seed: int | None
     speculation: SpeculationDetails
     prefill: list[PrefillToken] = Field(
-        default_factory=list, description="The input tokens (TGI's decoder_input_details; empty unless asked for)"
+        default_factory=list, description="The input tokens, with decoder_input_details (TGI's); else empty"
     )
     tokens: list[Token] | None = None
     top_tokens: list[list[Token]] | None = Field(None, description="Per generated token, with top_n_tokens")

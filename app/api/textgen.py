@@ -13,7 +13,7 @@ from prometheus_client import Counter
 
 from app.decoding.sampling import SamplingParams
 from app.engine.client import EngineClient
-from app.engine.types import EngineError, ErrorEvent, FinishEvent, GenerateJob, TokenEvent
+from app.engine.types import EngineError, ErrorEvent, FinishEvent, GenerateJob, PromptEvent, TokenEvent
 from app.logs import request_id_var
 from app.model.tokenizer import Tokenizer
 
@@ -34,6 +34,7 @@ class GenOptions:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     top_logprobs: int = 0  # per generated token, this many most likely tokens with their logprobs
+    prompt_logprobs: bool = False  # score the prompt's tokens too (TGI's decoder_input_details)
 
     def sampling(self) -> SamplingParams:
         # As in text-generation-inference: setting temperature (> 0), top_k or top_p turns sampling on.
@@ -89,6 +90,7 @@ class GenFinal:
     accepted_tokens: int
     tokens: list[GenToken]
     stop_sequence: str | None = None  # the stop sequence that ended generation (kept at the end of the text)
+    prompt_logprobs: list[float] | None = None  # when asked: log p(prompt[t] | prompt[:t]) for t = 1..L-1
 
     @property
     def text_without_stop(self) -> str:
@@ -113,6 +115,7 @@ async def run_generation(
         speculative=opts.speculative,
         request_id=request_id_var.get(),
         top_logprobs=opts.top_logprobs,
+        prompt_logprobs=opts.prompt_logprobs,
     )
     spec = engine.speculates(request)
     decoder = tok.stream_decoder()
@@ -120,12 +123,15 @@ async def run_generation(
     tokens: list[GenToken] = []
     longest_stop = max((len(s) for s in opts.stop), default=0)
     released = 0  # characters of text handed out as GenToken.released
+    prompt_scores: list[float] | None = None
     stream = engine.generate(request)
     try:
         async for event in stream:
             if isinstance(event, ErrorEvent):
                 raise event.error
-            if isinstance(event, TokenEvent):
+            if isinstance(event, PromptEvent):
+                prompt_scores = event.logprobs
+            elif isinstance(event, TokenEvent):
                 n = len(event.token_ids)
                 for i, (tid, lp) in enumerate(zip(event.token_ids, event.logprobs, strict=True)):
                     special = tid in tok.special_ids
@@ -155,12 +161,15 @@ async def run_generation(
                     yield gt
                     if cut is not None:
                         final = _final(text[:cut], "stop_sequence", tokens, prompt_ids, sampling, spec, None)
+                        final.prompt_logprobs = prompt_scores
                         final.stop_sequence = next(st for st in opts.stop if text[:cut].endswith(st))
                         engine.stop(request)  # closing the stream below is a finish, not a cancellation
                         yield final
                         return
             elif isinstance(event, FinishEvent):
-                yield _final(text, event.reason, tokens, prompt_ids, sampling, spec, event)
+                final = _final(text, event.reason, tokens, prompt_ids, sampling, spec, event)
+                final.prompt_logprobs = prompt_scores
+                yield final
                 return
     finally:
         await stream.aclose()

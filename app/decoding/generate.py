@@ -24,9 +24,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class Prefilled:
-    """A prefill's output: the last position's logits, and (sequential heads) how to draft from it."""
+    """A prefill's output: the last position's logits, every position's state (for
+    prompt_logprobs), and (sequential heads) how to draft from it."""
 
     logits: Tensor  # [B, k, V] linear heads; [B, 1, V] (head 1) sequential heads
+    hidden: Tensor  # [B, T, C] the trunk's states at every (right-padded) prompt position
     drafter: Drafter | None = None  # sequential heads: the modules over the prompts and the first token
     n_drafts: int = 0  # sequential heads: k - 1, the drafts' width even when none are made
 
@@ -43,14 +45,41 @@ def prefill(model: MTPTransformer, prompts: list[list[int]], row0: int = 0, n_dr
     h = model.trunk(idx, pos, kv_len=T, row0=row0)  # [B, T, C]
     last = h[torch.arange(B, device=device), lengths - 1]  # [B, C]
     if not isinstance(model.head, SequentialHeads):
-        return Prefilled(model.head(last))  # only the last position
+        return Prefilled(model.head(last), h)  # only the last position
     zero = torch.zeros(B, dtype=torch.long, device=device)
 
     def drafter(n_acc: Tensor, tokens: Tensor, sampling: BatchSampling, want: Tensor) -> Drafted:
         window = prefill_window(idx, lengths, tokens[:, 0])  # positions 1..T, the first token at L
         return draft_sequential(model, h, window, zero, lengths - 1, None, sampling, want, n_drafts, row0)
 
-    return Prefilled(model.head(last, heads=slice(0, 1)), drafter, model.cfg.k - 1)
+    return Prefilled(model.head(last, heads=slice(0, 1)), h, drafter, model.cfg.k - 1)
+
+
+PROMPT_SCORE_CHUNK = 256  # positions per head-1 projection: bounds the [n, V] logits it holds at once
+
+
+def prompt_logprobs(
+    model: MTPTransformer, hidden: Tensor, prompts: list[list[int]], rows: list[int]
+) -> list[list[float]]:
+    """Head 1's log p(prompt[t] | prompt[:t]) for t = 1..L-1 of each prompt in rows, from a
+    prefill's states `hidden` [B, T, C] (Prefilled.hidden). The prompts are right-padded, so the
+    state at a real position has seen only the tokens up to it. The first token has no score."""
+    if not rows:
+        return []
+    states = torch.cat([hidden[b, : len(prompts[b]) - 1] for b in rows])  # [N, C]
+    targets = torch.tensor([t for b in rows for t in prompts[b][1:]], dtype=torch.long, device=hidden.device)  # [N]
+    parts = []
+    for s in range(0, len(targets), PROMPT_SCORE_CHUNK):
+        logits = model.head(states[s : s + PROMPT_SCORE_CHUNK], heads=slice(0, 1))[:, 0].float()  # [n, V]
+        chosen = logits.gather(-1, targets[s : s + PROMPT_SCORE_CHUNK, None])[:, 0]  # [n]
+        parts.append(chosen - logits.logsumexp(-1))
+    flat: list[float] = torch.cat(parts).tolist() if parts else []
+    out, start = [], 0
+    for b in rows:
+        n = len(prompts[b]) - 1
+        out.append(flat[start : start + n])
+        start += n
+    return out
 
 
 @dataclass

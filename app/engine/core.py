@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from app.decoding.generate import first_tokens, prefill
+from app.decoding.generate import first_tokens, prefill, prompt_logprobs
 from app.decoding.predict import Scores, score_next
 from app.decoding.sampling import BatchSampling, make_generator, penalty_state, top_logprobs
 from app.engine.batch import DecodeBatch, RunningSequence
@@ -34,6 +34,7 @@ from app.engine.types import (
     FinishEvent,
     GenerateItem,
     PredictItem,
+    PromptEvent,
     TokenEvent,
     WorkItem,
 )
@@ -300,15 +301,17 @@ class EngineCore:
         ]
         try:
             size = sum(len(i.request.prompt_ids) for i in items)
-            outputs = self._forward("prefill", size, lambda: self._prefill(seqs))
+            outputs, scored = self._forward("prefill", size, lambda: self._prefill(seqs))
         except Exception as exc:
             log.exception("prefill of %d sequences failed", len(items))
             error = EngineFailure(f"forward pass failed: {type(exc).__name__}")
             out.events.extend((item, ErrorEvent(error)) for item in items)
             return
+        out.events.extend((item, PromptEvent(lps)) for item, lps in scored)  # before the first tokens
         self._update(out, outputs)
 
-    def _prefill(self, seqs: list[RunningSequence]) -> list[Emitted]:
+    def _prefill(self, seqs: list[RunningSequence]) -> tuple[list[Emitted], list[tuple[GenerateItem, list[float]]]]:
+        """The first tokens, and the prompt scores of the rows that ask for them."""
         self.batch.compact()  # rows 0..n-1 hold the running sequences; new ones go after them
         row0 = len(self.batch)
         prompts = [s.item.request.prompt_ids for s in seqs]
@@ -324,7 +327,11 @@ class EngineCore:
         for p in prompts:
             self.stats.prompt_tokens(len(p))
         top = self._top(seqs, last.logits[:, None, 0])
-        return self._collect(first.tokens[:, :1].tolist(), first.logprobs[:, :1].tolist(), [1] * len(seqs), row0, top)
+        rows = [b for b, s in enumerate(seqs) if s.item.request.prompt_logprobs]
+        scores = prompt_logprobs(self.model, last.hidden, prompts, rows)  # [] when no row asks
+        scored = [(seqs[b].item, lps) for b, lps in zip(rows, scores, strict=True)]
+        tokens, logprobs = first.tokens[:, :1].tolist(), first.logprobs[:, :1].tolist()
+        return self._collect(tokens, logprobs, [1] * len(seqs), row0, top), scored
 
     def _top(self, seqs: list[RunningSequence], head1: Tensor | None) -> tuple[list[Any], list[Any]] | None:
         """The most likely tokens at each offset [B, T, n] (ids, logprobs), for the rows that ask."""

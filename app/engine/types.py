@@ -52,6 +52,15 @@ class GenerateJob:
     stop_token_ids: frozenset[int] = frozenset()
     request_id: str = ""
     top_logprobs: int = 0  # per generated token, the most likely tokens and their logprobs
+    prompt_logprobs: bool = False  # score the prompt's own tokens under head 1 (a PromptEvent)
+
+
+@dataclass
+class PromptEvent:
+    """The prompt scored by head 1 (GenerateJob.prompt_logprobs), before the first TokenEvent:
+    logprobs[t - 1] = log p(prompt[t] | prompt[:t]) for t = 1..L-1; the first token has none."""
+
+    logprobs: list[float]
 
 
 @dataclass
@@ -80,7 +89,7 @@ class ErrorEvent:
     error: EngineError
 
 
-Event = TokenEvent | FinishEvent | ErrorEvent
+Event = PromptEvent | TokenEvent | FinishEvent | ErrorEvent
 
 
 @dataclass(eq=False)

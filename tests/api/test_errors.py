@@ -15,6 +15,7 @@ from tests.conftest import set_fault_hook
 
 GOOD = {"inputs": "To be, or not to be", "top_n": 2}
 LONG_TEXT = "to be or not to be " * 40  # far more than the 64-token context
+PREFILL_DETAILS = {"details": True, "decoder_input_details": True}
 
 
 def still_serves(client: TestClient) -> None:
@@ -73,6 +74,13 @@ BAD_REQUESTS = {
     "generate_unknown_field": ("/generate", {"inputs": "a", "bogus": True}),
     "generate_unknown_parameter": ("/generate", {"inputs": "a", "parameters": {"max_tokens": 3}}),
     "generate_stream_bad_temperature": ("/generate_stream", {"inputs": "a", "parameters": {"temperature": -1}}),
+    # TGI's decoder_input_details is not for streams (its ValidationError::PrefillDetailsStream)
+    "generate_stream_decoder_input_details": ("/generate_stream", {"inputs": "a", "parameters": PREFILL_DETAILS}),
+    "generate_streaming_decoder_input_details": (
+        "/generate",
+        {"inputs": "a", "parameters": PREFILL_DETAILS, "stream": True},
+    ),
+    "root_streaming_decoder_input_details": ("/", {"inputs": "a", "parameters": PREFILL_DETAILS, "stream": True}),
     "tokenize_unknown_field": ("/tokenize", {"inputs": "a", "extra": 1}),
 }
 
@@ -222,7 +230,7 @@ def test_request_larger_than_queue_is_not_answered_as_retryable_overload(
 
 def test_not_ready_before_startup_gets_503(app_factory: Callable[..., Any], envelope: Callable[..., Any]) -> None:
     client = TestClient(app_factory())  # not entered: the lifespan has not loaded the model
-    envelope(client.get("/health"), 503, "not_ready")  # as TGI: healthy only once it can serve
+    envelope(client.get("/health"), 503, "healthcheck")  # as TGI: healthy only once it can serve
     envelope(client.get("/ready"), 503, "not_ready")
     envelope(client.post("/predict", json=GOOD), 503, "not_ready")
     envelope(client.post("/generate", json={"inputs": "a"}), 503, "not_ready")
@@ -266,7 +274,27 @@ def test_fault_in_predict_batch_gets_500_and_next_request_succeeds(
 
     wait_idle(engine)
     set_fault_hook(engine, hook)
-    body = envelope(client.post("/predict", json=GOOD), 500, "internal")
+    body = envelope(client.post("/predict", json=GOOD), 500, "generation")  # TGI's name for a failed pass
     assert "secret detail" not in body["error"]
     still_serves(client)
     assert client.get("/health").json()["status"] == "ok"
+
+
+def test_failed_pass_is_tgis_generation_error_and_keeps_its_type_on_v1(client: TestClient) -> None:
+    """The one table: error_type "generation" (TGI's name, which its clients turn into
+    GenerationError) in the TGI envelope; /v1's OpenAI envelope keeps the type it had, "internal"."""
+    engine = client.app.state.service.engine  # type: ignore[attr-defined]
+    faults = ["prefill", "prefill"]
+
+    def hook(kind: str) -> None:
+        if faults and kind == faults[0]:
+            faults.pop()
+            raise RuntimeError("injected")
+
+    wait_idle(engine)
+    set_fault_hook(engine, hook)
+    tgi = client.post("/generate", json={"inputs": "To be", "parameters": {"max_new_tokens": 2}})
+    assert tgi.status_code == 500 and tgi.json()["error_type"] == "generation"
+    v1 = client.post("/v1/completions", json={"model": "tiny", "prompt": "To be", "max_tokens": 2})
+    assert v1.status_code == 500 and v1.json()["error"]["type"] == "internal", v1.text
+    still_serves(client)

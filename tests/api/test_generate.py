@@ -275,7 +275,7 @@ def test_fault_in_forward_pass_fails_that_request_only(client: TestClient, sse: 
     set_fault_hook(engine, hook)
     r = client.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 4}})
     assert r.status_code == 500
-    assert r.json()["error_type"] == "internal" and "injected" not in r.text
+    assert r.json()["error_type"] == "generation" and "injected" not in r.text  # TGI's GenerationError
     assert gen(client, max_new_tokens=4)["generated_text"]
     # after the first event the status is already 200: the error arrives as an SSE error event
     deadline = time.monotonic() + 5
@@ -285,7 +285,7 @@ def test_fault_in_forward_pass_fails_that_request_only(client: TestClient, sse: 
     events = stream_events(
         client, sse, "/generate_stream", {"inputs": PROMPT, "parameters": {"max_new_tokens": 6, "speculative": False}}
     )
-    assert events[-1] == {"error": events[-1]["error"], "error_type": "internal"}
+    assert events[-1] == {"error": events[-1]["error"], "error_type": "generation"}
     assert "index" in events[0]
     assert gen(client, max_new_tokens=4)["generated_text"]
 
@@ -356,7 +356,6 @@ def test_tgi_parameters_with_neutral_values_are_accepted(client: TestClient) -> 
     ("name", "value"),
     [
         ("best_of", 2),
-        ("decoder_input_details", True),
         ("watermark", True),
         ("grammar", {"type": "json"}),
     ],

@@ -73,7 +73,7 @@ def test_stalled_worker_fails_health_and_readiness(
         deadline = time.monotonic() + 5
         while client.get("/health").status_code == 200 and time.monotonic() < deadline:
             time.sleep(0.02)
-        body = envelope(client.get("/health"), 503, "unhealthy")
+        body = envelope(client.get("/health"), 503, "healthcheck")  # TGI's name
         assert "stalled" in body["error"]
         envelope(client.get("/ready"), 503, "not_ready")
         assert pending.result().status_code == 200

@@ -11,8 +11,9 @@ import shutil
 import pytest
 import torch
 
+from app.decoding import generate as generate_module
 from app.decoding.compiled import CompiledDecoder
-from app.decoding.generate import generate
+from app.decoding.generate import generate, prefill, prompt_logprobs
 from app.decoding.sampling import SamplingParams
 
 N_NEW = 20
@@ -273,3 +274,33 @@ def test_zero_new_tokens_gives_empty_rows(stub_model):
 def test_prompt_outside_the_context_window_is_rejected(stub_model, prompts):
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(stub_model(follow_token, max_seq_len=64), prompts, 5)
+
+
+# --- the prompt's own scores (TGI's decoder_input_details) ------------------------------------
+
+
+@pytest.mark.parametrize("head_type", ["linear", "sequential"])
+def test_prompt_logprobs_of_a_ragged_prefill_match_a_forward_per_prompt(
+    random_model, make_prompts, monkeypatch, head_type
+):
+    """One right-padded prefill scores each asked row's tokens 1..L-1 under head 1 exactly as an
+    uncached forward over that prompt alone; rows not asked are skipped, and the chunks a long
+    prompt is projected in join seamlessly."""
+    monkeypatch.setattr(generate_module, "PROMPT_SCORE_CHUNK", 4)  # chunk edges inside and across rows
+    model = random_model(head_type=head_type)
+    prompts = make_prompts(5, model.cfg.vocab_size, 2, 12, seed=3)
+    prompts[1] = [4]  # a single token: nothing to score
+    rows = [0, 1, 3, 4]
+    model.setup_caches(len(prompts))
+    try:
+        with torch.inference_mode():
+            got = prompt_logprobs(model, prefill(model, prompts).hidden, prompts, rows)
+    finally:
+        model.reset_caches()
+    assert len(got) == len(rows) and got[1] == []
+    with torch.no_grad():
+        for b, scores in zip(rows, got, strict=True):
+            head1 = model(torch.tensor([prompts[b]]))[0, :-1, 0]  # [L-1, V]: position t predicts token t+1
+            want = torch.log_softmax(head1, -1).gather(-1, torch.tensor(prompts[b][1:])[:, None])[:, 0]
+            assert torch.allclose(torch.tensor(scores), want, atol=1e-5), (b, scores, want.tolist())
+    assert prompt_logprobs(model, torch.zeros(1, 1, model.cfg.d_model), [[1]], []) == []

@@ -20,12 +20,14 @@ from app.api.schemas import (
     GenerateParameters,
     GenerateRequest,
     GenerateResponse,
+    PrefillToken,
     SpeculationDetails,
     StreamEvent,
     Token,
     error_responses,
 )
 from app.api.textgen import GenError, GenFinal, GenOptions, GenToken, open_stream, run_generation
+from app.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["inference"])
@@ -71,9 +73,15 @@ STREAM_DOC: dict[int | str, dict[str, Any]] = {
 }
 
 
-def options_for(params: GenerateParameters, serving: Serving) -> GenOptions:
+# TGI's words (ValidationError::PrefillDetailsStream); TGI sends them as the stream's only event
+PREFILL_DETAILS_STREAM = "`decoder_input_details` == true is not supported when streaming tokens"
+
+
+def options_for(params: GenerateParameters, serving: Serving, stream: bool = False) -> GenOptions:
     """Check the parameters against the service's limits; raises APIError(422)."""
     s = serving.settings
+    if stream and params.decoder_input_details:
+        raise APIError(422, PREFILL_DETAILS_STREAM)
     if params.max_new_tokens > s.max_new_tokens:
         raise APIError(422, f"max_new_tokens must be at most {s.max_new_tokens}")
     if len(params.stop) > s.max_stop_sequences:
@@ -84,7 +92,6 @@ def options_for(params: GenerateParameters, serving: Serving) -> GenOptions:
         raise APIError(422, f"temperature must be at most {s.max_temperature:g}")
     unsupported = {
         "best_of": params.best_of not in (None, 1),
-        "decoder_input_details": params.decoder_input_details,
         "watermark": params.watermark,
         "grammar": params.grammar is not None,
         "adapter_id": params.adapter_id not in (None, ""),
@@ -106,6 +113,7 @@ def options_for(params: GenerateParameters, serving: Serving) -> GenOptions:
         speculative=params.speculative,
         frequency_penalty=params.frequency_penalty or 0.0,
         top_logprobs=params.top_n_tokens or 0,
+        prompt_logprobs=params.decoder_input_details,
         repetition_penalty=params.repetition_penalty if params.repetition_penalty is not None else 1.0,
     )
 
@@ -125,12 +133,14 @@ async def prompt_ids(inputs: str, serving: Serving, field: str = "inputs", trunc
     return ids
 
 
-async def prepare(params: GenerateParameters, inputs: str, serving: Serving) -> tuple[list[int], GenOptions]:
-    opts = options_for(params, serving)
+async def prepare(
+    params: GenerateParameters, inputs: str, serving: Serving, stream: bool
+) -> tuple[list[int], GenOptions]:
+    opts = options_for(params, serving, stream)
     return await prompt_ids(inputs, serving, truncate=params.truncate), opts
 
 
-def details_of(final: GenFinal, with_tokens: bool) -> Details:
+def details_of(final: GenFinal, with_tokens: bool, prefill: list[PrefillToken] | None = None) -> Details:
     return Details(
         finish_reason=final.finish_reason,
         generated_tokens=final.generated_tokens,
@@ -144,7 +154,17 @@ def details_of(final: GenFinal, with_tokens: bool) -> Details:
         ),
         tokens=[_token(t) for t in final.tokens] if with_tokens else None,
         top_tokens=[_top(t) for t in final.tokens] if with_tokens and any(t.top for t in final.tokens) else None,
+        prefill=prefill or [],
     )
+
+
+def prefill_tokens(ids: list[int], final: GenFinal, tok: Tokenizer) -> list[PrefillToken]:
+    """TGI's details.prefill: the prompt's tokens, each with log p(token | the tokens before it)
+    under head 1; the first has none (null, where TGI's NaN serializes as null). Empty unless asked."""
+    if final.prompt_logprobs is None:
+        return []
+    scores = [None, *final.prompt_logprobs]
+    return [PrefillToken(id=i, text=tok.id_to_text(i), logprob=lp) for i, lp in zip(ids, scores, strict=True)]
 
 
 def _top(t: GenToken) -> list[Token]:
@@ -160,7 +180,7 @@ async def complete(serving: Serving, ids: list[int], opts: GenOptions) -> GenFin
     async for out in run_generation(serving.engine, serving.tokenizer, ids, opts):
         if isinstance(out, GenFinal):
             return out
-    raise APIError(500, "generation ended without a result", "internal")
+    raise APIError(500, "generation ended without a result", "incomplete_generation")
 
 
 def sse(payload: dict[str, object]) -> str:
@@ -208,12 +228,17 @@ async def event_stream(outs: AsyncIterator[GenToken | GenFinal | GenError], pref
 @router.post("/generate", response_model=GenerateResponse, responses=SSE_DOC)
 async def generate(req: GenerateRequest, serving: ServingDep, request: Request) -> GenerateResponse | StreamingResponse:
     """Generate a continuation; with "stream": true, as server-sent events."""
-    ids, opts = await prepare(req.parameters, req.inputs, serving)
+    params = req.parameters
+    ids, opts = await prepare(params, req.inputs, serving, req.stream)
     if req.stream:
         return await _stream(serving, ids, opts, req)
     final = await unless_disconnected(request, complete(serving, ids, opts))
-    text = (req.inputs if req.parameters.return_full_text else "") + final.generated_text
-    return GenerateResponse(generated_text=text, details=details_of(final, True) if req.parameters.details else None)
+    text = (req.inputs if params.return_full_text else "") + final.generated_text
+    if not (params.details or params.decoder_input_details):  # either one asks for details, as in TGI
+        return GenerateResponse(generated_text=text)
+    return GenerateResponse(
+        generated_text=text, details=details_of(final, True, prefill_tokens(ids, final, serving.tokenizer))
+    )
 
 
 @router.post("/", response_model=list[GenerateResponse], responses=SSE_DOC)
@@ -228,7 +253,7 @@ async def compat_generate(
 @router.post("/generate_stream", response_class=StreamingResponse, responses=STREAM_DOC)
 async def generate_stream(req: GenerateRequest, serving: ServingDep) -> StreamingResponse:
     """Generate a continuation as server-sent events, one event per token."""
-    ids, opts = await prepare(req.parameters, req.inputs, serving)
+    ids, opts = await prepare(req.parameters, req.inputs, serving, stream=True)
     return await _stream(serving, ids, opts, req)
 
 

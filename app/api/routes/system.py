@@ -24,6 +24,7 @@ from app.api.schemas import (
 from app.config import REPO_ROOT
 
 router = APIRouter(tags=["system"])
+HEALTHCHECK = "healthcheck"  # the error_type of TGI's /health when it answers 503
 
 
 @router.api_route("/health", methods=["GET", "HEAD"], response_model=HealthResponse, responses=error_responses(503))
@@ -31,10 +32,10 @@ async def health(state: StateDep) -> HealthResponse | JSONResponse:
     """200 when the service can serve (TGI's meaning): the model is loaded and warm and the
     inference worker is alive and making progress; draining still counts as alive."""
     if state.engine is None or not (state.ready or state.draining):
-        return envelope(503, "model loading", "not_ready")
+        return envelope(503, "model loading", HEALTHCHECK)
     h = state.engine.health()
     if not h.alive or h.stalled:
-        return envelope(503, f"inference worker unhealthy: {h.detail}", "unhealthy")
+        return envelope(503, f"inference worker unhealthy: {h.detail}", HEALTHCHECK)
     return HealthResponse(status="ok", worker=h.detail)
 
 
