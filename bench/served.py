@@ -4,7 +4,8 @@
 
 Phases, one torch process at a time (two would fight over the cores):
   1. offline: generate() in this process on the prompts the servers get, greedy, at every
-     draft count 0 .. k-1; the fastest is "the model's own speed" at batch 1;
+     draft count 0 .. k-1, eager and with the service's compiled step; the fastest is "the
+     model's own speed" at batch 1;
   2. servers in alternating phases A, B, A, B ... (this checkout, then GIT_REF's code checked
      out in a temporary worktree), each measuring one sequential stream and `streams`
      concurrent ones (POST /generate, streamed, greedy, default speculation).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import tempfile
@@ -25,24 +27,42 @@ from typing import Any
 import torch
 
 from app import config
+from app.decoding.compiled import CompiledDecoder
 from app.decoding.generate import generate
+from app.engine.compile import cache_dir, compile_shapes
+from app.engine.config import EngineConfig
 from app.model.checkpoint import load_checkpoint, load_tokenizer, resolve_device, resolve_dtype
 from bench.decoding import heldout_prompts, write_json
 from bench.server import ROOT, running
 from bench.service import generate_load
 
 
-def offline_rate(checkpoint: str, prompts: list[list[int]], new_tokens: int, device: str) -> dict[str, Any]:
-    """Tokens/s of generate() at batch 1 over the prompts, for each draft count; and the best."""
+def offline_rate(
+    checkpoint: str, prompts: list[list[int]], new_tokens: int, device: str, compiled: bool = False
+) -> dict[str, Any]:
+    """Tokens/s of generate() at batch 1 over the prompts, for each draft count; and the best.
+
+    compiled: with the service's compiled step (CompiledDecoder at the engine's default shapes,
+    caches and autotuning, so Inductor's cache is shared with the servers), at the draft counts
+    the service's policy can pick; else eager at every draft count."""
     dev = resolve_device(device)
     model, _ = load_checkpoint(checkpoint, device=dev, dtype=resolve_dtype("auto", dev))  # as the servers load it
+    counts = list(range(model.cfg.k))
+    dec = None
+    if compiled:
+        cfg = EngineConfig()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir(cfg))
+        _, widths, greedy = compile_shapes(cfg, model)
+        autotune = cfg.compile_autotune and dev.type == "cpu"
+        dec = CompiledDecoder(model, cfg.max_batch_size, autotune, batch_sizes=[1], widths=widths, greedy_widths=greedy)
+        counts = [w - 1 for w in (greedy or widths)]
     rates: dict[int, float] = {}
     with torch.inference_mode():
-        generate(model, prompts[:1], 8)  # warm
-        for n in range(model.cfg.k):
+        for n in counts:
+            generate(model, prompts[:1], 8, speculative=n > 0, draft_tokens=n, compiled=dec)  # warm (compiles)
             tokens, t0 = 0, time.perf_counter()
             for p in prompts:
-                g = generate(model, [p], new_tokens, speculative=n > 0, draft_tokens=n)
+                g = generate(model, [p], new_tokens, speculative=n > 0, draft_tokens=n, compiled=dec)
                 tokens += len(g.tokens[0])
             rates[n] = tokens / (time.perf_counter() - t0)
     best = max(rates, key=lambda n: rates[n])
@@ -71,7 +91,7 @@ def served_phase(
         "max_queue_size": 1024,
         "max_new_tokens": max(256, new_tokens),
     }
-    with running(checkpoint, settings, root=root, ready_timeout=600) as srv:
+    with running(checkpoint, settings, root=root, ready_timeout=1800) as srv:  # a cold compile: minutes
         one = asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts)))
         many = asyncio.run(generate_load(srv.url, texts, streams, new_tokens, 2))
     return {"1_stream": one, f"{streams}_streams": many}
@@ -98,6 +118,7 @@ def bench_served(
         "torch_threads": torch.get_num_threads(),
         "device": device,
         "offline": offline_rate(checkpoint, ids, new_tokens, device),
+        "offline_compiled": offline_rate(checkpoint, ids, new_tokens, device, compiled=True),
     }
     trees = {"this": ROOT, **({"baseline": baseline_tree(baseline)} if baseline else {})}
     phases: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
@@ -111,7 +132,10 @@ def bench_served(
     }
     out["phases"] = phases
     out["tokens_per_s"] = med
-    ratios = {"1_stream_vs_offline": round(med["this"]["1_stream"] / out["offline"]["tokens_per_s"], 3)}
+    ratios = {
+        "1_stream_vs_offline": round(med["this"]["1_stream"] / out["offline"]["tokens_per_s"], 3),
+        "1_stream_vs_offline_compiled": round(med["this"]["1_stream"] / out["offline_compiled"]["tokens_per_s"], 3),
+    }
     if baseline:
         out["baseline"] = baseline
         for key in ("1_stream", many):

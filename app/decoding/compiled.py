@@ -42,6 +42,7 @@ class CompiledDecoder:
         autotune: bool = False,
         batch_sizes: Iterable[int] | None = None,
         widths: Iterable[int] | None = None,
+        greedy_widths: Iterable[int] | None = None,
     ) -> None:
         import torch._dynamo.config as dynamo_config
         import torch._inductor.config as inductor_config
@@ -49,18 +50,23 @@ class CompiledDecoder:
         inductor_config.freezing = True  # weights are constants of the compiled graph
         self.model = model
         self.max_batch = max_batch
+        self.linear = model.cfg.head_type == "linear"
         self.k = model.cfg.k
         self.cache_len = model.cfg.max_seq_len + model.cfg.k - 1
         self.batch_sizes = sorted(set(batch_sizes)) if batch_sizes is not None else None
         self.widths = sorted(set(widths)) if widths is not None else None
+        # the fused greedy step's widths (linear heads; default: widths)
+        greedy_widths = greedy_widths if greedy_widths is not None else self.widths
+        self.greedy_widths = sorted(set(greedy_widths)) if greedy_widths is not None and self.linear else None
         self.threads: dict[int, list[int]] = {}  # batch size -> the thread counts warm() compiled it at
         if self.batch_sizes is not None and (self.batch_sizes[0] < 1 or self.batch_sizes[-1] > max_batch):
             raise ValueError(f"compiled batch sizes must be within 1..{max_batch}")
-        if self.widths is not None and (self.widths[0] < 1 or self.widths[-1] > self.k):
-            raise ValueError(f"compiled widths (tokens per row per step) must be within 1..{self.k}")
+        for ws in (self.widths, self.greedy_widths):
+            if ws is not None and (ws[0] < 1 or ws[-1] > self.k):
+                raise ValueError(f"compiled widths (tokens per row per step) must be within 1..{self.k}")
         # one graph per shape, all of this class's step functions: Dynamo's default limit on
         # graphs per function (8) would leave the rest eager
-        graphs = 4 * max(1, len(self.shapes())) + 8
+        graphs = 2 * (len(self.shapes()) + len(self.shapes(greedy=True))) + 8
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, graphs)
         dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * graphs)
         model.setup_caches(max_batch)
@@ -79,7 +85,6 @@ class CompiledDecoder:
         # template reads a frozen weight that is a row-offset view from its first row (wrong
         # drafts; torch 2.13), so it gets a copy. Head 1's rows start at 0 and stay a view.
         self._drafter: nn.Linear | None = None
-        self.linear = model.cfg.head_type == "linear"
         if autotune and self.linear and model.cfg.k > 1:
             V, proj = model.cfg.vocab_size, model.head.proj
             self._drafter = nn.Linear(proj.in_features, proj.out_features - V, bias=proj.bias is not None)
@@ -91,24 +96,25 @@ class CompiledDecoder:
         self._step = torch.compile(self._eager_step, dynamic=False, mode=mode, options=options)
         self._greedy = torch.compile(self._eager_greedy_step, dynamic=False, mode=mode, options=options)
 
-    def shapes(self) -> list[tuple[int, int]]:
-        """The (batch, width) shapes this decoder compiles, when it has buckets."""
-        if self.batch_sizes is None or self.widths is None:
+    def shapes(self, greedy: bool = False) -> list[tuple[int, int]]:
+        """The (batch, width) shapes this decoder compiles (greedy: of the fused greedy step)."""
+        widths = self.greedy_widths if greedy else self.widths
+        if self.batch_sizes is None or widths is None:
             return []
-        return [(b, w) for b in self.batch_sizes for w in self.widths]
+        return [(b, w) for b in self.batch_sizes for w in widths]
 
-    def warm(
-        self, threads: Callable[[int], list[int]] | None = None, greedy: bool = False
-    ) -> Iterator[tuple[int, int, int, float]]:
+    def warm(self, threads: Callable[[int], list[int]] | None = None) -> Iterator[tuple[str, int, int, int, float]]:
         """Compile every shape now (rows from 0 at positions 0.., so only while no sequence holds a
-        cache row), yielding (batch, width, threads, seconds) as each is done; greedy: the fused
-        greedy step's graphs too. threads(batch): the intra-op thread counts to compile that
-        batch size at (Dynamo guards on the count, and Inductor's C++ kernels are built for
-        it); default: the current count."""
+        cache row), yielding (step, batch, width, threads, seconds) as each is done: the forward
+        step at `widths`, the fused greedy step at `greedy_widths`. threads(batch): the
+        intra-op thread counts to compile that batch size at (Dynamo guards on the count, and
+        Inductor's C++ kernels are built for it); default: the current count."""
         device = self.model.head.proj.weight.device
         before = torch.get_num_threads()
         try:
-            for b, w in self.shapes():
+            shapes = [("forward", b, w) for b, w in self.shapes()]
+            shapes += [("greedy", b, w) for b, w in self.shapes(greedy=True)]
+            for kind, b, w in shapes:
                 counts = threads(b) if threads is not None else [before]
                 self.threads[b] = sorted(set(counts))
                 for n in self.threads[b]:
@@ -116,32 +122,38 @@ class CompiledDecoder:
                     t0 = time.perf_counter()
                     with torch.inference_mode():
                         idx = torch.zeros(b, w, dtype=torch.long, device=device)
-                        self(idx, torch.arange(w, device=device).expand(b, w))
-                        if greedy and self.linear:
+                        pos = torch.arange(w, device=device).expand(b, w)
+                        if kind == "forward":
+                            self(idx, pos)
+                        else:
                             drafts = idx[:, 1:] if w > 1 else None
-                            self.greedy_step(idx[:, 0], drafts, idx[:, 0], idx.new_zeros(b), want_drafts=self.k > 1)
+                            self.greedy_step(idx[:, 0], drafts, pos[:, 0], idx.new_zeros(b), want_drafts=self.k > 1)
                         if device.type == "cuda":
                             torch.cuda.synchronize()
-                    yield b, w, n, time.perf_counter() - t0
+                    yield kind, b, w, n, time.perf_counter() - t0
         finally:
             torch.set_num_threads(before)
 
     def thread_counts(self, b: int) -> list[int] | None:
         """The thread counts a step of b rows was compiled at (None: not compiled, any count)."""
-        if not self.covers(b, 1):
+        if self.batch_sizes is not None and b > self.batch_sizes[-1]:
             return None
         return self.threads.get(self.padded_batch(b))
 
-    def covers(self, b: int, t: int) -> bool:
-        """Whether a step of b rows and t tokens each has a compiled shape (always, without buckets)."""
+    def covers(self, b: int, t: int, greedy: bool = False) -> bool:
+        """Whether a step of b rows and t tokens each has a compiled shape (always, without
+        buckets); greedy: a fused greedy step (linear heads, compiled at greedy_widths)."""
+        if greedy and not self.linear:
+            return False
+        widths = self.greedy_widths if greedy else self.widths
         big = self.batch_sizes is not None and b > self.batch_sizes[-1]
-        return not big and not (self.widths is not None and t > self.widths[-1])
+        return not big and not (widths is not None and t > widths[-1])
 
     def padded_batch(self, b: int) -> int:
         return _bucket(self.batch_sizes, b)
 
-    def padded_width(self, t: int) -> int:
-        return _bucket(self.widths, t)
+    def padded_width(self, t: int, greedy: bool = False) -> int:
+        return _bucket(self.greedy_widths if greedy else self.widths, t)
 
     def _draft_logits(self, h: Tensor) -> Tensor:
         """Heads 2..k at hidden states h [B, C] -> [B, k-1, V]."""
@@ -154,10 +166,10 @@ class CompiledDecoder:
         them); the same tensors every time, so the compiled graphs stay valid."""
         self.model.set_kv_caches(self._caches)
 
-    def _pad(self, idx: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+    def _pad(self, idx: Tensor, input_pos: Tensor, greedy: bool = False) -> tuple[Tensor, Tensor]:
         """Pad [B, T] step inputs to the compiled shape (unchanged without buckets)."""
         B, T = idx.shape
-        PB, PT = self.padded_batch(B), self.padded_width(T)
+        PB, PT = self.padded_batch(B), self.padded_width(T, greedy)
         if (PB, PT) == (B, T):  # contiguous: Dynamo guards on strides too
             return idx.contiguous(), input_pos.contiguous()
         if PT > T:  # more tokens per row, at the positions after the row's last
@@ -199,7 +211,7 @@ class CompiledDecoder:
             q = torch.softmax(self._draft_logits(h[rows, n_acc]).float(), dim=-1)
             drafts = q.argmax(-1)  # [B, k-1]
         else:
-            drafts = idx.new_zeros(B, 0)
+            drafts = idx.new_zeros(B, self.k - 1)  # as accept_drafts: zeros when none are made
         return tokens, n_acc + 1, logprobs, drafts
 
     def greedy_step(
@@ -216,7 +228,7 @@ class CompiledDecoder:
         idx, input_pos = step_inputs(cur, drafts, pos)
         B, T = idx.shape
         draft = drafts is not None and drafts.shape[1] > 0 if want_drafts is None else want_drafts and self.k > 1
-        pidx, ppos = self._pad(idx, input_pos)
+        pidx, ppos = self._pad(idx, input_pos, greedy=True)
         cap = max_accept.clamp(max=T - 1)
         if pidx.shape[0] > B:
             cap = torch.cat([cap, cap.new_zeros(pidx.shape[0] - B)])

@@ -133,12 +133,27 @@ class DecodeBatch:
             self.states = self.states[idx] if survivors else None
         self.sampling = self._sampling()
 
+    def _fused(self) -> bool:
+        """Whether this step can run as the compiled fused greedy step: linear heads, every row
+        greedy with no penalty or bias, and no row asking for top log-probabilities (the fused
+        step keeps no logits)."""
+        return (
+            self.compiled is not None
+            and self.compiled.linear
+            and self.sampling.all_greedy
+            and self.sampling.penalties is None
+            and not any(s.item.request.top_logprobs for s in self.seqs)
+        )
+
     def step(self) -> StepResult:
         """One decode step for every row: a verify pass if any row speculates, else plain decoding."""
         self.compact()
         k, n_drafts = self.k, self.n_drafts
         spec = self._want_drafts()
+        fused = self._fused()
         chosen = self.policy is not None and not bool((spec & ~self.sampling.greedy).any())
+        if self.compiled is not None and self.compiled.linear and not fused:
+            chosen = False  # compiled: the policy times and picks the fused steps' widths only
         if self.policy is not None and chosen:
             n_drafts = min(n_drafts, self.policy.choose(len(self)))
         t0 = time.perf_counter()
@@ -152,18 +167,23 @@ class DecodeBatch:
         want = bool(spec.any()) and self.n_drafts > 0
         width = 1 + verified.shape[1]
         compiled = self.compiled if self.compiled is not None and self.compiled.covers(len(self), width) else None
-        step = forward_step(
-            self.model,
-            self.cur,
-            verified if use_drafts else None,
-            self.pos,
-            want_drafts=want,
-            states=self.states,
-            n_drafts=self.n_drafts,
-            compiled=compiled,
-        )
-        res = accept_drafts(step.head1, verified, q, max_accept, self.sampling, spec, step.drafts, k - 1)
-        self.last_head1 = step.head1[:, :, 0]  # [n, T, V]: for the top log-probabilities rows ask for
+        if fused and self.compiled is not None and self.compiled.covers(len(self), width, greedy=True):
+            # always drafting (one graph per shape, as compiled); no row speculates: unused
+            res = self.compiled.greedy_step(self.cur, verified if use_drafts else None, self.pos, max_accept, k > 1)
+            self.last_head1 = None
+        else:
+            step = forward_step(
+                self.model,
+                self.cur,
+                verified if use_drafts else None,
+                self.pos,
+                want_drafts=want,
+                states=self.states,
+                n_drafts=self.n_drafts,
+                compiled=compiled,
+            )
+            res = accept_drafts(step.head1, verified, q, max_accept, self.sampling, spec, step.drafts, k - 1)
+            self.last_head1 = step.head1[:, :, 0]  # [n, T, V]: for the top log-probabilities rows ask for
         rows = torch.arange(len(self), device=self.device)
         self.cur = res.tokens[rows, res.n_emitted - 1]
         self.pos = self.pos + res.n_emitted

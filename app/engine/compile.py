@@ -20,17 +20,24 @@ log = logging.getLogger(__name__)
 SMALL_BATCH = 2  # batch sizes compiled at one thread too, for the thread policy
 
 
-def compile_shapes(cfg: EngineConfig, k: int) -> tuple[list[int], list[int]]:
-    """The batch sizes and widths (tokens per row per step) the engine compiles.
+def compile_shapes(cfg: EngineConfig, model: MTPTransformer) -> tuple[list[int], list[int], list[int]]:
+    """The batch sizes, the widths (tokens per row per step) of the forward step, and those of
+    the fused greedy step, that the engine compiles.
 
-    A batch pads to the next power of two (or max_batch_size). A verify pass carries one of a
-    few draft counts, each a width of its own, and always the most any row verifies (sampled
-    rows verify every draft): fewer widths mean fewer graphs but more padding."""
+    A batch pads to the next power of two (or max_batch_size). The draft policy picks, for
+    all-greedy batches, among a few draft counts, each a width of the fused greedy step
+    (linear heads). Other batches (sampled, penalized, or asking for top log-probabilities)
+    run the forward step and verify no drafts or the most any row verifies (sampled rows verify
+    every draft), so it needs only those two widths; with sequential heads the forward step
+    runs every batch, at every width the policy picks. Fewer widths: fewer graphs, more padding."""
+    k = model.cfg.k
     sizes = sorted({min(2**i, cfg.max_batch_size) for i in range(cfg.max_batch_size.bit_length() + 1)})
     counts = cfg.compile_draft_counts if cfg.compile_draft_counts is not None else [1, 3]
     most = k - 1 if cfg.draft_tokens is None else min(cfg.draft_tokens, k - 1)
-    widths = sorted({1, most + 1} | {n + 1 for n in counts if 0 <= n < most})
-    return sizes, widths
+    chosen = sorted({1, most + 1} | {n + 1 for n in counts if 0 <= n < most})
+    if model.cfg.head_type != "linear":
+        return sizes, chosen, []
+    return sizes, sorted({1, most + 1}), chosen
 
 
 def thread_counts(cfg: EngineConfig, model: MTPTransformer, batch: int) -> list[int]:
@@ -60,12 +67,21 @@ def build_compiled(model: MTPTransformer, cfg: EngineConfig) -> CompiledDecoder:
     path = cache_dir(cfg)
     path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)  # read by Inductor whenever it touches its cache
-    sizes, widths = compile_shapes(cfg, model.cfg.k)
+    sizes, widths, greedy = compile_shapes(cfg, model)
     autotune = cfg.compile_autotune and model.head.proj.weight.device.type == "cpu"
     t0 = time.perf_counter()
-    log.info("compiling decode steps: batch sizes %s x widths %s, autotune=%s, cache %s", sizes, widths, autotune, path)
-    compiled = CompiledDecoder(model, cfg.max_batch_size, autotune=autotune, batch_sizes=sizes, widths=widths)
-    for b, w, n, seconds in compiled.warm(functools.partial(thread_counts, cfg, model)):
-        log.info("compiled decode step batch=%d width=%d threads=%d in %.1f s", b, w, n, seconds)
+    log.info(
+        "compiling decode steps: batch sizes %s x widths %s (forward) and %s (greedy), autotune=%s, cache %s",
+        sizes,
+        widths,
+        greedy,
+        autotune,
+        path,
+    )
+    compiled = CompiledDecoder(
+        model, cfg.max_batch_size, autotune=autotune, batch_sizes=sizes, widths=widths, greedy_widths=greedy
+    )
+    for kind, b, w, n, seconds in compiled.warm(functools.partial(thread_counts, cfg, model)):
+        log.info("compiled the %s step batch=%d width=%d threads=%d in %.1f s", kind, b, w, n, seconds)
     log.info("decode steps compiled in %.1f s", time.perf_counter() - t0)
     return compiled

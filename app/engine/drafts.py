@@ -164,8 +164,9 @@ def time_verify_steps(
     k, vocab, dev = model.cfg.k, model.cfg.vocab_size, model.head.proj.weight.device
     sizes = sorted({min(2**i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
     counts = None
-    if compiled is not None and compiled.batch_sizes is not None and compiled.widths is not None:
-        sizes, counts = compiled.batch_sizes, [w - 1 for w in compiled.widths]
+    widths = (compiled.greedy_widths or compiled.widths) if compiled is not None else None
+    if compiled is not None and compiled.batch_sizes is not None and widths is not None:
+        sizes, counts = compiled.batch_sizes, [w - 1 for w in widths]
     pos0 = max(0, min(64, model.cfg.max_seq_len - k))
     gen = torch.Generator(device=dev).manual_seed(0)
     inputs: dict[tuple[int, int], tuple[Any, ...]] = {}  # built once per shape, outside the timings
@@ -183,8 +184,11 @@ def time_verify_steps(
         cur, drafts, pos, max_accept, sampling, want = inputs[b, n]
         if compiled is not None and (counts := compiled.thread_counts(b)):
             torch.set_num_threads(max(counts))  # a count the step was compiled at
-        out = forward_step(model, cur, drafts if n else None, pos, compiled=compiled)
-        accept_drafts(out.head1, drafts, None, max_accept, sampling, want, out.drafts, k - 1)
+        if compiled is not None and compiled.covers(b, n + 1, greedy=True):  # what greedy batches run
+            compiled.greedy_step(cur, drafts if n else None, pos, max_accept, want_drafts=True)
+        else:
+            out = forward_step(model, cur, drafts if n else None, pos, compiled=compiled)
+            accept_drafts(out.head1, drafts, None, max_accept, sampling, want, out.drafts, k - 1)
         if dev.type == "cuda":
             torch.cuda.synchronize()
 

@@ -93,6 +93,7 @@ class Engine:
                 self.compiled_info = {
                     "batch_sizes": compiled.batch_sizes,
                     "widths": compiled.widths,
+                    "greedy_widths": compiled.greedy_widths,
                     "threads": compiled.threads,
                     "seconds": round(time.perf_counter() - t0, 1),
                 }
@@ -106,7 +107,8 @@ class Engine:
             if self.cfg.adaptive_drafts and self.cfg.draft_tokens is None and self.k > 1:
                 timing = functools.partial(time_verify_steps, self.model, self.cfg.max_batch_size, compiled)
                 costs = await self.call(timing)
-                choices = [w - 1 for w in compiled.widths] if compiled is not None and compiled.widths else None
+                widths = (compiled.greedy_widths or compiled.widths) if compiled is not None else None
+                choices = [w - 1 for w in widths] if widths else None
                 policy = DraftPolicy(self.k - 1, costs, choices)
                 await self.call(functools.partial(setattr, self.core.batch, "policy", policy))
         await self.call(self.core.snapshot_policies)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from app.decoding.generate import generate as static_generate
+from app.decoding.sampling import SamplingParams
 from app.engine.types import GenerateJob
 from app.model.checkpoint import load_checkpoint
 from tests.engine.test_engine import PROMPTS, run
@@ -35,7 +36,8 @@ async def test_compiled_engine_gives_the_eager_greedy_tokens_and_never_compiles_
     )
     await engine.start(warmup=True)  # compiles, warms up and times the draft policy on compiled steps
     info = engine.info()["compiled"]
-    assert info["batch_sizes"] == [1, 2, 4] and info["widths"] == [1, 2, 3]  # k = 3
+    # k = 3: greedy batches verify 0, 1 or 2 drafts (fused steps); others 0 or 2 (forward steps)
+    assert (info["batch_sizes"], info["greedy_widths"], info["widths"]) == ([1, 2, 4], [1, 2, 3], [1, 3])
     assert any(tmp_path.iterdir())  # Inductor's cache lives where the setting says
     policy = engine.core.batch.policy
     assert policy is not None and policy.choices == [0, 1, 2]
@@ -46,7 +48,14 @@ async def test_compiled_engine_gives_the_eager_greedy_tokens_and_never_compiles_
     alone = [(await run(engine, GenerateJob(p, max_new_tokens=20)))[0] for p in PROMPTS]
     three = await asyncio.gather(*(run(engine, GenerateJob(p, max_new_tokens=20)) for p in PROMPTS[:3]))  # pads to 4
     plain = await asyncio.gather(*(run(engine, GenerateJob(p, max_new_tokens=20, speculative=False)) for p in PROMPTS))
+    # a row asking for top log-probabilities takes the forward step: the same greedy tokens
+    mixed = await asyncio.gather(
+        *(run(engine, GenerateJob(p, max_new_tokens=20, top_logprobs=2 * (i % 2))) for i, p in enumerate(PROMPTS))
+    )
+    sampled = SamplingParams(do_sample=True, temperature=0.8, seed=1, frequency_penalty=0.3)
+    await asyncio.gather(*(run(engine, GenerateJob(p, max_new_tokens=20, sampling=sampled)) for p in PROMPTS))
     assert alone == want
     assert [t for t, _ in three] == want[:3]
     assert [t for t, _ in plain] == want
+    assert [t for t, _ in mixed] == want
     assert graphs_compiled() == before  # every step ran a shape compiled before the engine was ready
