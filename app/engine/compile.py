@@ -24,14 +24,15 @@ def compile_shapes(cfg: EngineConfig, model: MTPTransformer) -> tuple[list[int],
     """The batch sizes, the widths (tokens per row per step) of the forward step, and those of
     the fused greedy step, that the engine compiles.
 
-    A batch pads to the next power of two (or max_batch_size). The draft policy picks, for
+    A batch pads to the next power of two (up to compile_max_batch_size). The draft policy picks, for
     all-greedy batches, among a few draft counts, each a width of the fused greedy step
     (linear heads). Other batches (sampled, penalized, or asking for top log-probabilities)
     run the forward step and verify no drafts or the most any row verifies (sampled rows verify
     every draft), so it needs only those two widths; with sequential heads the forward step
     runs every batch, at every width the policy picks. Fewer widths: fewer graphs, more padding."""
     k = model.cfg.k
-    sizes = sorted({min(2**i, cfg.max_batch_size) for i in range(cfg.max_batch_size.bit_length() + 1)})
+    top = min(cfg.max_batch_size, cfg.compile_max_batch_size)  # larger batches run eager steps
+    sizes = sorted({min(2**i, top) for i in range(top.bit_length() + 1)})
     counts = cfg.compile_draft_counts if cfg.compile_draft_counts is not None else [1, 3]
     most = k - 1 if cfg.draft_tokens is None else min(cfg.draft_tokens, k - 1)
     chosen = sorted({1, most + 1} | {n + 1 for n in counts if 0 <= n < most})

@@ -160,13 +160,14 @@ def time_verify_steps(
 ) -> dict[int, list[float]]:
     """Seconds of a greedy decode step at batch sizes 1, 2, 4, .. max_batch_size and 0 .. k-1
     drafts, on random tokens at position 64 (the inference thread, before any sequence holds a
-    cache row). With `compiled`, the steps that will run: its compiled batch sizes and widths."""
+    cache row). With `compiled`, the steps that will run: compiled ones where it has the shape,
+    at the draft counts it compiled."""
     k, vocab, dev = model.cfg.k, model.cfg.vocab_size, model.head.proj.weight.device
     sizes = sorted({min(2**i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
     counts = None
     widths = (compiled.greedy_widths or compiled.widths) if compiled is not None else None
-    if compiled is not None and compiled.batch_sizes is not None and widths is not None:
-        sizes, counts = compiled.batch_sizes, [w - 1 for w in widths]
+    if compiled is not None and widths is not None:
+        counts = [w - 1 for w in widths]  # batches past the compiled sizes run eager steps, timed as such
     pos0 = max(0, min(64, model.cfg.max_seq_len - k))
     gen = torch.Generator(device=dev).manual_seed(0)
     inputs: dict[tuple[int, int], tuple[Any, ...]] = {}  # built once per shape, outside the timings
@@ -182,12 +183,13 @@ def time_verify_steps(
                 torch.ones(b, dtype=torch.bool, device=dev),  # want drafts
             )
         cur, drafts, pos, max_accept, sampling, want = inputs[b, n]
-        if compiled is not None and (counts := compiled.thread_counts(b)):
-            torch.set_num_threads(max(counts))  # a count the step was compiled at
+        if compiled is not None and (threads := compiled.thread_counts(b)):
+            torch.set_num_threads(max(threads))  # a count the step was compiled at
         if compiled is not None and compiled.covers(b, n + 1, greedy=True):  # what greedy batches run
             compiled.greedy_step(cur, drafts if n else None, pos, max_accept, want_drafts=True)
         else:
-            out = forward_step(model, cur, drafts if n else None, pos, compiled=compiled)
+            forward = compiled if compiled is not None and compiled.covers(b, n + 1) else None
+            out = forward_step(model, cur, drafts if n else None, pos, compiled=forward)
             accept_drafts(out.head1, drafts, None, max_accept, sampling, want, out.drafts, k - 1)
         if dev.type == "cuda":
             torch.cuda.synchronize()

@@ -32,21 +32,26 @@ async def test_compiled_engine_gives_the_eager_greedy_tokens_and_never_compiles_
     engine_factory: Callable[..., Any], checkpoint: Path, tmp_path: Path
 ) -> None:
     engine = await engine_factory(
-        start=False, compile=True, compile_autotune=False, compile_cache_dir=str(tmp_path), max_batch_size=4
+        start=False,
+        compile=True,
+        compile_autotune=False,
+        compile_cache_dir=str(tmp_path),
+        max_batch_size=4,
+        compile_max_batch_size=2,  # batches of 3 and 4 run eager steps
     )
     await engine.start(warmup=True)  # compiles, warms up and times the draft policy on compiled steps
     info = engine.info()["compiled"]
     # k = 3: greedy batches verify 0, 1 or 2 drafts (fused steps); others 0 or 2 (forward steps)
-    assert (info["batch_sizes"], info["greedy_widths"], info["widths"]) == ([1, 2, 4], [1, 2, 3], [1, 3])
+    assert (info["batch_sizes"], info["greedy_widths"], info["widths"]) == ([1, 2], [1, 2, 3], [1, 3])
     assert any(tmp_path.iterdir())  # Inductor's cache lives where the setting says
     policy = engine.core.batch.policy
-    assert policy is not None and policy.choices == [0, 1, 2]
+    assert policy is not None and policy.choices == [0, 1, 2] and policy.batches == [1, 2, 4]  # 4: eager steps
     eager_model, tok = load_checkpoint(checkpoint)  # generate() here must not touch the engine's caches
     want = static_generate(eager_model, PROMPTS, 20, speculative=False, eos_id=tok.eot_id).tokens
 
     before = graphs_compiled()
     alone = [(await run(engine, GenerateJob(p, max_new_tokens=20)))[0] for p in PROMPTS]
-    three = await asyncio.gather(*(run(engine, GenerateJob(p, max_new_tokens=20)) for p in PROMPTS[:3]))  # pads to 4
+    three = await asyncio.gather(*(run(engine, GenerateJob(p, max_new_tokens=20)) for p in PROMPTS[:3]))
     plain = await asyncio.gather(*(run(engine, GenerateJob(p, max_new_tokens=20, speculative=False)) for p in PROMPTS))
     # a row asking for top log-probabilities takes the forward step: the same greedy tokens
     mixed = await asyncio.gather(

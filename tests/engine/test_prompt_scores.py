@@ -22,7 +22,9 @@ PROMPTS = [[5, 17, 42, 8, 99, 3], [7], [100, 3, 9, 250, 11, 64, 2, 2, 40]]
 @pytest.fixture
 async def engine(checkpoint: Path) -> AsyncIterator[Engine]:
     model, _ = load_checkpoint(checkpoint)
-    engine = Engine(model, eos_id=None, cfg=EngineConfig(max_batch_size=8, compile=False), metrics=Metrics(k=model.cfg.k))
+    engine = Engine(
+        model, eos_id=None, cfg=EngineConfig(max_batch_size=8, compile=False), metrics=Metrics(k=model.cfg.k)
+    )
     await engine.start(warmup=False)
     yield engine
     await engine.shutdown()
