@@ -15,6 +15,21 @@ from app.decoding.generate import step_inputs
 from app.decoding.speculative import StepResult
 from app.model.model import MTPTransformer
 
+# Inductor's Python binding of a C++ CPU kernel calls it with the GIL held (torch 2.13:
+# "kernel(args); Py_RETURN_NONE;"), so a compiled step holds the GIL from start to end, where
+# an eager step's ATen ops release it. In the service the event loop could then neither answer
+# at the door nor write tokens while a step runs. The arguments are parsed under the GIL (they
+# are Python objects); the kernel, which touches none, runs without it.
+_NOGIL_ENTRY = "[&](auto... a) {{ Py_BEGIN_ALLOW_THREADS kernel(a...); Py_END_ALLOW_THREADS }}({}); Py_RETURN_NONE;"
+
+
+def release_gil_in_cpu_kernels() -> None:
+    """Make Inductor's C++ CPU kernels release the GIL while they run (kernels built from now on)."""
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+    if CppPythonBindingsCodeCache.call_entry_function == "kernel({}); Py_RETURN_NONE;":
+        CppPythonBindingsCodeCache.call_entry_function = _NOGIL_ENTRY
+
 
 class CompiledDecoder:
     """torch.compile'd decode steps at fixed shapes, for generate() and the engine.
@@ -48,6 +63,7 @@ class CompiledDecoder:
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True  # weights are constants of the compiled graph
+        release_gil_in_cpu_kernels()
         self.model = model
         self.max_batch = max_batch
         self.linear = model.cfg.head_type == "linear"
