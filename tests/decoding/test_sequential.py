@@ -14,12 +14,9 @@ from app.decoding.generate import generate
 from app.decoding.predict import score_next
 from app.decoding.sampling import SamplingParams
 from app.decoding.speculative import accept_drafts
-from app.model.model import ModelConfig, MTPTransformer
-from app.training.data import mtp_targets
-from app.training.loss import head_weights, mtp_loss
-from app.training.train import TrainConfig, make_optimizer
+from app.model.model import MTPTransformer
 from tests.decoding.test_speculative import PROMPT, SETTINGS, chi2_pvalue, exact_joint, joint_counts, sample_tokens
-from tests.training.test_sequential import BLOCK, VOCAB, T, rule_stream, windows_at
+from tests.training.test_sequential import BLOCK, T, rule_stream, train_on_rule
 
 
 def seq_model(random_model, k: int = 3, **overrides):
@@ -176,36 +173,6 @@ def test_a_seeded_row_does_not_depend_on_its_batch(random_model, make_prompts):
 # --- a synthetic rule: each token determines the next three --------------------------------------
 
 
-def train_block_aligned(head_type: str, k: int = 3, steps: int = 200) -> MTPTransformer:
-    """tests/training's rule (a random token, then f of it three times), on windows that start at
-    a block, with learned positions: the model knows which slot is the random one."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=VOCAB,
-        d_model=48,
-        n_layers=2,
-        num_heads=4,
-        d_ff=96,
-        k=k,
-        dropout_rate=0.0,
-        max_seq_len=T,
-        positional_encoding="learned",
-        head_type=head_type,
-    )
-    model = MTPTransformer(cfg)
-    opt = make_optimizer(model, TrainConfig(corpus="", out="", model=cfg, lr=1e-2, weight_decay=0.0))
-    stream, gen = rule_stream(2000, seed=1), torch.Generator().manual_seed(2)
-    for _ in range(steps):
-        starts = BLOCK * torch.randint(0, (len(stream) - T - k) // BLOCK, (16,), generator=gen)
-        windows = windows_at(stream, starts, k)
-        targets = mtp_targets(windows, T, k, teacher_forced=head_type == "sequential")
-        loss, _ = mtp_loss(model(windows[:, :T]), targets, head_weights(None, k))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
 def determined_acceptance(model: MTPTransformer, monkeypatch) -> tuple[float, float]:
     """Greedy generate() from block-aligned prompts: (acceptance of the verified drafts whose target
     the rule determines, counted while the drafts before them were accepted; all drafts' acceptance)."""
@@ -232,8 +199,8 @@ def test_sequential_modules_draft_a_rule_the_linear_head_cannot(monkeypatch):
     1.00 with 200 training steps or 250, all drafts 0.63-0.65, as a block's random token is only
     guessed); linear head j + 1 sees only the state before the bonus and misses whenever the
     bonus is a block's random token (measured 0.66-0.69)."""
-    seq_rate, seq_all = determined_acceptance(train_block_aligned("sequential"), monkeypatch)
-    lin_rate, lin_all = determined_acceptance(train_block_aligned("linear"), monkeypatch)
+    seq_rate, seq_all = determined_acceptance(train_on_rule("sequential", steps=200, block_aligned=True), monkeypatch)
+    lin_rate, lin_all = determined_acceptance(train_on_rule("linear", steps=200, block_aligned=True), monkeypatch)
     assert seq_rate >= 0.95, (seq_rate, seq_all)
     assert lin_rate < 0.8 and seq_rate - lin_rate > 0.2, (lin_rate, lin_all)
 

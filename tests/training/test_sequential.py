@@ -112,7 +112,9 @@ def windows_at(stream: torch.Tensor, starts: torch.Tensor, k: int) -> torch.Tens
     return torch.stack([stream[s : s + T + k] for s in starts.tolist()])  # [B, T + k]
 
 
-def train_on_rule(head_type: str, k: int = 3, steps: int = 250) -> MTPTransformer:
+def train_on_rule(head_type: str, k: int = 3, steps: int = 250, block_aligned: bool = False) -> MTPTransformer:
+    """A small model trained on the rule. block_aligned: windows start at a block, and positions
+    are learned, so the model knows which slot is the random one (tests/decoding's acceptance)."""
     torch.manual_seed(0)
     cfg = ModelConfig(
         vocab_size=VOCAB,
@@ -123,6 +125,7 @@ def train_on_rule(head_type: str, k: int = 3, steps: int = 250) -> MTPTransforme
         k=k,
         dropout_rate=0.0,
         max_seq_len=T,
+        positional_encoding="learned" if block_aligned else "sinusoidal",
         head_type=head_type,
     )
     model = MTPTransformer(cfg)
@@ -130,7 +133,10 @@ def train_on_rule(head_type: str, k: int = 3, steps: int = 250) -> MTPTransforme
     stream, gen = rule_stream(2000, seed=1), torch.Generator().manual_seed(2)
     weights = head_weights(None, k)
     for _ in range(steps):
-        starts = torch.randint(0, len(stream) - T - k, (16,), generator=gen)
+        if block_aligned:
+            starts = BLOCK * torch.randint(0, (len(stream) - T - k) // BLOCK, (16,), generator=gen)
+        else:
+            starts = torch.randint(0, len(stream) - T - k, (16,), generator=gen)
         windows = windows_at(stream, starts, k)
         targets = mtp_targets(windows, T, k, teacher_forced=head_type == "sequential")
         loss, _ = mtp_loss(model(windows[:, :T]), targets, weights)
