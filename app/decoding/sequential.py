@@ -18,6 +18,8 @@ computed: `states` carries depth j's state at position P - j (j = 1..k-2) from c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -47,6 +49,40 @@ def draft_sequential(
     sample; returns drafts [B, k-1] and q [B, k-1, V] zero-padded past n_drafts.
     """
     k = model.cfg.k
+    B = h.shape[0]
+    q_all: Tensor | None = None
+
+    def pick(j: int, logits: Tensor) -> Tensor:
+        nonlocal q_all
+        d, q = draft_next(logits[:, None], sampling, want)  # [B, 1], [B, 1, V] | None
+        if q is not None:
+            if q_all is None:
+                q_all = q.new_zeros(B, k - 1, q.shape[-1])
+            q_all[:, j - 1] = q[:, 0]
+        return d[:, 0]
+
+    drafts, new_states = module_chain(model, h, tokens, pos, n_acc, states, pick, n_drafts, row0=row0)
+    return Drafted(drafts, q_all, new_states)
+
+
+def module_chain(
+    model: MTPTransformer,
+    h: Tensor,
+    tokens: Tensor,
+    pos: Tensor,
+    n_acc: Tensor,
+    states: Tensor | None,
+    pick: Callable[[int, Tensor], Tensor],
+    n_drafts: int | None = None,
+    kv_len: int | None = None,
+    row0: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """The modules' chain over their windows (draft_sequential's arguments): module j's logits
+    [B, V] at position P-1 go to pick(j, logits) -> draft j [B]. Returns (drafts [B, k-1]
+    zero-padded past n_drafts, the new carried states [B, k-2, C]). kv_len: the keys each
+    module attends (default: up to the window's last position; a compiled step passes the
+    whole cache, so that its shapes do not change from step to step)."""
+    k = model.cfg.k
     n = k - 1 if n_drafts is None else min(n_drafts, k - 1)
     B, T, C = h.shape
     device = h.device
@@ -56,7 +92,6 @@ def draft_sequential(
         states = h.new_zeros(B, max(k - 2, 0), C)
     new_states = torch.zeros_like(states)
     drafts = torch.zeros(B, k - 1, dtype=torch.long, device=device)
-    q_all: Tensor | None = None
     seq = torch.cat([tokens, tokens.new_zeros(B, n)], dim=1)  # [B, T + n]: tokens at pos+1.., draft j at n_acc + j
     h_prev = h  # depth j-1's states over module j's window
     for j in range(1, n + 1):
@@ -65,19 +100,14 @@ def draft_sequential(
         W = T + j - 1
         input_pos = (pos - (j - 1))[:, None] + torch.arange(W, device=device)[None, :]  # [B, W]
         input_pos = torch.where(input_pos < 0, slack, input_pos)  # before the sequence's start: a slack slot
-        h_j = model.mtp_state(j, h_prev, seq[:, :W], input_pos, row0=row0)  # [B, W, C]
+        h_j = model.mtp_state(j, h_prev, seq[:, :W], input_pos, kv_len, row0)  # [B, W, C]
         if j <= k - 2:
             new_states[:, j - 1] = h_j[rows, n_acc]  # depth j at position P - j
-        logits = model.head.proj(h_j[rows, n_acc + j - 1])  # [B, V] at position P-1: token P + j
-        d, q = draft_next(logits[:, None], sampling, want)  # [B, 1], [B, 1, V] | None
-        drafts[:, j - 1] = d[:, 0]
-        seq[rows, n_acc + j] = d[:, 0]
-        if q is not None:
-            if q_all is None:
-                q_all = q.new_zeros(B, k - 1, q.shape[-1])
-            q_all[:, j - 1] = q[:, 0]
+        d = pick(j, model.head.proj(h_j[rows, n_acc + j - 1]))  # [B] from logits at P-1: token P + j
+        drafts[:, j - 1] = d
+        seq[rows, n_acc + j] = d
         h_prev = h_j
-    return Drafted(drafts, q_all, new_states)
+    return drafts, new_states
 
 
 def prefill_window(prompt_ids: Tensor, lengths: Tensor, first: Tensor) -> Tensor:
