@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from app.decoding.generate import step_inputs
+from app.decoding.generate import draft_count, step_inputs
+from app.decoding.sequential import module_chain
 from app.decoding.speculative import StepResult
 from app.model.model import MTPTransformer
 
@@ -46,8 +47,10 @@ class CompiledDecoder:
     row's position, where the mask hides them until real tokens overwrite them). Without them a
     step compiles at its own shape. The caches are allocated here for `max_batch` rows and kept.
 
-    `__call__` runs the trunk and head 1 (any head type); for all-greedy batches of linear
-    heads, `greedy_step` also compiles acceptance and drafting into the step's graph.
+    `__call__` runs the trunk and head 1 (any head type); for all-greedy batches
+    `greedy_step` also compiles acceptance and drafting into the step's graph: heads 2..k of
+    linear heads, or the chain of sequential modules (n_drafts of them, default k - 1: the
+    drafts a step makes, fixed so that each shape is one graph).
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class CompiledDecoder:
         batch_sizes: Iterable[int] | None = None,
         widths: Iterable[int] | None = None,
         greedy_widths: Iterable[int] | None = None,
+        n_drafts: int | None = None,
     ) -> None:
         import torch._dynamo.config as dynamo_config
         import torch._inductor.config as inductor_config
@@ -68,12 +72,13 @@ class CompiledDecoder:
         self.max_batch = max_batch
         self.linear = model.cfg.head_type == "linear"
         self.k = model.cfg.k
+        self.n_drafts = draft_count(self.k, n_drafts)  # sequential modules run per drafting step
         self.cache_len = model.cfg.max_seq_len + model.cfg.k - 1
         self.batch_sizes = sorted(set(batch_sizes)) if batch_sizes is not None else None
         self.widths = sorted(set(widths)) if widths is not None else None
-        # the fused greedy step's widths (linear heads; default: widths)
+        # the fused greedy step's widths (default: widths)
         greedy_widths = greedy_widths if greedy_widths is not None else self.widths
-        self.greedy_widths = sorted(set(greedy_widths)) if greedy_widths is not None and self.linear else None
+        self.greedy_widths = sorted(set(greedy_widths)) if greedy_widths is not None else None
         self.threads: dict[int, list[int]] = {}  # batch size -> the thread counts warm() compiled it at
         if self.batch_sizes is not None and (self.batch_sizes[0] < 1 or self.batch_sizes[-1] > max_batch):
             raise ValueError(f"compiled batch sizes must be within 1..{max_batch}")
@@ -158,9 +163,7 @@ class CompiledDecoder:
 
     def covers(self, b: int, t: int, greedy: bool = False) -> bool:
         """Whether a step of b rows and t tokens each has a compiled shape (always, without
-        buckets); greedy: a fused greedy step (linear heads, compiled at greedy_widths)."""
-        if greedy and not self.linear:
-            return False
+        buckets); greedy: a fused greedy step (compiled at greedy_widths)."""
         widths = self.greedy_widths if greedy else self.widths
         big = self.batch_sizes is not None and b > self.batch_sizes[-1]
         return not big and not (widths is not None and t > widths[-1])
@@ -207,8 +210,8 @@ class CompiledDecoder:
         return head1[:B, :T], h[:B, :T]
 
     def _eager_greedy_step(
-        self, idx: Tensor, input_pos: Tensor, max_accept: Tensor, draft: bool
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        self, idx: Tensor, input_pos: Tensor, max_accept: Tensor, states: Tensor | None, n_drafts: int
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         h = self.model.trunk(idx, input_pos, kv_len=self.cache_len)
         logits = self.model.head(h, heads=slice(0, 1))[:, :, 0].float()  # [B, T, V]
         B, T, _ = logits.shape
@@ -223,33 +226,62 @@ class CompiledDecoder:
         padded = torch.cat([idx[:, 1:], idx.new_zeros(B, 1)], dim=1)
         tokens = torch.where(offsets < n_acc[:, None], padded, top[rows, n_acc][:, None])
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None])[..., 0]
-        if draft:
+        new_states = None
+        if n_drafts == 0:
+            drafts = idx.new_zeros(B, self.k - 1)  # as accept_drafts: zeros when none are made
+        elif self.linear:
             q = torch.softmax(self._draft_logits(h[rows, n_acc]).float(), dim=-1)
             drafts = q.argmax(-1)  # [B, k-1]
-        else:
-            drafts = idx.new_zeros(B, self.k - 1)  # as accept_drafts: zeros when none are made
-        return tokens, n_acc + 1, logprobs, drafts
+        else:  # the modules over their windows, each attending its whole cache (fixed shapes)
+            drafts, new_states = module_chain(
+                self.model, h, tokens, input_pos[:, 0], n_acc, states, _greedy_pick, n_drafts, self.cache_len
+            )
+        return tokens, n_acc + 1, logprobs, drafts, new_states
 
     def greedy_step(
-        self, cur: Tensor, drafts: Tensor | None, pos: Tensor, max_accept: Tensor, want_drafts: bool | None = None
+        self,
+        cur: Tensor,
+        drafts: Tensor | None,
+        pos: Tensor,
+        max_accept: Tensor,
+        want_drafts: bool | None = None,
+        states: Tensor | None = None,
+        n_drafts: int | None = None,
     ) -> StepResult:
         """A whole greedy decode step as one compiled graph: the forward over [cur, drafts],
         acceptance (drafts equal to head 1's argmax, at most max_accept [B] of them), the
-        bonus token, log-probabilities and the next drafts from heads 2..k — what
-        forward_step + accept_drafts compute for all-greedy rows of linear heads, without
-        their eager ops. Padding tokens are never accepted (max_accept < the real width).
-        want_drafts: make the next drafts (default: when this step verifies some)."""
-        if not self.linear:
-            raise ValueError("the fused greedy step covers the linear MTP head only; use forward_step")
+        bonus token, log-probabilities and the next drafts — from heads 2..k (linear heads),
+        or from the sequential modules, which also bring their caches up to date and carry
+        `states` [B, k-2, C] (the previous step's StepResult.states; None: zeros) to the
+        returned StepResult.states. What forward_step + accept_drafts compute for all-greedy
+        rows, without their eager ops. Padding tokens are never accepted (max_accept < the
+        real width); padding rows run in cache rows past the batch.
+        want_drafts: make the next drafts (default: when this step verifies some); n_drafts:
+        how many the modules make (default: the decoder's; each count is a graph of its own)."""
         idx, input_pos = step_inputs(cur, drafts, pos)
         B, T = idx.shape
         draft = drafts is not None and drafts.shape[1] > 0 if want_drafts is None else want_drafts and self.k > 1
+        n_modules = self.n_drafts if n_drafts is None else draft_count(self.k, n_drafts)
+        n_made = (self.k - 1 if self.linear else n_modules) if draft else 0
         pidx, ppos = self._pad(idx, input_pos, greedy=True)
+        PB = pidx.shape[0]
         cap = max_accept.clamp(max=T - 1)
-        if pidx.shape[0] > B:
-            cap = torch.cat([cap, cap.new_zeros(pidx.shape[0] - B)])
-        tokens, n_emitted, logprobs, nxt = self._greedy(pidx, ppos, cap, draft)
-        return StepResult(tokens[:B, :T], n_emitted[:B], logprobs[:B, :T], nxt[:B], None)
+        if PB > B:
+            cap = torch.cat([cap, cap.new_zeros(PB - B)])
+        pstates = None
+        if not self.linear and n_made > 0:  # padding rows: zero states (their drafts are never read)
+            C, dtype = self.model.cfg.d_model, self.model.tok_emb.weight.dtype
+            pstates = idx.new_zeros(PB, self.k - 2, C, dtype=dtype)
+            if states is not None:
+                pstates[:B] = states
+        tokens, n_emitted, logprobs, nxt, new_states = self._greedy(pidx, ppos, cap, pstates, n_made)
+        kept = new_states[:B] if new_states is not None else None
+        return StepResult(tokens[:B, :T], n_emitted[:B], logprobs[:B, :T], nxt[:B], None, kept)
+
+
+def _greedy_pick(j: int, logits: Tensor) -> Tensor:
+    """A greedy module draft from its logits [B, V], as draft_next picks it for greedy rows."""
+    return torch.softmax(logits.float(), dim=-1).argmax(-1)
 
 
 def _bucket(sizes: list[int] | None, n: int) -> int:

@@ -256,8 +256,8 @@ def generate(
         max_accept = (remaining - 1).clamp(min=0, max=n_drafts) if use_spec else torch.zeros_like(remaining)
         max_accept = torch.where(torch.tensor(done, device=device), 0, max_accept)
         drafts = res.drafts[:, :n_drafts] if use_spec else None
-        if compiled is not None and compiled.linear and sampling.all_greedy and sampling.penalties is None:
-            res = compiled.greedy_step(cur, drafts, pos, max_accept)
+        if compiled is not None and sampling.all_greedy and sampling.penalties is None:
+            res = compiled.greedy_step(cur, drafts, pos, max_accept, states=res.states, n_drafts=n_drafts)
         else:
             step = forward_step(
                 model, cur, drafts, pos, want_drafts=use_spec, compiled=compiled, states=res.states, n_drafts=n_drafts

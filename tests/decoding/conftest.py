@@ -51,9 +51,9 @@ def _training_stream(vocab: int, length: int, gen: torch.Generator) -> Tensor:
 
 
 @cache
-def _peaked_model(k: int, positional_encoding: str, steps: int) -> MTPTransformer:
+def _peaked_model(k: int, positional_encoding: str, steps: int, head_type: str) -> MTPTransformer:
     torch.manual_seed(1234)
-    cfg = tiny_config(k=k, positional_encoding=positional_encoding)
+    cfg = tiny_config(k=k, positional_encoding=positional_encoding, head_type=head_type)
     model = MTPTransformer(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(99)
@@ -62,7 +62,7 @@ def _peaked_model(k: int, positional_encoding: str, steps: int) -> MTPTransforme
         batch = torch.stack([_training_stream(cfg.vocab_size, T + k, gen) for _ in range(16)])  # [B, T + k]
         x = batch[:, :T]
         targets = torch.stack([batch[:, j + 1 : j + 1 + T] for j in range(k)], dim=-1)  # [B, T, k]
-        logits = model(x)  # [B, T, k, V]
+        logits = model(x)  # [B, T, k, V]; sequential: teacher-forced, depth j's last j positions on padding
         loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), targets.reshape(-1))
         opt.zero_grad()
         loss.backward()
@@ -72,10 +72,13 @@ def _peaked_model(k: int, positional_encoding: str, steps: int) -> MTPTransforme
 
 @pytest.fixture(scope="session")
 def peaked_model() -> Callable[..., MTPTransformer]:
-    """peaked_model(k, positional_encoding, steps=60): briefly trained, so that drafts are often right."""
+    """peaked_model(k, positional_encoding, steps=60, head_type="linear"): briefly trained, so that
+    drafts are often right."""
 
-    def build(k: int, positional_encoding: str = "sinusoidal", steps: int = 60) -> MTPTransformer:
-        return _peaked_model(k, positional_encoding, steps)
+    def build(
+        k: int, positional_encoding: str = "sinusoidal", steps: int = 60, head_type: str = "linear"
+    ) -> MTPTransformer:
+        return _peaked_model(k, positional_encoding, steps, head_type)
 
     return build
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from app.decoding.compiled import CompiledDecoder
-from app.decoding.generate import generate
-from app.decoding.sampling import SamplingParams
+from app.decoding.generate import first_tokens, forward_step, generate, prefill
+from app.decoding.sampling import BatchSampling, SamplingParams
+from app.decoding.speculative import accept_drafts
 from tests.decoding.test_generate import N_NEW, assert_same_tokens
 from tests.decoding.test_speculative import (
     PROMPT,
@@ -69,3 +70,96 @@ def test_sampling_through_padded_compiled_steps_keeps_the_joint_distribution(sma
     out = generate(model, [PROMPT] * n, 4, params, speculative=True, draft_tokens=1, compiled=dec)
     tokens = torch.tensor([t[:3] for t in out.tokens])
     assert chi2_pvalue(joint_counts(tokens, V_SMALL), exact_joint(model, settings, depth=3)) > 1e-3
+
+
+# --- sequential (DeepSeek-V3) MTP modules -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def seq_decoder(peaked_model) -> CompiledDecoder:
+    """One decoder for the sequential tests (each graph compiles once): rows padded to 2 or 4, the
+    fused greedy step at widths 1 and 3 (1 draft pads to 3), the forward step at width 3."""
+    model = copy.deepcopy(peaked_model(3, head_type="sequential"))  # the decoder keeps caches on its model
+    return CompiledDecoder(model, 4, batch_sizes=[2, 4], widths=[3], greedy_widths=[1, 3])
+
+
+def test_fused_sequential_step_gives_the_eager_greedy_tokens_at_every_batch_size_and_draft_count(
+    seq_decoder, make_prompts
+):
+    """The compiled greedy step runs the modules' chain too (their caches attended whole, the
+    carried states passed through): batches of 1..4 rows of ragged prompts (1 and 3 padded with
+    rows past the batch), 0..2 drafts (1 padded to width 3): the plain eager tokens, and the
+    eager speculative path's acceptance at every draft position."""
+    model, dec = seq_decoder.model, seq_decoder
+    prompts = make_prompts(4, model.cfg.vocab_size, 1, 12, seed=22)
+    want = generate(model, prompts, N_NEW, speculative=False).tokens
+    accepted = 0
+    for n in range(1, 5):
+        rows = prompts[:n]
+        for draft_tokens in range(3):
+            dec.attach()
+            got = generate(model, rows, N_NEW, speculative=True, compiled=dec, draft_tokens=draft_tokens)
+            assert_same_tokens(model, rows, got.tokens, want[:n], f"batch {n}, {draft_tokens} drafts")
+            eager = generate(model, rows, N_NEW, speculative=True, draft_tokens=draft_tokens)
+            assert got.tokens == eager.tokens
+            assert got.stats.accepted_by_position == eager.stats.accepted_by_position, (n, draft_tokens)
+            accepted += got.stats.accepted
+    assert accepted > 50  # the modules' drafts were often right: their caches and states matter
+
+
+def test_sampled_rows_with_sequential_modules_take_the_compiled_forward_step(seq_decoder, make_prompts):
+    """Seeded sampled rows run the compiled trunk (padded to 4 rows, width 3) with the modules
+    drafting eagerly on its states: the eager tokens."""
+    model, dec = seq_decoder.model, seq_decoder
+    prompts = make_prompts(3, model.cfg.vocab_size, 2, 9, seed=23)
+    sampled = [SamplingParams(do_sample=True, temperature=0.8, seed=s) for s in range(3)]
+    dec.attach()
+    got = generate(model, prompts, N_NEW, sampled, compiled=dec)
+    assert got.tokens == generate(model, prompts, N_NEW, sampled).tokens
+
+
+def test_a_fused_sequential_step_writes_the_eager_module_caches_and_states(seq_decoder, make_prompts):
+    """One step of 3 ragged rows (padded to 4) verifying 1 draft (padded to width 3), from a
+    prefill's caches and carried states: the eager step's tokens, drafts and new states, and
+    every settled cache entry of the batch's rows as the eager step leaves it."""
+    model, dec = seq_decoder.model, seq_decoder
+    prompts = make_prompts(3, model.cfg.vocab_size, 1, 9, seed=24)
+    B = len(prompts)
+    sampling = BatchSampling.from_params([SamplingParams()] * B, [None] * B, torch.device("cpu"))
+    want = torch.ones(B, dtype=torch.bool)
+    dec.attach()
+    with torch.inference_mode():
+        first = first_tokens(prefill(model, prompts), sampling, want)
+        assert first.states is not None and bool(first.states.abs().sum() > 0)
+        caches = [c for c in model.kv_caches() if c is not None]
+        saved = [(c.k_cache.clone(), c.v_cache.clone()) for c in caches]
+        cur, pos = first.tokens[:, 0], torch.tensor([len(p) for p in prompts])
+        drafts, max_accept = first.drafts[:, :1], torch.ones(B, dtype=torch.long)
+        step = forward_step(model, cur, drafts, pos, states=first.states)
+        eager = accept_drafts(step.head1, drafts, None, max_accept, sampling, want, step.drafts, 2)
+        eager_entries = settled_entries(model, pos, pos + eager.n_emitted)
+        for c, (k, v) in zip(caches, saved, strict=True):
+            c.k_cache.copy_(k)
+            c.v_cache.copy_(v)
+        fused = dec.greedy_step(cur, drafts, pos, max_accept, states=first.states)
+    assert fused.tokens.tolist() == eager.tokens.tolist() and fused.n_emitted.tolist() == eager.n_emitted.tolist()
+    assert fused.drafts.tolist() == eager.drafts.tolist()
+    assert fused.states is not None and eager.states is not None
+    torch.testing.assert_close(fused.states, eager.states, atol=1e-5, rtol=1e-5)
+    fused_entries = settled_entries(model, pos, pos + fused.n_emitted)
+    for got, ref in zip(fused_entries, eager_entries, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def settled_entries(model, pos, P) -> list:
+    """Each cache row's keys and values where a step over positions pos.. [B] settled them: the
+    trunk's up to the step's last real position (pos + 1: one draft verified), module j's up to
+    P - j, P [B] the bonus token's position. Past those lie entries of padding tokens or of
+    tokens not yet known, which the next window rewrites before any query reads them."""
+    L = model.cfg.n_layers  # the caches: the trunk's layers, then module 1's, module 2's, ...
+    out = []
+    for i, c in enumerate(c for c in model.kv_caches() if c is not None):
+        ends = pos + 2 if i < L else P - (i - L + 1) + 1  # [B] one past the last settled position
+        for b, n in enumerate(ends.tolist()):
+            out += [c.k_cache[b, :, :n].clone(), c.v_cache[b, :, :n].clone()]
+    return out

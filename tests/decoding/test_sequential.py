@@ -2,14 +2,10 @@
 output, the modules' cached drafts are the uncached chain's, sampling keeps head 1's joint
 distribution, and on a synthetic rule the modules draft what the rule determines."""
 
-import copy
-import shutil
-
 import pytest
 import torch
 
 import app.decoding.generate as generate_module
-from app.decoding.compiled import CompiledDecoder
 from app.decoding.generate import generate
 from app.decoding.predict import score_next
 from app.decoding.sampling import SamplingParams
@@ -102,19 +98,6 @@ def test_penalized_greedy_speculative_matches_plain(random_model, make_prompts):
     ]
     spec = generate(model, prompts, 16, params, speculative=True)
     assert spec.tokens == generate(model, prompts, 16, params, speculative=False).tokens
-
-
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
-def test_compiled_trunk_steps_with_sequential_heads_give_the_eager_greedy_tokens(random_model):
-    """The compiled step runs the trunk and head 1 (padded to its shapes); the modules draft
-    eagerly on its hidden states. The fused greedy step is for linear heads only."""
-    model = copy.deepcopy(seq_model(random_model, 3))
-    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9]]
-    want = generate(model, prompts, 12, speculative=False).tokens
-    dec = CompiledDecoder(model, 4, batch_sizes=[4], widths=[1, 3])
-    assert generate(model, prompts, 12, speculative=True, compiled=dec).tokens == want
-    with pytest.raises(ValueError, match="linear MTP head only"):
-        dec.greedy_step(torch.tensor([1]), None, torch.tensor([3]), torch.tensor([0]))
 
 
 # --- sampled -------------------------------------------------------------------------------------
