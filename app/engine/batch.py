@@ -134,12 +134,13 @@ class DecodeBatch:
         self.sampling = self._sampling()
 
     def _fused(self) -> bool:
-        """Whether this step can run as the compiled fused greedy step: linear heads, every row
-        greedy with no penalty or bias, and no row asking for top log-probabilities (the fused
-        step keeps no logits)."""
+        """Whether this step can run as the compiled fused greedy step: every row greedy with no
+        penalty or bias, no row asking for top log-probabilities (the fused step keeps no
+        logits), and with sequential heads some row speculating (a fused step runs the modules;
+        a plain batch needs none of them and takes the forward step)."""
         return (
             self.compiled is not None
-            and self.compiled.linear
+            and (self.compiled.linear or (self.n_drafts > 0 and any(s.speculative for s in self.seqs)))
             and self.sampling.all_greedy
             and self.sampling.penalties is None
             and not any(s.item.request.top_logprobs for s in self.seqs)
@@ -152,7 +153,7 @@ class DecodeBatch:
         spec = self._want_drafts()
         fused = self._fused()
         chosen = self.policy is not None and not bool((spec & ~self.sampling.greedy).any())
-        if self.compiled is not None and self.compiled.linear and not fused:
+        if self.compiled is not None and not fused:
             chosen = False  # compiled: the policy times and picks the fused steps' widths only
         if self.policy is not None and chosen:
             n_drafts = min(n_drafts, self.policy.choose(len(self)))
@@ -169,7 +170,9 @@ class DecodeBatch:
         compiled = self.compiled if self.compiled is not None and self.compiled.covers(len(self), width) else None
         if fused and self.compiled is not None and self.compiled.covers(len(self), width, greedy=True):
             # always drafting (one graph per shape, as compiled); no row speculates: unused
-            res = self.compiled.greedy_step(self.cur, verified if use_drafts else None, self.pos, max_accept, k > 1)
+            res = self.compiled.greedy_step(
+                self.cur, verified if use_drafts else None, self.pos, max_accept, k > 1, self.states
+            )
             self.last_head1 = None
         else:
             step = forward_step(

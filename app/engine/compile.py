@@ -25,19 +25,17 @@ def compile_shapes(cfg: EngineConfig, model: MTPTransformer) -> tuple[list[int],
     the fused greedy step, that the engine compiles.
 
     A batch pads to the next power of two (up to compile_max_batch_size). The draft policy picks, for
-    all-greedy batches, among a few draft counts, each a width of the fused greedy step
-    (linear heads). Other batches (sampled, penalized, or asking for top log-probabilities)
-    run the forward step and verify no drafts or the most any row verifies (sampled rows verify
-    every draft), so it needs only those two widths; with sequential heads the forward step
-    runs every batch, at every width the policy picks. Fewer widths: fewer graphs, more padding."""
+    all-greedy batches, among a few draft counts, each a width of the fused greedy step (with
+    sequential heads it runs the modules too). Other batches (sampled, penalized, or asking
+    for top log-probabilities, and with sequential heads plain ones) run the forward step and
+    verify no drafts or the most any row verifies (sampled rows verify every draft), so it
+    needs only those two widths. Fewer widths: fewer graphs, more padding."""
     k = model.cfg.k
     top = min(cfg.max_batch_size, cfg.compile_max_batch_size)  # larger batches run eager steps
     sizes = sorted({min(2**i, top) for i in range(top.bit_length() + 1)})
     counts = cfg.compile_draft_counts if cfg.compile_draft_counts is not None else [1, 3]
     most = k - 1 if cfg.draft_tokens is None else min(cfg.draft_tokens, k - 1)
     chosen = sorted({1, most + 1} | {n + 1 for n in counts if 0 <= n < most})
-    if model.cfg.head_type != "linear":
-        return sizes, chosen, []
     return sizes, sorted({1, most + 1}), chosen
 
 
@@ -80,7 +78,13 @@ def build_compiled(model: MTPTransformer, cfg: EngineConfig) -> CompiledDecoder:
         path,
     )
     compiled = CompiledDecoder(
-        model, cfg.max_batch_size, autotune=autotune, batch_sizes=sizes, widths=widths, greedy_widths=greedy
+        model,
+        cfg.max_batch_size,
+        autotune=autotune,
+        batch_sizes=sizes,
+        widths=widths,
+        greedy_widths=greedy,
+        n_drafts=cfg.draft_tokens,
     )
     for kind, b, w, n, seconds in compiled.warm(functools.partial(thread_counts, cfg, model)):
         log.info("compiled the %s step batch=%d width=%d threads=%d in %.1f s", kind, b, w, n, seconds)

@@ -64,3 +64,53 @@ async def test_compiled_engine_gives_the_eager_greedy_tokens_and_never_compiles_
     assert [t for t, _ in plain] == want
     assert [t for t, _ in mixed] == want
     assert graphs_compiled() == before  # every step ran a shape compiled before the engine was ready
+
+
+async def test_compiled_engine_with_sequential_modules_gives_the_eager_greedy_tokens(
+    engine_factory: Callable[..., Any], sequential_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Sequential MTP modules on compiled steps: an all-greedy speculating batch of one runs the
+    fused step (modules included) at the widths the draft policy picks; a batch of two runs
+    eager steps, and its longer request goes on alone on fused steps over the caches and
+    carried states the eager steps left; plain requests take the forward step. Every request
+    gets the eager plain tokens, and nothing compiles once the engine is ready."""
+    engine = await engine_factory(
+        sequential_checkpoint,
+        start=False,
+        compile=True,
+        compile_autotune=False,
+        compile_cache_dir=str(tmp_path),
+        max_batch_size=2,
+        compile_max_batch_size=1,  # four graphs: compiling costs seconds each
+        compile_draft_counts=[],  # widths 1 and 3
+    )
+    await engine.start(warmup=True)  # the draft policy times the fused steps, modules included
+    info = engine.info()["compiled"]
+    assert (info["batch_sizes"], info["greedy_widths"], info["widths"]) == ([1], [1, 3], [1, 3])
+    compiled = engine.core.batch.compiled
+    fused_steps = 0
+    step = compiled.greedy_step
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal fused_steps
+        fused_steps += 1
+        return step(*args, **kwargs)
+
+    compiled.greedy_step = counted
+    eager_model, tok = load_checkpoint(sequential_checkpoint)
+    want = static_generate(eager_model, PROMPTS, 20, speculative=False, eos_id=tok.eot_id).tokens
+
+    before = graphs_compiled()
+    alone = [await run(engine, GenerateJob(p, max_new_tokens=20)) for p in PROMPTS]
+    assert [t for t, _ in alone] == want
+    assert sum(fin.accepted_tokens for _, fin in alone) > 0  # the modules' drafts were verified and kept
+    assert fused_steps > 0
+    for rows, lengths in (((0, 1), (6, 20)), ((2, 3), (20, 6))):  # a batch of two, then its longer row alone
+        fused_before = fused_steps
+        jobs = [GenerateJob(PROMPTS[b], n) for b, n in zip(rows, lengths, strict=True)]
+        two = await asyncio.gather(*(run(engine, job) for job in jobs))
+        assert [t for t, _ in two] == [want[b][:n] for b, n in zip(rows, lengths, strict=True)]
+        assert fused_steps > fused_before
+    plain = await asyncio.gather(*(run(engine, GenerateJob(p, max_new_tokens=20, speculative=False)) for p in PROMPTS))
+    assert [t for t, _ in plain] == want
+    assert graphs_compiled() == before
