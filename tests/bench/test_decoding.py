@@ -4,7 +4,6 @@ they claim: identical greedy outputs, consistent token counts, and the step timi
 from itertools import pairwise
 from pathlib import Path
 
-import pytest
 import torch
 
 from app.model.checkpoint import load_checkpoint, save_checkpoint
@@ -39,8 +38,6 @@ def test_bench_speculative_runs_sequential_heads_eagerly(byte_checkpoint: tuple[
     assert r["head_type"] == "sequential" and r["identical_outputs"] is True
     assert 1.0 <= r["tokens_per_forward"] <= 3.0 and r["bytes_per_forward"] == r["tokens_per_forward"]
     assert list(r["acceptance_by_head"]) == ["head_2", "head_3"] and r["speculative_tokens_per_s"] > 0
-    with pytest.raises(ValueError, match="--no-compile"):
-        bench_speculative(seq, corpus, n_prompts=1, prompt_tokens=8, new_tokens=4, compile=True)
 
 
 def test_bench_step_times_plain_and_verify_passes(byte_checkpoint: tuple[str, str]) -> None:
