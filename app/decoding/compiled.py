@@ -24,6 +24,9 @@ from app.model.model import MTPTransformer
 _NOGIL_ENTRY = "[&](auto... a) {{ Py_BEGIN_ALLOW_THREADS kernel(a...); Py_END_ALLOW_THREADS }}({}); Py_RETURN_NONE;"
 
 
+KV_ROUND = 32  # a CPU step attends the filled keys rounded up to this many positions
+
+
 def release_gil_in_cpu_kernels() -> None:
     """Make Inductor's C++ CPU kernels release the GIL while they run (kernels built from now on)."""
     from torch._inductor.codecache import CppPythonBindingsCodeCache
@@ -35,9 +38,12 @@ def release_gil_in_cpu_kernels() -> None:
 class CompiledDecoder:
     """torch.compile'd decode steps at fixed shapes, for generate() and the engine.
 
-    The compiled step attends over the whole KV cache under the position mask (stale entries
-    past a row's position are masked), so its shapes never change from step to step: each
-    (batch, tokens-per-step) pair compiles once. Inductor's freezing folds and prepacks the
+    A compiled step attends the KV cache under the position mask (stale entries past a row's
+    position are masked), so each (batch, tokens-per-step) pair compiles once: on CUDA over the
+    whole cache, a fixed shape that a CUDA graph replays; on CPU over the filled part (rounded
+    up to KV_ROUND positions), whose length is a dynamic dimension of the one graph, since a
+    step that reads every cache row's unused positions costs up to a third more at batch 16.
+    Inductor's freezing folds and prepacks the
     weights, which is most of the gain on CPU; on CUDA the graphs are also captured as CUDA
     graphs (mode "reduce-overhead"), so a step is one replay instead of dozens of launches.
 
@@ -93,6 +99,8 @@ class CompiledDecoder:
         model.setup_caches(max_batch)
         self._caches = model.kv_caches()
         device = model.head.proj.weight.device
+        self.dynamic_kv = device.type == "cpu"
+        self._key_pos = torch.arange(self.cache_len, device=device)
         # autotune: Inductor times its C++ GEMM template (AVX-512 micro-kernels, specialised
         # to each frozen weight's shape) against ATen's MKL call for every matmul and keeps
         # the faster; compiling takes minutes instead of seconds.
@@ -199,20 +207,36 @@ class CompiledDecoder:
             input_pos = torch.cat([input_pos, torch.arange(PT, device=idx.device).expand(PB - B, PT)])
         return idx.contiguous(), input_pos.contiguous()
 
-    def _eager_step(self, idx: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.model.trunk(idx, input_pos, kv_len=self.cache_len)
+    def _keys(self, input_pos: Tensor) -> Tensor:
+        """The key positions a step at (padded) input_pos attends: the whole cache at a fixed
+        shape (CUDA graphs replay one shape), or on CPU the filled part, rounded up to KV_ROUND
+        and marked dynamic, so one graph per (batch, width) serves every length."""
+        if not self.dynamic_kv:
+            return self._key_pos
+        # below the cache's length: a slice to the end would be specialised. The last slot is
+        # the slack one, which only padding queries sit at, and they need no keys of their own.
+        most = self.cache_len - 1
+        n = min(-(-(int(input_pos.max()) + 1) // KV_ROUND) * KV_ROUND, most)
+        keys = self._key_pos[:n]
+        torch._dynamo.mark_dynamic(keys, 0, min=min(KV_ROUND, most), max=most)
+        return keys
+
+    def _eager_step(self, idx: Tensor, input_pos: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.model.trunk(idx, input_pos, kv_len=keys.shape[0])
         return self.model.head(h, heads=slice(0, 1)), h
 
     def __call__(self, idx: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
         """Head 1's logits [B, T, 1, V] and the hidden states [B, T, C] at positions input_pos."""
         B, T = idx.shape
-        head1, h = self._step(*self._pad(idx, input_pos))
+        pidx, ppos = self._pad(idx, input_pos)
+        head1, h = self._step(pidx, ppos, self._keys(ppos))
         return head1[:B, :T], h[:B, :T]
 
     def _eager_greedy_step(
-        self, idx: Tensor, input_pos: Tensor, max_accept: Tensor, states: Tensor | None, n_drafts: int
+        self, idx: Tensor, input_pos: Tensor, keys: Tensor, max_accept: Tensor, states: Tensor | None, n_drafts: int
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-        h = self.model.trunk(idx, input_pos, kv_len=self.cache_len)
+        kv_len = keys.shape[0]
+        h = self.model.trunk(idx, input_pos, kv_len=kv_len)
         logits = self.model.head(h, heads=slice(0, 1))[:, :, 0].float()  # [B, T, V]
         B, T, _ = logits.shape
         rows = torch.arange(B, device=idx.device)
@@ -232,9 +256,9 @@ class CompiledDecoder:
         elif self.linear:
             q = torch.softmax(self._draft_logits(h[rows, n_acc]).float(), dim=-1)
             drafts = q.argmax(-1)  # [B, k-1]
-        else:  # the modules over their windows, each attending its whole cache (fixed shapes)
+        else:  # the modules over their windows, attending as many keys as the trunk
             drafts, new_states = module_chain(
-                self.model, h, tokens, input_pos[:, 0], n_acc, states, _greedy_pick, n_drafts, self.cache_len
+                self.model, h, tokens, input_pos[:, 0], n_acc, states, _greedy_pick, n_drafts, kv_len
             )
         return tokens, n_acc + 1, logprobs, drafts, new_states
 
@@ -274,7 +298,7 @@ class CompiledDecoder:
             pstates = idx.new_zeros(PB, self.k - 2, C, dtype=dtype)
             if states is not None:
                 pstates[:B] = states
-        tokens, n_emitted, logprobs, nxt, new_states = self._greedy(pidx, ppos, cap, pstates, n_made)
+        tokens, n_emitted, logprobs, nxt, new_states = self._greedy(pidx, ppos, self._keys(ppos), cap, pstates, n_made)
         kept = new_states[:B] if new_states is not None else None
         return StepResult(tokens[:B, :T], n_emitted[:B], logprobs[:B, :T], nxt[:B], None, kept)
 

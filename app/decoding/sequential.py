@@ -80,8 +80,8 @@ def module_chain(
     """The modules' chain over their windows (draft_sequential's arguments): module j's logits
     [B, V] at position P-1 go to pick(j, logits) -> draft j [B]. Returns (drafts [B, k-1]
     zero-padded past n_drafts, the new carried states [B, k-2, C]). kv_len: the keys each
-    module attends (default: up to the window's last position; a compiled step passes the
-    whole cache, so that its shapes do not change from step to step)."""
+    module attends (default: up to the window's last position; a compiled step passes its
+    own bound, which the graph's shapes allow for)."""
     k = model.cfg.k
     n = k - 1 if n_drafts is None else min(n_drafts, k - 1)
     B, T, C = h.shape

@@ -31,8 +31,8 @@ class EngineConfig:
     # decode steps as torch.compile'd graphs at fixed shapes (app/decoding/compiled.py); False: eager
     compile: bool = True
     compile_autotune: bool = True  # CPU: time Inductor's C++ GEMMs against MKL per matmul (slower cold start)
-    # largest batch compiled; larger batches run eager steps, which attend only the filled part of
-    # the cache (a compiled step attends all of it: at batch 16 of the default model, slower)
+    # largest batch compiled; larger batches run eager steps: there the matmuls dominate a step,
+    # and each compiled batch size costs minutes of start-up
     compile_max_batch_size: int = 4
     compile_cache_dir: str | None = None  # Inductor's on-disk cache; None: $TORCHINDUCTOR_CACHE_DIR or torch's
     # draft counts a compiled verify pass may carry (a step pads to the next); None: 0, 1, 3 and k - 1

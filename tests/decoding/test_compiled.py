@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from app.decoding.compiled import CompiledDecoder
+from app.decoding.compiled import KV_ROUND, CompiledDecoder
 from app.decoding.generate import first_tokens, forward_step, generate, prefill
 from app.decoding.sampling import BatchSampling, SamplingParams
 from app.decoding.speculative import accept_drafts
@@ -48,6 +48,31 @@ def test_padded_shapes_give_the_eager_greedy_tokens_at_every_batch_size_and_draf
     sampled = [SamplingParams(do_sample=True, temperature=0.8, seed=s, frequency_penalty=0.5) for s in range(3)]
     got = generate(model, prompts[:3], N_NEW, sampled, compiled=dec, draft_tokens=2)  # forward path, padded
     assert got.tokens == generate(model, prompts[:3], N_NEW, sampled, draft_tokens=2).tokens
+
+
+@pytest.mark.parametrize("head_type", ["linear", "sequential"])
+def test_one_graph_per_shape_serves_every_context_length(peaked_model, make_prompts, head_type):
+    """On CPU a step attends only the filled keys (rounded up to KV_ROUND), with the key count
+    dynamic in the graph: rows of ragged lengths decoded to the end of the context cross
+    every key bucket, through the slack slot that padding tokens reach there, and give the
+    eager plain tokens with no graph compiled after the first step of each shape."""
+    model = copy.deepcopy(peaked_model(3, head_type=head_type))
+    assert model.cfg.max_seq_len > KV_ROUND  # the lengths cross a bucket boundary
+    dec = CompiledDecoder(model, 4, batch_sizes=[4], widths=[1, 3], greedy_widths=[3])
+    list(dec.warm())
+    graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    prompts = make_prompts(3, model.cfg.vocab_size, 2, 9, seed=5)
+    new = model.cfg.max_seq_len - max(map(len, prompts))  # the longest row fills the context
+    want = generate(model, prompts, new, speculative=False).tokens
+    dec.attach()
+    got = generate(model, prompts, new, speculative=True, compiled=dec, draft_tokens=2)
+    assert_same_tokens(model, prompts, got.tokens, want, head_type)
+    assert got.stats.accepted > 0
+    sampled = [SamplingParams(do_sample=True, temperature=0.8, seed=s) for s in range(3)]
+    dec.attach()
+    got = generate(model, prompts, new, sampled, compiled=dec, draft_tokens=2)  # the forward step
+    assert got.tokens == generate(model, prompts, new, sampled, draft_tokens=2).tokens
+    assert int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) == graphs
 
 
 def test_a_step_outside_the_compiled_shapes_is_refused(peaked_model, make_prompts):
