@@ -11,7 +11,7 @@ import logging
 import queue
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -30,11 +30,11 @@ from app.engine.types import (
     EngineFailure,
     EngineTimeout,
     ErrorEvent,
-    Event,
     FinishEvent,
     GenerateItem,
     PredictItem,
     PromptEvent,
+    StepOutput,
     TokenEvent,
     WorkItem,
 )
@@ -44,16 +44,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 POLICY_INFO_EVERY = 64  # decode steps between snapshots of the policies for /info
-
-
-@dataclass
-class StepOutput:
-    """Everything one core iteration hands to the event loop, in one call."""
-
-    events: list[tuple[GenerateItem, Event]] = field(default_factory=list)
-    results: list[tuple[PredictItem, Scores | EngineError]] = field(default_factory=list)
-    left_queue: int = 0  # requests that left the waiting queues (started, dropped or cancelled)
-    released: list[WorkItem] = field(default_factory=list)  # cancelled requests the core has let go
 
 
 @dataclass

@@ -21,7 +21,7 @@ from app.decoding.predict import Scores
 from app.engine.admission import DoorTicket, check_ids, check_sampling, door_ticket
 from app.engine.compile import build_compiled
 from app.engine.config import EngineConfig, Health, inference_thread
-from app.engine.core import Abort, Call, DropAll, EngineCore, StepOutput, Stop, Submit
+from app.engine.core import Abort, Call, DropAll, EngineCore, Stop, Submit
 from app.engine.drafts import DraftPolicy, time_verify_steps
 from app.engine.stats import EngineStats
 from app.engine.types import (
@@ -36,6 +36,7 @@ from app.engine.types import (
     InvalidRequest,
     PredictItem,
     PredictJob,
+    StepOutput,
     WorkItem,
 )
 from app.metrics import Metrics

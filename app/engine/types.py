@@ -113,3 +113,13 @@ class GenerateItem(WorkItem):
     request: GenerateJob = field(default_factory=lambda: GenerateJob([], 1))
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     finished: bool = False
+
+
+@dataclass
+class StepOutput:
+    """Everything one core iteration hands to the event loop, in one call."""
+
+    events: list[tuple[GenerateItem, Event]] = field(default_factory=list)
+    results: list[tuple[PredictItem, Scores | EngineError]] = field(default_factory=list)
+    left_queue: int = 0  # requests that left the waiting queues (started, dropped or cancelled)
+    released: list[WorkItem] = field(default_factory=list)  # cancelled requests the core has let go
