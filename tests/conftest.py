@@ -226,17 +226,17 @@ def start_server(ckpt: Path, workdir: Path, *args: str, forward_delay_s: float =
 def set_fault_hook(engine: Engine, hook: Callable[[str], None] | None) -> None:
     """Call hook(kind) at the start of each forward pass the engine runs ("predict", "prefill",
     "decode"), on its worker thread, to slow it or raise inside it; None removes the hook."""
-    core = engine.core
-    core.__dict__.pop("_guarded", None)
+    passes = engine.core.passes
+    passes.__dict__.pop("_guarded", None)
     if hook is None:
         return
-    run = core._guarded
+    run = passes._guarded
 
     def guarded(kind: str, fn: Callable[[], Any]) -> Any:
         hook(kind)
         return run(kind, fn)
 
-    core._guarded = guarded  # type: ignore[method-assign]
+    passes._guarded = guarded  # type: ignore[method-assign]
 
 
 def forward_passes(engine: Engine) -> int:

@@ -11,17 +11,17 @@ from collections.abc import Callable
 from typing import Any
 
 from app.cli.main import main
-from app.engine.core import EngineCore
+from app.engine.passes import Passes
 
 
 def slow_forward_passes(delay_s: float) -> None:
-    run = EngineCore._guarded
+    run = Passes._guarded
 
-    def slowed(self: EngineCore, kind: str, fn: Callable[[], Any]) -> Any:
+    def slowed(self: Passes, kind: str, fn: Callable[[], Any]) -> Any:
         time.sleep(delay_s)
         return run(self, kind, fn)
 
-    EngineCore._guarded = slowed  # type: ignore[method-assign]
+    Passes._guarded = slowed  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 The event loop talks to the core only through its inbox (submit, abort, fail all, call, stop);
 the core hands each step's outputs back in one `post` call (vLLM's EngineCore busy loop). A
 step never waits on the event loop, and an idle core blocks on its inbox instead of spinning.
+The passes a step runs, and the events their outputs become, are in passes.py.
 """
 
 from __future__ import annotations
@@ -12,49 +13,21 @@ import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
-from torch import Tensor
 
-from app.decoding.generate import first_tokens, prefill, prompt_logprobs
-from app.decoding.predict import Scores, score_next
-from app.decoding.sampling import BatchSampling, make_generator, penalty_state, top_logprobs
-from app.engine.batch import DecodeBatch, RunningSequence
+from app.engine.batch import DecodeBatch
 from app.engine.config import EngineConfig
+from app.engine.passes import Passes
 from app.engine.scheduler import Scheduler
 from app.engine.stats import EngineStats
-from app.engine.threads import ThreadPolicy, size_bucket
-from app.engine.types import (
-    EngineError,
-    EngineFailure,
-    EngineTimeout,
-    ErrorEvent,
-    FinishEvent,
-    GenerateItem,
-    PredictItem,
-    PromptEvent,
-    StepOutput,
-    TokenEvent,
-    WorkItem,
-)
+from app.engine.types import EngineFailure, EngineTimeout, GenerateItem, PredictItem, StepOutput, WorkItem
 from app.model.model import MTPTransformer
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 POLICY_INFO_EVERY = 64  # decode steps between snapshots of the policies for /info
-
-
-@dataclass
-class Emitted:
-    """What one pass gives one sequence: its tokens (cut at a stop token or its length), their
-    log-probabilities, and the most likely tokens at each, when the request asks for them."""
-
-    seq: RunningSequence
-    tokens: list[int]
-    logprobs: list[float]
-    top: list[list[tuple[int, float]]] | None = None
 
 
 # ---- inbox messages ---------------------------------------------------------------------------
@@ -98,19 +71,11 @@ class EngineCore:
         stats: EngineStats,
         speculates: Callable[[GenerateItem], bool],
     ) -> None:
-        self.model = model
-        self.eos = eos
-        self.cfg = cfg
         self.stats = stats
-        self.speculates = speculates
-        self.device = model.head.proj.weight.device
         self.scheduler = Scheduler(model, cfg)
+        self.passes = Passes(self.scheduler, model, eos, stats, speculates)
         self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.post: Callable[[StepOutput], object] = lambda out: None  # set by the engine before run()
-        # intra-op threads per pass: the fastest count now (threads.py); CPU only
-        adaptive = cfg.adaptive_threads and self.device.type == "cpu"
-        self.threads = ThreadPolicy(torch.get_num_threads()) if adaptive else None
-        self.busy_since: float | None = None  # start of the forward pass running now
         self.policy_info: dict[str, Any] = {}  # the draft and thread policies, as /info shows them
         self._steps = 0
         self._stopping = False
@@ -119,9 +84,18 @@ class EngineCore:
     def batch(self) -> DecodeBatch:
         return self.scheduler.batch
 
+    @property
+    def busy_since(self) -> float | None:
+        """Start of the forward pass running now (the stall clock /health reads); None between passes."""
+        return self.passes.busy_since
+
     def put(self, message: Message) -> None:
         """Thread-safe: the event loop's only way in."""
         self.inbox.put(message)
+
+    def timed_out(self, where: str) -> EngineTimeout:
+        """The one timeout error (504), logged as one line: an expected event, not a fault."""
+        return self.passes.timed_out(where)
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -137,7 +111,7 @@ class EngineCore:
                 self.step(out)
             except Exception:  # never let the loop die on a bug; fail the requests it held
                 log.exception("engine core error")
-                self._fail_running(out, EngineFailure("internal error in the inference worker"))
+                self.passes.fail_running(out, EngineFailure("internal error in the inference worker"))
             self._emit(out)
 
     def _receive(self, timeout: float | None) -> None:
@@ -163,7 +137,7 @@ class EngineCore:
                 if self.scheduler.remove(waiting):  # still waiting: leave now, not when a row frees up
                     out.left_queue += 1
                     out.released.append(waiting)
-                    self._count_cancelled(waiting)
+                    self.passes.count_cancelled(waiting)
             self._emit(out)  # running sequences leave at the next step boundary
         elif isinstance(message, DropAll):
             self._drop_all()
@@ -208,251 +182,25 @@ class EngineCore:
             items, dropped = s.take_predict(time.monotonic())
             self._emit(StepOutput(left_queue=len(items) + len(dropped)))  # places free before the pass
             for item in dropped:
-                self._drop_waiting(out, item, "predict")
+                self.passes.drop_waiting(out, item, "predict")
             if items:
-                self._run_predict(out, items)
+                self.passes.run_predict(out, items)
         if s.wants_prefill():
             gen_items, gen_dropped = s.take_prefill(time.monotonic())
             self._emit(StepOutput(left_queue=len(gen_items) + len(gen_dropped)))
             for gen_item in gen_dropped:
-                self._drop_waiting(out, gen_item, "generate")
+                self.passes.drop_waiting(out, gen_item, "generate")
             if gen_items:
-                self._run_prefill(out, gen_items)
-        if len(self.batch):
-            self._run_decode(out)
-
-    def _forward(self, kind: str, size: int, fn: Callable[[], T]) -> T:
-        """Run fn as one forward pass of `kind` over `size` rows or tokens, timed, with the stall
-        clock running, at the thread count the policy picks for its kind and size."""
-        self.busy_since = time.monotonic()
-        try:
-            with self.stats.forward(kind):
-                if self.threads is None or kind != "decode":  # prefills and /predict: few, varied passes
-                    return self._guarded(kind, fn)
-                compiled = self.batch.compiled
-                allowed = (
-                    compiled.threads.get(compiled.padded_batch(size)) if compiled and compiled.covers(size, 1) else None
-                )
-                return self.threads.run((kind, size_bucket(size)), lambda: self._guarded(kind, fn), allowed)
-        finally:
-            self.busy_since = None
-
-    def _guarded(self, kind: str, fn: Callable[[], T]) -> T:
-        """One forward pass of `kind` ("predict", "prefill" or "decode")."""
-        with torch.inference_mode():
-            return fn()
-
-    def _drop_waiting(self, out: StepOutput, item: PredictItem | GenerateItem, where: str) -> None:
-        """A request that waited until cancelled or past its deadline."""
-        if item.cancelled:
-            self._count_cancelled(item)
-            out.released.append(item)
-            return
-        error = self.timed_out(f"{where}, in the queue")
-        if isinstance(item, PredictItem):
-            out.results.append((item, error))
-        else:
-            out.events.append((item, ErrorEvent(error)))
-
-    def _count_cancelled(self, item: WorkItem) -> None:
-        if not item.stopped:  # a stop-sequence finish is a success
-            self.stats.cancelled()
-
-    def timed_out(self, where: str) -> EngineTimeout:
-        """The one timeout error (504), logged as one line: an expected event, not a fault."""
-        log.info("request timed out after %gs (%s)", self.cfg.request_timeout_s, where)
-        return EngineTimeout(f"request timed out after {self.cfg.request_timeout_s:g}s")
-
-    def _run_predict(self, out: StepOutput, items: list[PredictItem]) -> None:
-        self.stats.batch("predict", (i.submitted for i in items), time.monotonic())
-        prompts = [i.request.prompt_ids for i in items]
-        top_n = max(i.request.top_n for i in items)
-        cands = [i.request.candidates for i in items]
-        try:
-            size = sum(map(len, prompts))
-            scores = self._forward("predict", size, lambda: score_next(self.model, prompts, top_n, cands))
-        except Exception as exc:
-            log.exception("predict batch of %d failed", len(items))
-            error = EngineFailure(f"forward pass failed: {type(exc).__name__}")
-            out.results.extend((item, error) for item in items)
-            return
-        out.results.extend((item, _row(scores, b, item.request.top_n)) for b, item in enumerate(items))
-
-    def _run_prefill(self, out: StepOutput, items: list[GenerateItem]) -> None:
-        self.stats.batch("prefill", (i.submitted for i in items), time.monotonic())
-        seqs = [
-            RunningSequence(
-                item=i,
-                generator=None if i.request.sampling.greedy else make_generator(i.request.sampling.seed),
-                speculative=self.speculates(i),
-                stop_ids=i.request.stop_token_ids | self.eos,
-            )
-            for i in items
-        ]
-        try:
-            size = sum(len(i.request.prompt_ids) for i in items)
-            outputs, scored = self._forward("prefill", size, lambda: self._prefill(seqs))
-        except Exception as exc:
-            log.exception("prefill of %d sequences failed", len(items))
-            error = EngineFailure(f"forward pass failed: {type(exc).__name__}")
-            out.events.extend((item, ErrorEvent(error)) for item in items)
-            return
-        out.events.extend((item, PromptEvent(lps)) for item, lps in scored)  # before the first tokens
-        self._update(out, outputs)
-
-    def _prefill(self, seqs: list[RunningSequence]) -> tuple[list[Emitted], list[tuple[GenerateItem, list[float]]]]:
-        """The first tokens, and the prompt scores of the rows that ask for them."""
-        self.batch.compact()  # rows 0..n-1 hold the running sequences; new ones go after them
-        row0 = len(self.batch)
-        prompts = [s.item.request.prompt_ids for s in seqs]
-        params = [s.item.request.sampling for s in seqs]
-        penalty = (
-            penalty_state(prompts, self.model.cfg.vocab_size, self.device) if any(p.penalized for p in params) else None
-        )
-        sampling = BatchSampling.from_params(params, [s.generator for s in seqs], self.device, penalty)
-        want = torch.tensor([s.speculative for s in seqs], dtype=torch.bool, device=self.device)
-        last = prefill(self.model, prompts, row0=row0)  # logits [B, k or 1, V] at each prompt's last position
-        first = first_tokens(last, sampling, want)
-        self.batch.concatenate(seqs, first, [len(p) for p in prompts], penalty)
-        for p in prompts:
-            self.stats.prompt_tokens(len(p))
-        top = self._top(seqs, last.logits[:, None, 0])
-        rows = [b for b, s in enumerate(seqs) if s.item.request.prompt_logprobs]
-        scores = prompt_logprobs(self.model, last.hidden, prompts, rows)  # [] when no row asks
-        scored = [(seqs[b].item, lps) for b, lps in zip(rows, scores, strict=True)]
-        tokens, logprobs = first.tokens[:, :1].tolist(), first.logprobs[:, :1].tolist()
-        return self._collect(tokens, logprobs, [1] * len(seqs), row0, top), scored
-
-    def _top(self, seqs: list[RunningSequence], head1: Tensor | None) -> tuple[list[Any], list[Any]] | None:
-        """The most likely tokens at each offset [B, T, n] (ids, logprobs), for the rows that ask."""
-        n = min(max((s.item.request.top_logprobs for s in seqs), default=0), self.model.cfg.vocab_size)
-        if n == 0 or head1 is None:
-            return None
-        ids, lps = top_logprobs(head1, n)
-        return ids.tolist(), lps.tolist()
-
-    def _run_decode(self, out: StepOutput) -> None:
-        now = time.monotonic()
-        for seq in self.batch.seqs:
-            if seq.item.cancelled:
-                self._count_cancelled(seq.item)
-                out.released.append(seq.item)
-                seq.ended = True
-            elif now > seq.item.deadline:
-                self._end(out, seq, error=self.timed_out("generate"))
-        self._drop_ended()
-        if not len(self.batch):
-            return
-        try:
-            outputs = self._forward("decode", len(self.batch), self._decode)
-        except Exception as exc:
-            log.exception("decode step of %d sequences failed", len(self.batch))
-            self._fail_running(out, EngineFailure(f"forward pass failed: {type(exc).__name__}"))
-            return
-        self._update(out, outputs)
-        self._steps += 1
-        if self._steps % POLICY_INFO_EVERY == 1:
-            self.snapshot_policies()
+                self.passes.run_prefill(out, gen_items)
+        if len(self.batch) and self.passes.run_decode(out):
+            self._steps += 1
+            if self._steps % POLICY_INFO_EVERY == 1:
+                self.snapshot_policies()
 
     def snapshot_policies(self) -> None:
         """What the draft and thread policies do now, for /info (read from the event loop)."""
-        policy = self.batch.policy
+        policy, threads = self.batch.policy, self.passes.threads
         self.policy_info = {
             "draft_policy": policy.describe() if policy is not None else None,
-            "threads": self.threads.describe() if self.threads is not None else None,
+            "threads": threads.describe() if threads is not None else None,
         }
-
-    def _decode(self) -> list[Emitted]:
-        res = self.batch.step()
-        counts = res.n_emitted.tolist()
-        self.stats.decode_step(len(self.batch), self.batch.last_drafts, self.batch.last_max_accept, counts)
-        top = self._top(self.batch.seqs, self.batch.last_head1)
-        return self._collect(res.tokens.tolist(), res.logprobs.tolist(), counts, 0, top)
-
-    def _collect(
-        self,
-        tokens: list[list[int]],
-        logprobs: list[list[float]],
-        counts: list[int],
-        row0: int,
-        top: tuple[list[Any], list[Any]] | None = None,
-    ) -> list[Emitted]:
-        """Per sequence: the tokens to emit, cut at EOS / stop tokens / max_new_tokens."""
-        out = []
-        for r, (toks, lps, n) in enumerate(zip(tokens, logprobs, counts, strict=True)):
-            seq = self.batch.seqs[row0 + r]
-            keep = min(n, seq.remaining)
-            for t in range(keep):
-                if toks[t] in seq.stop_ids:
-                    keep = t + 1
-                    break
-            seq.generated += keep
-            want = seq.item.request.top_logprobs
-            row_top = None
-            if top is not None and want:
-                ids, values = top[0][r], top[1][r]
-                row_top = [list(zip(ids[t][:want], values[t][:want], strict=True)) for t in range(keep)]
-            out.append(Emitted(seq, toks[:keep], lps[:keep], row_top))
-        return out
-
-    # ---- update ----------------------------------------------------------------------------
-
-    def _update(self, out: StepOutput, outputs: list[Emitted]) -> None:
-        """Turn a pass's tokens into events; finished, cancelled and expired sequences leave the batch."""
-        now = time.monotonic()
-        for e in outputs:
-            seq, toks, lps = e.seq, e.tokens, e.logprobs
-            if seq.item.cancelled:  # counted and dropped at the next step boundary
-                continue
-            if now > seq.item.deadline:  # a pass that ended past the deadline delivers nothing
-                self._end(out, seq, error=self.timed_out("generate"))
-                continue
-            reason = "eos_token" if toks and toks[-1] in seq.stop_ids else ("length" if seq.remaining <= 0 else None)
-            if toks:
-                self.stats.tokens(len(toks), seq.item.submitted, seq.last_token_at, now)
-                seq.last_token_at = now
-                out.events.append((seq.item, TokenEvent(toks, lps, final=reason is not None, top=e.top)))
-            if reason is not None:
-                self._end(out, seq, reason=reason)
-        self._drop_ended()
-
-    def _end(self, out: StepOutput, seq: RunningSequence, reason: str = "", error: EngineError | None = None) -> None:
-        seq.ended = True
-        if error is not None:
-            out.events.append((seq.item, ErrorEvent(error)))
-            return
-        req = seq.item.request
-        finish = FinishEvent(
-            reason=reason,
-            generated_tokens=seq.generated,
-            prompt_tokens=len(req.prompt_ids),
-            drafted_tokens=seq.drafted,
-            accepted_tokens=seq.accepted,
-            verify_steps=seq.verify_steps,
-            seed=req.sampling.seed,
-        )
-        out.events.append((seq.item, finish))
-
-    def _drop_ended(self) -> None:
-        """Ended sequences leave the batch now; their cache rows are compacted before the next pass."""
-        self.batch.filter([not s.ended for s in self.batch.seqs])
-
-    def _fail_running(self, out: StepOutput, error: EngineError) -> None:
-        """A failed step: fail every running sequence and start a fresh batch."""
-        for seq in self.batch.seqs:
-            if seq.item.cancelled:
-                out.released.append(seq.item)
-            elif not seq.ended:
-                out.events.append((seq.item, ErrorEvent(error)))
-        self.scheduler.batch = DecodeBatch(self.model, self.cfg.draft_tokens, self.batch.policy)
-
-
-def _row(scores: Scores, b: int, top_n: int) -> Scores:
-    """Row b of a batch's scores, trimmed to that request's top_n."""
-    return Scores(
-        top_ids=[[ids[:top_n] for ids in scores.top_ids[b]]],
-        top_probs=[[p[:top_n] for p in scores.top_probs[b]]],
-        top_logprobs=[[p[:top_n] for p in scores.top_logprobs[b]]],
-        greedy=[scores.greedy[b]],
-        candidates=[scores.candidates[b]],
-    )
