@@ -102,10 +102,11 @@ async def predict_load(url: str, texts: list[str], clients: int, seconds: float)
 
 
 async def read_sse(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes, events: list[bytes] | None = None
 ) -> tuple[int, list[float], bool]:
     """One streamed request on an open keep-alive connection, read as chunked SSE with minimal
-    parsing (as read_response does for JSON): (status, arrival time of each event, error seen)."""
+    parsing (as read_response does for JSON): (status, arrival time of each event, error seen).
+    events: each event's bytes (`data: {...}`) are appended here too."""
     writer.write(raw)
     await writer.drain()
     head = await reader.readuntil(b"\r\n\r\n")
@@ -124,10 +125,12 @@ async def read_sse(
             return status, arrivals, error
         now = time.perf_counter()
         buf += data
-        *events, buf = buf.split(b"\n\n")
-        for event in events:
+        *frames, buf = buf.split(b"\n\n")
+        for event in frames:
             error = error or event.startswith(b'data: {"error"')
             arrivals.append(now)
+        if events is not None:
+            events.extend(frames)
 
 
 async def generate_load(url: str, texts: list[str], streams: int, new_tokens: int, rounds: int) -> dict[str, Any]:

@@ -271,6 +271,11 @@ class InfoResponse(BaseModel):
     threads: dict[str, int] | None = Field(
         None, description="CPU: intra-op threads each kind/size of pass runs at now, the count timed fastest"
     )
+    compiled: dict[str, Any] | None = Field(
+        None,
+        description="The compiled decode steps (shapes, compile seconds); {error} when compiling failed and "
+        "eager steps are served; null with compile off",
+    )
     limits: Limits
     auth_required: bool
     # text-generation-inference's flat fields, for clients and dashboards that read them

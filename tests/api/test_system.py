@@ -88,6 +88,7 @@ def test_info_reports_model_limits_device_and_version(client_factory: Callable[.
     assert info["version"] == __version__
     assert info["model_id"] == "tiny"
     assert info["speculative"] is True and info["auth_required"] is False
+    assert info["compiled"] is None  # compile is off in the tests; compiled shapes: tests/engine/test_compiled.py
     limits = info["limits"]
     assert limits["max_batch_size"] == 4 and limits["max_new_tokens"] == 50
     assert limits["max_input_tokens"] == 64
