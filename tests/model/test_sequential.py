@@ -61,9 +61,21 @@ def test_a_config_without_head_type_is_linear():
     assert type(MTPTransformer(cfg).head).__name__ == "MTPHead"
 
 
-def test_the_committed_default_checkpoint_without_head_type_loads_as_linear():
-    assert "head_type" not in json.loads((DEFAULT_CHECKPOINT / "config.json").read_text())
-    assert check_checkpoint(DEFAULT_CHECKPOINT).head_type == "linear"
+def test_a_checkpoint_saved_before_head_types_loads_as_linear(tmp_path, tokenizer: Tokenizer):
+    """A config.json written before head_type existed (no such field) is a linear checkpoint."""
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, num_heads=4, k=2, max_seq_len=16)
+    out = save_checkpoint(tmp_path / "old", MTPTransformer(cfg).eval(), tokenizer)
+    data = json.loads((out / "config.json").read_text())
+    del data["head_type"]
+    (out / "config.json").write_text(json.dumps(data))
+    assert check_checkpoint(out).head_type == "linear"
+    loaded, _ = load_checkpoint(out)
+    assert type(loaded.head).__name__ == "MTPHead"
+
+
+def test_the_committed_default_checkpoint_has_sequential_heads():
+    assert json.loads((DEFAULT_CHECKPOINT / "config.json").read_text())["head_type"] == "sequential"
+    assert check_checkpoint(DEFAULT_CHECKPOINT).head_type == "sequential"
 
 
 def test_an_unknown_head_type_is_a_config_error_naming_the_choices():
