@@ -4,7 +4,7 @@ PYTHONPATH=. python deploy/check_live.py DASHBOARD.json ALERTS.yml   (from the c
 
 Starts `mtp serve` on the bundled model (bench/server.py) and Prometheus (`prometheus` on
 PATH) scraping it every second with ALERTS.yml loaded, both on free loopback ports. Sends two
-waves of traffic (/predict, /generate with and without a stop sequence, a 256-token
+waves of traffic (/predict, /generate with and without a stop sequence, a 200-token
 /generate_stream, /v1/completions, one invalid request, probes), waits until Prometheus has
 scraped the second wave, then fails on any of:
 
@@ -59,7 +59,7 @@ def send_wave(url: str, long_stream: bool) -> dict[str, int]:
         ("/v1/completions", {"model": "default", "prompt": "ROMEO:", "max_tokens": 20}, 200),
     ]
     if long_stream:
-        requests.append(("/generate_stream", {"inputs": "KING RICHARD:\n", "parameters": {"max_new_tokens": 256}}, 200))
+        requests.append(("/generate_stream", {"inputs": "KING RICHARD:\n", "parameters": {"max_new_tokens": 200}}, 200))
     with httpx.Client(base_url=url, timeout=120) as client:
         for route, body, status in requests:
             r = client.post(route, json=body)
