@@ -73,7 +73,8 @@ class Penalties:
         if fed is not None and fed.shape[1] and N > 1:
             seen_drafts = F.one_hot(fed[:, : N - 1], V).cumsum(dim=1).to(counts.dtype)  # [B, N-1, V]
             counts = counts + torch.cat([counts.new_zeros(B, 1, V), seen_drafts], dim=1)
-        r = self.repetition[:, None, None]
+        # a penalty that is positive but below float32's range (5e-324 is valid JSON) would be 0
+        r = self.repetition.clamp(min=torch.finfo(torch.float32).tiny)[:, None, None]
         repeated = (counts > 0) | self.prompt[:, None, :]
         x = torch.where(repeated, torch.where(logits > 0, logits / r, logits * r), logits)
         x = x - self.frequency[:, None, None] * counts - self.presence[:, None, None] * (counts > 0).float()
@@ -150,6 +151,9 @@ def make_generator(seed: int | None) -> torch.Generator:
     return gen
 
 
+F32_MAX = torch.finfo(torch.float32).max
+
+
 def logits_to_probs(logits: Tensor, sampling: BatchSampling, fed: Tensor | None = None) -> Tensor:
     """Processed distributions [B, ..., V] in float32: penalties and bias, temperature, top-k, top-p.
 
@@ -162,6 +166,9 @@ def logits_to_probs(logits: Tensor, sampling: BatchSampling, fed: Tensor | None 
     if sampling.penalties is not None:
         x = sampling.penalties.apply(x, fed)
     x = x / sampling.temperature.clamp(min=1e-5)[:, None, None]
+    # extreme penalties overflow to ±inf, and softmax would make NaN of a row holding +inf:
+    # clamp to float32's range, the limit such a penalty tends to
+    x = x.clamp(min=-F32_MAX, max=F32_MAX)
     if bool((sampling.top_k > 0).any()):
         k = torch.where(sampling.top_k > 0, sampling.top_k, V).clamp(max=V)  # [B]
         kth = torch.sort(x, dim=-1, descending=True).values.gather(-1, (k - 1)[:, None, None].expand(B, x.shape[1], 1))

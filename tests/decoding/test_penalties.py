@@ -74,6 +74,21 @@ def test_penalized_and_plain_rows_share_a_batch(peaked_model, make_prompts):
         assert g == reference_greedy(model, pr, 12, p)
 
 
+@pytest.mark.parametrize("penalty", [5e-324, 1e-40, 1e30], ids=["5e-324", "below-float32", "huge"])
+def test_extreme_repetition_penalties_sample_without_error(peaked_model, make_prompts, penalty):
+    """A repetition penalty far outside float32's range (any positive number is valid input)
+    overflows the penalized logits to infinity; sampling takes the limit instead of failing on
+    NaN probabilities: below 1 a positive repeated logit wins outright, above 1 repeats vanish."""
+    model = peaked_model(3)
+    prompts = make_prompts(3, model.cfg.vocab_size, 2, 8, seed=9)
+    params = [SamplingParams(do_sample=True, seed=i, repetition_penalty=penalty) for i in range(3)]
+    for speculative in (True, False):
+        out = generate(model, prompts, 10, params, speculative=speculative)
+        assert all(len(t) == 10 and all(0 <= x < model.cfg.vocab_size for x in t) for t in out.tokens)
+    greedy = [SamplingParams(repetition_penalty=penalty)] * 3
+    assert all(len(t) == 10 for t in generate(model, prompts, 10, greedy, speculative=True).tokens)
+
+
 @torch.no_grad()
 def exact_penalized_joint(model, settings: dict, depth: int) -> torch.Tensor:
     """P(x1..xd | PROMPT) with head 1 penalized by each prefix's own generated tokens: [V] * depth."""
