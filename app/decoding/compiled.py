@@ -41,8 +41,8 @@ class CompiledDecoder:
     A compiled step attends the KV cache under the position mask (stale entries past a row's
     position are masked), so each (batch, tokens-per-step) pair compiles once: on CUDA over the
     whole cache, a fixed shape that a CUDA graph replays; on CPU over the filled part (rounded
-    up to KV_ROUND positions), whose length is a dynamic dimension of the one graph, since a
-    step that reads every cache row's unused positions costs up to a third more at batch 16.
+    up to KV_ROUND positions), whose length is a dynamic dimension of the one graph, since reading
+    every cache row's unused positions costs time that grows with the batch.
     Inductor's freezing folds and prepacks the
     weights, which is most of the gain on CPU; on CUDA the graphs are also captured as CUDA
     graphs (mode "reduce-overhead"), so a step is one replay instead of dozens of launches.
