@@ -20,7 +20,7 @@ from app.decoding.compiled import CompiledDecoder
 from app.decoding.generate import draft_count, forward_step
 from app.decoding.sampling import BatchSampling, SamplingParams, count_emitted
 from app.decoding.speculative import StepResult, accept_drafts
-from app.engine.drafts import DraftPolicy
+from app.engine.drafts import PLAIN, DraftPolicy
 from app.engine.types import GenerateItem
 from app.model.model import MTPTransformer
 
@@ -152,11 +152,18 @@ class DecodeBatch:
         k, n_drafts = self.k, self.n_drafts
         spec = self._want_drafts()
         fused = self._fused()
-        chosen = self.policy is not None and not bool((spec & ~self.sampling.greedy).any())
-        if self.compiled is not None and not fused:
-            chosen = False  # compiled: the policy times and picks the fused steps' widths only
-        if self.policy is not None and chosen:
-            n_drafts = min(n_drafts, self.policy.choose(len(self)))
+        # the policy picks for speculating batches whose speculating rows are all greedy (sampled
+        # ones verify every draft); compiled, only among the fused steps' widths
+        greedy_drafts = bool(spec.any()) and not bool((spec & ~self.sampling.greedy).any())
+        decide = self.policy is not None and greedy_drafts and (fused or self.compiled is None)
+        choice = self.policy.choose(len(self)) if self.policy is not None and decide else None
+        if choice == PLAIN:  # cheaper than any drafting step: these rows stop speculating for good
+            for s in self.seqs:
+                s.speculative = False
+            spec = torch.zeros_like(spec)
+            fused = self._fused()
+        elif choice is not None:
+            n_drafts = min(n_drafts, choice)
         t0 = time.perf_counter()
         remaining = torch.tensor([s.remaining for s in self.seqs], device=self.device)
         max_accept = torch.where(spec, (remaining - 1).clamp(min=0, max=n_drafts), 0)  # [n]
@@ -198,8 +205,10 @@ class DecodeBatch:
         emitted = res.n_emitted.tolist()  # waits for the device: the step is done
         self.last_drafts = n_drafts if use_drafts else 0
         if self.policy is not None:
-            if chosen:
+            if choice is not None and choice != PLAIN:
                 self.policy.observe_cost(len(self), n_drafts, time.perf_counter() - t0)
+            elif not use_drafts and not want and self.sampling.all_greedy and self.sampling.penalties is None:
+                self.policy.observe_cost(len(self), PLAIN, time.perf_counter() - t0)  # a plain step
             self.policy.observe(self.last_max_accept, emitted)
         for s, m, n in zip(self.seqs, self.last_max_accept, emitted, strict=True):
             if m:

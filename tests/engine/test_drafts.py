@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from app.engine.drafts import DraftPolicy, time_steps
+from app.engine.drafts import PLAIN, DraftPolicy, time_steps
 
 FLAT = [1.0, 1.0, 1.0, 1.0, 1.0]  # batch 1: a pass costs the same whatever it carries
 STEEP = [1.0, 1.2, 1.4, 1.6, 1.8]  # batch 16: every fed token adds a fifth of a plain step
@@ -46,9 +46,10 @@ def test_positions_never_offered_follow_the_last_measured_one() -> None:
 
 def test_time_steps_times_every_batch_size_and_draft_count() -> None:
     calls: list[tuple[int, int]] = []
-    costs = time_steps(lambda b, n: calls.append((b, n)), [1, 4], 2, reps=2)
+    costs, plain = time_steps(lambda b, n: calls.append((b, n)), [1, 4], 2, reps=2)
     assert set(costs) == {1, 4} and all(len(row) == 3 for row in costs.values())
     assert sorted(set(calls)) == [(b, n) for b in (1, 4) for n in range(3)] and len(calls) == 2 * 3 * 3
+    assert plain == {}  # plain steps are timed only when asked for (sequential heads)
 
 
 def test_time_steps_never_lets_more_drafts_cost_less(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,7 +60,7 @@ def test_time_steps_never_lets_more_drafts_cost_less(monkeypatch: pytest.MonkeyP
         clock[0] += seconds[n]
 
     monkeypatch.setattr("app.engine.drafts.time.perf_counter", lambda: clock[0])
-    assert time_steps(step, [1], 2, reps=2)[1] == [2.0, 2.0, 3.0]
+    assert time_steps(step, [1], 2, reps=2)[0][1] == [2.0, 2.0, 3.0]
 
 
 def test_a_noisy_startup_table_is_corrected_by_the_steps_that_run() -> None:
@@ -91,6 +92,37 @@ def test_time_steps_takes_medians_and_caps_outliers() -> None:
         if n == 2:
             time.sleep(0.02)  # a shape that is always slow, past (n+1) x the plain step
 
-    costs = time_steps(step, [1], 2, reps=5)
+    costs, _ = time_steps(step, [1], 2, reps=5)
     assert costs[1][0] < 0.01 and costs[1][1] < 0.01  # the burst is not anyone's median
     assert costs[1][2] == pytest.approx(3 * costs[1][0])  # capped at three plain steps
+
+
+def test_plain_steps_are_chosen_where_they_beat_every_draft_count_by_the_margin() -> None:
+    """Sequential heads: a drafting step runs the modules even at n = 0, so a plain step can be
+    cheaper. Batch 1 (overhead-bound) keeps drafting; batch 16 (compute-bound) goes plain, but
+    only when plain beats the best draft count by PLAIN_MARGIN (a plain choice is for good)."""
+    costs = {1: [1.0, 1.0, 1.0], 16: [1.0, 1.6, 2.2]}
+    policy = policy_with_rates([0.6, 0.4], costs)
+    policy.plain = DraftPolicy(2, costs, plain={1: 0.9, 16: 0.5}).plain
+    assert policy.choose(1) == 2  # 2.0 tokens per unit against 1.11 plain
+    assert policy.choose(16) == PLAIN  # 2.0 plain against 1.0 at best drafting
+    assert policy.describe()["drafts_by_batch"] == {1: 2, 16: "plain"}
+    assert policy.describe()["plain_step_ms"] == {1: 900.0, 16: 500.0}
+    for _ in range(16):
+        policy.observe_cost(16, PLAIN, 0.95)  # plain steps measured dearer: 1.05 is inside the margin
+    assert policy.choose(16) != PLAIN
+
+
+def test_exploration_never_picks_plain() -> None:
+    policy = DraftPolicy(2, {4: [1.0, 1.0, 1.0]}, plain={4: 0.01})
+    picks = [policy.choose(4) for _ in range(200)]
+    assert picks.count(PLAIN) == 200 - 200 // 32  # every 32nd step re-times a draft count instead
+    assert DraftPolicy(2, {4: [1.0, 1.0, 1.0]}).describe().keys() == {"acceptance", "drafts_by_batch", "step_ms"}
+
+
+def test_time_steps_times_plain_steps_beside_the_draft_counts() -> None:
+    calls: list[tuple[int, int]] = []
+    costs, plain = time_steps(lambda b, n: calls.append((b, n)), [1, 4], 1, reps=2, plain=True)
+    assert set(plain) == {1, 4} and set(costs) == {1, 4}
+    assert sorted(set(calls)) == [(b, n) for b in (1, 4) for n in (PLAIN, 0, 1)]
+    assert calls[6:12] == [(1, PLAIN), (1, 0), (1, 1), (4, PLAIN), (4, 0), (4, 1)]  # interleaved rounds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections import defaultdict
@@ -17,6 +18,7 @@ from app.decoding.predict import score_next
 from app.decoding.sampling import SamplingParams
 from app.decoding.speculative import accept_drafts
 from app.engine.batch import DecodeBatch
+from app.engine.drafts import DraftPolicy
 from app.engine.engine import Engine
 from app.engine.types import (
     EngineFailure,
@@ -290,6 +292,54 @@ async def test_sequential_model_with_adaptive_draft_count_keeps_greedy_output(
     together = await asyncio.gather(*(run(engine, j) for j in jobs))
     for job, (tokens, _) in zip(jobs, together, strict=True):
         assert tokens == (await run(engine, GenerateJob(job.prompt_ids, 20, speculative=False)))[0]
+
+
+async def test_a_plain_choice_stops_drafting_for_good_and_keeps_greedy_output(
+    engine_factory: Callable[..., Any], sequential_checkpoint: Path
+) -> None:
+    """Sequential modules cost a drafting step even when it verifies no draft, so where a plain
+    step is faster the policy picks PLAIN: the rows then in the batch stop speculating, mid-flight
+    too, and give the plain greedy tokens; rows admitted later speculate again."""
+    engine = await engine_factory(sequential_checkpoint, max_batch_size=4)  # no policy yet
+    first, second = GenerateJob(PROMPTS[0], 55), GenerateJob(PROMPTS[2], 20)
+    refs = [
+        (await run(engine, GenerateJob(j.prompt_ids, j.max_new_tokens, speculative=False)))[0] for j in (first, second)
+    ]
+
+    async def install_policy() -> DraftPolicy:
+        """Drafting is cheap at batch 1, plain is cheap at 2 and 4."""
+        costs = {1: [1e-6] * 3, 2: [1.0] * 3, 4: [1.0] * 3}
+        policy = DraftPolicy(2, costs, plain={1: 1.0, 2: 1e-6, 4: 1e-6})
+        await engine.call(functools.partial(setattr, engine.core.batch, "policy", policy))
+        return policy
+
+    await install_policy()
+    set_fault_hook(engine, lambda kind: time.sleep(0.002) if kind == "decode" else None)  # room to join
+    tokens, fin = await run(engine, first)  # alone: drafts
+    assert tokens == refs[0] and fin.verify_steps > 0
+
+    policy = await install_policy()  # (fresh: its every 32nd choice re-times a draft count, maybe 0)
+    steps = 0
+    joined: asyncio.Task[tuple[list[int], FinishEvent]] | None = None
+    a_tokens: list[int] = []
+    async for event in engine.generate(first):
+        if isinstance(event, TokenEvent):
+            steps += 1
+            a_tokens.extend(event.token_ids)
+            if steps == 2:  # after the prefill's token and one decode step's
+                joined = asyncio.create_task(run(engine, second))
+        elif isinstance(event, FinishEvent):
+            a_fin = event
+    assert joined is not None
+    b_tokens, b_fin = await joined
+    assert a_tokens == refs[0] and b_tokens == refs[1]
+    assert 0 < a_fin.verify_steps < steps - 1  # drafted alone, then plain once the second row joined
+    assert b_fin.verify_steps == 0 and b_fin.drafted_tokens == 0
+    assert len(policy.plain[2]) > 1  # the plain steps that ran were timed
+
+    await install_policy()  # (the steps that ran have re-timed the made-up costs)
+    tokens, fin = await run(engine, first)  # a row admitted later speculates again
+    assert tokens == refs[0] and fin.verify_steps > 0
 
 
 def _noted(steps: list[list[int]], *args: Any, **kw: Any) -> Any:
