@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,15 +84,24 @@ def baseline_tree(ref: str) -> Path:
 
 
 def served_phase(
-    root: Path, checkpoint: str, device: str, texts: list[str], streams: int, new_tokens: int
+    root: Path,
+    checkpoint: str,
+    device: str,
+    texts: list[str],
+    streams: int,
+    new_tokens: int,
+    settings: Mapping[str, object] | None = None,
 ) -> dict[str, Any]:
-    settings = {
+    """One server of root's code on the checkpoint, default settings (plus `settings`; the tests
+    turn compile off): one sequential stream through the texts, then `streams` concurrent ones."""
+    base = {
         "log_level": "WARNING",
         "device": device,
         "max_queue_size": 1024,
         "max_new_tokens": max(256, new_tokens),
+        **(settings or {}),
     }
-    with running(checkpoint, settings, root=root, ready_timeout=1800) as srv:  # a cold compile: minutes
+    with running(checkpoint, base, root=root, ready_timeout=1800) as srv:  # a cold compile: minutes
         one = asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts)))
         many = asyncio.run(generate_load(srv.url, texts, streams, new_tokens, 2))
     return {"1_stream": one, f"{streams}_streams": many}

@@ -52,7 +52,7 @@ KINDS: dict[str, ErrorKind] = {
 }
 BY_STATUS = {kind.status: kind for kind in reversed(KINDS.values())}
 OPENAI_TYPES = {kind.error_type: kind.openai_type for kind in KINDS.values() if kind.openai_type is not None}
-assert {k.reason for k in KINDS.values()} - {None} <= set(FAILURE_REASONS), "a reason the metrics do not expose"
+assert {kind.reason for kind in KINDS.values()} - {None} <= set(FAILURE_REASONS), "a reason the metrics do not expose"
 RETRY_AFTER_S = "1"
 BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's 400 detail when json.loads raises
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, computed_field, model_validator
 from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**63 - 1
@@ -75,10 +75,25 @@ class PredictRequest(Strict):
     inputs: str | list[str] | None = Field(None, description="A text or a list of texts")
     input_ids: list[int] | list[list[int]] | None = Field(None, description="Token ids instead of text")
     top_n: int = Field(5, ge=1, description="Tokens returned per position")
-    k: int | None = Field(None, ge=1, description="Positions returned (at most the model's k)")
-    candidates: list[str] | list[list[int]] | None = Field(
-        None, description="Continuations to score for every input (texts or token ids, each at most k tokens)"
+    positions: int | None = Field(
+        None,
+        ge=1,
+        validation_alias=AliasChoices("positions", "k"),
+        description="Positions returned, at most the model's head count k; null = k. Deprecated name: k",
     )
+    candidates: list[str] | list[list[int]] | None = Field(
+        None, description="Continuations to score for every input (texts or token ids, each at most `positions` tokens)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _positions_or_k(cls, data: object) -> object:
+        # k is positions' old name: both may be sent while clients migrate, if they agree
+        if not isinstance(data, dict) or data.get("k") is None or data.get("positions") is None:
+            return data
+        if data["k"] != data["positions"]:
+            raise PydanticCustomError("conflicting_positions", "positions and k (its deprecated name) differ")
+        return {key: value for key, value in data.items() if key != "k"}
 
 
 class TokenProb(BaseModel):
@@ -113,7 +128,8 @@ class PredictResult(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    k: int
+    positions: int = Field(description="Positions in each result")
+    k: int = Field(deprecated=True, description="Deprecated: the same as positions (its old name)")
     results: list[PredictResult]
 
 

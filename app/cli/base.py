@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app import config
+
+if TYPE_CHECKING:  # the commands import torch only when they run
+    from app.model.model import MTPTransformer
+    from app.model.tokenizer import Tokenizer
 
 
 class CLISubcommand:
@@ -59,3 +63,15 @@ def add_device(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
     parser.add_argument("--device", default="cpu")
     if dtype:
         parser.add_argument("--dtype", default="float32")
+
+
+def device_options(args: argparse.Namespace) -> dict[str, str]:
+    """add_device's options (with its dtype) as keyword arguments: device, dtype."""
+    return {"device": args.device, "dtype": args.dtype}
+
+
+def load_model(args: argparse.Namespace) -> tuple[MTPTransformer, Tokenizer]:
+    """The model and tokenizer of args.checkpoint, on add_device's device and dtype."""
+    from app.model.checkpoint import load_checkpoint
+
+    return load_checkpoint(args.checkpoint, **device_options(args))

@@ -15,7 +15,7 @@ from types import ModuleType
 from typing import Any
 
 from app import config
-from app.cli.base import CLISubcommand, add_checkpoint, add_device
+from app.cli.base import CLISubcommand, add_checkpoint, add_device, device_options
 
 INSTALL = "benchmarks need the repository checkout: pip install -e '.[bench]'"
 EXTRA = {"bench", "httpx", "transformers", "matplotlib"}  # imported by the benchmarks, not by the service
@@ -29,13 +29,9 @@ def import_bench(module: str) -> ModuleType:
     return importlib.import_module(f"bench.{module}")
 
 
-def report(result: dict[str, Any], out: str | None) -> int:
-    import_bench("decoding").write_json(result, out)
-    return 0
-
-
 class Benchmark(CLISubcommand):
-    """A `mtp bench` subcommand: a missing `bench` package or extra is an error message."""
+    """A `mtp bench` subcommand: measure() returns its figures, printed as JSON and written to
+    --out; a missing `bench` package or extra is an error message."""
 
     def subparser_init(self, subparsers: Any) -> argparse.ArgumentParser:
         parser = super().subparser_init(subparsers)
@@ -52,12 +48,25 @@ class Benchmark(CLISubcommand):
             print(f"error: mtp bench {self.name}: cannot import {exc.name}; {INSTALL}", file=sys.stderr)
             return 2
 
+    def measure(self, args: argparse.Namespace) -> dict[str, Any]:
+        """Run the benchmark: its figures and ratios, as one JSON object."""
+        raise NotImplementedError
+
+    def run(self, args: argparse.Namespace) -> int:
+        import_bench("decoding").write_json(self.measure(args), args.out)
+        return 0
+
 
 def add_compile(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile runs")
     parser.add_argument(
         "--autotune", action="store_true", help="compiled runs: autotune each matmul (Inductor's C++ GEMM vs ATen)"
     )
+
+
+def compile_options(args: argparse.Namespace) -> dict[str, bool]:
+    """add_compile's options as the benchmarks' keyword arguments: compile, autotune."""
+    return {"compile": not args.no_compile, "autotune": args.autotune}
 
 
 def add_out(parser: argparse.ArgumentParser) -> None:
@@ -77,19 +86,16 @@ class Speculative(Benchmark):
         parser.add_argument("--draft-sweep", action="store_true", help="also time 1 .. k-2 drafts per verify pass")
         add_out(parser)
 
-    def run(self, args: argparse.Namespace) -> int:
-        result = import_bench("decoding").bench_speculative(
+    def measure(self, args: argparse.Namespace) -> dict[str, Any]:
+        return import_bench("decoding").bench_speculative(
             args.checkpoint,
             args.corpus,
             n_prompts=args.prompts,
             new_tokens=args.new_tokens,
-            device=args.device,
-            dtype=args.dtype,
-            compile=not args.no_compile,
-            autotune=args.autotune,
+            **device_options(args),
+            **compile_options(args),
             draft_sweep=args.draft_sweep,
         )
-        return report(result, args.out)
 
 
 class Transformers(Benchmark):
@@ -109,7 +115,7 @@ class Transformers(Benchmark):
         add_compile(parser)
         add_out(parser)
 
-    def run(self, args: argparse.Namespace) -> int:
+    def measure(self, args: argparse.Namespace) -> dict[str, Any]:
         hf_dir, ours_dir = import_bench("gpt2_fixture").make_gpt2_pair(
             args.workdir, args.checkpoint, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head
         )
@@ -119,15 +125,9 @@ class Transformers(Benchmark):
             distill_heads(
                 str(ours_dir), args.corpus, prompts=args.distill_prompts, new_tokens=96, steps=300, save_dtype="float32"
             )
-        result = import_bench("decoding").bench_vs_transformers(
-            str(hf_dir),
-            str(ours_dir),
-            new_tokens=args.new_tokens,
-            device=args.device,
-            compile=not args.no_compile,
-            autotune=args.autotune,
+        return import_bench("decoding").bench_vs_transformers(
+            str(hf_dir), str(ours_dir), new_tokens=args.new_tokens, device=args.device, **compile_options(args)
         )
-        return report(result, args.out)
 
 
 class Service(Benchmark):
@@ -145,12 +145,11 @@ class Service(Benchmark):
         parser.add_argument("--draft-tokens", type=int, default=None, help="the server's MTP_DRAFT_TOKENS")
         add_out(parser)
 
-    def run(self, args: argparse.Namespace) -> int:
-        result = import_bench("service").bench_service(
+    def measure(self, args: argparse.Namespace) -> dict[str, Any]:
+        return import_bench("service").bench_service(
             args.checkpoint,
             args.corpus,
-            device=args.device,
-            dtype=args.dtype,
+            **device_options(args),
             torch_threads=args.torch_threads,
             draft_tokens=args.draft_tokens,
             clients=args.clients,
@@ -158,7 +157,6 @@ class Service(Benchmark):
             streams=args.streams,
             new_tokens=args.new_tokens,
         )
-        return report(result, args.out)
 
 
 class EngineBench(Benchmark):
@@ -172,11 +170,10 @@ class EngineBench(Benchmark):
         parser.add_argument("--repeats", type=int, default=4, help="interleaved repeats of each mode")
         add_out(parser)
 
-    def run(self, args: argparse.Namespace) -> int:
-        result = import_bench("engine").bench_engine(
+    def measure(self, args: argparse.Namespace) -> dict[str, Any]:
+        return import_bench("engine").bench_engine(
             args.checkpoint, args.corpus, streams=args.streams, new_tokens=args.new_tokens, repeats=args.repeats
         )
-        return report(result, args.out)
 
 
 class Step(Benchmark):
@@ -189,11 +186,8 @@ class Step(Benchmark):
         add_compile(parser)
         add_out(parser)
 
-    def run(self, args: argparse.Namespace) -> int:
-        result = import_bench("step").bench_step(
-            args.checkpoint, device=args.device, dtype=args.dtype, compile=not args.no_compile, autotune=args.autotune
-        )
-        return report(result, args.out)
+    def measure(self, args: argparse.Namespace) -> dict[str, Any]:
+        return import_bench("step").bench_step(args.checkpoint, **device_options(args), **compile_options(args))
 
 
 class Threads(Benchmark):
@@ -206,11 +200,10 @@ class Threads(Benchmark):
         parser.add_argument("--new-tokens", type=int, default=64)
         add_out(parser)
 
-    def run(self, args: argparse.Namespace) -> int:
-        result = import_bench("threads").bench_threads(
+    def measure(self, args: argparse.Namespace) -> dict[str, Any]:
+        return import_bench("threads").bench_threads(
             args.checkpoint, n_prompts=args.prompts, new_tokens=args.new_tokens
         )
-        return report(result, args.out)
 
 
 class Plot(Benchmark):
@@ -221,7 +214,7 @@ class Plot(Benchmark):
         parser.add_argument("--results", default="docs/bench", help="folder of result JSON files")
         parser.add_argument("--png", default="docs/benchmarks.png")
 
-    def run(self, args: argparse.Namespace) -> int:
+    def run(self, args: argparse.Namespace) -> int:  # a PNG, not a JSON report
         import_bench("plot").plot_benchmarks(args.results, args.png)
         return 0
 

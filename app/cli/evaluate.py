@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from app.cli.base import CLISubcommand, add_device
+from app.cli.base import CLISubcommand, add_device, load_model
 
 
 class EvalCommand(CLISubcommand):
@@ -21,11 +21,10 @@ class EvalCommand(CLISubcommand):
         add_device(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        from app.model.checkpoint import load_checkpoint
         from app.training.data import read_corpus, split_text
         from app.training.evaluate import evaluate_text
 
-        model, tok = load_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
+        model, tok = load_model(args)
         text = read_corpus(args.file)
         if args.heldout:
             text = split_text(text)[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from app.cli.base import CLISubcommand, add_checkpoint, add_device
+from app.cli.base import CLISubcommand, add_checkpoint, add_device, load_model
 
 
 class GenerateCommand(CLISubcommand):
@@ -26,9 +26,8 @@ class GenerateCommand(CLISubcommand):
     def run(self, args: argparse.Namespace) -> int:
         from app.decoding.generate import generate
         from app.decoding.sampling import SamplingParams
-        from app.model.checkpoint import load_checkpoint
 
-        model, tok = load_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
+        model, tok = load_model(args)
         budget = model.cfg.max_seq_len - args.max_new_tokens
         if budget < 1:
             raise SystemExit(f"--max-new-tokens must be below the context ({model.cfg.max_seq_len})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from app.cli.base import CLISubcommand, add_checkpoint, add_device
+from app.cli.base import CLISubcommand, add_checkpoint, add_device, load_model
 
 
 class PredictCommand(CLISubcommand):
@@ -19,9 +19,8 @@ class PredictCommand(CLISubcommand):
 
     def run(self, args: argparse.Namespace) -> int:
         from app.decoding.predict import score_next
-        from app.model.checkpoint import load_checkpoint
 
-        model, tok = load_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
+        model, tok = load_model(args)
         ids = tok.encode(args.text)[-model.cfg.max_seq_len :]
         scores = score_next(model, [ids], args.top_n)
         for j in range(model.cfg.k):

@@ -112,8 +112,8 @@ class DecodeBatch:
         if all(keep):
             return
         old = self._survivors if self._survivors is not None else list(range(len(self.seqs)))
-        self._survivors = [row for row, k in zip(old, keep, strict=True) if k]
-        self.seqs = [s for s, k in zip(self.seqs, keep, strict=True) if k]
+        self._survivors = [row for row, kept in zip(old, keep, strict=True) if kept]
+        self.seqs = [s for s, kept in zip(self.seqs, keep, strict=True) if kept]
 
     def compact(self) -> None:
         """Move the surviving rows' cache entries and state down to rows 0..n-1 (worker thread)."""

@@ -239,7 +239,7 @@ class MTPModule(nn.Module):
 class SequentialHeads(nn.Module):
     """Head 1 is the output projection on the trunk's state, shared by the k - 1 MTP modules
     (depths 1..k-1). Depth j needs the tokens up to t + j, so only head 1 is computed from a state
-    alone; the model's mtp_module runs a depth."""
+    alone; the model's mtp_state runs a depth (then this proj gives its logits)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -251,7 +251,7 @@ class SequentialHeads(nn.Module):
         """Head 1's logits [..., 1, V]; `heads` may only select head 1 (as MTPHead's slice(0, 1))."""
         start, stop, _ = (heads or slice(None)).indices(self.k)
         if (start, stop) != (0, 1):
-            raise ValueError("sequential heads compute only head 1 from a state; run mtp_module for depths 2..k")
+            raise ValueError("sequential heads compute only head 1 from a state; run mtp_state for depths 2..k")
         return self.proj(h)[..., None, :]  # [..., 1, V]
 
 
@@ -371,9 +371,7 @@ class MTPTransformer(nn.Module):
         """
         if isinstance(self.head, SequentialHeads):
             if input_pos is not None or last_only:
-                raise ValueError(
-                    "sequential heads: forward is the teacher-forced window; serve with trunk + mtp_module"
-                )
+                raise ValueError("sequential heads: forward is the teacher-forced window; serve with trunk + mtp_state")
             return self._teacher_forced(idx)
         h = self.trunk(idx, input_pos, kv_len, row0)
         if last_only:
@@ -384,30 +382,9 @@ class MTPTransformer(nn.Module):
         h = self.trunk(idx)  # [B, T, C], depth 0
         logits = [self.head.proj(h)]  # head 1: [B, T, V]
         for depth in range(1, self.cfg.k):
-            h, depth_logits = self.mtp_module(depth, h, shift_left(idx, depth))
-            logits.append(depth_logits)
+            h = self.mtp_state(depth, h, shift_left(idx, depth))  # [B, T, C]
+            logits.append(self.head.proj(h))  # [B, T, V]
         return torch.stack(logits, dim=2)  # [B, T, k, V]
-
-    def mtp_module(
-        self,
-        depth: int,
-        h_prev: Tensor,
-        next_ids: Tensor,
-        input_pos: Tensor | None = None,
-        kv_len: int | None = None,
-        row0: int = 0,
-    ) -> tuple[Tensor, Tensor]:
-        """Run sequential depth `depth` (1..k-1): (state [B, T, C], logits [B, T, V]).
-
-        h_prev [B, T, C] is depth - 1's state at positions t (depth 0: trunk()'s), next_ids [B, T]
-        the tokens at t + depth; the logits are for the tokens at t + depth + 1. Without input_pos
-        t = 0..T-1, uncached. With input_pos [B, T] (the positions t, per row) the module's own KV
-        cache is written and read there, in rows row0..row0+B-1, as trunk() does: module j's entry
-        at t depends on token t + j, so after a rejected draft the positions that read it are
-        simply run again (drafting with the modules: app/decoding/sequential.py).
-        """
-        h = self.mtp_state(depth, h_prev, next_ids, input_pos, kv_len, row0)  # [B, T, C]
-        return h, self.head.proj(h)  # [B, T, C], [B, T, V]
 
     def mtp_state(
         self,
@@ -418,9 +395,18 @@ class MTPTransformer(nn.Module):
         kv_len: int | None = None,
         row0: int = 0,
     ) -> Tensor:
-        """mtp_module's state [B, T, C] alone: drafting projects only the positions it reads."""
+        """Run sequential depth `depth` (1..k-1): its state [B, T, C]; head.proj(state) gives its
+        logits [B, T, V], which callers project only at the positions they read.
+
+        h_prev [B, T, C] is depth - 1's state at positions t (depth 0: trunk()'s), next_ids [B, T]
+        the tokens at t + depth; the logits are for the tokens at t + depth + 1. Without input_pos
+        t = 0..T-1, uncached. With input_pos [B, T] (the positions t, per row) the module's own KV
+        cache is written and read there, in rows row0..row0+B-1, as trunk() does: module j's entry
+        at t depends on token t + j, so after a rejected draft the positions that read it are
+        simply run again (drafting with the modules: app/decoding/sequential.py).
+        """
         if not isinstance(self.head, SequentialHeads) or not 1 <= depth < self.cfg.k:
-            raise ValueError(f"mtp_module needs sequential heads and 1 <= depth < k, got depth {depth}")
+            raise ValueError(f"mtp_state needs sequential heads and 1 <= depth < k, got depth {depth}")
         if input_pos is not None and kv_len is None:
             kv_len = int(input_pos.max()) + 1
         module = cast(MTPModule, self.head.depths[depth - 1])
@@ -437,8 +423,8 @@ class MTPTransformer(nn.Module):
         seq = idx
         for depth in range(1, self.cfg.k):
             seq = torch.cat([seq, logits[-1].argmax(-1, keepdim=True)], dim=1)  # [B, T + depth]
-            h, depth_logits = self.mtp_module(depth, h, seq[:, depth:])  # [B, T, C], [B, T, V]
-            logits.append(depth_logits[:, -1])
+            h = self.mtp_state(depth, h, seq[:, depth:])  # [B, T, C]
+            logits.append(self.head.proj(h)[:, -1])  # [B, V]
         return torch.softmax(torch.stack(logits, dim=1).float(), dim=-1)  # [B, k, V]
 
     def num_params(self) -> int:

@@ -49,7 +49,9 @@ BAD_REQUESTS = {
     "predict_id_negative": ("/predict", {"input_ids": [[-1, 2]]}),
     "predict_top_n_zero": ("/predict", {"inputs": "a", "top_n": 0}),
     "predict_top_n_above_cap": ("/predict", {"inputs": "a", "top_n": 101}),
-    "predict_k_above_model": ("/predict", {"inputs": "a", "k": 4}),
+    "predict_positions_above_model": ("/predict", {"inputs": "a", "positions": 4}),
+    "predict_k_above_model": ("/predict", {"inputs": "a", "k": 4}),  # positions' deprecated name
+    "predict_positions_and_k_differ": ("/predict", {"inputs": "a", "positions": 2, "k": 1}),
     "predict_too_many_inputs": ("/predict", {"inputs": ["a"] * 33}),
     "predict_candidate_id_out_of_range": ("/predict", {"inputs": "a", "candidates": [[300]]}),
     "predict_too_many_candidates": ("/predict", {"inputs": "a", "candidates": [[1]] * 33}),

@@ -1,4 +1,4 @@
-"""POST /predict: the k heads' top tokens, greedy continuation, candidate scores, batching."""
+"""POST /predict: the heads' top tokens per position, greedy continuation, candidate scores, batching."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_single_text_returns_k_positions_of_top_n(client: TestClient) -> None:
     body = r.json()
     srv = service(client)
     ids = srv.tokenizer.encode("To be, or not to be")
-    assert body["k"] == 3 and len(body["results"]) == 1
+    assert body["positions"] == body["k"] == 3 and len(body["results"]) == 1
     result = body["results"][0]
     assert result["input_length"] == len(ids)
     assert [p["position"] for p in result["positions"]] == [1, 2, 3]
@@ -67,13 +67,35 @@ def test_input_ids_flat_and_nested_match_text(client: TestClient) -> None:
     assert nested[1]["input_length"] == 2
 
 
-def test_k_below_model_k_trims_positions_and_greedy(client: TestClient) -> None:
+def test_positions_below_model_k_trims_positions_and_greedy(client: TestClient) -> None:
     full = client.post("/predict", json={"inputs": TEXTS[0]}).json()
-    one = client.post("/predict", json={"inputs": TEXTS[0], "k": 1, "top_n": 1}).json()
-    assert one["k"] == 1
+    one = client.post("/predict", json={"inputs": TEXTS[0], "positions": 1, "top_n": 1}).json()
+    assert one["positions"] == one["k"] == 1
     result = one["results"][0]
     assert len(result["positions"]) == 1 and len(result["positions"][0]["top"]) == 1
     assert result["greedy"]["ids"] == full["results"][0]["greedy"]["ids"][:1]
+
+
+@pytest.mark.parametrize("sent", [{"k": 2}, {"positions": 2, "k": 2}])
+def test_deprecated_k_still_asks_for_positions(client: TestClient, sent: dict[str, int]) -> None:
+    by_positions = client.post("/predict", json={"inputs": TEXTS[0], "positions": 2}).json()
+    r = client.post("/predict", json={"inputs": TEXTS[0], **sent})
+    assert r.status_code == 200, r.text
+    assert r.json() == by_positions
+    assert by_positions["positions"] == by_positions["k"] == 2 and len(by_positions["results"][0]["positions"]) == 2
+
+
+def test_positions_and_k_that_differ_get_422_envelope(client: TestClient, envelope: Callable[..., Any]) -> None:
+    r = client.post("/predict", json={"inputs": TEXTS[0], "positions": 2, "k": 1})
+    assert "positions and k" in envelope(r, 422, "validation")["error"]
+
+
+def test_schema_names_positions_and_marks_response_k_deprecated(client: TestClient) -> None:
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert "positions" in schemas["PredictRequest"]["properties"]
+    assert "k" not in schemas["PredictRequest"]["properties"]  # accepted, but only positions is documented
+    response = schemas["PredictResponse"]["properties"]
+    assert response["k"]["deprecated"] is True and not response["positions"].get("deprecated", False)
 
 
 def test_candidates_are_scored_head_by_head(client: TestClient) -> None:
@@ -97,9 +119,9 @@ def test_candidates_are_scored_head_by_head(client: TestClient) -> None:
     assert again["results"][0]["candidates"][0]["total_logprob"] == pytest.approx(top["logprob"], abs=1e-5)
 
 
-def test_candidate_longer_than_k_is_rejected(client: TestClient, envelope: Callable[..., Any]) -> None:
-    r = client.post("/predict", json={"inputs": TEXTS[0], "k": 2, "candidates": [[1, 2, 3]]})
-    envelope(r, 422, "validation")
+def test_candidate_longer_than_positions_is_rejected(client: TestClient, envelope: Callable[..., Any]) -> None:
+    r = client.post("/predict", json={"inputs": TEXTS[0], "positions": 2, "candidates": [[1, 2, 3]]})
+    assert envelope(r, 422, "validation")["error"] == "each candidate must be 1 to 2 tokens (got 3)"
 
 
 async def test_concurrent_predicts_match_sequential_in_fewer_passes(aclient_factory: Callable[..., Any]) -> None:

@@ -43,7 +43,7 @@ def test_predict_over_http(server: Any) -> None:
     assert r.status_code == 200, r.text
     assert r.headers["x-request-id"] == "e2e-1"
     body = r.json()
-    assert body["k"] == 3 and len(body["results"][0]["positions"]) == 3
+    assert body["positions"] == body["k"] == 3 and len(body["results"][0]["positions"]) == 3
     r = httpx.post(f"{server.url}/predict", json={"inputs": ""})
     assert r.status_code == 422 and set(r.json()) == {"error", "error_type"}
 

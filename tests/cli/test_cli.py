@@ -1,13 +1,18 @@
 """The `mtp` command: every setting is a `serve` flag, each benchmark has only its own options,
 and `mtp bench` without the bench package says what to install."""
 
+import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from app import config
+from app.cli import bench as bench_cli
 from app.cli import build_parser, main
 from app.cli.bench import BENCHMARKS
 from app.cli.serve import settings_from_args
@@ -102,3 +107,82 @@ def test_mtp_bench_without_the_bench_package_says_what_to_install(tmp_path: Path
     )
     assert r.returncode == 2, r.stderr
     assert "pip install -e '.[bench]'" in r.stderr and "Traceback" not in r.stderr
+
+
+class Recorder:
+    """A stand-in for a bench module: each bench_* call's arguments, and an empty result."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append((name, args, kwargs))
+            return ("hf", "ours") if name == "make_gpt2_pair" else {}
+
+        return call
+
+
+@pytest.mark.parametrize(
+    ("argv", "called", "kwargs"),
+    [
+        (
+            ["speculative", "--device", "cuda", "--dtype", "bfloat16", "--prompts", "3", "--no-compile"],
+            "bench_speculative",
+            {"n_prompts": 3, "new_tokens": 200, "device": "cuda", "dtype": "bfloat16", "compile": False}
+            | {"autotune": False, "draft_sweep": False},
+        ),
+        (
+            ["service", "--clients", "4", "--torch-threads", "2"],
+            "bench_service",
+            {"device": "cpu", "dtype": "float32", "torch_threads": 2, "draft_tokens": None, "clients": 4}
+            | {"seconds": 15.0, "streams": 16, "new_tokens": 64},
+        ),
+        (
+            ["step", "--autotune", "--device", "cuda"],
+            "bench_step",
+            {"device": "cuda", "dtype": "float32", "compile": True, "autotune": True},
+        ),
+        (
+            ["transformers", "--device", "cuda", "--no-compile"],
+            "bench_vs_transformers",
+            {"new_tokens": 64, "device": "cuda", "compile": False, "autotune": False},
+        ),
+        (["engine", "--repeats", "2"], "bench_engine", {"streams": 16, "new_tokens": 64, "repeats": 2}),
+        (["threads", "--prompts", "2"], "bench_threads", {"n_prompts": 2, "new_tokens": 64}),
+    ],
+)
+def test_each_benchmark_passes_its_options_to_its_bench_function(
+    argv: list[str], called: str, kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fake = Recorder()
+    monkeypatch.setattr(bench_cli, "import_bench", lambda module: fake)
+    assert main(["bench", *argv, "--out", str(tmp_path / "r.json")]) == 0
+    *_, (name, args, got), written = fake.calls
+    assert name == called and got == kwargs
+    assert args[0] == ("hf" if name == "bench_vs_transformers" else str(config.DEFAULT_CHECKPOINT))
+    assert written == ("write_json", ({}, str(tmp_path / "r.json")), {})
+
+
+def test_predict_generate_and_eval_run_on_a_checkpoint(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = str(checkpoint)
+    assert main(["predict", "To be, or not", "--checkpoint", ckpt, "--top-n", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "head 1 (+1)",
+        "head 2 (+2)",
+        "head 3 (+3)",
+        "greedy k-token continuation",
+    ]
+    assert main(["generate", "To be", "--checkpoint", ckpt, "--max-new-tokens", "4", "--no-speculative"]) == 0
+    plain = capsys.readouterr().out
+    assert main(["generate", "To be", "--checkpoint", ckpt, "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == plain and plain.startswith("To be")  # greedy: speculation changes nothing
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 4)
+    assert main(["eval", ckpt, str(text), "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [h["head"] for h in report["per_head"]] == [1, 2, 3] and report["bytes"] == len(text.read_bytes())
+    assert main(["predict", "x", "--checkpoint", str(tmp_path / "none")]) == 2  # a missing checkpoint: a message

@@ -128,9 +128,9 @@ def test_head_alone_computes_only_head_1_and_forward_refuses_the_cache():
     model = tiny_sequential()
     h = model.trunk(random_ids(1, 4))
     assert model.head(h, heads=slice(0, 1)).shape == (1, 4, 1, VOCAB)
-    with pytest.raises(ValueError, match="mtp_module"):
+    with pytest.raises(ValueError, match="mtp_state"):
         model.head(h)
-    with pytest.raises(ValueError, match="trunk \\+ mtp_module"):
+    with pytest.raises(ValueError, match="trunk \\+ mtp_state"):
         model(random_ids(1, 4), input_pos=positions(0, 4, 1))
 
 
@@ -144,8 +144,8 @@ def cached_depths(model: MTPTransformer, ids: torch.Tensor, input_pos: torch.Ten
     logits = [model.head.proj(h)]
     for depth in range(1, K):
         next_ids = torch.cat([ids[:, depth:], ids[:, :depth]], dim=1)  # the tail wraps: invalid, ignored
-        h, depth_logits = model.mtp_module(depth, h, next_ids, input_pos)
-        logits.append(depth_logits)
+        h = model.mtp_state(depth, h, next_ids, input_pos)
+        logits.append(model.head.proj(h))
     return torch.stack(logits, dim=2)
 
 
@@ -183,16 +183,16 @@ def test_one_token_drafting_steps_match_the_uncached_forward_in_ragged_rows():
         prompt[b, :n] = seqs[b, :n]
     h = model.trunk(prompt, positions(0, width, B))
     for depth in range(1, K):  # fill each module's cache over the prompt (tail positions invalid)
-        h, _ = model.mtp_module(depth, h, torch.roll(prompt, -depth, dims=1), positions(0, width, B))
+        h = model.mtp_state(depth, h, torch.roll(prompt, -depth, dims=1), positions(0, width, B))
     rows = torch.arange(B)
     for _ in range(8):
         input_pos = pos[:, None]  # [B, 1]
         h = model.trunk(seqs[rows, pos][:, None], input_pos)
         assert_same(model.head.proj(h)[:, 0], torch.stack([expected[b][pos[b], 0] for b in range(B)]), "head 1")
         for depth in range(1, K):
-            h, logits = model.mtp_module(depth, h, seqs[rows, pos + depth][:, None], input_pos)
+            h = model.mtp_state(depth, h, seqs[rows, pos + depth][:, None], input_pos)
             want = torch.stack([expected[b][pos[b], depth] for b in range(B)])
-            assert_same(logits[:, 0], want, f"depth {depth} at {pos.tolist()}")
+            assert_same(model.head.proj(h)[:, 0], want, f"depth {depth} at {pos.tolist()}")
         pos += 1
 
 

@@ -1,4 +1,4 @@
-"""POST /predict: the k heads' top tokens, the greedy k-token continuation, candidate scores."""
+"""POST /predict: the heads' top tokens at each position, the greedy continuation, candidate scores."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ async def _token_inputs(req: PredictRequest, serving: Serving) -> list[list[int]
     return ids
 
 
-async def _candidates(req: PredictRequest, serving: Serving, k: int) -> list[list[int]]:
+async def _candidates(req: PredictRequest, serving: Serving, positions: int) -> list[list[int]]:
     if not req.candidates:
         return []
     if len(req.candidates) > serving.settings.max_candidates:
@@ -56,15 +56,17 @@ async def _candidates(req: PredictRequest, serving: Serving, k: int) -> list[lis
     cands = (
         await serving.encode(texts, "candidates") if texts else [list(c) for c in req.candidates if isinstance(c, list)]
     )
-    for c in cands:  # the request's k; the engine checks the ids against the model
-        if not 1 <= len(c) <= k:
-            raise APIError(422, f"each candidate must be 1 to {k} tokens (got {len(c)})")
+    for c in cands:  # the request's positions; the engine checks the ids against the model
+        if not 1 <= len(c) <= positions:
+            raise APIError(422, f"each candidate must be 1 to {positions} tokens (got {len(c)})")
     return cands
 
 
-def _result(scores: Scores, prompt: list[int], k: int, cands: list[list[int]], serving: Serving) -> PredictResult:
+def _result(
+    scores: Scores, prompt: list[int], positions: int, cands: list[list[int]], serving: Serving
+) -> PredictResult:
     tok = serving.tokenizer
-    positions = [
+    tops = [
         PositionTop(
             position=j + 1,
             top=[
@@ -74,16 +76,16 @@ def _result(scores: Scores, prompt: list[int], k: int, cands: list[list[int]], s
                 )
             ],
         )
-        for j in range(k)
+        for j in range(positions)
     ]
-    greedy = scores.greedy[0][:k]
+    greedy = scores.greedy[0][:positions]
     scored = [
         CandidateScore(ids=ids, text=tok.decode(ids), logprobs=lps, total_logprob=sum(lps))
         for ids, lps in zip(cands, scores.candidates[0], strict=True)
     ]
     return PredictResult(
         input_length=len(prompt),
-        positions=positions,
+        positions=tops,
         greedy=Continuation(ids=greedy, text=tok.decode(greedy)),
         candidates=scored or None,
     )
@@ -91,16 +93,16 @@ def _result(scores: Scores, prompt: list[int], k: int, cands: list[list[int]], s
 
 @router.post("/predict", response_model=PredictResponse, responses=error_responses(*INFERENCE_ERRORS))
 async def predict(req: PredictRequest, serving: ServingDep, request: Request) -> PredictResponse:
-    """Score the next k tokens of each input with the k MTP heads."""
-    k = req.k or serving.model_config.k
-    if k > serving.model_config.k:
-        raise APIError(422, f"k must be at most the model's k ({serving.model_config.k})")
+    """Score the next `positions` tokens of each input with the first `positions` MTP heads."""
+    heads = serving.model_config.k
+    positions = req.positions or heads
+    if positions > heads:
+        raise APIError(422, f"positions must be at most the model's head count k ({heads})")
     if req.top_n > serving.settings.max_top_n:
         raise APIError(422, f"top_n must be at most {serving.settings.max_top_n}")
     prompts = await _token_inputs(req, serving)
-    cands = await _candidates(req, serving, k)
+    cands = await _candidates(req, serving, positions)
     batch = [PredictJob(prompt_ids=p, top_n=req.top_n, candidates=cands) for p in prompts]
     scores = await unless_disconnected(request, serving.engine.predict(batch))
-    return PredictResponse(
-        k=k, results=[_result(s, p, k, cands, serving) for s, p in zip(scores, prompts, strict=True)]
-    )
+    results = [_result(s, p, positions, cands, serving) for s, p in zip(scores, prompts, strict=True)]
+    return PredictResponse(positions=positions, k=positions, results=results)

@@ -1,0 +1,48 @@
+"""`python -m bench.served`: what it exists to show holds on a tiny model. A real server's one
+stream cannot beat the model's own speed in process: HTTP, JSON and the queue only add work."""
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from app.decoding.generate import generate
+from app.model.checkpoint import load_checkpoint, load_tokenizer
+from bench.decoding import heldout_prompts
+from bench.served import offline_rate, served_phase
+from bench.server import ROOT
+
+NEW_TOKENS = 24
+NOISE = 1.5  # a served figure above the in-process one by more than this is not timing noise
+
+
+@pytest.fixture()
+def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Both sides at one intra-op thread: this process's torch and the server's (it inherits the variables)."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_one_served_stream_is_no_faster_than_the_model_in_process(byte_checkpoint: tuple[str, str]) -> None:
+    ckpt, corpus = byte_checkpoint
+    tok = load_tokenizer(ckpt)
+    prompts = heldout_prompts(corpus, tok, 3, 16, seed=1)
+    texts = [tok.decode(p) for p in prompts]
+    assert [tok.encode(t) for t in texts] == prompts  # the server sees the same token ids
+
+    offline = offline_rate(ckpt, prompts, NEW_TOKENS, "cpu")  # eager, every draft count, the best
+    eager = {"compile": False, "torch_threads": 1}
+    served = served_phase(ROOT, ckpt, "cpu", texts, 1, NEW_TOKENS, settings=eager)["1_stream"]
+
+    # the figure counts exactly the tokens the server generated (greedy: the model's own tokens)
+    model, _ = load_checkpoint(ckpt)
+    with torch.inference_mode():
+        want = sum(len(generate(model, [p], NEW_TOKENS).tokens[0]) for p in prompts)
+    assert served["sequences"] == len(prompts) and served["errors"] == 0
+    assert served["tokens"] == want
+    assert 0 < served["tokens_per_s"] <= NOISE * offline["tokens_per_s"], (served, offline)
