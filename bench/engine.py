@@ -65,7 +65,10 @@ async def _run(checkpoint: str, corpus: str, streams: int, new_tokens: int, repe
             f"adaptive_{streams}_vs_1_stream": round(med["adaptive"][streams] / med["adaptive"][1], 2),
             f"fixed_{streams}_vs_1_stream": round(med["fixed"][streams] / med["fixed"][1], 2),
         },
-        "drafts_by_batch_size": {str(b): policy.choose(b) for b in policy.batches} if policy else {},
+        "drafts_by_batch_size": {str(b): n for b, n in policy.describe()["drafts_by_batch"].items()}  # type: ignore[attr-defined]
+        if policy
+        else {},
+        "plain_step_ms_by_batch": policy.describe().get("plain_step_ms", {}) if policy else {},
         "acceptance_by_position": [round(a, 3) for a in policy.rates()] if policy else [],
         "step_ms_by_batch_and_drafts": {str(b): [round(c * 1e3, 2) for c in row] for b, row in policy.costs.items()}
         if policy
