@@ -157,11 +157,13 @@ class DecodeBatch:
         greedy_drafts = bool(spec.any()) and not bool((spec & ~self.sampling.greedy).any())
         decide = self.policy is not None and greedy_drafts and (fused or self.compiled is None)
         choice = self.policy.choose(len(self)) if self.policy is not None and decide else None
-        if choice == PLAIN:  # cheaper than any drafting step: these rows stop speculating for good
-            for s in self.seqs:
-                s.speculative = False
-            spec = torch.zeros_like(spec)
+        if choice == PLAIN:  # cheaper than any drafting step: these rows stop speculating for good,
+            for s in self.seqs:  # except those whose request asked for speculation itself
+                s.speculative = s.speculative and s.item.request.speculative is True
+            spec = self._want_drafts()
             fused = self._fused()
+            if spec.any():  # rows that asked: they draft as many as they may, and the step is not timed
+                choice = None
         elif choice is not None:
             n_drafts = min(n_drafts, choice)
         t0 = time.perf_counter()

@@ -299,12 +299,13 @@ async def test_a_plain_choice_stops_drafting_for_good_and_keeps_greedy_output(
 ) -> None:
     """Sequential modules cost a drafting step even when it verifies no draft, so where a plain
     step is faster the policy picks PLAIN: the rows then in the batch stop speculating, mid-flight
-    too, and give the plain greedy tokens; rows admitted later speculate again."""
+    too, and give the plain greedy tokens, except a row whose request asked for speculation
+    itself; rows admitted later speculate again."""
     engine = await engine_factory(sequential_checkpoint, max_batch_size=4)  # no policy yet
-    first, second = GenerateJob(PROMPTS[0], 55), GenerateJob(PROMPTS[2], 20)
-    refs = [
-        (await run(engine, GenerateJob(j.prompt_ids, j.max_new_tokens, speculative=False)))[0] for j in (first, second)
-    ]
+    first, second = GenerateJob(PROMPTS[0], 55), GenerateJob(PROMPTS[2], 40)
+    asked = GenerateJob(PROMPTS[3], 20, speculative=True)
+    jobs = (first, second, asked)
+    refs = [(await run(engine, GenerateJob(j.prompt_ids, j.max_new_tokens, speculative=False)))[0] for j in jobs]
 
     async def install_policy() -> DraftPolicy:
         """Drafting is cheap at batch 1, plain is cheap at 2 and 4."""
@@ -320,19 +321,20 @@ async def test_a_plain_choice_stops_drafting_for_good_and_keeps_greedy_output(
 
     policy = await install_policy()  # (fresh: its every 32nd choice re-times a draft count, maybe 0)
     steps = 0
-    joined: asyncio.Task[tuple[list[int], FinishEvent]] | None = None
+    joined: asyncio.Future[list[tuple[list[int], FinishEvent]]] | None = None
     a_tokens: list[int] = []
     async for event in engine.generate(first):
         if isinstance(event, TokenEvent):
             steps += 1
             a_tokens.extend(event.token_ids)
             if steps == 2:  # after the prefill's token and one decode step's
-                joined = asyncio.create_task(run(engine, second))
+                joined = asyncio.gather(run(engine, second), run(engine, asked))
         elif isinstance(event, FinishEvent):
             a_fin = event
     assert joined is not None
-    b_tokens, b_fin = await joined
-    assert a_tokens == refs[0] and b_tokens == refs[1]
+    (b_tokens, b_fin), (c_tokens, c_fin) = await joined
+    assert a_tokens == refs[0] and b_tokens == refs[1] and c_tokens == refs[2]
+    assert c_fin.verify_steps > 0  # it asked for speculation: it kept drafting
     assert 0 < a_fin.verify_steps < steps - 1  # drafted alone, then plain once the second row joined
     assert b_fin.verify_steps == 0 and b_fin.drafted_tokens == 0
     assert len(policy.plain[2]) > 1  # the plain steps that ran were timed
