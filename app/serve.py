@@ -36,7 +36,8 @@ from app.engine.types import EngineNotReady
 from app.logs import setup_logging
 from app.main import create_app
 from app.model.checkpoint import CheckpointError, check_checkpoint
-from app.model.model import ModelConfig, MTPTransformer
+from app.model.config import ModelConfig
+from app.model.model import MTPTransformer
 
 log = logging.getLogger(__name__)
 SWITCH_INTERVAL_S = 0.0005

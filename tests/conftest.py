@@ -22,7 +22,8 @@ from app.config import Settings
 from app.engine.engine import Engine
 from app.main import create_app
 from app.model.checkpoint import save_checkpoint
-from app.model.model import ModelConfig, MTPTransformer
+from app.model.config import ModelConfig
+from app.model.model import MTPTransformer
 from app.model.tokenizer import Tokenizer
 from bench.server import Server
 

@@ -21,7 +21,7 @@ from app.api.errors import APIError
 from app.config import Settings
 from app.engine.client import EngineClient
 from app.metrics import Metrics
-from app.model.model import ModelConfig
+from app.model.config import ModelConfig
 from app.model.tokenizer import Tokenizer
 
 

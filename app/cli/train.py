@@ -10,7 +10,7 @@ from typing import Any
 
 from app import config
 from app.cli.base import CLISubcommand, flag, value_parser
-from app.model.model import HEAD_TYPES, ModelConfig
+from app.model.config import HEAD_TYPES, ModelConfig
 from app.training.train import TrainConfig
 
 CHOICES = {

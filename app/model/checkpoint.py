@@ -15,7 +15,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from app.model.chat import ChatTemplateError, load_chat_template
-from app.model.model import ConfigError, ModelConfig, MTPTransformer
+from app.model.config import ConfigError, ModelConfig
+from app.model.model import MTPTransformer
 from app.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,8 @@ from tokenizers import decoders, models, pre_tokenizers
 from torch import Tensor
 
 from app.model.checkpoint import CheckpointError, read_json_object, resolve_dtype, save_checkpoint
-from app.model.model import ConfigError, ModelConfig, MTPTransformer
+from app.model.config import ConfigError, ModelConfig
+from app.model.model import MTPTransformer
 from app.model.tokenizer import EOT, Tokenizer
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from app.model.checkpoint import save_checkpoint
-from app.model.model import ModelConfig, MTPTransformer
+from app.model.config import ModelConfig
+from app.model.model import MTPTransformer
 from app.model.tokenizer import Tokenizer
 from app.training.data import TokenStream, read_corpus, split_text
 from app.training.evaluate import evaluate_text

@@ -310,7 +310,8 @@ def test_a_k1_model_reports_speculation_off(
     import torch
 
     from app.model.checkpoint import save_checkpoint
-    from app.model.model import ModelConfig, MTPTransformer
+    from app.model.config import ModelConfig
+    from app.model.model import MTPTransformer
     from tests.conftest import TINY
 
     torch.manual_seed(0)

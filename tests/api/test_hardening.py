@@ -17,7 +17,8 @@ import torch
 from fastapi.testclient import TestClient
 
 from app.model.checkpoint import save_checkpoint
-from app.model.model import ModelConfig, MTPTransformer
+from app.model.config import ModelConfig
+from app.model.model import MTPTransformer
 from app.model.tokenizer import Tokenizer
 from tests.conftest import TINY, set_fault_hook
 

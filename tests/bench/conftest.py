@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from app.model.checkpoint import save_checkpoint
-from app.model.model import ModelConfig, MTPTransformer
+from app.model.config import ModelConfig
+from app.model.model import MTPTransformer
 from app.model.tokenizer import Tokenizer
 
 TEXT = "To be, or not to be, that is the question.\nWhether 'tis nobler in the mind to suffer.\n" * 40

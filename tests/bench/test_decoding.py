@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from app.model.checkpoint import load_checkpoint, save_checkpoint
-from app.model.model import ModelConfig, MTPTransformer
+from app.model.config import ModelConfig
+from app.model.model import MTPTransformer
 from bench.decoding import bench_speculative
 from bench.step import bench_step
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from app.model.checkpoint import CheckpointError, save_checkpoint
-from app.model.model import ModelConfig, MTPTransformer
+from app.model.config import ModelConfig
+from app.model.model import MTPTransformer
 from app.model.tokenizer import Tokenizer
 from app.training.data import read_corpus, split_text
 from bench import models

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from app.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from app.model.model import ModelConfig, MTPTransformer
+from app.model.config import ModelConfig
+from app.model.model import MTPTransformer
 from app.model.tokenizer import Tokenizer
 
 

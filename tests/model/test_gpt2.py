@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from app.model.checkpoint import load_checkpoint
+from app.model.config import ConfigError
 from app.model.gpt2 import GPT2ImportError, convert_gpt2_state_dict, gpt2_config, import_gpt2
-from app.model.model import ConfigError, MTPTransformer
+from app.model.model import MTPTransformer
 from app.model.tokenizer import EOT, Tokenizer
 
 transformers = pytest.importorskip("transformers")

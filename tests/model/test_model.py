@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from app.model.model import ConfigError, ModelConfig, MTPTransformer
+from app.model.config import ConfigError, ModelConfig
+from app.model.model import MTPTransformer
 
 VOCAB, K, MAX_LEN = 50, 3, 24
 ATOL = 1e-5  # cached vs uncached, float32

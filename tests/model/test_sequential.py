@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from app.model.checkpoint import CheckpointError, check_checkpoint, load_checkpoint, load_config, save_checkpoint
-from app.model.model import ConfigError, ModelConfig, MTPTransformer
+from app.model.config import ConfigError, ModelConfig
+from app.model.model import MTPTransformer
 from app.model.tokenizer import Tokenizer
 
 VOCAB, K, MAX_LEN = 50, 3, 24

@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 
 from app.model.checkpoint import load_checkpoint, save_checkpoint
-from app.model.model import ModelConfig, MTPTransformer
+from app.model.config import ModelConfig
+from app.model.model import MTPTransformer
 from app.model.tokenizer import Tokenizer
 from app.training.distill import distill_heads
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from app.model.checkpoint import load_checkpoint
-from app.model.model import ModelConfig, MTPTransformer
+from app.model.config import ModelConfig
+from app.model.model import MTPTransformer
 from app.training.data import mtp_targets
 from app.training.distill import distill_heads
 from app.training.evaluate import evaluate_text

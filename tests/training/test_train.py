@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from app.model.checkpoint import load_checkpoint
-from app.model.model import ModelConfig
+from app.model.config import ModelConfig
 from app.training.evaluate import evaluate_text
 from app.training.train import TrainConfig, train
 
