@@ -48,9 +48,9 @@ def prefill(model: MTPTransformer, prompts: list[list[int]], row0: int = 0, n_dr
         return Prefilled(model.head(last), h)  # only the last position
     zero = torch.zeros(B, dtype=torch.long, device=device)
 
-    def drafter(n_acc: Tensor, tokens: Tensor, sampling: BatchSampling, want: Tensor) -> Drafted:
+    def drafter(n_acc: Tensor, tokens: Tensor, sampling: BatchSampling, drafting: Tensor) -> Drafted:
         window = prefill_window(idx, lengths, tokens[:, 0])  # positions 1..T, the first token at L
-        return draft_sequential(model, h, window, zero, lengths - 1, None, sampling, want, n_drafts, row0)
+        return draft_sequential(model, h, window, zero, lengths - 1, None, sampling, drafting, n_drafts, row0)
 
     return Prefilled(model.head(last, heads=slice(0, 1)), h, drafter, model.cfg.k - 1)
 
@@ -127,15 +127,15 @@ def forward_step(
         return StepLogits(head1, None)
     if isinstance(model.head, SequentialHeads):
 
-        def draft_modules(n_acc: Tensor, tokens: Tensor, sampling: BatchSampling, want: Tensor) -> Drafted:
-            return draft_sequential(model, h, tokens, pos, n_acc, states, sampling, want, n_drafts, row0)
+        def draft_modules(n_acc: Tensor, tokens: Tensor, sampling: BatchSampling, drafting: Tensor) -> Drafted:
+            return draft_sequential(model, h, tokens, pos, n_acc, states, sampling, drafting, n_drafts, row0)
 
         return StepLogits(head1, draft_modules)
     rows = torch.arange(h.shape[0], device=h.device)
 
-    def draft_heads(n_acc: Tensor, tokens: Tensor, sampling: BatchSampling, want: Tensor) -> Drafted:
+    def draft_heads(n_acc: Tensor, tokens: Tensor, sampling: BatchSampling, drafting: Tensor) -> Drafted:
         head_logits = model.head(h[rows, n_acc], heads=slice(1, None))  # [B, k-1, V]
-        return Drafted(*draft_next(head_logits, sampling, want), None)
+        return Drafted(*draft_next(head_logits, sampling, drafting), None)
 
     return StepLogits(head1, draft_heads)
 
@@ -226,9 +226,9 @@ def generate(
     done = [max_new_tokens == 0] * B
     eos_hit = [False] * B
     stats = GenerationStats(accepted_by_position=[0] * (cfg.k - 1))
-    want = torch.full((B,), use_spec, device=device)
+    drafting = torch.full((B,), use_spec, device=device)
 
-    res = first_tokens(prefill(model, prompts, n_drafts=n_drafts), sampling, want)
+    res = first_tokens(prefill(model, prompts, n_drafts=n_drafts), sampling, drafting)
     stats.forward_passes += 1
     pos = torch.tensor(lengths, device=device)
     while True:
@@ -264,7 +264,7 @@ def generate(
             )
             verified = drafts if drafts is not None else cur.new_zeros(B, 0)
             q = res.draft_probs[:, :n_drafts] if res.draft_probs is not None else None
-            res = accept_drafts(step.head1, verified, q, max_accept, sampling, want, step.drafts, cfg.k - 1)
+            res = accept_drafts(step.head1, verified, q, max_accept, sampling, drafting, step.drafts, cfg.k - 1)
         stats.forward_passes += 1
         _count(stats, res, max_accept, done)
         # pos advances by what each live row emitted; finished rows stay put

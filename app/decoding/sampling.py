@@ -64,14 +64,14 @@ class Penalties:
             prompt=prompt,
         )
 
-    def apply(self, logits: Tensor, fed: Tensor | None = None) -> Tensor:
+    def apply(self, logits: Tensor, fed_drafts: Tensor | None = None) -> Tensor:
         """Processed logits [B, N, V] (float32). Position n of a verify pass follows the first n
-        fed drafts (fed [B, N-1]), so its counts include them: accepting a draft then means
+        drafts the pass fed (fed_drafts [B, N-1]), so its counts include them: accepting a draft then means
         what it would in plain decoding, and speculation stays exact."""
         B, N, V = logits.shape
         counts = self.counts[:, None, :].expand(B, N, V)
-        if fed is not None and fed.shape[1] and N > 1:
-            seen_drafts = F.one_hot(fed[:, : N - 1], V).cumsum(dim=1).to(counts.dtype)  # [B, N-1, V]
+        if fed_drafts is not None and fed_drafts.shape[1] and N > 1:
+            seen_drafts = F.one_hot(fed_drafts[:, : N - 1], V).cumsum(dim=1).to(counts.dtype)  # [B, N-1, V]
             counts = counts + torch.cat([counts.new_zeros(B, 1, V), seen_drafts], dim=1)
         # a penalty that is positive but below float32's range (5e-324 is valid JSON) would be 0
         r = self.repetition.clamp(min=torch.finfo(torch.float32).tiny)[:, None, None]
@@ -154,17 +154,17 @@ def make_generator(seed: int | None) -> torch.Generator:
 F32_MAX = torch.finfo(torch.float32).max
 
 
-def logits_to_probs(logits: Tensor, sampling: BatchSampling, fed: Tensor | None = None) -> Tensor:
+def logits_to_probs(logits: Tensor, sampling: BatchSampling, fed_drafts: Tensor | None = None) -> Tensor:
     """Processed distributions [B, ..., V] in float32: penalties and bias, temperature, top-k, top-p.
 
     Greedy rows use temperature 1 (top-k / top-p, if given, keep the argmax); callers take their argmax.
-    fed [B, N-1]: the drafts a verify pass fed after its first position (Penalties.apply).
+    fed_drafts [B, N-1]: the drafts a verify pass fed after its first position (Penalties.apply).
     """
     shape = logits.shape
     B, V = shape[0], shape[-1]
     x = logits.float().reshape(B, -1, V)  # [B, N, V]
     if sampling.penalties is not None:
-        x = sampling.penalties.apply(x, fed)
+        x = sampling.penalties.apply(x, fed_drafts)
     x = x / sampling.temperature.clamp(min=1e-5)[:, None, None]
     # extreme penalties overflow to ±inf, and softmax would make NaN of a row holding +inf:
     # clamp to float32's range, the limit such a penalty tends to

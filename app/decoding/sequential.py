@@ -36,7 +36,7 @@ def draft_sequential(
     n_acc: Tensor,
     states: Tensor | None,
     sampling: BatchSampling,
-    want: Tensor,
+    drafting: Tensor,
     n_drafts: int | None = None,
     row0: int = 0,
 ) -> Drafted:
@@ -45,7 +45,7 @@ def draft_sequential(
     h [B, T, C]: the trunk's states at positions pos [B] .. pos+T-1 (the verify pass); tokens
     [B, T]: the tokens at positions pos+1 .. pos+T, true up to offset n_acc [B] (the accepted
     drafts, then the bonus), padding after; states [B, k-2, C] from the previous call (None:
-    zeros, for a prefill). Makes n_drafts (default k-1) drafts, drawn only for `want` rows that
+    zeros, for a prefill). Makes n_drafts (default k-1) drafts, drawn only for `drafting` rows that
     sample; returns drafts [B, k-1] and q [B, k-1, V] zero-padded past n_drafts.
     """
     k = model.cfg.k
@@ -54,7 +54,7 @@ def draft_sequential(
 
     def pick(j: int, logits: Tensor) -> Tensor:
         nonlocal q_all
-        d, q = draft_next(logits[:, None], sampling, want)  # [B, 1], [B, 1, V] | None
+        d, q = draft_next(logits[:, None], sampling, drafting)  # [B, 1], [B, 1, V] | None
         if q is not None:
             if q_all is None:
                 q_all = q.new_zeros(B, k - 1, q.shape[-1])

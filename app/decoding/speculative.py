@@ -40,7 +40,7 @@ class Drafted(NamedTuple):
     states: Tensor | None  # [B, k-2, C] sequential heads' carried states (None for the linear head)
 
 
-# (kept offsets n_acc [B], emitted tokens [B, T], sampling, want [B]) -> the next drafts
+# (kept offsets n_acc [B], emitted tokens [B, T], sampling, drafting [B]) -> the next drafts
 Drafter = Callable[[Tensor, Tensor, BatchSampling, Tensor], Drafted]
 
 
@@ -66,7 +66,7 @@ def accept_drafts(
     want_drafts [B] bool: rows that will verify drafts next step (others skip drafting draws,
     so a row's random stream does not depend on its batch).
 
-    logits may carry head 1 only ([B, T, 1, V]); then drafter(n_acc, tokens, sampling, want)
+    logits may carry head 1 only ([B, T, 1, V]); then drafter(n_acc, tokens, sampling, drafting)
     makes the next drafts (linear heads 2..k at the kept offsets, or the sequential modules from
     the bonus token on), or, when None, no drafts are made (n_drafts zero columns come back).
     """
@@ -74,7 +74,7 @@ def accept_drafts(
     device = logits.device
     n_verified = T - 1
     rows = torch.arange(B, device=device)
-    p = logits_to_probs(logits[:, :, 0], sampling, fed=drafts)  # [B, T, V] head 1, processed
+    p = logits_to_probs(logits[:, :, 0], sampling, fed_drafts=drafts)  # [B, T, V] head 1, processed
 
     # Step 2: which drafts agree. Greedy: draft == argmax. Sampled: u < p(d) / q(d).
     if n_verified > 0:
@@ -122,7 +122,7 @@ def accept_drafts(
     return StepResult(tokens, n_acc + 1, logprobs, nxt.drafts, nxt.q, nxt.states)
 
 
-def draft_next(head_logits: Tensor, sampling: BatchSampling, want: Tensor) -> tuple[Tensor, Tensor | None]:
+def draft_next(head_logits: Tensor, sampling: BatchSampling, drafting: Tensor) -> tuple[Tensor, Tensor | None]:
     """Drafts from heads 2..k: head_logits [B, k-1, V] -> (drafts [B, k-1], q [B, k-1, V] | None)."""
     B, n, _ = head_logits.shape
     if n == 0:
@@ -132,6 +132,6 @@ def draft_next(head_logits: Tensor, sampling: BatchSampling, want: Tensor) -> tu
     if sampling.all_greedy:
         return drafts, None
     for b, gen in enumerate(sampling.generators):
-        if bool(want[b]) and not bool(sampling.greedy[b]):
+        if bool(drafting[b]) and not bool(sampling.greedy[b]):
             drafts[b] = torch.multinomial(q[b].cpu(), 1, generator=gen)[:, 0].to(drafts.device)
     return drafts, q

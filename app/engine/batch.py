@@ -174,7 +174,7 @@ class DecodeBatch:
         q = self.draft_probs[:, :n_drafts] if self.draft_probs is not None else None
         # drafts are made whenever rows speculate, even on a step that verifies none (policy: 0),
         # so that the next step has real ones to verify
-        want = bool(spec.any()) and self.n_drafts > 0
+        make_drafts = bool(spec.any()) and self.n_drafts > 0
         width = 1 + verified.shape[1]
         compiled = self.compiled if self.compiled is not None and self.compiled.covers(len(self), width) else None
         if fused and self.compiled is not None and self.compiled.covers(len(self), width, greedy=True):
@@ -189,7 +189,7 @@ class DecodeBatch:
                 self.cur,
                 verified if use_drafts else None,
                 self.pos,
-                want_drafts=want,
+                want_drafts=make_drafts,
                 states=self.states,
                 n_drafts=self.n_drafts,
                 compiled=compiled,
@@ -209,7 +209,7 @@ class DecodeBatch:
         if self.policy is not None:
             if choice is not None and choice != PLAIN:
                 self.policy.observe_cost(len(self), n_drafts, time.perf_counter() - t0)
-            elif not use_drafts and not want and self.sampling.all_greedy and self.sampling.penalties is None:
+            elif not use_drafts and not make_drafts and self.sampling.all_greedy and self.sampling.penalties is None:
                 self.policy.observe_cost(len(self), PLAIN, time.perf_counter() - t0)  # a plain step
             self.policy.observe(self.last_max_accept, emitted)
         for s, m, n in zip(self.seqs, self.last_max_accept, emitted, strict=True):

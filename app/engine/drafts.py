@@ -214,7 +214,7 @@ def time_verify_steps(
             torch.full((b,), pos0, device=dev),  # pos
             torch.full((b,), n, device=dev),  # max_accept
             BatchSampling.from_params([SamplingParams()] * b, [None] * b, dev),
-            torch.ones(b, dtype=torch.bool, device=dev),  # want drafts
+            torch.ones(b, dtype=torch.bool, device=dev),  # drafting drafts
         )
         return inputs[b, n]
 
@@ -224,13 +224,13 @@ def time_verify_steps(
         if n == PLAIN:  # what a batch of rows that do not speculate runs: the forward step alone
             plain_step(b)
             return
-        cur, drafts, pos, max_accept, sampling, want = inputs.get((b, n)) or build(b, n)
+        cur, drafts, pos, max_accept, sampling, drafting = inputs.get((b, n)) or build(b, n)
         if compiled is not None and compiled.covers(b, n + 1, greedy=True):  # what greedy batches run
             compiled.greedy_step(cur, drafts if n else None, pos, max_accept, want_drafts=True)
         else:
             forward = compiled if compiled is not None and compiled.covers(b, n + 1) else None
             out = forward_step(model, cur, drafts if n else None, pos, compiled=forward)
-            accept_drafts(out.head1, drafts, None, max_accept, sampling, want, out.drafts, k - 1)
+            accept_drafts(out.head1, drafts, None, max_accept, sampling, drafting, out.drafts, k - 1)
         if dev.type == "cuda":
             torch.cuda.synchronize()
 

@@ -153,9 +153,9 @@ class Passes:
             penalty_state(prompts, self.model.cfg.vocab_size, self.device) if any(p.penalized for p in params) else None
         )
         sampling = BatchSampling.from_params(params, [s.generator for s in seqs], self.device, penalty)
-        want = torch.tensor([s.speculative for s in seqs], dtype=torch.bool, device=self.device)
+        drafting = torch.tensor([s.speculative for s in seqs], dtype=torch.bool, device=self.device)
         last = prefill(self.model, prompts, row0=row0)  # logits [B, k or 1, V] at each prompt's last position
-        first = first_tokens(last, sampling, want)
+        first = first_tokens(last, sampling, drafting)
         self.batch.concatenate(seqs, first, [len(p) for p in prompts], penalty)
         for p in prompts:
             self.stats.prompt_tokens(len(p))
@@ -222,11 +222,11 @@ class Passes:
                     keep = t + 1
                     break
             seq.generated += keep
-            want = seq.item.request.top_logprobs
+            n_top = seq.item.request.top_logprobs
             row_top = None
-            if top is not None and want:
+            if top is not None and n_top:
                 ids, values = top[0][r], top[1][r]
-                row_top = [list(zip(ids[t][:want], values[t][:want], strict=True)) for t in range(keep)]
+                row_top = [list(zip(ids[t][:n_top], values[t][:n_top], strict=True)) for t in range(keep)]
             out.append(Emitted(seq, toks[:keep], lps[:keep], row_top))
         return out
 
