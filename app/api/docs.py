@@ -8,6 +8,7 @@ the pages and assets need no API key.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import fastapi_offline
@@ -25,24 +26,29 @@ def install_docs(app: FastAPI) -> None:
     """Serve /docs and /redoc from local assets; the app must be built with docs_url=None, redoc_url=None."""
     app.mount(ASSETS_PATH, StaticFiles(directory=ASSETS_DIR), name="docs-assets")
 
-    @app.get("/docs", include_in_schema=False)
-    async def swagger_ui(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "").rstrip("/")
-        return get_swagger_ui_html(
-            openapi_url=f"{root}{app.openapi_url}",
-            title=f"{app.title} - Swagger UI",
-            swagger_js_url=f"{root}{ASSETS_PATH}/swagger-ui-bundle.js",
-            swagger_css_url=f"{root}{ASSETS_PATH}/swagger-ui.css",
-            swagger_favicon_url=f"{root}{ASSETS_PATH}/favicon.png",
-        )
+    def page(path: str, render: Callable[..., HTMLResponse], title: str, **assets: str | bool) -> None:
+        """Serve path with render(...): its script, style and icon are asset file names, under root_path."""
 
-    @app.get("/redoc", include_in_schema=False)
-    async def redoc(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "").rstrip("/")
-        return get_redoc_html(
-            openapi_url=f"{root}{app.openapi_url}",
-            title=f"{app.title} - ReDoc",
-            redoc_js_url=f"{root}{ASSETS_PATH}/redoc.standalone.js",
-            redoc_favicon_url=f"{root}{ASSETS_PATH}/favicon.png",
-            with_google_fonts=False,
-        )
+        async def endpoint(request: Request) -> HTMLResponse:
+            root = request.scope.get("root_path", "").rstrip("/")
+            urls = {name: f"{root}{ASSETS_PATH}/{v}" if isinstance(v, str) else v for name, v in assets.items()}
+            return render(openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - {title}", **urls)
+
+        app.add_api_route(path, endpoint, methods=["GET"], include_in_schema=False)
+
+    page(
+        "/docs",
+        get_swagger_ui_html,
+        "Swagger UI",
+        swagger_js_url="swagger-ui-bundle.js",
+        swagger_css_url="swagger-ui.css",
+        swagger_favicon_url="favicon.png",
+    )
+    page(
+        "/redoc",
+        get_redoc_html,
+        "ReDoc",
+        redoc_js_url="redoc.standalone.js",
+        redoc_favicon_url="favicon.png",
+        with_google_fonts=False,
+    )

@@ -17,22 +17,32 @@ class EngineError(Exception):
 
 
 class EngineOverloaded(EngineError):
+    """The queue is full: come back later (429)."""
+
     kind = "overloaded"
 
 
 class EngineNotReady(EngineError):
+    """Not started yet, draining or stopped: nothing new is accepted (503)."""
+
     kind = "not_ready"
 
 
 class EngineTimeout(EngineError):
+    """The request's deadline passed, waiting in the queue or while it ran (504)."""
+
     kind = "timeout"
 
 
 class EngineFailure(EngineError):
+    """A forward pass failed; only the requests of that pass get it (500)."""
+
     kind = "error"
 
 
 class InvalidRequest(EngineError):
+    """The request does not fit the model: empty, too long, ids or counts out of range (422)."""
+
     kind = "validation"
 
 
