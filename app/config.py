@@ -26,9 +26,6 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
 
     torch_threads: int | None = Field(None, ge=1)  # intra-op threads for the forward pass; None = torch's default
-    # the inference thread's (and its OpenMP team's) nice value above the process's, so the event
-    # loop comes first where the cores are all busy (app/engine/config.py); 0: the same priority
-    inference_nice: int = Field(0, ge=0, le=19)
     # glibc: allocations of at least this many bytes get their own mmap and go back to the OS
     # when freed (0 = leave glibc's adaptive threshold, under which RSS keeps each new peak)
     malloc_mmap_threshold: int = Field(16_777_216, ge=0, le=33_554_432)

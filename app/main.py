@@ -40,7 +40,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(s.torch_threads)
     device = resolve_device(s.device)
     dtype = resolve_dtype(s.dtype, device)
-    executor = inference_thread(s.inference_nice)  # loads the model and runs every forward pass: one OpenMP team
+    executor = inference_thread()  # loads the model and runs every forward pass: one OpenMP team
     try:
         load = functools.partial(load_checkpoint, s.checkpoint, device=device, dtype=dtype)
         model, tokenizer = await asyncio.get_running_loop().run_in_executor(executor, load)

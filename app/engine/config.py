@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-log = logging.getLogger(__name__)
 
-
-def inference_thread(nice: int = 0) -> ThreadPoolExecutor:
+def inference_thread() -> ThreadPoolExecutor:
     """The one thread that runs every tensor operation of the service, model loading included.
 
     With OpenMP (torch's CPU backend) each thread that runs a parallel op gets a thread team
@@ -20,25 +15,8 @@ def inference_thread(nice: int = 0) -> ThreadPoolExecutor:
     a wake-up for many of them: on 2 cores, one op on a second thread made decoding on the
     worker 1.3-1.6x slower for good (`mtp bench threads`). So the model is loaded, its caches
     allocated and every forward pass run on this thread only.
-
-    nice: how much lower the thread's scheduling priority is than the rest of the process
-    (Linux: per thread, and inherited by the OpenMP team it starts). Where the cores are all
-    busy, the event loop then runs as soon as it has work (admitting, refusing, streaming)
-    instead of waiting out the compute threads' time slices; idle cores are used all the same.
     """
-    return ThreadPoolExecutor(
-        max_workers=1, thread_name_prefix="mtp-worker", initializer=_lower_priority, initargs=(nice,)
-    )
-
-
-def _lower_priority(nice: int) -> None:
-    if nice <= 0 or not hasattr(os, "setpriority"):
-        return
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
-    except OSError as exc:  # never fatal: the service only loses the event loop's precedence
-        log.warning("could not lower the inference thread's priority by %d: %s", nice, exc)
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtp-worker")
 
 
 @dataclass
