@@ -114,10 +114,10 @@ class DraftPolicy:
         for a in self.rates():
             expected.append(expected[-1] + a)
         n = max(self.choices, key=lambda n: (expected[n] / cost[n], -n))
-        if b in self.plain and cost[n] > PLAIN_MARGIN * expected[n] * statistics.median(
-            self.plain[b]
-        ):  # 1/plain > M e/c
-            return PLAIN
+        if b in self.plain:
+            plain = statistics.median(self.plain[b])
+            if cost[n] > PLAIN_MARGIN * expected[n] * plain:  # 1 / plain > margin * expected / cost
+                return PLAIN
         return n
 
     def observe_cost(self, batch: int, n: int, seconds: float) -> None:
@@ -214,7 +214,7 @@ def time_verify_steps(
             torch.full((b,), pos0, device=dev),  # pos
             torch.full((b,), n, device=dev),  # max_accept
             BatchSampling.from_params([SamplingParams()] * b, [None] * b, dev),
-            torch.ones(b, dtype=torch.bool, device=dev),  # drafting drafts
+            torch.ones(b, dtype=torch.bool, device=dev),  # the rows that draft: all
         )
         return inputs[b, n]
 
@@ -239,10 +239,10 @@ def time_verify_steps(
             cur, _, pos, _, sampling, _ = inputs.get((b, 0)) or build(b, 0)
             zero = torch.zeros(b, dtype=torch.long, device=dev)
             inputs[b, PLAIN] = (cur, cur.new_zeros(b, 0), pos, zero, sampling, zero.bool())
-        cur, none, pos, zero, sampling, no_row = inputs[b, PLAIN]
+        cur, no_drafts, pos, zero, sampling, no_rows = inputs[b, PLAIN]
         forward = compiled if compiled is not None and compiled.covers(b, 1) else None
         out = forward_step(model, cur, None, pos, want_drafts=False, compiled=forward)
-        accept_drafts(out.head1, none, None, zero, sampling, no_row, None, k - 1)
+        accept_drafts(out.head1, no_drafts, None, zero, sampling, no_rows, None, k - 1)
         if dev.type == "cuda":
             torch.cuda.synchronize()
 

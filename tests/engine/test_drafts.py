@@ -10,10 +10,12 @@ FLAT = [1.0, 1.0, 1.0, 1.0, 1.0]  # batch 1: a pass costs the same whatever it c
 STEEP = [1.0, 1.2, 1.4, 1.6, 1.8]  # batch 16: every fed token adds a fifth of a plain step
 
 
-def policy_with_rates(rates: list[float], costs: dict[int, list[float]], passes: int = 1000) -> DraftPolicy:
+def policy_with_rates(
+    rates: list[float], costs: dict[int, list[float]], passes: int = 1000, plain: dict[int, float] | None = None
+) -> DraftPolicy:
     """A policy that has seen `passes` verify passes where draft j was accepted at rate rates[j]
     (cumulative: the first j drafts all agreed)."""
-    policy = DraftPolicy(len(rates), costs)
+    policy = DraftPolicy(len(rates), costs, plain=plain)
     for i in range(passes):
         accepted = sum(1 for r in rates if i < r * passes)  # the first `accepted` drafts agree
         policy.observe([len(rates)], [accepted + 1])
@@ -102,8 +104,7 @@ def test_plain_steps_are_chosen_where_they_beat_every_draft_count_by_the_margin(
     cheaper. Batch 1 (overhead-bound) keeps drafting; batch 16 (compute-bound) goes plain, but
     only when plain beats the best draft count by PLAIN_MARGIN (a plain choice is for good)."""
     costs = {1: [1.0, 1.0, 1.0], 16: [1.0, 1.6, 2.2]}
-    policy = policy_with_rates([0.6, 0.4], costs)
-    policy.plain = DraftPolicy(2, costs, plain={1: 0.9, 16: 0.5}).plain
+    policy = policy_with_rates([0.6, 0.4], costs, plain={1: 0.9, 16: 0.5})
     assert policy.choose(1) == 2  # 2.0 tokens per unit against 1.11 plain
     assert policy.choose(16) == PLAIN  # 2.0 plain against 1.0 at best drafting
     assert policy.describe()["drafts_by_batch"] == {1: 2, 16: "plain"}
