@@ -19,9 +19,18 @@ small ones, which are overhead-bound, keep drafting.
 The start-up table is only a first estimate: a noisy neighbour during those few milliseconds
 would otherwise fix a wrong choice for the life of the process. So each greedy step's own
 duration is verified back (`observe_cost`), a cost is the median of the recent steps at that
-(batch, n), and every EXPLORE_EVERY-th step at a batch size re-times the draft count seen
-least recently. Start-up timings are medians of interleaved rounds, and capped at what n+1
-plain steps would cost (feeding n+1 tokens in one pass never costs more).
+(batch, n), and every EXPLORE_EVERY-th step at a batch size starts a run of EXPLORE_RUN steps
+that re-time the draft count seen least recently. Start-up timings are medians of interleaved
+rounds, and capped at what n+1 plain steps would cost (feeding n+1 tokens in one pass never
+costs more).
+
+Only warm steps are timed: one that follows a step of the same batch size, draft count and
+thread count. The first step after a change is cold: a compiled step of another shape is
+another graph, with its own copy of the weights (Inductor freezes them into each graph) to
+bring back into the CPU's caches. At batch 1 such a step took 1.35 ms against 0.7 ms warm, so
+timing single steps between others made every draft count but the running one look twice
+its cost. Start-up rounds run each shape twice in a row and time the second; a re-timing run's
+first step is not timed.
 
 Greedy output does not depend on n. Sampled rows do (through their random draws), so a batch
 with a sampled speculative row always verifies every draft: a seeded request then gives the
@@ -54,6 +63,7 @@ PRIOR_STEPS = 8.0  # pseudo-observations behind each position's prior
 PRIOR_CONDITIONAL = 0.7  # prior a_j = 0.7 * a_(j-1): positions a busy batch never offers follow the last one measured
 RECENT_STEPS = 16  # step timings kept per (batch, n); their median is the cost
 EXPLORE_EVERY = 32  # every 32nd step at a batch size re-times the draft count measured least recently
+EXPLORE_RUN = 2  # ... in a run of this many steps, the first of which (cold) is not timed
 PLAIN = -1  # choose(): a step that drafts nothing, and its rows stop speculating (sequential heads)
 PLAIN_MARGIN = 1.1  # PLAIN must give this many times the best draft count's tokens/s: it is for good
 
@@ -80,6 +90,7 @@ class DraftPolicy:
         self.steps = dict.fromkeys(costs, 0)  # choices made per measured batch size
         self.last_seen = {b: [0] * (max_drafts + 1) for b in costs}  # step count when n was last timed
         self.plain = {b: deque([c], maxlen=RECENT_STEPS) for b, c in (plain or {}).items() if b in costs}
+        self.last: tuple[int, int, int] | None = None  # the last step's (batch, n, threads): the next is warm if equal
 
     def cost(self, batch: int) -> list[float]:
         """Current seconds per step at n = 0 .. max_drafts for a measured batch size: medians of recent steps."""
@@ -102,8 +113,8 @@ class DraftPolicy:
             return self.max_drafts
         b = self._bucket(batch)  # the nearest measured batch size at or above
         self.steps[b] += 1
-        if self.steps[b] % EXPLORE_EVERY == 0:
-            seen = self.last_seen[b]
+        if -self.steps[b] % EXPLORE_EVERY < EXPLORE_RUN:  # steps 31, 32, 63, 64, ..: the first is cold,
+            seen = self.last_seen[b]  # untimed, and leaves last_seen as it was: the second re-times the same n
             return min(self.choices, key=lambda n: seen[n])
         return self.best(b)
 
@@ -122,7 +133,11 @@ class DraftPolicy:
 
     def observe_cost(self, batch: int, n: int, seconds: float) -> None:
         """A greedy step's duration (n = PLAIN: a step that drafted nothing); only exact measured
-        batch sizes count (a smaller batch costs less)."""
+        batch sizes count (a smaller batch costs less), and only warm steps (see the module's doc)."""
+        shape = (batch, n, torch.get_num_threads())
+        warm, self.last = self.last == shape, shape
+        if not warm:
+            return
         if n == PLAIN:
             if batch in self.plain:
                 self.plain[batch].append(seconds)
@@ -164,7 +179,8 @@ def time_steps(
     above it does (a compiled step pads its tokens to that width).
 
     Each shape is run once to warm it, then `reps` rounds time every shape in turn, so a burst
-    of interference hits all shapes alike rather than a few; the median of a shape's rounds is
+    of interference hits all shapes alike rather than a few; in each round a shape runs twice
+    and its second, warm, run is timed (the module's doc); the median of a shape's rounds is
     its cost. A row is then made non-decreasing in n (feeding more tokens never costs less)
     and capped at (n+1) x the plain step (one pass never costs more than n+1 plain ones).
     """
@@ -175,6 +191,7 @@ def time_steps(
     times: dict[tuple[int, int], list[float]] = {shape: [] for shape in shapes}
     for _ in range(reps):
         for b, n in shapes:
+            step(b, n)  # cold: the shape before was another
             t0 = time.perf_counter()
             step(b, n)
             times[b, n].append(time.perf_counter() - t0)

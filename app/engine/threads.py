@@ -13,6 +13,13 @@ back to MIN_INTERVAL when it changes, so an exploration step under contention co
 re-timing clearly faster than the current choice is repeated at once, so the choice follows
 the machine's load within a few steps of the next re-timing. Prefills and /predict passes,
 few and of varied sizes, run at the full count.
+
+Only a pass that follows one of the same key at the same count is timed. The first pass after
+a switch is cold: a compiled step at the other count is another graph, with its own copy of the
+weights (Inductor freezes them into each graph) to bring back into the CPU's caches, and a
+new team of threads. At batch 1 such a step took twice a warm one (1.35 against 0.7 ms), so a
+single re-timing made the other count look twice as slow as it runs. A re-timing is therefore
+a run of EXPLORE_RUN passes, of which the first is not timed.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ MIN_INTERVAL = 32  # passes of a key between re-timings of the other thread coun
 MAX_INTERVAL = 256  # ... doubling up to this while the same count stays fastest
 
 CONFIRM_BELOW = 0.9  # a re-timing this much faster than the current choice is repeated at once
+EXPLORE_RUN = 2  # passes a re-timing of the other count runs; the first, cold, is not timed
 Key = tuple[str, int]  # (kind of pass, size bucket)
 
 
@@ -47,6 +55,8 @@ class ThreadPolicy:
         self.until_explore: dict[Key, int] = {}
         self.interval: dict[Key, int] = {}
         self.best: dict[Key, int] = {}
+        self.exploring: dict[Key, int] = {}  # passes left in a re-timing run of the other count
+        self.last: tuple[Key, int] | None = None  # the last pass's key and count: the next is warm if the same
 
     def choose(self, key: Key, allowed: Collection[int] | None = None) -> int:
         """Threads for the next pass of `key`, among `allowed` (default: every count)."""
@@ -62,10 +72,14 @@ class ThreadPolicy:
             self.best[key] = best
             self.interval[key] = MIN_INTERVAL
             self.until_explore[key] = MIN_INTERVAL
+        if self.exploring.get(key):
+            self.exploring[key] -= 1
+            return next(n for n in choices if n != best)
         self.until_explore[key] -= 1
         if self.until_explore[key] <= 0:
             self.interval[key] = min(2 * self.interval[key], MAX_INTERVAL)
             self.until_explore[key] = self.interval[key]
+            self.exploring[key] = EXPLORE_RUN - 1
             return next(n for n in choices if n != best)
         return best
 
@@ -76,10 +90,11 @@ class ThreadPolicy:
         if n != self.current:
             torch.set_num_threads(n)  # this thread's OpenMP team: the core runs every pass
             self.current = n
+        warm, self.last = self.last == (key, n), (key, n)
         t0 = time.perf_counter()
         result = fn()
         seconds = time.perf_counter() - t0
-        if key in self.recent:
+        if key in self.recent and warm:
             recent = self.recent[key]
             best = self.best.get(key)
             if best is not None and n != best and seconds < CONFIRM_BELOW * statistics.median(recent[best]):

@@ -50,7 +50,8 @@ def test_time_steps_times_every_batch_size_and_draft_count() -> None:
     calls: list[tuple[int, int]] = []
     costs, plain = time_steps(lambda b, n: calls.append((b, n)), [1, 4], 2, reps=2)
     assert set(costs) == {1, 4} and all(len(row) == 3 for row in costs.values())
-    assert sorted(set(calls)) == [(b, n) for b in (1, 4) for n in range(3)] and len(calls) == 2 * 3 * 3
+    # each shape once to warm it, then in each of the 2 rounds twice in a row (the second is timed)
+    assert sorted(set(calls)) == [(b, n) for b in (1, 4) for n in range(3)] and len(calls) == 6 + 2 * 6 * 2
     assert plain == {}  # plain steps are timed only when asked for (sequential heads)
 
 
@@ -81,7 +82,8 @@ def test_a_noisy_startup_table_is_corrected_by_the_steps_that_run() -> None:
 
 def test_step_timings_only_count_at_measured_batch_sizes() -> None:
     policy = DraftPolicy(1, {1: [1.0, 1.0], 4: [1.0, 1.0]})
-    policy.observe_cost(3, 1, 100.0)  # 3 rows cost less than the 4 measured: not comparable
+    for _ in range(4):
+        policy.observe_cost(3, 1, 100.0)  # 3 rows cost less than the 4 measured: not comparable
     assert policy.cost(4) == [1.0, 1.0]
 
 
@@ -90,7 +92,7 @@ def test_time_steps_takes_medians_and_caps_outliers() -> None:
 
     def step(b: int, n: int) -> None:
         calls["n"] += 1
-        time.sleep(0.03 if calls["n"] == 8 else 0.001)  # one burst of interference
+        time.sleep(0.03 if calls["n"] == 7 else 0.001)  # one burst, in the first round's timed n = 1 step
         if n == 2:
             time.sleep(0.02)  # a shape that is always slow, past (n+1) x the plain step
 
@@ -117,7 +119,8 @@ def test_plain_steps_are_chosen_where_they_beat_every_draft_count_by_the_margin(
 def test_exploration_never_picks_plain() -> None:
     policy = DraftPolicy(2, {4: [1.0, 1.0, 1.0]}, plain={4: 0.01})
     picks = [policy.choose(4) for _ in range(200)]
-    assert picks.count(PLAIN) == 200 - 200 // 32  # every 32nd step re-times a draft count instead
+    assert picks.count(PLAIN) == 200 - 2 * (200 // 32)  # every 32 steps, a run of 2 re-times a draft count
+    assert [i for i, n in enumerate(picks, 1) if n != PLAIN][:4] == [31, 32, 63, 64]
     assert DraftPolicy(2, {4: [1.0, 1.0, 1.0]}).describe().keys() == {"acceptance", "drafts_by_batch", "step_ms"}
 
 
@@ -126,4 +129,21 @@ def test_time_steps_times_plain_steps_beside_the_draft_counts() -> None:
     costs, plain = time_steps(lambda b, n: calls.append((b, n)), [1, 4], 1, reps=2, plain=True)
     assert set(plain) == {1, 4} and set(costs) == {1, 4}
     assert sorted(set(calls)) == [(b, n) for b in (1, 4) for n in (PLAIN, 0, 1)]
-    assert calls[6:12] == [(1, PLAIN), (1, 0), (1, 1), (4, PLAIN), (4, 0), (4, 1)]  # interleaved rounds
+    first_round = [(1, PLAIN), (1, 0), (1, 1), (4, PLAIN), (4, 0), (4, 1)]  # interleaved, each shape twice in a row
+    assert calls[6:18:2] == first_round and calls[7:18:2] == first_round
+
+
+def test_only_warm_steps_are_timed() -> None:
+    """The first step after a change of batch size, draft count or thread count is cold (another
+    compiled graph, its weights out of the CPU's caches): it is not timed. A re-timing is a
+    run of two steps of the same count, so its second, warm, step corrects the table."""
+    policy = DraftPolicy(2, {1: [1.0, 1.0, 1.0]})
+    policy.observe(*[[2] * 100, [3] * 100])  # every draft accepted: 2 drafts are worth their cost
+    true_cost, cold = [1.0, 1.0, 1.0], 3.0
+    last = None
+    for _ in range(400):
+        n = policy.choose(1)
+        policy.observe_cost(1, n, true_cost[n] + (cold if n != last else 0.0))
+        last = n
+    assert policy.cost(1) == [1.0, 1.0, 1.0]  # never a cold step's 4.0
+    assert policy.best(1) == 2
