@@ -1,6 +1,7 @@
 """Where a decode step's time goes on this device: one forward at T = 1, 2, 4 and k fed tokens
-(batch 1, KV cache at position 100), eager and compiled (CompiledDecoder), and the model's
-Linear shapes at M = 1 and M = 4 rows."""
+(batch 1, KV cache at position 100), eager and compiled (CompiledDecoder); the compiled T = 1
+step warm and right after steps of another shape; and the model's Linear shapes at M = 1 and
+M = 4 rows."""
 
 from __future__ import annotations
 
@@ -31,6 +32,26 @@ def _ms(fn: Callable[[], object], n: int = 200) -> float:
 def _linear_ms(w: torch.Tensor, b: torch.Tensor | None, m: int) -> float:
     x = torch.randn(m, w.shape[1], device=w.device, dtype=w.dtype)
     return _ms(lambda: F.linear(x, w, b))
+
+
+def _switching_ms(plain: Callable[[], object], verify: Callable[[], object], rounds: int = 50) -> dict[str, float]:
+    """A compiled T = 1 step right after a step of another shape (each compiled shape is a graph
+    with its own frozen weights, which the other graph's run pushed out of the CPU's caches):
+    after one T = k step, and after 31 of them (as a policy's rare re-timing runs), against
+    after another T = 1 step (warm)."""
+    out: dict[str, list[float]] = {"warm": [], "after_1_other": [], "after_31_others": []}
+    for _ in range(rounds):
+        for case, before in (
+            ("warm", [plain] * 31),
+            ("after_1_other", [plain] * 30 + [verify]),
+            ("after_31_others", [verify] * 31),
+        ):
+            for fn in before:
+                fn()
+            t0 = time.perf_counter()
+            plain()
+            out[case].append(time.perf_counter() - t0)
+    return {case: round(sorted(ts)[len(ts) // 2] * 1e3, 3) for case, ts in out.items()}  # medians
 
 
 @torch.inference_mode()
@@ -69,13 +90,17 @@ def bench_step(
     for n in sorted({1, 3, k - 1} - {0}):
         forward[f"T={n + 1} (verify {n} drafts)"] = round(_ms(verify(n)), 3)
     compiled: dict[str, float] = {}
+    switching: dict[str, float] = {}
     if dec is not None:
+        steps = {}
         for t in sorted({1, k}):
             idx = torch.randint(0, V, (1, t), device=dev)
             input_pos = (pos[:, None] + torch.arange(t, device=dev)[None]).contiguous()
-            step = functools.partial(dec, idx, input_pos)
-            step()  # compile outside the timing
-            compiled[f"T={t}"] = round(_ms(step), 3)
+            steps[t] = functools.partial(dec, idx, input_pos)
+            steps[t]()  # compile outside the timing
+            compiled[f"T={t}"] = round(_ms(steps[t]), 3)
+        if k > 1:
+            switching = _switching_ms(steps[1], steps[k])
     shapes = {}
     block = model.blocks[0]
     assert isinstance(block, Block)
@@ -106,6 +131,7 @@ def bench_step(
                 "autotune": autotune,
                 "compiled_trunk_and_head1_ms": compiled,
                 "compiled_verify_over_plain": round(compiled[f"T={k}"] / compiled["T=1"], 3),
+                "compiled_T1_after_a_switch_ms": switching,
             }
             if compiled
             else {}

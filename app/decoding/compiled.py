@@ -40,14 +40,15 @@ def skip_guards() -> None:
     """Let Dynamo run a compiled function's one graph without evaluating its guards (process-wide).
 
     Dynamo checks a graph's guards (shapes, strides, dtypes, the module's attributes, global
-    state) before every call, to pick among the graphs a function has: 0.06-0.09 ms of a batch-1
-    step of 0.6-0.9 ms. CompiledDecoder gives each shape a function of its own, chosen by a key
-    that holds everything its graph is specialised on (CompiledDecoder._run), so with a single
-    graph per function there is nothing to pick and the check is skipped (the
-    skip_guard_eval_unsafe stance: only guards that tell a function's graphs apart run; the
-    call that compiles a function's graph leaves the stance for its duration). Set once, not
-    per call: entering the stance as a context costs about 0.1 ms. This module's functions are
-    the only torch.compile users in this project."""
+    state) before every call, to pick among the graphs a function has; skipped (with a function
+    per shape), a batch-1 compiled step took 4-22 % less (`mtp bench step --autotune`, A/B,
+    docs/benchmarks.md benchmark 5, run 5). CompiledDecoder gives each shape a function of its
+    own, chosen by a key that holds everything its graph is specialised on
+    (CompiledDecoder._run), so with a single graph per function there is nothing to pick and the
+    check is skipped (the skip_guard_eval_unsafe stance: only guards that tell a function's
+    graphs apart run; the call that compiles a function's graph leaves the stance for its
+    duration). Set once, not per call: entering the stance as a context costs as much as the
+    guards. This module's functions are the only torch.compile users in this project."""
     torch.compiler.set_stance(skip_guard_eval_unsafe=True)
 
 
@@ -141,12 +142,11 @@ class CompiledDecoder:
 
         Each shape gets a copy of fn with a code object of its own. Dynamo keeps its compiled
         graphs per code object, in a list that every call scans, checking each graph's guards
-        until one holds. With one code object for every shape, a step whose shape differs from
-        the last one's paid for that scan: 0.1 ms a step at batch 1 with drafts 0, 1, 2 in turn
-        (a step is 0.6-0.9 ms). With its own code object, each shape is one graph, and the key
-        (which this class builds from the padded shape, the draft count and the thread count:
-        everything the graph was specialised on) has already chosen it. Its guards need not
-        run, and do not: see skip_guards."""
+        until one holds (and moves the hit to the front). With one code object for every shape,
+        a step whose shape differs from the last one's paid for that scan. With its own code
+        object, each shape is one graph, and the key (which this class builds from the padded
+        shape, the draft count and the thread count: everything the graph was specialised on)
+        has already chosen it. Its guards need not run, and do not: see skip_guards."""
         graph = self._graphs.get(key)
         if graph is None:
             func = fn.__func__  # type: ignore[attr-defined]
