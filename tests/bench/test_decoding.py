@@ -1,6 +1,7 @@
 """The decoding benchmarks run end to end on a small byte-level checkpoint and report what
 they claim: identical greedy outputs, consistent token counts, and the step timings."""
 
+import time
 from itertools import pairwise
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from app.model.checkpoint import load_checkpoint, save_checkpoint
 from app.model.config import ModelConfig
 from app.model.model import MTPTransformer
 from bench.decoding import bench_speculative
-from bench.step import bench_step
+from bench.step import _switching_ms, bench_step
 
 
 def test_bench_speculative_reports_identical_outputs_and_acceptance(byte_checkpoint: tuple[str, str]) -> None:
@@ -46,6 +47,21 @@ def test_bench_step_times_plain_and_verify_passes(byte_checkpoint: tuple[str, st
     assert set(r["forward_ms"]) == {"T=1 (plain step)", "T=2 (verify 1 drafts)", "T=4 (verify 3 drafts)"}
     assert all(v > 0 for v in r["forward_ms"].values())
     assert r["verify_over_plain"] > 0 and "compiled_trunk_and_head1_ms" not in r
+
+
+def test_the_step_after_a_switch_is_timed_against_a_warm_one() -> None:
+    """A stand-in step that is slow right after the other shape ran, as a cold compiled graph is."""
+    last = ["plain"]
+
+    def plain() -> None:
+        time.sleep(0.002 if last[0] == "verify" else 0.0002)
+        last[0] = "plain"
+
+    def verify() -> None:
+        last[0] = "verify"
+
+    r = _switching_ms(plain, verify, rounds=5)
+    assert r["warm"] < 1.0 < r["after_1_other"] and r["after_31_others"] > 1.0
 
 
 def test_bench_threads_times_decoding_before_and_after_a_second_thread_uses_torch(
