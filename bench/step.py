@@ -6,6 +6,7 @@ M = 4 rows."""
 from __future__ import annotations
 
 import functools
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,7 +39,7 @@ def _switching_ms(plain: Callable[[], object], verify: Callable[[], object], rou
     """A compiled T = 1 step right after a step of another shape (each compiled shape is a graph
     with its own frozen weights, which the other graph's run pushed out of the CPU's caches):
     after one T = k step, and after 31 of them (as a policy's rare re-timing runs), against
-    after another T = 1 step (warm)."""
+    after another T = 1 step (warm); medians over the rounds."""
     out: dict[str, list[float]] = {"warm": [], "after_1_other": [], "after_31_others": []}
     for _ in range(rounds):
         for case, before in (
@@ -51,7 +52,7 @@ def _switching_ms(plain: Callable[[], object], verify: Callable[[], object], rou
             t0 = time.perf_counter()
             plain()
             out[case].append(time.perf_counter() - t0)
-    return {case: round(sorted(ts)[len(ts) // 2] * 1e3, 3) for case, ts in out.items()}  # medians
+    return {case: round(statistics.median(ts) * 1e3, 3) for case, ts in out.items()}
 
 
 @torch.inference_mode()
