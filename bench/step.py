@@ -35,12 +35,17 @@ def _linear_ms(w: torch.Tensor, b: torch.Tensor | None, m: int) -> float:
     return _ms(lambda: F.linear(x, w, b))
 
 
-def _switching_ms(plain: Callable[[], object], verify: Callable[[], object], rounds: int = 50) -> dict[str, float]:
+def _switching_ms(
+    plain: Callable[[], object], verify: Callable[[], object], rounds: int = 50, after: int = 6
+) -> dict[str, Any]:
     """A compiled T = 1 step right after a step of another shape (each compiled shape is a graph
     with its own frozen weights, which the other graph's run pushed out of the CPU's caches):
     after one T = k step, and after 31 of them (as a policy's rare re-timing runs), against
-    after another T = 1 step (warm); medians over the rounds."""
+    after another T = 1 step (warm); and `steps_after_31_others`, the 1st .. after-th T = 1
+    steps in a row after 31 of the other, which shows how many steps a graph takes to be warm
+    again. Medians over the rounds."""
     out: dict[str, list[float]] = {"warm": [], "after_1_other": [], "after_31_others": []}
+    curve: list[list[float]] = [[] for _ in range(after)]
     for _ in range(rounds):
         for case, before in (
             ("warm", [plain] * 31),
@@ -52,7 +57,15 @@ def _switching_ms(plain: Callable[[], object], verify: Callable[[], object], rou
             t0 = time.perf_counter()
             plain()
             out[case].append(time.perf_counter() - t0)
-    return {case: round(statistics.median(ts) * 1e3, 3) for case, ts in out.items()}
+        for _ in range(31):
+            verify()
+        for i in range(after):
+            t0 = time.perf_counter()
+            plain()
+            curve[i].append(time.perf_counter() - t0)
+    result: dict[str, Any] = {case: round(statistics.median(ts) * 1e3, 3) for case, ts in out.items()}
+    result["steps_after_31_others"] = [round(statistics.median(ts) * 1e3, 3) for ts in curve]
+    return result
 
 
 @torch.inference_mode()
@@ -91,7 +104,7 @@ def bench_step(
     for n in sorted({1, 3, k - 1} - {0}):
         forward[f"T={n + 1} (verify {n} drafts)"] = round(_ms(verify(n)), 3)
     compiled: dict[str, float] = {}
-    switching: dict[str, float] = {}
+    switching: dict[str, Any] = {}
     if dec is not None:
         steps = {}
         for t in sorted({1, k}):

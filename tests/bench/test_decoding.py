@@ -60,8 +60,10 @@ def test_the_step_after_a_switch_is_timed_against_a_warm_one() -> None:
     def verify() -> None:
         last[0] = "verify"
 
-    r = _switching_ms(plain, verify, rounds=5)
+    r = _switching_ms(plain, verify, rounds=5, after=3)
     assert r["warm"] < 1.0 < r["after_1_other"] and r["after_31_others"] > 1.0
+    first, *rest = r["steps_after_31_others"]  # the 1st, 2nd and 3rd step after 31 of the other
+    assert first > 1.0 and len(rest) == 2 and all(ms < 1.0 for ms in rest)
 
 
 def test_bench_threads_times_decoding_before_and_after_a_second_thread_uses_torch(
