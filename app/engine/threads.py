@@ -37,8 +37,8 @@ from app.engine.warmth import EXPLORE_RUN, Warmth
 
 T = TypeVar("T")
 RECENT = 5  # pass durations kept per (key, threads); their median is the cost
-MIN_INTERVAL = 32  # passes of a key between re-timings of the other thread count, at first
-MAX_INTERVAL = 256  # ... doubling up to this while the same count stays fastest
+MIN_INTERVAL = 64  # passes of a key between re-timings of the other thread count, at first
+MAX_INTERVAL = 512  # ... doubling up to this while the same count stays fastest
 
 CONFIRM_BELOW = 0.9  # a re-timing this much faster than the current choice is repeated at once
 Key = tuple[str, int]  # (kind of pass, size bucket)

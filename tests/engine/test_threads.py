@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from app.engine.threads import MAX_INTERVAL, ThreadPolicy, size_bucket
+from app.engine.threads import MAX_INTERVAL, MIN_INTERVAL, ThreadPolicy, size_bucket
 from app.engine.warmth import EXPLORE_RUN, WARM_AFTER
 
 
@@ -40,9 +40,9 @@ def test_the_faster_count_is_chosen_and_the_other_re_timed_now_and_then() -> Non
     used = [policy.run(("decode", 1), slow_team) for _ in range(120)]  # type: ignore[arg-type]
     first = WARM_AFTER + 1  # each count is timed first, on its first warm pass
     assert used[: 2 * first] == [1] * first + [2] * first
-    # then one thread, with two re-timing runs of two threads (after 32 passes, then 64)
-    assert used[2 * first :].count(1) >= 120 - 2 * first - 2 * EXPLORE_RUN
-    assert 2 in used[20:]
+    # then one thread, with one re-timing run of two threads (after MIN_INTERVAL passes)
+    assert used[2 * first :].count(1) == 120 - 2 * first - EXPLORE_RUN
+    assert 2 in used[2 * first + MIN_INTERVAL :]
     assert policy.describe() == {"decode/1": 1}
 
 
