@@ -22,7 +22,15 @@ from app.engine.config import EngineConfig
 from app.engine.passes import Passes
 from app.engine.scheduler import Scheduler
 from app.engine.stats import EngineStats
-from app.engine.types import EngineFailure, EngineTimeout, GenerateItem, PredictItem, StepOutput, WorkItem
+from app.engine.types import (
+    EngineFailure,
+    EngineTimeout,
+    ErrorEvent,
+    GenerateItem,
+    PredictItem,
+    StepOutput,
+    WorkItem,
+)
 from app.model.model import MTPTransformer
 
 log = logging.getLogger(__name__)
@@ -111,7 +119,9 @@ class EngineCore:
                 self.step(out)
             except Exception:  # never let the loop die on a bug; fail the requests it held
                 log.exception("engine core error")
-                self.passes.fail_running(out, EngineFailure("internal error in the inference worker"))
+                error = EngineFailure("internal error in the inference worker")
+                self.passes.fail_running(out, error)
+                self._fail_waiting(out, error)
             self._emit(out)
 
     def _receive(self, timeout: float | None) -> None:
@@ -162,6 +172,23 @@ class EngineCore:
                 self.post(out)
             except RuntimeError:  # the event loop has closed: nobody is left to answer
                 log.warning("step outputs dropped: the event loop is closed")
+
+    def _fail_waiting(self, out: StepOutput, error: EngineFailure) -> None:
+        """After a fault outside the passes, the waiting requests fail too: a fault that comes
+        before they are taken would otherwise recur at every turn of the loop, which would spin
+        at full speed with them queued until their deadlines."""
+        s = self.scheduler
+        out.left_queue += s.waiting()
+        for item in [*s.predict_q, *s.gen_q]:
+            if item.cancelled:
+                self.passes.count_cancelled(item)
+                out.released.append(item)
+            elif isinstance(item, PredictItem):
+                out.results.append((item, error))
+            elif isinstance(item, GenerateItem):
+                out.events.append((item, ErrorEvent(error)))
+        s.predict_q.clear()
+        s.gen_q.clear()
 
     def _drop_all(self) -> None:
         out = StepOutput(left_queue=self.scheduler.waiting())

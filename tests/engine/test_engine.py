@@ -450,6 +450,34 @@ async def test_fault_in_forward_fails_only_that_batch(engine_factory: Callable[.
     assert engine.health().alive
 
 
+async def test_a_fault_outside_the_passes_fails_the_waiting_requests_instead_of_spinning(
+    engine_factory: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the core loop itself (here: taking requests from the queue raises) fails every
+    request the core holds, the waiting ones included, with a 500-kind error; the loop does not
+    retry the same fault at full speed while they wait, and the next requests are served."""
+    engine = await engine_factory()
+    scheduler = engine.core.scheduler
+    take = scheduler.take_prefill
+    faults = []
+
+    def broken(now: float) -> Any:
+        faults.append(now)
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(scheduler, "take_prefill", broken)
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*(anext(engine.generate(GenerateJob([1, 2], max_new_tokens=3))) for _ in range(3))), 10
+    )
+    assert all(isinstance(e, ErrorEvent) and isinstance(e.error, EngineFailure) for e in outcomes)
+    seen = len(faults)
+    await asyncio.sleep(0.2)
+    assert len(faults) == seen <= 3 and scheduler.idle()  # idle, not retrying
+    monkeypatch.setattr(scheduler, "take_prefill", take)
+    tokens, fin = await run(engine, GenerateJob([1, 2], max_new_tokens=3))
+    assert len(tokens) == fin.generated_tokens == 3 and engine.health().alive
+
+
 async def test_engine_not_started_or_shut_down_rejects_work(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory(start=False)
     with pytest.raises(EngineNotReady):
