@@ -89,7 +89,7 @@ class DraftPolicy:
         self.steps = dict.fromkeys(costs, 0)  # choices made per measured batch size
         self.last_seen = {b: [0] * (max_drafts + 1) for b in costs}  # step count when n was last timed
         self.plain = {b: deque([c], maxlen=RECENT_STEPS) for b, c in (plain or {}).items() if b in costs}
-        self.warmth = Warmth()  # of the steps observe_cost is told about: (batch, n, threads)
+        self.warmth = Warmth()  # of the decode steps: (batch, n, threads), None for the untimed
         self.exploring = dict.fromkeys(costs, 0)  # the count a batch size's current re-timing run verifies
 
     def cost(self, batch: int) -> list[float]:
@@ -145,6 +145,12 @@ class DraftPolicy:
         elif batch in self.recent and n in self.choices:
             self.recent[batch][n].append(seconds)
             self.last_seen[batch][n] = self.steps[batch]
+
+    def untimed(self) -> None:
+        """A step this policy does not time ran (sampled or penalized rows, top log-probabilities,
+        rows that asked for speculation in a plain batch): another graph, so the next step it
+        times is cold."""
+        self.warmth.step(None)
 
     def describe(self) -> dict[str, object]:
         """What the policy does now, for /info."""

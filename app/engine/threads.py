@@ -28,7 +28,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Hashable
 from typing import TypeVar
 
 import torch
@@ -58,7 +58,7 @@ class ThreadPolicy:
         self.interval: dict[Key, int] = {}
         self.best: dict[Key, int] = {}
         self.exploring: dict[Key, int] = {}  # passes left in a re-timing run of the other count
-        self.warmth = Warmth()  # of the passes run: (key, count)
+        self.warmth = Warmth()  # of the passes run: (key, count, graph)
 
     def choose(self, key: Key, allowed: Collection[int] | None = None) -> int:
         """Threads for the next pass of `key`, among `allowed` (default: every count)."""
@@ -85,17 +85,27 @@ class ThreadPolicy:
             return next(n for n in choices if n != best)
         return best
 
-    def run(self, key: Key, fn: Callable[[], T], allowed: Collection[int] | None = None) -> T:
+    def run(
+        self,
+        key: Key,
+        fn: Callable[[], T],
+        allowed: Collection[int] | None = None,
+        graph: Callable[[], Hashable] | None = None,
+    ) -> T:
         """Run fn at the thread count chosen among `allowed` (a compiled step: the counts it
-        was compiled for; Dynamo guards on the count), and record how long it took."""
+        was compiled for; Dynamo guards on the count), and record how long it took.
+        graph(), asked after the pass, tells which of the key's graphs it ran (a decode step:
+        its draft count, fused or not): a pass is warm only after WARM_AFTER of the same key,
+        count and graph, so the draft policy's re-timing runs, another graph at the same key
+        and count, are not timed cold here either."""
         n = self.choose(key, allowed)
         if n != self.current:
             torch.set_num_threads(n)  # this thread's OpenMP team: the core runs every pass
             self.current = n
-        warm = self.warmth.step((key, n))
         t0 = time.perf_counter()
         result = fn()
         seconds = time.perf_counter() - t0
+        warm = self.warmth.step((key, n, graph() if graph is not None else None))
         if key in self.recent and warm:
             recent = self.recent[key]
             best = self.best.get(key)

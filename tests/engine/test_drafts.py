@@ -155,3 +155,15 @@ def test_only_warm_steps_are_timed() -> None:
         last = n
     assert policy.cost(1) == [1.0, 1.0, 1.0]  # never a cold step's
     assert policy.best(1) == 2
+
+
+def test_a_step_the_policy_does_not_time_makes_the_next_one_cold() -> None:
+    """A sampled or top-log-probability step runs another graph: the greedy step after it is
+    cold, and is not timed, however many warm ones came before."""
+    policy = DraftPolicy(2, {1: [1.0, 1.0, 1.0]})
+    for _ in range(WARM_AFTER + 2):
+        policy.observe_cost(1, 2, 1.0)
+    policy.untimed()
+    for cold in (9.0, 5.0, 3.0, 2.0):
+        policy.observe_cost(1, 2, cold)
+    assert policy.cost(1)[2] == 1.0

@@ -82,6 +82,27 @@ def test_cold_passes_after_a_switch_do_not_hide_the_faster_count() -> None:
     assert used[-32:].count(2) >= 32 - EXPLORE_RUN
 
 
+def test_passes_of_another_graph_at_the_same_count_are_not_timed_cold() -> None:
+    """The draft policy's re-timing runs change the step's graph (its draft count) at the same
+    key and thread count; their cold passes do not count as this count's costs."""
+    policy = ThreadPolicy(max_threads=2)
+    key = ("decode", 1)
+    graph = ["a"]
+    run = [0]
+
+    def step() -> int:
+        run[0] += 1
+        time.sleep(0.02 if run[0] <= WARM_AFTER else 0.0005)  # cold after a switch of graph
+        return torch.get_num_threads()
+
+    for _ in range(40):
+        policy.run(key, step, graph=lambda: graph[0])
+    graph[0], run[0] = "b", 0  # a run of another draft count
+    for _ in range(EXPLORE_RUN):
+        policy.run(key, step, graph=lambda: graph[0])
+    assert max(max(times) for times in policy.recent[key].values()) < 0.01
+
+
 def test_one_core_has_nothing_to_choose() -> None:
     policy = ThreadPolicy(max_threads=1)
     assert policy.run(("prefill", 32), lambda: torch.get_num_threads()) == 1
