@@ -20,9 +20,9 @@ The start-up table is only a first estimate: a noisy neighbour during those few 
 would otherwise fix a wrong choice for the life of the process. So each greedy step's own
 duration is verified back (`observe_cost`), a cost is the median of the recent steps at that
 (batch, n), and each round of EXPLORE_EVERY steps at a batch size ends with a run of
-EXPLORE_RUN steps that re-time the draft count timed least recently. Start-up timings are medians of interleaved
-rounds, and capped at what n+1 plain steps would cost (feeding n+1 tokens in one pass never
-costs more).
+EXPLORE_RUN steps that re-time the draft count timed least recently. Start-up timings are
+medians of interleaved rounds, and capped at what n+1 plain steps would cost (feeding n+1
+tokens in one pass never costs more).
 
 Only warm steps are timed (warmth.py): one after WARM_AFTER steps in a row of the same batch
 size, draft count and thread count. A compiled step of another shape is another graph, with its

@@ -7,9 +7,10 @@ shape, a graph is cold for several steps, not one: `mtp bench step --autotune` t
 docs/bench/step-switch.json; docs/benchmarks.md, benchmark 5, run 6). Timing the second step
 after a switch as if it were warm made every choice but the running one look dearer than it
 runs, so a policy stayed with whatever it ran: the thread policy, having moved to one thread
-under contention, could keep it on a quiet machine. A step is therefore timed only after WARM_AFTER steps of
-its shape in a row, and a policy's re-timing is a run of EXPLORE_RUN steps, the last
-EXPLORE_RUN - WARM_AFTER of them timed.
+under contention, could keep it on a quiet machine. A step is therefore timed only after
+WARM_AFTER steps of its shape in a row, and a policy's re-timing is a run of EXPLORE_RUN
+steps, the last EXPLORE_RUN - WARM_AFTER of them timed. Which steps share a shape is the
+caller's: a decode step's graph (batch, drafts verified, fused or not) and thread count.
 """
 
 from __future__ import annotations
