@@ -211,8 +211,6 @@ class DecodeBatch:
                 self.policy.observe_cost(len(self), n_drafts, time.perf_counter() - t0)
             elif not use_drafts and not make_drafts and self.sampling.all_greedy and self.sampling.penalties is None:
                 self.policy.observe_cost(len(self), PLAIN, time.perf_counter() - t0)  # a plain step
-            else:
-                self.policy.untimed()
             self.policy.observe(self.last_max_accept, emitted)
         for s, m, n in zip(self.seqs, self.last_max_accept, emitted, strict=True):
             if m:

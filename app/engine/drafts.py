@@ -19,17 +19,18 @@ small ones, which are overhead-bound, keep drafting.
 The start-up table is only a first estimate: a noisy neighbour during those few milliseconds
 would otherwise fix a wrong choice for the life of the process. So each greedy step's own
 duration is verified back (`observe_cost`), a cost is the median of the recent steps at that
-(batch, n), and each round of EXPLORE_EVERY steps at a batch size ends with a run of
-EXPLORE_RUN steps that re-time the draft count timed least recently. Start-up timings are
-medians of interleaved rounds, and capped at what n+1 plain steps would cost (feeding n+1
-tokens in one pass never costs more).
+(batch, n), and every EXPLORE_EVERY-th step at a batch size starts a run of EXPLORE_RUN steps
+that re-time the draft count seen least recently. Start-up timings are medians of interleaved
+rounds, and capped at what n+1 plain steps would cost (feeding n+1 tokens in one pass never
+costs more).
 
-Only warm steps are timed (warmth.py): one after WARM_AFTER steps in a row of the same batch
-size, draft count and thread count. A compiled step of another shape is another graph, with its
-own copy of the weights, and it takes several steps to be warm again; timing the second step
-after a switch made every draft count but the running one look dearer than it runs. Start-up
-rounds run each shape WARM_AFTER + 1 times in a row and time the last; a re-timing is a run of
-EXPLORE_RUN steps of one count, whose last steps are timed.
+Only warm steps are timed: one that follows a step of the same batch size, draft count and
+thread count. The first step after a change is cold: a compiled step of another shape is another
+graph, with its own copy of the weights (Inductor freezes them into each graph) to bring back
+into the CPU's caches. A batch-1 step took 0.29 ms warm and 0.70 ms after 31 steps of another
+width (`mtp bench step --autotune`, docs/bench/step-switch.json), so timing single steps between
+others made every draft count but the running one look twice its cost. Start-up rounds run each
+shape twice in a row and time the second; a re-timing run's first step is not timed.
 
 Greedy output does not depend on n. Sampled rows do (through their random draws), so a batch
 with a sampled speculative row always verifies every draft: a seeded request then gives the
@@ -51,7 +52,6 @@ import torch
 from app.decoding.generate import forward_step
 from app.decoding.sampling import BatchSampling, SamplingParams
 from app.decoding.speculative import accept_drafts
-from app.engine.warmth import EXPLORE_RUN, WARM_AFTER, Warmth
 from app.model.model import MTPTransformer, SequentialHeads
 
 if TYPE_CHECKING:
@@ -62,7 +62,8 @@ log = logging.getLogger(__name__)
 PRIOR_STEPS = 8.0  # pseudo-observations behind each position's prior
 PRIOR_CONDITIONAL = 0.7  # prior a_j = 0.7 * a_(j-1): positions a busy batch never offers follow the last one measured
 RECENT_STEPS = 16  # step timings kept per (batch, n); their median is the cost
-EXPLORE_EVERY = 128  # each 128 steps at a batch size end with a run re-timing the count timed least recently
+EXPLORE_EVERY = 32  # every 32nd step at a batch size re-times the draft count measured least recently
+EXPLORE_RUN = 2  # ... in a run of this many steps, the first of which (cold) is not timed
 PLAIN = -1  # choose(): a step that drafts nothing, and its rows stop speculating (sequential heads)
 PLAIN_MARGIN = 1.1  # PLAIN must give this many times the best draft count's tokens/s: it is for good
 
@@ -89,8 +90,7 @@ class DraftPolicy:
         self.steps = dict.fromkeys(costs, 0)  # choices made per measured batch size
         self.last_seen = {b: [0] * (max_drafts + 1) for b in costs}  # step count when n was last timed
         self.plain = {b: deque([c], maxlen=RECENT_STEPS) for b, c in (plain or {}).items() if b in costs}
-        self.warmth = Warmth()  # of the decode steps: (batch, n, threads), None for the untimed
-        self.exploring = dict.fromkeys(costs, 0)  # the count a batch size's current re-timing run verifies
+        self.last: tuple[int, int, int] | None = None  # the last step's (batch, n, threads): the next is warm if equal
 
     def cost(self, batch: int) -> list[float]:
         """Current seconds per step at n = 0 .. max_drafts for a measured batch size: medians of recent steps."""
@@ -113,12 +113,9 @@ class DraftPolicy:
             return self.max_drafts
         b = self._bucket(batch)  # the nearest measured batch size at or above
         self.steps[b] += 1
-        left = -self.steps[b] % EXPLORE_EVERY  # steps left in this round of EXPLORE_EVERY
-        if left < EXPLORE_RUN:  # its last EXPLORE_RUN steps re-time one count, chosen at the run's start
-            if left == EXPLORE_RUN - 1:
-                seen = self.last_seen[b]
-                self.exploring[b] = min(self.choices, key=lambda n: seen[n])
-            return self.exploring[b]
+        if -self.steps[b] % EXPLORE_EVERY < EXPLORE_RUN:  # steps 31, 32, 63, 64, ..: the first is cold,
+            seen = self.last_seen[b]  # untimed, and leaves last_seen as it was: the second re-times the same n
+            return min(self.choices, key=lambda n: seen[n])
         return self.best(b)
 
     def best(self, b: int) -> int:
@@ -137,7 +134,9 @@ class DraftPolicy:
     def observe_cost(self, batch: int, n: int, seconds: float) -> None:
         """A greedy step's duration (n = PLAIN: a step that drafted nothing); only exact measured
         batch sizes count (a smaller batch costs less), and only warm steps (see the module's doc)."""
-        if not self.warmth.step((batch, n, torch.get_num_threads())):
+        shape = (batch, n, torch.get_num_threads())
+        warm, self.last = self.last == shape, shape
+        if not warm:
             return
         if n == PLAIN:
             if batch in self.plain:
@@ -145,12 +144,6 @@ class DraftPolicy:
         elif batch in self.recent and n in self.choices:
             self.recent[batch][n].append(seconds)
             self.last_seen[batch][n] = self.steps[batch]
-
-    def untimed(self) -> None:
-        """A step this policy does not time ran (sampled or penalized rows, top log-probabilities,
-        rows that asked for speculation in a plain batch): another graph, so the next step it
-        times is cold."""
-        self.warmth.step(None)
 
     def describe(self) -> dict[str, object]:
         """What the policy does now, for /info."""
@@ -186,11 +179,10 @@ def time_steps(
     above it does (a compiled step pads its tokens to that width).
 
     Each shape is run once to warm it, then `reps` rounds time every shape in turn, so a burst
-    of interference hits all shapes alike rather than a few; in each round a shape runs
-    WARM_AFTER + 1 times in a row and its last, warm, run is timed (the module's doc); the
-    median of a shape's rounds is its cost. A row is then made non-decreasing in n (feeding
-    more tokens never costs less) and capped at (n+1) x the plain step (one pass never costs
-    more than n+1 plain ones).
+    of interference hits all shapes alike rather than a few; in each round a shape runs twice
+    and its second, warm, run is timed (the module's doc); the median of a shape's rounds is
+    its cost. A row is then made non-decreasing in n (feeding more tokens never costs less)
+    and capped at (n+1) x the plain step (one pass never costs more than n+1 plain ones).
     """
     timed = sorted(set(counts)) if counts is not None else list(range(max_drafts + 1))
     shapes = [(b, n) for b in batches for n in ([PLAIN] if plain else []) + timed]
@@ -199,8 +191,7 @@ def time_steps(
     times: dict[tuple[int, int], list[float]] = {shape: [] for shape in shapes}
     for _ in range(reps):
         for b, n in shapes:
-            for _ in range(WARM_AFTER):  # cold, then warming: the shape before was another
-                step(b, n)
+            step(b, n)  # cold: the shape before was another
             t0 = time.perf_counter()
             step(b, n)
             times[b, n].append(time.perf_counter() - t0)

@@ -97,12 +97,7 @@ class Passes:
                 allowed = (
                     compiled.threads.get(compiled.padded_batch(size)) if compiled and compiled.covers(size, 1) else None
                 )
-                batch = self.batch
-
-                def graph() -> tuple[int, bool]:  # which graph the step ran: drafts verified, fused
-                    return batch.last_drafts, batch.last_head1 is None
-
-                return self.threads.run((kind, size_bucket(size)), lambda: self._guarded(kind, fn), allowed, graph)
+                return self.threads.run((kind, size_bucket(size)), lambda: self._guarded(kind, fn), allowed)
         finally:
             self.busy_since = None
 

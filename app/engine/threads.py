@@ -14,13 +14,13 @@ re-timing clearly faster than the current choice is repeated at once, so the cho
 the machine's load within a few steps of the next re-timing. Prefills and /predict passes,
 few and of varied sizes, run at the full count.
 
-Only warm passes are timed (warmth.py): one after WARM_AFTER passes in a row of the same key
-at the same count. A compiled step at the other count is another graph, with its own copy of
-the weights (Inductor freezes them into each graph) and a new team of threads, and it takes
-several passes to be warm again. Timing the second pass after a switch as if warm made the
-other count look dearer than it runs, so a policy that had moved to one thread under contention
-could stay there on a quiet machine (tests/engine/test_threads.py). A re-timing is therefore a
-run of EXPLORE_RUN passes, the last ones timed.
+Only a pass that follows one of the same key at the same count is timed. The first pass after
+a switch is cold: a compiled step at the other count is another graph, with its own copy of the
+weights (Inductor freezes them into each graph) to bring back into the CPU's caches, and a
+new team of threads. At batch 1 a step right after 31 steps of another graph took 2.4 times a
+warm one (`mtp bench step --autotune`, docs/bench/step-switch.json), so a single re-timing made
+the other count look about twice as slow as it runs. A re-timing is therefore a run of EXPLORE_RUN
+passes, of which the first is not timed.
 """
 
 from __future__ import annotations
@@ -28,19 +28,18 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Callable, Collection
 from typing import TypeVar
 
 import torch
 
-from app.engine.warmth import EXPLORE_RUN, Warmth
-
 T = TypeVar("T")
 RECENT = 5  # pass durations kept per (key, threads); their median is the cost
-MIN_INTERVAL = 64  # passes of a key between re-timings of the other thread count, at first
-MAX_INTERVAL = 512  # ... doubling up to this while the same count stays fastest
+MIN_INTERVAL = 32  # passes of a key between re-timings of the other thread count, at first
+MAX_INTERVAL = 256  # ... doubling up to this while the same count stays fastest
 
 CONFIRM_BELOW = 0.9  # a re-timing this much faster than the current choice is repeated at once
+EXPLORE_RUN = 2  # passes a re-timing of the other count runs; the first, cold, is not timed
 Key = tuple[str, int]  # (kind of pass, size bucket)
 
 
@@ -58,7 +57,7 @@ class ThreadPolicy:
         self.interval: dict[Key, int] = {}
         self.best: dict[Key, int] = {}
         self.exploring: dict[Key, int] = {}  # passes left in a re-timing run of the other count
-        self.warmth = Warmth()  # of the passes run: (key, count, graph)
+        self.last: tuple[Key, int] | None = None  # the last pass's key and count: the next is warm if the same
 
     def choose(self, key: Key, allowed: Collection[int] | None = None) -> int:
         """Threads for the next pass of `key`, among `allowed` (default: every count)."""
@@ -85,27 +84,17 @@ class ThreadPolicy:
             return next(n for n in choices if n != best)
         return best
 
-    def run(
-        self,
-        key: Key,
-        fn: Callable[[], T],
-        allowed: Collection[int] | None = None,
-        graph: Callable[[], Hashable] | None = None,
-    ) -> T:
+    def run(self, key: Key, fn: Callable[[], T], allowed: Collection[int] | None = None) -> T:
         """Run fn at the thread count chosen among `allowed` (a compiled step: the counts it
-        was compiled for; Dynamo guards on the count), and record how long it took.
-        graph(), asked after the pass, tells which of the key's graphs it ran (a decode step:
-        its draft count, fused or not): a pass is warm only after WARM_AFTER of the same key,
-        count and graph, so the draft policy's re-timing runs, another graph at the same key
-        and count, are not timed cold here either."""
+        was compiled for; Dynamo guards on the count), and record how long it took."""
         n = self.choose(key, allowed)
         if n != self.current:
             torch.set_num_threads(n)  # this thread's OpenMP team: the core runs every pass
             self.current = n
+        warm, self.last = self.last == (key, n), (key, n)
         t0 = time.perf_counter()
         result = fn()
         seconds = time.perf_counter() - t0
-        warm = self.warmth.step((key, n, graph() if graph is not None else None))
         if key in self.recent and warm:
             recent = self.recent[key]
             best = self.best.get(key)

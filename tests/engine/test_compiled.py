@@ -123,7 +123,7 @@ async def test_compiled_engine_with_sequential_modules_gives_the_eager_greedy_to
     assert [t for t, _ in plain] == want
     # now the policy goes plain at once: drafting steps look dear (1 s), and plain rows never
     # time a drafting step that could undo it (each request below chooses once, and none of
-    # those choices falls in a re-timing run, which ends each EXPLORE_EVERY steps)
+    # those choices is one of the every-32-steps re-timings)
     policy.plain.update(plain_costs)
     policy.recent = {b: [deque([1.0]) for _ in row] for b, row in policy.recent.items()}
     policy.steps = dict.fromkeys(policy.steps, 0)

@@ -4,8 +4,7 @@ import time
 
 import pytest
 
-from app.engine.drafts import EXPLORE_EVERY, PLAIN, DraftPolicy, time_steps
-from app.engine.warmth import EXPLORE_RUN, WARM_AFTER
+from app.engine.drafts import PLAIN, DraftPolicy, time_steps
 
 FLAT = [1.0, 1.0, 1.0, 1.0, 1.0]  # batch 1: a pass costs the same whatever it carries
 STEEP = [1.0, 1.2, 1.4, 1.6, 1.8]  # batch 16: every fed token adds a fifth of a plain step
@@ -51,9 +50,8 @@ def test_time_steps_times_every_batch_size_and_draft_count() -> None:
     calls: list[tuple[int, int]] = []
     costs, plain = time_steps(lambda b, n: calls.append((b, n)), [1, 4], 2, reps=2)
     assert set(costs) == {1, 4} and all(len(row) == 3 for row in costs.values())
-    # each shape once to warm it, then in each of the 2 rounds WARM_AFTER + 1 times in a row (the last is timed)
-    assert sorted(set(calls)) == [(b, n) for b in (1, 4) for n in range(3)]
-    assert len(calls) == 6 + 2 * 6 * (WARM_AFTER + 1)
+    # each shape once to warm it, then in each of the 2 rounds twice in a row (the second is timed)
+    assert sorted(set(calls)) == [(b, n) for b in (1, 4) for n in range(3)] and len(calls) == 6 + 2 * 6 * 2
     assert plain == {}  # plain steps are timed only when asked for (sequential heads)
 
 
@@ -120,11 +118,9 @@ def test_plain_steps_are_chosen_where_they_beat_every_draft_count_by_the_margin(
 
 def test_exploration_never_picks_plain() -> None:
     policy = DraftPolicy(2, {4: [1.0, 1.0, 1.0]}, plain={4: 0.01})
-    picks = [policy.choose(4) for _ in range(2 * EXPLORE_EVERY)]
-    # each round of EXPLORE_EVERY steps ends with a run of EXPLORE_RUN steps re-timing one draft count
-    assert picks.count(PLAIN) == 2 * (EXPLORE_EVERY - EXPLORE_RUN)
-    runs = [i for end in (EXPLORE_EVERY, 2 * EXPLORE_EVERY) for i in range(end - EXPLORE_RUN + 1, end + 1)]
-    assert [i for i, n in enumerate(picks, 1) if n != PLAIN] == runs
+    picks = [policy.choose(4) for _ in range(200)]
+    assert picks.count(PLAIN) == 200 - 2 * (200 // 32)  # every 32 steps, a run of 2 re-times a draft count
+    assert [i for i, n in enumerate(picks, 1) if n != PLAIN][:4] == [31, 32, 63, 64]
     assert DraftPolicy(2, {4: [1.0, 1.0, 1.0]}).describe().keys() == {"acceptance", "drafts_by_batch", "step_ms"}
 
 
@@ -133,37 +129,21 @@ def test_time_steps_times_plain_steps_beside_the_draft_counts() -> None:
     costs, plain = time_steps(lambda b, n: calls.append((b, n)), [1, 4], 1, reps=2, plain=True)
     assert set(plain) == {1, 4} and set(costs) == {1, 4}
     assert sorted(set(calls)) == [(b, n) for b in (1, 4) for n in (PLAIN, 0, 1)]
-    first_round = [(1, PLAIN), (1, 0), (1, 1), (4, PLAIN), (4, 0), (4, 1)]  # interleaved, each shape in a run
-    run = WARM_AFTER + 1
-    assert calls[6 : 6 + 6 * run] == [shape for shape in first_round for _ in range(run)]
+    first_round = [(1, PLAIN), (1, 0), (1, 1), (4, PLAIN), (4, 0), (4, 1)]  # interleaved, each shape twice in a row
+    assert calls[6:18:2] == first_round and calls[7:18:2] == first_round
 
 
 def test_only_warm_steps_are_timed() -> None:
-    """After a change of batch size, draft count or thread count a compiled step is cold for
-    several steps (another graph, its weights out of the CPU's caches), dearer each step less.
-    Only steps after WARM_AFTER of the same shape are timed, and a re-timing is a run long
-    enough to reach them, so the table holds the warm costs and the best count wins. Timing
-    the second step of a run of two (as before) kept 2 drafts at twice their cost."""
-    policy = DraftPolicy(2, {1: [1.0, 1.0, 3.0]})  # 2 drafts timed cold at start-up: 1 draft runs first
-    policy.observe(*[[2] * 100, [3] * 100])  # every draft accepted: 2 drafts are worth their cost
-    true_cost, cold = [1.0, 1.0, 1.0], [4.0, 2.0, 1.0, 0.5]  # extra cost of the 1st .. 4th step after a switch
-    last, run = None, 0
-    for _ in range(8 * EXPLORE_EVERY):
-        n = policy.choose(1)
-        run = run + 1 if n == last else 1
-        policy.observe_cost(1, n, true_cost[n] + (cold[run - 1] if run <= len(cold) else 0.0))
-        last = n
-    assert policy.cost(1) == [1.0, 1.0, 1.0]  # never a cold step's
-    assert policy.best(1) == 2
-
-
-def test_a_step_the_policy_does_not_time_makes_the_next_one_cold() -> None:
-    """A sampled or top-log-probability step runs another graph: the greedy step after it is
-    cold, and is not timed, however many warm ones came before."""
+    """The first step after a change of batch size, draft count or thread count is cold (another
+    compiled graph, its weights out of the CPU's caches): it is not timed. A re-timing is a
+    run of two steps of the same count, so its second, warm, step corrects the table."""
     policy = DraftPolicy(2, {1: [1.0, 1.0, 1.0]})
-    for _ in range(WARM_AFTER + 2):
-        policy.observe_cost(1, 2, 1.0)
-    policy.untimed()
-    for cold in (9.0, 5.0, 3.0, 2.0):
-        policy.observe_cost(1, 2, cold)
-    assert policy.cost(1)[2] == 1.0
+    policy.observe(*[[2] * 100, [3] * 100])  # every draft accepted: 2 drafts are worth their cost
+    true_cost, cold = [1.0, 1.0, 1.0], 3.0
+    last = None
+    for _ in range(400):
+        n = policy.choose(1)
+        policy.observe_cost(1, n, true_cost[n] + (cold if n != last else 0.0))
+        last = n
+    assert policy.cost(1) == [1.0, 1.0, 1.0]  # never a cold step's 4.0
+    assert policy.best(1) == 2
