@@ -22,15 +22,7 @@ from app.engine.config import EngineConfig
 from app.engine.passes import Passes
 from app.engine.scheduler import Scheduler
 from app.engine.stats import EngineStats
-from app.engine.types import (
-    EngineFailure,
-    EngineTimeout,
-    ErrorEvent,
-    GenerateItem,
-    PredictItem,
-    StepOutput,
-    WorkItem,
-)
+from app.engine.types import EngineFailure, EngineTimeout, GenerateItem, PredictItem, StepOutput, WorkItem
 from app.model.model import MTPTransformer
 
 log = logging.getLogger(__name__)
@@ -179,14 +171,9 @@ class EngineCore:
         at full speed with them queued until their deadlines."""
         s = self.scheduler
         out.left_queue += s.waiting()
-        for item in [*s.predict_q, *s.gen_q]:
-            if item.cancelled:
-                self.passes.count_cancelled(item)
-                out.released.append(item)
-            elif isinstance(item, PredictItem):
-                out.results.append((item, error))
-            elif isinstance(item, GenerateItem):
-                out.events.append((item, ErrorEvent(error)))
+        waiting: list[PredictItem | GenerateItem] = [*s.predict_q, *s.gen_q]
+        for item in waiting:
+            self.passes.end_waiting(out, item, error)
         s.predict_q.clear()
         s.gen_q.clear()
 

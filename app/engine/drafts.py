@@ -27,9 +27,9 @@ costs more).
 Only warm steps are timed: one that follows a step of the same batch size, draft count and
 thread count. The first step after a change is cold: a compiled step of another shape is another
 graph, with its own copy of the weights (Inductor freezes them into each graph) to bring back
-into the CPU's caches. A batch-1 step took 0.29 ms warm and 0.70 ms after 31 steps of another
+into the CPU's caches. A batch-1 step took 0.249 ms warm and 0.476 ms after 31 steps of another
 width (`mtp bench step --autotune`, docs/bench/step-switch.json), so timing single steps between
-others made every draft count but the running one look twice its cost. Start-up rounds run each
+others made every draft count but the running one look about twice its cost. Start-up rounds run each
 shape twice in a row and time the second; a re-timing run's first step is not timed.
 
 Greedy output does not depend on n. Sampled rows do (through their random draws), so a batch

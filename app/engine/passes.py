@@ -283,11 +283,16 @@ class Passes:
 
     def drop_waiting(self, out: StepOutput, item: PredictItem | GenerateItem, where: str) -> None:
         """A request that waited until cancelled or past its deadline."""
+        self.end_waiting(out, item, None if item.cancelled else self.timed_out(f"{where}, in the queue"))
+
+    def end_waiting(self, out: StepOutput, item: PredictItem | GenerateItem, error: EngineError | None) -> None:
+        """A request taken out of the waiting queue without a pass: a cancelled one is let go,
+        any other gets `error`."""
         if item.cancelled:
             self.count_cancelled(item)
             out.released.append(item)
             return
-        error = self.timed_out(f"{where}, in the queue")
+        assert error is not None, "a request still wanted needs its error"
         if isinstance(item, PredictItem):
             out.results.append((item, error))
         else:

@@ -17,7 +17,7 @@ few and of varied sizes, run at the full count.
 Only a pass that follows one of the same key at the same count is timed. The first pass after
 a switch is cold: a compiled step at the other count is another graph, with its own copy of the
 weights (Inductor freezes them into each graph) to bring back into the CPU's caches, and a
-new team of threads. At batch 1 a step right after 31 steps of another graph took 2.4 times a
+new team of threads. At batch 1 a step right after 31 steps of another graph took 1.9 times a
 warm one (`mtp bench step --autotune`, docs/bench/step-switch.json), so a single re-timing made
 the other count look about twice as slow as it runs. A re-timing is therefore a run of EXPLORE_RUN
 passes, of which the first is not timed.
