@@ -1,6 +1,7 @@
 """The engine without HTTP: /generate's continuous batch at 1 and S concurrent streams, with
 the adaptive draft count (app/engine/drafts.py) and with every pass verifying k - 1 drafts,
-the two interleaved over several repeats (this machine's speed drifts) and medians reported."""
+and with sequential heads also the adaptive count without shallow steps (plain steps only),
+the modes interleaved over several repeats (this machine's speed drifts) and medians reported."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import statistics
 import time
 from typing import Any
 
+from app.engine.drafts import DraftPolicy
 from app.engine.engine import Engine, EngineConfig, inference_thread
 from app.engine.types import GenerateJob, TokenEvent
 from app.metrics import Metrics
@@ -33,19 +35,26 @@ async def _rate(engine: Engine, prompts: list[list[int]], streams: int, sequence
     return tokens / (time.perf_counter() - t0)
 
 
-async def _run(checkpoint: str, corpus: str, streams: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+async def _run(
+    checkpoint: str, corpus: str, streams: int, new_tokens: int, repeats: int, settings: dict[str, Any]
+) -> dict[str, Any]:
     worker = inference_thread()  # as in the service: the model lives on the engine's thread
     model, tok = await asyncio.get_running_loop().run_in_executor(worker, load_checkpoint, checkpoint)
     prompts = heldout_prompts(corpus, tok, 64, 32, seed=1)
-    cfg = EngineConfig(max_batch_size=max(streams, 1), max_queue_size=1024)
+    cfg = EngineConfig(**{"max_batch_size": max(streams, 1), "max_queue_size": 1024, **settings})
     engine = Engine(model, tok.eot_id, cfg, Metrics(k=model.cfg.k), executor=worker)
     await engine.start()  # warms up and times the verify step for the draft policy
     policy = engine.core.batch.policy
-    rates: dict[str, dict[int, list[float]]] = {m: {1: [], streams: []} for m in ("adaptive", "fixed")}
+    policies: dict[str, DraftPolicy | None] = {"adaptive": policy, "fixed": None}
+    if policy is not None and any(d > 0 for row in policy.shallow.values() for d in row):
+        # the same start-up table, without the shallow steps that keep 1 .. k-2 modules
+        plain = {b: {0: row[0][0]} for b, row in policy.shallow.items() if 0 in row}
+        policies["no_shallow"] = DraftPolicy(policy.max_drafts, policy.costs, policy.choices, plain)
+    rates: dict[str, dict[int, list[float]]] = {m: {1: [], streams: []} for m in policies}
     try:
         for _ in range(repeats):
             for mode in rates:
-                engine.core.batch.policy = policy if mode == "adaptive" else None
+                engine.core.batch.policy = policies[mode]
                 for s in (1, streams):
                     rates[mode][s].append(await _rate(engine, prompts, s, max(12, 3 * s), new_tokens))
     finally:
@@ -64,11 +73,19 @@ async def _run(checkpoint: str, corpus: str, streams: int, new_tokens: int, repe
             "adaptive_vs_fixed_1_stream": round(med["adaptive"][1] / med["fixed"][1], 3),
             f"adaptive_{streams}_vs_1_stream": round(med["adaptive"][streams] / med["adaptive"][1], 2),
             f"fixed_{streams}_vs_1_stream": round(med["fixed"][streams] / med["fixed"][1], 2),
+            **(
+                {
+                    f"adaptive_vs_no_shallow_{s}": round(med["adaptive"][n] / med["no_shallow"][n], 3)
+                    for s, n in (("1_stream", 1), (f"{streams}_streams", streams))
+                }
+                if "no_shallow" in med
+                else {}
+            ),
         },
         "drafts_by_batch_size": {str(b): n for b, n in policy.describe()["drafts_by_batch"].items()}  # type: ignore[attr-defined]
         if policy
         else {},
-        "plain_step_ms_by_batch": policy.describe().get("plain_step_ms", {}) if policy else {},
+        "shallow_step_ms_by_batch": policy.describe().get("shallow_step_ms", {}) if policy else {},
         "acceptance_by_position": [round(a, 3) for a in policy.rates()] if policy else [],
         "step_ms_by_batch_and_drafts": {str(b): [round(c * 1e3, 2) for c in row] for b, row in policy.costs.items()}
         if policy
@@ -77,6 +94,12 @@ async def _run(checkpoint: str, corpus: str, streams: int, new_tokens: int, repe
 
 
 def bench_engine(
-    checkpoint: str, corpus: str, streams: int = 16, new_tokens: int = 64, repeats: int = 4
+    checkpoint: str,
+    corpus: str,
+    streams: int = 16,
+    new_tokens: int = 64,
+    repeats: int = 4,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    return asyncio.run(_run(checkpoint, corpus, streams, new_tokens, repeats))
+    """settings: EngineConfig fields over the defaults (the tests turn compiling off)."""
+    return asyncio.run(_run(checkpoint, corpus, streams, new_tokens, repeats, settings or {}))

@@ -53,7 +53,7 @@ def offline_rate(
     if compiled:
         cfg = EngineConfig()
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir(cfg))
-        _, widths, greedy = compile_shapes(cfg, model)
+        _, widths, greedy, _ = compile_shapes(cfg, model)
         autotune = cfg.compile_autotune and dev.type == "cpu"
         dec = CompiledDecoder(model, cfg.max_batch_size, autotune, batch_sizes=[1], widths=widths, greedy_widths=greedy)
         counts = [w - 1 for w in (greedy or widths)]

@@ -73,7 +73,9 @@ class CompiledDecoder:
     `__call__` runs the trunk and head 1 (any head type); for all-greedy batches
     `greedy_step` also compiles acceptance and drafting into the step's graph: heads 2..k of
     linear heads, or the chain of sequential modules (n_drafts of them, default k - 1: the
-    drafts a step makes, fixed so that each shape is one graph).
+    drafts a step makes, fixed so that each shape is one graph). shallow_depths: fewer module
+    counts d, each also compiled as a greedy step of width d + 1 whose first d modules draft
+    (the engine's shallow steps, app/engine/drafts.py).
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class CompiledDecoder:
         widths: Iterable[int] | None = None,
         greedy_widths: Iterable[int] | None = None,
         n_drafts: int | None = None,
+        shallow_depths: Iterable[int] = (),
     ) -> None:
         import torch._inductor.config as inductor_config
 
@@ -101,7 +104,18 @@ class CompiledDecoder:
         # the fused greedy step's widths (default: widths)
         greedy_widths = greedy_widths if greedy_widths is not None else self.widths
         self.greedy_widths = sorted(set(greedy_widths)) if greedy_widths is not None else None
+        self.shallow_depths = sorted(set(shallow_depths))
         self.threads: dict[int, list[int]] = {}  # batch size -> the thread counts warm() compiled it at
+        if self.shallow_depths and (
+            self.linear
+            or self.shallow_depths[0] < 1
+            or self.shallow_depths[-1] >= self.n_drafts
+            or any(self.greedy_widths is not None and d + 1 not in self.greedy_widths for d in self.shallow_depths)
+        ):
+            raise ValueError(
+                f"shallow depths need sequential heads, must be within 1..{self.n_drafts - 1}, "
+                "and each depth + 1 must be a greedy width"
+            )
         if self.batch_sizes is not None and (self.batch_sizes[0] < 1 or self.batch_sizes[-1] > max_batch):
             raise ValueError(f"compiled batch sizes must be within 1..{max_batch}")
         for ws in (self.widths, self.greedy_widths):
@@ -178,6 +192,7 @@ class CompiledDecoder:
         try:
             shapes = [("forward", b, w) for b, w in self.shapes()]
             shapes += [("greedy", b, w) for b, w in self.shapes(greedy=True)]
+            shapes += [("shallow", b, d + 1) for b in self.batch_sizes or [] for d in self.shallow_depths]
             for kind, b, w in shapes:
                 counts = threads(b) if threads is not None else [before]
                 self.threads[b] = sorted(set(counts))
@@ -191,7 +206,9 @@ class CompiledDecoder:
                             self(idx, pos)
                         else:
                             drafts = idx[:, 1:] if w > 1 else None
-                            self.greedy_step(idx[:, 0], drafts, pos[:, 0], idx.new_zeros(b), want_drafts=self.k > 1)
+                            made = w - 1 if kind == "shallow" else None
+                            zero = idx.new_zeros(b)
+                            self.greedy_step(idx[:, 0], drafts, pos[:, 0], zero, want_drafts=self.k > 1, n_drafts=made)
                         if device.type == "cuda":
                             torch.cuda.synchronize()
                     yield kind, b, w, n, time.perf_counter() - t0
@@ -204,12 +221,20 @@ class CompiledDecoder:
             return None
         return self.threads.get(self.padded_batch(b))
 
-    def covers(self, b: int, t: int, greedy: bool = False) -> bool:
+    def covers(self, b: int, t: int, greedy: bool = False, n_drafts: int | None = None) -> bool:
         """Whether a step of b rows and t tokens each has a compiled shape (always, without
-        buckets); greedy: a fused greedy step (compiled at greedy_widths)."""
+        buckets); greedy: a fused greedy step (compiled at greedy_widths), whose modules make
+        n_drafts drafts (default: the decoder's; fewer: a shallow step, compiled at width
+        n_drafts + 1 only)."""
         widths = self.greedy_widths if greedy else self.widths
         big = self.batch_sizes is not None and b > self.batch_sizes[-1]
-        return not big and not (widths is not None and t > widths[-1])
+        if big or (widths is not None and t > widths[-1]):
+            return False
+        if not greedy or self.linear or n_drafts is None or draft_count(self.k, n_drafts) == self.n_drafts:
+            return True
+        if self.batch_sizes is None:  # compiled at each step's own shape
+            return True
+        return n_drafts in self.shallow_depths and self.padded_width(t, greedy=True) == n_drafts + 1
 
     def padded_batch(self, b: int) -> int:
         return _bucket(self.batch_sizes, b)

@@ -20,7 +20,7 @@ from app.decoding.compiled import CompiledDecoder
 from app.decoding.generate import draft_count, forward_step
 from app.decoding.sampling import BatchSampling, SamplingParams, count_emitted
 from app.decoding.speculative import StepResult, accept_drafts
-from app.engine.drafts import PLAIN, DraftPolicy
+from app.engine.drafts import PLAIN, DraftPolicy, shallow_depth
 from app.engine.types import GenerateItem
 from app.model.model import MTPTransformer
 
@@ -36,6 +36,7 @@ class RunningSequence:
     accepted: int = 0
     verify_steps: int = 0
     last_token_at: float | None = None
+    depth: int | None = None  # modules that still draft for it (None: all); a shallow step lowers it for good
     ended: bool = False  # finished, failed or cancelled: leaves the batch at the step boundary
 
     @property
@@ -77,6 +78,13 @@ class DecodeBatch:
 
     def _want_drafts(self) -> Tensor:
         return torch.tensor([s.speculative for s in self.seqs], dtype=torch.bool, device=self.device)
+
+    def _row_depth(self, s: RunningSequence) -> int:
+        return self.n_drafts if s.depth is None else s.depth
+
+    def _depth(self) -> int:
+        """The drafts the modules make this step: as many as any speculating row keeps (0: none speculates)."""
+        return max((self._row_depth(s) for s in self.seqs if s.speculative), default=0)
 
     def concatenate(
         self,
@@ -149,38 +157,44 @@ class DecodeBatch:
     def step(self) -> StepResult:
         """One decode step for every row: a verify pass if any row speculates, else plain decoding."""
         self.compact()
-        k, n_drafts = self.k, self.n_drafts
+        k = self.k
         spec = self._want_drafts()
         fused = self._fused()
+        depth = self._depth()
         # the policy picks for speculating batches whose speculating rows are all greedy (sampled
         # ones verify every draft); compiled, only among the fused steps' widths
         greedy_drafts = bool(spec.any()) and not bool((spec & ~self.sampling.greedy).any())
         decide = self.policy is not None and greedy_drafts and (fused or self.compiled is None)
-        choice = self.policy.choose(len(self)) if self.policy is not None and decide else None
-        if choice == PLAIN:  # cheaper than any drafting step: these rows stop speculating for good,
+        choice = self.policy.choose(len(self), depth) if self.policy is not None and decide else None
+        shallow = shallow_depth(choice) if choice is not None else None
+        if shallow == 0:  # PLAIN, cheaper than any drafting step: these rows stop speculating for good,
             for s in self.seqs:  # except those whose request asked for speculation itself
                 s.speculative = s.speculative and s.item.request.speculative is True
             spec = self._want_drafts()
             fused = self._fused()
             if spec.any():  # rows that asked: they draft as many as they may, and the step is not timed
                 choice = None
-        elif choice is not None:
-            n_drafts = min(n_drafts, choice)
+        elif shallow is not None:  # only the first `shallow` modules draft, for good
+            for s in self.seqs:
+                s.depth = min(self._row_depth(s), shallow)
+        depth = self._depth()
+        n_drafts = min(depth, choice) if choice is not None and shallow is None else depth
         t0 = time.perf_counter()
-        remaining = torch.tensor([s.remaining for s in self.seqs], device=self.device)
-        max_accept = torch.where(spec, (remaining - 1).clamp(min=0, max=n_drafts), 0)  # [n]
+        limits = [min(s.remaining - 1, self._row_depth(s)) if s.speculative else 0 for s in self.seqs]
+        max_accept = torch.tensor(limits, device=self.device).clamp(min=0, max=n_drafts)  # [n]
         use_drafts = bool(spec.any()) and n_drafts > 0
         verified = self.drafts[:, :n_drafts] if use_drafts else self.drafts[:, :0]
         q = self.draft_probs[:, :n_drafts] if self.draft_probs is not None else None
         # drafts are made whenever rows speculate, even on a step that verifies none (policy: 0),
-        # so that the next step has real ones to verify
-        make_drafts = bool(spec.any()) and self.n_drafts > 0
+        # so that the next step has real ones to verify: as many as the deepest row keeps
+        make_drafts = bool(spec.any()) and depth > 0
         width = 1 + verified.shape[1]
+        made = depth if make_drafts else None
         compiled = self.compiled if self.compiled is not None and self.compiled.covers(len(self), width) else None
-        if fused and self.compiled is not None and self.compiled.covers(len(self), width, greedy=True):
+        if fused and self.compiled is not None and self.compiled.covers(len(self), width, greedy=True, n_drafts=made):
             # always drafting (one graph per shape, as compiled); no row speculates: unused
             res = self.compiled.greedy_step(
-                self.cur, verified if use_drafts else None, self.pos, max_accept, k > 1, self.states
+                self.cur, verified if use_drafts else None, self.pos, max_accept, k > 1, self.states, made
             )
             self.last_head1 = None
         else:
@@ -191,7 +205,7 @@ class DecodeBatch:
                 self.pos,
                 want_drafts=make_drafts,
                 states=self.states,
-                n_drafts=self.n_drafts,
+                n_drafts=made,
                 compiled=compiled,
             )
             res = accept_drafts(step.head1, verified, q, max_accept, self.sampling, spec, step.drafts, k - 1)
@@ -207,8 +221,10 @@ class DecodeBatch:
         emitted = res.n_emitted.tolist()  # waits for the device: the step is done
         self.last_drafts = n_drafts if use_drafts else 0
         if self.policy is not None:
-            if choice is not None and choice != PLAIN:
+            if choice is not None and shallow is None:
                 self.policy.observe_cost(len(self), n_drafts, time.perf_counter() - t0)
+            elif choice is not None and shallow:  # d modules made d drafts, and the step verified them
+                self.policy.observe_cost(len(self), choice, time.perf_counter() - t0)
             elif not use_drafts and not make_drafts and self.sampling.all_greedy and self.sampling.penalties is None:
                 self.policy.observe_cost(len(self), PLAIN, time.perf_counter() - t0)  # a plain step
             self.policy.observe(self.last_max_accept, emitted)

@@ -20,9 +20,10 @@ log = logging.getLogger(__name__)
 SMALL_BATCH = 2  # batch sizes compiled at one thread too, for the thread policy
 
 
-def compile_shapes(cfg: EngineConfig, model: MTPTransformer) -> tuple[list[int], list[int], list[int]]:
-    """The batch sizes, the widths (tokens per row per step) of the forward step, and those of
-    the fused greedy step, that the engine compiles.
+def compile_shapes(cfg: EngineConfig, model: MTPTransformer) -> tuple[list[int], list[int], list[int], list[int]]:
+    """The batch sizes, the widths (tokens per row per step) of the forward step, those of
+    the fused greedy step, and the shallow depths (sequential heads: module counts d below the
+    most, each a greedy step of width d + 1 whose first d modules draft) that the engine compiles.
 
     A batch pads to the next power of two (up to compile_max_batch_size). The draft policy picks, for
     all-greedy batches, among a few draft counts, each a width of the fused greedy step (with
@@ -36,7 +37,9 @@ def compile_shapes(cfg: EngineConfig, model: MTPTransformer) -> tuple[list[int],
     counts = cfg.compile_draft_counts if cfg.compile_draft_counts is not None else [1, 3]
     most = k - 1 if cfg.draft_tokens is None else min(cfg.draft_tokens, k - 1)
     chosen = sorted({1, most + 1} | {n + 1 for n in counts if 0 <= n < most})
-    return sizes, sorted({1, most + 1}), chosen
+    sequential = model.cfg.head_type == "sequential"
+    shallow = [d for d in range(1, most) if d + 1 in chosen] if sequential and cfg.draft_tokens is None else []
+    return sizes, sorted({1, most + 1}), chosen, shallow
 
 
 def thread_counts(cfg: EngineConfig, model: MTPTransformer, batch: int) -> list[int]:
@@ -66,14 +69,16 @@ def build_compiled(model: MTPTransformer, cfg: EngineConfig) -> CompiledDecoder:
     path = cache_dir(cfg)
     path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)  # read by Inductor whenever it touches its cache
-    sizes, widths, greedy = compile_shapes(cfg, model)
+    sizes, widths, greedy, shallow = compile_shapes(cfg, model)
     autotune = cfg.compile_autotune and model.head.proj.weight.device.type == "cpu"
     t0 = time.perf_counter()
     log.info(
-        "compiling decode steps: batch sizes %s x widths %s (forward) and %s (greedy), autotune=%s, cache %s",
+        "compiling decode steps: batch sizes %s x widths %s (forward), %s (greedy) and shallow depths %s, "
+        "autotune=%s, cache %s",
         sizes,
         widths,
         greedy,
+        shallow,
         autotune,
         path,
     )
@@ -85,6 +90,7 @@ def build_compiled(model: MTPTransformer, cfg: EngineConfig) -> CompiledDecoder:
         widths=widths,
         greedy_widths=greedy,
         n_drafts=cfg.draft_tokens,
+        shallow_depths=shallow,
     )
     for kind, b, w, n, seconds in compiled.warm(functools.partial(thread_counts, cfg, model)):
         log.info("compiled the %s step batch=%d width=%d threads=%d in %.1f s", kind, b, w, n, seconds)

@@ -8,13 +8,17 @@ step at each (batch size, n) once, at start-up, and each step picks
 
     n* = argmax_n (1 + a_1 + .. + a_n) / cost(batch, n)
 
-Sequential (DeepSeek-V3) modules make even n = 0 cost more than a plain step: a drafting step
-runs k-1 module blocks over its windows to draft for the next one. There the policy may pick
-PLAIN instead, a step that drafts nothing, when 1 / cost_plain beats the best n by PLAIN_MARGIN.
-The rows it is picked for stop speculating for good (their modules' caches are not kept up to
-date from then on, so their drafts would be worse than measured); rows admitted later speculate
-again, and the choice is made anew for them. Large batches, which are compute-bound, go plain;
-small ones, which are overhead-bound, keep drafting.
+Sequential (DeepSeek-V3) modules make every drafting step pay for the k-1 module blocks that
+draft for the next one, even one that verifies few of their drafts. There the policy may also
+pick a shallow step, shallow(d): the first d modules draft, and the step verifies those d
+(d = 0 is PLAIN, a step that drafts nothing). Its rows keep only d modules for good: a
+module that skips a step leaves its cache without that step's positions, so its later drafts
+would be worse than measured. So a shallow choice must beat the best n by a margin
+(SHALLOW_MARGIN, and PLAIN_MARGIN for PLAIN, which ends speculation), and a batch whose rows
+are shallow chooses only among shallower steps. Rows admitted later draft with every module
+again, and the choice is made anew for them. Large batches, which are compute-bound, go
+plain; at batch 1, which is overhead-bound, a step with one module verifying one draft can
+beat one with all of them verifying more.
 
 The start-up table is only a first estimate: a noisy neighbour during those few milliseconds
 would otherwise fix a wrong choice for the life of the process. So each greedy step's own
@@ -66,6 +70,18 @@ EXPLORE_EVERY = 32  # every 32nd step at a batch size re-times the draft count m
 EXPLORE_RUN = 2  # ... in a run of this many steps, the first of which (cold) is not timed
 PLAIN = -1  # choose(): a step that drafts nothing, and its rows stop speculating (sequential heads)
 PLAIN_MARGIN = 1.1  # PLAIN must give this many times the best draft count's tokens/s: it is for good
+SHALLOW_MARGIN = 1.05  # ... and a shallow step with modules this many times: its rows lose the deeper drafts
+
+
+def shallow(depth: int) -> int:
+    """choose()'s answer for a step whose first `depth` modules draft and which verifies those
+    drafts; its rows keep `depth` modules for good (sequential heads). shallow(0) is PLAIN."""
+    return -1 - depth
+
+
+def shallow_depth(choice: int) -> int | None:
+    """The depth of a shallow choice (0 for PLAIN), or None for a draft count n >= 0."""
+    return -1 - choice if choice < 0 else None
 
 
 class DraftPolicy:
@@ -74,12 +90,13 @@ class DraftPolicy:
         max_drafts: int,
         costs: dict[int, list[float]],
         choices: list[int] | None = None,
-        plain: dict[int, float] | None = None,
+        shallow: dict[int, dict[int, float]] | None = None,
     ) -> None:
         """costs[batch] = step seconds with n = 0 .. max_drafts drafts verified, for a few batch sizes;
         choices: the draft counts a step may verify (compiled steps: the widths compiled), default all;
-        plain[batch] = seconds of a step that drafts nothing, where that is cheaper than n = 0
-        (sequential heads): PLAIN becomes a choice."""
+        shallow[batch][d] = seconds of a step whose first d < max_drafts modules draft and which
+        verifies d drafts (d = 0: one that drafts nothing; sequential heads): shallow(d) becomes
+        a choice."""
         self.max_drafts = max_drafts
         self.choices = sorted(set(choices)) if choices is not None else list(range(max_drafts + 1))
         self.batches = sorted(costs)
@@ -89,7 +106,11 @@ class DraftPolicy:
         self.recent = {b: [deque([c], maxlen=RECENT_STEPS) for c in row] for b, row in costs.items()}
         self.steps = dict.fromkeys(costs, 0)  # choices made per measured batch size
         self.last_seen = {b: [0] * (max_drafts + 1) for b in costs}  # step count when n was last timed
-        self.plain = {b: deque([c], maxlen=RECENT_STEPS) for b, c in (plain or {}).items() if b in costs}
+        self.shallow = {
+            b: {d: deque([c], maxlen=RECENT_STEPS) for d, c in sorted(row.items()) if d < max_drafts}
+            for b, row in (shallow or {}).items()
+            if b in costs
+        }
         self.last: tuple[int, int, int] | None = None  # the last step's (batch, n, threads): the next is warm if equal
 
     def cost(self, batch: int) -> list[float]:
@@ -107,11 +128,15 @@ class DraftPolicy:
             out.append(prev)
         return out
 
-    def choose(self, batch: int) -> int:
-        """Drafts to verify in a pass over `batch` rows."""
+    def choose(self, batch: int, depth: int | None = None) -> int:
+        """Drafts to verify in a pass over `batch` rows, or a shallow choice. depth: the most
+        modules any of the rows keeps (below max_drafts after a shallow choice): such a batch
+        may only go shallower."""
         if not self.batches or self.max_drafts == 0:
             return self.max_drafts
         b = self._bucket(batch)  # the nearest measured batch size at or above
+        if depth is not None and depth < self.max_drafts:
+            return self._shallower(b, depth)
         self.steps[b] += 1
         if -self.steps[b] % EXPLORE_EVERY < EXPLORE_RUN:  # steps 31, 32, 63, 64, ..: the first is cold,
             seen = self.last_seen[b]  # untimed, and leaves last_seen as it was: the second re-times the same n
@@ -119,28 +144,51 @@ class DraftPolicy:
         return self.best(b)
 
     def best(self, b: int) -> int:
-        """The draft count with the most expected tokens per second at measured batch size b, or PLAIN."""
-        cost = self.cost(b)
-        expected = [1.0]  # tokens a pass verifying n drafts is expected to emit
+        """The draft count with the most expected tokens per second at measured batch size b, or
+        a shallow choice (PLAIN among them) that beats it by its margin."""
+        cost, expected = self.cost(b), self._expected()
+        n = max(self.choices, key=lambda n: (expected[n] / cost[n], -n))
+        return self._or_shallower(b, n, expected[n] / cost[n], range(self.max_drafts), expected)
+
+    def _shallower(self, b: int, depth: int) -> int:
+        """The choice for a batch whose rows keep at most `depth` modules: that depth, or a
+        shallower one that beats it by the margin."""
+        row = self.shallow.get(b, {})
+        if depth not in row:  # not timed at b: keep it
+            return shallow(depth)
+        expected = self._expected()
+        rate = expected[depth] / statistics.median(row[depth])
+        return self._or_shallower(b, shallow(depth), rate, range(depth), expected)
+
+    def _or_shallower(self, b: int, choice: int, rate: float, depths: range, expected: list[float]) -> int:
+        """`choice`, expected to emit `rate` tokens per second, or the shallow depth among `depths`
+        (timed at b) whose rate beats it by the most, where that is more than its margin."""
+        best, score = choice, rate
+        for d in reversed(depths):  # deeper first: a tie keeps more modules
+            if d in self.shallow.get(b, {}):
+                margin = PLAIN_MARGIN if d == 0 else SHALLOW_MARGIN
+                if (s := expected[d] / statistics.median(self.shallow[b][d]) / margin) > score:
+                    best, score = shallow(d), s
+        return best
+
+    def _expected(self) -> list[float]:
+        """Tokens a pass verifying n = 0 .. max_drafts drafts is expected to emit."""
+        expected = [1.0]
         for a in self.rates():
             expected.append(expected[-1] + a)
-        n = max(self.choices, key=lambda n: (expected[n] / cost[n], -n))
-        if b in self.plain:
-            plain = statistics.median(self.plain[b])
-            if cost[n] > PLAIN_MARGIN * expected[n] * plain:  # 1 / plain > margin * expected / cost
-                return PLAIN
-        return n
+        return expected
 
     def observe_cost(self, batch: int, n: int, seconds: float) -> None:
-        """A greedy step's duration (n = PLAIN: a step that drafted nothing); only exact measured
-        batch sizes count (a smaller batch costs less), and only warm steps (see the module's doc)."""
+        """A greedy step's duration (n: a draft count, or a shallow choice that ran, PLAIN for a
+        step that drafted nothing); only exact measured batch sizes count (a smaller batch costs
+        less), and only warm steps (see the module's doc)."""
         shape = (batch, n, torch.get_num_threads())
         warm, self.last = self.last == shape, shape
         if not warm:
             return
-        if n == PLAIN:
-            if batch in self.plain:
-                self.plain[batch].append(seconds)
+        if (d := shallow_depth(n)) is not None:
+            if d in self.shallow.get(batch, {}):
+                self.shallow[batch][d].append(seconds)
         elif batch in self.recent and n in self.choices:
             self.recent[batch][n].append(seconds)
             self.last_seen[batch][n] = self.steps[batch]
@@ -149,11 +197,13 @@ class DraftPolicy:
         """What the policy does now, for /info."""
         out: dict[str, object] = {
             "acceptance": [round(a, 3) for a in self.rates()],
-            "drafts_by_batch": {b: "plain" if (n := self.best(b)) == PLAIN else n for b in self.batches},
+            "drafts_by_batch": {b: _describe(self.best(b)) for b in self.batches},
             "step_ms": {b: [round(c * 1e3, 3) for c in self.cost(b)] for b in self.batches},
         }
-        if self.plain:
-            out["plain_step_ms"] = {b: round(statistics.median(c) * 1e3, 3) for b, c in self.plain.items()}
+        if any(self.shallow.values()):  # by depth: 0 drafts nothing, d: d modules draft, d verified
+            out["shallow_step_ms"] = {
+                b: {d: round(statistics.median(c) * 1e3, 3) for d, c in row.items()} for b, row in self.shallow.items()
+            }
         return out
 
     def observe(self, offered: list[int], emitted: list[int]) -> None:
@@ -164,16 +214,22 @@ class DraftPolicy:
                 self.accepted[j] += j < e - 1
 
 
+def _describe(choice: int) -> int | str:
+    d = shallow_depth(choice)
+    return choice if d is None else "plain" if d == 0 else f"shallow {d}"
+
+
 def time_steps(
     step: Callable[[int, int], None],
     batches: list[int],
     max_drafts: int,
     reps: int = 8,
     counts: list[int] | None = None,
-    plain: bool = False,
-) -> tuple[dict[int, list[float]], dict[int, float]]:
-    """Seconds of step(batch, n_drafts) for every batch size and n = 0 .. max_drafts, and, with
-    `plain`, of step(batch, PLAIN) for every batch size (else {}).
+    depths: list[int] | None = None,
+) -> tuple[dict[int, list[float]], dict[int, dict[int, float]]]:
+    """Seconds of step(batch, n_drafts) for every batch size and n = 0 .. max_drafts, and of
+    step(batch, shallow(d)) for every batch size and each of `depths` (0: PLAIN), as
+    {batch: {d: seconds}} (else {}).
 
     With `counts`, only those draft counts are run; any other n costs what the next count
     above it does (a compiled step pads its tokens to that width).
@@ -185,7 +241,7 @@ def time_steps(
     and capped at (n+1) x the plain step (one pass never costs more than n+1 plain ones).
     """
     timed = sorted(set(counts)) if counts is not None else list(range(max_drafts + 1))
-    shapes = [(b, n) for b in batches for n in ([PLAIN] if plain else []) + timed]
+    shapes = [(b, n) for b in batches for n in [shallow(d) for d in depths or []] + timed]
     for b, n in shapes:
         step(b, n)
     times: dict[tuple[int, int], list[float]] = {shape: [] for shape in shapes}
@@ -202,18 +258,19 @@ def time_steps(
             median = statistics.median(times[b, next(m for m in timed if m >= n)])
             row.append(median if not row else min(max(median, row[-1]), (n + 1) * row[0]))
         costs[b] = row
-    plain_costs = {b: statistics.median(times[b, PLAIN]) for b in batches} if plain else {}
-    return costs, plain_costs
+    shallow_costs = {b: {d: statistics.median(times[b, shallow(d)]) for d in depths} for b in batches} if depths else {}
+    return costs, shallow_costs
 
 
 def time_verify_steps(
     model: MTPTransformer, max_batch_size: int, compiled: CompiledDecoder | None = None
-) -> tuple[dict[int, list[float]], dict[int, float]]:
+) -> tuple[dict[int, list[float]], dict[int, dict[int, float]]]:
     """Seconds of a greedy decode step at batch sizes 1, 2, 4, .. max_batch_size and 0 .. k-1
     drafts, on random tokens at position 64 (the inference thread, before any sequence holds a
     cache row). With `compiled`, the steps that will run: compiled ones where it has the shape,
-    at the draft counts it compiled. With sequential heads, also the plain step (no modules) at
-    each batch size (time_steps' second result; else {})."""
+    at the draft counts it compiled. With sequential heads, also the shallow steps at each batch
+    size: the plain step (no modules), and d = 1 .. k-2 modules verifying d drafts (time_steps'
+    second result; else {})."""
     k, vocab, dev = model.cfg.k, model.cfg.vocab_size, model.head.proj.weight.device
     sizes = sorted({min(2**i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
     counts = None
@@ -235,18 +292,20 @@ def time_verify_steps(
         )
         return inputs[b, n]
 
-    def step(b: int, n: int) -> None:
+    def step(b: int, choice: int) -> None:
         if compiled is not None and (threads := compiled.thread_counts(b)):
             torch.set_num_threads(max(threads))  # a count the step was compiled at
-        if n == PLAIN:  # what a batch of rows that do not speculate runs: the forward step alone
+        depth = shallow_depth(choice)
+        if depth == 0:  # what a batch of rows that do not speculate runs: the forward step alone
             plain_step(b)
             return
+        n = choice if depth is None else depth  # drafts verified; a shallow step's modules make as many
         cur, drafts, pos, max_accept, sampling, drafting = inputs.get((b, n)) or build(b, n)
-        if compiled is not None and compiled.covers(b, n + 1, greedy=True):  # what greedy batches run
-            compiled.greedy_step(cur, drafts if n else None, pos, max_accept, want_drafts=True)
+        if compiled is not None and compiled.covers(b, n + 1, greedy=True, n_drafts=depth):  # what greedy batches run
+            compiled.greedy_step(cur, drafts if n else None, pos, max_accept, want_drafts=True, n_drafts=depth)
         else:
             forward = compiled if compiled is not None and compiled.covers(b, n + 1) else None
-            out = forward_step(model, cur, drafts if n else None, pos, compiled=forward)
+            out = forward_step(model, cur, drafts if n else None, pos, compiled=forward, n_drafts=depth)
             accept_drafts(out.head1, drafts, None, max_accept, sampling, drafting, out.drafts, k - 1)
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -263,11 +322,12 @@ def time_verify_steps(
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    depths = list(range(k - 1)) if isinstance(model.head, SequentialHeads) else None
     with torch.inference_mode():
-        costs, plain = time_steps(step, sizes, k - 1, counts=counts, plain=isinstance(model.head, SequentialHeads))
+        costs, shallow_costs = time_steps(step, sizes, k - 1, counts=counts, depths=depths)
     log.info(
-        "verify-step cost (ms) by batch size and drafts: %s; plain steps: %s",
+        "verify-step cost (ms) by batch size and drafts: %s; shallow steps by depth (0: plain): %s",
         {b: [round(c * 1e3, 2) for c in row] for b, row in costs.items()},
-        {b: round(c * 1e3, 2) for b, c in plain.items()},
+        {b: {d: round(c * 1e3, 2) for d, c in row.items()} for b, row in shallow_costs.items()},
     )
-    return costs, plain
+    return costs, shallow_costs

@@ -95,6 +95,7 @@ class Engine:
                     "batch_sizes": compiled.batch_sizes,
                     "widths": compiled.widths,
                     "greedy_widths": compiled.greedy_widths,
+                    "shallow_depths": compiled.shallow_depths,
                     "threads": compiled.threads,
                     "seconds": round(time.perf_counter() - t0, 1),
                 }
@@ -107,10 +108,10 @@ class Engine:
             await self._warmup()
             if self.cfg.adaptive_drafts and self.cfg.draft_tokens is None and self.k > 1:
                 timing = functools.partial(time_verify_steps, self.model, self.cfg.max_batch_size, compiled)
-                costs, plain = await self.call(timing)
+                costs, shallow = await self.call(timing)
                 widths = (compiled.greedy_widths or compiled.widths) if compiled is not None else None
                 choices = [w - 1 for w in widths] if widths else None
-                policy = DraftPolicy(self.k - 1, costs, choices, plain)
+                policy = DraftPolicy(self.k - 1, costs, choices, shallow)
                 await self.call(functools.partial(setattr, self.core.batch, "policy", policy))
         await self.call(self.core.snapshot_policies)
         log.info("engine ready: k=%d, max_batch_size=%d, device=%s", self.k, self.cfg.max_batch_size, self.device)

@@ -1,11 +1,25 @@
-"""`mtp bench engine`: the continuous batch without HTTP, adaptive vs fixed draft counts."""
+"""`mtp bench engine`: the continuous batch without HTTP, adaptive vs fixed draft counts, and
+with sequential heads vs the policy without shallow steps. Eager steps here: the compiled
+ones have their own tests (tests/engine/test_compiled.py) and cost minutes to build."""
 
+from pathlib import Path
+
+import torch
+
+from app.model.checkpoint import save_checkpoint
+from app.model.config import ModelConfig
+from app.model.model import MTPTransformer
+from app.model.tokenizer import Tokenizer
 from bench.engine import bench_engine
+from tests.bench.conftest import TEXT
+
+EAGER = {"compile": False}
 
 
 def test_bench_engine_reports_both_draft_modes_at_both_stream_counts(byte_checkpoint: tuple[str, str]) -> None:
     ckpt, corpus = byte_checkpoint
-    r = bench_engine(ckpt, corpus, streams=4, new_tokens=8, repeats=1)
+    r = bench_engine(ckpt, corpus, streams=4, new_tokens=8, repeats=1, settings=EAGER)
+    assert set(r["tokens_per_s_median"]) == {"adaptive", "fixed"}  # linear heads: no shallow steps
     for mode in ("adaptive", "fixed"):
         assert set(r["tokens_per_s_median"][mode]) == {"1", "4"}
         assert all(v > 0 for v in r["tokens_per_s_median"][mode].values())
@@ -18,3 +32,19 @@ def test_bench_engine_reports_both_draft_modes_at_both_stream_counts(byte_checkp
     assert list(r["drafts_by_batch_size"]) == ["1", "2", "4"]  # batch sizes timed at start-up
     assert all(0 <= n <= 3 for n in r["drafts_by_batch_size"].values())  # k = 4: up to 3 drafts
     assert all(len(row) == 4 for row in r["step_ms_by_batch_and_drafts"].values())
+
+
+def test_bench_engine_sets_sequential_heads_against_the_policy_without_shallow_steps(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    tok = Tokenizer.train([TEXT], 257)
+    torch.manual_seed(0)
+    dims = {"d_model": 32, "n_layers": 2, "num_heads": 4, "d_ff": 64, "k": 3, "max_seq_len": 128}
+    cfg = ModelConfig(vocab_size=tok.vocab_size, head_type="sequential", **dims)
+    save_checkpoint(tmp_path / "ckpt", MTPTransformer(cfg), tok, dtype="float32")
+    r = bench_engine(str(tmp_path / "ckpt"), str(corpus), streams=2, new_tokens=8, repeats=1, settings=EAGER)
+    assert set(r["tokens_per_s_median"]) == {"adaptive", "fixed", "no_shallow"}
+    assert all(v > 0 for by in r["tokens_per_s_median"].values() for v in by.values())
+    assert {"adaptive_vs_no_shallow_1_stream", "adaptive_vs_no_shallow_2_streams"} <= set(r["ratios"])
+    # plain (0) and one module verifying one draft (1), timed at each batch size
+    assert all(set(row) == {0, 1} for row in r["shallow_step_ms_by_batch"].values())

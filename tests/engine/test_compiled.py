@@ -87,8 +87,8 @@ async def test_compiled_engine_with_sequential_modules_gives_the_eager_greedy_to
     )
     await engine.start(warmup=True)  # the draft policy times the fused steps, modules included
     policy = engine.core.batch.policy
-    plain_costs = dict(policy.plain)  # plain steps, which it timed too, may well be faster here:
-    policy.plain.clear()  # keep rows drafting until the end (the engine is idle between requests)
+    plain_costs = {b: row[0] for b, row in policy.shallow.items()}  # plain steps, which it timed too,
+    policy.shallow.clear()  # may well be faster here: keep rows drafting until the end (idle between requests)
     # and every draft count as dear as the others, whatever this machine times, so the policy
     # verifies both drafts (the most expected tokens) on all but its re-timing runs
     policy.recent = {b: [deque([1.0]) for _ in row] for b, row in policy.recent.items()}
@@ -124,11 +124,57 @@ async def test_compiled_engine_with_sequential_modules_gives_the_eager_greedy_to
     # now the policy goes plain at once: drafting steps look dear (1 s), and plain rows never
     # time a drafting step that could undo it (each request below chooses once, and none of
     # those choices is one of the every-32-steps re-timings)
-    policy.plain.update(plain_costs)
+    policy.shallow.update({b: {0: window} for b, window in plain_costs.items()})
     policy.recent = {b: [deque([1.0]) for _ in row] for b, row in policy.recent.items()}
     policy.steps = dict.fromkeys(policy.steps, 0)
     fused_before = fused_steps
     chosen = [await run(engine, GenerateJob(p, max_new_tokens=20)) for p in PROMPTS]
     assert [t for t, _ in chosen] == want and fused_steps == fused_before
     assert sum(fin.verify_steps for _, fin in chosen) == 0
+    assert graphs_compiled() == before
+
+
+async def test_compiled_shallow_steps_are_graphs_of_their_own_and_give_the_eager_greedy_tokens(
+    engine_factory: Callable[..., Any], sequential_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shallow step (the first of k - 1 = 2 modules drafts one token, and the step verifies it)
+    is compiled before the engine is ready and timed with the others. Where the policy picks it,
+    every step of the request runs it, one draft a step, with the eager plain tokens, and
+    nothing compiles once the engine is ready."""
+    engine = await engine_factory(
+        sequential_checkpoint,
+        start=False,
+        compile=True,
+        compile_autotune=False,
+        compile_cache_dir=str(tmp_path),
+        max_batch_size=1,
+        compile_draft_counts=[1],  # greedy widths 1, 2 and 3; a shallow step is width 2
+        adaptive_threads=False,  # one thread count: fewer graphs
+    )
+    await engine.start(warmup=True)
+    info = engine.info()["compiled"]
+    assert (info["greedy_widths"], info["shallow_depths"]) == ([1, 2, 3], [1])
+    policy = engine.core.batch.policy
+    assert set(policy.shallow[1]) == {0, 1}  # plain and shallow(1) steps were timed at start-up
+    # shallow(1) the clear pick whatever this machine timed
+    policy.recent = {b: [deque([1.0]) for _ in row] for b, row in policy.recent.items()}
+    policy.shallow = {b: {1: deque([1e-3])} for b in policy.shallow}
+    monkeypatch.setattr(policy, "observe_cost", lambda *args: None)
+    compiled = engine.core.batch.compiled
+    step, made = compiled.greedy_step, []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        made.append(args[6] if len(args) > 6 else kwargs.get("n_drafts"))
+        return step(*args, **kwargs)
+
+    compiled.greedy_step = counted
+    eager_model, tok = load_checkpoint(sequential_checkpoint)
+    want = static_generate(eager_model, PROMPTS, 20, speculative=False, eos_id=tok.eot_id).tokens
+
+    before = graphs_compiled()
+    got = [await run(engine, GenerateJob(p, max_new_tokens=20)) for p in PROMPTS]
+    assert [t for t, _ in got] == want
+    assert sum(fin.verify_steps for _, fin in got) > 0
+    assert all(fin.drafted_tokens == fin.verify_steps for _, fin in got)  # one draft a step
+    assert made and set(made) == {1}  # every fused step ran the shallow graph: one module drafted
     assert graphs_compiled() == before

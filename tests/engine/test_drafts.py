@@ -4,18 +4,21 @@ import time
 
 import pytest
 
-from app.engine.drafts import PLAIN, DraftPolicy, time_steps
+from app.engine.drafts import PLAIN, DraftPolicy, shallow, time_steps
 
 FLAT = [1.0, 1.0, 1.0, 1.0, 1.0]  # batch 1: a pass costs the same whatever it carries
 STEEP = [1.0, 1.2, 1.4, 1.6, 1.8]  # batch 16: every fed token adds a fifth of a plain step
 
 
 def policy_with_rates(
-    rates: list[float], costs: dict[int, list[float]], passes: int = 1000, plain: dict[int, float] | None = None
+    rates: list[float],
+    costs: dict[int, list[float]],
+    passes: int = 1000,
+    shallow: dict[int, dict[int, float]] | None = None,
 ) -> DraftPolicy:
     """A policy that has seen `passes` verify passes where draft j was accepted at rate rates[j]
     (cumulative: the first j drafts all agreed)."""
-    policy = DraftPolicy(len(rates), costs, plain=plain)
+    policy = DraftPolicy(len(rates), costs, shallow=shallow)
     for i in range(passes):
         accepted = sum(1 for r in rates if i < r * passes)  # the first `accepted` drafts agree
         policy.observe([len(rates)], [accepted + 1])
@@ -52,7 +55,7 @@ def test_time_steps_times_every_batch_size_and_draft_count() -> None:
     assert set(costs) == {1, 4} and all(len(row) == 3 for row in costs.values())
     # each shape once to warm it, then in each of the 2 rounds twice in a row (the second is timed)
     assert sorted(set(calls)) == [(b, n) for b in (1, 4) for n in range(3)] and len(calls) == 6 + 2 * 6 * 2
-    assert plain == {}  # plain steps are timed only when asked for (sequential heads)
+    assert plain == {}  # shallow and plain steps are timed only when asked for (sequential heads)
 
 
 def test_time_steps_never_lets_more_drafts_cost_less(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -106,31 +109,62 @@ def test_plain_steps_are_chosen_where_they_beat_every_draft_count_by_the_margin(
     cheaper. Batch 1 (overhead-bound) keeps drafting; batch 16 (compute-bound) goes plain, but
     only when plain beats the best draft count by PLAIN_MARGIN (a plain choice is for good)."""
     costs = {1: [1.0, 1.0, 1.0], 16: [1.0, 1.6, 2.2]}
-    policy = policy_with_rates([0.6, 0.4], costs, plain={1: 0.9, 16: 0.5})
+    policy = policy_with_rates([0.6, 0.4], costs, shallow={1: {0: 0.9}, 16: {0: 0.5}})
     assert policy.choose(1) == 2  # 2.0 tokens per unit against 1.11 plain
     assert policy.choose(16) == PLAIN  # 2.0 plain against 1.0 at best drafting
     assert policy.describe()["drafts_by_batch"] == {1: 2, 16: "plain"}
-    assert policy.describe()["plain_step_ms"] == {1: 900.0, 16: 500.0}
+    assert policy.describe()["shallow_step_ms"] == {1: {0: 900.0}, 16: {0: 500.0}}
     for _ in range(16):
         policy.observe_cost(16, PLAIN, 0.95)  # plain steps measured dearer: 1.05 is inside the margin
     assert policy.choose(16) != PLAIN
 
 
 def test_exploration_never_picks_plain() -> None:
-    policy = DraftPolicy(2, {4: [1.0, 1.0, 1.0]}, plain={4: 0.01})
+    policy = DraftPolicy(2, {4: [1.0, 1.0, 1.0]}, shallow={4: {0: 0.01}})
     picks = [policy.choose(4) for _ in range(200)]
     assert picks.count(PLAIN) == 200 - 2 * (200 // 32)  # every 32 steps, a run of 2 re-times a draft count
     assert [i for i, n in enumerate(picks, 1) if n != PLAIN][:4] == [31, 32, 63, 64]
     assert DraftPolicy(2, {4: [1.0, 1.0, 1.0]}).describe().keys() == {"acceptance", "drafts_by_batch", "step_ms"}
 
 
-def test_time_steps_times_plain_steps_beside_the_draft_counts() -> None:
+def test_time_steps_times_plain_and_shallow_steps_beside_the_draft_counts() -> None:
     calls: list[tuple[int, int]] = []
-    costs, plain = time_steps(lambda b, n: calls.append((b, n)), [1, 4], 1, reps=2, plain=True)
-    assert set(plain) == {1, 4} and set(costs) == {1, 4}
-    assert sorted(set(calls)) == [(b, n) for b in (1, 4) for n in (PLAIN, 0, 1)]
-    first_round = [(1, PLAIN), (1, 0), (1, 1), (4, PLAIN), (4, 0), (4, 1)]  # interleaved, each shape twice in a row
-    assert calls[6:18:2] == first_round and calls[7:18:2] == first_round
+    costs, by_depth = time_steps(lambda b, n: calls.append((b, n)), [1, 4], 2, reps=2, depths=[0, 1])
+    assert set(costs) == {1, 4} and all(set(row) == {0, 1} for row in by_depth.values()) and set(by_depth) == {1, 4}
+    one = shallow(1)  # the first module drafts, and the step verifies its draft
+    assert sorted(set(calls)) == sorted((b, n) for b in (1, 4) for n in (PLAIN, one, 0, 1, 2))
+    first_round = [(b, n) for b in (1, 4) for n in (PLAIN, one, 0, 1, 2)]  # interleaved, each shape twice in a row
+    assert calls[10:30:2] == first_round and calls[11:30:2] == first_round
+
+
+def test_a_shallow_step_is_chosen_where_it_beats_every_draft_count_by_the_margin() -> None:
+    """Sequential heads, k = 3: one module drafting one token can beat two modules drafting two
+    (batch 1, overhead-bound), though the second draft adds expected tokens. It must win by
+    SHALLOW_MARGIN (its rows lose their second module for good), and plain by PLAIN_MARGIN."""
+    costs = {1: [1.0, 1.0, 1.0], 4: [1.0, 1.0, 1.0]}
+    # 1.6 tokens for 0.7 (2.29 per unit) against 1.96 for 1.0 (1.96): shallow 1 by 1.17x
+    policy = policy_with_rates([0.6, 0.36], costs, shallow={1: {0: 0.9, 1: 0.7}, 4: {0: 0.9, 1: 0.8}})
+    assert policy.choose(1) == shallow(1)
+    assert policy.choose(4) == 2  # 1.6 / 0.8 = 2.0 is within 1.05 of 1.96: keep both modules
+    assert policy.describe()["drafts_by_batch"] == {1: "shallow 1", 4: 2}
+    assert policy.describe()["shallow_step_ms"] == {1: {0: 900.0, 1: 700.0}, 4: {0: 900.0, 1: 800.0}}
+    for _ in range(16):
+        policy.observe_cost(1, shallow(1), 0.9)  # shallow steps measured dearer: 1.78 per unit
+        policy.observe_cost(1, shallow(1), 0.9)
+    assert policy.choose(1) == 2
+
+
+def test_a_shallow_batch_only_goes_shallower() -> None:
+    """Rows that keep one module cannot verify two drafts again: their batch chooses between
+    that depth and plain, and plain must win by its margin; it is never re-timed at a draft count."""
+    policy = policy_with_rates([0.6, 0.36], {1: [0.1, 0.1, 0.1]}, shallow={1: {0: 0.9, 1: 1.0}})
+    assert policy.choose(1) == 2  # the full step is far cheaper, but these rows cannot take it
+    assert {policy.choose(1, depth=1) for _ in range(100)} == {shallow(1)}  # 1.6 per unit against 1.11 plain
+    for _ in range(16):
+        policy.observe_cost(1, PLAIN, 0.5)
+        policy.observe_cost(1, PLAIN, 0.5)  # plain: 2.0 per unit, beats 1.6 by more than 1.1
+    assert policy.choose(1, depth=1) == PLAIN
+    assert DraftPolicy(2, {1: [1.0] * 3}).choose(1, depth=1) == shallow(1)  # not timed shallow: kept as is
 
 
 def test_only_warm_steps_are_timed() -> None:

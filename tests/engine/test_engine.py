@@ -310,7 +310,7 @@ async def test_a_plain_choice_stops_drafting_for_good_and_keeps_greedy_output(
     async def install_policy() -> DraftPolicy:
         """Drafting is cheap at batch 1, plain is cheap at 2 and 4."""
         costs = {1: [1e-6] * 3, 2: [1.0] * 3, 4: [1.0] * 3}
-        policy = DraftPolicy(2, costs, plain={1: 1.0, 2: 1e-6, 4: 1e-6})
+        policy = DraftPolicy(2, costs, shallow={1: {0: 1.0}, 2: {0: 1e-6}, 4: {0: 1e-6}})
         await engine.call(functools.partial(setattr, engine.core.batch, "policy", policy))
         return policy
 
@@ -337,11 +337,46 @@ async def test_a_plain_choice_stops_drafting_for_good_and_keeps_greedy_output(
     assert c_fin.verify_steps > 0  # it asked for speculation: it kept drafting
     assert 0 < a_fin.verify_steps < steps - 1  # drafted alone, then plain once the second row joined
     assert b_fin.verify_steps == 0 and b_fin.drafted_tokens == 0
-    assert len(policy.plain[2]) > 1  # the plain steps that ran were timed
+    assert len(policy.shallow[2][0]) > 1  # the plain steps that ran were timed
 
     await install_policy()  # (the steps that ran have re-timed the made-up costs)
     tokens, fin = await run(engine, first)  # a row admitted later speculates again
     assert tokens == refs[0] and fin.verify_steps > 0
+
+
+async def test_a_shallow_choice_keeps_one_module_for_good_and_keeps_greedy_output(
+    engine_factory: Callable[..., Any], sequential_checkpoint: Path
+) -> None:
+    """k = 3: where one module drafting one token makes the faster step, the policy picks
+    shallow(1). The row then alone keeps one module for good: it verifies at most one draft
+    per step, also once a second row joins, which drafts with both modules again. Both give
+    the plain greedy tokens."""
+    engine = await engine_factory(sequential_checkpoint, max_batch_size=4)
+    first, second = GenerateJob(PROMPTS[0], 50), GenerateJob(PROMPTS[2], 30)
+    plain = [GenerateJob(j.prompt_ids, j.max_new_tokens, speculative=False) for j in (first, second)]
+    refs = [(await run(engine, j))[0] for j in plain]
+    costs = {1: [1.0] * 3, 2: [1e-6] * 3, 4: [1e-6] * 3}  # alone: shallow; two rows: both modules
+    policy = DraftPolicy(2, costs, shallow={1: {1: 1e-6}, 2: {1: 1.0}, 4: {1: 1.0}})
+    policy.observe_cost = lambda *args: None  # type: ignore[method-assign]  # this machine's timings aside
+    await engine.call(functools.partial(setattr, engine.core.batch, "policy", policy))
+    set_fault_hook(engine, lambda kind: time.sleep(0.002) if kind == "decode" else None)  # room to join
+
+    steps, a_tokens = 0, []
+    joined: asyncio.Future[list[tuple[list[int], FinishEvent]]] | None = None
+    async for event in engine.generate(first):
+        if isinstance(event, TokenEvent):
+            steps += 1
+            a_tokens.extend(event.token_ids)
+            if steps == 3:  # after the prefill's token and two shallow steps
+                joined = asyncio.gather(run(engine, second))
+        elif isinstance(event, FinishEvent):
+            a_fin = event
+    assert joined is not None
+    [(b_tokens, b_fin)] = await joined
+    assert a_tokens == refs[0] and b_tokens == refs[1]
+    assert a_fin.verify_steps > 0 and a_fin.drafted_tokens == a_fin.verify_steps  # one draft a step
+    assert b_fin.drafted_tokens > b_fin.verify_steps  # joined with both modules: two drafts a step
+    assert policy.describe()["drafts_by_batch"] == {1: "shallow 1", 2: 2, 4: 2}
 
 
 def _noted(steps: list[list[int]], *args: Any, **kw: Any) -> Any:
