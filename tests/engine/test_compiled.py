@@ -29,6 +29,26 @@ def graphs_compiled() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
+def fused_steps(engine: Any) -> list[int | None]:
+    """From now on, each fused greedy step the engine runs appends the drafts its modules make
+    (None: the decoder's default) to the returned list."""
+    compiled = engine.core.batch.compiled
+    step, made = compiled.greedy_step, []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        made.append(args[6] if len(args) > 6 else kwargs.get("n_drafts"))
+        return step(*args, **kwargs)
+
+    compiled.greedy_step = counted
+    return made
+
+
+def eager_tokens(checkpoint: Path) -> list[list[int]]:
+    """Plain greedy tokens of PROMPTS on an eager copy of the checkpoint (20 new tokens each)."""
+    model, tok = load_checkpoint(checkpoint)  # its own model: generate() must not touch the engine's caches
+    return static_generate(model, PROMPTS, 20, speculative=False, eos_id=tok.eot_id).tokens
+
+
 async def test_compiled_engine_gives_the_eager_greedy_tokens_and_never_compiles_after_start(
     engine_factory: Callable[..., Any], checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -47,8 +67,7 @@ async def test_compiled_engine_gives_the_eager_greedy_tokens_and_never_compiles_
     assert any(tmp_path.iterdir())  # Inductor's cache lives where the setting says
     policy = engine.core.batch.policy
     assert policy is not None and policy.choices == [0, 1, 2] and policy.batches == [1, 2, 4]  # 4: eager steps
-    eager_model, tok = load_checkpoint(checkpoint)  # generate() here must not touch the engine's caches
-    want = static_generate(eager_model, PROMPTS, 20, speculative=False, eos_id=tok.eot_id).tokens
+    want = eager_tokens(checkpoint)
 
     before = graphs_compiled()
     alone = [(await run(engine, GenerateJob(p, max_new_tokens=20)))[0] for p in PROMPTS]
@@ -95,30 +114,20 @@ async def test_compiled_engine_with_sequential_modules_gives_the_eager_greedy_to
     monkeypatch.setattr(policy, "observe_cost", lambda *args: None)
     info = engine.info()["compiled"]
     assert (info["batch_sizes"], info["greedy_widths"], info["widths"]) == ([1], [1, 3], [1, 3])
-    compiled = engine.core.batch.compiled
-    fused_steps = 0
-    step = compiled.greedy_step
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        nonlocal fused_steps
-        fused_steps += 1
-        return step(*args, **kwargs)
-
-    compiled.greedy_step = counted
-    eager_model, tok = load_checkpoint(sequential_checkpoint)
-    want = static_generate(eager_model, PROMPTS, 20, speculative=False, eos_id=tok.eot_id).tokens
+    fused = fused_steps(engine)
+    want = eager_tokens(sequential_checkpoint)
 
     before = graphs_compiled()
     alone = [await run(engine, GenerateJob(p, max_new_tokens=20)) for p in PROMPTS]
     assert [t for t, _ in alone] == want
     assert sum(fin.accepted_tokens for _, fin in alone) > 0  # the modules' drafts were verified and kept
-    assert fused_steps > 0
+    assert fused
     for rows, lengths in (((0, 1), (6, 20)), ((2, 3), (20, 6))):  # a batch of two, then its longer row alone
-        fused_before = fused_steps
+        fused_before = len(fused)
         jobs = [GenerateJob(PROMPTS[b], n) for b, n in zip(rows, lengths, strict=True)]
         two = await asyncio.gather(*(run(engine, job) for job in jobs))
         assert [t for t, _ in two] == [want[b][:n] for b, n in zip(rows, lengths, strict=True)]
-        assert fused_steps > fused_before
+        assert len(fused) > fused_before
     plain = await asyncio.gather(*(run(engine, GenerateJob(p, max_new_tokens=20, speculative=False)) for p in PROMPTS))
     assert [t for t, _ in plain] == want
     # now the policy goes plain at once: drafting steps look dear (1 s), and plain rows never
@@ -127,9 +136,9 @@ async def test_compiled_engine_with_sequential_modules_gives_the_eager_greedy_to
     policy.shallow.update({b: {0: window} for b, window in plain_costs.items()})
     policy.recent = {b: [deque([1.0]) for _ in row] for b, row in policy.recent.items()}
     policy.steps = dict.fromkeys(policy.steps, 0)
-    fused_before = fused_steps
+    fused_before = len(fused)
     chosen = [await run(engine, GenerateJob(p, max_new_tokens=20)) for p in PROMPTS]
-    assert [t for t, _ in chosen] == want and fused_steps == fused_before
+    assert [t for t, _ in chosen] == want and len(fused) == fused_before
     assert sum(fin.verify_steps for _, fin in chosen) == 0
     assert graphs_compiled() == before
 
@@ -160,16 +169,8 @@ async def test_compiled_shallow_steps_are_graphs_of_their_own_and_give_the_eager
     policy.recent = {b: [deque([1.0]) for _ in row] for b, row in policy.recent.items()}
     policy.shallow = {b: {1: deque([1e-3])} for b in policy.shallow}
     monkeypatch.setattr(policy, "observe_cost", lambda *args: None)
-    compiled = engine.core.batch.compiled
-    step, made = compiled.greedy_step, []
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        made.append(args[6] if len(args) > 6 else kwargs.get("n_drafts"))
-        return step(*args, **kwargs)
-
-    compiled.greedy_step = counted
-    eager_model, tok = load_checkpoint(sequential_checkpoint)
-    want = static_generate(eager_model, PROMPTS, 20, speculative=False, eos_id=tok.eot_id).tokens
+    made = fused_steps(engine)
+    want = eager_tokens(sequential_checkpoint)
 
     before = graphs_compiled()
     got = [await run(engine, GenerateJob(p, max_new_tokens=20)) for p in PROMPTS]
