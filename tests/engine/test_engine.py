@@ -379,6 +379,39 @@ async def test_a_shallow_choice_keeps_one_module_for_good_and_keeps_greedy_outpu
     assert policy.describe()["drafts_by_batch"] == {1: "shallow 1", 2: 2, 4: 2}
 
 
+async def test_a_seeded_sampled_row_beside_a_shallow_row_gives_its_own_text(
+    engine_factory: Callable[..., Any], sequential_checkpoint: Path
+) -> None:
+    """Batch invariance across depths: a seeded sampled request joining a row that keeps one
+    module (shallow) drafts with both modules and verifies both drafts, as alone, so it gives
+    the text it gives alone; the shallow row keeps its one draft a step and the plain tokens."""
+    engine = await engine_factory(sequential_checkpoint, max_batch_size=4)
+    greedy = GenerateJob(PROMPTS[0], 50)
+    sampled = GenerateJob(PROMPTS[2], 20, SamplingParams(do_sample=True, temperature=0.9, seed=11))
+    ref = (await run(engine, GenerateJob(greedy.prompt_ids, 50, speculative=False)))[0]
+    alone = (await run(engine, sampled))[0]
+    policy = DraftPolicy(2, {b: [1.0] * 3 for b in (1, 2, 4)}, shallow={b: {1: 1e-6} for b in (1, 2, 4)})
+    policy.observe_cost = lambda *args: None  # type: ignore[method-assign]  # this machine's timings aside
+    await engine.call(functools.partial(setattr, engine.core.batch, "policy", policy))
+    set_fault_hook(engine, lambda kind: time.sleep(0.002) if kind == "decode" else None)  # room to join
+
+    steps, tokens = 0, []
+    joined: asyncio.Future[list[tuple[list[int], FinishEvent]]] | None = None
+    async for event in engine.generate(greedy):
+        if isinstance(event, TokenEvent):
+            steps += 1
+            tokens.extend(event.token_ids)
+            if steps == 3:  # the greedy row is shallow by now
+                joined = asyncio.gather(run(engine, sampled))
+        elif isinstance(event, FinishEvent):
+            fin = event
+    assert joined is not None
+    [(beside, s_fin)] = await joined
+    assert tokens == ref and fin.drafted_tokens == fin.verify_steps  # one draft a step, all along
+    assert beside == alone
+    assert s_fin.drafted_tokens > s_fin.verify_steps  # the sampled row verified two drafts a step
+
+
 def _noted(steps: list[list[int]], *args: Any, **kw: Any) -> Any:
     res = accept_drafts(*args, **kw)
     steps.append(res.drafts[0].tolist())
