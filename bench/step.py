@@ -1,6 +1,8 @@
 """Where a decode step's time goes on this device: one forward at T = 1, 2, 4 and k fed tokens
 (batch 1, KV cache at position 100), eager and compiled (CompiledDecoder); the compiled T = 1
-step warm and right after steps of another shape; and the model's Linear shapes at M = 1 and
+step warm and right after steps of another shape; the engine's greedy steps at batch 1 (a plain
+step as the forward step with eager acceptance and as one fused graph, and with sequential
+heads a shallow step and a step of every module); and the model's Linear shapes at M = 1 and
 M = 4 rows."""
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from app.decoding.compiled import CompiledDecoder
 from app.decoding.generate import forward_step
 from app.decoding.sampling import BatchSampling, SamplingParams
+from app.decoding.speculative import accept_drafts
 from app.model.checkpoint import load_checkpoint
 from app.model.model import Block
 
@@ -64,12 +67,30 @@ def _switching_ms(
     return {**ms, "after_31_others": steps[0], "steps_after_31_others": steps}
 
 
+def _greedy_steps_ms(steps: dict[str, Callable[[], object]], rounds: int = 7, n: int = 50) -> dict[str, float]:
+    """Each step's median ms over `rounds` rounds that time every step in turn (n calls each,
+    after 5 untimed ones: a step right after another graph is cold), so drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            for _ in range(5):
+                fn()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times[name].append((time.perf_counter() - t0) / n)
+    return {name: round(statistics.median(ts) * 1e3, 3) for name, ts in times.items()}
+
+
 @torch.inference_mode()
 def bench_step(
     checkpoint: str, device: str = "cpu", dtype: str = "float32", compile: bool = True, autotune: bool = False
 ) -> dict[str, Any]:
     model, _ = load_checkpoint(checkpoint, device=device, dtype=dtype)
-    dec = CompiledDecoder(model, 1, autotune=autotune) if compile else None  # allocates the batch-1 caches either way
+    sequential = model.cfg.head_type == "sequential" and model.cfg.k > 2
+    shallow = [0, 1] if sequential else [0] if model.cfg.head_type == "sequential" else []
+    # allocates the batch-1 caches either way
+    dec = CompiledDecoder(model, 1, autotune=autotune, shallow_depths=shallow) if compile else None
     if dec is None:
         model.setup_caches(1)
     dev = model.head.proj.weight.device
@@ -101,6 +122,7 @@ def bench_step(
         forward[f"T={n + 1} (verify {n} drafts)"] = round(_ms(verify(n)), 3)
     compiled: dict[str, float] = {}
     switching: dict[str, Any] = {}
+    fused: dict[str, float] = {}
     if dec is not None:
         steps = {}
         for t in sorted({1, k}):
@@ -111,6 +133,26 @@ def bench_step(
             compiled[f"T={t}"] = round(_ms(steps[t]), 3)
         if k > 1:
             switching = _switching_ms(steps[1], steps[k])
+        compiled_dec, none = dec, cur.new_zeros(1, 0)
+
+        def plain_unfused() -> object:  # what a plain batch ran before its fused graph
+            head1 = forward_step(model, cur, None, pos, want_drafts=False, compiled=compiled_dec).head1
+            return accept_drafts(head1, none, None, zero, greedy, ~want, None, k - 1)
+
+        greedy_steps: dict[str, Callable[[], object]] = {
+            "plain: compiled forward + eager acceptance": plain_unfused,
+            "plain: one fused graph": lambda: compiled_dec.greedy_step(cur, None, pos, zero, want_drafts=False),
+        }
+        drafts = torch.randint(0, V, (1, k - 1), device=dev)
+        if sequential:
+            greedy_steps["one module, verifying 1 draft (shallow)"] = lambda: compiled_dec.greedy_step(
+                cur, drafts[:, :1], pos, zero + 1, want_drafts=True, n_drafts=1
+            )
+        if k > 1:
+            greedy_steps[f"every module or head, verifying {k - 1} drafts"] = lambda: compiled_dec.greedy_step(
+                cur, drafts, pos, zero + k - 1, want_drafts=True
+            )
+        fused = _greedy_steps_ms(greedy_steps)
     shapes = {}
     block = model.blocks[0]
     assert isinstance(block, Block)
@@ -142,6 +184,7 @@ def bench_step(
                 "compiled_trunk_and_head1_ms": compiled,
                 "compiled_verify_over_plain": round(compiled[f"T={k}"] / compiled["T=1"], 3),
                 "compiled_T1_after_a_switch_ms": switching,
+                "compiled_greedy_steps_ms": fused,
             }
             if compiled
             else {}

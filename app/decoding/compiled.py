@@ -75,7 +75,7 @@ class CompiledDecoder:
     linear heads, or the chain of sequential modules (n_drafts of them, default k - 1: the
     drafts a step makes, fixed so that each shape is one graph). shallow_depths: fewer module
     counts d, each also compiled as a greedy step of width d + 1 whose first d modules draft
-    (the engine's shallow steps, app/engine/drafts.py).
+    (the engine's shallow steps, app/engine/drafts.py; d = 0: a plain greedy step, no module).
     """
 
     def __init__(
@@ -108,12 +108,12 @@ class CompiledDecoder:
         self.threads: dict[int, list[int]] = {}  # batch size -> the thread counts warm() compiled it at
         if self.shallow_depths and (
             self.linear
-            or self.shallow_depths[0] < 1
+            or self.shallow_depths[0] < 0
             or self.shallow_depths[-1] >= self.n_drafts
             or any(self.greedy_widths is not None and d + 1 not in self.greedy_widths for d in self.shallow_depths)
         ):
             raise ValueError(
-                f"shallow depths need sequential heads, must be within 1..{self.n_drafts - 1}, "
+                f"shallow depths need sequential heads, must be within 0..{self.n_drafts - 1}, "
                 "and each depth + 1 must be a greedy width"
             )
         if self.batch_sizes is not None and (self.batch_sizes[0] < 1 or self.batch_sizes[-1] > max_batch):

@@ -142,13 +142,12 @@ class DecodeBatch:
         self.sampling = self._sampling()
 
     def _fused(self) -> bool:
-        """Whether this step can run as the compiled fused greedy step: every row greedy with no
-        penalty or bias, no row asking for top log-probabilities (the fused step keeps no
-        logits), and with sequential heads some row speculating (a fused step runs the modules;
-        a plain batch needs none of them and takes the forward step)."""
+        """Whether this step can run as a compiled fused greedy step: every row greedy with no
+        penalty or bias, and no row asking for top log-probabilities (the fused step keeps no
+        logits). Whether the step's shape was compiled is `covers`' to say: with sequential
+        heads, the modules it runs are part of the shape (none for a plain batch)."""
         return (
             self.compiled is not None
-            and (self.compiled.linear or (self.n_drafts > 0 and any(s.speculative for s in self.seqs)))
             and self.sampling.all_greedy
             and self.sampling.penalties is None
             and not any(s.item.request.top_logprobs for s in self.seqs)
@@ -189,7 +188,7 @@ class DecodeBatch:
         # so that the next step has real ones to verify: as many as the deepest row keeps
         make_drafts = bool(spec.any()) and depth > 0
         width = 1 + verified.shape[1]
-        made = depth if make_drafts else None
+        made = depth if make_drafts else 0  # modules run (linear heads: every head, always)
         compiled = self.compiled if self.compiled is not None and self.compiled.covers(len(self), width) else None
         if fused and self.compiled is not None and self.compiled.covers(len(self), width, greedy=True, n_drafts=made):
             # always drafting (one graph per shape, as compiled); no row speculates: unused

@@ -23,7 +23,8 @@ SMALL_BATCH = 2  # batch sizes compiled at one thread too, for the thread policy
 def compile_shapes(cfg: EngineConfig, model: MTPTransformer) -> tuple[list[int], list[int], list[int], list[int]]:
     """The batch sizes, the widths (tokens per row per step) of the forward step, those of
     the fused greedy step, and the shallow depths (sequential heads: module counts d below the
-    most, each a greedy step of width d + 1 whose first d modules draft) that the engine compiles.
+    most, each a greedy step of width d + 1 whose first d modules draft; d = 0 is the plain
+    greedy step, which runs no module) that the engine compiles.
 
     A batch pads to the next power of two (up to compile_max_batch_size). The draft policy picks, for
     all-greedy batches, among a few draft counts, each a width of the fused greedy step (with
@@ -38,7 +39,7 @@ def compile_shapes(cfg: EngineConfig, model: MTPTransformer) -> tuple[list[int],
     most = k - 1 if cfg.draft_tokens is None else min(cfg.draft_tokens, k - 1)
     chosen = sorted({1, most + 1} | {n + 1 for n in counts if 0 <= n < most})
     sequential = model.cfg.head_type == "sequential"
-    shallow = [d for d in range(1, most) if d + 1 in chosen] if sequential and cfg.draft_tokens is None else []
+    shallow = [d for d in range(most) if d + 1 in chosen] if sequential else []  # d = 0: a plain greedy step
     return sizes, sorted({1, most + 1}), chosen, shallow
 
 

@@ -296,7 +296,7 @@ def time_verify_steps(
         if compiled is not None and (threads := compiled.thread_counts(b)):
             torch.set_num_threads(max(threads))  # a count the step was compiled at
         depth = shallow_depth(choice)
-        if depth == 0:  # what a batch of rows that do not speculate runs: the forward step alone
+        if depth == 0:  # what a batch of rows that do not speculate runs: trunk and head 1 alone
             plain_step(b)
             return
         n = choice if depth is None else depth  # drafts verified; a shallow step's modules make as many
@@ -316,9 +316,12 @@ def time_verify_steps(
             zero = torch.zeros(b, dtype=torch.long, device=dev)
             inputs[b, PLAIN] = (cur, cur.new_zeros(b, 0), pos, zero, sampling, zero.bool())
         cur, no_drafts, pos, zero, sampling, no_rows = inputs[b, PLAIN]
-        forward = compiled if compiled is not None and compiled.covers(b, 1) else None
-        out = forward_step(model, cur, None, pos, want_drafts=False, compiled=forward)
-        accept_drafts(out.head1, no_drafts, None, zero, sampling, no_rows, None, k - 1)
+        if compiled is not None and compiled.covers(b, 1, greedy=True, n_drafts=0):  # the fused plain step
+            compiled.greedy_step(cur, None, pos, zero, want_drafts=False)
+        else:
+            forward = compiled if compiled is not None and compiled.covers(b, 1) else None
+            out = forward_step(model, cur, None, pos, want_drafts=False, compiled=forward)
+            accept_drafts(out.head1, no_drafts, None, zero, sampling, no_rows, None, k - 1)
         if dev.type == "cuda":
             torch.cuda.synchronize()
 

@@ -49,6 +49,27 @@ def test_bench_step_times_plain_and_verify_passes(byte_checkpoint: tuple[str, st
     assert r["verify_over_plain"] > 0 and "compiled_trunk_and_head1_ms" not in r
 
 
+def test_bench_step_times_the_fused_greedy_steps_of_sequential_heads(
+    byte_checkpoint: tuple[str, str], tmp_path: Path
+) -> None:
+    """Compiled (no autotuning: seconds a graph): the plain step unfused and fused, the shallow
+    step and the step of every module, each timed."""
+    _, tok = load_checkpoint(byte_checkpoint[0])
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size, d_model=32, n_layers=2, num_heads=4, d_ff=64, k=3, head_type="sequential"
+    )
+    seq = str(save_checkpoint(tmp_path / "seq", MTPTransformer(cfg), tok, dtype="float32"))
+    steps = bench_step(seq)["compiled_greedy_steps_ms"]
+    assert set(steps) == {
+        "plain: compiled forward + eager acceptance",
+        "plain: one fused graph",
+        "one module, verifying 1 draft (shallow)",
+        "every module or head, verifying 2 drafts",
+    }
+    assert all(v > 0 for v in steps.values())
+
+
 def test_the_step_after_a_switch_is_timed_against_a_warm_one() -> None:
     """A stand-in step that is slow right after the other shape ran, as a cold compiled graph is."""
     last = ["plain"]
