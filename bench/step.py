@@ -87,8 +87,8 @@ def bench_step(
     checkpoint: str, device: str = "cpu", dtype: str = "float32", compile: bool = True, autotune: bool = False
 ) -> dict[str, Any]:
     model, _ = load_checkpoint(checkpoint, device=device, dtype=dtype)
-    sequential = model.cfg.head_type == "sequential" and model.cfg.k > 2
-    shallow = [0, 1] if sequential else [0] if model.cfg.head_type == "sequential" else []
+    # sequential heads: the plain greedy step and, with two modules or more, the one-module step
+    shallow = list(range(min(2, model.cfg.k - 1))) if model.cfg.head_type == "sequential" else []
     # allocates the batch-1 caches either way
     dec = CompiledDecoder(model, 1, autotune=autotune, shallow_depths=shallow) if compile else None
     if dec is None:
@@ -144,7 +144,7 @@ def bench_step(
             "plain: one fused graph": lambda: compiled_dec.greedy_step(cur, None, pos, zero, want_drafts=False),
         }
         drafts = torch.randint(0, V, (1, k - 1), device=dev)
-        if sequential:
+        if 1 in shallow:
             greedy_steps["one module, verifying 1 draft (shallow)"] = lambda: compiled_dec.greedy_step(
                 cur, drafts[:, :1], pos, zero + 1, want_drafts=True, n_drafts=1
             )
