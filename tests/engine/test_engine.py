@@ -344,6 +344,28 @@ async def test_a_plain_choice_stops_drafting_for_good_and_keeps_greedy_output(
     assert tokens == refs[0] and fin.verify_steps > 0
 
 
+async def joined_after_two_steps(
+    engine: Engine, policy: DraftPolicy, first: GenerateJob, second: GenerateJob
+) -> list[tuple[list[int], FinishEvent]]:
+    """Under `policy` (blind to this machine's timings), `first` alone until its second decode
+    step, then `second` beside it: each one's tokens and finish event."""
+    policy.observe_cost = lambda *args: None  # type: ignore[method-assign]
+    await engine.call(functools.partial(setattr, engine.core.batch, "policy", policy))
+    set_fault_hook(engine, lambda kind: time.sleep(0.002) if kind == "decode" else None)  # room to join
+    steps, tokens = 0, []
+    joined: asyncio.Future[list[tuple[list[int], FinishEvent]]] | None = None
+    async for event in engine.generate(first):
+        if isinstance(event, TokenEvent):
+            steps += 1
+            tokens.extend(event.token_ids)
+            if steps == 3:  # after the prefill's token and two decode steps
+                joined = asyncio.gather(run(engine, second))
+        elif isinstance(event, FinishEvent):
+            fin = event
+    assert joined is not None
+    return [(tokens, fin), *await joined]
+
+
 async def test_a_shallow_choice_keeps_one_module_for_good_and_keeps_greedy_output(
     engine_factory: Callable[..., Any], sequential_checkpoint: Path
 ) -> None:
@@ -357,22 +379,7 @@ async def test_a_shallow_choice_keeps_one_module_for_good_and_keeps_greedy_outpu
     refs = [(await run(engine, j))[0] for j in plain]
     costs = {1: [1.0] * 3, 2: [1e-6] * 3, 4: [1e-6] * 3}  # alone: shallow; two rows: both modules
     policy = DraftPolicy(2, costs, shallow={1: {1: 1e-6}, 2: {1: 1.0}, 4: {1: 1.0}})
-    policy.observe_cost = lambda *args: None  # type: ignore[method-assign]  # this machine's timings aside
-    await engine.call(functools.partial(setattr, engine.core.batch, "policy", policy))
-    set_fault_hook(engine, lambda kind: time.sleep(0.002) if kind == "decode" else None)  # room to join
-
-    steps, a_tokens = 0, []
-    joined: asyncio.Future[list[tuple[list[int], FinishEvent]]] | None = None
-    async for event in engine.generate(first):
-        if isinstance(event, TokenEvent):
-            steps += 1
-            a_tokens.extend(event.token_ids)
-            if steps == 3:  # after the prefill's token and two shallow steps
-                joined = asyncio.gather(run(engine, second))
-        elif isinstance(event, FinishEvent):
-            a_fin = event
-    assert joined is not None
-    [(b_tokens, b_fin)] = await joined
+    (a_tokens, a_fin), (b_tokens, b_fin) = await joined_after_two_steps(engine, policy, first, second)
     assert a_tokens == refs[0] and b_tokens == refs[1]
     assert a_fin.verify_steps > 0 and a_fin.drafted_tokens == a_fin.verify_steps  # one draft a step
     assert b_fin.drafted_tokens > b_fin.verify_steps  # joined with both modules: two drafts a step
@@ -391,22 +398,7 @@ async def test_a_seeded_sampled_row_beside_a_shallow_row_gives_its_own_text(
     ref = (await run(engine, GenerateJob(greedy.prompt_ids, 50, speculative=False)))[0]
     alone = (await run(engine, sampled))[0]
     policy = DraftPolicy(2, {b: [1.0] * 3 for b in (1, 2, 4)}, shallow={b: {1: 1e-6} for b in (1, 2, 4)})
-    policy.observe_cost = lambda *args: None  # type: ignore[method-assign]  # this machine's timings aside
-    await engine.call(functools.partial(setattr, engine.core.batch, "policy", policy))
-    set_fault_hook(engine, lambda kind: time.sleep(0.002) if kind == "decode" else None)  # room to join
-
-    steps, tokens = 0, []
-    joined: asyncio.Future[list[tuple[list[int], FinishEvent]]] | None = None
-    async for event in engine.generate(greedy):
-        if isinstance(event, TokenEvent):
-            steps += 1
-            tokens.extend(event.token_ids)
-            if steps == 3:  # the greedy row is shallow by now
-                joined = asyncio.gather(run(engine, sampled))
-        elif isinstance(event, FinishEvent):
-            fin = event
-    assert joined is not None
-    [(beside, s_fin)] = await joined
+    (tokens, fin), (beside, s_fin) = await joined_after_two_steps(engine, policy, greedy, sampled)
     assert tokens == ref and fin.drafted_tokens == fin.verify_steps  # one draft a step, all along
     assert beside == alone
     assert s_fin.drafted_tokens > s_fin.verify_steps  # the sampled row verified two drafts a step
