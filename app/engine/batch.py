@@ -173,10 +173,11 @@ class DecodeBatch:
             fused = self._fused()
             if spec.any():  # rows that asked: they draft as many as they may, and the step is not timed
                 choice = None
+            depth = self._depth()
         elif shallow is not None:  # only the first `shallow` modules draft, for good
             for s in self.seqs:
                 s.depth = min(self._row_depth(s), shallow)
-        depth = self._depth()
+            depth = self._depth()
         n_drafts = min(depth, choice) if choice is not None and shallow is None else depth
         t0 = time.perf_counter()
         limits = [min(s.remaining - 1, self._row_depth(s)) if s.speculative else 0 for s in self.seqs]
