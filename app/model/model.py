@@ -119,6 +119,16 @@ class Block(nn.Module):
         return self.ln2(x + self.ffn(x))
 
 
+def head_span(heads: slice | None, k: int) -> tuple[int, int]:
+    """The first and one-past-last head (0-based) that `heads` (step 1; None: all k) selects.
+    Plain arithmetic, not slice.indices, which torch.compile's tracer breaks its graph at."""
+    if heads is None:
+        return 0, k
+    start, stop = heads.start or 0, k if heads.stop is None else heads.stop
+    start, stop = start + k if start < 0 else start, stop + k if stop < 0 else stop
+    return max(0, min(start, k)), max(0, min(stop, k))
+
+
 class MTPHead(nn.Module):
     """One Linear d_model -> k * vocab, viewed as k next-token distributions."""
 
@@ -131,7 +141,7 @@ class MTPHead(nn.Module):
         """Logits [..., k, V]; with `heads`, only those heads' rows of the projection are computed."""
         if heads is None:
             return self.proj(h).unflatten(-1, (self.k, self.vocab_size))  # [..., k, V]
-        start, stop, _ = heads.indices(self.k)
+        start, stop = head_span(heads, self.k)
         rows = slice(start * self.vocab_size, stop * self.vocab_size)  # contiguous rows: a view, no copy
         bias = self.proj.bias[rows] if self.proj.bias is not None else None
         return F.linear(h, self.proj.weight[rows], bias).unflatten(-1, (stop - start, self.vocab_size))
@@ -155,11 +165,17 @@ class MTPModule(nn.Module):
         )
 
     def forward(self, h_prev: Tensor, emb: Tensor, input_pos: Tensor | None, kv_len: int | None, row0: int) -> Tensor:
-        # normed in float32: under CPU autocast the state arrives in bf16, the norms' weights are float32
-        x = torch.cat([self.norm_h(h_prev.float()), self.norm_emb(emb.float())], dim=-1)  # [B, T, 2C]
+        # normed in float32 (under CPU autocast the state arrives in bf16; a bf16 model's weights are bf16)
+        x = torch.cat([_rms_float(self.norm_h, h_prev), _rms_float(self.norm_emb, emb)], dim=-1)  # [B, T, 2C]
         x = self.proj(x.to(h_prev.dtype))  # [B, T, C]
         x = self.block(x, input_pos, kv_len, row0)
         return self.ln_f(x) if self.ln_f is not None else x
+
+
+def _rms_float(norm: nn.RMSNorm, x: Tensor) -> Tensor:
+    """norm(x) computed in float32, whatever the dtypes of x and of the norm's weight."""
+    weight = norm.weight.float() if norm.weight is not None else None
+    return F.rms_norm(x.float(), norm.normalized_shape, weight, norm.eps)
 
 
 class SequentialHeads(nn.Module):
@@ -175,8 +191,7 @@ class SequentialHeads(nn.Module):
 
     def forward(self, h: Tensor, heads: slice | None = None) -> Tensor:
         """Head 1's logits [..., 1, V]; `heads` may only select head 1 (as MTPHead's slice(0, 1))."""
-        start, stop, _ = (heads or slice(None)).indices(self.k)
-        if (start, stop) != (0, 1):
+        if head_span(heads, self.k) != (0, 1):
             raise ValueError("sequential heads compute only head 1 from a state; run mtp_state for depths 2..k")
         return self.proj(h)[..., None, :]  # [..., 1, V]
 
