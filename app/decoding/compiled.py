@@ -4,6 +4,8 @@ generate() on a static batch and for the engine's continuous batch."""
 from __future__ import annotations
 
 import bisect
+import collections
+import threading
 import time
 import types
 from collections.abc import Callable, Iterable, Iterator
@@ -148,6 +150,7 @@ class CompiledDecoder:
                 if proj.bias is not None:
                     self._drafter.bias.copy_(proj.bias[V:])
         self._mode, self._options = mode, options  # of every shape's torch.compile
+        self.cuda_graphs = device.type == "cuda"  # each shape's graph replays as a CUDA graph
         self._graphs: dict[tuple[int, ...], Callable[..., Any]] = {}  # see _run
         skip_guards()
 
@@ -161,6 +164,8 @@ class CompiledDecoder:
         object, each shape is one graph, and the key (which this class builds from the padded
         shape, the draft count and the thread count: everything the graph was specialised on)
         has already chosen it. Its guards need not run, and do not: see skip_guards."""
+        if self.cuda_graphs:
+            _cuda_graph_thread_state()
         graph = self._graphs.get(key)
         if graph is None:
             func = fn.__func__  # type: ignore[attr-defined]
@@ -171,8 +176,15 @@ class CompiledDecoder:
                 types.MethodType(copy, self), dynamic=False, mode=self._mode, options=self._options
             )
             with torch.compiler.set_stance(skip_guard_eval_unsafe=False):  # Dynamo compiles only with guards on
-                return graph(*args)
-        return graph(*args)
+                out = graph(*args)
+        else:
+            out = graph(*args)
+        if self.cuda_graphs:
+            # A CUDA graph's outputs live in its memory pool, which the next replay (of any shape:
+            # each call starts a new CUDA-graph-tree generation) writes over, and callers keep some
+            # (drafts, the modules' carried states) into the next step: a few small copies.
+            out = tuple(t.clone() if isinstance(t, Tensor) else t for t in out)
+        return out
 
     def shapes(self, greedy: bool = False) -> list[tuple[int, int]]:
         """The (batch, width) shapes this decoder compiles (greedy: of the fused greedy step)."""
@@ -187,7 +199,6 @@ class CompiledDecoder:
         step at `widths`, the fused greedy step at `greedy_widths`. threads(batch): the
         intra-op thread counts to compile that batch size at (Dynamo guards on the count, and
         Inductor's C++ kernels are built for it); default: the current count."""
-        device = self.model.head.proj.weight.device
         before = torch.get_num_threads()
         try:
             shapes = [("forward", b, w) for b, w in self.shapes()]
@@ -199,21 +210,29 @@ class CompiledDecoder:
                 for n in self.threads[b]:
                     torch.set_num_threads(n)
                     t0 = time.perf_counter()
-                    with torch.inference_mode():
-                        idx = torch.zeros(b, w, dtype=torch.long, device=device)
-                        pos = torch.arange(w, device=device).expand(b, w)
-                        if kind == "forward":
-                            self(idx, pos)
-                        else:
-                            drafts = idx[:, 1:] if w > 1 else None
-                            made = w - 1 if kind == "shallow" else None
-                            zero = idx.new_zeros(b)
-                            self.greedy_step(idx[:, 0], drafts, pos[:, 0], zero, want_drafts=self.k > 1, n_drafts=made)
-                        if device.type == "cuda":
-                            torch.cuda.synchronize()
+                    # CUDA graph trees run a graph's first call eagerly, record it on the second
+                    # and replay it from the third: recorded here, before any request waits on it
+                    for _ in range(3 if self.cuda_graphs else 1):
+                        self._warm_step(kind, b, w)
                     yield kind, b, w, n, time.perf_counter() - t0
         finally:
             torch.set_num_threads(before)
+
+    def _warm_step(self, kind: str, b: int, w: int) -> None:
+        """One step of a shape on zeros, rows from 0 at positions 0.. (see warm)."""
+        device = self.model.head.proj.weight.device
+        with torch.inference_mode():
+            idx = torch.zeros(b, w, dtype=torch.long, device=device)
+            pos = torch.arange(w, device=device).expand(b, w)
+            if kind == "forward":
+                self(idx, pos)
+            else:
+                drafts = idx[:, 1:] if w > 1 else None
+                made = w - 1 if kind == "shallow" else None
+                zero = idx.new_zeros(b)
+                self.greedy_step(idx[:, 0], drafts, pos[:, 0], zero, want_drafts=self.k > 1, n_drafts=made)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
 
     def thread_counts(self, b: int) -> list[int] | None:
         """The thread counts a step of b rows was compiled at (None: not compiled, any count)."""
@@ -364,6 +383,20 @@ class CompiledDecoder:
         tokens, n_emitted, logprobs, nxt, new_states = self._run(self._eager_greedy_step, key, *args)
         kept = new_states[:B] if new_states is not None else None
         return StepResult(tokens[:B, :T], n_emitted[:B], logprobs[:B, :T], nxt[:B], None, kept)
+
+
+def _cuda_graph_thread_state() -> None:
+    """Give the calling thread the per-thread state of Inductor's CUDA graph trees if it has none.
+
+    torch 2.13 creates it in any thread on first use; older releases (2.11 seen) only in the
+    thread that imported Inductor and in autograd's, and assert (with no message) in others,
+    such as the engine's inference thread, which compiles and replays the engine's steps."""
+    from torch._inductor import cudagraph_trees as trees
+
+    if hasattr(trees.local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    trees.local.tree_manager_containers = {}
+    trees.local.tree_manager_locks = collections.defaultdict(threading.Lock)
 
 
 def _greedy_pick(j: int, logits: Tensor) -> Tensor:

@@ -188,3 +188,48 @@ def settled_entries(model, pos, P) -> list:
         for b, n in enumerate(ends.tolist()):
             out += [c.k_cache[b, :, :n].clone(), c.v_cache[b, :, :n].clone()]
     return out
+
+
+# --- CUDA: the compiled steps replayed as CUDA graphs (skipped without a GPU) ----------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def cudagraph_skips() -> int:
+    """How many graphs Inductor compiled without capturing a CUDA graph (mutated inputs, CPU ops...)."""
+    return int(torch._dynamo.utils.counters["inductor"]["cudagraph_skips"])
+
+
+@cuda
+def test_cuda_graph_steps_give_the_eager_greedy_tokens_at_every_batch_size_and_draft_count(peaked_model, make_prompts):
+    """On CUDA every compiled shape is captured as a CUDA graph (none skipped) while warm() runs,
+    and replaying them over the whole cache gives the eager plain tokens for batches of 1..4
+    rows (padded to 2 and 4) at 0..2 drafts (1 on the shallow one-module graph), the eager
+    speculative acceptance, and for seeded sampled rows on the forward step the eager sampled
+    tokens. What a step keeps for the next (drafts, the modules' states) survives the next
+    replay, which writes over the graphs' own outputs."""
+    model = copy.deepcopy(peaked_model(3, head_type="sequential")).cuda()
+    skips = cudagraph_skips()
+    dec = CompiledDecoder(model, 4, batch_sizes=[2, 4], widths=[3], greedy_widths=[1, 2, 3], shallow_depths=[0, 1])
+    assert dec.cuda_graphs and not dec.dynamic_kv
+    assert len(list(dec.warm())) == 2 * (1 + 3 + 2)
+    assert cudagraph_skips() == skips
+    graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    prompts = make_prompts(4, model.cfg.vocab_size, 1, 12, seed=25)
+    want = generate(model, prompts, N_NEW, speculative=False).tokens
+    accepted = 0
+    for n in range(1, 5):
+        for draft_tokens in range(3):
+            dec.attach()
+            got = generate(model, prompts[:n], N_NEW, speculative=True, compiled=dec, draft_tokens=draft_tokens)
+            assert_same_tokens(model, prompts[:n], got.tokens, want[:n], f"batch {n}, {draft_tokens} drafts")
+            eager = generate(model, prompts[:n], N_NEW, speculative=True, draft_tokens=draft_tokens)
+            assert got.stats.accepted_by_position == eager.stats.accepted_by_position, (n, draft_tokens)
+            accepted += got.stats.accepted
+    assert accepted > 50  # the modules' drafts, from the states carried between replays, were often right
+    sampled = [SamplingParams(do_sample=True, temperature=0.8, seed=s) for s in range(3)]
+    dec.attach()
+    got = generate(model, prompts[:3], N_NEW, sampled, compiled=dec)
+    assert got.tokens == generate(model, prompts[:3], N_NEW, sampled).tokens
+    assert int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) == graphs  # nothing compiled after warm()
+    assert cudagraph_skips() == skips

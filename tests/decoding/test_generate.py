@@ -36,7 +36,7 @@ def assert_same_tokens(model, prompts, got: list[list[int]], want: list[list[int
         if g == w:
             continue
         i = next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
-        logits = model(torch.tensor([prompt + w[:i]]))[0, -1, 0]
+        logits = model(torch.tensor([prompt + w[:i]], device=model.head.proj.weight.device))[0, -1, 0]
         top2 = logits.topk(2).values
         gap = float(top2[0] - top2[1])
         kind = "a float tie" if gap < TIE else "NOT a tie: a bug"

@@ -18,8 +18,8 @@ from app.model.checkpoint import load_checkpoint
 async def engine_factory(checkpoint: Path) -> AsyncIterator[Callable[..., Any]]:
     engines: list[Engine] = []
 
-    async def make(ckpt: Path | None = None, start: bool = True, **cfg: Any) -> Engine:
-        model, tok = load_checkpoint(ckpt or checkpoint)
+    async def make(ckpt: Path | None = None, start: bool = True, device: str = "cpu", **cfg: Any) -> Engine:
+        model, tok = load_checkpoint(ckpt or checkpoint, device=device)
         cfg.setdefault("compile", False)  # compiled steps: tests/engine/test_compiled.py
         engine = Engine(model, eos_id=tok.eot_id, cfg=EngineConfig(**cfg), metrics=Metrics(k=model.cfg.k))
         if start:

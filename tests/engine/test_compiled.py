@@ -43,9 +43,9 @@ def fused_steps(engine: Any) -> list[int | None]:
     return made
 
 
-def eager_tokens(checkpoint: Path) -> list[list[int]]:
+def eager_tokens(checkpoint: Path, device: str = "cpu") -> list[list[int]]:
     """Plain greedy tokens of PROMPTS on an eager copy of the checkpoint (20 new tokens each)."""
-    model, tok = load_checkpoint(checkpoint)  # its own model: generate() must not touch the engine's caches
+    model, tok = load_checkpoint(checkpoint, device=device)  # its own model: the engine keeps its caches
     return static_generate(model, PROMPTS, 20, speculative=False, eos_id=tok.eot_id).tokens
 
 
@@ -181,3 +181,50 @@ async def test_compiled_shallow_steps_are_graphs_of_their_own_and_give_the_eager
     assert all(fin.drafted_tokens == fin.verify_steps for _, fin in got)  # one draft a step
     assert made and set(made) == {1}  # every fused step ran the shallow graph: one module drafted
     assert graphs_compiled() == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("ckpt", ["checkpoint", "sequential_checkpoint"])
+async def test_the_engine_on_cuda_replays_cuda_graphs_with_the_eager_greedy_tokens(
+    engine_factory: Callable[..., Any], request: pytest.FixtureRequest, tmp_path: Path, ckpt: str
+) -> None:
+    """On CUDA the engine captures every compiled shape as a CUDA graph before it is ready (none
+    skipped). Requests alone, in batches of up to 4 (3 and 4 rows on eager steps, then their
+    last rows alone on the graphs, over the caches and states the eager steps left), plain,
+    and asking for top log-probabilities (the forward step) get the eager plain tokens;
+    seeded sampled requests get the same text twice; nothing compiles once the engine is ready."""
+    path = request.getfixturevalue(ckpt)
+    skips = int(torch._dynamo.utils.counters["inductor"]["cudagraph_skips"])
+    engine = await engine_factory(
+        path,
+        start=False,
+        device="cuda",
+        compile=True,
+        compile_cache_dir=str(tmp_path),
+        max_batch_size=4,
+        compile_max_batch_size=2,  # batches of 3 and 4 run eager steps
+        compile_draft_counts=[],  # widths 1 and 3: fewer graphs
+    )
+    await engine.start(warmup=True)
+    info = engine.info()["compiled"]
+    assert info["batch_sizes"] == [1, 2]
+    want = eager_tokens(path, "cuda")
+    before = graphs_compiled()
+    alone = [(await run(engine, GenerateJob(p, max_new_tokens=20)))[0] for p in PROMPTS]
+    three = await asyncio.gather(*(run(engine, GenerateJob(p, max_new_tokens=20)) for p in PROMPTS[:3]))
+    plain = await asyncio.gather(*(run(engine, GenerateJob(p, max_new_tokens=20, speculative=False)) for p in PROMPTS))
+    mixed = await asyncio.gather(
+        *(run(engine, GenerateJob(p, max_new_tokens=20, top_logprobs=2 * (i % 2))) for i, p in enumerate(PROMPTS))
+    )
+    sampled = SamplingParams(do_sample=True, temperature=0.8, seed=1)
+    twice = [
+        await asyncio.gather(*(run(engine, GenerateJob(p, max_new_tokens=20, sampling=sampled)) for p in PROMPTS))
+        for _ in range(2)
+    ]
+    assert alone == want
+    assert [t for t, _ in three] == want[:3]
+    assert [t for t, _ in plain] == want
+    assert [t for t, _ in mixed] == want
+    assert [t for t, _ in twice[0]] == [t for t, _ in twice[1]]  # seeded: the same text again
+    assert graphs_compiled() == before
+    assert int(torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]) == skips
