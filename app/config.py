@@ -43,7 +43,8 @@ class Settings(BaseSettings):
     # compiled decode steps (app/engine/compile.py): not ready until compiled; false: eager steps
     compile: bool = ENGINE.compile
     compile_autotune: bool = ENGINE.compile_autotune  # CPU: Inductor's C++ GEMM vs MKL per matmul
-    compile_max_batch_size: int = Field(ENGINE.compile_max_batch_size, ge=1)  # larger batches: eager steps
+    # larger batches: eager steps; None: 4 on CPU, max_batch_size on CUDA
+    compile_max_batch_size: int | None = Field(ENGINE.compile_max_batch_size, ge=1)
     compile_cache_dir: str | None = ENGINE.compile_cache_dir  # None: $TORCHINDUCTOR_CACHE_DIR or ~/.cache/mtp/inductor
     compile_draft_counts: list[int] | None = Field(ENGINE.compile_draft_counts)  # None: 1, 3 and k - 1
 

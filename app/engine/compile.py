@@ -26,14 +26,14 @@ def compile_shapes(cfg: EngineConfig, model: MTPTransformer) -> tuple[list[int],
     most, each a greedy step of width d + 1 whose first d modules draft; d = 0 is the plain
     greedy step, which runs no module) that the engine compiles.
 
-    A batch pads to the next power of two (up to compile_max_batch_size). The draft policy picks, for
+    A batch pads to the next power of two (up to compiled_batch_limit). The draft policy picks, for
     all-greedy batches, among a few draft counts, each a width of the fused greedy step (with
     sequential heads it runs the modules too). Other batches (sampled, penalized, or asking
     for top log-probabilities, and with sequential heads plain ones) run the forward step and
     verify no drafts or the most any row verifies (sampled rows verify every draft), so it
     needs only those two widths. Fewer widths: fewer graphs, more padding."""
     k = model.cfg.k
-    top = min(cfg.max_batch_size, cfg.compile_max_batch_size)  # larger batches run eager steps
+    top = compiled_batch_limit(cfg, model.head.proj.weight.device.type)  # larger batches run eager steps
     sizes = sorted({min(2**i, top) for i in range(top.bit_length() + 1)})
     counts = cfg.compile_draft_counts if cfg.compile_draft_counts is not None else [1, 3]
     most = k - 1 if cfg.draft_tokens is None else min(cfg.draft_tokens, k - 1)
@@ -41,6 +41,19 @@ def compile_shapes(cfg: EngineConfig, model: MTPTransformer) -> tuple[list[int],
     sequential = model.cfg.head_type == "sequential"
     shallow = [d for d in range(most) if d + 1 in chosen] if sequential else []  # d = 0: a plain greedy step
     return sizes, sorted({1, most + 1}), chosen, shallow
+
+
+CPU_COMPILE_MAX_BATCH = 4  # compile_max_batch_size's default on CPU
+
+
+def compiled_batch_limit(cfg: EngineConfig, device_type: str) -> int:
+    """The largest batch size compiled: compile_max_batch_size, by default CPU_COMPILE_MAX_BATCH on
+    CPU and every batch size on CUDA (as vLLM and SGLang capture a CUDA graph per batch bucket),
+    never past max_batch_size."""
+    limit = cfg.compile_max_batch_size
+    if limit is None:
+        limit = cfg.max_batch_size if device_type == "cuda" else CPU_COMPILE_MAX_BATCH
+    return min(cfg.max_batch_size, limit)
 
 
 def thread_counts(cfg: EngineConfig, model: MTPTransformer, batch: int) -> list[int]:

@@ -31,9 +31,11 @@ class EngineConfig:
     # decode steps as torch.compile'd graphs at fixed shapes (app/decoding/compiled.py); False: eager
     compile: bool = True
     compile_autotune: bool = True  # CPU: time Inductor's C++ GEMMs against MKL per matmul (slower cold start)
-    # largest batch compiled; larger batches run eager steps: there the matmuls dominate a step,
-    # and each compiled batch size costs minutes of start-up
-    compile_max_batch_size: int = 4
+    # largest batch compiled; larger batches run eager steps. None: 4 on CPU, where the matmuls
+    # dominate a larger batch's step and each compiled batch size costs minutes of start-up;
+    # max_batch_size on CUDA, where a small model's eager step is kernel launches at any batch
+    # size and a CUDA graph replays them all at once (see compiled_batch_limit)
+    compile_max_batch_size: int | None = None
     compile_cache_dir: str | None = None  # Inductor's on-disk cache; None: $TORCHINDUCTOR_CACHE_DIR or torch's
     # draft counts a compiled verify pass may carry (a step pads to the next); None: 0, 1, 3 and k - 1
     compile_draft_counts: list[int] | None = None
