@@ -4,14 +4,14 @@
 #   2. the served /generate benchmark (bench.served): offline generate(), eager and on the
 #      service's compiled steps, then a real server's single stream and 16 streams;
 #   3. benchmark 1 (speculative vs plain greedy, eager) and 3 (the service under load).
-# Each phase gets what is left of GPU_BUDGET_S (default 420 s), so a slow phase cannot starve
+# Each phase gets what is left of GPU_BUDGET_S (default 540 s), so a slow phase cannot starve
 # the ones before it of their results. Results land in $OUT (default docs/bench/gpu).
 #
 #   bash bench/gpu.sh      # from a checkout, with the project's packages and a CUDA torch
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-docs/bench/gpu}
-BUDGET=${GPU_BUDGET_S:-420}
+BUDGET=${GPU_BUDGET_S:-540}
 mkdir -p "$OUT"
 python3 - <<'PY' || exit 1
 import sys, torch
@@ -37,7 +37,7 @@ phase() {  # phase NAME CAP_S COMMAND...: run with the smaller of CAP_S and what
     echo "bench/gpu.sh: $name rc=$rc in $((SECONDS - t0)) s (cap $cap s)"
     ((rc != 0)) && failed=1
 }
-phase tests 130 python3 -m pytest -q -p no:cacheprovider -rs tests/decoding/test_compiled.py tests/engine/test_compiled.py -k cuda
+phase tests 180 python3 -m pytest -q -p no:cacheprovider -rs tests/decoding/test_compiled.py tests/engine/test_compiled.py -k cuda
 phase served 300 python3 -m bench.served --device cuda --rounds 1 --prompts 4 --skip-eager-offline --out "$OUT/served.json"
 phase speculative 60 python3 -m app.cli --log-level WARNING bench speculative --device cuda --dtype bfloat16 \
     --prompts 4 --no-compile --out "$OUT/speculative.json"
