@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's checks and benchmarks on CUDA, in one call sized to a short GPU lease:
 #   1. the CUDA-only tests (compiled steps captured and replayed as CUDA graphs: eager tokens);
-#   2. the served /generate benchmark (bench.served): offline generate(), eager and on the
-#      service's compiled steps, then a real server's single stream and 16 streams;
+#   2. the served /generate benchmark (bench.served): offline generate() on the service's
+#      compiled steps, then a real server's single stream and 16 streams;
 #   3. benchmark 1 (speculative vs plain greedy, eager) and 3 (the service under load).
 # Each phase gets what is left of GPU_BUDGET_S (default 540 s), so a slow phase cannot starve
 # the ones before it of their results. Results land in $OUT (default docs/bench/gpu).
