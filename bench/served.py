@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -72,6 +74,13 @@ def offline_rate(
         "best_drafts": best,
         "tokens_per_s": round(rates[best], 1),
     }
+
+
+def progress(what: str, result: dict[str, Any]) -> dict[str, Any]:
+    """result, after printing it on one line to stderr: a run stopped part-way still shows the
+    phases it finished (the JSON comes at the end)."""
+    print(f"bench.served: {what}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    return result
 
 
 def baseline_tree(ref: str) -> Path:
@@ -129,14 +138,19 @@ def bench_served(
         "prompts": prompts,
         "torch_threads": torch.get_num_threads(),
         "device": device,
-        **({} if skip_eager else {"offline": offline_rate(checkpoint, ids, new_tokens, device)}),
-        "offline_compiled": offline_rate(checkpoint, ids, new_tokens, device, compiled=True),
     }
+    if not skip_eager:
+        out["offline"] = progress("offline eager", offline_rate(checkpoint, ids, new_tokens, device))
+    out["offline_compiled"] = progress(
+        "offline compiled", offline_rate(checkpoint, ids, new_tokens, device, compiled=True)
+    )
     trees = {"this": ROOT, **({"baseline": baseline_tree(baseline)} if baseline else {})}
     phases: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
     for _ in range(rounds):
         for name, root in trees.items():  # A, B, A, B: drift on this machine hits both alike
-            phases[name].append(served_phase(root, checkpoint, device, texts, streams, new_tokens))
+            phases[name].append(
+                progress(f"server {name}", served_phase(root, checkpoint, device, texts, streams, new_tokens))
+            )
     many = f"{streams}_streams"
     med = {
         name: {key: statistics.median(p[key]["tokens_per_s"] for p in runs) for key in ("1_stream", many)}
