@@ -100,12 +100,14 @@ class GenFinal:
 
 
 async def run_generation(
-    engine: EngineClient, tok: Tokenizer, prompt_ids: list[int], opts: GenOptions
+    engine: EngineClient, tok: Tokenizer, prompt_ids: list[int], opts: GenOptions, whole: bool = False
 ) -> AsyncGenerator[GenToken | GenFinal, None]:
     """Yield one GenToken per generated token, then a GenFinal. Raises EngineError on failure.
 
     Leaving the loop early (client gone, stop sequence) closes the engine stream, which
-    removes the sequence from the batch at the next step.
+    removes the sequence from the batch at the next step. whole: the caller uses nothing before
+    the GenFinal (a non-streamed reply); unless a stop sequence must be watched for as the text
+    grows, the engine then hands the tokens over once, at the end (GenerateJob.final_only).
     """
     sampling = opts.sampling()
     request = GenerateJob(
@@ -116,6 +118,7 @@ async def run_generation(
         request_id=request_id_var.get(),
         top_logprobs=opts.top_logprobs,
         prompt_logprobs=opts.prompt_logprobs,
+        final_only=whole and not opts.stop,
     )
     spec = engine.speculates(request)
     decoder = tok.stream_decoder()

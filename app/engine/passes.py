@@ -37,6 +37,7 @@ from app.engine.types import (
     StepOutput,
     TokenEvent,
     WorkItem,
+    joined,
 )
 from app.model.model import MTPTransformer
 
@@ -140,7 +141,8 @@ class Passes:
             error = EngineFailure(f"forward pass failed: {type(exc).__name__}")
             out.events.extend((item, ErrorEvent(error)) for item in items)
             return
-        out.events.extend((item, PromptEvent(lps)) for item, lps in scored)  # before the first tokens
+        for item, lps in scored:  # before the first tokens
+            self._send(out, item, PromptEvent(lps))
         self._update(out, outputs)
 
     def _prefill(self, seqs: list[RunningSequence]) -> tuple[list[Emitted], list[tuple[GenerateItem, list[float]]]]:
@@ -246,7 +248,7 @@ class Passes:
             if toks:
                 self.stats.tokens(len(toks), seq.item.submitted, seq.last_token_at, now)
                 seq.last_token_at = now
-                out.events.append((seq.item, TokenEvent(toks, lps, final=reason is not None, top=e.top)))
+                self._send(out, seq.item, TokenEvent(toks, lps, final=reason is not None, top=e.top))
             if reason is not None:
                 self._end(out, seq, reason=reason)
         self._drop_ended()
@@ -266,7 +268,19 @@ class Passes:
             verify_steps=seq.verify_steps,
             seed=req.sampling.seed,
         )
-        out.events.append((seq.item, finish))
+        self._send(out, seq.item, finish)
+
+    def _send(self, out: StepOutput, item: GenerateItem, event: PromptEvent | TokenEvent | FinishEvent) -> None:
+        """Hand `event` over with this step's outputs; a final_only request's wait on its item
+        until its FinishEvent, and go with it, their tokens as one TokenEvent."""
+        if not item.request.final_only:
+            out.events.append((item, event))
+        elif not isinstance(event, FinishEvent):
+            item.held.append(event)
+        else:
+            out.events.extend((item, e) for e in joined(item.held))
+            item.held = []
+            out.events.append((item, event))
 
     def _drop_ended(self) -> None:
         """Ended sequences leave the batch now; their cache rows are compacted before the next pass."""

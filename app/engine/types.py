@@ -63,6 +63,10 @@ class GenerateJob:
     request_id: str = ""
     top_logprobs: int = 0  # per generated token, the most likely tokens and their logprobs
     prompt_logprobs: bool = False  # score the prompt's own tokens under head 1 (a PromptEvent)
+    # the caller reads nothing before the end (a non-streamed reply with no stop sequence to
+    # watch): its events wait in the core and come in one hand-off with the FinishEvent, their
+    # tokens as one TokenEvent, so that its steps never wake the event loop (vLLM's FINAL_ONLY)
+    final_only: bool = False
 
 
 @dataclass
@@ -102,6 +106,26 @@ class ErrorEvent:
 Event = PromptEvent | TokenEvent | FinishEvent | ErrorEvent
 
 
+def joined(events: list[Event]) -> list[Event]:
+    """A final_only request's held events as it gets them: its TokenEvents as one (where the
+    first was), whose `final` is the last one's."""
+    out: list[Event] = []
+    one: TokenEvent | None = None
+    for e in events:
+        if not isinstance(e, TokenEvent):
+            out.append(e)
+        elif one is None:
+            one = TokenEvent(list(e.token_ids), list(e.logprobs), e.final, None if e.top is None else list(e.top))
+            out.append(one)
+        else:
+            one.token_ids += e.token_ids
+            one.logprobs += e.logprobs
+            one.final = e.final
+            if e.top is not None:
+                one.top = (one.top or []) + e.top
+    return out
+
+
 @dataclass(eq=False)
 class WorkItem:
     """A request waiting for, or held by, the worker."""
@@ -123,6 +147,7 @@ class GenerateItem(WorkItem):
     request: GenerateJob = field(default_factory=lambda: GenerateJob([], 1))
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     finished: bool = False
+    held: list[Event] = field(default_factory=list)  # a final_only request's events so far (the core's)
 
 
 @dataclass

@@ -453,6 +453,85 @@ async def test_one_token_generation_takes_one_forward_pass(engine_factory: Calla
     assert forward_passes(engine) - before == 1
 
 
+# ---- final-only requests ----------------------------------------------------------------------
+
+
+def count_hand_offs(engine: Engine) -> list[int]:
+    """A list that grows by one at each of the core's hand-offs to the event loop from now on."""
+    calls: list[int] = []
+    post = engine.core.post
+
+    def counted(out: Any) -> object:
+        calls.append(1)
+        return post(out)
+
+    engine.core.post = counted
+    return calls
+
+
+async def test_a_final_only_request_gets_the_streamed_events_joined_in_one_hand_off(
+    engine_factory: Callable[..., Any],
+) -> None:
+    """Without final_only, each decode step hands its tokens to the event loop; with it, the
+    sequence's prompt scores, all its tokens as one TokenEvent, and its FinishEvent come in the
+    one hand-off that ends it (the other: its leaving the queue), with the same content."""
+    engine = await engine_factory()
+    job = functools.partial(GenerateJob, [5, 17, 42], 24, top_logprobs=3, prompt_logprobs=True)
+    hand_offs = count_hand_offs(engine)
+    streamed = [event async for event in engine.generate(job())]
+    streamed_hand_offs = len(hand_offs)
+    hand_offs.clear()
+    whole = [event async for event in engine.generate(job(final_only=True))]
+    assert len(hand_offs) == 2 < streamed_hand_offs
+    tokens = [e for e in streamed if isinstance(e, TokenEvent)]
+    assert len(tokens) > 2  # several steps
+    prompt, one, finish = whole
+    assert prompt == streamed[0] and finish == streamed[-1]
+    assert isinstance(one, TokenEvent) and one.final
+    assert one.token_ids == [t for e in tokens for t in e.token_ids]
+    assert one.logprobs == [lp for e in tokens for lp in e.logprobs]
+    assert one.top == [row for e in tokens for row in e.top or []]
+    assert len(one.token_ids) == 24
+
+
+async def test_final_only_requests_in_a_batch_with_streamed_ones_get_their_greedy_tokens(
+    engine_factory: Callable[..., Any],
+) -> None:
+    engine = await engine_factory()
+    refs = [(await run(engine, GenerateJob(p, 20)))[0] for p in PROMPTS]
+    jobs = [GenerateJob(p, 20, final_only=i % 2 == 0) for i, p in enumerate(PROMPTS)]
+    got = await asyncio.gather(*(run(engine, job) for job in jobs))
+    assert [t for t, _ in got] == refs
+
+
+async def test_a_final_only_request_that_goes_away_frees_its_row_at_the_next_step(
+    engine_factory: Callable[..., Any],
+) -> None:
+    engine = await engine_factory()
+    set_fault_hook(engine, lambda kind: time.sleep(0.01))
+    cancelled = counter(engine, "mtp_request_failures_total", reason="cancelled")
+    waiting = asyncio.create_task(run(engine, GenerateJob([5, 6, 7], 60, speculative=False, final_only=True)))
+    await wait_for(lambda: counter(engine, "mtp_running_sequences") == 1)
+    await asyncio.sleep(0.05)  # a few steps, none of them handed over
+    waiting.cancel()
+    passes = forward_passes(engine)
+    await wait_for(lambda: counter(engine, "mtp_running_sequences") == 0)
+    assert forward_passes(engine) <= passes + 1
+    assert engine.pending() == 0
+    assert counter(engine, "mtp_request_failures_total", reason="cancelled") == cancelled + 1
+
+
+async def test_a_final_only_request_past_its_deadline_gets_the_timeout_alone(
+    engine_factory: Callable[..., Any],
+) -> None:
+    engine = await engine_factory(request_timeout_s=0.3)
+    set_fault_hook(engine, lambda kind: time.sleep(0.02))  # 60 steps: about 1.2 s
+    events = [e async for e in engine.generate(GenerateJob([5, 6, 7], 60, speculative=False, final_only=True))]
+    assert len(events) == 1 and isinstance(events[0], ErrorEvent)
+    assert isinstance(events[0].error, EngineTimeout)
+    assert engine.pending() == 0
+
+
 # ---- lifecycle, overload, cancellation, faults ----------------------------------------------
 
 

@@ -177,7 +177,7 @@ def _token(t: GenToken) -> Token:
 
 async def complete(serving: Serving, ids: list[int], opts: GenOptions) -> GenFinal:
     """Run a generation to the end (non-streaming); the engine's deadline bounds it (504)."""
-    async for out in run_generation(serving.engine, serving.tokenizer, ids, opts):
+    async for out in run_generation(serving.engine, serving.tokenizer, ids, opts, whole=True):
         if isinstance(out, GenFinal):
             return out
     raise APIError(500, "generation ended without a result", "incomplete_generation")

@@ -129,7 +129,7 @@ async def all_or_nothing(works: list[Coroutine[Any, Any, T]]) -> list[T]:
 
 
 async def run_to_end(serving: Serving, ids: list[int], opts: GenOptions) -> GenFinal:
-    async for out in run_generation(serving.engine, serving.tokenizer, ids, opts):
+    async for out in run_generation(serving.engine, serving.tokenizer, ids, opts, whole=True):
         if isinstance(out, GenFinal):
             return out
     raise APIError(500, "generation ended without a result", "internal")
