@@ -8,7 +8,8 @@ Phases, one torch process at a time (two would fight over the cores):
      model's own speed" at batch 1;
   2. servers in alternating phases A, B, A, B ... (this checkout, then GIT_REF's code checked
      out in a temporary worktree), each measuring one sequential stream and `streams`
-     concurrent ones (POST /generate, streamed, greedy, default speculation).
+     concurrent ones (POST /generate, greedy, default speculation; the sequential stream both
+     streamed and as JSON replies, the concurrent ones streamed).
 Every ratio is computed from figures of this one run; a server's figure is the median of its rounds.
 """
 
@@ -102,7 +103,8 @@ def served_phase(
     settings: Mapping[str, object] | None = None,
 ) -> dict[str, Any]:
     """One server of root's code on the checkpoint, default settings (plus `settings`; the tests
-    turn compile off): one sequential stream through the texts, then `streams` concurrent ones."""
+    turn compile off): one sequential stream through the texts, streamed (SSE) and then as JSON
+    replies, then `streams` concurrent streamed ones."""
     base = {
         "log_level": "WARNING",
         "device": device,
@@ -112,8 +114,9 @@ def served_phase(
     }
     with running(checkpoint, base, root=root, ready_timeout=1800) as srv:  # a cold compile: minutes
         one = asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts)))
+        json_one = asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts), stream=False))
         many = asyncio.run(generate_load(srv.url, texts, streams, new_tokens, 2))
-    return {"1_stream": one, f"{streams}_streams": many}
+    return {"1_stream": one, "1_stream_json": json_one, f"{streams}_streams": many}
 
 
 def bench_served(
@@ -151,20 +154,22 @@ def bench_served(
             phases[name].append(
                 progress(f"server {name}", served_phase(root, checkpoint, device, texts, streams, new_tokens))
             )
-    many = f"{streams}_streams"
+    keys = ("1_stream", "1_stream_json", f"{streams}_streams")
     med = {
-        name: {key: statistics.median(p[key]["tokens_per_s"] for p in runs) for key in ("1_stream", many)}
+        name: {key: statistics.median(p[key]["tokens_per_s"] for p in runs) for key in keys}
         for name, runs in phases.items()
     }
     out["phases"] = phases
     out["tokens_per_s"] = med
-    one = med["this"]["1_stream"]
-    ratios = {"1_stream_vs_offline_compiled": round(one / out["offline_compiled"]["tokens_per_s"], 3)}
+    ratios = {
+        f"{key}_vs_offline_compiled": round(med["this"][key] / out["offline_compiled"]["tokens_per_s"], 3)
+        for key in keys[:2]
+    }
     if not skip_eager:
-        ratios["1_stream_vs_offline"] = round(one / out["offline"]["tokens_per_s"], 3)
+        ratios["1_stream_vs_offline"] = round(med["this"]["1_stream"] / out["offline"]["tokens_per_s"], 3)
     if baseline:
         out["baseline"] = baseline
-        for key in ("1_stream", many):
+        for key in keys:
             ratios[f"{key}_vs_baseline"] = round(med["this"][key] / med["baseline"][key], 2)
     out["ratios"] = ratios
     return out

@@ -133,8 +133,12 @@ async def read_sse(
             events.extend(frames)
 
 
-async def generate_load(url: str, texts: list[str], streams: int, new_tokens: int, rounds: int) -> dict[str, Any]:
-    """`streams` keep-alive connections, each streaming `rounds` /generate requests back to back."""
+async def generate_load(
+    url: str, texts: list[str], streams: int, new_tokens: int, rounds: int, stream: bool = True
+) -> dict[str, Any]:
+    """`streams` keep-alive connections, each sending `rounds` /generate requests back to back:
+    streamed (SSE, one event per token), or with stream=False as one JSON reply each, whose
+    details count its tokens (no time to first token then)."""
     ttft: list[float] = []
     lat: list[float] = []
     tokens = 0
@@ -142,33 +146,48 @@ async def generate_load(url: str, texts: list[str], streams: int, new_tokens: in
     host, port = url.removeprefix("http://").split(":")
 
     def request(text: str) -> bytes:
-        return raw_post("/generate", {"inputs": text, "parameters": {"max_new_tokens": new_tokens}, "stream": True})
+        params = {"max_new_tokens": new_tokens, "details": not stream}
+        return raw_post("/generate", {"inputs": text, "parameters": params, "stream": stream})
 
-    async def stream(i: int) -> None:
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, text: str) -> int | None:
+        """The request's tokens, or None if it failed."""
+        t0 = time.perf_counter()
+        if not stream:
+            status, _, body = await read_response(reader, writer, request(text))
+            if status != 200:
+                return None
+            lat.append(time.perf_counter() - t0)
+            return int(json.loads(body)["details"]["generated_tokens"])
+        status, arrivals, error = await read_sse(reader, writer, request(text))
+        if status != 200 or error or not arrivals:
+            return None
+        ttft.append(arrivals[0] - t0)
+        lat.append(arrivals[-1] - t0)
+        return len(arrivals)  # one event per token
+
+    async def client(i: int) -> None:
         nonlocal tokens, errors
         reader, writer = await asyncio.open_connection(host, int(port))
         for r in range(rounds):
-            t0 = time.perf_counter()
-            status, arrivals, error = await read_sse(reader, writer, request(texts[(r * streams + i) % len(texts)]))
-            if status != 200 or error or not arrivals:
+            n = await one(reader, writer, texts[(r * streams + i) % len(texts)])
+            if n is None:
                 errors += 1
-                continue
-            ttft.append(arrivals[0] - t0)
-            lat.append(arrivals[-1] - t0)
-            tokens += len(arrivals)  # one event per token
+            else:
+                tokens += n
         writer.close()
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(stream(i) for i in range(streams)))
+    await asyncio.gather(*(client(i) for i in range(streams)))
     wall = time.perf_counter() - t0
     return {
         "streams": streams,
+        "streamed": stream,
         "sequences": len(lat),
         "errors": errors,
         "tokens": tokens,
         "tokens_per_s": round(tokens / wall, 1),
-        "ttft_p50_ms": round(pct(ttft, 0.5) * 1000, 1),
-        "ttft_p99_ms": round(pct(ttft, 0.99) * 1000, 1),
+        "ttft_p50_ms": round(pct(ttft, 0.5) * 1000, 1) if ttft else None,
+        "ttft_p99_ms": round(pct(ttft, 0.99) * 1000, 1) if ttft else None,
         "latency_p50_ms": round(pct(lat, 0.5) * 1000, 1),
         "latency_p99_ms": round(pct(lat, 0.99) * 1000, 1),
     }
