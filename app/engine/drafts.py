@@ -28,6 +28,13 @@ that re-time the draft count seen least recently. Start-up timings are medians o
 rounds, and capped at what n+1 plain steps would cost (feeding n+1 tokens in one pass never
 costs more).
 
+Timings are kept per intra-op thread count. The thread policy (threads.py) runs a batch size
+at one thread or at all of them, and re-times the other now and then; a step at one thread costs
+more, and by another ratio for each draft count. Mixed in one window, a stretch of one-thread
+steps made the draft count that ran look dearer than the others, timed at two threads, and
+turned the batch-1 choice to plain steps on a quiet machine. So each thread count has its own
+table, which starts from the start-up timings and follows the steps run at that count.
+
 Only warm steps are timed: one that follows a step of the same batch size, draft count and
 thread count. The first step after a change is cold: a compiled step of another shape is another
 graph, with its own copy of the weights (Inductor freezes them into each graph) to bring back
@@ -49,6 +56,7 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -84,6 +92,15 @@ def shallow_depth(choice: int) -> int | None:
     return -1 - choice if choice < 0 else None
 
 
+@dataclass
+class Timings:
+    """One intra-op thread count's recent step timings (DraftPolicy.table)."""
+
+    recent: dict[int, list[deque[float]]]
+    shallow: dict[int, dict[int, deque[float]]]
+    last_seen: dict[int, list[int]]
+
+
 class DraftPolicy:
     def __init__(
         self,
@@ -101,17 +118,52 @@ class DraftPolicy:
         self.choices = sorted(set(choices)) if choices is not None else list(range(max_drafts + 1))
         self.batches = sorted(costs)
         self.costs = costs
+        self.start_shallow = shallow or {}
         self.offered = [0] * max_drafts  # verify passes in which draft position j was offered
         self.accepted = [0] * max_drafts  # ... and accepted
-        self.recent = {b: [deque([c], maxlen=RECENT_STEPS) for c in row] for b, row in costs.items()}
         self.steps = dict.fromkeys(costs, 0)  # choices made per measured batch size
-        self.last_seen = {b: [0] * (max_drafts + 1) for b in costs}  # step count when n was last timed
-        self.shallow = {
-            b: {d: deque([c], maxlen=RECENT_STEPS) for d, c in sorted(row.items()) if d < max_drafts}
-            for b, row in (shallow or {}).items()
-            if b in costs
-        }
+        self.tables: dict[int, Timings] = {}  # by intra-op thread count (the module's doc)
+        # the count of the core's last choice or timing (its thread's; torch keeps one per
+        # thread): the accessors below read that count's table, from whatever thread they run on
+        self.threads = torch.get_num_threads()
         self.last: tuple[int, int, int] | None = None  # the last step's (batch, n, threads): the next is warm if equal
+
+    def table(self) -> Timings:
+        """The timings of the thread count the core runs at (self.threads), begun from the start-up ones."""
+        if (table := self.tables.get(self.threads)) is None:
+            table = self.tables[self.threads] = Timings(
+                recent={b: [deque([c], maxlen=RECENT_STEPS) for c in row] for b, row in self.costs.items()},
+                shallow={
+                    b: {d: deque([c], maxlen=RECENT_STEPS) for d, c in sorted(row.items()) if d < self.max_drafts}
+                    for b, row in self.start_shallow.items()
+                    if b in self.costs
+                },
+                last_seen={b: [0] * (self.max_drafts + 1) for b in self.costs},
+            )
+        return table
+
+    @property
+    def recent(self) -> dict[int, list[deque[float]]]:
+        """recent[batch][n]: the last timings of steps verifying n drafts (at this thread count)."""
+        return self.table().recent
+
+    @recent.setter
+    def recent(self, value: dict[int, list[deque[float]]]) -> None:
+        self.table().recent = value
+
+    @property
+    def shallow(self) -> dict[int, dict[int, deque[float]]]:
+        """shallow[batch][d]: the last timings of shallow steps of depth d (at this thread count)."""
+        return self.table().shallow
+
+    @shallow.setter
+    def shallow(self, value: dict[int, dict[int, deque[float]]]) -> None:
+        self.table().shallow = value
+
+    @property
+    def last_seen(self) -> dict[int, list[int]]:
+        """last_seen[batch][n]: the step count when n was last timed (at this thread count)."""
+        return self.table().last_seen
 
     def cost(self, batch: int) -> list[float]:
         """Current seconds per step at n = 0 .. max_drafts for a measured batch size: medians of recent steps."""
@@ -134,6 +186,7 @@ class DraftPolicy:
         may only go shallower."""
         if not self.batches or self.max_drafts == 0:
             return self.max_drafts
+        self.threads = torch.get_num_threads()
         b = self._bucket(batch)  # the nearest measured batch size at or above
         if depth is not None and depth < self.max_drafts:
             return self._shallower(b, depth)
@@ -182,7 +235,8 @@ class DraftPolicy:
         """A greedy step's duration (n: a draft count, or a shallow choice that ran, PLAIN for a
         step that drafted nothing); only exact measured batch sizes count (a smaller batch costs
         less), and only warm steps (see the module's doc)."""
-        shape = (batch, n, torch.get_num_threads())
+        self.threads = torch.get_num_threads()
+        shape = (batch, n, self.threads)
         warm, self.last = self.last == shape, shape
         if not warm:
             return

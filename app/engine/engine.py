@@ -111,7 +111,8 @@ class Engine:
                 costs, shallow = await self.call(timing)
                 widths = (compiled.greedy_widths or compiled.widths) if compiled is not None else None
                 choices = [w - 1 for w in widths] if widths else None
-                policy = DraftPolicy(self.k - 1, costs, choices, shallow)
+                # made on the inference thread, at the thread count its steps run at (drafts.py)
+                policy = await self.call(functools.partial(DraftPolicy, self.k - 1, costs, choices, shallow))
                 await self.call(functools.partial(setattr, self.core.batch, "policy", policy))
         await self.call(self.core.snapshot_policies)
         log.info("engine ready: k=%d, max_batch_size=%d, device=%s", self.k, self.cfg.max_batch_size, self.device)

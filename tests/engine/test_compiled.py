@@ -115,6 +115,7 @@ async def test_compiled_engine_with_sequential_modules_gives_the_eager_greedy_to
         max_batch_size=2,
         compile_max_batch_size=1,  # four graphs: compiling costs seconds each
         compile_draft_counts=[],  # widths 1 and 3
+        adaptive_threads=False,  # one thread count, whose timings the test sets below
     )
     await engine.start(warmup=True)  # the draft policy times the fused steps, modules included
     policy = engine.core.batch.policy

@@ -3,6 +3,7 @@
 import time
 
 import pytest
+import torch
 
 from app.engine.drafts import PLAIN, DraftPolicy, shallow, time_steps
 
@@ -181,3 +182,31 @@ def test_only_warm_steps_are_timed() -> None:
         last = n
     assert policy.cost(1) == [1.0, 1.0, 1.0]  # never a cold step's 4.0
     assert policy.best(1) == 2
+
+
+def test_each_thread_count_keeps_its_own_timings() -> None:
+    """Steps at one intra-op thread count (the thread policy's, threads.py) never enter the
+    timings of another: a stretch of one-thread steps, dearer for the draft count that runs,
+    leaves the choice at the other count as its own steps make it. The tables read are those
+    of the count of the core's last choice or timing."""
+    before = torch.get_num_threads()
+    policy = policy_with_rates([0.6, 0.36], {1: [1.0, 1.0, 1.0]})
+    try:
+        torch.set_num_threads(2)
+        for _ in range(32):
+            policy.observe_cost(1, 2, 0.5)  # at two threads, verifying two drafts is cheap
+        assert policy.best(1) == 2
+        torch.set_num_threads(1)
+        policy.observe_cost(1, 0, 1.0)  # the first step at one thread (cold: not timed)
+        assert policy.cost(1) == [1.0, 1.0, 1.0]  # its table begins from the start-up timings
+        for _ in range(32):
+            policy.observe_cost(1, 2, 3.0)  # at one thread, far dearer (the second step is the warm one)
+            policy.observe_cost(1, 2, 3.0)
+            policy.observe_cost(1, 0, 1.0)
+            policy.observe_cost(1, 0, 1.0)
+        assert policy.cost(1) == [1.0, 1.0, 3.0] and policy.best(1) == 1
+        torch.set_num_threads(2)
+        policy.choose(1)  # the core's next choice, at two threads again
+        assert policy.cost(1) == [1.0, 1.0, 0.5] and policy.best(1) == 2
+    finally:
+        torch.set_num_threads(before)
