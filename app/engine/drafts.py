@@ -40,8 +40,12 @@ thread count. The first step after a change is cold: a compiled step of another 
 graph, with its own copy of the weights (Inductor freezes them into each graph) to bring back
 into the CPU's caches. A batch-1 step took 0.249 ms warm and 0.476 ms after 31 steps of another
 width (`mtp bench step --autotune`, docs/bench/step-switch.json), so timing single steps between
-others made every draft count but the running one look about twice its cost. Start-up rounds run each
-shape twice in a row and time the second; a re-timing run's first step is not timed.
+others made every draft count but the running one look about twice its cost. A re-timing run's first
+step is not timed. A graph also stays cold for a few steps: the 2nd to 6th steps after the switch
+took 1.55, 1.26, 1.12, 1.06 and 1.03 times a warm one (docs/benchmarks.md, benchmark 5, run 6). So
+start-up rounds, which set the costs of the shapes that do not run until they are chosen (shallow
+steps: only when chosen, since their rows keep the fewer modules for good), run each shape
+STARTUP_WARM_STEPS times in a row before the one they time.
 
 Greedy output does not depend on n. Sampled rows do (through their random draws), so a batch
 with a sampled speculative row always verifies every draft: a seeded request then gives the
@@ -76,6 +80,7 @@ PRIOR_CONDITIONAL = 0.7  # prior a_j = 0.7 * a_(j-1): positions a busy batch nev
 RECENT_STEPS = 16  # step timings kept per (batch, n); their median is the cost
 EXPLORE_EVERY = 32  # every 32nd step at a batch size re-times the draft count measured least recently
 EXPLORE_RUN = 2  # ... in a run of this many steps, the first of which (cold) is not timed
+STARTUP_WARM_STEPS = 4  # untimed steps of a shape in a row before each start-up timing of it (its 5th)
 PLAIN = -1  # choose(): a step that drafts nothing, and its rows stop speculating (sequential heads)
 PLAIN_MARGIN = 1.1  # PLAIN must give this many times the best draft count's tokens/s: it is for good
 SHALLOW_MARGIN = 1.05  # ... and a shallow step with modules this many times: its rows lose the deeper drafts
@@ -289,9 +294,9 @@ def time_steps(
     above it does (a compiled step pads its tokens to that width).
 
     Each shape is run once to warm it, then `reps` rounds time every shape in turn, so a burst
-    of interference hits all shapes alike rather than a few; in each round a shape runs twice
-    and its second, warm, run is timed (the module's doc); the median of a shape's rounds is
-    its cost. A row is then made non-decreasing in n (feeding more tokens never costs less)
+    of interference hits all shapes alike rather than a few; in each round a shape runs
+    STARTUP_WARM_STEPS times in a row and then once timed, warm (the module's doc); the median
+    of a shape's rounds is its cost. A row is then made non-decreasing in n (feeding more tokens never costs less)
     and capped at (n+1) x the plain step (one pass never costs more than n+1 plain ones).
     """
     timed = sorted(set(counts)) if counts is not None else list(range(max_drafts + 1))
@@ -301,7 +306,8 @@ def time_steps(
     times: dict[tuple[int, int], list[float]] = {shape: [] for shape in shapes}
     for _ in range(reps):
         for b, n in shapes:
-            step(b, n)  # cold: the shape before was another
+            for _ in range(STARTUP_WARM_STEPS):  # cold: the shape before was another
+                step(b, n)
             t0 = time.perf_counter()
             step(b, n)
             times[b, n].append(time.perf_counter() - t0)

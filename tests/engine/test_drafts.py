@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from app.engine.drafts import PLAIN, DraftPolicy, shallow, time_steps
+from app.engine.drafts import PLAIN, STARTUP_WARM_STEPS, DraftPolicy, shallow, time_steps
 
 FLAT = [1.0, 1.0, 1.0, 1.0, 1.0]  # batch 1: a pass costs the same whatever it carries
 STEEP = [1.0, 1.2, 1.4, 1.6, 1.8]  # batch 16: every fed token adds a fifth of a plain step
@@ -54,8 +54,9 @@ def test_time_steps_times_every_batch_size_and_draft_count() -> None:
     calls: list[tuple[int, int]] = []
     costs, plain = time_steps(lambda b, n: calls.append((b, n)), [1, 4], 2, reps=2)
     assert set(costs) == {1, 4} and all(len(row) == 3 for row in costs.values())
-    # each shape once to warm it, then in each of the 2 rounds twice in a row (the second is timed)
-    assert sorted(set(calls)) == [(b, n) for b in (1, 4) for n in range(3)] and len(calls) == 6 + 2 * 6 * 2
+    # each shape once to warm it, then in each of the 2 rounds STARTUP_WARM_STEPS + 1 times in a row (the last timed)
+    run = STARTUP_WARM_STEPS + 1
+    assert sorted(set(calls)) == [(b, n) for b in (1, 4) for n in range(3)] and len(calls) == 6 + 2 * 6 * run
     assert plain == {}  # shallow and plain steps are timed only when asked for (sequential heads)
 
 
@@ -91,12 +92,33 @@ def test_step_timings_only_count_at_measured_batch_sizes() -> None:
     assert policy.cost(4) == [1.0, 1.0]
 
 
+def test_time_steps_times_each_shape_warm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiled graph stays cold for a few steps after another ran (benchmark 5, run 6): the
+    start-up costs are of warm steps, not of a shape's second step in a row."""
+    clock = [0.0]
+    warm = {0: 1.0, 1: 1.5, 2: 2.0, shallow(1): 1.25}
+    cold = [3.0, 1.9, 1.5, 1.2]  # 1st, 2nd, .. step of a shape after another, times its warm cost
+    last: list[tuple[int, int] | None] = [None]
+    in_a_row = [0]
+
+    def step(b: int, n: int) -> None:
+        in_a_row[0] = in_a_row[0] + 1 if last[0] == (b, n) else 0
+        last[0] = (b, n)
+        clock[0] += warm[n] * (cold[in_a_row[0]] if in_a_row[0] < len(cold) else 1.0)
+
+    monkeypatch.setattr("app.engine.drafts.time.perf_counter", lambda: clock[0])
+    costs, by_depth = time_steps(step, [1], 2, reps=3, depths=[1])
+    assert costs[1] == [1.0, 1.5, 2.0]
+    assert by_depth[1] == {1: 1.25}
+
+
 def test_time_steps_takes_medians_and_caps_outliers() -> None:
     calls = {"n": 0}
 
     def step(b: int, n: int) -> None:
         calls["n"] += 1
-        time.sleep(0.03 if calls["n"] == 7 else 0.001)  # one burst, in the first round's timed n = 1 step
+        first_round_timed_n1 = 3 + 2 * (STARTUP_WARM_STEPS + 1)  # after 3 warm-ups and n = 0's run
+        time.sleep(0.03 if calls["n"] == first_round_timed_n1 else 0.001)  # one burst, in that step
         if n == 2:
             time.sleep(0.02)  # a shape that is always slow, past (n+1) x the plain step
 
@@ -134,8 +156,10 @@ def test_time_steps_times_plain_and_shallow_steps_beside_the_draft_counts() -> N
     assert set(costs) == {1, 4} and all(set(row) == {0, 1} for row in by_depth.values()) and set(by_depth) == {1, 4}
     one = shallow(1)  # the first module drafts, and the step verifies its draft
     assert sorted(set(calls)) == sorted((b, n) for b in (1, 4) for n in (PLAIN, one, 0, 1, 2))
-    first_round = [(b, n) for b in (1, 4) for n in (PLAIN, one, 0, 1, 2)]  # interleaved, each shape twice in a row
-    assert calls[10:30:2] == first_round and calls[11:30:2] == first_round
+    first_round = [(b, n) for b in (1, 4) for n in (PLAIN, one, 0, 1, 2)]  # interleaved, each shape in a run
+    run = STARTUP_WARM_STEPS + 1
+    for i in range(run):
+        assert calls[10 + i : 10 + 10 * run : run] == first_round
 
 
 def test_a_shallow_step_is_chosen_where_it_beats_every_draft_count_by_the_margin() -> None:
