@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 import shutil
 import subprocess
@@ -230,6 +231,24 @@ def test_model_loading_caches_and_forward_passes_run_on_the_inference_thread(
     assert client.post("/generate", json={"inputs": "To be", "parameters": {"max_new_tokens": 4}}).status_code == 200
     names = set().union(*threads.values())
     assert all(threads.values()) and len(names) == 1 and names.pop().startswith("mtp-worker"), threads
+
+
+def test_what_start_up_leaves_is_frozen_out_of_the_collectors_scans(
+    client_factory: Callable[..., TestClient],
+) -> None:
+    """A full collection walks every tracked object; after start-up (torch, the engine, on a real
+    model Inductor's graphs) the collector only scans what serving makes: requests stay
+    collected, the start-up heap is never walked again."""
+    before = [object()]  # a tracked container, alive from before the start-up
+    client = client_factory()
+    assert gc.get_freeze_count() > 0
+    assert not any(o is before for o in gc.get_objects())  # permanent generation: not in any scanned one
+    r = client.post("/generate", json={"inputs": "To be", "parameters": {"max_new_tokens": 4}})
+    assert r.status_code == 200
+    cycle: list[object] = []
+    cycle.append(cycle)  # made while serving: collected as ever
+    del cycle
+    assert gc.collect() >= 1
 
 
 def test_info_carries_tgis_flat_fields(client: TestClient) -> None:
