@@ -285,6 +285,7 @@ def time_steps(
     reps: int = 8,
     counts: list[int] | None = None,
     depths: list[int] | None = None,
+    warm_steps: int | None = None,
 ) -> tuple[dict[int, list[float]], dict[int, dict[int, float]]]:
     """Seconds of step(batch, n_drafts) for every batch size and n = 0 .. max_drafts, and of
     step(batch, shallow(d)) for every batch size and each of `depths` (0: PLAIN), as
@@ -295,9 +296,10 @@ def time_steps(
 
     Each shape is run once to warm it, then `reps` rounds time every shape in turn, so a burst
     of interference hits all shapes alike rather than a few; in each round a shape runs
-    STARTUP_WARM_STEPS times in a row and then once timed, warm (the module's doc); the median
-    of a shape's rounds is its cost. A row is then made non-decreasing in n (feeding more tokens never costs less)
-    and capped at (n+1) x the plain step (one pass never costs more than n+1 plain ones).
+    warm_steps (default STARTUP_WARM_STEPS) times in a row and then once timed, warm (the
+    module's doc); the median of a shape's rounds is its cost. A row is then made
+    non-decreasing in n (feeding more tokens never costs less) and capped at (n+1) x the
+    plain step (one pass never costs more than n+1 plain ones).
     """
     timed = sorted(set(counts)) if counts is not None else list(range(max_drafts + 1))
     shapes = [(b, n) for b in batches for n in [shallow(d) for d in depths or []] + timed]
@@ -306,7 +308,7 @@ def time_steps(
     times: dict[tuple[int, int], list[float]] = {shape: [] for shape in shapes}
     for _ in range(reps):
         for b, n in shapes:
-            for _ in range(STARTUP_WARM_STEPS):  # cold: the shape before was another
+            for _ in range(STARTUP_WARM_STEPS if warm_steps is None else warm_steps):  # the shape before was another
                 step(b, n)
             t0 = time.perf_counter()
             step(b, n)
@@ -323,14 +325,16 @@ def time_steps(
 
 
 def time_verify_steps(
-    model: MTPTransformer, max_batch_size: int, compiled: CompiledDecoder | None = None
+    model: MTPTransformer, max_batch_size: int, compiled: CompiledDecoder | None = None, warm_steps: int | None = None
 ) -> tuple[dict[int, list[float]], dict[int, dict[int, float]]]:
     """Seconds of a greedy decode step at batch sizes 1, 2, 4, .. max_batch_size and 0 .. k-1
     drafts, on random tokens at position 64 (the inference thread, before any sequence holds a
     cache row). With `compiled`, the steps that will run: compiled ones where it has the shape,
     at the draft counts it compiled. With sequential heads, also the shallow steps at each batch
     size: the plain step (no modules), and d = 1 .. k-2 modules verifying d drafts (time_steps'
-    second result; else {})."""
+    second result; else {}). warm_steps: the untimed steps of a shape before each timed one;
+    by default STARTUP_WARM_STEPS for compiled steps, and 1 for eager ones, which share one
+    copy of the weights, so that a change of shape leaves little of a step cold."""
     k, vocab, dev = model.cfg.k, model.cfg.vocab_size, model.head.proj.weight.device
     sizes = sorted({min(2**i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
     counts = None
@@ -387,7 +391,9 @@ def time_verify_steps(
 
     depths = list(range(k - 1)) if isinstance(model.head, SequentialHeads) else None
     with torch.inference_mode():
-        costs, shallow_costs = time_steps(step, sizes, k - 1, counts=counts, depths=depths)
+        if warm_steps is None:
+            warm_steps = STARTUP_WARM_STEPS if compiled is not None else 1
+        costs, shallow_costs = time_steps(step, sizes, k - 1, counts=counts, depths=depths, warm_steps=warm_steps)
     log.info(
         "verify-step cost (ms) by batch size and drafts: %s; shallow steps by depth (0: plain): %s",
         {b: [round(c * 1e3, 2) for c in row] for b, row in costs.items()},
