@@ -3,7 +3,9 @@
     python -m bench.overload --queue 32 --factor 10 --bursts 8
 
 Prints JSON, per burst: how many were accepted (200) and refused (429), the 429 latency
-(p50/p99), whether every accepted request completed, and /ready right after the burst; then
+(p50/p99), whether every accepted request completed, /ready right after the burst, and this
+process's own garbage-collection pauses during it (a pause here delays every request in
+flight, and would read as the server's latency); then
 the 429 latency p50/p99 over the refusals of all bursts, and the worst burst's p99. Bursts
 are 2 s apart, each after the last one drained.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import time
 from typing import Any
 
@@ -48,8 +51,21 @@ async def burst(url: str, n: int, new_tokens: int) -> dict[str, Any]:
         else:
             other.append(f"{status} {body[:120]!r}")
 
+    pauses: list[float] = []  # this process's garbage collections during the burst, in seconds
+    started = [0.0]
+
+    def gc_pause(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses.append(time.perf_counter() - started[0])
+
+    gc.callbacks.append(gc_pause)
     t0 = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(n)))
+    try:
+        await asyncio.gather(*(one(i) for i in range(n)))
+    finally:
+        gc.callbacks.remove(gc_pause)
     wall = time.perf_counter() - t0
     for _, writer in conns:
         writer.close()
@@ -73,6 +89,10 @@ async def burst(url: str, n: int, new_tokens: int) -> dict[str, Any]:
         "accepted_latency_p99_ms": round(pct(ok, 0.99) * 1000, 1),
         "retry_after": sorted(retry_after),
         "wall_s": round(wall, 2),
+        # a pause of the load generator delays every request in flight: a latency it measures,
+        # not the server's (bench.server.running freezes this process's heap for that reason)
+        "client_gc_collections": len(pauses),
+        "client_gc_longest_ms": round(max(pauses, default=0.0) * 1000, 2),
         "ready_after": ready,
         "gauges_after": gauges,
     }
@@ -102,6 +122,7 @@ def main() -> None:
         "refusal_latency_p50_ms": round(pct(pooled, 0.5) * 1000, 2),
         "refusal_latency_p99_ms": round(pct(pooled, 0.99) * 1000, 2),
         "worst_burst_refusal_latency_p99_ms": max(r["refusal_latency_p99_ms"] for r in runs),
+        "client_gc_longest_ms": max(r["client_gc_longest_ms"] for r in runs),
         "every_accepted_completed": all(r["every_accepted_completed"] for r in runs),
         "ready_after_every_burst": all(r["ready_after"] == 200 for r in runs),
     }
