@@ -77,8 +77,8 @@ def freeze_heap() -> None:
     """After start-up: collect, then move every object alive into the permanent generation,
     which the cyclic garbage collector no longer scans (vLLM freezes its heap after start-up too).
 
-    Torch, Inductor's compiled graphs and their sympy expressions leave about a million tracked
-    objects; a full collection of them took 0.6 s with the GIL held on this project's 2-core
+    Torch, Inductor's compiled graphs and their sympy expressions leave about 900,000 tracked
+    objects; a full collection of them took 0.94 s with the GIL held on this project's 2-core
     machine (docs/benchmarks.md, benchmark 11), a stall of the event loop and of the inference
     thread alike. Python runs one when the objects that survived into the oldest generation
     since the last reach a quarter of those it already holds: rarely, but at any moment while
