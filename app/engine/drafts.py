@@ -44,8 +44,9 @@ others made every draft count but the running one look about twice its cost. A r
 step is not timed. A graph also stays cold for a few steps: the 2nd to 6th steps after the switch
 took 1.55, 1.26, 1.12, 1.06 and 1.03 times a warm one (docs/benchmarks.md, benchmark 5, run 6). So
 start-up rounds, which set the costs of the shapes that do not run until they are chosen (shallow
-steps: only when chosen, since their rows keep the fewer modules for good), run each shape
-STARTUP_WARM_STEPS times in a row before the one they time.
+steps: only when chosen, since their rows keep the fewer modules for good), run each compiled
+shape STARTUP_WARM_STEPS times in a row before the one they time (an eager one once: eager
+steps share one copy of the weights).
 
 Greedy output does not depend on n. Sampled rows do (through their random draws), so a batch
 with a sampled speculative row always verifies every draft: a seeded request then gives the
