@@ -25,7 +25,7 @@ from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContext
 from app.api.routes import chat, generate, openai, predict, system
 from app.config import Settings
-from app.engine.admission import NO_TICKET
+from app.engine.admission import NO_RESERVATION
 from app.engine.config import EngineConfig, inference_thread
 from app.engine.engine import Engine
 from app.metrics import Metrics
@@ -139,7 +139,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics=metrics,
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s,
-        enter=lambda: engine.enter() if (engine := app.state.service.engine) is not None else NO_TICKET,
+        enter=lambda: engine.enter() if (engine := app.state.service.engine) is not None else NO_RESERVATION,
         api_key=settings.api_key,
         bodies_per_client=settings.pending_bodies_per_client,
         places_free=lambda: engine.places_free() if (engine := app.state.service.engine) is not None else 1 << 30,

@@ -18,7 +18,9 @@ from fastapi import Depends, Request
 from tokenizers import Encoding
 
 from app.api.errors import APIError
+from app.api.middleware import RESERVATION
 from app.config import Settings
+from app.engine.admission import NO_RESERVATION, Reservation
 from app.engine.client import EngineClient
 from app.metrics import Metrics
 from app.model.config import ModelConfig
@@ -66,6 +68,7 @@ class Serving:
     tokenizer: Tokenizer
     model_config: ModelConfig
     settings: Settings
+    reservation: Reservation = NO_RESERVATION  # the queue place the door reserved for this request
 
     async def encodings(self, texts: list[str], field: str) -> list[Encoding]:
         """Tokenize texts of at most max_input_chars each (422 naming the field), off the event loop when long."""
@@ -82,12 +85,13 @@ class Serving:
         return [list(e.ids) for e in await self.encodings(texts, field)]
 
 
-async def get_serving(state: StateDep) -> Serving:
+async def get_serving(state: StateDep, request: Request) -> Serving:
     if state.draining:
         raise APIError(503, "the server is shutting down", "not_ready")
     if not state.ready or state.engine is None or state.tokenizer is None or state.model_config is None:
         raise APIError(503, "the model is not ready yet", "not_ready")
-    return Serving(state, state.engine, state.tokenizer, state.model_config, state.settings)
+    reservation = getattr(request.state, RESERVATION, NO_RESERVATION)
+    return Serving(state, state.engine, state.tokenizer, state.model_config, state.settings, reservation)
 
 
 ServingDep = Annotated[Serving, Depends(get_serving)]

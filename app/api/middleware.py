@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.docs import ASSETS_PATH
 from app.api.errors import envelope, failure_reason
-from app.engine.admission import NO_TICKET, DoorTicket, door_ticket
+from app.engine.admission import NO_RESERVATION, Reservation
 from app.logs import request_id_var
 from app.metrics import Metrics
 
@@ -32,6 +32,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+RESERVATION = "mtp_reservation"  # the door's queue place, in the request's state (request.state)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ID_PREFIX = secrets.token_hex(8)  # random per process; a counter makes each id unique after it
 _ID_COUNTER = itertools.count()
@@ -79,7 +80,7 @@ class RequestContext:
         metrics: Metrics,
         max_body_bytes: int,
         body_timeout_s: float = 10.0,
-        enter: Callable[[], DoorTicket | None] | None = None,
+        enter: Callable[[], Reservation | None] | None = None,
         api_key: str | None = None,
         bodies_per_client: int | None = None,
         places_free: Callable[[], int] | None = None,
@@ -155,9 +156,8 @@ class RequestContext:
 
         path = scope.get("path", "")
         client = (scope.get("client") or ("-", 0))[0]
-        ticket: DoorTicket | None = NO_TICKET
+        ticket: Reservation | None = NO_RESERVATION
         arriving = False
-        ticket_token = door_ticket.set(NO_TICKET)
         try:
             status, message, error_type = self._refusal(scope, path, headers, client)
             if status:
@@ -171,8 +171,8 @@ class RequestContext:
                 if ticket is None:
                     await refuse(429, "queue full; retry later", "overloaded")
                     return
-                door_ticket.set(ticket)
-                arriving = ticket is not NO_TICKET
+                scope.setdefault("state", {})[RESERVATION] = ticket  # the route hands it to the engine
+                arriving = ticket is not NO_RESERVATION
                 self._arriving[client] += arriving
             received = 0
             body_done = False
@@ -211,7 +211,6 @@ class RequestContext:
                 del self._arriving[client]
             if ticket is not None:
                 ticket.release()  # a request that ended before reaching the queue frees its place
-            door_ticket.reset(ticket_token)
             self._observe(route_label(scope, path), status_box[0], time.perf_counter() - start)
             request_id_var.reset(token)
 

@@ -9,13 +9,11 @@ import secrets
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
-from prometheus_client import Counter
-
+from app.api.deps import Serving
+from app.api.errors import APIError
 from app.decoding.sampling import SamplingParams
-from app.engine.client import EngineClient
 from app.engine.types import EngineError, ErrorEvent, FinishEvent, GenerateJob, PromptEvent, TokenEvent
 from app.logs import request_id_var
-from app.model.tokenizer import Tokenizer
 
 
 @dataclass
@@ -100,7 +98,7 @@ class GenFinal:
 
 
 async def run_generation(
-    engine: EngineClient, tok: Tokenizer, prompt_ids: list[int], opts: GenOptions, whole: bool = False
+    serving: Serving, prompt_ids: list[int], opts: GenOptions, whole: bool = False
 ) -> AsyncGenerator[GenToken | GenFinal, None]:
     """Yield one GenToken per generated token, then a GenFinal. Raises EngineError on failure.
 
@@ -109,6 +107,7 @@ async def run_generation(
     the GenFinal (a non-streamed reply); unless a stop sequence must be watched for as the text
     grows, the engine then hands the tokens over once, at the end (GenerateJob.final_only).
     """
+    engine, tok = serving.engine, serving.tokenizer
     sampling = opts.sampling()
     request = GenerateJob(
         prompt_ids=prompt_ids,
@@ -127,7 +126,7 @@ async def run_generation(
     longest_stop = max((len(s) for s in opts.stop), default=0)
     released = 0  # characters of text handed out as GenToken.released
     prompt_scores: list[float] | None = None
-    stream = engine.generate(request)
+    stream = engine.generate(request, serving.reservation)
     try:
         async for event in stream:
             if isinstance(event, ErrorEvent):
@@ -178,6 +177,14 @@ async def run_generation(
         await stream.aclose()
 
 
+async def run_to_end(serving: Serving, prompt_ids: list[int], opts: GenOptions) -> GenFinal:
+    """Run a generation to the end for a non-streamed reply; the engine's deadline bounds it (504)."""
+    async for out in run_generation(serving, prompt_ids, opts, whole=True):
+        if isinstance(out, GenFinal):
+            return out
+    raise APIError(500, "generation ended without a result", "incomplete_generation")
+
+
 @dataclass
 class GenError:
     """A failure after the stream began: the route sends it as its API family's last SSE event."""
@@ -186,13 +193,14 @@ class GenError:
 
 
 async def open_stream(
-    engine: EngineClient, tok: Tokenizer, prompt_ids: list[int], opts: GenOptions, failures: Counter
+    serving: Serving, prompt_ids: list[int], opts: GenOptions
 ) -> AsyncIterator[GenToken | GenFinal | GenError]:
     """run_generation with its first output pulled before the response starts, shared by the
     streaming routes. A failure before it (queue full, not ready, timed out in the queue)
     raises EngineError, so the reply still gets its HTTP status; a later one ends the stream
     as a GenError and is counted in mtp_request_failures_total (the status is 200 by then)."""
-    gen = run_generation(engine, tok, prompt_ids, opts)
+    gen = run_generation(serving, prompt_ids, opts)
+    failures = serving.state.metrics.failures
     try:
         first = await anext(gen)
     except BaseException:

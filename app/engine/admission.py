@@ -1,4 +1,4 @@
-"""Admission: queue places held from the door, and the checks a request passes before it joins a batch.
+"""Admission: queue places reserved at the door, and the checks a request passes before it joins a batch.
 
 The checks are against the model's limits (vocabulary, context); the API checks the shape of
 a request, the engine what the model can take. A bad row would otherwise fail every request
@@ -8,16 +8,19 @@ batched with it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextvars import ContextVar
 
 from app.decoding.sampling import SamplingParams
 from app.engine.types import InvalidRequest
 
 
-class DoorTicket:
+class Reservation:
     """A queue place held from the moment a request passes the door (before its body is read)
     until it is submitted to the engine or ends. Without it a burst would pass the door while
-    the queue still looked empty and be refused only after parsing, validation and tokenizing."""
+    the queue still looked empty and be refused only after parsing, validation and tokenizing.
+
+    The door (the HTTP middleware) takes it from `EngineClient.enter`; the route hands it to
+    `generate` or `predict`, whose queue entry replaces it; whoever holds it when the request
+    ends without reaching the queue releases it. Releasing twice is a no-op."""
 
     __slots__ = ("_release",)
 
@@ -30,8 +33,7 @@ class DoorTicket:
             self._release = None
 
 
-NO_TICKET = DoorTicket(None)  # for requests that hold no place (no engine yet)
-door_ticket: ContextVar[DoorTicket] = ContextVar("door_ticket", default=NO_TICKET)
+NO_RESERVATION = Reservation(None)  # for requests that hold no place (no engine yet, or not from the door)
 
 
 def check_ids(ids: list[int], vocab: int, context: int, extra: int = 0) -> None:

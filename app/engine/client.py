@@ -10,18 +10,20 @@ from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
 from app.decoding.predict import Scores
-from app.engine.admission import DoorTicket
+from app.engine.admission import NO_RESERVATION, Reservation
 from app.engine.config import Health
 from app.engine.types import EngineError, Event, GenerateJob, PredictJob
 
 
 class EngineClient(Protocol):
-    def generate(self, request: GenerateJob) -> AsyncGenerator[Event, None]:
-        """Events of one sequence; closing the iterator early cancels it."""
+    def generate(self, request: GenerateJob, reservation: Reservation = NO_RESERVATION) -> AsyncGenerator[Event, None]:
+        """Events of one sequence; closing the iterator early cancels it. reservation: the
+        queue place `enter` reserved for it at the door, which its queue entry replaces."""
         ...
 
-    async def predict(self, requests: list[PredictJob]) -> list[Scores]:
-        """Each request's next-k-token scores; requests may share forward passes."""
+    async def predict(self, requests: list[PredictJob], reservation: Reservation = NO_RESERVATION) -> list[Scores]:
+        """Each request's next-k-token scores; requests may share forward passes. reservation:
+        as for generate."""
         ...
 
     def stop(self, request: GenerateJob) -> None:
@@ -41,7 +43,9 @@ class EngineClient(Protocol):
     def info(self) -> dict[str, Any]: ...
 
     # admission and lifecycle, used by the middleware and the server
-    def enter(self) -> DoorTicket | None: ...
+    def enter(self) -> Reservation | None:
+        """Reserve a queue place for a request whose body is about to be read (None: the queue is full)."""
+        ...
 
     def places_free(self) -> int: ...
 

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from app.decoding.predict import Scores
-from app.engine.admission import DoorTicket, check_ids, check_sampling, door_ticket
+from app.engine.admission import NO_RESERVATION, Reservation, check_ids, check_sampling
 from app.engine.compile import build_compiled
 from app.engine.config import EngineConfig, Health, inference_thread
 from app.engine.core import Abort, Call, DropAll, EngineCore, Stop, Submit
@@ -182,12 +182,12 @@ class Engine:
     def queue_full(self) -> bool:
         return self.places_free() <= 0
 
-    def enter(self) -> DoorTicket | None:
-        """Hold a queue place for a request about to be read; None when the queue is full."""
+    def enter(self) -> Reservation | None:
+        """Reserve a queue place for a request about to be read; None when the queue is full."""
         if self._accepting and self.queue_full():
             return None
         self._at_door += 1
-        return DoorTicket(self._leave_door)
+        return Reservation(self._leave_door)
 
     def _leave_door(self) -> None:
         self._at_door -= 1
@@ -202,8 +202,8 @@ class Engine:
         detail = "ok" if alive and not stalled else ("worker stalled" if alive else "worker not running")
         return Health(alive=alive, stalled=stalled, accepting=self._accepting, detail=detail)
 
-    def _admit(self, n: int) -> None:
-        door_ticket.get().release()  # the place held at the door becomes this queue entry
+    def _admit(self, n: int, reservation: Reservation) -> None:
+        reservation.release()  # the place held from the door becomes this queue entry
         if not self._accepting:
             raise EngineNotReady("the server is not accepting requests")
         if n > self.cfg.max_queue_size:  # could never fit: not a retryable overload
@@ -223,8 +223,10 @@ class Engine:
 
     # ---- requests --------------------------------------------------------------------------
 
-    async def predict(self, requests: list[PredictJob]) -> list[Scores]:
-        """Score each request's next k tokens; the requests may share forward passes with others."""
+    async def predict(self, requests: list[PredictJob], reservation: Reservation = NO_RESERVATION) -> list[Scores]:
+        """Score each request's next k tokens; the requests may share forward passes with others.
+
+        reservation: the queue place `enter` reserved for them; their queue entries replace it."""
         for r in requests:
             check_ids(r.prompt_ids, self.model.cfg.vocab_size, self.max_seq_len)
             if not 1 <= r.top_n <= self.model.cfg.vocab_size:
@@ -233,7 +235,7 @@ class Engine:
                 if not 1 <= len(cand) <= self.k:
                     raise InvalidRequest(f"each candidate needs 1 to {self.k} tokens")
                 check_ids(cand, self.model.cfg.vocab_size, self.max_seq_len)
-        self._admit(len(requests))
+        self._admit(len(requests), reservation)
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.cfg.request_timeout_s
         items = [PredictItem(request=r, future=loop.create_future(), deadline=deadline) for r in requests]
@@ -246,15 +248,19 @@ class Engine:
         finally:
             self._abort([i for i in items if i in self._live])  # a caller that went away leaves nothing behind
 
-    async def generate(self, request: GenerateJob) -> AsyncGenerator[Event, None]:
-        """Stream events for one sequence; closing the iterator early cancels the sequence."""
+    async def generate(
+        self, request: GenerateJob, reservation: Reservation = NO_RESERVATION
+    ) -> AsyncGenerator[Event, None]:
+        """Stream events for one sequence; closing the iterator early cancels the sequence.
+
+        reservation: the queue place `enter` reserved for it; its queue entry replaces it."""
         check_ids(request.prompt_ids, self.model.cfg.vocab_size, self.max_seq_len, request.max_new_tokens)
         check_sampling(request.sampling, self.model.cfg.vocab_size)
         if request.max_new_tokens < 1:
             raise InvalidRequest("max_new_tokens must be at least 1")
         if not 0 <= request.top_logprobs <= self.model.cfg.vocab_size:
             raise InvalidRequest(f"top log-probabilities must be in [0, {self.model.cfg.vocab_size}]")
-        self._admit(1)
+        self._admit(1, reservation)
         item = GenerateItem(request=request, deadline=time.monotonic() + self.cfg.request_timeout_s)
         self._by_id.setdefault(request.request_id, set()).add(item)
         self._submit([item])

@@ -92,6 +92,31 @@ async def test_one_client_with_stalled_bodies_cannot_fill_the_queue(
         assert [r.status_code for r in await asyncio.gather(*stalled)] == [200] * 6
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/generate", GOOD_GEN),
+        ("/generate_stream", GOOD_GEN),
+        ("/v1/completions", {"prompt": "To be", "max_tokens": 8}),
+        ("/v1/completions", {"prompt": "To be", "max_tokens": 8, "stream": True}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "To be"}], "max_tokens": 8}),
+        ("/predict", {"inputs": "To be, or not to be"}),
+    ],
+)
+async def test_each_route_hands_its_door_place_to_the_engine(
+    aclient_factory: Callable[..., Any], path: str, body: dict[str, Any]
+) -> None:
+    """A request's place, reserved at the door, becomes its queue entry: once the engine runs
+    it, it holds no place (a route that kept its reservation would count twice until it ended)."""
+    app, client = await aclient_factory(max_queue_size=2)
+    engine = app.state.service.engine
+    set_fault_hook(engine, lambda kind: time.sleep(0.05))
+    task = asyncio.create_task(client.post(path, json=body))
+    await wait_for(lambda: engine.core.busy_since is not None)  # its first pass runs
+    assert engine.pending() == 1 and engine.places_free() == 2
+    assert (await task).status_code == 200
+
+
 # ---- 2. bounded tokenizing, off the event loop ----------------------------------------------
 
 

@@ -554,6 +554,30 @@ async def test_closing_a_stream_removes_the_sequence(engine_factory: Callable[..
     assert len(tokens) == 3
 
 
+async def test_a_place_reserved_with_enter_becomes_the_request_s_queue_entry(
+    engine_factory: Callable[..., Any],
+) -> None:
+    """The door reserves places with enter() before a request's body is read, and hands each to
+    generate or predict, whose queue entry replaces it: a running request holds no place, and
+    a reservation released by its holder (a request that never reached the queue) frees one."""
+    engine = await engine_factory(max_queue_size=2)
+    set_fault_hook(engine, lambda kind: time.sleep(0.02))
+    first, second = engine.enter(), engine.enter()
+    assert first is not None and second is not None
+    assert engine.places_free() == 0 and engine.enter() is None
+    stream = engine.generate(GenerateJob([5, 6], max_new_tokens=6, speculative=False), first)
+    assert isinstance(await anext(stream), TokenEvent)  # admitted, and out of the queue: running
+    assert engine.pending() == 1 and engine.places_free() == 1  # only `second` is still held
+    second.release()
+    second.release()  # twice gives back one place
+    assert engine.places_free() == 2
+    third = engine.enter()
+    assert third is not None
+    assert len(await engine.predict([PredictJob([1, 2])], third)) == 1
+    assert engine.places_free() == 2
+    await stream.aclose()
+
+
 async def test_full_queue_raises_overloaded_and_accepted_work_completes(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory(max_queue_size=1)
     set_fault_hook(engine, lambda kind: time.sleep(0.3))

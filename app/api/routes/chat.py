@@ -25,9 +25,9 @@ from app.api.openai_protocol import (
     Usage,
 )
 from app.api.routes.generate import prompt_ids
-from app.api.routes.openai import all_or_nothing, check_model, finish_reason, gen_options, nth_choice, run_to_end
+from app.api.routes.openai import all_or_nothing, check_model, finish_reason, gen_options, nth_choice
 from app.api.schemas import INFERENCE_ERRORS, OpenAIError, error_responses
-from app.api.textgen import GenError, GenFinal, GenOptions, GenToken, open_stream
+from app.api.textgen import GenError, GenFinal, GenOptions, GenToken, open_stream, run_to_end
 from app.model.tokenizer import Tokenizer
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -109,7 +109,7 @@ async def _stream(
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
 
-    outs = await open_stream(serving.engine, tok, ids, opts, serving.state.metrics.failures)
+    outs = await open_stream(serving, ids, opts)
 
     async def body() -> AsyncGenerator[str, None]:
         """A role chunk, then one chunk per engine step, a finish chunk, usage if asked, [DONE]."""

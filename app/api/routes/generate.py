@@ -26,7 +26,7 @@ from app.api.schemas import (
     Token,
     error_responses,
 )
-from app.api.textgen import GenError, GenFinal, GenOptions, GenToken, open_stream, run_generation
+from app.api.textgen import GenError, GenFinal, GenOptions, GenToken, open_stream, run_to_end
 from app.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -175,14 +175,6 @@ def _token(t: GenToken) -> Token:
     return Token(id=t.id, text=t.text, logprob=t.logprob, special=t.special)
 
 
-async def complete(serving: Serving, ids: list[int], opts: GenOptions) -> GenFinal:
-    """Run a generation to the end (non-streaming); the engine's deadline bounds it (504)."""
-    async for out in run_generation(serving.engine, serving.tokenizer, ids, opts, whole=True):
-        if isinstance(out, GenFinal):
-            return out
-    raise APIError(500, "generation ended without a result", "incomplete_generation")
-
-
 def sse(payload: dict[str, object]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
@@ -232,7 +224,7 @@ async def generate(req: GenerateRequest, serving: ServingDep, request: Request) 
     ids, opts = await prepare(params, req.inputs, serving, req.stream)
     if req.stream:
         return await _stream(serving, ids, opts, req)
-    final = await unless_disconnected(request, complete(serving, ids, opts))
+    final = await unless_disconnected(request, run_to_end(serving, ids, opts))
     text = (req.inputs if params.return_full_text else "") + final.generated_text
     if not (params.details or params.decoder_input_details):  # either one asks for details, as in TGI
         return GenerateResponse(generated_text=text)
@@ -258,6 +250,6 @@ async def generate_stream(req: GenerateRequest, serving: ServingDep) -> Streamin
 
 
 async def _stream(serving: Serving, ids: list[int], opts: GenOptions, req: GenerateRequest) -> StreamingResponse:
-    outs = await open_stream(serving.engine, serving.tokenizer, ids, opts, serving.state.metrics.failures)
+    outs = await open_stream(serving, ids, opts)
     frames = event_stream(outs, req.inputs if req.parameters.return_full_text else "")
     return StreamingResponse(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -28,7 +28,7 @@ from app.api.openai_protocol import (
 )
 from app.api.routes.generate import options_for, prompt_ids
 from app.api.schemas import INFERENCE_ERRORS, GenerateParameters, OpenAIError, error_responses
-from app.api.textgen import GenError, GenFinal, GenOptions, GenToken, open_stream, run_generation
+from app.api.textgen import GenError, GenFinal, GenOptions, GenToken, open_stream, run_to_end
 from app.model.tokenizer import Tokenizer
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -126,13 +126,6 @@ async def all_or_nothing(works: list[Coroutine[Any, Any, T]]) -> list[T]:
         if not t.cancelled() and t.exception() is not None:
             raise t.exception()  # type: ignore[misc]
     return [t.result() for t in tasks]
-
-
-async def run_to_end(serving: Serving, ids: list[int], opts: GenOptions) -> GenFinal:
-    async for out in run_generation(serving.engine, serving.tokenizer, ids, opts, whole=True):
-        if isinstance(out, GenFinal):
-            return out
-    raise APIError(500, "generation ended without a result", "internal")
 
 
 @router.post(
@@ -247,7 +240,7 @@ async def _stream(
         }
         return f"data: {json.dumps(body)}\n\n"
 
-    outs = await open_stream(serving.engine, serving.tokenizer, ids, opts, serving.state.metrics.failures)
+    outs = await open_stream(serving, ids, opts)
 
     async def body() -> AsyncGenerator[str, None]:
         """Chunks, then [DONE]; no asyncio.timeout across yields (the engine's deadline ends it)."""

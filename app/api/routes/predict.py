@@ -103,6 +103,6 @@ async def predict(req: PredictRequest, serving: ServingDep, request: Request) ->
     prompts = await _token_inputs(req, serving)
     cands = await _candidates(req, serving, positions)
     batch = [PredictJob(prompt_ids=p, top_n=req.top_n, candidates=cands) for p in prompts]
-    scores = await unless_disconnected(request, serving.engine.predict(batch))
+    scores = await unless_disconnected(request, serving.engine.predict(batch, serving.reservation))
     results = [_result(s, p, positions, cands, serving) for s, p in zip(scores, prompts, strict=True)]
     return PredictResponse(positions=positions, k=positions, results=results)
