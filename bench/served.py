@@ -20,9 +20,7 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,7 +35,7 @@ from app.engine.compile import cache_dir, compile_shapes
 from app.engine.config import EngineConfig
 from app.model.checkpoint import load_checkpoint, load_tokenizer, resolve_device, resolve_dtype
 from bench.decoding import heldout_prompts, write_json
-from bench.server import ROOT, running
+from bench.server import ROOT, baseline_tree, running
 from bench.service import generate_load
 
 
@@ -82,15 +80,6 @@ def progress(what: str, result: dict[str, Any]) -> dict[str, Any]:
     phases it finished (the JSON comes at the end)."""
     print(f"bench.served: {what}: {json.dumps(result)}", file=sys.stderr, flush=True)
     return result
-
-
-def baseline_tree(ref: str) -> Path:
-    """A detached worktree of ref (reused if it exists), whose `app` a baseline server runs."""
-    sha = subprocess.run(["git", "rev-parse", ref], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    path = Path(tempfile.gettempdir()) / f"mtp-baseline-{sha.strip()[:12]}"
-    if not (path / "app").is_dir():
-        subprocess.run(["git", "worktree", "add", "--detach", str(path), sha.strip()], cwd=ROOT, check=True)
-    return path
 
 
 def served_phase(

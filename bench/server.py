@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,15 @@ def server_env(
     paths = [str(root), *out.get("PYTHONPATH", "").split(os.pathsep)]
     out["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
     return out
+
+
+def baseline_tree(ref: str) -> Path:
+    """A detached worktree of ref (reused if it exists), whose `app` a baseline server runs."""
+    sha = subprocess.run(["git", "rev-parse", ref], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.gettempdir()) / f"mtp-baseline-{sha.strip()[:12]}"
+    if not (path / "app").is_dir():
+        subprocess.run(["git", "worktree", "add", "--detach", str(path), sha.strip()], cwd=ROOT, check=True)
+    return path
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import threading
 import time
 import types
@@ -36,6 +37,26 @@ def release_gil_in_cpu_kernels() -> None:
 
     if CppPythonBindingsCodeCache.call_entry_function == "kernel({}); Py_RETURN_NONE;":
         CppPythonBindingsCodeCache.call_entry_function = _NOGIL_ENTRY
+
+
+def cache_cpp_templates() -> None:
+    """Compile each source of Inductor's C++ GEMM template once per process (process-wide).
+
+    With autotuning, every matmul of every graph renders the template twice (among the
+    candidates, then as the chosen kernel), and torch 2.13 compiles the template's Jinja
+    sources anew at each render (`KernelTemplate._template_from_string`, ten per render: 580
+    compilations, 6 of a graph's 22 s under cProfile, for the greedy step of width 3). A
+    compiled Jinja template is immutable, so a cache keyed by the source gives the same kernels. Neither warm
+    nor cold starts escape this work: Inductor's FX graph cache, which would skip lowering and
+    code generation on a warm start, declines these graphs (their MKL-packed weights cannot be
+    pickled), so every start renders every template. The cache took a quarter off compiling
+    (docs/benchmarks.md, benchmark 12)."""
+    from torch._inductor.codegen.common import KernelTemplate
+
+    render = KernelTemplate.__dict__.get("_template_from_string")
+    if isinstance(render, staticmethod) and not hasattr(render.__func__, "cache_info"):
+        cached = staticmethod(functools.lru_cache(maxsize=None)(render.__func__))
+        KernelTemplate._template_from_string = cached  # type: ignore[method-assign]
 
 
 def skip_guards() -> None:
@@ -95,6 +116,7 @@ class CompiledDecoder:
 
         inductor_config.freezing = True  # weights are constants of the compiled graph
         release_gil_in_cpu_kernels()
+        cache_cpp_templates()
         self.model = model
         self.max_batch = max_batch
         self.linear = model.cfg.head_type == "linear"

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from app.decoding.compiled import KV_ROUND, CompiledDecoder
+from app.decoding.compiled import KV_ROUND, CompiledDecoder, cache_cpp_templates
 from app.decoding.generate import first_tokens, forward_step, generate, prefill
 from app.decoding.sampling import BatchSampling, SamplingParams
 from app.decoding.speculative import accept_drafts
@@ -25,6 +25,25 @@ from tests.decoding.test_speculative import (
 pytestmark = pytest.mark.skipif(
     shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler"
 )
+
+
+def test_cpp_template_sources_compile_once_and_render_as_before() -> None:
+    """After cache_cpp_templates (which CompiledDecoder calls), a template source Inductor's C++
+    GEMM template renders is compiled once and renders what a fresh compilation renders;
+    calling it again wraps nothing twice. (The compiled tests' autotuned steps, built through
+    the cache, give the eager tokens: tests/decoding/test_generate.py.)"""
+    from torch._inductor.codegen.common import KernelTemplate
+
+    cache_cpp_templates()
+    cache_cpp_templates()
+    compile_source = KernelTemplate._template_from_string
+    source = "void {{ name }}() {\n    {{ body | indent_except_first(1) }}\n}"
+    first, again = compile_source(source), compile_source(source)
+    assert first is again
+    fresh = compile_source.__wrapped__(source)  # type: ignore[attr-defined]
+    assert fresh is not first
+    args = {"name": "kernel", "body": "int a = 1;\nint b = 2;"}
+    assert first.render(**args) == fresh.render(**args) == "void kernel() {\n    int a = 1;\n    int b = 2;\n}"
 
 
 def test_padded_shapes_give_the_eager_greedy_tokens_at_every_batch_size_and_draft_count(peaked_model, make_prompts):
