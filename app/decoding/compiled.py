@@ -46,11 +46,11 @@ def cache_cpp_templates() -> None:
     candidates, then as the chosen kernel), and torch 2.13 compiles the template's Jinja
     sources anew at each render (`KernelTemplate._template_from_string`, ten per render: 580
     compilations, 6 of a graph's 22 s under cProfile, for the greedy step of width 3). A
-    compiled Jinja template is immutable, so a cache keyed by the source gives the same kernels. Neither warm
-    nor cold starts escape this work: Inductor's FX graph cache, which would skip lowering and
-    code generation on a warm start, declines these graphs (their MKL-packed weights cannot be
-    pickled), so every start renders every template. The cache took a quarter off compiling
-    (docs/benchmarks.md, benchmark 12)."""
+    compiled Jinja template is immutable, so a cache keyed by the source (Inductor's
+    constants: a bounded set) gives the same kernels. Warm starts do this work too: Inductor's
+    FX graph cache, which would skip lowering and code generation, declines these graphs (their
+    MKL-packed weights cannot be pickled). With the cache a warm start of the service took
+    0.78x the time (docs/benchmarks.md, benchmark 12)."""
     from torch._inductor.codegen.common import KernelTemplate
 
     render = KernelTemplate.__dict__.get("_template_from_string")
