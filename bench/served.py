@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,7 +33,7 @@ from app.engine.compile import cache_dir, compile_shapes
 from app.engine.config import EngineConfig
 from app.model.checkpoint import load_checkpoint, load_tokenizer, resolve_device, resolve_dtype
 from bench.decoding import heldout_prompts, write_json
-from bench.server import ROOT, baseline_tree, running
+from bench.server import ROOT, baseline_tree, progress, running
 from bench.service import generate_load
 
 
@@ -73,13 +71,6 @@ def offline_rate(
         "best_drafts": best,
         "tokens_per_s": round(rates[best], 1),
     }
-
-
-def progress(what: str, result: dict[str, Any]) -> dict[str, Any]:
-    """result, after printing it on one line to stderr: a run stopped part-way still shows the
-    phases it finished (the JSON comes at the end)."""
-    print(f"bench.served: {what}: {json.dumps(result)}", file=sys.stderr, flush=True)
-    return result
 
 
 def served_phase(
@@ -132,16 +123,18 @@ def bench_served(
         "device": device,
     }
     if not skip_eager:
-        out["offline"] = progress("offline eager", offline_rate(checkpoint, ids, new_tokens, device))
+        out["offline"] = progress("bench.served", "offline eager", offline_rate(checkpoint, ids, new_tokens, device))
     out["offline_compiled"] = progress(
-        "offline compiled", offline_rate(checkpoint, ids, new_tokens, device, compiled=True)
+        "bench.served", "offline compiled", offline_rate(checkpoint, ids, new_tokens, device, compiled=True)
     )
     trees = {"this": ROOT, **({"baseline": baseline_tree(baseline)} if baseline else {})}
     phases: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
     for _ in range(rounds):
         for name, root in trees.items():  # A, B, A, B: drift on this machine hits both alike
             phases[name].append(
-                progress(f"server {name}", served_phase(root, checkpoint, device, texts, streams, new_tokens))
+                progress(
+                    "bench.served", f"server {name}", served_phase(root, checkpoint, device, texts, streams, new_tokens)
+                )
             )
     keys = ("1_stream", "1_stream_json", f"{streams}_streams")
     med = {

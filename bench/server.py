@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -35,6 +37,13 @@ class ServerExited(RuntimeError):
 
 class NotReady(RuntimeError):
     """The server did not answer /ready with 200 in time."""
+
+
+def progress(bench: str, what: str, result: dict[str, Any]) -> dict[str, Any]:
+    """result, after printing it on one line to stderr under the benchmark's name: a run stopped
+    part-way still shows the phases it finished (the JSON comes at the end)."""
+    print(f"{bench}: {what}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    return result
 
 
 def free_port() -> int:

@@ -17,10 +17,8 @@ this one run.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ from typing import Any
 
 from app import config
 from bench.decoding import write_json
-from bench.server import ROOT, baseline_tree, running
+from bench.server import ROOT, baseline_tree, progress, running
 
 COMPILED = re.compile(r"decode steps compiled in ([0-9.]+) s")
 
@@ -47,11 +45,6 @@ def start_phase(
     return {"ready_s": round(ready_s, 1), "compile_s": float(found.group(1)) if found else None}
 
 
-def progress(what: str, result: dict[str, Any]) -> dict[str, Any]:
-    print(f"bench.startup: {what}: {json.dumps(result)}", file=sys.stderr, flush=True)
-    return result
-
-
 def bench_startup(
     checkpoint: str,
     baseline: str | None,
@@ -66,17 +59,25 @@ def bench_startup(
     with tempfile.TemporaryDirectory() as scratch:
         if cold:
             out["cold"] = {
-                name: progress(f"{name} cold", start_phase(root, checkpoint, Path(scratch) / f"cold-{name}", settings))
+                name: progress(
+                    "bench.startup",
+                    f"{name} cold",
+                    start_phase(root, checkpoint, Path(scratch) / f"cold-{name}", settings),
+                )
                 for name, root in roots.items()
             }
         shared = Path(cache_dir) if cache_dir else Path(scratch) / "cold-this" if cold else Path(scratch) / "shared"
         if not shared.is_dir() or not any(shared.iterdir()):
-            out["filling_start"] = progress("filling the cache", start_phase(ROOT, checkpoint, shared, settings))
+            out["filling_start"] = progress(
+                "bench.startup", "filling the cache", start_phase(ROOT, checkpoint, shared, settings)
+            )
         warm: dict[str, list[dict[str, Any]]] = {name: [] for name in roots}
         for r in range(rounds):
             for name, root in roots.items():
                 warm[name].append(
-                    progress(f"{name} warm, round {r + 1}", start_phase(root, checkpoint, shared, settings))
+                    progress(
+                        "bench.startup", f"{name} warm, round {r + 1}", start_phase(root, checkpoint, shared, settings)
+                    )
                 )
     out["warm_rounds"] = warm
     out["warm"] = {
