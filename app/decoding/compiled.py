@@ -150,6 +150,7 @@ class CompiledDecoder:
         device = model.head.proj.weight.device
         self.dynamic_kv = device.type == "cpu"
         self._key_pos = torch.arange(self.cache_len, device=device)
+        self._key_slices: dict[int, Tensor] = {}  # _keys' views of _key_pos, by length
         # autotune: Inductor times its C++ GEMM template (AVX-512 micro-kernels, specialised
         # to each frozen weight's shape) against ATen's MKL call for every matmul and keeps
         # the faster; compiling takes minutes instead of seconds.
@@ -318,8 +319,10 @@ class CompiledDecoder:
         # the slack one, which only padding queries sit at, and they need no keys of their own.
         most = self.cache_len - 1
         n = min(-(-(int(input_pos.max()) + 1) // KV_ROUND) * KV_ROUND, most)
-        keys = self._key_pos[:n]
-        torch._dynamo.mark_dynamic(keys, 0, min=min(KV_ROUND, most), max=most)
+        keys = self._key_slices.get(n)
+        if keys is None:  # one view per length, marked once: marking costs more than the slice
+            keys = self._key_slices[n] = self._key_pos[:n]
+            torch._dynamo.mark_dynamic(keys, 0, min=min(KV_ROUND, most), max=most)
         return keys
 
     def _eager_step(self, idx: Tensor, input_pos: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:

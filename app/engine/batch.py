@@ -63,6 +63,7 @@ class DecodeBatch:
         self.penalty: tuple[Tensor, Tensor] | None = None  # [n, V] counts and prompt masks, when any row is penalized
         self.sampling = self._sampling()
         self.last_max_accept: list[int] = []  # drafts each row could accept in the last step
+        self.last_emitted: list[int] = []  # tokens each row emitted in the last step
         self.last_drafts = 0  # drafts verified per row in the last step
         self.last_head1: Tensor | None = None  # head 1's logits at the last step's offsets [n, T, V]
         self._survivors: list[int] | None = None  # old rows of self.seqs, until compact() runs
@@ -75,9 +76,6 @@ class DecodeBatch:
         if not any(p.penalized for p in params):
             self.penalty = None  # no row reads counts: stop keeping them
         return BatchSampling.from_params(params, [s.generator for s in self.seqs], self.device, self.penalty)
-
-    def _want_drafts(self) -> Tensor:
-        return torch.tensor([s.speculative for s in self.seqs], dtype=torch.bool, device=self.device)
 
     def _row_depth(self, s: RunningSequence) -> int:
         return self.n_drafts if s.depth is None else s.depth
@@ -154,24 +152,29 @@ class DecodeBatch:
         )
 
     def step(self) -> StepResult:
-        """One decode step for every row: a verify pass if any row speculates, else plain decoding."""
+        """One decode step for every row: a verify pass if any row speculates, else plain decoding.
+
+        The per-row decisions (which rows speculate, how many drafts each may accept) are made
+        on Python lists: at batch 1 a compiled step costs a few hundred microseconds, and each
+        small tensor op beside it would cost several."""
         self.compact()
         k = self.k
-        spec = self._want_drafts()
+        spec = [s.speculative for s in self.seqs]
         fused = self._fused()
         depth = self._depth()
         # the policy picks for speculating batches whose speculating rows are all greedy (sampled
         # ones verify every draft); compiled, only among the fused steps' widths
-        greedy_drafts = bool(spec.any()) and not bool((spec & ~self.sampling.greedy).any())
+        greedy = self.sampling.greedy_rows or []
+        greedy_drafts = any(spec) and all(g for s, g in zip(spec, greedy, strict=True) if s)
         decide = self.policy is not None and greedy_drafts and (fused or self.compiled is None)
         choice = self.policy.choose(len(self), depth) if self.policy is not None and decide else None
         shallow = shallow_depth(choice) if choice is not None else None
         if shallow == 0:  # PLAIN, cheaper than any drafting step: these rows stop speculating for good,
             for s in self.seqs:  # except those whose request asked for speculation itself
                 s.speculative = s.speculative and s.item.request.speculative is True
-            spec = self._want_drafts()
+            spec = [s.speculative for s in self.seqs]
             fused = self._fused()
-            if spec.any():  # rows that asked: they draft as many as they may, and the step is not timed
+            if any(spec):  # rows that asked: they draft as many as they may, and the step is not timed
                 choice = None
             depth = self._depth()
         elif shallow is not None:  # only the first `shallow` modules draft, for good
@@ -180,14 +183,14 @@ class DecodeBatch:
             depth = self._depth()
         n_drafts = min(depth, choice) if choice is not None and shallow is None else depth
         t0 = time.perf_counter()
-        limits = [min(s.remaining - 1, self._row_depth(s)) if s.speculative else 0 for s in self.seqs]
-        max_accept = torch.tensor(limits, device=self.device).clamp(min=0, max=n_drafts)  # [n]
-        use_drafts = bool(spec.any()) and n_drafts > 0
+        limits = [max(0, min(s.remaining - 1, self._row_depth(s), n_drafts)) if s.speculative else 0 for s in self.seqs]
+        max_accept = torch.tensor(limits, device=self.device)  # [n]
+        use_drafts = any(spec) and n_drafts > 0
         verified = self.drafts[:, :n_drafts] if use_drafts else self.drafts[:, :0]
         q = self.draft_probs[:, :n_drafts] if self.draft_probs is not None else None
         # drafts are made whenever rows speculate, even on a step that verifies none (policy: 0),
         # so that the next step has real ones to verify: as many as the deepest row keeps
-        make_drafts = bool(spec.any()) and depth > 0
+        make_drafts = any(spec) and depth > 0
         width = 1 + verified.shape[1]
         made = depth if make_drafts else 0  # modules run (linear heads: every head, always)
         compiled = self.compiled if self.compiled is not None and self.compiled.covers(len(self), width) else None
@@ -208,7 +211,8 @@ class DecodeBatch:
                 n_drafts=made,
                 compiled=compiled,
             )
-            res = accept_drafts(step.head1, verified, q, max_accept, self.sampling, spec, step.drafts, k - 1)
+            drafting = torch.tensor(spec, dtype=torch.bool, device=self.device)
+            res = accept_drafts(step.head1, verified, q, max_accept, self.sampling, drafting, step.drafts, k - 1)
             self.last_head1 = step.head1[:, :, 0]  # [n, T, V]: for the top log-probabilities rows ask for
         rows = torch.arange(len(self), device=self.device)
         self.cur = res.tokens[rows, res.n_emitted - 1]
@@ -217,8 +221,9 @@ class DecodeBatch:
         if self.penalty is not None and self.sampling.penalties is not None:
             self.penalty = (count_emitted(self.penalty[0], res.tokens, res.n_emitted), self.penalty[1])
             self.sampling.penalties.counts = self.penalty[0]
-        self.last_max_accept = max_accept.tolist()
+        self.last_max_accept = limits
         emitted = res.n_emitted.tolist()  # waits for the device: the step is done
+        self.last_emitted = emitted
         self.last_drafts = n_drafts if use_drafts else 0
         if self.policy is not None:
             if choice is not None and shallow is None:
@@ -227,8 +232,8 @@ class DecodeBatch:
                 self.policy.observe_cost(len(self), choice, time.perf_counter() - t0)
             elif not use_drafts and not make_drafts and self.sampling.all_greedy and self.sampling.penalties is None:
                 self.policy.observe_cost(len(self), PLAIN, time.perf_counter() - t0)  # a plain step
-            self.policy.observe(self.last_max_accept, emitted)
-        for s, m, n in zip(self.seqs, self.last_max_accept, emitted, strict=True):
+            self.policy.observe(limits, emitted)
+        for s, m, n in zip(self.seqs, limits, emitted, strict=True):
             if m:
                 s.verify_steps += 1
                 s.drafted += m

@@ -201,7 +201,7 @@ class Passes:
 
     def _decode(self) -> list[Emitted]:
         res = self.batch.step()
-        counts = res.n_emitted.tolist()
+        counts = self.batch.last_emitted
         self.stats.decode_step(len(self.batch), self.batch.last_drafts, self.batch.last_max_accept, counts)
         top = self._top(self.batch.seqs, self.batch.last_head1)
         return self._collect(res.tokens.tolist(), res.logprobs.tolist(), counts, 0, top)

@@ -1,5 +1,6 @@
 """Logits processing (temperature, top-k, top-p), per-row seeded sampling, and batch independence."""
 
+import dataclasses
 import math
 
 import pytest
@@ -39,6 +40,13 @@ def test_greedy_rows_ignore_temperature_and_keep_their_argmax():
     probs = logits_to_probs(logits, bs)
     torch.testing.assert_close(probs[0], torch.softmax(logits[0], dim=-1))
     assert probs[1].argmax() == logits[1].argmax()
+
+
+def test_a_batch_knows_its_greedy_rows_as_python_bools_too():
+    mixed = batch(SamplingParams(do_sample=False), sampled(temperature=0.7))
+    assert mixed.greedy.tolist() == mixed.greedy_rows == [True, False] and not mixed.all_greedy
+    built = dataclasses.replace(mixed, greedy=torch.tensor([True, True]), greedy_rows=None)
+    assert built.greedy_rows == [True, True] and built.all_greedy  # derived from the tensor when not given
 
 
 @pytest.mark.parametrize("top_k", [1, 3, 7])
