@@ -195,8 +195,12 @@ class CompiledDecoder:
             name = f"{func.__name__}_" + "_".join(map(str, key))
             code = func.__code__.replace(co_name=name, co_qualname=name)
             copy = types.FunctionType(code, func.__globals__, name, func.__defaults__, func.__closure__)
+            # dynamic=None, not False: False makes every call patch two Dynamo settings and put
+            # them back (8-18 us of a 350-590 us batch-1 step, docs/benchmarks.md benchmark 13),
+            # and each function here compiles once, so automatic dynamism never comes into play:
+            # its shapes are static but for the keys' length, marked dynamic in _keys
             graph = self._graphs[key] = torch.compile(
-                types.MethodType(copy, self), dynamic=False, mode=self._mode, options=self._options
+                types.MethodType(copy, self), dynamic=None, mode=self._mode, options=self._options
             )
             with torch.compiler.set_stance(skip_guard_eval_unsafe=False):  # Dynamo compiles only with guards on
                 out = graph(*args)
