@@ -196,9 +196,9 @@ class CompiledDecoder:
             code = func.__code__.replace(co_name=name, co_qualname=name)
             copy = types.FunctionType(code, func.__globals__, name, func.__defaults__, func.__closure__)
             # dynamic=None, not False: False makes every call patch two Dynamo settings and put
-            # them back (8-18 us of a 350-590 us batch-1 step, docs/benchmarks.md benchmark 13),
-            # and each function here compiles once, so automatic dynamism never comes into play:
-            # its shapes are static but for the keys' length, marked dynamic in _keys
+            # them back, and each function here compiles once, so automatic dynamism never comes
+            # into play: its shapes are static but for the keys' length, marked dynamic in _keys
+            # (what `mtp bench step` shows of it: docs/benchmarks.md, benchmark 13)
             graph = self._graphs[key] = torch.compile(
                 types.MethodType(copy, self), dynamic=None, mode=self._mode, options=self._options
             )
