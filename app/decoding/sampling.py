@@ -114,13 +114,12 @@ class BatchSampling:
     typical_p: Tensor  # [B] float; 1.0 = off (and for greedy rows, whose argmax it could drop)
     generators: list[torch.Generator | None]  # one per row; None for greedy rows
     penalties: Penalties | None = None  # when any row has a penalty or a logit bias
-    # `greedy` as Python bools: a decode step reads them without a tensor op (None: from `greedy`)
-    greedy_rows: list[bool] | None = None
+    # `greedy` as Python bools, read once here: a decode step reads them without a tensor op
+    greedy_rows: list[bool] = field(init=False)
     all_greedy: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.greedy_rows is None:
-            self.greedy_rows = [bool(g) for g in self.greedy.tolist()]
+        self.greedy_rows = [bool(g) for g in self.greedy.tolist()]
         self.all_greedy = all(self.greedy_rows)
 
     @classmethod
@@ -142,7 +141,6 @@ class BatchSampling:
             typical_p=torch.tensor([1.0 if p.greedy else p.typical_p for p in params], device=device),
             generators=generators,
             penalties=Penalties.build(params, *state) if penalized and state is not None else None,
-            greedy_rows=[p.greedy for p in params],
         )
 
 

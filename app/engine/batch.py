@@ -164,8 +164,7 @@ class DecodeBatch:
         depth = self._depth()
         # the policy picks for speculating batches whose speculating rows are all greedy (sampled
         # ones verify every draft); compiled, only among the fused steps' widths
-        greedy = self.sampling.greedy_rows or []
-        greedy_drafts = any(spec) and all(g for s, g in zip(spec, greedy, strict=True) if s)
+        greedy_drafts = any(spec) and all(g for s, g in zip(spec, self.sampling.greedy_rows, strict=True) if s)
         decide = self.policy is not None and greedy_drafts and (fused or self.compiled is None)
         choice = self.policy.choose(len(self), depth) if self.policy is not None and decide else None
         shallow = shallow_depth(choice) if choice is not None else None

@@ -45,8 +45,8 @@ def test_greedy_rows_ignore_temperature_and_keep_their_argmax():
 def test_a_batch_knows_its_greedy_rows_as_python_bools_too():
     mixed = batch(SamplingParams(do_sample=False), sampled(temperature=0.7))
     assert mixed.greedy.tolist() == mixed.greedy_rows == [True, False] and not mixed.all_greedy
-    built = dataclasses.replace(mixed, greedy=torch.tensor([True, True]), greedy_rows=None)
-    assert built.greedy_rows == [True, True] and built.all_greedy  # derived from the tensor when not given
+    built = dataclasses.replace(mixed, greedy=torch.tensor([True, True]))
+    assert built.greedy_rows == [True, True] and built.all_greedy  # derived from the tensor
 
 
 @pytest.mark.parametrize("top_k", [1, 3, 7])
