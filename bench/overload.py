@@ -8,14 +8,31 @@ process's own garbage-collection pauses during it (a pause here delays every req
 flight, and would read as the server's latency); then
 the 429 latency p50/p99 over the refusals of all bursts, and the worst burst's p99. Bursts
 are 2 s apart, each after the last one drained.
+
+    python -m bench.overload --profile /tmp/overload.spy
+
+also samples the server with py-spy (every thread, without pausing it, at --profile-rate Hz)
+for as long as the bursts run, and adds to the JSON where its CPU time went, in ms per burst:
+per thread, and on the event loop's thread per function (inclusive) and per source line
+(where the sample ended). The raw stacks stay in the file. The sampler shares the machine's
+cores: take the latency figures from a run without it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
+import re
+import shutil
+import signal
+import subprocess
+import sys
 import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -98,6 +115,74 @@ async def burst(url: str, n: int, new_tokens: int) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def profiled(pid: int, path: str, rate: int) -> Iterator[None]:
+    """py-spy samples process pid (every thread, not pausing it) while the block runs; raw stacks go to path."""
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("--profile needs py-spy (pip install -e '.[bench]')")
+    cmd = [spy, "record", "--pid", str(pid), "--rate", str(rate), "--threads", "--nonblocking"]
+    proc = subprocess.Popen([*cmd, "--format", "raw", "--output", path], stdout=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached and sampling
+    if proc.poll() is not None:
+        raise SystemExit(f"py-spy exited with {proc.returncode} (attaching to a process needs ptrace rights)")
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        proc.wait(timeout=60)
+
+
+_LINE = re.compile(r":\d+\)$")
+LOOP_ITSELF = "(the event loop itself: polling, socket I/O and callbacks below Python)"
+
+
+def profile_summary(path: str, rate: int, bursts: int, top: int = 12) -> dict[str, Any]:
+    """Sampled CPU time in ms per burst: per thread, and on the event loop's thread (MainThread)
+    per function, inclusive, and per source line where the samples ended (the top ones). The
+    frames every event-loop sample shares (the command's entry down to the loop's run) are left
+    out; a sample that ended there was in the loop's own code."""
+    scale = 1000.0 / rate / bursts
+    threads: Counter[str] = Counter()
+    loop: list[tuple[list[str], int]] = []
+    for row in Path(path).read_text().splitlines():
+        stack, _, count = row.rpartition(" ")
+        frames = stack.split(";")
+        name = frames[0].partition(": ")[2] or frames[0]  # "thread (0x7f..): MainThread"
+        threads[name] += int(count)
+        if name == "MainThread":
+            loop.append((frames[1:], int(count)))
+    # The frames the loop's stacks start with (the command's entry down to the loop's run): the
+    # longest prefix shared by the stacks that start like most do. py-spy truncates a few
+    # stacks at the outer end, which are all inner frames.
+    starts = Counter(f[0] for f, _ in loop if f)
+    group = [f for f, _ in loop if f and f[0] == starts.most_common(1)[0][0]] if starts else []
+    shared = group[0] if group else []
+    for f in group:
+        n_same = next((i for i, (a, b) in enumerate(zip(shared, f, strict=False)) if a != b), min(len(shared), len(f)))
+        shared = shared[:n_same]
+    functions: Counter[str] = Counter()
+    lines: Counter[str] = Counter()
+    for frames, n in loop:
+        own = frames[len(shared) :] if frames[: len(shared)] == shared else frames
+        if not own:  # ended in the shared frames: in the loop's own (native) code
+            lines[LOOP_ITSELF] += n
+            continue
+        for fn in dict.fromkeys(_LINE.sub(")", f) for f in own):
+            functions[fn] += n
+        lines[own[-1]] += n
+
+    def ms(counter: Counter[str], k: int | None = None) -> dict[str, float]:
+        return {key: round(n * scale, 1) for key, n in counter.most_common(k)}
+
+    return {
+        "rate_hz": rate,
+        "threads_ms_per_burst": ms(threads),
+        "event_loop_functions_ms_per_burst": ms(functions, top),
+        "event_loop_lines_ms_per_burst": ms(lines, top),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
@@ -106,14 +191,18 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--bursts", type=int, default=8)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", default=None, help="py-spy's raw stacks of the server go here (see above)")
+    ap.add_argument("--profile-rate", type=int, default=1000, help="py-spy samples per second")
     args = ap.parse_args()
     runs = []
     with server(args.checkpoint, "cpu", max_queue_size=args.queue, max_batch_size=16) as srv:
         url = srv.url
-        for i in range(args.bursts):
-            if i:
-                time.sleep(2.0)
-            runs.append(asyncio.run(burst(url, args.queue * args.factor, args.new_tokens)))
+        spying = profiled(srv.proc.pid, args.profile, args.profile_rate) if args.profile else contextlib.nullcontext()
+        with spying:
+            for i in range(args.bursts):
+                if i:
+                    time.sleep(2.0)
+                runs.append(asyncio.run(burst(url, args.queue * args.factor, args.new_tokens)))
     pooled = [t for r in runs for t in r.pop("refusal_latencies_s")]
     result = {
         "max_queue_size": args.queue,
@@ -126,6 +215,8 @@ def main() -> None:
         "every_accepted_completed": all(r["every_accepted_completed"] for r in runs),
         "ready_after_every_burst": all(r["ready_after"] == 200 for r in runs),
     }
+    if args.profile:
+        result["profile"] = profile_summary(args.profile, args.profile_rate, args.bursts)
     write_json(result, args.out)
 
 

@@ -2,8 +2,12 @@
 
 import asyncio
 import gc
+import re
+from pathlib import Path
 
-from bench.overload import burst
+import pytest
+
+from bench.overload import LOOP_ITSELF, burst, profile_summary, profiled
 from bench.service import server
 
 
@@ -16,3 +20,43 @@ def test_a_burst_counts_refusals_and_the_load_generators_own_pauses(byte_checkpo
     assert r["accepted_200"] + r["refused_429"] == 12 and r["refused_429"] > 0 and r["every_accepted_completed"]
     assert r["client_gc_collections"] >= 0 and r["client_gc_longest_ms"] >= 0
     assert (r["client_gc_collections"] == 0) == (r["client_gc_longest_ms"] == 0)
+
+
+def test_a_profiled_burst_says_where_the_servers_event_loop_spent_its_time(
+    byte_checkpoint: tuple[str, str], tmp_path: Path
+) -> None:
+    ckpt, _ = byte_checkpoint
+    raw = tmp_path / "overload.spy"
+    with server(ckpt, "cpu", max_queue_size=2, max_batch_size=2, compile=False) as srv:
+        try:
+            with profiled(srv.proc.pid, str(raw), 1000):
+                for _ in range(4):
+                    asyncio.run(burst(srv.url, 40, 4))
+        except SystemExit as exc:  # no ptrace rights here (py-spy itself is a dependency)
+            pytest.skip(str(exc))
+    summary = profile_summary(str(raw), 1000, 4)
+    threads = summary["threads_ms_per_burst"]
+    assert threads["MainThread"] > 0  # the event loop answered 160 requests
+    functions = summary["event_loop_functions_ms_per_burst"]
+    assert "RequestContext.__call__ (app/api/middleware.py)" in functions, functions
+    assert not any("runpy" in f for f in functions)  # the frames every stack shares are left out
+    assert all(ms <= threads["MainThread"] for ms in functions.values())
+    lines = summary["event_loop_lines_ms_per_burst"]
+    assert lines and all(line == LOOP_ITSELF or re.search(r":\d+\)$", line) for line in lines)
+
+
+def test_the_profile_summary_counts_each_function_once_per_sample_and_strips_the_shared_frames(
+    tmp_path: Path,
+) -> None:
+    entry = "main (app/cli/main.py:10);Runner.run (asyncio/runners.py:118)"
+    raw = tmp_path / "raw.txt"
+    raw.write_text(
+        f"thread (0x1): MainThread;{entry} 30\n"  # in the loop's own code
+        f"thread (0x1): MainThread;{entry};f (a.py:1);g (a.py:5);f (a.py:2) 20\n"  # f recursive: once
+        "thread (0x1): MainThread;g (a.py:6) 10\n"  # truncated by the sampler: inner frames only
+        "thread (0x2): mtp-worker_0;run (core.py:1) 40\n"
+    )
+    s = profile_summary(str(raw), rate=100, bursts=2)  # a sample is 10 ms; per burst: 5 ms
+    assert s["threads_ms_per_burst"] == {"MainThread": 300.0, "mtp-worker_0": 200.0}
+    assert s["event_loop_functions_ms_per_burst"] == {"g (a.py)": 150.0, "f (a.py)": 100.0}
+    assert s["event_loop_lines_ms_per_burst"] == {LOOP_ITSELF: 150.0, "f (a.py:2)": 100.0, "g (a.py:6)": 50.0}
