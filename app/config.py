@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     # connections
     idle_timeout_s: float = Field(30.0, gt=0)  # a connection without a complete request header is closed after this
     max_connections: int = Field(2048, ge=1)  # open connections; more are refused (kept below the fd limit too)
+    max_header_bytes: int = Field(65_536, ge=1024)  # a longer request line + headers: 431 (Node's default: 16 KiB)
 
     # operations
     drain_timeout_s: float = Field(30.0, ge=0)

@@ -6,8 +6,9 @@ then end with an error (a final SSE error event on streams), and the process exi
 drain_timeout_s + 2 s. A second signal exits with status 130 within a second.
 
 Connections: one that has not sent a complete request header within idle_timeout_s (after
-connecting, or after its last response) is closed, and beyond max_connections open ones
-(kept below the file-descriptor limit) a new connection gets a 503 and is closed.
+connecting, or after its last response) is closed, one whose request head (request line and
+headers) grows past max_header_bytes gets a 431 and is closed, and beyond max_connections open
+ones (kept below the file-descriptor limit) a new connection gets a 503 and is closed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import json
 import logging
 import os
 import resource
@@ -31,6 +33,7 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.api.deps import ServiceState
+from app.api.errors import error_body
 from app.config import Settings
 from app.engine.types import EngineNotReady
 from app.logs import setup_logging
@@ -44,8 +47,18 @@ SWITCH_INTERVAL_S = 0.0005
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
 TRIM_THRESHOLD = 256 * 2**20
 FD_RESERVE = 64  # descriptors kept for the model files, logs and the listening socket
+LINGER_S = 2.0  # after a 431, what the client still sends is read and dropped this long before the close
 SECOND_SIGNAL_EXIT_S = 0.5  # a second signal: streams get their error event, then the process exits
 BUSY = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+
+
+def head_too_large(limit: int, openai: bool) -> bytes:
+    """The 431 reply to a request head over the limit, in its API family's envelope."""
+    body = json.dumps(error_body(f"request line and headers larger than {limit} bytes", "too_large", openai, 431))
+    return (
+        "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n{body}"
+    ).encode()
 
 
 class GuardedProtocol(HttpToolsProtocol):
@@ -59,6 +72,11 @@ class GuardedProtocol(HttpToolsProtocol):
 
     idle_timeout_s = 30.0
     max_connections = 2048
+    max_header_bytes = 65536
+    _in_head = True  # the bytes arriving now belong to a request head (none of its body yet)
+    _head_bytes = 0  # bytes of the current request head counted so far
+    _heads = 0  # request heads completed on this connection
+    _refused = False  # a 431 has been sent: the connection only waits to be closed
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -76,6 +94,40 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         self._seen = cycle
         self._idle = self.loop.call_later(self.idle_timeout_s, self._check_idle)
+
+    def data_received(self, data: bytes) -> None:
+        """The parser (httptools) and uvicorn gather a request's URL and each header value by
+        appending every piece that arrives, which costs time quadratic in their length, on the
+        event loop: a 64 MB header took 6 s there, and every other client waited. So a head
+        that grows past max_header_bytes is answered 431 and its connection closed. A chunk is
+        counted when it starts inside a head and no head ends within it (all of it is head),
+        so a head is cut within one read of the limit."""
+        if self._refused:  # the 431 is out; what the client still sends is dropped until the close
+            return
+        counted, heads = self._in_head, self._heads
+        super().data_received(data)
+        if not counted or self._heads != heads or self.transport.is_closing():
+            return  # the chunk began outside a head, or a head ended within it
+        self._head_bytes += len(data)
+        if self._head_bytes > self.max_header_bytes:
+            log.warning("request head over %d bytes from %s: 431, closed", self.max_header_bytes, self.client)
+            openai = getattr(self, "url", b"").startswith(b"/v1/")
+            self.transport.write(head_too_large(self.max_header_bytes, openai))
+            # Close after a moment, not at once: a client still sending its head would get a
+            # reset instead of the reply (a lingering close, as nginx does).
+            self._refused = True
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+
+    def on_headers_complete(self) -> None:
+        self._in_head, self._head_bytes = False, 0
+        self._heads += 1
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True  # what follows is the next request's head
 
     def connection_lost(self, exc: Exception | None) -> None:
         if (idle := getattr(self, "_idle", None)) is not None:
@@ -227,7 +279,11 @@ def serve(settings: Settings) -> int:
     protocol: Any = type(
         "Guarded",
         (GuardedProtocol,),
-        {"idle_timeout_s": settings.idle_timeout_s, "max_connections": connection_cap(settings.max_connections)},
+        {
+            "idle_timeout_s": settings.idle_timeout_s,
+            "max_connections": connection_cap(settings.max_connections),
+            "max_header_bytes": settings.max_header_bytes,
+        },
     )
     config = uvicorn.Config(
         app,

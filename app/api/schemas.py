@@ -269,6 +269,7 @@ class Limits(BaseModel):
     body_timeout_s: float
     idle_timeout_s: float
     max_connections: int
+    max_header_bytes: int
 
 
 class InfoResponse(BaseModel):

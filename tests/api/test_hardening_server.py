@@ -96,6 +96,42 @@ def test_connections_beyond_the_cap_are_refused_before_descriptors_run_out(
     assert httpx.get(f"{srv.url}/health", timeout=5).status_code == 200
 
 
+def reply_to_head(port: int, head: bytes) -> bytes:
+    """Send a request head over a raw socket and read the reply until the server closes."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(head)
+    chunks = []
+    while chunk := s.recv(65536):
+        chunks.append(chunk)
+    s.close()
+    return b"".join(chunks)
+
+
+def test_a_request_head_over_the_limit_gets_431_in_its_familys_envelope_and_is_closed(
+    server_factory: Callable[..., Any],
+) -> None:
+    srv = server_factory(MTP_MAX_HEADER_BYTES="4096")
+    assert httpx.get(f"{srv.url}/info", timeout=5).json()["limits"]["max_header_bytes"] == 4096
+    assert httpx.get(f"{srv.url}/health", headers={"X-Pad": "a" * 3000}, timeout=5).status_code == 200
+    # 32 MB in one header: the parser's appends made this seconds of event-loop time before
+    t0 = time.monotonic()
+    reply = reply_to_head(srv.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (32 << 20) + b"\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 ") and b"connection: close" in head
+    assert json.loads(body) == {"error": "request line and headers larger than 4096 bytes", "error_type": "too_large"}
+    assert time.monotonic() - t0 < 5
+    # a long URL on an OpenAI route: OpenAI's envelope
+    reply = reply_to_head(srv.port, b"GET /v1/models?" + b"q" * 200_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 ") and json.loads(body)["error"]["code"] == 431
+    # a body is not a head (an 8 kB input is served), and heads are counted one by one (pipelined)
+    r = httpx.post(f"{srv.url}/tokenize", json={"inputs": "a" * 8_000}, timeout=10)
+    assert r.status_code == 200, r.text
+    pipelined = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 3000 + b"\r\n\r\n"
+    reply = reply_to_head(srv.port, pipelined * 5 + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert reply.count(b"HTTP/1.1 200 ") == 6  # 18 kB of heads on one connection, none over 4096 bytes
+
+
 def read_stream(url: str, out: list[Any]) -> None:
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 40, "speculative": False}}
     with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=30) as r:

@@ -103,6 +103,7 @@ async def info(serving: ServingDep) -> InfoResponse:
             body_timeout_s=s.body_timeout_s,
             idle_timeout_s=s.idle_timeout_s,
             max_connections=s.max_connections,
+            max_header_bytes=s.max_header_bytes,
         ),
         auth_required=s.api_key is not None,
         model_dtype=engine_info["dtype"],
