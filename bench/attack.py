@@ -387,6 +387,51 @@ def tokenize_bomb(url: str, chars: int = 1_000_000) -> Result:
     )
 
 
+def huge_header(url: str, megabytes: int = 64) -> Result:
+    """A request head of many megabytes (one header, sent as fast as loopback takes it) is cut
+    off at the limit, and /health stays fast meanwhile; the parser's appends once made it
+    seconds of event-loop time."""
+    host, port = urlparse(url).hostname or HOST, urlparse(url).port or 80
+    health: list[float] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(timeout=30) as c:
+            while not done.is_set():
+                health.append(timed(lambda: c.get(f"{url}/health"))[1])
+                done.wait(0.1)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    time.sleep(0.3)
+    t0 = time.perf_counter()
+    with socket.create_connection((host, port), timeout=60) as s:
+        reply = b""
+        try:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+            chunk = b"a" * (1 << 20)
+            for _ in range(megabytes):
+                s.sendall(chunk)
+            s.sendall(b"\r\n\r\n")
+        except OSError:
+            pass  # closed before the whole head went out: what it answered is read below
+        with contextlib.suppress(OSError):
+            reply = s.recv(200)
+    took = time.perf_counter() - t0
+    time.sleep(0.3)
+    done.set()
+    poller.join(timeout=35)
+    status = int(reply.split(b" ")[1]) if reply.startswith(b"HTTP/1.1 ") else 0
+    worst = max(health, default=float("inf"))
+    return Result(
+        "huge-header",
+        f"a request with a {megabytes} MB header over one connection; /health polled every 100 ms",
+        f"{status or 'no reply'} after {took:.2f} s; /health max {ms(worst)} over {len(health)} polls",
+        status != 431 or worst > 1.0,
+        {"status": status, "reply_s": took, "health_max_s": worst},
+    )
+
+
 async def _with_bad_neighbour(url: str, bad: Mapping[str, Any], good: int) -> tuple[int, list[int]]:
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         params = {"max_new_tokens": 20}
@@ -924,6 +969,7 @@ ATTACKS = [
     Attack("refused-multi-prompt", _shared(refused_multi_prompt)),
     Attack("disconnect-nonstream", _shared(disconnect_nonstream)),
     Attack("tokenize-bomb", _shared(tokenize_bomb)),
+    Attack("huge-header", _shared(huge_header)),
     Attack("timeout-traceback", _timeout),
     Attack("idle-connections", _idle),
     Attack("shutdown-bounds", shutdown_bounds),
