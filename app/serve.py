@@ -33,7 +33,7 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.api.deps import ServiceState
-from app.api.errors import error_body
+from app.api.errors import KINDS, error_body
 from app.config import Settings
 from app.engine.types import EngineNotReady
 from app.logs import setup_logging
@@ -54,7 +54,8 @@ BUSY = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: cl
 
 def head_too_large(limit: int, openai: bool) -> bytes:
     """The 431 reply to a request head over the limit, in its API family's envelope."""
-    body = json.dumps(error_body(f"request line and headers larger than {limit} bytes", "too_large", openai, 431))
+    kind = KINDS["head_too_large"]
+    body = json.dumps(error_body(f"request line and headers larger than {limit} bytes", kind.error_type, openai, 431))
     return (
         "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n{body}"

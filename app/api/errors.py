@@ -44,6 +44,7 @@ KINDS: dict[str, ErrorKind] = {
     "unauthorized": ErrorKind(401, "unauthorized", "unauthorized"),
     "body_timeout": ErrorKind(408, "timeout", "timeout"),
     "too_large": ErrorKind(413, "too_large", "too_large"),
+    "head_too_large": ErrorKind(431, "too_large", "too_large"),  # answered by mtp serve's protocol (app/serve.py)
     "cancelled": ErrorKind(499, "cancelled", None),  # the engine counts the cancellation
     "bad_request": ErrorKind(400, "bad_request", "validation"),  # /v1 answers 400 where the rest answers 422
     "not_found": ErrorKind(404, "not_found", None),
