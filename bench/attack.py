@@ -353,14 +353,15 @@ def refused_multi_prompt(url: str, queue_size: int = 16, max_tokens: int = 250, 
 # ---- attacks: inputs ---------------------------------------------------------------------------
 
 
-def tokenize_bomb(url: str, chars: int = 1_000_000) -> Result:
-    """A ~1 MB text is refused at once by /tokenize and /generate, and /health stays fast meanwhile."""
-    text = "a " * (chars // 2)
+@contextlib.contextmanager
+def polled_health(url: str) -> Iterator[list[float]]:
+    """GET /health every 100 ms on a thread while the block runs (after 0.3 s of it first);
+    yields the list its latencies (s) are appended to."""
     health: list[float] = []
     done = threading.Event()
 
     def poll() -> None:
-        with httpx.Client(timeout=10) as c:
+        with httpx.Client(timeout=30) as c:
             while not done.is_set():
                 health.append(timed(lambda: c.get(f"{url}/health"))[1])
                 done.wait(0.1)
@@ -368,14 +369,23 @@ def tokenize_bomb(url: str, chars: int = 1_000_000) -> Result:
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     time.sleep(0.3)
-    t0 = time.perf_counter()
-    with httpx.stream("POST", f"{url}/tokenize", json={"inputs": text}, timeout=120) as r:
-        tok_status, tok_bytes = r.status_code, sum(len(b) for b in r.iter_bytes())
-    tok_s = time.perf_counter() - t0
-    gen = [timed(lambda: httpx.post(f"{url}/generate", json={"inputs": text}, timeout=60)) for _ in range(2)]
-    gen_status, gen_s = min(gen, key=lambda g: g[1])
-    done.set()
-    poller.join(timeout=15)
+    try:
+        yield health
+    finally:
+        done.set()
+        poller.join(timeout=35)
+
+
+def tokenize_bomb(url: str, chars: int = 1_000_000) -> Result:
+    """A ~1 MB text is refused at once by /tokenize and /generate, and /health stays fast meanwhile."""
+    text = "a " * (chars // 2)
+    with polled_health(url) as health:
+        t0 = time.perf_counter()
+        with httpx.stream("POST", f"{url}/tokenize", json={"inputs": text}, timeout=120) as r:
+            tok_status, tok_bytes = r.status_code, sum(len(b) for b in r.iter_bytes())
+        tok_s = time.perf_counter() - t0
+        gen = [timed(lambda: httpx.post(f"{url}/generate", json={"inputs": text}, timeout=60)) for _ in range(2)]
+        gen_status, gen_s = min(gen, key=lambda g: g[1])
     worst = max(health, default=float("inf"))
     return Result(
         "tokenize-bomb",
@@ -392,35 +402,22 @@ def huge_header(url: str, megabytes: int = 64) -> Result:
     off at the limit, and /health stays fast meanwhile; the parser's appends once made it
     seconds of event-loop time."""
     host, port = urlparse(url).hostname or HOST, urlparse(url).port or 80
-    health: list[float] = []
-    done = threading.Event()
-
-    def poll() -> None:
-        with httpx.Client(timeout=30) as c:
-            while not done.is_set():
-                health.append(timed(lambda: c.get(f"{url}/health"))[1])
-                done.wait(0.1)
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    time.sleep(0.3)
-    t0 = time.perf_counter()
-    with socket.create_connection((host, port), timeout=60) as s:
-        reply = b""
-        try:
-            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
-            chunk = b"a" * (1 << 20)
-            for _ in range(megabytes):
-                s.sendall(chunk)
-            s.sendall(b"\r\n\r\n")
-        except OSError:
-            pass  # closed before the whole head went out: what it answered is read below
-        with contextlib.suppress(OSError):
-            reply = s.recv(200)
-    took = time.perf_counter() - t0
-    time.sleep(0.3)
-    done.set()
-    poller.join(timeout=35)
+    with polled_health(url) as health:
+        t0 = time.perf_counter()
+        with socket.create_connection((host, port), timeout=60) as s:
+            reply = b""
+            try:
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+                chunk = b"a" * (1 << 20)
+                for _ in range(megabytes):
+                    s.sendall(chunk)
+                s.sendall(b"\r\n\r\n")
+            except OSError:
+                pass  # closed before the whole head went out: what it answered is read below
+            with contextlib.suppress(OSError):
+                reply = s.recv(200)
+        took = time.perf_counter() - t0
+        time.sleep(0.3)
     status = int(reply.split(b" ")[1]) if reply.startswith(b"HTTP/1.1 ") else 0
     worst = max(health, default=float("inf"))
     return Result(
