@@ -28,6 +28,14 @@ that re-time the draft count seen least recently. Start-up timings are medians o
 rounds, and capped at what n+1 plain steps would cost (feeding n+1 tokens in one pass never
 costs more).
 
+A shallow step (PLAIN included) cannot be re-timed in passing: running one commits its rows to
+it. So its cost would stay the start-up one for as long as another choice wins, and a noisy
+moment at start-up that timed a plain step at twice its cost would keep its batch size on a
+slower choice for the life of the process. Instead, a shallow step not timed
+for SHALLOW_RETIME_STEPS greedy steps is chosen once at a full-depth choice, a run of
+SHALLOW_RETIME_RUN steps (its rows keep that depth); its warm steps refresh its cost. The price
+is one batch's rows at a possibly worse depth every few seconds of serving.
+
 Timings are kept per intra-op thread count. The thread policy (threads.py) runs a batch size
 at one thread or at all of them, and re-times the other now and then; a step at one thread costs
 more, and by another ratio for each draft count. Mixed in one window, a stretch of one-thread
@@ -44,7 +52,7 @@ others made every draft count but the running one look about twice its cost. A r
 step is not timed. A graph also stays cold for a few steps: the 2nd to 6th steps after the switch
 took 1.55, 1.26, 1.12, 1.06 and 1.03 times a warm one (docs/benchmarks.md, benchmark 5, run 6). So
 start-up rounds, which set the costs of the shapes that do not run until they are chosen (shallow
-steps: only when chosen, since their rows keep the fewer modules for good), run each compiled
+steps: until chosen or re-timed, since their rows keep the fewer modules for good), run each compiled
 shape STARTUP_WARM_STEPS times in a row before the one they time (an eager one once: eager
 steps share one copy of the weights).
 
@@ -81,6 +89,8 @@ PRIOR_CONDITIONAL = 0.7  # prior a_j = 0.7 * a_(j-1): positions a busy batch nev
 RECENT_STEPS = 16  # step timings kept per (batch, n); their median is the cost
 EXPLORE_EVERY = 32  # every 32nd step at a batch size re-times the draft count measured least recently
 EXPLORE_RUN = 2  # ... in a run of this many steps, the first of which (cold) is not timed
+SHALLOW_RETIME_STEPS = 4096  # greedy steps after which a shallow step not timed since is re-timed (module doc)
+SHALLOW_RETIME_RUN = 4  # ... in a run of this many steps on the rows of one full-depth choice
 STARTUP_WARM_STEPS = 4  # untimed steps of a shape in a row before each start-up timing of it (its 5th)
 PLAIN = -1  # choose(): a step that drafts nothing, and its rows stop speculating (sequential heads)
 PLAIN_MARGIN = 1.1  # PLAIN must give this many times the best draft count's tokens/s: it is for good
@@ -105,6 +115,7 @@ class Timings:
     recent: dict[int, list[deque[float]]]
     shallow: dict[int, dict[int, deque[float]]]
     last_seen: dict[int, list[int]]
+    shallow_seen: dict[int, dict[int, int]]  # [batch][depth]: the policy's clock when last timed (or re-timed)
 
 
 class DraftPolicy:
@@ -133,6 +144,8 @@ class DraftPolicy:
         # thread): the accessors below read that count's table, from whatever thread they run on
         self.threads = torch.get_num_threads()
         self.last: tuple[int, int, int] | None = None  # the last step's (batch, n, threads): the next is warm if equal
+        self.clock = 0  # greedy steps observed (observe_cost), at any batch size: how stale a shallow timing is
+        self.retiming: tuple[int, int, int] | None = None  # (batch, shallow choice, steps left) of a re-timing run
 
     def table(self) -> Timings:
         """The timings of the thread count the core runs at (self.threads), begun from the start-up ones."""
@@ -145,6 +158,11 @@ class DraftPolicy:
                     if b in self.costs
                 },
                 last_seen={b: [0] * (self.max_drafts + 1) for b in self.costs},
+                shallow_seen={
+                    b: dict.fromkeys((d for d in row if d < self.max_drafts), 0)
+                    for b, row in self.start_shallow.items()
+                    if b in self.costs
+                },
             )
         return table
 
@@ -171,6 +189,11 @@ class DraftPolicy:
         """last_seen[batch][n]: the step count when n was last timed (at this thread count)."""
         return self.table().last_seen
 
+    @property
+    def shallow_seen(self) -> dict[int, dict[int, int]]:
+        """shallow_seen[batch][d]: the clock when shallow d was last timed or re-timed (at this thread count)."""
+        return self.table().shallow_seen
+
     def cost(self, batch: int) -> list[float]:
         """Current seconds per step at n = 0 .. max_drafts for a measured batch size: medians of recent steps."""
         return [statistics.median(window) for window in self.recent[batch]]
@@ -194,13 +217,42 @@ class DraftPolicy:
             return self.max_drafts
         self.threads = torch.get_num_threads()
         b = self._bucket(batch)  # the nearest measured batch size at or above
+        if (run := self._retiming(b, depth)) is not None:
+            return run
         if depth is not None and depth < self.max_drafts:
             return self._shallower(b, depth)
         self.steps[b] += 1
         if -self.steps[b] % EXPLORE_EVERY < EXPLORE_RUN:  # steps 31, 32, 63, 64, ..: the first is cold,
             seen = self.last_seen[b]  # untimed, and leaves last_seen as it was: the second re-times the same n
             return min(self.choices, key=lambda n: seen[n])
-        return self.best(b)
+        best = self.best(b)
+        stale = self._stale_shallow(b, best)
+        return best if stale is None else stale
+
+    def _retiming(self, b: int, depth: int | None) -> int | None:
+        """The next step of a shallow re-timing run at b, if one is under way there on rows of
+        its depth (the ones it began on); any other step ends the run."""
+        if self.retiming is None:
+            return None
+        rb, choice, left = self.retiming
+        if rb != b or left <= 0 or depth != shallow_depth(choice):
+            self.retiming = None
+            return None
+        self.retiming = (rb, choice, left - 1) if left > 1 else None
+        return choice
+
+    def _stale_shallow(self, b: int, best: int) -> int | None:
+        """A shallow choice at b (not `best`) whose timing is SHALLOW_RETIME_STEPS old: the least
+        recently timed one, whose re-timing run starts now; else None."""
+        seen = self.shallow_seen.get(b, {})
+        stale = [d for d, at in seen.items() if self.clock - at >= SHALLOW_RETIME_STEPS and shallow(d) != best]
+        if not stale:
+            return None
+        d = min(stale, key=lambda d: seen[d])
+        seen[d] = self.clock  # once per period, even if its rows end before a warm step is timed
+        if d > 0:  # PLAIN needs no run: its rows stop speculating, and each of their steps is timed
+            self.retiming = (b, shallow(d), SHALLOW_RETIME_RUN - 1)
+        return shallow(d)
 
     def best(self, b: int) -> int:
         """The draft count with the most expected tokens per second at measured batch size b, or
@@ -242,6 +294,7 @@ class DraftPolicy:
         step that drafted nothing); only exact measured batch sizes count (a smaller batch costs
         less), and only warm steps (see the module's doc)."""
         self.threads = torch.get_num_threads()
+        self.clock += 1
         shape = (batch, n, self.threads)
         warm, self.last = self.last == shape, shape
         if not warm:
@@ -249,6 +302,7 @@ class DraftPolicy:
         if (d := shallow_depth(n)) is not None:
             if d in self.shallow.get(batch, {}):
                 self.shallow[batch][d].append(seconds)
+                self.shallow_seen[batch][d] = self.clock
         elif batch in self.recent and n in self.choices:
             self.recent[batch][n].append(seconds)
             self.last_seen[batch][n] = self.steps[batch]

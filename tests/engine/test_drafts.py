@@ -5,7 +5,15 @@ import time
 import pytest
 import torch
 
-from app.engine.drafts import PLAIN, STARTUP_WARM_STEPS, DraftPolicy, shallow, time_steps
+from app.engine.drafts import (
+    PLAIN,
+    SHALLOW_RETIME_STEPS,
+    STARTUP_WARM_STEPS,
+    DraftPolicy,
+    shallow,
+    shallow_depth,
+    time_steps,
+)
 
 FLAT = [1.0, 1.0, 1.0, 1.0, 1.0]  # batch 1: a pass costs the same whatever it carries
 STEEP = [1.0, 1.2, 1.4, 1.6, 1.8]  # batch 16: every fed token adds a fifth of a plain step
@@ -234,3 +242,45 @@ def test_each_thread_count_keeps_its_own_timings() -> None:
         assert policy.cost(1) == [1.0, 1.0, 0.5] and policy.best(1) == 2
     finally:
         torch.set_num_threads(before)
+
+
+def serve_one_by_one(policy: DraftPolicy, true_cost: dict[int, float], requests: int, steps: int = 100) -> list[int]:
+    """Batch-1 requests one after another, `steps` greedy steps each, as DecodeBatch.step drives
+    the policy: a row starts with every module; a shallow choice keeps it at that depth, PLAIN
+    ends its drafting (its steps are then timed as plain ones without a choice). true_cost: the
+    seconds of each choice. Returns the choice each request settled on (that of its last step)."""
+    settled = []
+    for _ in range(requests):
+        depth: int | None = None
+        choice = 0
+        for _ in range(steps):
+            if choice != PLAIN:
+                choice = policy.choose(1, depth)
+                if (d := shallow_depth(choice)) is not None and d > 0:
+                    depth = d
+            policy.observe_cost(1, choice, true_cost[choice])
+        settled.append(choice)
+    return settled
+
+
+def test_a_shallow_step_timed_dear_at_start_up_is_re_timed_while_serving() -> None:
+    """A noisy start-up timed the plain batch-1 step at 4x its cost: it would never be chosen,
+    so never timed again. Every SHALLOW_RETIME_STEPS greedy steps the stalest shallow step runs
+    on one request; its warm steps correct its cost, and later requests take it."""
+    true_cost = {PLAIN: 0.5, shallow(1): 0.9, 0: 1.0, 1: 1.1, 2: 1.2}
+    policy = policy_with_rates([0.6, 0.36], {1: [1.0, 1.1, 1.2]}, shallow={1: {0: 2.0, 1: 0.9}})
+    first = serve_one_by_one(policy, true_cost, SHALLOW_RETIME_STEPS // 100 + 1)  # up to the first past 4096 steps
+    assert set(first) == {shallow(1)}  # 1.6 / 0.9 beats plain's 1 / 2.0 as timed at start-up
+    later = serve_one_by_one(policy, true_cost, 10)
+    assert later == [PLAIN] * 10  # re-timed at 0.5: 2.0 per unit beats 1.78 by more than PLAIN_MARGIN
+    assert policy.describe()["shallow_step_ms"] == {1: {0: 500.0, 1: 900.0}}
+
+
+def test_re_timing_a_shallow_step_that_is_as_dear_as_timed_costs_one_request_per_period() -> None:
+    """The start-up table was right: each re-timing run puts one request on the dearer plain
+    step, once per SHALLOW_RETIME_STEPS greedy steps, and the requests after it go back."""
+    true_cost = {PLAIN: 2.0, shallow(1): 0.9, 0: 1.0, 1: 1.1, 2: 1.2}
+    policy = policy_with_rates([0.6, 0.36], {1: [1.0, 1.1, 1.2]}, shallow={1: {0: 2.0, 1: 0.9}})
+    settled = serve_one_by_one(policy, true_cost, 3 * SHALLOW_RETIME_STEPS // 100 + 5)
+    assert settled.count(PLAIN) == 3
+    assert all(c == shallow(1) for c, prev in zip(settled[1:], settled, strict=False) if prev == PLAIN)
