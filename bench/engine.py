@@ -1,7 +1,13 @@
 """The engine without HTTP: /generate's continuous batch at 1 and S concurrent streams, with
 the adaptive draft count (app/engine/drafts.py) and with every pass verifying k - 1 drafts,
 and with sequential heads also the adaptive count without shallow steps (plain steps only),
-the modes interleaved over several repeats (this machine's speed drifts) and medians reported."""
+the modes interleaved over several repeats (this machine's speed drifts) and medians reported.
+
+With `offline`, each repeat also times generate() at batch 1 in the same process, on the
+engine's own steps (its compiled decoder, on its thread) and the same prompts as the one
+stream, at each draft count the engine can run: the model's own speed, against which the
+engine's single stream is set twice, the best count's and the count the policy picked at batch 1
+(its overhead apart from its choice)."""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import statistics
 import time
 from typing import Any
 
+from app.decoding.generate import generate
 from app.engine.drafts import DraftPolicy
 from app.engine.engine import Engine, EngineConfig, inference_thread
 from app.engine.types import GenerateJob, TokenEvent
@@ -35,8 +42,52 @@ async def _rate(engine: Engine, prompts: list[list[int]], streams: int, sequence
     return tokens / (time.perf_counter() - t0)
 
 
+def _sequences(streams: int) -> int:
+    return max(12, 3 * streams)
+
+
+async def _offline_rate(engine: Engine, prompts: list[list[int]], drafts: int, new_tokens: int) -> float:
+    """Tokens/s of generate() at batch 1 through the prompts the single stream gets, with `drafts`
+    drafts per verify pass (0: plain; sequential heads: also the modules run), on the engine's
+    steps and thread, between its requests (its cache rows are free then)."""
+
+    model, compiled = engine.model, engine.core.batch.compiled
+
+    def run() -> float:
+        tokens, t0 = 0, time.perf_counter()
+        for p in prompts[: _sequences(1)]:
+            g = generate(model, [p], new_tokens, speculative=drafts > 0, draft_tokens=drafts, compiled=compiled)
+            tokens += len(g.tokens[0])
+        rate = tokens / (time.perf_counter() - t0)
+        if compiled is None:  # eager generate() made caches for one row: the engine's again
+            model.setup_caches(engine.cfg.max_batch_size)
+        return rate
+
+    return await engine.call(run)
+
+
+def _offline_counts(engine: Engine) -> list[int]:
+    """The draft counts a batch-1 step of the engine can verify: its compiled greedy widths, else all."""
+    compiled = engine.core.batch.compiled
+    widths = (compiled.greedy_widths or compiled.widths) if compiled is not None else None
+    return [w - 1 for w in widths] if widths else list(range(engine.model.cfg.k))
+
+
+def _choice_drafts(choice: int | str) -> int:
+    """The offline draft count of the policy's batch-1 choice: "plain" 0, "shallow d" d, n n."""
+    if isinstance(choice, int):
+        return choice
+    return 0 if choice == "plain" else int(choice.split()[-1])
+
+
 async def _run(
-    checkpoint: str, corpus: str, streams: int, new_tokens: int, repeats: int, settings: dict[str, Any]
+    checkpoint: str,
+    corpus: str,
+    streams: int,
+    new_tokens: int,
+    repeats: int,
+    settings: dict[str, Any],
+    offline: bool = False,
 ) -> dict[str, Any]:
     worker = inference_thread()  # as in the service: the model lives on the engine's thread
     model, tok = await asyncio.get_running_loop().run_in_executor(worker, load_checkpoint, checkpoint)
@@ -51,16 +102,21 @@ async def _run(
         plain = {b: {0: row[0][0]} for b, row in policy.shallow.items() if 0 in row}
         policies["no_shallow"] = DraftPolicy(policy.max_drafts, policy.costs, policy.choices, plain)
     rates: dict[str, dict[int, list[float]]] = {m: {1: [], streams: []} for m in policies}
+    counts = _offline_counts(engine) if offline else []
+    off: dict[int, list[float]] = {n: [] for n in counts}
     try:
         for _ in range(repeats):
             for mode in rates:
                 engine.core.batch.policy = policies[mode]
                 for s in (1, streams):
-                    rates[mode][s].append(await _rate(engine, prompts, s, max(12, 3 * s), new_tokens))
+                    rates[mode][s].append(await _rate(engine, prompts, s, _sequences(s), new_tokens))
+            for n in counts:
+                off[n].append(await _offline_rate(engine, prompts, n, new_tokens))
     finally:
         await engine.shutdown()
     med = {m: {s: statistics.median(v) for s, v in by.items()} for m, by in rates.items()}
-    return {
+    drafts_by_batch: dict[int, int | str] = policy.describe()["drafts_by_batch"] if policy else {}  # type: ignore[assignment]
+    result: dict[str, Any] = {
         "benchmark": "engine_generate",
         "checkpoint": checkpoint,
         "streams": streams,
@@ -82,15 +138,27 @@ async def _run(
                 else {}
             ),
         },
-        "drafts_by_batch_size": {str(b): n for b, n in policy.describe()["drafts_by_batch"].items()}  # type: ignore[attr-defined]
-        if policy
-        else {},
+        "drafts_by_batch_size": {str(b): n for b, n in drafts_by_batch.items()},
         "shallow_step_ms_by_batch": policy.describe().get("shallow_step_ms", {}) if policy else {},
         "acceptance_by_position": [round(a, 3) for a in policy.rates()] if policy else [],
         "step_ms_by_batch_and_drafts": {str(b): [round(c * 1e3, 2) for c in row] for b, row in policy.costs.items()}
         if policy
         else {},
     }
+    if offline:
+        off_med = {n: statistics.median(v) for n, v in off.items()}
+        best = max(off_med, key=lambda n: off_med[n])
+        result["offline_1_stream"] = {
+            "tokens_per_s_median_by_drafts": {str(n): round(v, 1) for n, v in off_med.items()},
+            "tokens_per_s_runs_by_drafts": {str(n): [round(x, 1) for x in v] for n, v in off.items()},
+            "best_drafts": best,
+        }
+        ratios = result["ratios"]
+        ratios["adaptive_1_stream_vs_offline_best"] = round(med["adaptive"][1] / off_med[best], 3)
+        if policy is not None and (at := _choice_drafts(drafts_by_batch[policy.batches[0]])) in off_med:
+            result["offline_1_stream"]["policy_choice_drafts"] = at  # at batch 1, as the run ended
+            ratios["adaptive_1_stream_vs_offline_at_policy_choice"] = round(med["adaptive"][1] / off_med[at], 3)
+    return result
 
 
 def bench_engine(
@@ -100,6 +168,8 @@ def bench_engine(
     new_tokens: int = 64,
     repeats: int = 4,
     settings: dict[str, Any] | None = None,
+    offline: bool = False,
 ) -> dict[str, Any]:
-    """settings: EngineConfig fields over the defaults (the tests turn compiling off)."""
-    return asyncio.run(_run(checkpoint, corpus, streams, new_tokens, repeats, settings or {}))
+    """settings: EngineConfig fields over the defaults (the tests turn compiling off);
+    offline: also generate() at batch 1 on the engine's steps (the module's doc)."""
+    return asyncio.run(_run(checkpoint, corpus, streams, new_tokens, repeats, settings or {}, offline))

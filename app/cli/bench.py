@@ -168,11 +168,19 @@ class EngineBench(Benchmark):
         parser.add_argument("--streams", type=int, default=16)
         parser.add_argument("--new-tokens", type=int, default=64)
         parser.add_argument("--repeats", type=int, default=4, help="interleaved repeats of each mode")
+        parser.add_argument(
+            "--offline", action="store_true", help="also generate() at batch 1 on the engine's steps, per draft count"
+        )
         add_out(parser)
 
     def measure(self, args: argparse.Namespace) -> dict[str, Any]:
         return import_bench("engine").bench_engine(
-            args.checkpoint, args.corpus, streams=args.streams, new_tokens=args.new_tokens, repeats=args.repeats
+            args.checkpoint,
+            args.corpus,
+            streams=args.streams,
+            new_tokens=args.new_tokens,
+            repeats=args.repeats,
+            offline=args.offline,
         )
 
 

@@ -4,6 +4,7 @@ ones have their own tests (tests/engine/test_compiled.py) and cost minutes to bu
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from app.model.checkpoint import save_checkpoint
@@ -48,3 +49,22 @@ def test_bench_engine_sets_sequential_heads_against_the_policy_without_shallow_s
     assert {"adaptive_vs_no_shallow_1_stream", "adaptive_vs_no_shallow_2_streams"} <= set(r["ratios"])
     # plain (0) and one module verifying one draft (1), timed at each batch size
     assert all(set(row) == {0, 1} for row in r["shallow_step_ms_by_batch"].values())
+
+
+def test_bench_engine_offline_sets_the_single_stream_against_generate_on_the_engines_steps(
+    byte_checkpoint: tuple[str, str],
+) -> None:
+    """--offline: generate() at batch 1 at each draft count, between the engine's phases; the
+    engine keeps serving after it (the second repeat runs after the first's offline phase)."""
+    ckpt, corpus = byte_checkpoint
+    r = bench_engine(ckpt, corpus, streams=2, new_tokens=8, repeats=2, settings=EAGER, offline=True)
+    off = r["offline_1_stream"]
+    assert set(off["tokens_per_s_median_by_drafts"]) == {"0", "1", "2", "3"}  # k = 4, eager: every count
+    assert all(len(runs) == 2 and min(runs) > 0 for runs in off["tokens_per_s_runs_by_drafts"].values())
+    assert all(len(runs) == 2 and min(runs) > 0 for by in r["tokens_per_s_runs"].values() for runs in by.values())
+    best = off["tokens_per_s_median_by_drafts"][str(off["best_drafts"])]
+    assert best == max(off["tokens_per_s_median_by_drafts"].values())
+    engine_one = r["tokens_per_s_median"]["adaptive"]["1"]
+    assert r["ratios"]["adaptive_1_stream_vs_offline_best"] == pytest.approx(engine_one / best, abs=0.01)
+    assert off["policy_choice_drafts"] == r["drafts_by_batch_size"]["1"]  # linear heads: a draft count
+    assert "adaptive_1_stream_vs_offline_at_policy_choice" in r["ratios"]

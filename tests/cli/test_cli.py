@@ -148,7 +148,11 @@ class Recorder:
             "bench_vs_transformers",
             {"new_tokens": 64, "device": "cuda", "compile": False, "autotune": False},
         ),
-        (["engine", "--repeats", "2"], "bench_engine", {"streams": 16, "new_tokens": 64, "repeats": 2}),
+        (
+            ["engine", "--repeats", "2", "--offline"],
+            "bench_engine",
+            {"streams": 16, "new_tokens": 64, "repeats": 2, "offline": True},
+        ),
         (["threads", "--prompts", "2"], "bench_threads", {"n_prompts": 2, "new_tokens": 64}),
     ],
 )
