@@ -34,7 +34,8 @@ moment at start-up that timed a plain step at twice its cost would keep its batc
 slower choice for the life of the process. Instead, a shallow step not timed
 for SHALLOW_RETIME_STEPS greedy steps is chosen once at a full-depth choice, a run of
 SHALLOW_RETIME_RUN steps (its rows keep that depth); its warm steps refresh its cost. The price
-is one batch's rows at a possibly worse depth every few seconds of serving.
+is one batch's rows at a possibly worse depth every few seconds of serving. (A thread count's
+table, below, begun later counts its period from its start.)
 
 Timings are kept per intra-op thread count. The thread policy (threads.py) runs a batch size
 at one thread or at all of them, and re-times the other now and then; a step at one thread costs
@@ -158,8 +159,8 @@ class DraftPolicy:
                     if b in self.costs
                 },
                 last_seen={b: [0] * (self.max_drafts + 1) for b in self.costs},
-                shallow_seen={
-                    b: dict.fromkeys((d for d in row if d < self.max_drafts), 0)
+                shallow_seen={  # a table begun later waits a whole period too
+                    b: dict.fromkeys((d for d in row if d < self.max_drafts), self.clock)
                     for b, row in self.start_shallow.items()
                     if b in self.costs
                 },

@@ -284,3 +284,22 @@ def test_re_timing_a_shallow_step_that_is_as_dear_as_timed_costs_one_request_per
     settled = serve_one_by_one(policy, true_cost, 3 * SHALLOW_RETIME_STEPS // 100 + 5)
     assert settled.count(PLAIN) == 3
     assert all(c == shallow(1) for c, prev in zip(settled[1:], settled, strict=False) if prev == PLAIN)
+
+
+def test_a_thread_counts_table_begun_later_waits_a_whole_period_before_re_timing() -> None:
+    """Each intra-op thread count has its own table: one begun after 5,000 steps at another
+    count re-times its shallow steps SHALLOW_RETIME_STEPS steps later, not at once."""
+    before = torch.get_num_threads()
+    policy = policy_with_rates([0.6, 0.36], {1: [1.0, 1.0, 1.0]}, shallow={1: {0: 5.0, 1: 10.0}})
+    try:
+        torch.set_num_threads(2)
+        for _ in range(5000):
+            policy.observe_cost(1, 2, 1.0)
+        assert policy.choose(1) == PLAIN  # stale at this count: re-timed now
+        torch.set_num_threads(1)
+        assert policy.choose(1) == 2  # a new table: its timings are as fresh as its start
+        for _ in range(SHALLOW_RETIME_STEPS):
+            policy.observe_cost(1, 2, 1.0)
+        assert policy.choose(1) == PLAIN
+    finally:
+        torch.set_num_threads(before)

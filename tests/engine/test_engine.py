@@ -19,7 +19,7 @@ from app.decoding.predict import score_next
 from app.decoding.sampling import SamplingParams
 from app.decoding.speculative import accept_drafts
 from app.engine.batch import DecodeBatch
-from app.engine.drafts import DraftPolicy
+from app.engine.drafts import PLAIN, DraftPolicy, shallow
 from app.engine.engine import Engine
 from app.engine.types import (
     EngineFailure,
@@ -385,6 +385,35 @@ async def test_a_shallow_choice_keeps_one_module_for_good_and_keeps_greedy_outpu
     assert a_fin.verify_steps > 0 and a_fin.drafted_tokens == a_fin.verify_steps  # one draft a step
     assert b_fin.drafted_tokens > b_fin.verify_steps  # joined with both modules: two drafts a step
     assert policy.describe()["drafts_by_batch"] == {1: "shallow 1", 2: 2, 4: 2}
+
+
+async def test_a_shallow_step_timed_dear_at_start_up_is_re_timed_on_a_request_and_then_chosen(
+    engine_factory: Callable[..., Any], sequential_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start-up table that timed the one-module step at 20x its cost: requests one after
+    another verify both modules' drafts until the shallow steps not chosen are re-timed, each
+    on a request of its own (plain, still dear, and one module, cheap), after which requests
+    keep one module (but for plain's re-timings, one a period). Each gives the plain greedy
+    tokens. Step times are the table's made-up ones (this machine's would decide nothing),
+    passed through the real DecodeBatch; one thread count, so one table."""
+    monkeypatch.setattr("app.engine.drafts.SHALLOW_RETIME_STEPS", 60)
+    engine = await engine_factory(sequential_checkpoint, max_batch_size=4, adaptive_threads=False)
+    jobs = [GenerateJob(PROMPTS[i % len(PROMPTS)], 30) for i in range(8)]
+    refs = [(await run(engine, GenerateJob(j.prompt_ids, 30, speculative=False)))[0] for j in jobs]
+    policy = DraftPolicy(2, {1: [1.0] * 3, 2: [1.0] * 3, 4: [1.0] * 3}, shallow={1: {0: 5.0, 1: 10.0}})
+    true_cost = {PLAIN: 5.0, shallow(1): 0.5, 0: 1.0, 1: 1.0, 2: 1.0}
+    observe = policy.observe_cost
+    policy.observe_cost = lambda batch, n, seconds: observe(batch, n, true_cost[n])  # type: ignore[method-assign]
+    await engine.call(functools.partial(setattr, engine.core.batch, "policy", policy))
+    fins = []
+    for job, ref in zip(jobs, refs, strict=True):
+        tokens, fin = await run(engine, job)
+        assert tokens == ref
+        fins.append(fin)
+    kinds = ["plain" if f.verify_steps == 0 else "one" if f.drafted_tokens == f.verify_steps else "both" for f in fins]
+    assert kinds[0] == "both" and "one" in kinds and 1 <= kinds.count("plain") <= 3
+    assert "both" not in kinds[kinds.index("one") :]  # one module for good, once re-timed
+    assert policy.describe()["shallow_step_ms"] == {1: {0: 5000.0, 1: 500.0}}
 
 
 async def test_a_seeded_sampled_row_beside_a_shallow_row_gives_its_own_text(
