@@ -10,9 +10,14 @@ So the core loop times each decode step at the thread count it used, per batch s
 each step at the count whose recent steps were fastest. Now and then it re-times the other
 count, at an interval that doubles (up to MAX_INTERVAL steps) while the choice holds and drops
 back to MIN_INTERVAL when it changes, so an exploration step under contention costs little; a
-re-timing clearly faster than the current choice is repeated at once, so the choice follows
-the machine's load within a few steps of the next re-timing. Prefills and /predict passes,
-few and of varied sizes, run at the full count.
+re-timing clearly faster than the current choice is repeated at once. The chosen count's own
+steps are timed too: when their median drifts DRIFT times above where it stood at the last
+re-timing (a neighbour has taken a core, and a team of two waits on it), the other count is
+re-timed at the next step instead of at the end of the interval. So the interval can be long
+on a quiet machine, where each re-timing costs a few steps' time (a run at the slower count,
+then the cold steps back), while a neighbour's arrival is followed within a few steps. A
+neighbour leaving makes the one-thread steps no slower, so that is seen at the next periodic
+re-timing. Prefills and /predict passes, few and of varied sizes, run at the full count.
 
 Only a pass that follows one of the same key at the same count is timed. The first pass after
 a switch is cold: a compiled step at the other count is another graph, with its own copy of the
@@ -36,7 +41,8 @@ import torch
 T = TypeVar("T")
 RECENT = 5  # pass durations kept per (key, threads); their median is the cost
 MIN_INTERVAL = 32  # passes of a key between re-timings of the other thread count, at first
-MAX_INTERVAL = 256  # ... doubling up to this while the same count stays fastest
+MAX_INTERVAL = 2048  # ... doubling up to this while the same count stays fastest
+DRIFT = 1.25  # the chosen count's median this many times its level at the last re-timing: re-time now
 
 CONFIRM_BELOW = 0.9  # a re-timing this much faster than the current choice is repeated at once
 EXPLORE_RUN = 2  # passes a re-timing of the other count runs; the first, cold, is not timed
@@ -49,38 +55,41 @@ def size_bucket(n: int) -> int:
 
 
 class ThreadPolicy:
-    def __init__(self, max_threads: int) -> None:
+    def __init__(self, max_threads: int, min_interval: int = MIN_INTERVAL, max_interval: int = MAX_INTERVAL) -> None:
         self.choices = sorted({1, max(1, max_threads)})
+        self.min_interval, self.max_interval = min_interval, max_interval
         self.current = 0  # unknown on the core's thread until the first pass sets it
         self.recent: dict[Key, dict[int, deque[float]]] = {}
+        self.cost: dict[Key, dict[int, float]] = {}  # the medians of recent, kept as passes are timed
         self.until_explore: dict[Key, int] = {}
         self.interval: dict[Key, int] = {}
         self.best: dict[Key, int] = {}
+        self.level: dict[Key, float] = {}  # the chosen count's cost at the last re-timing (DRIFT)
         self.exploring: dict[Key, int] = {}  # passes left in a re-timing run of the other count
-        self.last: tuple[Key, int] | None = None  # the last pass's key and count: the next is warm if the same
+        self.last: tuple[Key, int] | None = None  # the last pass's key and count: the next is warm if equal
 
     def choose(self, key: Key, allowed: Collection[int] | None = None) -> int:
         """Threads for the next pass of `key`, among `allowed` (default: every count)."""
-        choices = [n for n in self.choices if allowed is None or n in allowed] or self.choices[-1:]
+        choices = self.choices if allowed is None else [n for n in self.choices if n in allowed] or self.choices[-1:]
         if len(choices) == 1:
             return choices[0]
-        recent = self.recent.setdefault(key, {n: deque(maxlen=RECENT) for n in self.choices})
-        for n in choices:
-            if not recent[n]:
-                return n  # time every count once first
-        best = min(choices, key=lambda n: statistics.median(recent[n]))
+        cost = self.cost.get(key)
+        if cost is None or any(n not in cost for n in choices):
+            return next(n for n in choices if cost is None or n not in cost)  # time every count once first
+        best = min(choices, key=cost.__getitem__)
         if best != self.best.get(key):
             self.best[key] = best
-            self.interval[key] = MIN_INTERVAL
-            self.until_explore[key] = MIN_INTERVAL
+            self.level[key] = cost[best]
+            self.interval[key] = self.until_explore[key] = self.min_interval
         if self.exploring.get(key):
             self.exploring[key] -= 1
             return next(n for n in choices if n != best)
         self.until_explore[key] -= 1
         if self.until_explore[key] <= 0:
-            self.interval[key] = min(2 * self.interval[key], MAX_INTERVAL)
+            self.interval[key] = min(2 * self.interval[key], self.max_interval)
             self.until_explore[key] = self.interval[key]
             self.exploring[key] = EXPLORE_RUN - 1
+            self.level[key] = cost[best]
             return next(n for n in choices if n != best)
         return best
 
@@ -95,13 +104,23 @@ class ThreadPolicy:
         t0 = time.perf_counter()
         result = fn()
         seconds = time.perf_counter() - t0
-        if key in self.recent and warm:
-            recent = self.recent[key]
-            best = self.best.get(key)
-            if best is not None and n != best and seconds < CONFIRM_BELOW * statistics.median(recent[best]):
-                self.until_explore[key] = 1  # the other count looks clearly faster now: confirm it at once
-            recent[n].append(seconds)
+        if warm:
+            self._timed(key, n, seconds)
         return result
+
+    def _timed(self, key: Key, n: int, seconds: float) -> None:
+        """A warm pass of `key` at n threads took `seconds`."""
+        recent = self.recent.setdefault(key, {c: deque(maxlen=RECENT) for c in self.choices})
+        cost = self.cost.setdefault(key, {})
+        best = self.best.get(key)
+        if best is not None and n != best and seconds < CONFIRM_BELOW * cost[best]:
+            self.until_explore[key] = 1  # the other count looks clearly faster now: confirm it at once
+        recent[n].append(seconds)
+        cost[n] = statistics.median(recent[n])
+        if n == best and cost[n] > DRIFT * self.level[key] and not self.exploring.get(key):
+            self.until_explore[key] = min(self.until_explore[key], 1)  # slower than it was: re-time the other now
+            self.interval[key] = self.min_interval
+            self.level[key] = cost[n]
 
     def describe(self) -> dict[str, int]:
         """The thread count each kind and size runs at now, for /info."""

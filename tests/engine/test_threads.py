@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import time
+import types
 from collections.abc import Iterator
 
 import pytest
 import torch
 
-from app.engine.threads import MAX_INTERVAL, ThreadPolicy, size_bucket
+from app.engine import threads
+from app.engine.threads import MAX_INTERVAL, MIN_INTERVAL, ThreadPolicy, size_bucket
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +32,21 @@ def pass_costing(seconds: dict[int, float]) -> object:
     return run
 
 
+class Machine:
+    """A made-up clock for the policy (its time.perf_counter) and passes that advance it by
+    what they would cost at the thread count they run at: exact timings, no sleeps."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, seconds: dict[int, float]) -> None:
+        self.now = 0.0
+        self.seconds = seconds
+        monkeypatch.setattr(threads, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
+
+    def run(self) -> int:
+        n = torch.get_num_threads()
+        self.now += self.seconds[n]
+        return n
+
+
 def test_sizes_share_timings_by_power_of_two() -> None:
     assert [size_bucket(n) for n in (1, 2, 3, 4, 5, 16, 17)] == [1, 2, 4, 4, 8, 16, 32]
 
@@ -44,13 +62,13 @@ def test_the_faster_count_is_chosen_and_the_other_re_timed_now_and_then() -> Non
 
 
 def test_the_choice_follows_when_the_machine_changes() -> None:
-    policy = ThreadPolicy(max_threads=2)
+    policy = ThreadPolicy(max_threads=2, max_interval=256)
     key = ("decode", 4)
     for _ in range(40):
         policy.run(key, pass_costing({1: 0.0005, 2: 0.003}))  # type: ignore[arg-type]
     assert policy.choose(key) == 1
     quiet = pass_costing({1: 0.003, 2: 0.0005})  # the neighbour has gone: two threads win again
-    used = [policy.run(key, quiet) for _ in range(2 * MAX_INTERVAL)]  # type: ignore[arg-type]
+    used = [policy.run(key, quiet) for _ in range(2 * 256)]  # type: ignore[arg-type]
     assert used[-32:].count(2) >= 30  # two threads again, but for a re-timing of one
 
 
@@ -59,7 +77,7 @@ def test_a_cold_first_pass_after_a_switch_does_not_hide_the_faster_count() -> No
     CPU's caches) and costs far more than the warm ones after it. Timing single passes, the
     other count always looked slower than it runs; a re-timing is a run whose first pass is
     not timed, so the choice still moves to the count that is faster once warm."""
-    policy = ThreadPolicy(max_threads=2)
+    policy = ThreadPolicy(max_threads=2, max_interval=256)
     key = ("decode", 1)
     for _ in range(40):
         policy.run(key, pass_costing({1: 0.0005, 2: 0.003}))  # type: ignore[arg-type]
@@ -72,8 +90,52 @@ def test_a_cold_first_pass_after_a_switch_does_not_hide_the_faster_count() -> No
         last[0] = n
         return n
 
-    used = [policy.run(key, switching) for _ in range(2 * MAX_INTERVAL)]
+    used = [policy.run(key, switching) for _ in range(2 * 256)]
     assert used[-32:].count(2) >= 30
+
+
+def test_on_a_steady_machine_the_other_count_is_re_timed_ever_more_rarely(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each re-timing runs passes at the slower count and then cold ones back; on a quiet
+    machine the interval doubles up to MAX_INTERVAL passes, so they cost a fraction of a per cent."""
+    machine = Machine(monkeypatch, {1: 0.0015, 2: 0.001})
+    policy = ThreadPolicy(max_threads=2)
+    used = [policy.run(("decode", 1), machine.run) for _ in range(4 * MAX_INTERVAL)]
+    runs = [i for i in range(4, len(used)) if used[i] == 1 and used[i - 1] == 2]  # re-timing runs of one thread
+    gaps = [b - a for a, b in itertools.pairwise(runs)]
+    assert gaps == sorted(gaps) and gaps[-1] >= MAX_INTERVAL  # doubling, up to the longest interval
+    assert used[4:].count(1) <= 2 * (MAX_INTERVAL.bit_length() - MIN_INTERVAL.bit_length() + 4)
+
+
+def test_a_neighbour_that_slows_the_chosen_count_is_followed_within_a_few_passes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A chosen count whose passes get slower than the other's last timing is left at once; one
+    that gets slower but not that slow (the other count was last timed in a noisy moment) would
+    wait for the next periodic re-timing, thousands of passes once the interval is long. Its
+    own passes drifting up re-time the other count at the next pass instead."""
+    machine = Machine(monkeypatch, {1: 0.004, 2: 0.001})  # one thread timed in a noisy moment
+    policy = ThreadPolicy(max_threads=2)
+    key = ("decode", 1)
+    for _ in range(3 * MAX_INTERVAL // 2):  # two threads, the interval grown long
+        policy.run(key, machine.run)
+    assert policy.describe() == {"decode/1": 2} and policy.interval[key] >= MAX_INTERVAL // 2
+    machine.seconds = {1: 0.0016, 2: 0.003}  # a busy process now shares a core with the team
+    used = [policy.run(key, machine.run) for _ in range(40)]
+    assert 1 in used[:8]  # the drift is seen once the median of the recent passes moves
+    assert used[12:].count(2) <= 2  # then one thread, but for a re-timing
+    assert policy.describe() == {"decode/1": 1}
+
+
+def test_a_slower_other_count_does_not_trigger_re_timings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the chosen count's own passes drifting up starts an early re-timing."""
+    machine = Machine(monkeypatch, {1: 0.0015, 2: 0.001})
+    policy = ThreadPolicy(max_threads=2)
+    key = ("decode", 1)
+    for _ in range(MAX_INTERVAL):
+        policy.run(key, machine.run)
+    machine.seconds = {1: 0.01, 2: 0.001}  # one thread alone got slower: nothing to follow
+    used = [policy.run(key, machine.run) for _ in range(MAX_INTERVAL // 2)]
+    assert used.count(1) <= 2
 
 
 def test_one_core_has_nothing_to_choose() -> None:
