@@ -12,24 +12,30 @@ from typing import Any
 
 from app.metrics import Metrics
 
+KINDS = ("predict", "prefill", "decode")  # of forward passes and batches
+
 
 class EngineStats:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        # the labelled series the core touches each step, looked up once (labels() takes a lock)
+        self._forward = {kind: metrics.forward_duration.labels(kind) for kind in KINDS}
+        self._batch = {kind: metrics.batch_size.labels(kind) for kind in KINDS}
+        self._by_head: dict[int, Any] = {}  # drafting head -> its accepted-drafts counter
 
     def cancelled(self) -> None:
         self.metrics.failures.labels("cancelled").inc()
 
     def forward(self, kind: str) -> AbstractContextManager[Any]:
         """Times one forward pass of kind ("predict", "prefill", "decode")."""
-        return self.metrics.forward_duration.labels(kind).time()
+        return self._forward[kind].time()
 
     def batch(self, kind: str, submitted: Iterable[float], now: float) -> None:
         """A batch of `kind` formed from requests submitted at these times."""
         waits = [now - t for t in submitted]
         for wait in waits:
             self.metrics.queue_time.observe(wait)
-        self.metrics.batch_size.labels(kind).observe(len(waits))
+        self._batch[kind].observe(len(waits))
 
     def prompt_tokens(self, n: int) -> None:
         self.metrics.prompt_tokens.inc(n)
@@ -38,7 +44,7 @@ class EngineStats:
         """A decode step over `rows` rows: per verify pass, drafts offered, accepted, and accepted
         per drafting head (draft j is head j+1's)."""
         m = self.metrics
-        m.batch_size.labels("decode").observe(rows)
+        self._batch["decode"].observe(rows)
         m.drafts_per_pass.set(drafts_per_row)
         for offered, n in zip(max_accept, emitted, strict=True):
             if not offered:
@@ -47,8 +53,11 @@ class EngineStats:
             m.spec_drafted.inc(offered)
             m.spec_accepted.inc(n - 1)
             m.spec_accepted_length.observe(n)
-            for j in range(1, n):
-                m.spec_accepted_by_head.labels(str(j + 1)).inc()
+            for head in range(2, n + 1):  # draft j is head j+1's
+                counter = self._by_head.get(head)
+                if counter is None:
+                    counter = self._by_head[head] = m.spec_accepted_by_head.labels(str(head))
+                counter.inc()
 
     def tokens(self, n: int, submitted: float, last_token_at: float | None, now: float) -> None:
         """n tokens of one sequence delivered now: time to first token, or the gap per token."""
