@@ -10,7 +10,11 @@ So the core loop times each decode step at the thread count it used, per batch s
 each step at the count whose recent steps were fastest. Now and then it re-times the other
 count, at an interval that doubles (up to MAX_INTERVAL steps) while the choice holds and drops
 back to MIN_INTERVAL when it changes, so an exploration step under contention costs little; a
-re-timing clearly faster than the current choice is repeated at once. The chosen count's own
+re-timing clearly faster than the current choice is repeated at once, and the choice moves
+only to a count whose median is clearly (SWITCH_BELOW) below its own: on a host whose speed
+drifts, two counts within a few per cent of each other (batch 1, where the step is short) would
+otherwise trade places on noise, and each switch costs cold steps and restarts the interval
+at MIN_INTERVAL. A neighbour's 3-100x is far past the margin. The chosen count's own
 steps are timed too: when their median drifts DRIFT times above where it stood at the last
 re-timing (a neighbour has taken a core, and a team of two waits on it), the other count is
 re-timed at the next step instead of at the end of the interval. So the interval can be long
@@ -45,6 +49,7 @@ MAX_INTERVAL = 2048  # ... doubling up to this while the same count stays fastes
 DRIFT = 1.25  # the chosen count's median this many times its level at the last re-timing: re-time now
 
 CONFIRM_BELOW = 0.9  # a re-timing this much faster than the current choice is repeated at once
+SWITCH_BELOW = 0.9  # ... and the choice moves when the other count's median is this much below its own
 EXPLORE_RUN = 2  # passes a re-timing of the other count runs; the first, cold, is not timed
 Key = tuple[str, int]  # (kind of pass, size bucket)
 
@@ -76,7 +81,10 @@ class ThreadPolicy:
         cost = self.cost.get(key)
         if cost is None or any(n not in cost for n in choices):
             return next(n for n in choices if cost is None or n not in cost)  # time every count once first
-        best = min(choices, key=cost.__getitem__)
+        best = self.best.get(key)
+        fastest = min(choices, key=cost.__getitem__)
+        if best not in choices or cost[fastest] < SWITCH_BELOW * cost[best]:
+            best = fastest
         if best != self.best.get(key):
             self.best[key] = best
             self.level[key] = cost[best]

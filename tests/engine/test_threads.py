@@ -138,6 +138,21 @@ def test_a_slower_other_count_does_not_trigger_re_timings(monkeypatch: pytest.Mo
     assert used.count(1) <= 2
 
 
+def test_counts_within_a_few_per_cent_do_not_trade_places_on_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each switch costs cold steps; the choice moves only to a count clearly faster than itself."""
+    machine = Machine(monkeypatch, {1: 0.00104, 2: 0.001})
+    policy = ThreadPolicy(max_threads=2)
+    key = ("decode", 1)
+    used = [policy.run(key, machine.run) for _ in range(64)]
+    assert used[-16:] == [2] * 16
+    machine.seconds = {1: 0.00097, 2: 0.001}  # one thread now 3 % faster: noise, not a reason to switch
+    used = [policy.run(key, machine.run) for _ in range(2 * MAX_INTERVAL)]
+    assert used.count(1) <= 16 and used[-16:] == [2] * 16  # re-timings only
+    machine.seconds = {1: 0.0008, 2: 0.001}  # 20 % faster: it moves
+    used = [policy.run(key, machine.run) for _ in range(4 * MAX_INTERVAL)]
+    assert used[-16:] == [1] * 16
+
+
 def test_one_core_has_nothing_to_choose() -> None:
     policy = ThreadPolicy(max_threads=1)
     assert policy.run(("prefill", 32), lambda: torch.get_num_threads()) == 1
