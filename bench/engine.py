@@ -7,7 +7,9 @@ With `offline`, each repeat also times generate() at batch 1 in the same process
 engine's own steps (its compiled decoder, on its thread) and the same prompts as the one
 stream, at each draft count the engine can run: the model's own speed, against which the
 engine's single stream is set twice, the best count's and the count the policy picked at batch 1
-(its overhead apart from its choice)."""
+(its overhead apart from its choice). The single stream is then also run with final-only
+requests (GenerateJob.final_only: the tokens handed over once, at the end), as a POST /generate
+without streaming gets them; the streamed one hands each step's tokens to the event loop."""
 
 from __future__ import annotations
 
@@ -25,14 +27,17 @@ from app.model.checkpoint import load_checkpoint
 from bench.decoding import heldout_prompts
 
 
-async def _rate(engine: Engine, prompts: list[list[int]], streams: int, sequences: int, new_tokens: int) -> float:
+async def _rate(
+    engine: Engine, prompts: list[list[int]], streams: int, sequences: int, new_tokens: int, final_only: bool = False
+) -> float:
     """Tokens/s of `streams` concurrent clients, each generating sequences back to back."""
     tokens = 0
 
     async def client(i: int) -> None:
         nonlocal tokens
         for r in range(sequences // streams):
-            request = GenerateJob(prompts[(r * streams + i) % len(prompts)], max_new_tokens=new_tokens)
+            prompt = prompts[(r * streams + i) % len(prompts)]
+            request = GenerateJob(prompt, max_new_tokens=new_tokens, final_only=final_only)
             async for event in engine.generate(request):
                 if isinstance(event, TokenEvent):
                     tokens += len(event.token_ids)
@@ -104,12 +109,16 @@ async def _run(
     rates: dict[str, dict[int, list[float]]] = {m: {1: [], streams: []} for m in policies}
     counts = _offline_counts(engine) if offline else []
     off: dict[int, list[float]] = {n: [] for n in counts}
+    final_only: list[float] = []  # the adaptive single stream, final-only requests (with offline)
     try:
         for _ in range(repeats):
             for mode in rates:
                 engine.core.batch.policy = policies[mode]
                 for s in (1, streams):
                     rates[mode][s].append(await _rate(engine, prompts, s, _sequences(s), new_tokens))
+            if offline:
+                engine.core.batch.policy = policy
+                final_only.append(await _rate(engine, prompts, 1, _sequences(1), new_tokens, final_only=True))
             for n in counts:
                 off[n].append(await _offline_rate(engine, prompts, n, new_tokens))
     finally:
@@ -153,11 +162,18 @@ async def _run(
             "tokens_per_s_runs_by_drafts": {str(n): [round(x, 1) for x in v] for n, v in off.items()},
             "best_drafts": best,
         }
+        result["final_only_1_stream"] = {
+            "tokens_per_s_median": round(statistics.median(final_only), 1),
+            "tokens_per_s_runs": [round(x, 1) for x in final_only],
+        }
         ratios = result["ratios"]
-        ratios["adaptive_1_stream_vs_offline_best"] = round(med["adaptive"][1] / off_med[best], 3)
+        ones = {"adaptive_1_stream": med["adaptive"][1], "final_only_1_stream": statistics.median(final_only)}
+        for name, rate in ones.items():
+            ratios[f"{name}_vs_offline_best"] = round(rate / off_med[best], 3)
         if policy is not None and (at := _choice_drafts(drafts_by_batch[policy.batches[0]])) in off_med:
             result["offline_1_stream"]["policy_choice_drafts"] = at  # at batch 1, as the run ended
-            ratios["adaptive_1_stream_vs_offline_at_policy_choice"] = round(med["adaptive"][1] / off_med[at], 3)
+            for name, rate in ones.items():
+                ratios[f"{name}_vs_offline_at_policy_choice"] = round(rate / off_med[at], 3)
     return result
 
 

@@ -68,3 +68,8 @@ def test_bench_engine_offline_sets_the_single_stream_against_generate_on_the_eng
     assert r["ratios"]["adaptive_1_stream_vs_offline_best"] == pytest.approx(engine_one / best, abs=0.01)
     assert off["policy_choice_drafts"] == r["drafts_by_batch_size"]["1"]  # linear heads: a draft count
     assert "adaptive_1_stream_vs_offline_at_policy_choice" in r["ratios"]
+    final_only = r["final_only_1_stream"]  # the same stream with its tokens handed over at the end
+    assert len(final_only["tokens_per_s_runs"]) == 2 and min(final_only["tokens_per_s_runs"]) > 0
+    ratio = r["ratios"]["final_only_1_stream_vs_offline_best"]
+    assert ratio == pytest.approx(final_only["tokens_per_s_median"] / best, abs=0.01)
+    assert "final_only_1_stream_vs_offline_at_policy_choice" in r["ratios"]
