@@ -1,6 +1,6 @@
 """Served single-stream speed with a core taken by another process, against the quiet machine.
 
-    python -m bench.contention [--rounds 2] [--prompts 4] [--new-tokens 200]
+    python -m bench.contention [--rounds 2] [--prompts 4] [--new-tokens 200] [--configs default ...]
 
 For each server configuration (default settings; MTP_ADAPTIVE_THREADS=false, the fixed thread
 count; MTP_TORCH_THREADS=1), one server at a time: one sequential stream of greedy /generate
@@ -44,11 +44,15 @@ def busy_core() -> Iterator[None]:
         proc.wait()
 
 
-def bench_contention(checkpoint: str, corpus: str, rounds: int, prompts: int, new_tokens: int) -> dict[str, Any]:
+def bench_contention(
+    checkpoint: str, corpus: str, rounds: int, prompts: int, new_tokens: int, configs: list[str] | None = None
+) -> dict[str, Any]:
+    """configs: the names in CONFIGS to run (default: all)."""
     tok = load_tokenizer(checkpoint)
     texts = [tok.decode(p) for p in heldout_prompts(corpus, tok, prompts, 32, seed=1)]
     out: dict[str, Any] = {"benchmark": "served_under_contention", "checkpoint": checkpoint, "configs": {}}
-    for name, settings in CONFIGS.items():
+    for name in configs or list(CONFIGS):
+        settings = CONFIGS[name]
         phases: dict[str, list[float]] = {"quiet": [], "busy": []}
         with running(checkpoint, {"log_level": "WARNING", **settings}, ready_timeout=600) as srv:
             asyncio.run(generate_load(srv.url, texts[:1], 1, 16, 1))  # warm the connection path
@@ -75,9 +79,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="only these server settings")
     parser.add_argument("--out", help="also write the JSON here")
     a = parser.parse_args()
-    write_json(bench_contention(a.checkpoint, a.corpus, a.rounds, a.prompts, a.new_tokens), a.out)
+    write_json(bench_contention(a.checkpoint, a.corpus, a.rounds, a.prompts, a.new_tokens, a.configs), a.out)
 
 
 if __name__ == "__main__":
