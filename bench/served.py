@@ -1,15 +1,19 @@
 """Served /generate speed against the model's own, and against an older commit's server.
 
-    python -m bench.served [--baseline GIT_REF] [--rounds 2] [--streams 16] [--new-tokens 200]
+    python -m bench.served [--baseline GIT_REF] [--rounds 2] [--pairs 3] [--streams 16] [--new-tokens 200]
 
-Phases, one torch process at a time (two would fight over the cores):
-  1. offline: generate() in this process on the prompts the servers get, greedy, at every
-     draft count 0 .. k-1, eager and with the service's compiled step; the fastest is "the
-     model's own speed" at batch 1;
+Phases, one torch process busy at a time (two would fight over the cores):
+  1. offline: generate() in this process on the prompts the servers get, greedy, batch 1, at
+     every draft count 0 .. k-1 eager (unless --skip-eager-offline), and with the service's
+     compiled step at the counts its policy can pick; the fastest count is "the model's own
+     speed" at batch 1;
   2. servers in alternating phases A, B, A, B ... (this checkout, then GIT_REF's code checked
      out in a temporary worktree), each measuring one sequential stream and `streams`
      concurrent ones (POST /generate, greedy, default speculation; the sequential stream both
-     streamed and as JSON replies, the concurrent ones streamed).
+     streamed and as JSON replies, the concurrent ones streamed). In this checkout's phases the
+     sequential stream runs `pairs` times, each time right after a compiled offline timing made
+     while the server idles: served / offline is the median of those pairs, each pair's two
+     figures taken within seconds of each other (this machine's speed drifts between minutes).
 Every ratio is computed from figures of this one run; a server's figure is the median of its rounds.
 """
 
@@ -36,41 +40,57 @@ from bench.decoding import heldout_prompts, write_json
 from bench.server import ROOT, baseline_tree, progress, running
 from bench.service import generate_load
 
+SETTLE_S = 0.5  # between the two processes' turns: the last one's OpenMP threads stop spinning
+
+
+class Offline:
+    """generate() in this process at batch 1, greedy, on one checkpoint: eager at every draft
+    count 0 .. k-1, or with the service's compiled step (CompiledDecoder at the engine's default
+    shapes, caches and autotuning, so Inductor's cache is shared with the servers) at the draft
+    counts the service's policy can pick. Built once; timed as often as asked."""
+
+    def __init__(self, checkpoint: str, device: str, compiled: bool = False) -> None:
+        dev = resolve_device(device)
+        self.model, _ = load_checkpoint(checkpoint, device=dev, dtype=resolve_dtype("auto", dev))  # as served
+        self.counts = list(range(self.model.cfg.k))
+        self.dec = None
+        if compiled:
+            cfg = EngineConfig()
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir(cfg))
+            _, widths, greedy, _ = compile_shapes(cfg, self.model)
+            autotune = cfg.compile_autotune and dev.type == "cpu"
+            self.dec = CompiledDecoder(
+                self.model, cfg.max_batch_size, autotune, batch_sizes=[1], widths=widths, greedy_widths=greedy
+            )
+            self.counts = [w - 1 for w in (greedy or widths)]
+        self._warm = False
+
+    def rate(self, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
+        """Tokens/s over the prompts at each draft count, and the best."""
+        rates: dict[int, float] = {}
+        with torch.inference_mode():
+            for n in self.counts:
+                if not self._warm:  # the first call at each count compiles or loads its graphs
+                    generate(self.model, prompts[:1], 8, speculative=n > 0, draft_tokens=n, compiled=self.dec)
+                tokens, t0 = 0, time.perf_counter()
+                for p in prompts:
+                    g = generate(self.model, [p], new_tokens, speculative=n > 0, draft_tokens=n, compiled=self.dec)
+                    tokens += len(g.tokens[0])
+                rates[n] = tokens / (time.perf_counter() - t0)
+        self._warm = True
+        best = max(rates, key=lambda n: rates[n])
+        return {
+            "tokens_per_s_by_drafts": {n: round(r, 1) for n, r in rates.items()},
+            "best_drafts": best,
+            "tokens_per_s": round(rates[best], 1),
+        }
+
 
 def offline_rate(
     checkpoint: str, prompts: list[list[int]], new_tokens: int, device: str, compiled: bool = False
 ) -> dict[str, Any]:
-    """Tokens/s of generate() at batch 1 over the prompts, for each draft count; and the best.
-
-    compiled: with the service's compiled step (CompiledDecoder at the engine's default shapes,
-    caches and autotuning, so Inductor's cache is shared with the servers), at the draft counts
-    the service's policy can pick; else eager at every draft count."""
-    dev = resolve_device(device)
-    model, _ = load_checkpoint(checkpoint, device=dev, dtype=resolve_dtype("auto", dev))  # as the servers load it
-    counts = list(range(model.cfg.k))
-    dec = None
-    if compiled:
-        cfg = EngineConfig()
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir(cfg))
-        _, widths, greedy, _ = compile_shapes(cfg, model)
-        autotune = cfg.compile_autotune and dev.type == "cpu"
-        dec = CompiledDecoder(model, cfg.max_batch_size, autotune, batch_sizes=[1], widths=widths, greedy_widths=greedy)
-        counts = [w - 1 for w in (greedy or widths)]
-    rates: dict[int, float] = {}
-    with torch.inference_mode():
-        for n in counts:
-            generate(model, prompts[:1], 8, speculative=n > 0, draft_tokens=n, compiled=dec)  # warm (compiles)
-            tokens, t0 = 0, time.perf_counter()
-            for p in prompts:
-                g = generate(model, [p], new_tokens, speculative=n > 0, draft_tokens=n, compiled=dec)
-                tokens += len(g.tokens[0])
-            rates[n] = tokens / (time.perf_counter() - t0)
-    best = max(rates, key=lambda n: rates[n])
-    return {
-        "tokens_per_s_by_drafts": {n: round(r, 1) for n, r in rates.items()},
-        "best_drafts": best,
-        "tokens_per_s": round(rates[best], 1),
-    }
+    """One timing of Offline(checkpoint, device, compiled) over the prompts."""
+    return Offline(checkpoint, device, compiled).rate(prompts, new_tokens)
 
 
 def served_phase(
@@ -81,10 +101,17 @@ def served_phase(
     streams: int,
     new_tokens: int,
     settings: Mapping[str, object] | None = None,
+    offline: Offline | None = None,
+    prompts: list[list[int]] | None = None,
+    pairs: int = 1,
 ) -> dict[str, Any]:
     """One server of root's code on the checkpoint, default settings (plus `settings`; the tests
-    turn compile off): one sequential stream through the texts, streamed (SSE) and then as JSON
-    replies, then `streams` concurrent streamed ones."""
+    turn compile off): `pairs` times one sequential stream through the texts, streamed (SSE) and
+    then as JSON replies, then `streams` concurrent streamed ones.
+
+    offline: each pair starts with generate() in this process on `prompts` (the texts' token
+    ids) while the server idles, so that the served figure is set against the model's speed of
+    the same minute: this machine's speed drifts by tens of per cent between minutes."""
     base = {
         "log_level": "WARNING",
         "device": device,
@@ -92,11 +119,41 @@ def served_phase(
         "max_new_tokens": max(256, new_tokens),
         **(settings or {}),
     }
+    runs: list[dict[str, Any]] = []
     with running(checkpoint, base, root=root, ready_timeout=1800) as srv:  # a cold compile: minutes
-        one = asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts)))
-        json_one = asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts), stream=False))
+        for _ in range(pairs):
+            run: dict[str, Any] = {}
+            if offline is not None and prompts is not None:
+                time.sleep(SETTLE_S)
+                run["offline"] = offline.rate(prompts, new_tokens)
+                time.sleep(SETTLE_S)
+            run["1_stream"] = asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts)))
+            run["1_stream_json"] = asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts), stream=False))
+            runs.append(run)
         many = asyncio.run(generate_load(srv.url, texts, streams, new_tokens, 2))
-    return {"1_stream": one, "1_stream_json": json_one, f"{streams}_streams": many}
+    out: dict[str, Any] = {key: _merged([r[key] for r in runs]) for key in ("1_stream", "1_stream_json")}
+    out[f"{streams}_streams"] = many
+    if offline is not None:
+        out["pairs"] = runs
+    return out
+
+
+def _merged(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs of one load as one figure: counts summed, tokens/s the median run's."""
+    rates = [r["tokens_per_s"] for r in results]
+    return {
+        **results[0],
+        "sequences": sum(r["sequences"] for r in results),
+        "errors": sum(r["errors"] for r in results),
+        "tokens": sum(r["tokens"] for r in results),
+        "tokens_per_s": round(statistics.median(rates), 1),
+        "tokens_per_s_runs": rates,
+    }
+
+
+def pair_ratios(phases: list[dict[str, Any]], key: str) -> list[float]:
+    """Each pair's served figure over the offline figure timed just before it."""
+    return [round(p[key]["tokens_per_s"] / p["offline"]["tokens_per_s"], 3) for phase in phases for p in phase["pairs"]]
 
 
 def bench_served(
@@ -109,6 +166,7 @@ def bench_served(
     prompts: int,
     device: str = "cpu",
     skip_eager: bool = False,
+    pairs: int = 3,
 ) -> dict[str, Any]:
     """skip_eager: no offline eager run (the compiled one is what the targets compare with)."""
     tok = load_tokenizer(checkpoint)
@@ -119,23 +177,31 @@ def bench_served(
         "checkpoint": checkpoint,
         "new_tokens": new_tokens,
         "prompts": prompts,
+        "pairs": pairs,
         "torch_threads": torch.get_num_threads(),
         "device": device,
     }
     if not skip_eager:
         out["offline"] = progress("bench.served", "offline eager", offline_rate(checkpoint, ids, new_tokens, device))
-    out["offline_compiled"] = progress(
-        "bench.served", "offline compiled", offline_rate(checkpoint, ids, new_tokens, device, compiled=True)
-    )
+    offline = Offline(checkpoint, device, compiled=True)
+    out["offline_compiled_first"] = progress("bench.served", "offline compiled", offline.rate(ids, new_tokens))
     trees = {"this": ROOT, **({"baseline": baseline_tree(baseline)} if baseline else {})}
     phases: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
     for _ in range(rounds):
         for name, root in trees.items():  # A, B, A, B: drift on this machine hits both alike
-            phases[name].append(
-                progress(
-                    "bench.served", f"server {name}", served_phase(root, checkpoint, device, texts, streams, new_tokens)
-                )
+            this = name == "this"  # its pairs set each served figure against an offline one
+            phase = served_phase(
+                root,
+                checkpoint,
+                device,
+                texts,
+                streams,
+                new_tokens,
+                offline=offline if this else None,
+                prompts=ids,
+                pairs=pairs if this else 1,
             )
+            phases[name].append(progress("bench.served", f"server {name}", phase))
     keys = ("1_stream", "1_stream_json", f"{streams}_streams")
     med = {
         name: {key: statistics.median(p[key]["tokens_per_s"] for p in runs) for key in keys}
@@ -143,10 +209,13 @@ def bench_served(
     }
     out["phases"] = phases
     out["tokens_per_s"] = med
-    ratios = {
-        f"{key}_vs_offline_compiled": round(med["this"][key] / out["offline_compiled"]["tokens_per_s"], 3)
-        for key in keys[:2]
-    }
+    offline_runs = [p["offline"]["tokens_per_s"] for phase in phases["this"] for p in phase["pairs"]]
+    out["offline_compiled"] = {"tokens_per_s": statistics.median(offline_runs), "tokens_per_s_runs": offline_runs}
+    ratios: dict[str, Any] = {}
+    for key in keys[:2]:
+        each = pair_ratios(phases["this"], key)
+        ratios[f"{key}_vs_offline_compiled"] = round(statistics.median(each), 3)
+        ratios[f"{key}_vs_offline_compiled_pairs"] = each
     if not skip_eager:
         ratios["1_stream_vs_offline"] = round(med["this"]["1_stream"] / out["offline"]["tokens_per_s"], 3)
     if baseline:
@@ -166,6 +235,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument(
+        "--pairs", type=int, default=3, help="offline-then-served pairs per round of this checkout's server"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda: the offline run and the servers")
     parser.add_argument("--skip-eager-offline", action="store_true", help="time offline generate() compiled only")
     parser.add_argument("--out", help="also write the JSON here")
@@ -180,6 +252,7 @@ def main() -> None:
         a.prompts,
         a.device,
         a.skip_eager_offline,
+        a.pairs,
     )
     write_json(result, a.out)
 

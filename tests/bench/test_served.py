@@ -9,7 +9,7 @@ import torch
 from app.decoding.generate import generate
 from app.model.checkpoint import load_checkpoint, load_tokenizer
 from bench.decoding import heldout_prompts
-from bench.served import offline_rate, served_phase
+from bench.served import Offline, pair_ratios, served_phase
 from bench.server import ROOT
 
 NEW_TOKENS = 24
@@ -35,15 +35,23 @@ def test_one_served_stream_is_no_faster_than_the_model_in_process(byte_checkpoin
     texts = [tok.decode(p) for p in prompts]
     assert [tok.encode(t) for t in texts] == prompts  # the server sees the same token ids
 
-    offline = offline_rate(ckpt, prompts, NEW_TOKENS, "cpu")  # eager, every draft count, the best
+    offline = Offline(ckpt, "cpu")  # eager, every draft count, the best
     eager = {"compile": False, "torch_threads": 1}
-    phase = served_phase(ROOT, ckpt, "cpu", texts, 1, NEW_TOKENS, settings=eager)
+    phase = served_phase(
+        ROOT, ckpt, "cpu", texts, 1, NEW_TOKENS, settings=eager, offline=offline, prompts=prompts, pairs=2
+    )
 
     # the figure counts exactly the tokens the server generated (greedy: the model's own tokens)
     model, _ = load_checkpoint(ckpt)
     with torch.inference_mode():
         want = sum(len(generate(model, [p], NEW_TOKENS).tokens[0]) for p in prompts)
-    for served in (phase["1_stream"], phase["1_stream_json"]):  # streamed, then as JSON replies
-        assert served["sequences"] == len(prompts) and served["errors"] == 0
-        assert served["tokens"] == want
-        assert 0 < served["tokens_per_s"] <= NOISE * offline["tokens_per_s"], (served, offline)
+    assert len(phase["pairs"]) == 2
+    for pair in phase["pairs"]:  # each served run set against the offline one just before it
+        for served in (pair["1_stream"], pair["1_stream_json"]):  # streamed, then as JSON replies
+            assert served["sequences"] == len(prompts) and served["errors"] == 0
+            assert served["tokens"] == want
+            assert 0 < served["tokens_per_s"] <= NOISE * pair["offline"]["tokens_per_s"], (served, pair["offline"])
+    for key in ("1_stream", "1_stream_json"):  # the phase's figure: both runs, the median rate
+        assert phase[key]["tokens"] == 2 * want and len(phase[key]["tokens_per_s_runs"]) == 2
+        ratios = pair_ratios([phase], key)
+        assert len(ratios) == 2 and all(0 < r <= NOISE for r in ratios)
