@@ -22,6 +22,7 @@ class EngineStats:
         self._forward = {kind: metrics.forward_duration.labels(kind) for kind in KINDS}
         self._batch = {kind: metrics.batch_size.labels(kind) for kind in KINDS}
         self._by_head: dict[int, Any] = {}  # drafting head -> its accepted-drafts counter
+        self._gauges: tuple[int, int] | None = None  # the last values set (the core reports every step)
 
     def cancelled(self) -> None:
         self.metrics.failures.labels("cancelled").inc()
@@ -71,5 +72,8 @@ class EngineStats:
         m.generated_tokens.inc(n)
 
     def gauges(self, queued: int, running: int) -> None:
+        if (queued, running) == self._gauges:
+            return
+        self._gauges = (queued, running)
         self.metrics.queue_depth.set(queued)
         self.metrics.running.set(running)
