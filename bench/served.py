@@ -24,10 +24,11 @@ import asyncio
 import os
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 
 from app import config
@@ -37,7 +38,16 @@ from app.engine.compile import cache_dir, compile_shapes
 from app.engine.config import EngineConfig
 from app.model.checkpoint import load_checkpoint, load_tokenizer, resolve_device, resolve_dtype
 from bench.decoding import heldout_prompts, write_json
-from bench.server import ROOT, baseline_tree, progress, running
+from bench.server import (
+    ROOT,
+    baseline_tree,
+    host_times,
+    progress,
+    running,
+    steal_share,
+    thread_cores,
+    thread_times,
+)
 from bench.service import generate_load
 
 SETTLE_S = 0.5  # between the two processes' turns: the last one's OpenMP threads stop spinning
@@ -125,10 +135,16 @@ def served_phase(
             run: dict[str, Any] = {}
             if offline is not None and prompts is not None:
                 time.sleep(SETTLE_S)
-                run["offline"] = offline.rate(prompts, new_tokens)
+                run["offline"] = _stolen(lambda: offline.rate(prompts, new_tokens))
                 time.sleep(SETTLE_S)
-            run["1_stream"] = asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts)))
-            run["1_stream_json"] = asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts), stream=False))
+            pid = srv.proc.pid
+            run["1_stream"] = _stolen(
+                lambda: asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts))), pid
+            )
+            run["1_stream_json"] = _stolen(
+                lambda: asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts), stream=False)), pid
+            )
+            run["policies"] = _policies(srv.url)
             runs.append(run)
         many = asyncio.run(generate_load(srv.url, texts, streams, new_tokens, 2))
     out: dict[str, Any] = {key: _merged([r[key] for r in runs]) for key in ("1_stream", "1_stream_json")}
@@ -138,11 +154,32 @@ def served_phase(
     return out
 
 
+def _stolen(measure: Callable[[], dict[str, Any]], pid: int | None = None) -> dict[str, Any]:
+    """measure()'s figures, with the share of the host's CPU time stolen while it ran, and with
+    a server's pid, the cores its threads kept busy (bench.server.thread_cores)."""
+    before, threads, t0 = host_times(), thread_times(pid) if pid else None, time.perf_counter()
+    result = measure()
+    out = {**result, "steal_share": steal_share(before, host_times())}
+    if pid:
+        out["server_cores"] = thread_cores(pid, threads, thread_times(pid), time.perf_counter() - t0)
+    return out
+
+
+def _policies(url: str) -> dict[str, Any]:
+    """What the server's draft and thread policies chose at batch 1 (from /info) when a run ended."""
+    info = httpx.get(f"{url}/info", timeout=30).json()
+    drafts = (info.get("draft_policy") or {}).get("drafts_by_batch") or {}
+    threads = info.get("threads") or {}
+    return {"drafts_at_batch_1": drafts.get("1"), "threads_at_batch_1": threads.get("decode/1")}
+
+
 def _merged(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Several runs of one load as one figure: counts summed, tokens/s the median run's."""
     rates = [r["tokens_per_s"] for r in results]
     return {
-        **results[0],
+        **{k: v for k, v in results[0].items() if k not in ("steal_share", "server_cores")},
+        "steal_share_runs": [r.get("steal_share") for r in results],
+        "server_cores_runs": [r.get("server_cores") for r in results],
         "sequences": sum(r["sequences"] for r in results),
         "errors": sum(r["errors"] for r in results),
         "tokens": sum(r["tokens"] for r in results),

@@ -46,6 +46,56 @@ def progress(bench: str, what: str, result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def host_times() -> list[int] | None:
+    """This machine's CPU time counters (/proc/stat's first line, in ticks); None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_share(before: list[int] | None, after: list[int] | None) -> float | None:
+    """Of the CPU time between two host_times(), the share the hypervisor gave to other guests
+    (steal): where it is high, a figure measured then says more about the host than the code."""
+    if before is None or after is None or len(before) < 8 or len(after) < 8:
+        return None
+    delta = [a - b for a, b in zip(after, before, strict=False)]
+    total = sum(delta[:8])  # user nice system idle iowait irq softirq steal (guest time is in user)
+    return round(delta[7] / total, 3) if total > 0 else None
+
+
+def thread_times(pid: int) -> dict[int, int] | None:
+    """CPU time (user + system, ticks) of each thread of process pid; None where /proc has none."""
+    out: dict[int, int] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the name, which may hold spaces
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[int(tid)] = int(fields[11]) + int(fields[12])
+    return out
+
+
+def thread_cores(pid: int, before: dict[int, int] | None, after: dict[int, int] | None, wall: float) -> dict[str, Any]:
+    """Cores each kind of thread of a server kept busy between two thread_times(): the main
+    thread (uvicorn's event loop), the busiest other one (the inference thread while it decodes)
+    and the rest together (its OpenMP workers and any others)."""
+    if before is None or after is None or wall <= 0:
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    used = {tid: (t - before.get(tid, 0)) / tick / wall for tid, t in after.items()}
+    main = used.pop(pid, 0.0)
+    busiest = max(used, key=used.__getitem__, default=None)
+    top = used.pop(busiest, 0.0) if busiest is not None else 0.0
+    return {"event_loop": round(main, 2), "busiest_other": round(top, 2), "rest": round(sum(used.values()), 2)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))

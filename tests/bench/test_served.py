@@ -1,6 +1,9 @@
 """`python -m bench.served`: what it exists to show holds on a tiny model. A real server's one
 stream cannot beat the model's own speed in process: HTTP, JSON and the queue only add work."""
 
+import os
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -10,7 +13,7 @@ from app.decoding.generate import generate
 from app.model.checkpoint import load_checkpoint, load_tokenizer
 from bench.decoding import heldout_prompts
 from bench.served import Offline, pair_ratios, served_phase
-from bench.server import ROOT
+from bench.server import ROOT, host_times, steal_share, thread_cores, thread_times
 
 NEW_TOKENS = 24
 NOISE = 1.5  # a served figure above the in-process one by more than this is not timing noise
@@ -51,7 +54,43 @@ def test_one_served_stream_is_no_faster_than_the_model_in_process(byte_checkpoin
             assert served["sequences"] == len(prompts) and served["errors"] == 0
             assert served["tokens"] == want
             assert 0 < served["tokens_per_s"] <= NOISE * pair["offline"]["tokens_per_s"], (served, pair["offline"])
+            assert 0 <= served["steal_share"] < 1  # how much of the host's CPU others had meanwhile
+            cores = served["server_cores"]  # the inference thread decoded: the busiest but the loop's
+            assert cores["busiest_other"] > 0.1 and cores["event_loop"] >= 0 and cores["rest"] >= 0, cores
+        assert set(pair["policies"]) == {"drafts_at_batch_1", "threads_at_batch_1"}
     for key in ("1_stream", "1_stream_json"):  # the phase's figure: both runs, the median rate
         assert phase[key]["tokens"] == 2 * want and len(phase[key]["tokens_per_s_runs"]) == 2
         ratios = pair_ratios([phase], key)
         assert len(ratios) == 2 and all(0 < r <= NOISE for r in ratios)
+
+
+def test_steal_share_is_the_stolen_part_of_the_cpu_time_between_two_readings() -> None:
+    before = [100, 0, 50, 800, 0, 0, 0, 50]  # user nice system idle iowait irq softirq steal
+    after = [400, 0, 100, 1000, 0, 0, 0, 150]  # +300 +50 +200 idle, +100 stolen: 100 of 650
+    assert steal_share(before, after) == round(100 / 650, 3)
+    assert steal_share(None, after) is None and steal_share(before, before) is None
+    now = host_times()  # Linux: the counters are there and only grow
+    assert now is not None and len(now) >= 8
+    time.sleep(0.05)
+    later = host_times()
+    assert later is not None and all(b >= a for a, b in zip(now, later, strict=False))
+
+
+def test_thread_cores_splits_a_process_cpu_into_its_main_thread_and_the_busiest_other() -> None:
+    pid = os.getpid()
+    done = threading.Event()
+
+    def spin() -> None:
+        while not done.is_set():
+            pass
+
+    before, t0 = thread_times(pid), time.perf_counter()
+    worker = threading.Thread(target=spin)
+    worker.start()
+    time.sleep(0.3)  # the main thread sleeps, the worker spins (sharing the GIL with nothing)
+    after, wall = thread_times(pid), time.perf_counter() - t0  # while the worker is still there
+    done.set()
+    worker.join()
+    cores = thread_cores(pid, before, after, wall)
+    assert cores["busiest_other"] > 0.5 and cores["event_loop"] < 0.3, cores
+    assert thread_cores(pid, None, before, 1.0) == {} and thread_times(2**30) is None
