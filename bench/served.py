@@ -166,11 +166,17 @@ def _stolen(measure: Callable[[], dict[str, Any]], pid: int | None = None) -> di
 
 
 def _policies(url: str) -> dict[str, Any]:
-    """What the server's draft and thread policies chose at batch 1 (from /info) when a run ended."""
+    """What the server's draft and thread policies chose at batch 1 (from /info) when a run
+    ended, and the batch-1 step costs and acceptance rates the draft policy chose from."""
     info = httpx.get(f"{url}/info", timeout=30).json()
-    drafts = (info.get("draft_policy") or {}).get("drafts_by_batch") or {}
-    threads = info.get("threads") or {}
-    return {"drafts_at_batch_1": drafts.get("1"), "threads_at_batch_1": threads.get("decode/1")}
+    policy = info.get("draft_policy") or {}
+    return {
+        "drafts_at_batch_1": (policy.get("drafts_by_batch") or {}).get("1"),
+        "threads_at_batch_1": (info.get("threads") or {}).get("decode/1"),
+        "acceptance": policy.get("acceptance"),
+        "step_ms_at_batch_1": (policy.get("step_ms") or {}).get("1"),
+        "shallow_step_ms_at_batch_1": (policy.get("shallow_step_ms") or {}).get("1"),
+    }
 
 
 def _merged(results: list[dict[str, Any]]) -> dict[str, Any]:
