@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's checks and benchmarks on CUDA, in one call sized to a short GPU lease:
 #   1. the CUDA-only tests (compiled steps captured and replayed as CUDA graphs: eager tokens);
-#   2. the served /generate benchmark (bench.served): offline generate() on the service's
-#      compiled steps, then a real server's single stream and 16 streams;
+#   2. the served /generate benchmark (bench.served): a real server's single stream, each run
+#      right after offline generate() on the service's compiled steps, then 16 streams;
 #   3. bench.attention: eager generations at key counts never run before against the same
 #      ones run again, per attention backend set (is eager decoding's warm-up per shape?);
 #   4. benchmark 1 (speculative vs plain greedy, eager) and 3 (the service under load).
