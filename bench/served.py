@@ -180,10 +180,17 @@ def _policies(url: str) -> dict[str, Any]:
 
 
 def _merged(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Several runs of one load as one figure: counts summed, tokens/s the median run's."""
+    """Several runs of one load as one figure: counts summed, tokens/s and each latency figure
+    the median of the runs'."""
     rates = [r["tokens_per_s"] for r in results]
+    latencies = {
+        k: round(statistics.median(vals), 1) if (vals := [r[k] for r in results if r.get(k) is not None]) else None
+        for k in results[0]
+        if k.endswith("_ms")
+    }
     return {
         **{k: v for k, v in results[0].items() if k not in ("steal_share", "server_cores")},
+        **latencies,
         "steal_share_runs": [r.get("steal_share") for r in results],
         "server_cores_runs": [r.get("server_cores") for r in results],
         "sequences": sum(r["sequences"] for r in results),

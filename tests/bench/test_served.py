@@ -60,6 +60,8 @@ def test_one_served_stream_is_no_faster_than_the_model_in_process(byte_checkpoin
         assert {"drafts_at_batch_1", "threads_at_batch_1", "step_ms_at_batch_1"} <= set(pair["policies"])
     for key in ("1_stream", "1_stream_json"):  # the phase's figure: both runs, the median rate
         assert phase[key]["tokens"] == 2 * want and len(phase[key]["tokens_per_s_runs"]) == 2
+        runs = [pair[key]["latency_p50_ms"] for pair in phase["pairs"]]
+        assert phase[key]["latency_p50_ms"] == pytest.approx(sum(runs) / 2, abs=0.1)  # the median of two
         ratios = pair_ratios([phase], key)
         assert len(ratios) == 2 and all(0 < r <= NOISE for r in ratios)
 
