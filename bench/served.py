@@ -70,7 +70,13 @@ class Offline:
             _, widths, greedy, _ = compile_shapes(cfg, self.model)
             autotune = cfg.compile_autotune and dev.type == "cpu"
             self.dec = CompiledDecoder(
-                self.model, cfg.max_batch_size, autotune, batch_sizes=[1], widths=widths, greedy_widths=greedy
+                self.model,
+                cfg.max_batch_size,
+                autotune,
+                batch_sizes=[1],
+                widths=widths,
+                greedy_widths=greedy,
+                cpp_wrapper=cfg.compile_cpp_wrapper,
             )
             self.counts = [w - 1 for w in (greedy or widths)]
         self._warm = False

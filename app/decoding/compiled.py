@@ -99,6 +99,7 @@ class CompiledDecoder:
     drafts a step makes, fixed so that each shape is one graph). shallow_depths: fewer module
     counts d, each also compiled as a greedy step of width d + 1 whose first d modules draft
     (the engine's shallow steps, app/engine/drafts.py; d = 0: a plain greedy step, no module).
+    cpp_wrapper (CPU): Inductor's wrapper code in C++, the default; False: in Python.
     """
 
     def __init__(
@@ -111,6 +112,7 @@ class CompiledDecoder:
         greedy_widths: Iterable[int] | None = None,
         n_drafts: int | None = None,
         shallow_depths: Iterable[int] = (),
+        cpp_wrapper: bool = True,
     ) -> None:
         import torch._inductor.config as inductor_config
 
@@ -157,6 +159,16 @@ class CompiledDecoder:
         options: dict[str, str | int | bool | Callable[..., Any]] | None = (
             {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"} if autotune else None
         )
+        if cpp_wrapper and device.type == "cpu":
+            # Inductor's wrapper (the code that allocates a step's buffers and calls its kernels
+            # one after another) as C++ instead of Python: a batch-1 step is a few dozen
+            # kernels of microseconds each, and the Python wrapper's per-kernel work (argument
+            # parsing, views, size checks) added up to a sizeable share of it. The C++ wrapper
+            # also runs the whole step without the GIL, where the Python one let it go only
+            # inside each C++ kernel and took it back between them (release_gil_in_cpu_kernels),
+            # waiting for the event loop each time it held the GIL. Compiling each graph's
+            # wrapper costs seconds more on a cold cache (the built wrapper is cached too).
+            options = {**(options or {}), "cpp_wrapper": True}
         mode = "reduce-overhead" if device.type == "cuda" and options is None else None
         if device.type == "cuda" and options is not None:
             options = {**options, "triton.cudagraphs": True, "max_autotune_gemm_backends": "TRITON,ATEN"}

@@ -88,12 +88,13 @@ def build_compiled(model: MTPTransformer, cfg: EngineConfig) -> CompiledDecoder:
     t0 = time.perf_counter()
     log.info(
         "compiling decode steps: batch sizes %s x widths %s (forward), %s (greedy) and shallow depths %s, "
-        "autotune=%s, cache %s",
+        "autotune=%s, cpp_wrapper=%s, cache %s",
         sizes,
         widths,
         greedy,
         shallow,
         autotune,
+        cfg.compile_cpp_wrapper,
         path,
     )
     compiled = CompiledDecoder(
@@ -105,6 +106,7 @@ def build_compiled(model: MTPTransformer, cfg: EngineConfig) -> CompiledDecoder:
         greedy_widths=greedy,
         n_drafts=cfg.draft_tokens,
         shallow_depths=shallow,
+        cpp_wrapper=cfg.compile_cpp_wrapper,
     )
     for kind, b, w, n, seconds in compiled.warm(functools.partial(thread_counts, cfg, model)):
         log.info("compiled the %s step batch=%d width=%d threads=%d in %.1f s", kind, b, w, n, seconds)

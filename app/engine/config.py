@@ -31,6 +31,7 @@ class EngineConfig:
     # decode steps as torch.compile'd graphs at fixed shapes (app/decoding/compiled.py); False: eager
     compile: bool = True
     compile_autotune: bool = True  # CPU: time Inductor's C++ GEMMs against MKL per matmul (slower cold start)
+    compile_cpp_wrapper: bool = True  # CPU: each compiled step's wrapper in C++ (faster steps, run without the GIL)
     # largest batch compiled; larger batches run eager steps. None: 4 on CPU, where the matmuls
     # dominate a larger batch's step and each compiled batch size costs minutes of start-up;
     # max_batch_size on CUDA, where a small model's eager step is kernel launches at any batch
