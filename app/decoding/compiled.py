@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import collections
 import functools
+import hashlib
 import threading
 import time
 import types
@@ -57,6 +58,52 @@ def cache_cpp_templates() -> None:
     if isinstance(render, staticmethod) and not hasattr(render.__func__, "cache_info"):
         cached = staticmethod(functools.lru_cache(maxsize=None)(render.__func__))
         KernelTemplate._template_from_string = cached  # type: ignore[method-assign]
+
+
+_compiling = threading.local()  # .weights: the weights key of the decoder compiling on this thread
+
+
+def stable_wrapper_keys() -> None:
+    """Key each C++ wrapper's cached build by the model's weights, not by its constants' addresses (process-wide).
+
+    Inductor writes a line per constant (a frozen weight, or a copy of one packed for MKL or
+    the C++ GEMM template) at the top of a graph's wrapper source, ending in the tensor's
+    `hash()`, so that graphs of the same code but other constants load as modules of their
+    own; the wrapper's build is cached under a hash of that source. A tensor's hash is its
+    identity, new in every process, so each start of the service compiled every graph's C++
+    wrapper again (seconds each, dozens of graphs) instead of loading it. The constants' bytes
+    would not do either: MKL's packed copies carry padding that differs from run to run. So a
+    graph that CompiledDecoder compiles carries the digest of the model's parameters and
+    config instead (its constants are computed from those alone): the same model gives the
+    same source, and the cached build, in the next process, and another model's graphs stay
+    apart from its, as the identities kept them. Graphs compiled elsewhere keep Inductor's line."""
+    from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+
+    original = CppWrapperCpu.write_constant
+    if getattr(original, "stable", False):
+        return
+
+    def write_constant(self: Any, name: str, hashed: str) -> None:
+        weights = getattr(_compiling, "weights", None)
+        if weights is None:
+            original(self, name, hashed)
+            return
+        described = hashed.rsplit(" ", 1)[0]  # device, dtype, size and stride, without the identity
+        self.header.writeline(f"// {name} {described} weights {weights}")
+
+    write_constant.stable = True  # type: ignore[attr-defined]
+    CppWrapperCpu.write_constant = write_constant  # type: ignore[method-assign]
+
+
+def weights_key(model: nn.Module) -> str:
+    """A digest of a model's class, config and parameters (names, dtypes, shapes and bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{type(model).__qualname__} {getattr(model, 'cfg', None)!r}".encode())
+    for name, p in model.named_parameters():
+        t = p.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def skip_guards() -> None:
@@ -169,6 +216,8 @@ class CompiledDecoder:
             # waiting for the event loop each time it held the GIL. Compiling each graph's
             # wrapper costs seconds more on a cold cache (the built wrapper is cached too).
             options = {**(options or {}), "cpp_wrapper": True}
+            stable_wrapper_keys()
+        self._weights_key = weights_key(model)  # the model's graphs' key in Inductor's caches
         mode = "reduce-overhead" if device.type == "cuda" and options is None else None
         if device.type == "cuda" and options is not None:
             options = {**options, "triton.cudagraphs": True, "max_autotune_gemm_backends": "TRITON,ATEN"}
@@ -214,8 +263,12 @@ class CompiledDecoder:
             graph = self._graphs[key] = torch.compile(
                 types.MethodType(copy, self), dynamic=None, mode=self._mode, options=self._options
             )
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=False):  # Dynamo compiles only with guards on
-                out = graph(*args)
+            _compiling.weights = self._weights_key  # read by stable_wrapper_keys' line per constant
+            try:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=False):  # Dynamo compiles only with guards on
+                    out = graph(*args)
+            finally:
+                _compiling.weights = None
         else:
             out = graph(*args)
         if self.cuda_graphs:

@@ -252,3 +252,56 @@ def test_cuda_graph_steps_give_the_eager_greedy_tokens_at_every_batch_size_and_d
     assert got.tokens == generate(model, prompts[:3], N_NEW, sampled).tokens
     assert int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) == graphs  # nothing compiled after warm()
     assert cudagraph_skips() == skips
+
+
+WRAPPER_BUILD = """
+import sys, torch
+from app.decoding.compiled import CompiledDecoder
+from app.model.config import ModelConfig
+from app.model.model import MTPTransformer
+torch.manual_seed(int(sys.argv[1]))
+cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, num_heads=4, d_ff=64, k=2, max_seq_len=32, dropout_rate=0.0)
+model = MTPTransformer(cfg).eval()
+dec = CompiledDecoder(model, 1, batch_sizes=[1], widths=[1])
+with torch.inference_mode():
+    dec(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long))
+"""
+
+
+def test_a_second_process_loads_the_cpp_wrapper_from_the_cache(tmp_path):
+    """The C++ wrapper of a graph is built once per cache, not once per process: the next
+    process with the same weights builds none; other weights get a build of their own."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    cache = tmp_path / "inductor"
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+
+    def built(seed: int) -> set[str]:
+        subprocess.run([sys.executable, "-c", WRAPPER_BUILD, str(seed)], env=env, check=True, timeout=600)
+        return {p.name for p in cache.rglob("*.main.so")}
+
+    first = built(0)
+    assert len(first) == 1  # the forward step's wrapper
+    assert built(0) == first  # loaded, not built again
+    assert len(built(1) - first) == 1  # other weights: another wrapper
+
+
+def test_models_of_one_architecture_keep_their_own_weights_in_compiled_steps(peaked_model, make_prompts):
+    """Two models with the same shapes and other weights, compiled in one process: each step
+    runs with its own model's weights (the graphs' cached code is keyed by their contents)."""
+    a = copy.deepcopy(peaked_model(2))
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    prompts = make_prompts(1, a.cfg.vocab_size, 4, 8, seed=5)
+    want = [generate(m, prompts, N_NEW, speculative=False).tokens for m in (a, b)]
+    assert want[0] != want[1]
+    for m, tokens in zip((a, b), want, strict=True):
+        dec = CompiledDecoder(m, 1, batch_sizes=[1], widths=[1])
+        got = generate(m, prompts, N_NEW, speculative=False, compiled=dec).tokens
+        assert_same_tokens(m, prompts, got, tokens, "compiled, one of two models")
