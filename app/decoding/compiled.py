@@ -217,7 +217,8 @@ class CompiledDecoder:
             # wrapper costs seconds more on a cold cache (the built wrapper is cached too).
             options = {**(options or {}), "cpp_wrapper": True}
             stable_wrapper_keys()
-        self._weights_key = weights_key(model)  # the model's graphs' key in Inductor's caches
+        # the model's key in the C++ wrappers' sources (stable_wrapper_keys); None: Inductor's own
+        self._weights_key = weights_key(model) if options and options.get("cpp_wrapper") else None
         mode = "reduce-overhead" if device.type == "cuda" and options is None else None
         if device.type == "cuda" and options is not None:
             options = {**options, "triton.cudagraphs": True, "max_autotune_gemm_backends": "TRITON,ATEN"}
