@@ -137,6 +137,7 @@ def served_phase(
     }
     runs: list[dict[str, Any]] = []
     with running(checkpoint, base, root=root, ready_timeout=1800) as srv:  # a cold compile: minutes
+        check_compiled(httpx.get(f"{srv.url}/info", timeout=30).json())
         for _ in range(pairs):
             run: dict[str, Any] = {}
             if offline is not None and prompts is not None:
@@ -158,6 +159,14 @@ def served_phase(
     if offline is not None:
         out["pairs"] = runs
     return out
+
+
+def check_compiled(info: Mapping[str, Any]) -> None:
+    """Refuse a server whose compiled steps failed to build: it serves eager steps (by design,
+    it stays up and reports the error in /info), and its figures would pass for compiled ones."""
+    compiled = info.get("compiled")
+    if isinstance(compiled, Mapping) and compiled.get("error"):
+        raise RuntimeError(f"the server's compiled steps failed to build, it serves eager ones: {compiled['error']}")
 
 
 def _stolen(measure: Callable[[], dict[str, Any]], pid: int | None = None) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch
 from app.decoding.generate import generate
 from app.model.checkpoint import load_checkpoint, load_tokenizer
 from bench.decoding import heldout_prompts
-from bench.served import Offline, pair_ratios, served_phase
+from bench.served import Offline, check_compiled, pair_ratios, served_phase
 from bench.server import ROOT, host_times, steal_share, thread_cores, thread_times
 
 NEW_TOKENS = 24
@@ -96,3 +96,13 @@ def test_thread_cores_splits_a_process_cpu_into_its_main_thread_and_the_busiest_
     cores = thread_cores(pid, before, after, wall)
     assert cores["busiest_other"] > 0.5 and cores["event_loop"] < 0.3, cores
     assert thread_cores(pid, None, before, 1.0) == {} and thread_times(2**30) is None
+
+
+def test_a_server_whose_compiled_steps_failed_is_refused_not_measured() -> None:
+    """The service falls back to eager steps when compiling fails and says so in /info; the
+    benchmark stops there rather than report eager figures as compiled ones."""
+    check_compiled({"compiled": None})  # compiling off (or a server from before /info said)
+    check_compiled({})
+    check_compiled({"compiled": {"batch_sizes": [1, 2, 4], "seconds": 12.5}})
+    with pytest.raises(RuntimeError, match="KeyError: '_frozen_param69'"):
+        check_compiled({"compiled": {"error": "InductorError: KeyError: '_frozen_param69'"}})
