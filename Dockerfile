@@ -99,8 +99,9 @@ EXPOSE 8000
 
 # /health is liveness only (the process answers); readiness (/ready) is for load
 # balancers and Kubernetes, not for restarting the container while the model loads.
-# /health is 503 until the decode steps are compiled: a cold start takes minutes on CPU.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=900s --retries=3 \
+# /health is 503 until the decode steps are compiled: a cold start took 19 minutes on 2 CPU
+# cores (README, start-up), a warm one (the cache volume) about 7.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=1800s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('MTP_PORT', '8000'), timeout=4)"]
 
 CMD ["mtp", "serve"]
