@@ -91,11 +91,11 @@ def child(args: argparse.Namespace, collapse_after_warmup: bool) -> dict[str, An
 
 def run_side(args: argparse.Namespace, side: str) -> dict[str, Any]:
     env = dict(os.environ)
-    cmd = [sys.executable, "-m", "bench.hugepages", "--child", "plain", "--checkpoint", args.checkpoint]
-    if side == "huge" and args.mode == "tunable":
+    huge = side == "huge"
+    if huge and args.mode == "tunable":
         env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1"]))
-    elif side == "huge":
-        cmd[4] = "collapse"
+    kind = "collapse" if huge and args.mode == "collapse" else "plain"
+    cmd = [sys.executable, "-m", "bench.hugepages", "--child", kind, "--checkpoint", args.checkpoint]
     cmd += ["--corpus", args.corpus, "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens)]
     cmd += ["--eager"] if args.eager else []
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
