@@ -100,9 +100,11 @@ class ServiceApp(FastAPI):
     and body-limit layers included), so load shedding answers before any of them runs."""
 
     request_context: dict[str, Any]
+    door: RequestContext | None = None  # built with the middleware stack, at the first ASGI call (the lifespan)
 
     def build_middleware_stack(self) -> ASGIApp:
-        return RequestContext(super().build_middleware_stack(), **self.request_context)
+        self.door = RequestContext(super().build_middleware_stack(), **self.request_context)
+        return self.door
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -143,6 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         api_key=settings.api_key,
         bodies_per_client=settings.pending_bodies_per_client,
         places_free=lambda: engine.places_free() if (engine := app.state.service.engine) is not None else 1 << 30,
+        turns_away=lambda: (engine := app.state.service.engine) is not None and engine.turns_away(),
     )
     return app
 

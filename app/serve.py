@@ -8,7 +8,9 @@ drain_timeout_s + 2 s. A second signal exits with status 130 within a second.
 Connections: one that has not sent a complete request header within idle_timeout_s (after
 connecting, or after its last response) is closed, one whose request head (request line and
 headers) grows past max_header_bytes gets a 431 and is closed, and beyond max_connections open
-ones (kept below the file-descriptor limit) a new connection gets a 503 and is closed.
+ones (kept below the file-descriptor limit) a new connection gets a 503 and is closed. A request
+that the door refuses from its head alone (no API key, a declared body over the limit, a full
+queue) is answered by the protocol itself, before uvicorn makes a request cycle and a task for it.
 """
 
 from __future__ import annotations
@@ -24,9 +26,13 @@ import resource
 import socket
 import sys
 import threading
+import time
+import urllib.parse
+from http import HTTPStatus
 from types import FrameType
 from typing import Any
 
+import httptools
 import torch
 import uvicorn
 from fastapi import FastAPI
@@ -34,9 +40,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.api.deps import ServiceState
 from app.api.errors import KINDS, error_body
+from app.api.middleware import request_id
 from app.config import Settings
 from app.engine.types import EngineNotReady
-from app.logs import setup_logging
+from app.logs import request_id_var, setup_logging
 from app.main import create_app
 from app.model.checkpoint import CheckpointError, check_checkpoint
 from app.model.config import ModelConfig
@@ -62,6 +69,24 @@ def head_too_large(limit: int, openai: bool) -> bytes:
     ).encode()
 
 
+class _NoWaiter:
+    def set(self) -> None:
+        """Nothing waits for an answered request's body."""
+
+
+class _Answered:
+    """The cycle of a request answered by GuardedProtocol itself: complete, nothing to read.
+    uvicorn's protocol reads these attributes of its current cycle."""
+
+    response_complete = True
+    keep_alive = True
+    disconnected = False
+    message_event = _NoWaiter()
+
+
+_ANSWERED: Any = _Answered()
+
+
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's HTTP protocol with an idle/header timeout and a cap on open connections.
 
@@ -74,6 +99,7 @@ class GuardedProtocol(HttpToolsProtocol):
     idle_timeout_s = 30.0
     max_connections = 2048
     max_header_bytes = 65536
+    service_app: Any = None  # the app; its `door` (RequestContext) refuses requests from their heads
     _in_head = True  # the bytes arriving now belong to a request head (none of its body yet)
     _head_bytes = 0  # bytes of the current request head counted so far
     _heads = 0  # request heads completed on this connection
@@ -128,7 +154,59 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head, self._head_bytes = False, 0
         self._heads += 1
-        super().on_headers_complete()
+        if not self._refused_at_head():
+            super().on_headers_complete()
+
+    def _refused_at_head(self) -> bool:
+        """Answer here, with no request cycle or task, a request the door refuses from its head
+        (RequestContext.refuse_at_head: no key, a declared body over the limit, a full queue).
+
+        uvicorn would make a cycle and a task for it, run it through the door, and write the
+        reply's head and body in two writes; in a burst against a full queue that was most of
+        the event loop's work. The reply is the same bytes the door sends, with uvicorn's
+        default headers and the request id. The connection stays open unless the client asked
+        to close it or sent `Expect: 100-continue` (it may then never send the body this
+        reply declines, and the next request could not be told from it). Whatever body does
+        arrive is dropped: the parser reports it to a cycle already complete."""
+        door = getattr(self.service_app, "door", None)
+        busy = self.cycle is not None and not self.cycle.response_complete
+        if door is None or busy or self.parser.should_upgrade():
+            return False  # no app yet; a pipelined request waits for its turn in uvicorn's queue
+        start = time.perf_counter()
+        try:
+            method = self.parser.get_method().decode("ascii")
+            url = httptools.parse_url(self.url)
+            raw = url.path.decode("ascii")
+        except (httptools.HttpParserError, UnicodeDecodeError):
+            return False  # uvicorn's own handling answers it
+        path = self.root_path + (urllib.parse.unquote(raw) if "%" in raw else raw)
+        headers = dict(self.headers)
+        reply = door.refuse_at_head(method, path, headers)
+        if reply is None:
+            return False
+        rid = request_id(headers)
+        keep_alive = self.parser.should_keep_alive() and not self.expect_100_continue
+        status = HTTPStatus(reply.status_code)
+        head = [b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode())]
+        for name, value in [*self.server_state.default_headers, *reply.raw_headers, (b"x-request-id", rid.encode())]:
+            head += [name, b": ", value, b"\r\n"]
+        if not keep_alive:
+            head.append(b"connection: close\r\n")
+        self.transport.write(b"".join([*head, b"\r\n", reply.body]))
+        self.cycle = _ANSWERED  # complete: the parser's body callbacks drop what still arrives
+        if self.access_log and self.access_logger.isEnabledFor(logging.INFO):
+            token = request_id_var.set(rid)
+            target = path + ("?" + url.query.decode("ascii", "replace") if url.query else "")
+            client = f"{self.client[0]}:{self.client[1]}" if self.client else ""
+            version = self.parser.get_http_version()
+            self.access_logger.info('%s - "%s %s HTTP/%s" %d', client, method, target, version, status.value)
+            request_id_var.reset(token)
+        door.refused_at_head(path, reply.status_code, time.perf_counter() - start)
+        if keep_alive:
+            self.on_response_complete()  # what uvicorn does after a reply: the keep-alive timer
+        else:
+            self.transport.close()
+        return True
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -288,6 +366,7 @@ def serve(settings: Settings) -> int:
             "idle_timeout_s": settings.idle_timeout_s,
             "max_connections": connection_cap(settings.max_connections),
             "max_header_bytes": settings.max_header_bytes,
+            "service_app": app,
         },
     )
     config = uvicorn.Config(

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
 
 from app.api.docs import ASSETS_PATH
 from app.api.errors import envelope, failure_reason
@@ -42,6 +43,13 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"  # 32 hex digits, like a uuid4 hex
 
 
+def request_id(headers: dict[bytes, bytes]) -> str:
+    """The client's X-Request-Id where it is a safe token, else a new id."""
+    given = headers.get(b"x-request-id", b"").decode("latin-1")
+    return given if _SAFE_ID.match(given) else new_request_id()
+
+
+QUEUE_FULL = "queue full; retry later"
 SHED_PATHS = frozenset({"/predict", "/generate", "/generate_stream", "/v1/completions"})
 KEYED_PATHS = frozenset({"/predict", "/generate", "/generate_stream", "/tokenize"})  # and every /v1/ path
 
@@ -84,6 +92,7 @@ class RequestContext:
         api_key: str | None = None,
         bodies_per_client: int | None = None,
         places_free: Callable[[], int] | None = None,
+        turns_away: Callable[[], bool] | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
@@ -93,6 +102,7 @@ class RequestContext:
         self.api_key = api_key
         self.bodies_per_client = bodies_per_client
         self.places_free = places_free  # queue places not taken (None: no engine yet)
+        self.turns_away = turns_away  # True when enter() would refuse now (a full queue)
         self._arriving: Counter[str] = Counter()  # client address -> places held by bodies still arriving
         self._per_route: dict[tuple[str, int], tuple[Any, Any]] = {}  # labelled metric children
 
@@ -107,37 +117,60 @@ class RequestContext:
         if reason is not None:
             self.metrics.failures.labels(reason).inc()
 
-    def _needs_key(self, scope: Scope, path: str) -> bool:
-        if self.api_key is None or scope.get("method") == "OPTIONS":  # CORS preflights carry no credentials
+    def _needs_key(self, method: str, path: str) -> bool:
+        if self.api_key is None or method == "OPTIONS":  # CORS preflights carry no credentials
             return False
         return path in KEYED_PATHS or path.startswith("/v1/")
 
-    def _refusal(self, scope: Scope, path: str, headers: dict[bytes, bytes], client: str) -> tuple[int, str, str]:
-        """(status, message, error_type) when the request is refused from its headers alone, else (0, ...)."""
-        if self._needs_key(scope, path) and not authorized(headers, self.api_key or ""):
+    def _refusal(self, method: str, path: str, headers: dict[bytes, bytes]) -> tuple[int, str, str]:
+        """(status, message, error_type) when the key or the declared body length refuses the
+        request, else (0, ...)."""
+        if self._needs_key(method, path) and not authorized(headers, self.api_key or ""):
             return 401, "missing or invalid API key", "unauthorized"
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return 413, f"request body larger than {self.max_body} bytes", "too_large"
+        return 0, "", ""
+
+    def _stalled_bodies(self, path: str, client: str) -> bool:
+        """This client already holds its share of places with bodies still arriving, and the
+        queue is down to the places kept for the others."""
         cap = self.bodies_per_client
-        if (
+        return (
             cap is not None
             and self.places_free is not None
             and path in SHED_PATHS
             and self._arriving[client] >= cap
             and self.places_free() <= cap
-        ):
-            msg = f"queue nearly full, and {cap} requests from this client are still sending their body"
-            return 429, msg, "overloaded"
-        return 0, "", ""
+        )
+
+    def refuse_at_head(self, method: str, path: str, headers: dict[bytes, bytes]) -> JSONResponse | None:
+        """The reply to a request that the door refuses from its head alone, or None to let it in.
+
+        `mtp serve`'s HTTP protocol asks this as soon as a request head is parsed, before uvicorn
+        makes a request cycle and a task for it, and writes the reply itself (app/serve.py): in
+        a burst against a full queue most requests end here, and each costs the event loop this
+        check and one socket write. The checks are __call__'s first ones, in its order: the key
+        (401), the declared body length (413), a full queue for an inference POST (429). The
+        per-client share of places still sending a body is left to __call__: it goes by the
+        client's address, which a trusted proxy's X-Forwarded-For may still change."""
+        status, message, error_type = self._refusal(method, path, headers)
+        if not status and method == "POST" and path in SHED_PATHS and self.turns_away is not None and self.turns_away():
+            status, message, error_type = 429, QUEUE_FULL, "overloaded"
+        if not status:
+            return None
+        return envelope(status, message, error_type, openai=path.startswith("/v1/"))
+
+    def refused_at_head(self, path: str, status: int, seconds: float) -> None:
+        """Count a reply made by refuse_at_head, as __call__ counts its own."""
+        self._observe(route_label({}, path), status, seconds)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        given = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _SAFE_ID.match(given) else new_request_id()
+        rid = request_id(headers)
         token = request_id_var.set(rid)
         rid_header = (b"x-request-id", rid.encode())
         start = time.perf_counter()
@@ -159,7 +192,11 @@ class RequestContext:
         ticket: Reservation | None = NO_RESERVATION
         arriving = False
         try:
-            status, message, error_type = self._refusal(scope, path, headers, client)
+            status, message, error_type = self._refusal(scope.get("method", ""), path, headers)
+            if not status and self._stalled_bodies(path, client):
+                cap = self.bodies_per_client
+                status, error_type = 429, "overloaded"
+                message = f"queue nearly full, and {cap} requests from this client are still sending their body"
             if status:
                 await refuse(status, message, error_type)
                 return
@@ -169,7 +206,7 @@ class RequestContext:
                 # tokenized, so refusals stay fast however hard the burst.
                 ticket = self.enter()
                 if ticket is None:
-                    await refuse(429, "queue full; retry later", "overloaded")
+                    await refuse(429, QUEUE_FULL, "overloaded")
                     return
                 scope.setdefault("state", {})[RESERVATION] = ticket  # the route hands it to the engine
                 arriving = ticket is not NO_RESERVATION

@@ -182,9 +182,13 @@ class Engine:
     def queue_full(self) -> bool:
         return self.places_free() <= 0
 
+    def turns_away(self) -> bool:
+        """Whether enter() would refuse a request now (accepting work, and the queue is full)."""
+        return self._accepting and self.queue_full()
+
     def enter(self) -> Reservation | None:
         """Reserve a queue place for a request about to be read; None when the queue is full."""
-        if self._accepting and self.queue_full():
+        if self.turns_away():
             return None
         self._at_door += 1
         return Reservation(self._leave_door)

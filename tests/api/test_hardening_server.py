@@ -223,3 +223,91 @@ def test_an_idle_server_does_not_spin(server_factory: Callable[..., Any]) -> Non
     before = cpu_seconds(srv.proc.pid)
     time.sleep(5.0)
     assert cpu_seconds(srv.proc.pid) - before < 0.1
+
+
+def read_reply(s: socket.socket, buf: bytearray) -> tuple[bytes, dict[str, str], bytes]:
+    """One HTTP/1.1 reply from a raw socket (its status line, headers and body); buf keeps what
+    was read beyond it."""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        assert chunk, f"closed before a reply: {bytes(buf)!r}"
+        buf += chunk
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    buf[:] = rest
+    while len(buf) < int(headers.get("content-length", "0")):
+        buf += s.recv(65536)
+    body = bytes(buf[: int(headers.get("content-length", "0"))])
+    del buf[: len(body)]
+    return status.encode(), headers, body
+
+
+def post_head(path: str, length: int, *extra: str) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: x", "Content-Type: application/json", f"Content-Length: {length}", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_refusals_made_from_the_head_match_the_doors_and_keep_the_connection(
+    server_factory: Callable[..., Any],
+) -> None:
+    """`mtp serve` answers a request refused from its head alone (no key, a full queue) before
+    uvicorn makes a request cycle for it. The reply is the one the door (RequestContext) makes
+    for a request that reaches it, the connection stays usable, and the refusal is counted."""
+    srv = server_factory(MTP_MAX_QUEUE_SIZE="1", MTP_API_KEY="k3y")
+    body = json.dumps({"inputs": PROMPT}).encode()
+    auth = "Authorization: Bearer k3y"
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as holder:
+        holder.sendall(post_head("/generate", 23, auth) + b'{"inputs": ')  # holds the one place
+        time.sleep(0.5)  # its head reaches the door first
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        buf = bytearray()
+        # answered at the head: the body is not needed for the reply, and is dropped when it comes
+        s.sendall(post_head("/generate", len(body), auth, "X-Request-Id: early-1"))
+        status, early, early_body = read_reply(s, buf)
+        s.sendall(body)
+        # pipelined behind a GET, the same request reaches the door through uvicorn's cycle
+        s.sendall(
+            b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+            + post_head("/generate", len(body), auth, "X-Request-Id: door-1")
+            + body
+        )
+        assert read_reply(s, buf)[0].startswith(b"HTTP/1.1 200")
+        door_status, door, door_body = read_reply(s, buf)
+        assert status == door_status == b"HTTP/1.1 429 Too Many Requests"
+        assert early_body == door_body and json.loads(early_body) == {
+            "error": "queue full; retry later",
+            "error_type": "overloaded",
+        }
+        assert early.pop("x-request-id") == "early-1" and door.pop("x-request-id") == "door-1"
+        assert early.keys() == door.keys() and all(early[k] == door[k] for k in early if k != "date"), (early, door)
+        assert early["retry-after"] == "1" and "connection" not in early
+        # no key: 401 from the head, in the OpenAI envelope on /v1, on the same connection
+        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, reply = read_reply(s, buf)
+        assert status.startswith(b"HTTP/1.1 401") and json.loads(reply)["error"]["code"] == 401
+        assert len(headers["x-request-id"]) == 32
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_reply(s, buf)[0].startswith(b"HTTP/1.1 200")
+        s.close()
+        # Expect: 100-continue, or Connection: close: the reply closes the connection
+        for extra in ("Expect: 100-continue", "Connection: close"):
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as c:
+                c.sendall(post_head("/v1/completions", len(body), auth, extra))
+                status, headers, reply = read_reply(c, bytearray())
+                assert status.startswith(b"HTTP/1.1 429") and headers["connection"] == "close", extra
+                assert json.loads(reply)["error"]["type"] == "overloaded"
+                assert closed_by_server(c, within=2)
+        assert metric(srv.url, "mtp_requests_total", route="/generate", status="429") == 2
+        assert metric(srv.url, "mtp_requests_total", route="/v1/completions", status="429") == 2
+        assert metric(srv.url, "mtp_requests_total", route="unmatched", status="401") == 1
+    # the place is free again: the same request is served
+    r = httpx.post(
+        f"{srv.url}/generate",
+        json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2}},
+        headers={"Authorization": "Bearer k3y"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    log = srv.log()  # the connections answered from the head closed cleanly
+    assert "Traceback" not in log and "Exception in callback" not in log, log
