@@ -16,6 +16,12 @@ for as long as the bursts run, and adds to the JSON where its CPU time went, in 
 per thread, and on the event loop's thread per function (inclusive) and per source line
 (where the sample ended). The raw stacks stay in the file. The sampler shares the machine's
 cores: take the latency figures from a run without it.
+
+    python -m bench.overload --baseline GIT_REF [--rounds 2]
+
+runs the same bursts against this tree's server and GIT_REF's (a git worktree), one server up
+at a time in alternating phases (A, B, A, B), and adds the medians of their phases and the
+ratio of their p99s.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import gc
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -39,7 +46,8 @@ import httpx
 
 from app.config import DEFAULT_CHECKPOINT
 from bench.decoding import write_json
-from bench.service import pct, raw_post, read_response, server
+from bench.server import ROOT, baseline_tree, progress, running
+from bench.service import pct, raw_post, read_response
 
 
 async def burst(url: str, n: int, new_tokens: int) -> dict[str, Any]:
@@ -183,29 +191,11 @@ def profile_summary(path: str, rate: int, bursts: int, top: int = 12) -> dict[st
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
-    ap.add_argument("--queue", type=int, default=32, help="max_queue_size of the server")
-    ap.add_argument("--factor", type=int, default=10)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--bursts", type=int, default=8)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--profile", default=None, help="py-spy's raw stacks of the server go here (see above)")
-    ap.add_argument("--profile-rate", type=int, default=1000, help="py-spy samples per second")
-    args = ap.parse_args()
-    runs = []
-    with server(args.checkpoint, "cpu", max_queue_size=args.queue, max_batch_size=16) as srv:
-        url = srv.url
-        spying = profiled(srv.proc.pid, args.profile, args.profile_rate) if args.profile else contextlib.nullcontext()
-        with spying:
-            for i in range(args.bursts):
-                if i:
-                    time.sleep(2.0)
-                runs.append(asyncio.run(burst(url, args.queue * args.factor, args.new_tokens)))
+def summary(queue: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One server's bursts, and their refusal latency pooled."""
     pooled = [t for r in runs for t in r.pop("refusal_latencies_s")]
-    result = {
-        "max_queue_size": args.queue,
+    return {
+        "max_queue_size": queue,
         "bursts": runs,
         "refusals": len(pooled),
         "refusal_latency_p50_ms": round(pct(pooled, 0.5) * 1000, 2),
@@ -215,6 +205,65 @@ def main() -> None:
         "every_accepted_completed": all(r["every_accepted_completed"] for r in runs),
         "ready_after_every_burst": all(r["ready_after"] == 200 for r in runs),
     }
+
+
+def phase(args: argparse.Namespace, root: Path = ROOT) -> dict[str, Any]:
+    """A server running root's `app` takes args.bursts bursts, 2 s apart."""
+    runs = []
+    settings = {"device": "cpu", "log_level": "WARNING", "max_queue_size": args.queue, "max_batch_size": args.max_batch}
+    with running(args.checkpoint, settings, inherit_mtp=True, root=root) as srv:
+        spying = profiled(srv.proc.pid, args.profile, args.profile_rate) if args.profile else contextlib.nullcontext()
+        with spying:
+            for i in range(args.bursts):
+                if i:
+                    time.sleep(2.0)
+                runs.append(asyncio.run(burst(srv.url, args.queue * args.factor, args.new_tokens)))
+    return summary(args.queue, runs)
+
+
+def compared(args: argparse.Namespace) -> dict[str, Any]:
+    """This tree's server and the baseline's, in alternating phases (A, B, A, B), and the medians
+    of their phases' figures."""
+    trees = {"this": ROOT, "baseline": baseline_tree(args.baseline)}
+    phases: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+    for _ in range(args.rounds):
+        for name, root in trees.items():
+            phases[name].append(progress("bench.overload", f"server {name}", phase(args, root)))
+    keys = ("refusal_latency_p50_ms", "refusal_latency_p99_ms", "worst_burst_refusal_latency_p99_ms")
+    med = {name: {key: statistics.median(p[key] for p in runs) for key in keys} for name, runs in phases.items()}
+    p99 = "refusal_latency_p99_ms"
+    return {
+        "max_queue_size": args.queue,
+        "baseline": args.baseline,
+        "rounds": args.rounds,
+        "median_of_phases": med,
+        "p99_this_over_baseline": round(med["this"][p99] / med["baseline"][p99], 3),
+        "every_accepted_completed": all(p["every_accepted_completed"] for runs in phases.values() for p in runs),
+        "ready_after_every_burst": all(p["ready_after_every_burst"] for runs in phases.values() for p in runs),
+        "phases": phases,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    ap.add_argument("--queue", type=int, default=32, help="max_queue_size of the server")
+    ap.add_argument("--max-batch", type=int, default=16, help="max_batch_size of the server")
+    ap.add_argument("--factor", type=int, default=10)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--bursts", type=int, default=8)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", default=None, help="py-spy's raw stacks of the server go here (see above)")
+    ap.add_argument("--profile-rate", type=int, default=1000, help="py-spy samples per second")
+    ap.add_argument("--baseline", default=None, help="a git ref whose server to compare against (see above)")
+    ap.add_argument("--rounds", type=int, default=2, help="with --baseline: alternating rounds of the two servers")
+    args = ap.parse_args()
+    if args.baseline and args.profile:
+        ap.error("--profile samples one server: leave out --baseline")
+    if args.baseline:
+        write_json(compared(args), args.out)
+        return
+    result = phase(args)
     if args.profile:
         result["profile"] = profile_summary(args.profile, args.profile_rate, args.bursts)
     write_json(result, args.out)

@@ -1,5 +1,6 @@
 """`python -m bench.overload`: one burst against a real server on a tiny model."""
 
+import argparse
 import asyncio
 import gc
 import re
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.overload import LOOP_ITSELF, burst, profile_summary, profiled
+from bench.overload import LOOP_ITSELF, burst, compared, profile_summary, profiled
 from bench.service import server
 
 
@@ -60,3 +61,21 @@ def test_the_profile_summary_counts_each_function_once_per_sample_and_strips_the
     assert s["threads_ms_per_burst"] == {"MainThread": 300.0, "mtp-worker_0": 200.0}
     assert s["event_loop_functions_ms_per_burst"] == {"g (a.py)": 150.0, "f (a.py)": 100.0}
     assert s["event_loop_lines_ms_per_burst"] == {LOOP_ITSELF: 150.0, "f (a.py:2)": 100.0, "g (a.py:6)": 50.0}
+
+
+def test_a_comparison_alternates_this_trees_server_and_a_baselines(
+    byte_checkpoint: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt, _ = byte_checkpoint
+    monkeypatch.setenv("MTP_COMPILE", "false")  # the servers inherit MTP_*
+    args = argparse.Namespace(
+        checkpoint=ckpt, queue=2, max_batch=2, factor=6, new_tokens=4, bursts=1, profile=None, profile_rate=1000
+    )
+    out = compared(argparse.Namespace(**vars(args), baseline="HEAD", rounds=1))
+    assert out["baseline"] == "HEAD" and set(out["phases"]) == {"this", "baseline"}
+    for runs in out["phases"].values():
+        (only,) = runs
+        assert only["refusals"] > 0 and only["every_accepted_completed"] and only["ready_after_every_burst"]
+    med = out["median_of_phases"]
+    ratio = med["this"]["refusal_latency_p99_ms"] / med["baseline"]["refusal_latency_p99_ms"]
+    assert out["p99_this_over_baseline"] == round(ratio, 3)
