@@ -3,7 +3,8 @@
 On the first signal the service turns /ready to 503 and answers new work with 503, while
 in-flight requests (streams included) finish, up to the drain timeout. Requests still running
 then end with an error (a final SSE error event on streams), and the process exits 0 within
-drain_timeout_s + 2 s. A second signal exits with status 130 within a second.
+drain_timeout_s + 2 s. A second signal exits with status 130 within a second. A signal during
+start-up (loading the model, compiling its steps) exits at once, with 128 + the signal's number.
 
 Connections: one that has not sent a complete request header within idle_timeout_s (after
 connecting, or after its last response) is closed, one whose request head (request line and
@@ -23,6 +24,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import socket
 import sys
 import threading
@@ -256,7 +258,10 @@ class DrainingServer(uvicorn.Server):
         gc.freeze()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._loop is None or not self.started:
+        if self._loop is not None and not self.started:
+            self._exit_during_startup(sig)
+            return
+        if self._loop is None:
             super().handle_exit(sig, frame)  # not serving yet: uvicorn's own exit
             return
         if self._draining:
@@ -264,6 +269,15 @@ class DrainingServer(uvicorn.Server):
             return
         self._draining = True
         self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()) if self._loop else None)
+
+    def _exit_during_startup(self, sig: int) -> None:
+        """A signal while the model loads and its steps compile (minutes on a cold cache). That
+        work runs on the inference thread and cannot be interrupted, and uvicorn would look at
+        its exit flag only after it: Ctrl-C, `docker stop` or a rollout would wait out the whole
+        start-up. Nothing is served yet, so the process exits now, with 128 + the signal."""
+        log.warning("%s during start-up: exiting before serving", signal.Signals(sig).name)
+        logging.shutdown()
+        os._exit(128 + sig)
 
     def _exit_now(self) -> None:
         """Second signal: every running request ends with its error, and the process exits 130."""

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests.api.test_server import metric, wait_until
+from tests.conftest import start_server
 
 PROMPT = "To be, or not to be"
 
@@ -175,6 +176,24 @@ def test_a_second_signal_exits_130_within_a_second(server_factory: Callable[...,
     assert code == 130
     reader.join(timeout=5)
     assert "Traceback" not in srv.log()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_start_up_exits_at_once(tmp_path: Path, checkpoint: Path, sig: signal.Signals) -> None:
+    """The warm-up (here slowed: every forward pass sleeps 0.5 s) runs on the inference thread,
+    where no signal reaches it; the process exits without waiting for it."""
+    srv = start_server(checkpoint, tmp_path, "--device", "cpu", forward_delay_s=0.5)
+    try:
+        wait_until(lambda: "loaded " in srv.log(), timeout=60)  # the checkpoint is in: the warm-up runs
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        srv.proc.send_signal(sig)
+        code = srv.proc.wait(timeout=10)
+        assert time.monotonic() - t0 < 2.0
+        assert code == 128 + sig
+        assert f"{sig.name} during start-up: exiting before serving" in srv.log()
+    finally:
+        srv.stop()
 
 
 def test_a_stream_that_times_out_logs_one_line_and_no_traceback(server_factory: Callable[..., Any]) -> None:
