@@ -1,14 +1,16 @@
 """Attack suite: known failure modes, each reproduced against a real `mtp serve` process.
 
-    python -m bench.attack [--only NAME[,NAME]] [--out FILE] [--checkpoint DIR]
+    python -m bench.attack [--only NAME[,NAME]] [--out FILE] [--checkpoint DIR] [--no-compile]
 
 Every attack runs over loopback with loops bounded in count and time, and judges the server
 only by what it measures: statuses, timings, counters in /metrics, the server's own log.
 Prints a Markdown table (attack | what was measured | result | verdict); exits non-zero if
 any attack shows its defect or could not run. The servers run the code of the checkout this
 suite lives in (bench/server.py), so the same suite in a `git worktree` of an older commit
-records a "before". About 1.5 minutes on the project's 2-core CPU when it is
-otherwise idle.
+records a "before". With `--no-compile` (eager steps) about 1.5 minutes on the project's
+2-core CPU when it is otherwise idle; with the default compiled steps each server's start
+compiles them at one torch thread first (7 minutes for the first server on 2026-12-02, with a
+cache warmed only by servers at the default thread count).
 """
 
 from __future__ import annotations
@@ -975,9 +977,11 @@ ATTACKS = [
 ]
 
 
-def run_attacks(attacks: list[Attack], checkpoint: str, torch_threads: int = 1) -> list[Result]:
+def run_attacks(
+    attacks: list[Attack], checkpoint: str, torch_threads: int = 1, compile_steps: bool = True
+) -> list[Result]:
     results = []
-    defaults = {"torch_threads": torch_threads or None}
+    defaults = {"torch_threads": torch_threads or None, "compile": None if compile_steps else "false"}
     with tempfile.TemporaryDirectory(prefix="mtp-attack-") as tmp, Lab(checkpoint, Path(tmp), defaults) as lab:
         for i, attack in enumerate(attacks, 1):
             t0 = time.monotonic()
@@ -1020,6 +1024,12 @@ def main() -> None:
         help="MTP_TORCH_THREADS of the servers (0: torch's default). One thread keeps a busy neighbour on a "
         "2-core machine from slowing every step many times over; draft-policy-contention always uses the default",
     )
+    ap.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="eager steps (MTP_COMPILE=false) in every server: each starts in seconds, where compiling the "
+        "default model's steps at one thread takes minutes per server, longer on a cold cache",
+    )
     args = ap.parse_args()
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = set(names) - {a.name for a in ATTACKS}
@@ -1028,7 +1038,7 @@ def main() -> None:
     attacks = [a for a in ATTACKS if not names or a.name in names]
     t0 = time.monotonic()
     load = os.getloadavg()[0]
-    results = run_attacks(attacks, args.checkpoint, args.torch_threads)
+    results = run_attacks(attacks, args.checkpoint, args.torch_threads, compile_steps=not args.no_compile)
     print(table(results))
     if args.out:
         report = {
@@ -1038,6 +1048,7 @@ def main() -> None:
             "seconds": round(time.monotonic() - t0, 1),
             "load_average_1m_at_start": load,
             "torch_threads": args.torch_threads,
+            "compile": not args.no_compile,
             "defects": sum(bool(r.defect) for r in results),
             "attacks": [{**asdict(r), "verdict": r.verdict} for r in results],
         }
