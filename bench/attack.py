@@ -48,7 +48,10 @@ TOKENS = "mtp_generated_tokens_total"
 RUNNING = "mtp_running_sequences"
 QUEUED = "mtp_queue_depth"
 # One server (started once) serves every attack that needs no special setting of its own.
-COMMON: dict[str, object] = {"max_queue_size": 16, "max_new_tokens": 400, "drain_timeout_s": 3}
+# Long requests: new tokens that, after a short prompt, still fit the default model's context (256
+# tokens): a request asking for more is refused with 422 and never runs.
+LONG = 200
+COMMON: dict[str, object] = {"max_queue_size": 16, "max_new_tokens": LONG, "drain_timeout_s": 3}
 AUTH: dict[str, object] = {"api_key": KEY, "max_queue_size": 16}
 
 
@@ -528,7 +531,7 @@ def stop_stream_leak(url: str, max_tokens: int = 60) -> Result:
 # ---- attacks: connections and cancellation ----------------------------------------------------
 
 
-def disconnect_nonstream(url: str, n: int = 16, new_tokens: int = 400, close_after_s: float = 0.3) -> Result:
+def disconnect_nonstream(url: str, n: int = 16, new_tokens: int = LONG, close_after_s: float = 0.3) -> Result:
     """A non-streaming /generate whose client goes away stops generating.
 
     Judged two ways, so that neither a fast nor a slow machine hides the defect: the server
@@ -691,7 +694,7 @@ class Shutdown:
 async def _streams_then_signal(srv: Server, n: int, second_after: float | None) -> Shutdown:
     """n long streams, then SIGTERM (and a second one `second_after` s later); waits for the exit."""
     deadline = time.monotonic() + 45
-    body = {"parameters": {"max_new_tokens": 400, "speculative": False}}
+    body = {"parameters": {"max_new_tokens": LONG, "speculative": False}}
     tasks = [
         asyncio.create_task(stream_sse(srv.url, "/generate_stream", {"inputs": f"ROMEO {i}:", **body}, deadline))
         for i in range(n)
@@ -716,16 +719,17 @@ async def _streams_then_signal(srv: Server, n: int, second_after: float | None) 
 def shutdown_bounds(lab: Lab, drain_s: float = 3.0, streams: int = 64) -> Result:
     """SIGTERM: exit 0 within the drain + 2 s, streams cut by the drain end with an error event;
     a second SIGTERM: exit 130 within 1 s."""
-    with lab.dedicated(drain_timeout_s=drain_s, max_new_tokens=400) as srv:
+    with lab.dedicated(drain_timeout_s=drain_s, max_new_tokens=LONG) as srv:
         one = asyncio.run(_streams_then_signal(srv, streams, None)).summary(drain_s)
-    with lab.dedicated(drain_timeout_s=drain_s, max_new_tokens=400) as srv:
+    with lab.dedicated(drain_timeout_s=drain_s, max_new_tokens=LONG) as srv:
         two = asyncio.run(_streams_then_signal(srv, streams, 0.5)).summary(drain_s)
     defect_one = one["exit_code"] != 0 or one["exit_s"] > drain_s + 2 or one["streams"].get("cut", 0) > 0
     defect_two = two["exit_code"] != 130 or two["exit_s"] > 1.0
     reproduced = one["ended_after_drain"] > 0 or defect_one  # else every stream ended within the drain
     return Result(
         "shutdown-bounds",
-        f"{streams} streams × 400 tokens, SIGTERM (MTP_DRAIN_TIMEOUT_S={drain_s:g}); then SIGTERM twice, 0.5 s apart",
+        f"{streams} streams × {LONG} tokens, SIGTERM (MTP_DRAIN_TIMEOUT_S={drain_s:g}); "
+        "then SIGTERM twice, 0.5 s apart",
         f"one signal: exit {one['exit_code']} after {one['exit_s']:.1f} s, streams {counts_of(one['streams'])} "
         f"({one['ended_after_drain']} ended after the drain); two signals: exit {two['exit_code']} "
         f"{two['exit_s']:.1f} s after the second",
@@ -746,13 +750,13 @@ def timeout_traceback(srv: Server, streams: int = 40) -> Result:
 
     async def load() -> list[Stream]:
         deadline = time.monotonic() + 30
-        gen = {"parameters": {"max_new_tokens": 400, "speculative": False}}
+        gen = {"parameters": {"max_new_tokens": LONG, "speculative": False}}
         calls = [
             stream_sse(srv.url, "/generate_stream", {"inputs": f"ROMEO {i}:", **gen}, deadline) for i in range(streams)
         ]
         calls += [
             stream_sse(
-                srv.url, "/v1/completions", {"prompt": f"JULIET {i}:", "max_tokens": 400, "stream": True}, deadline
+                srv.url, "/v1/completions", {"prompt": f"JULIET {i}:", "max_tokens": LONG, "stream": True}, deadline
             )
             for i in range(8)
         ]
@@ -768,7 +772,7 @@ def timeout_traceback(srv: Server, streams: int = 40) -> Result:
     errors = sorted(set(EXCEPTION_LINE.findall(log)))
     return Result(
         "timeout-traceback",
-        f"{streams} /generate_stream + 8 /v1/completions streams × 400 tokens under MTP_REQUEST_TIMEOUT_S=1; "
+        f"{streams} /generate_stream + 8 /v1/completions streams × {LONG} tokens under MTP_REQUEST_TIMEOUT_S=1; "
         "the server log",
         f"streams {counts([s.kind for s in results])}, {timeouts} timed out; log: {tracebacks} tracebacks, "
         f"{asgi} 'Exception in ASGI application'" + (f" ({', '.join(errors)[:120]})" if errors else ""),
@@ -777,7 +781,7 @@ def timeout_traceback(srv: Server, streams: int = 40) -> Result:
     )
 
 
-COST_LINE = re.compile(r"verify-step cost \(ms\) by batch size and drafts: (\{.*\})")
+COST_LINE = re.compile(r"verify-step cost \(ms\) by batch size and drafts: (\{[^;]*\})")  # the first table
 
 
 def _generate_timed(http: httpx.Client, prompt: str, new_tokens: int) -> tuple[float, float, float, float]:
@@ -952,7 +956,7 @@ def _idle(lab: Lab) -> Result:
 
 
 def _timeout(lab: Lab) -> Result:
-    with lab.dedicated(request_timeout_s=1, max_new_tokens=400) as srv:
+    with lab.dedicated(request_timeout_s=1, max_new_tokens=LONG) as srv:
         return timeout_traceback(srv)
 
 
