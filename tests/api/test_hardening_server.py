@@ -278,7 +278,12 @@ def test_refusals_made_from_the_head_match_the_doors_and_keep_the_connection(
     auth = "Authorization: Bearer k3y"
     with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as holder:
         holder.sendall(post_head("/generate", 23, auth) + b'{"inputs": ')  # holds the one place
-        time.sleep(0.5)  # its head reaches the door first
+        probe = {"inputs": PROMPT}  # /predict until refused: the holder's place is taken
+        wait_until(
+            lambda: (
+                httpx.post(f"{srv.url}/predict", json=probe, headers={"Authorization": "Bearer k3y"}).status_code == 429
+            )
+        )
         s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
         buf = bytearray()
         # answered at the head: the body is not needed for the reply, and is dropped when it comes
