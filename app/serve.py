@@ -78,11 +78,9 @@ class _NoWaiter:
 
 class _Answered:
     """The cycle of a request answered by GuardedProtocol itself: complete, nothing to read.
-    uvicorn's protocol reads these attributes of its current cycle."""
+    uvicorn's protocol reads these attributes of a complete cycle."""
 
     response_complete = True
-    keep_alive = True
-    disconnected = False
     message_event = _NoWaiter()
 
 

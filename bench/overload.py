@@ -46,8 +46,8 @@ import httpx
 
 from app.config import DEFAULT_CHECKPOINT
 from bench.decoding import write_json
-from bench.server import ROOT, baseline_tree, progress, running
-from bench.service import pct, raw_post, read_response
+from bench.server import ROOT, baseline_tree, progress
+from bench.service import pct, raw_post, read_response, server
 
 
 async def burst(url: str, n: int, new_tokens: int) -> dict[str, Any]:
@@ -210,8 +210,7 @@ def summary(queue: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
 def phase(args: argparse.Namespace, root: Path = ROOT) -> dict[str, Any]:
     """A server running root's `app` takes args.bursts bursts, 2 s apart."""
     runs = []
-    settings = {"device": "cpu", "log_level": "WARNING", "max_queue_size": args.queue, "max_batch_size": args.max_batch}
-    with running(args.checkpoint, settings, inherit_mtp=True, root=root) as srv:
+    with server(args.checkpoint, "cpu", root, max_queue_size=args.queue, max_batch_size=args.max_batch) as srv:
         spying = profiled(srv.proc.pid, args.profile, args.profile_rate) if args.profile else contextlib.nullcontext()
         with spying:
             for i in range(args.bursts):

@@ -17,6 +17,7 @@ import contextlib
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,13 +27,15 @@ from app.decoding.predict import score_next
 from app.model.checkpoint import load_checkpoint
 from app.model.model import MTPTransformer
 from bench.decoding import heldout_prompts
-from bench.server import Server, running
+from bench.server import ROOT, Server, running
 
 
-def server(checkpoint: str, device: str, **settings: Any) -> contextlib.AbstractContextManager[Server]:
-    """A ready `mtp serve` on `device` with these settings, quiet below WARNING. The caller's MTP_*
-    variables reach it (e.g. MTP_MALLOC_MMAP_THRESHOLD=0 for a comparison run)."""
-    return running(checkpoint, {"device": device, "log_level": "WARNING", **settings}, inherit_mtp=True)
+def server(
+    checkpoint: str, device: str, root: Path = ROOT, **settings: Any
+) -> contextlib.AbstractContextManager[Server]:
+    """A ready `mtp serve` of root's `app` on `device` with these settings, quiet below WARNING. The
+    caller's MTP_* variables reach it (e.g. MTP_MALLOC_MMAP_THRESHOLD=0 for a comparison run)."""
+    return running(checkpoint, {"device": device, "log_level": "WARNING", **settings}, inherit_mtp=True, root=root)
 
 
 def pct(values: list[float], q: float) -> float:
