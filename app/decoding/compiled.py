@@ -48,10 +48,9 @@ def cache_cpp_templates() -> None:
     sources anew at each render (`KernelTemplate._template_from_string`, ten per render: 580
     compilations, 6 of a graph's 22 s under cProfile, for the greedy step of width 3). A
     compiled Jinja template is immutable, so a cache keyed by the source (Inductor's
-    constants: a bounded set) gives the same kernels. Warm starts do this work too: Inductor's
-    FX graph cache, which would skip lowering and code generation, declines these graphs (their
-    MKL-packed weights cannot be pickled). With the cache a warm start of the service took
-    0.78x the time (docs/benchmarks.md, benchmark 12)."""
+    constants: a bounded set) gives the same kernels. With the cache a warm start of the
+    service took 0.78x the time (docs/benchmarks.md, benchmark 12), when warm starts still
+    lowered every graph; since cache_frozen_graphs only cold starts render the template."""
     from torch._inductor.codegen.common import KernelTemplate
 
     render = KernelTemplate.__dict__.get("_template_from_string")
@@ -93,6 +92,53 @@ def stable_wrapper_keys() -> None:
 
     write_constant.stable = True  # type: ignore[attr-defined]
     CppWrapperCpu.write_constant = write_constant  # type: ignore[method-assign]
+
+
+def cache_frozen_graphs() -> None:
+    """Let Inductor's FX graph cache keep the graphs CompiledDecoder compiles (process-wide).
+
+    Freezing packs each linear's weight for MKL as an mkldnn tensor, a constant of the graph,
+    and the cache declines any graph with one ("mkldnn tensors unpickleable", torch 2.13), so a
+    warm start lowered and generated every graph again and saved only autotuning and the C++
+    builds. Nothing of a frozen constant's value needs to go into a cached graph: the cache
+    keeps the code and, on a hit, takes the frozen constants from the graph being compiled
+    (they are packed again from this process's weights), and it already keys a frozen
+    parameter by its metadata alone. The packed ones get that too (dtype and shape), and while
+    a CompiledDecoder compiles, each frozen constant's key also carries the digest of its
+    model's weights (weights_key), so graphs of two models of one architecture keep entries
+    of their own, whatever else lowering derives from the weights. Graphs compiled elsewhere
+    keep Inductor's rules. A warm start's graph then costs its tracing and freezing only
+    (docs/benchmarks.md, benchmark 20)."""
+    from torch._inductor import codecache
+    from torch._inductor.freezing_utils import is_frozen_param
+
+    pickler, validator = codecache.FxGraphCachePickler, codecache.CacheabilityValidator
+    original_reduce = pickler._reduce_tensor
+    if getattr(original_reduce, "stable", False):
+        return
+    original_check = validator.check_tensor
+
+    def ours(t: Tensor) -> str | None:
+        """The weights digest when t is a frozen constant of a graph a CompiledDecoder compiles."""
+        weights = getattr(_compiling, "weights", None)
+        return weights if weights is not None and is_frozen_param(t) else None
+
+    def reduce_tensor(self: Any, t: Tensor) -> Any:
+        weights = ours(t)
+        if weights is None:
+            return original_reduce(self, t)
+        if t.is_mkldnn:  # opaque: no strides or storage to describe
+            return codecache._ident, ((str(t.dtype), tuple(t.shape), "mkldnn", weights),)
+        ident, (described,) = original_reduce(self, t)
+        return ident, ((described, weights),)
+
+    def check_tensor(t: Tensor) -> None:
+        if ours(t) is None:
+            original_check(t)
+
+    reduce_tensor.stable = True  # type: ignore[attr-defined]
+    pickler._reduce_tensor = reduce_tensor  # type: ignore[method-assign]
+    validator.check_tensor = staticmethod(check_tensor)  # type: ignore[method-assign]
 
 
 def weights_key(model: nn.Module) -> str:
@@ -217,8 +263,10 @@ class CompiledDecoder:
             # wrapper costs seconds more on a cold cache (the built wrapper is cached too).
             options = {**(options or {}), "cpp_wrapper": True}
             stable_wrapper_keys()
-        # the model's key in the C++ wrappers' sources (stable_wrapper_keys); None: Inductor's own
-        self._weights_key = weights_key(model) if options and options.get("cpp_wrapper") else None
+        # the model's key in the C++ wrappers' sources (stable_wrapper_keys) and in the FX graph
+        # cache's keys of its graphs (cache_frozen_graphs)
+        self._weights_key = weights_key(model)
+        cache_frozen_graphs()
         mode = "reduce-overhead" if device.type == "cuda" and options is None else None
         if device.type == "cuda" and options is not None:
             options = {**options, "triton.cudagraphs": True, "max_autotune_gemm_backends": "TRITON,ATEN"}
@@ -264,7 +312,7 @@ class CompiledDecoder:
             graph = self._graphs[key] = torch.compile(
                 types.MethodType(copy, self), dynamic=None, mode=self._mode, options=self._options
             )
-            _compiling.weights = self._weights_key  # read by stable_wrapper_keys' line per constant
+            _compiling.weights = self._weights_key  # read by stable_wrapper_keys and cache_frozen_graphs
             try:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=False):  # Dynamo compiles only with guards on
                     out = graph(*args)

@@ -254,8 +254,9 @@ def test_cuda_graph_steps_give_the_eager_greedy_tokens_at_every_batch_size_and_d
     assert cudagraph_skips() == skips
 
 
-WRAPPER_BUILD = """
-import sys, torch
+COMPILE_IN_A_PROCESS = """
+import json, sys, torch
+from torch._dynamo.utils import counters
 from app.decoding.compiled import CompiledDecoder
 from app.model.config import ModelConfig
 from app.model.model import MTPTransformer
@@ -263,14 +264,22 @@ torch.manual_seed(int(sys.argv[1]))
 cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, num_heads=4, d_ff=64, k=2, max_seq_len=32, dropout_rate=0.0)
 model = MTPTransformer(cfg).eval()
 dec = CompiledDecoder(model, 1, batch_sizes=[1], widths=[1])
+idx = torch.randint(0, 64, (1, 5))
 with torch.inference_mode():
-    dec(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long))
+    for i in range(5):  # one token a step, attending the cache
+        head1, _ = dec(idx[:, i : i + 1], torch.tensor([[i]]))
+    want = model(idx)[:, -1, 0]  # eager, the whole prompt at once
+err = (head1[:, 0, 0] - want).abs().max().item()
+print(json.dumps({**{k: int(v) for k, v in counters["inductor"].items() if k.startswith("fxgraph")}, "err": err}))
 """
 
 
-def test_a_second_process_loads_the_cpp_wrapper_from_the_cache(tmp_path):
-    """The C++ wrapper of a graph is built once per cache, not once per process: the next
-    process with the same weights builds none; other weights get a build of their own."""
+def test_a_second_process_loads_the_compiled_step_from_the_cache(tmp_path):
+    """A graph is lowered and its C++ wrapper built once per cache, not once per process: the
+    next process with the same weights takes the graph from Inductor's FX graph cache (its
+    MKL-packed weights notwithstanding) and builds no wrapper, and its step still gives the
+    eager logits; other weights of the same shapes get an entry and a build of their own."""
+    import json
     import os
     import subprocess
     import sys
@@ -280,14 +289,26 @@ def test_a_second_process_loads_the_cpp_wrapper_from_the_cache(tmp_path):
     cache = tmp_path / "inductor"
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
 
-    def built(seed: int) -> set[str]:
-        subprocess.run([sys.executable, "-c", WRAPPER_BUILD, str(seed)], env=env, check=True, timeout=600)
-        return {p.name for p in cache.rglob("*.main.so")}
+    def compiled(seed: int) -> tuple[dict[str, float], set[str]]:
+        done = subprocess.run(
+            [sys.executable, "-c", COMPILE_IN_A_PROCESS, str(seed)],
+            env=env,
+            check=True,
+            timeout=600,
+            capture_output=True,
+            text=True,
+        )
+        return json.loads(done.stdout.strip().splitlines()[-1]), {p.name for p in cache.rglob("*.main.so")}
 
-    first = built(0)
-    assert len(first) == 1  # the forward step's wrapper
-    assert built(0) == first  # loaded, not built again
-    assert len(built(1) - first) == 1  # other weights: another wrapper
+    first, wrappers = compiled(0)
+    assert first["fxgraph_cache_miss"] == 1 and len(wrappers) == 1  # the forward step's graph and wrapper
+    again, same = compiled(0)
+    assert again.get("fxgraph_cache_hit") == 1 and "fxgraph_cache_miss" not in again
+    assert same == wrappers  # loaded, not built again
+    other, more = compiled(1)
+    assert other["fxgraph_cache_miss"] == 1 and len(more - wrappers) == 1  # other weights: their own
+    for run in (first, again, other):
+        assert run["err"] < 1e-4, run
 
 
 def test_models_of_one_architecture_keep_their_own_weights_in_compiled_steps(peaked_model, make_prompts):
