@@ -103,7 +103,8 @@ def cache_frozen_graphs() -> None:
     builds. Nothing of a frozen constant's value needs to go into a cached graph: the cache
     keeps the code and, on a hit, takes the frozen constants from the graph being compiled
     (they are packed again from this process's weights), and it already keys a frozen
-    parameter by its metadata alone. The packed ones get that too (dtype and shape), and while
+    parameter it does not inline by its metadata alone. The packed ones get that too (dtype and
+    shape), and while
     a CompiledDecoder compiles, each frozen constant's key also carries the digest of its
     model's weights (weights_key), so graphs of two models of one architecture keep entries
     of their own, whatever else lowering derives from the weights. Graphs compiled elsewhere
