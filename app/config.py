@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(ENGINE.max_batch_size, ge=1, le=256)
     max_wait_ms: float = Field(ENGINE.max_wait_ms, ge=0.0, le=1000.0)
     max_queue_size: int = Field(ENGINE.max_queue_size, ge=1)
+    # a stream's tokens after its first leave at most this often, several steps' in one write (0: every step)
+    stream_interval_ms: float = Field(ENGINE.stream_interval_ms, ge=0.0, le=1000.0)
     speculative: bool = ENGINE.speculative  # self-speculative decoding by default when k > 1
     draft_tokens: int | None = Field(
         ENGINE.draft_tokens, ge=0

@@ -40,6 +40,9 @@ class EngineConfig:
     compile_cache_dir: str | None = None  # Inductor's on-disk cache; None: $TORCHINDUCTOR_CACHE_DIR or torch's
     # draft counts a compiled verify pass may carry (a step pads to the next); None: 0, 1, 3 and k - 1
     compile_draft_counts: list[int] | None = None
+    # a stream's tokens after its first are handed to the event loop at most this often, several
+    # steps' tokens in one write (core.py); 0: after every step
+    stream_interval_ms: float = 10.0
     request_timeout_s: float = 60.0
     stall_timeout_s: float = 30.0
 

@@ -4,6 +4,18 @@ The event loop talks to the core only through its inbox (submit, abort, fail all
 the core hands each step's outputs back in one `post` call (vLLM's EngineCore busy loop). A
 step never waits on the event loop, and an idle core blocks on its inbox instead of spinning.
 The passes a step runs, and the events their outputs become, are in passes.py.
+
+Streamed tokens are handed over at most every `stream_interval_ms` (SGLang's and vLLM's
+stream interval, in time rather than tokens). Each hand-off costs the event loop a wake-up,
+a turn of every stream it carries, and a socket write per stream, and on a host whose cores
+the step's threads fill, that time comes out of the steps: with every step handed over, a
+streamed client got clearly less than the same server gave it as JSON replies
+(docs/benchmarks.md, benchmark 21). So a step
+whose outputs are only further tokens of streams that already have their first is held, and
+goes with the next hand-off, each sequence's tokens then as one event (one write). A first
+token, a sequence's last tokens, its end or error, a /predict result, a request leaving the
+queue or let go: any of these hands over everything held at once, and so does the core before
+it blocks on its inbox. A held token therefore waits at most the interval plus one step.
 """
 
 from __future__ import annotations
@@ -22,12 +34,39 @@ from app.engine.config import EngineConfig
 from app.engine.passes import Passes
 from app.engine.scheduler import Scheduler
 from app.engine.stats import EngineStats
-from app.engine.types import EngineFailure, EngineTimeout, GenerateItem, PredictItem, StepOutput, WorkItem
+from app.engine.types import (
+    EngineFailure,
+    EngineTimeout,
+    GenerateItem,
+    PredictItem,
+    StepOutput,
+    TokenEvent,
+    WorkItem,
+    joined,
+)
 from app.model.model import MTPTransformer
 
 log = logging.getLogger(__name__)
 
 POLICY_INFO_EVERY = 64  # decode steps between snapshots of the policies for /info
+
+
+def holdable(out: StepOutput) -> bool:
+    """Whether `out` may wait for a later hand-off: only tokens of streams that already have
+    their first, none of them the last; no result, error, end, or freed queue place."""
+    if out.results or out.left_queue or out.released:
+        return False
+    return all(isinstance(e, TokenEvent) and not e.final and item.streamed for item, e in out.events)
+
+
+def merged(events: list[tuple[GenerateItem, Any]]) -> list[tuple[GenerateItem, Any]]:
+    """Each sequence's events in order, its token events as one where they follow each other."""
+    by_item: dict[GenerateItem, list[Any]] = {}
+    for item, event in events:
+        by_item.setdefault(item, []).append(event)
+    if all(len(evs) == 1 for evs in by_item.values()):
+        return events
+    return [(item, e) for item, evs in by_item.items() for e in (joined(evs) if len(evs) > 1 else evs)]
 
 
 # ---- inbox messages ---------------------------------------------------------------------------
@@ -79,6 +118,9 @@ class EngineCore:
         self.policy_info: dict[str, Any] = {}  # the draft and thread policies, as /info shows them
         self._steps = 0
         self._stopping = False
+        self.stream_interval = cfg.stream_interval_ms / 1000
+        self._held: StepOutput | None = None  # token events held back for a later hand-off (stream_interval)
+        self._last_post = 0.0
 
     @property
     def batch(self) -> DecodeBatch:
@@ -103,7 +145,10 @@ class EngineCore:
         """The inference thread's main loop, until a Stop message."""
         while not self._stopping:
             s = self.scheduler
-            self._receive(None if s.idle() else s.predict_fill_wait(time.monotonic()))
+            timeout = None if s.idle() else s.predict_fill_wait(time.monotonic())
+            if timeout != 0 and self._held is not None:  # about to wait: nothing stays held meanwhile
+                self._post(self._held)
+            self._receive(timeout)
             if self._stopping or s.idle() or s.predict_fill_wait(time.monotonic()) > 0:
                 continue
             out = StepOutput()
@@ -159,11 +204,28 @@ class EngineCore:
 
     def _emit(self, out: StepOutput) -> None:
         self.stats.gauges(self.scheduler.waiting(), len(self.batch))
-        if out.events or out.results or out.left_queue or out.released:
-            try:
-                self.post(out)
-            except RuntimeError:  # the event loop has closed: nobody is left to answer
-                log.warning("step outputs dropped: the event loop is closed")
+        if not (out.events or out.results or out.left_queue or out.released):
+            return
+        if self._held is not None:
+            out.events[:0] = self._held.events
+        if self.stream_interval and holdable(out) and time.monotonic() - self._last_post < self.stream_interval:
+            self._held = out
+        else:
+            self._post(out)
+
+    def _post(self, out: StepOutput) -> None:
+        """Hand `out` to the event loop, each sequence's token events merged into one."""
+        self._held = None
+        self._last_post = time.monotonic()
+        if len(out.events) > 1:
+            out.events = merged(out.events)
+        for item, event in out.events:
+            if isinstance(event, TokenEvent):
+                item.streamed = True
+        try:
+            self.post(out)
+        except RuntimeError:  # the event loop has closed: nobody is left to answer
+            log.warning("step outputs dropped: the event loop is closed")
 
     def _fail_waiting(self, out: StepOutput, error: EngineFailure) -> None:
         """After a fault outside the passes, the waiting requests fail too: a fault that comes

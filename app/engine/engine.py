@@ -2,8 +2,9 @@
 
 Every tensor operation runs on one inference thread, in the core loop (core.py), which runs
 step after step without waiting on the event loop. The event loop only admits requests into
-the core's inbox, receives each step's outputs in one call, and hands them to the request
-streams and futures, so it stays free to answer /health and /metrics at full load.
+the core's inbox, receives each step's outputs in one call (several steps' streamed tokens,
+within the stream interval: core.py), and hands them to the request streams and futures, so
+it stays free to answer /health and /metrics at full load.
 """
 
 from __future__ import annotations

@@ -148,6 +148,7 @@ class GenerateItem(WorkItem):
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     finished: bool = False
     held: list[Event] = field(default_factory=list)  # a final_only request's events so far (the core's)
+    streamed: bool = False  # the core has handed over a token of it (its first is never held back)
 
 
 @dataclass

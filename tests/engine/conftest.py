@@ -21,6 +21,7 @@ async def engine_factory(checkpoint: Path) -> AsyncIterator[Callable[..., Any]]:
     async def make(ckpt: Path | None = None, start: bool = True, device: str = "cpu", **cfg: Any) -> Engine:
         model, tok = load_checkpoint(ckpt or checkpoint, device=device)
         cfg.setdefault("compile", False)  # compiled steps: tests/engine/test_compiled.py
+        cfg.setdefault("stream_interval_ms", 0)  # every step handed over; the interval's tests set it
         engine = Engine(model, eos_id=tok.eot_id, cfg=EngineConfig(**cfg), metrics=Metrics(k=model.cfg.k))
         if start:
             await engine.start(warmup=False)

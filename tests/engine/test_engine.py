@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import random
 import time
 from collections import defaultdict
@@ -562,6 +563,71 @@ async def test_a_final_only_request_past_its_deadline_gets_the_timeout_alone(
     assert len(events) == 1 and isinstance(events[0], ErrorEvent)
     assert isinstance(events[0].error, EngineTimeout)
     assert engine.pending() == 0
+
+
+# ---- the stream interval --------------------------------------------------------------------
+
+
+async def test_tokens_within_the_stream_interval_come_as_one_event_with_the_same_content(
+    engine_factory: Callable[..., Any],
+) -> None:
+    """With an interval longer than the whole generation, a stream gets its prompt scores and
+    first token at once, then every later token in one event with its end: the same tokens,
+    logprobs and most likely tokens as when every step is handed over, in fewer hand-offs."""
+    engine = await engine_factory()
+    job = functools.partial(GenerateJob, [5, 17, 42], 24, top_logprobs=3, prompt_logprobs=True)
+    hand_offs = count_hand_offs(engine)
+    every = [event async for event in engine.generate(job())]
+    every_hand_offs = len(hand_offs)
+    engine.core.stream_interval = 60.0
+    hand_offs.clear()
+    held = [event async for event in engine.generate(job())]
+    prompt, first, rest, finish = held
+    assert prompt == every[0] and finish == every[-1]
+    tokens = [e for e in every if isinstance(e, TokenEvent)]
+    assert len(tokens) > 2 and first == tokens[0]
+    assert isinstance(rest, TokenEvent) and rest.final
+    assert rest.token_ids == [t for e in tokens[1:] for t in e.token_ids]
+    assert rest.logprobs == [lp for e in tokens[1:] for lp in e.logprobs]
+    assert rest.top == [row for e in tokens[1:] for row in e.top or []]
+    assert len(hand_offs) <= 3 < every_hand_offs  # leaving the queue, the first token, the end
+
+
+async def test_held_tokens_go_out_each_interval_while_the_sequence_runs(engine_factory: Callable[..., Any]) -> None:
+    """A 55-step stream at about 10 ms a step with a 50 ms interval: its tokens come in a few
+    events while it runs, not one per step and not all at the end, and none waits much past
+    the interval plus a step."""
+    engine = await engine_factory(stream_interval_ms=50)
+    set_fault_hook(engine, lambda kind: time.sleep(0.01))
+    arrivals: list[tuple[float, int]] = []
+    async for event in engine.generate(GenerateJob([5, 6, 7], 55, speculative=False)):
+        if isinstance(event, TokenEvent):
+            arrivals.append((time.monotonic(), len(event.token_ids)))
+    assert sum(n for _, n in arrivals) == 55
+    assert 3 <= len(arrivals) <= 30
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(arrivals)]
+    assert max(gaps) < 1.0
+
+
+async def test_a_new_stream_s_first_token_does_not_wait_for_the_interval(engine_factory: Callable[..., Any]) -> None:
+    """While a running stream's tokens are held (an interval of a minute), a second request's
+    first token is handed over as soon as its prefill ends, and the held tokens go with it."""
+    engine = await engine_factory()
+    engine.core.stream_interval = 60.0
+    set_fault_hook(engine, lambda kind: time.sleep(0.02))
+    first = engine.generate(GenerateJob([5, 6, 7], 55, speculative=False))
+    assert isinstance(await anext(first), TokenEvent)
+    await asyncio.sleep(0.15)  # steps whose tokens are held
+    assert engine.core._held is not None
+    t0 = time.monotonic()
+    second = engine.generate(GenerateJob([9, 8], 5, speculative=False))
+    assert isinstance(await anext(second), TokenEvent)
+    assert time.monotonic() - t0 < 5.0
+    held = await anext(first)  # what was held came with the second stream's first token
+    assert isinstance(held, TokenEvent) and len(held.token_ids) > 1
+    await first.aclose()
+    await second.aclose()
+    await wait_for(lambda: engine.pending() == 0)
 
 
 # ---- lifecycle, overload, cancellation, faults ----------------------------------------------
