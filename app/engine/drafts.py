@@ -51,7 +51,13 @@ into the CPU's caches. A batch-1 step took 0.249 ms warm and 0.476 ms after 31 s
 width (`mtp bench step --autotune`, docs/bench/step-switch.json), so timing single steps between
 others made every draft count but the running one look about twice its cost. A re-timing run's first
 step is not timed. A graph also stays cold for a few steps: the 2nd to 6th steps after the switch
-took 1.55, 1.26, 1.12, 1.06 and 1.03 times a warm one (docs/benchmarks.md, benchmark 5, run 6). So
+took 1.55, 1.26, 1.12, 1.06 and 1.03 times a warm one (docs/benchmarks.md, benchmark 5, run 6).
+So a re-timing's step is not taken as it is: it is set against the step of the running count
+that comes right after the run, the second after switching back, as cold as it was, a few
+milliseconds apart; the re-timed count's cost is the running count's (its median) times the
+ratio of the two. Taken alone, re-timings read each count that was not running about 1.5 times
+dearer than it runs, so the count that ran first kept winning: with every step's drafts
+verified, one stream ran faster than under the policy (docs/benchmarks.md, benchmark 22). So
 start-up rounds, which set the costs of the shapes that do not run until they are chosen (shallow
 steps: until chosen or re-timed, since their rows keep the fewer modules for good), run each compiled
 shape STARTUP_WARM_STEPS times in a row before the one they time (an eager one once: eager
@@ -147,6 +153,10 @@ class DraftPolicy:
         self.last: tuple[int, int, int] | None = None  # the last step's (batch, n, threads): the next is warm if equal
         self.clock = 0  # greedy steps observed (observe_cost), at any batch size: how stale a shallow timing is
         self.retiming: tuple[int, int, int] | None = None  # (batch, shallow choice, steps left) of a re-timing run
+        self.exploring: tuple[int, int] | None = None  # (batch, n) of the draft-count re-timing run under way
+        # (batch, threads, n, seconds): a re-timing's timed step, waiting for the running count's
+        # step to set it against (the module's doc)
+        self.probe: tuple[int, int, int, float] | None = None
 
     def table(self) -> Timings:
         """The timings of the thread count the core runs at (self.threads), begun from the start-up ones."""
@@ -225,7 +235,10 @@ class DraftPolicy:
         self.steps[b] += 1
         if -self.steps[b] % EXPLORE_EVERY < EXPLORE_RUN:  # steps 31, 32, 63, 64, ..: the first is cold,
             seen = self.last_seen[b]  # untimed, and leaves last_seen as it was: the second re-times the same n
-            return min(self.choices, key=lambda n: seen[n])
+            n = min(self.choices, key=lambda n: seen[n])
+            self.exploring = (b, n)
+            return n
+        self.exploring = None
         best = self.best(b)
         stale = self._stale_shallow(b, best)
         return best if stale is None else stale
@@ -298,13 +311,26 @@ class DraftPolicy:
         self.clock += 1
         shape = (batch, n, self.threads)
         warm, self.last = self.last == shape, shape
+        if self.probe is not None and self.probe[:2] != (batch, self.threads):
+            self.probe = None  # the batch or the thread count changed before the step to compare with
         if not warm:
             return
         if (d := shallow_depth(n)) is not None:
+            self.probe = None
             if d in self.shallow.get(batch, {}):
                 self.shallow[batch][d].append(seconds)
                 self.shallow_seen[batch][d] = self.clock
         elif batch in self.recent and n in self.choices:
+            if self.exploring == (batch, n):  # a re-timing's timed step: set against the next one back
+                self.probe, self.exploring = (batch, self.threads, n, seconds), None
+                return
+            if self.probe is not None and self.probe[2] != n:  # the running count's step after the run
+                probed, probe_s = self.probe[2], self.probe[3]
+                self.probe = None
+                self.recent[batch][probed].append(probe_s / seconds * statistics.median(self.recent[batch][n]))
+                self.last_seen[batch][probed] = self.steps[batch]
+                return  # as cold as the probe: not one of its own count's warm timings
+            self.probe = None
             self.recent[batch][n].append(seconds)
             self.last_seen[batch][n] = self.steps[batch]
 

@@ -216,6 +216,25 @@ def test_only_warm_steps_are_timed() -> None:
     assert policy.best(1) == 2
 
 
+def test_a_graph_cold_for_several_steps_does_not_keep_the_count_that_ran_first() -> None:
+    """A compiled step stays cold for a few steps after a switch (2x, then 1.5x, 1.2x a warm
+    one), so a re-timing's timed step, its second, reads 1.5x dear. Taken as it was, that kept
+    the first choice (1 draft, from a start-up table that timed 2 drafts dear) for good; set
+    against the running count's second step back, as cold, the policy moves to 2 drafts,
+    which emit more tokens per second, and stays there."""
+    policy = policy_with_rates([0.6, 0.36], {1: [1.0, 1.0, 1.3]})  # expected tokens 1, 1.6, 1.96
+    true_cost, after_switch = [1.0, 1.0, 1.1], [2.0, 1.5, 1.2]
+    assert policy.choose(1) == 1
+    last, run = None, 0
+    for _ in range(2000):
+        n = policy.choose(1)
+        run = run + 1 if n == last else 0
+        policy.observe_cost(1, n, true_cost[n] * (after_switch[run] if run < len(after_switch) else 1.0))
+        last = n
+    assert policy.best(1) == 2
+    assert policy.cost(1) == pytest.approx(true_cost, rel=0.02)
+
+
 def test_each_thread_count_keeps_its_own_timings() -> None:
     """Steps at one intra-op thread count (the thread policy's, threads.py) never enter the
     timings of another: a stretch of one-thread steps, dearer for the draft count that runs,
