@@ -23,8 +23,13 @@ beat one with all of them verifying more.
 The start-up table is only a first estimate: a noisy neighbour during those few milliseconds
 would otherwise fix a wrong choice for the life of the process. So each greedy step's own
 duration is verified back (`observe_cost`), a cost is the median of the recent steps at that
-(batch, n), and every EXPLORE_EVERY-th step at a batch size starts a run of EXPLORE_RUN steps
-that re-time the draft count seen least recently. Start-up timings are medians of interleaved
+(batch, n), and every so many steps at a batch size a run of EXPLORE_RUN steps re-times the
+draft count seen least recently. Such a run costs: its steps verify another count than the best,
+and the graphs it switches between are cold for a few steps. At one stream that cost about a
+tenth of the tokens against a fixed draft count, where the policy had chosen that same count
+(docs/benchmarks.md, benchmark 22). So the interval starts at EXPLORE_EVERY steps and doubles
+after each run, up to MAX_EXPLORE_EVERY, while the choice holds; when the choice moves, it is
+back at EXPLORE_EVERY. Start-up timings are medians of interleaved
 rounds, and capped at what n+1 plain steps would cost (feeding n+1 tokens in one pass never
 costs more).
 
@@ -94,7 +99,8 @@ log = logging.getLogger(__name__)
 PRIOR_STEPS = 8.0  # pseudo-observations behind each position's prior
 PRIOR_CONDITIONAL = 0.7  # prior a_j = 0.7 * a_(j-1): positions a busy batch never offers follow the last one measured
 RECENT_STEPS = 16  # step timings kept per (batch, n); their median is the cost
-EXPLORE_EVERY = 32  # every 32nd step at a batch size re-times the draft count measured least recently
+EXPLORE_EVERY = 32  # steps at a batch size between re-timings of the draft count measured least recently, at first
+MAX_EXPLORE_EVERY = 1024  # ... doubling up to this while the choice holds (back to EXPLORE_EVERY when it moves)
 EXPLORE_RUN = 2  # ... in a run of this many steps, the first of which (cold) is not timed
 SHALLOW_RETIME_STEPS = 4096  # greedy steps after which a shallow step not timed since is re-timed (module doc)
 SHALLOW_RETIME_RUN = 4  # ... in a run of this many steps on the rows of one full-depth choice
@@ -146,6 +152,9 @@ class DraftPolicy:
         self.offered = [0] * max_drafts  # verify passes in which draft position j was offered
         self.accepted = [0] * max_drafts  # ... and accepted
         self.steps = dict.fromkeys(costs, 0)  # choices made per measured batch size
+        self.until_explore = dict.fromkeys(costs, EXPLORE_EVERY)  # steps at a batch size to its next re-timing run
+        self.explore_every = dict.fromkeys(costs, EXPLORE_EVERY)  # ... and the interval after that run
+        self.chosen: dict[int, int] = {}  # the last choice at each batch size (a change shortens the interval)
         self.tables: dict[int, Timings] = {}  # by intra-op thread count (the module's doc)
         # the count of the core's last choice or timing (its thread's; torch keeps one per
         # thread): the accessors below read that count's table, from whatever thread they run on
@@ -233,13 +242,21 @@ class DraftPolicy:
         if depth is not None and depth < self.max_drafts:
             return self._shallower(b, depth)
         self.steps[b] += 1
-        if -self.steps[b] % EXPLORE_EVERY < EXPLORE_RUN:  # steps 31, 32, 63, 64, ..: the first is cold,
-            seen = self.last_seen[b]  # untimed, and leaves last_seen as it was: the second re-times the same n
+        self.until_explore[b] -= 1
+        if self.until_explore[b] < EXPLORE_RUN:  # a run of two steps: the first is cold, untimed, and
+            seen = self.last_seen[b]  # leaves last_seen as it was: the second re-times the same n
             n = min(self.choices, key=lambda n: seen[n])
             self.exploring = (b, n)
+            if self.until_explore[b] == 0:  # the run's last step: the next interval is twice the last
+                self.explore_every[b] = min(2 * self.explore_every[b], MAX_EXPLORE_EVERY)
+                self.until_explore[b] = self.explore_every[b]
             return n
         self.exploring = None
         best = self.best(b)
+        if best != self.chosen.setdefault(b, best):  # the choice moved: re-time the others soon again
+            self.chosen[b] = best
+            self.explore_every[b] = EXPLORE_EVERY
+            self.until_explore[b] = min(self.until_explore[b], EXPLORE_EVERY)
         stale = self._stale_shallow(b, best)
         return best if stale is None else stale
 

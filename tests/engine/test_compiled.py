@@ -18,6 +18,7 @@ from app.decoding.generate import generate as static_generate
 from app.decoding.sampling import SamplingParams
 from app.engine.compile import compiled_batch_limit
 from app.engine.config import EngineConfig
+from app.engine.drafts import EXPLORE_EVERY
 from app.engine.types import GenerateJob
 from app.model.checkpoint import load_checkpoint
 from tests.engine.test_engine import PROMPTS, run
@@ -146,10 +147,10 @@ async def test_compiled_engine_with_sequential_modules_gives_the_eager_greedy_to
     assert [t for t, _ in plain] == want
     # now the policy goes plain at once: drafting steps look dear (1 s), and plain rows never
     # time a drafting step that could undo it (each request below chooses once, and none of
-    # those choices is one of the every-32-steps re-timings)
+    # those choices starts a re-timing run)
     policy.shallow.update({b: {0: window} for b, window in plain_costs.items()})
     policy.recent = {b: [deque([1.0]) for _ in row] for b, row in policy.recent.items()}
-    policy.steps = dict.fromkeys(policy.steps, 0)
+    policy.until_explore = dict.fromkeys(policy.until_explore, EXPLORE_EVERY)
     fused_before = len(fused)
     chosen = [await run(engine, GenerateJob(p, max_new_tokens=20)) for p in PROMPTS]
     assert [t for t, _ in chosen] == want and set(fused[fused_before:]) == {0}  # the fused plain step, no module

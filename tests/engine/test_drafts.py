@@ -1,11 +1,14 @@
 """DraftPolicy: the draft count with the most expected tokens per second of verify pass."""
 
+import itertools
 import time
 
 import pytest
 import torch
 
 from app.engine.drafts import (
+    EXPLORE_EVERY,
+    MAX_EXPLORE_EVERY,
     PLAIN,
     SHALLOW_RETIME_STEPS,
     STARTUP_WARM_STEPS,
@@ -153,9 +156,36 @@ def test_plain_steps_are_chosen_where_they_beat_every_draft_count_by_the_margin(
 def test_exploration_never_picks_plain() -> None:
     policy = DraftPolicy(2, {4: [1.0, 1.0, 1.0]}, shallow={4: {0: 0.01}})
     picks = [policy.choose(4) for _ in range(200)]
-    assert picks.count(PLAIN) == 200 - 2 * (200 // 32)  # every 32 steps, a run of 2 re-times a draft count
-    assert [i for i, n in enumerate(picks, 1) if n != PLAIN][:4] == [31, 32, 63, 64]
+    # runs of 2 re-time a draft count, after 32 steps and then twice as many as before each time
+    assert [i for i, n in enumerate(picks, 1) if n != PLAIN] == [31, 32, 95, 96]
     assert DraftPolicy(2, {4: [1.0, 1.0, 1.0]}).describe().keys() == {"acceptance", "drafts_by_batch", "step_ms"}
+
+
+def test_re_timings_thin_out_while_the_choice_holds_and_come_back_when_it_moves() -> None:
+    """Each re-timing run costs steps at another draft count and cold graphs, so while the
+    choice holds the interval doubles, up to MAX_EXPLORE_EVERY; when the choice moves, the
+    next run comes within EXPLORE_EVERY steps."""
+    cost = STEEP[:3]
+    policy = policy_with_rates([0.9, 0.8], {1: cost})
+    runs, explored = [], False
+    for i in range(1, 4001):
+        n = policy.choose(1)
+        policy.observe_cost(1, n, cost[n])
+        if n != 2 and not explored:
+            runs.append(i)
+        explored = n != 2
+    assert runs[:5] == [31, 95, 223, 479, 991]
+    assert all(b - a == MAX_EXPLORE_EVERY for a, b in itertools.pairwise(runs[5:]))
+    assert len(runs) <= 8  # a fixed interval of 32 would have made 125
+    for _ in range(20_000):  # drafts stop being accepted: fewer drafts emit more per second
+        policy.observe([2], [1])
+    assert policy.choose(1) == 0  # the choice moves
+    for i in range(1, EXPLORE_EVERY + 1):
+        n = policy.choose(1)
+        policy.observe_cost(1, n, cost[n])
+        if policy.exploring is not None:
+            break
+    assert policy.exploring is not None and i < EXPLORE_EVERY
 
 
 def test_time_steps_times_plain_and_shallow_steps_beside_the_draft_counts() -> None:
