@@ -25,9 +25,9 @@ would otherwise fix a wrong choice for the life of the process. So each greedy s
 duration is verified back (`observe_cost`), a cost is the median of the recent steps at that
 (batch, n), and every so many steps at a batch size a run of EXPLORE_RUN steps re-times the
 draft count seen least recently. Such a run costs: its steps verify another count than the best,
-and the graphs it switches between are cold for a few steps. At one stream that cost about a
-tenth of the tokens against a fixed draft count, where the policy had chosen that same count
-(docs/benchmarks.md, benchmark 22). So the interval starts at EXPLORE_EVERY steps and doubles
+and the graphs it switches between are cold for a few steps: at one stream, holding the same
+count as a fixed one, the policy made 7 % fewer tokens per second than it with a run every 32
+steps (docs/benchmarks.md, benchmark 22). So the interval starts at EXPLORE_EVERY steps and doubles
 after each run, up to MAX_EXPLORE_EVERY, while the choice holds; when the choice moves, it is
 back at EXPLORE_EVERY. Start-up timings are medians of interleaved
 rounds, and capped at what n+1 plain steps would cost (feeding n+1 tokens in one pass never
