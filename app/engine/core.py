@@ -10,12 +10,12 @@ stream interval, in time rather than tokens). Each hand-off costs the event loop
 a turn of every stream it carries, and a socket write per stream, and on a host whose cores
 the step's threads fill, that time comes out of the steps: with every step handed over, a
 streamed client got clearly less than the same server gave it as JSON replies
-(docs/benchmarks.md, benchmark 21). So a step
-whose outputs are only further tokens of streams that already have their first is held, and
-goes with the next hand-off, each sequence's tokens then as one event (one write). A first
-token, a sequence's last tokens, its end or error, a /predict result, a request leaving the
-queue or let go: any of these hands over everything held at once, and so does the core before
-it blocks on its inbox. A held token therefore waits at most the interval plus one step.
+(docs/benchmarks.md, benchmark 21). So a step whose outputs are only further tokens of
+streams that already have their first is held, and goes with the next hand-off, each
+sequence's tokens then as one event (one write). A first token, a sequence's last tokens, its
+end or error, a /predict result, a request leaving the queue or let go: any of these hands
+over everything held at once, and so does the core before it waits on its inbox. A held token
+therefore waits at most the interval plus one step.
 """
 
 from __future__ import annotations

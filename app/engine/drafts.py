@@ -27,11 +27,10 @@ duration is verified back (`observe_cost`), a cost is the median of the recent s
 draft count seen least recently. Such a run costs: its steps verify another count than the best,
 and the graphs it switches between are cold for a few steps: at one stream, holding the same
 count as a fixed one, the policy made 7 % fewer tokens per second than it with a run every 32
-steps (docs/benchmarks.md, benchmark 22). So the interval starts at EXPLORE_EVERY steps and doubles
-after each run, up to MAX_EXPLORE_EVERY, while the choice holds; when the choice moves, it is
-back at EXPLORE_EVERY. Start-up timings are medians of interleaved
-rounds, and capped at what n+1 plain steps would cost (feeding n+1 tokens in one pass never
-costs more).
+steps (docs/benchmarks.md, benchmark 22). So the interval starts at EXPLORE_EVERY steps and
+doubles after each run, up to MAX_EXPLORE_EVERY, while the choice holds; when the choice moves,
+it is back at EXPLORE_EVERY. Start-up timings are medians of interleaved rounds, and capped at
+what n+1 plain steps would cost (feeding n+1 tokens in one pass never costs more).
 
 A shallow step (PLAIN included) cannot be re-timed in passing: running one commits its rows to
 it. So its cost would stay the start-up one for as long as another choice wins, and a noisy
