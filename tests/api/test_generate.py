@@ -113,23 +113,28 @@ def test_a_non_streamed_reply_is_handed_over_by_the_engine_once_unless_a_stop_se
 ) -> None:
     """The engine hands a non-streamed generation's tokens to the event loop in one piece when it
     ends (GenerateJob.final_only): the same tokens, log-probabilities and top tokens as the
-    streamed reply. With a stop sequence the text is watched as it grows, step by step."""
+    streamed reply. With a stop sequence the text is watched as it grows, step by step (the
+    stream interval set to 0 here, so that a streamed reply's every step is handed over)."""
     engine = client.app.state.service.engine  # type: ignore[attr-defined]
     post, hand_offs = engine.core.post, []
     engine.core.post = lambda out: (hand_offs.append(out), post(out))
-    params = {"max_new_tokens": 20, "details": True, "top_n_tokens": 2, "speculative": False}
-    events = stream_events(client, sse, "/generate_stream", {"inputs": PROMPT, "parameters": params})
-    streamed = len(hand_offs)
-    hand_offs.clear()
-    body = gen(client, **params)
-    assert len(hand_offs) == 2 < streamed  # leaving the queue, then everything at the end
-    assert body["generated_text"] == events[-1]["generated_text"]
-    assert body["details"]["tokens"] == [e["token"] for e in events]
-    assert body["details"]["top_tokens"] == [e["top_tokens"] for e in events]
-    hand_offs.clear()
-    watched = gen(client, **params, stop=["never appears in it"])
-    assert watched["generated_text"] == body["generated_text"]
-    assert len(hand_offs) == streamed  # leaving the queue, then one hand-off per step
+    interval, engine.core.stream_interval = engine.core.stream_interval, 0.0
+    try:
+        params = {"max_new_tokens": 20, "details": True, "top_n_tokens": 2, "speculative": False}
+        events = stream_events(client, sse, "/generate_stream", {"inputs": PROMPT, "parameters": params})
+        streamed = len(hand_offs)
+        hand_offs.clear()
+        body = gen(client, **params)
+        assert len(hand_offs) == 2 < streamed  # leaving the queue, then everything at the end
+        assert body["generated_text"] == events[-1]["generated_text"]
+        assert body["details"]["tokens"] == [e["token"] for e in events]
+        assert body["details"]["top_tokens"] == [e["top_tokens"] for e in events]
+        hand_offs.clear()
+        watched = gen(client, **params, stop=["never appears in it"])
+        assert watched["generated_text"] == body["generated_text"]
+        assert len(hand_offs) == streamed  # leaving the queue, then one hand-off per step
+    finally:
+        engine.core.post, engine.core.stream_interval = post, interval
 
 
 def test_a_stop_sequence_finish_is_a_success_not_a_cancellation(
