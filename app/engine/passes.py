@@ -92,8 +92,10 @@ class Passes:
         self.busy_since = time.monotonic()
         try:
             with self.stats.forward(kind):
-                if self.threads is None or kind != "decode":  # prefills and /predict: few, varied passes
+                if self.threads is None:
                     return self._guarded(kind, fn)
+                if kind != "decode":  # prefills and /predict: few, varied passes, at every thread
+                    return self.threads.run_full(lambda: self._guarded(kind, fn))
                 compiled = self.batch.compiled
                 allowed = (
                     compiled.threads.get(compiled.padded_batch(size)) if compiled and compiled.covers(size, 1) else None

@@ -21,7 +21,7 @@ re-timed at the next step instead of at the end of the interval. So the interval
 on a quiet machine, where each re-timing costs a few steps' time (a run at the slower count,
 then the cold steps back), while a neighbour's arrival is followed within a few steps. A
 neighbour leaving makes the one-thread steps no slower, so that is seen at the next periodic
-re-timing. Prefills and /predict passes, few and of varied sizes, run at the full count.
+re-timing. Prefills and /predict passes, few and of varied sizes, run at the full count (run_full).
 
 Only a pass that follows one of the same key at the same count is timed. The first pass after
 a switch is cold: a compiled step at the other count is another graph, with its own copy of the
@@ -115,6 +115,18 @@ class ThreadPolicy:
         if warm:
             self._timed(key, n, seconds)
         return result
+
+    def run_full(self, fn: Callable[[], T]) -> T:
+        """Run fn at every thread (a prefill or a /predict pass). The core's OpenMP team is the
+        one the last decode pass left, which may be one thread: without this, /predict passes
+        after a batch that ran at one thread stayed at one until the next decode pass (a third
+        fewer /predict requests served after 16 streams had ended; docs/benchmarks.md,
+        benchmark 23). Switching the team makes the next decode pass cold: it is not timed."""
+        full = self.choices[-1]
+        if torch.get_num_threads() != full:
+            torch.set_num_threads(full)
+            self.current, self.last = full, None
+        return fn()
 
     def _timed(self, key: Key, n: int, seconds: float) -> None:
         """A warm pass of `key` at n threads took `seconds`."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from app.decoding.generate import generate as static_generate
 from app.decoding.predict import score_next
@@ -64,6 +65,26 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 # ---- predict --------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one intra-op thread: nothing to restore")
+async def test_predict_and_prefill_passes_run_at_every_thread_whatever_the_last_decode_pass_used(
+    engine_factory: Callable[..., Any],
+) -> None:
+    """The thread policy may run a batch's decode steps at one thread (a busy neighbour). The
+    passes it does not time, prefills and /predict, still get every thread: after 16 streams
+    whose steps ran at one, /predict served a third fewer requests until the next decode step."""
+    engine = await engine_factory(adaptive_threads=True)
+    full = torch.get_num_threads()
+    seen: list[int] = []
+    engine.model.blocks[0].register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    await engine.call(functools.partial(torch.set_num_threads, 1))  # as a one-thread decode step leaves it
+    await engine.predict([PredictJob(p, top_n=2) for p in PROMPTS])
+    assert seen and set(seen) == {full}
+    await engine.call(functools.partial(torch.set_num_threads, 1))
+    seen.clear()
+    tokens, _ = await run(engine, GenerateJob(PROMPTS[0], max_new_tokens=1))  # a prefill, no decode step
+    assert len(tokens) == 1 and seen and set(seen) == {full}
 
 
 async def test_predict_matches_unbatched_score_next(engine_factory: Callable[..., Any]) -> None:

@@ -153,6 +153,18 @@ def test_counts_within_a_few_per_cent_do_not_trade_places_on_noise(monkeypatch: 
     assert used[-16:] == [1] * 16
 
 
+def test_untimed_passes_run_at_every_thread_and_the_next_timed_one_goes_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    machine = Machine(monkeypatch, {1: 0.0005, 2: 0.005})  # one thread wins (a busy neighbour)
+    policy = ThreadPolicy(max_threads=2)
+    key = ("decode", 16)
+    used = [policy.run(key, machine.run) for _ in range(20)]
+    assert used[-1] == 1 and policy.describe() == {"decode/16": 1}
+    assert policy.run_full(machine.run) == 2  # a prefill or a /predict pass
+    assert policy.run_full(machine.run) == 2
+    assert policy.run(key, machine.run) == 1  # the decode steps keep their count
+    assert policy.describe() == {"decode/16": 1}
+
+
 def test_one_core_has_nothing_to_choose() -> None:
     policy = ThreadPolicy(max_threads=1)
     assert policy.run(("prefill", 32), lambda: torch.get_num_threads()) == 1
