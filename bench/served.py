@@ -1,6 +1,12 @@
 """Served /generate speed against the model's own, and against an older commit's server.
 
     python -m bench.served [--baseline GIT_REF] [--rounds 2] [--pairs 3] [--streams 16] [--new-tokens 200]
+    python -m bench.served --settings dtype=bfloat16 --baseline-settings dtype=float32
+
+With --settings, this checkout's servers (and the offline runs set against them) get those
+settings; with --baseline-settings and no --baseline, the baseline is this checkout's server
+under those settings instead of an older commit's: a setting measured against the default, in
+the same alternating phases.
 
 Phases, one torch process busy at a time (two would fight over the cores):
   1. offline: generate() in this process on the prompts the servers get, greedy, batch 1, at
@@ -32,6 +38,7 @@ import httpx
 import torch
 
 from app import config
+from app.config import Settings
 from app.decoding.compiled import CompiledDecoder
 from app.decoding.generate import generate
 from app.engine.compile import cache_dir, compile_shapes
@@ -59,9 +66,9 @@ class Offline:
     shapes, caches and autotuning, so Inductor's cache is shared with the servers) at the draft
     counts the service's policy can pick. Built once; timed as often as asked."""
 
-    def __init__(self, checkpoint: str, device: str, compiled: bool = False) -> None:
+    def __init__(self, checkpoint: str, device: str, compiled: bool = False, dtype: str = "auto") -> None:
         dev = resolve_device(device)
-        self.model, _ = load_checkpoint(checkpoint, device=dev, dtype=resolve_dtype("auto", dev))  # as served
+        self.model, _ = load_checkpoint(checkpoint, device=dev, dtype=resolve_dtype(dtype, dev))  # as served
         self.counts = list(range(self.model.cfg.k))
         self.dec = None
         if compiled:
@@ -100,13 +107,6 @@ class Offline:
             "best_drafts": best,
             "tokens_per_s": round(rates[best], 1),
         }
-
-
-def offline_rate(
-    checkpoint: str, prompts: list[list[int]], new_tokens: int, device: str, compiled: bool = False
-) -> dict[str, Any]:
-    """One timing of Offline(checkpoint, device, compiled) over the prompts."""
-    return Offline(checkpoint, device, compiled).rate(prompts, new_tokens)
 
 
 def served_phase(
@@ -232,8 +232,12 @@ def bench_served(
     device: str = "cpu",
     skip_eager: bool = False,
     pairs: int = 3,
+    settings: Mapping[str, str] | None = None,
+    baseline_settings: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """skip_eager: no offline eager run (the compiled one is what the targets compare with)."""
+    """skip_eager: no offline eager run (the compiled one is what the targets compare with).
+    settings: this checkout's servers' (and the offline runs'); baseline_settings: the
+    baseline's, whose server is this checkout's when baseline is None."""
     tok = load_tokenizer(checkpoint)
     ids = heldout_prompts(corpus, tok, prompts, 32, seed=1)
     texts = [tok.decode(p) for p in ids]
@@ -245,12 +249,18 @@ def bench_served(
         "pairs": pairs,
         "torch_threads": torch.get_num_threads(),
         "device": device,
+        "settings": dict(settings or {}),
     }
+    dtype = (settings or {}).get("dtype", "auto")
     if not skip_eager:
-        out["offline"] = progress("bench.served", "offline eager", offline_rate(checkpoint, ids, new_tokens, device))
-    offline = Offline(checkpoint, device, compiled=True)
+        out["offline"] = progress(
+            "bench.served", "offline eager", Offline(checkpoint, device, dtype=dtype).rate(ids, new_tokens)
+        )
+    offline = Offline(checkpoint, device, compiled=True, dtype=dtype)
     out["offline_compiled_first"] = progress("bench.served", "offline compiled", offline.rate(ids, new_tokens))
-    trees = {"this": ROOT, **({"baseline": baseline_tree(baseline)} if baseline else {})}
+    compared = baseline is not None or baseline_settings is not None
+    trees = {"this": ROOT, **({"baseline": baseline_tree(baseline) if baseline else ROOT} if compared else {})}
+    by_tree = {"this": settings, "baseline": baseline_settings}
     phases: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
     for _ in range(rounds):
         for name, root in trees.items():  # A, B, A, B: drift on this machine hits both alike
@@ -262,6 +272,7 @@ def bench_served(
                 texts,
                 streams,
                 new_tokens,
+                settings=by_tree[name],
                 offline=offline if this else None,
                 prompts=ids,
                 pairs=pairs if this else 1,
@@ -283,8 +294,9 @@ def bench_served(
         ratios[f"{key}_vs_offline_compiled_pairs"] = each
     if not skip_eager:
         ratios["1_stream_vs_offline"] = round(med["this"]["1_stream"] / out["offline"]["tokens_per_s"], 3)
-    if baseline:
-        out["baseline"] = baseline
+    if compared:
+        out["baseline"] = baseline or "this checkout"
+        out["baseline_settings"] = dict(baseline_settings or {})
         for key in keys:
             ratios[f"{key}_vs_baseline"] = round(med["this"][key] / med["baseline"][key], 2)
     out["ratios"] = ratios
@@ -305,6 +317,16 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda: the offline run and the servers")
     parser.add_argument("--skip-eager-offline", action="store_true", help="time offline generate() compiled only")
+    parser.add_argument(
+        "--settings", action="append", default=[], metavar="KEY=VALUE", help="a setting of this checkout's servers"
+    )
+    parser.add_argument(
+        "--baseline-settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the baseline's servers (without --baseline: this checkout's, so the two differ in settings)",
+    )
     parser.add_argument("--out", help="also write the JSON here")
     a = parser.parse_args()
     result = bench_served(
@@ -318,8 +340,22 @@ def main() -> None:
         a.device,
         a.skip_eager_offline,
         a.pairs,
+        parse_settings(parser, a.settings),
+        parse_settings(parser, a.baseline_settings),
     )
     write_json(result, a.out)
+
+
+def parse_settings(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+    """KEY=VALUE arguments as Settings fields (lower case, as the MTP_* variables without the prefix)."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().lower().removeprefix("mtp_")
+        if not sep or key not in Settings.model_fields:
+            parser.error(f"a setting is KEY=VALUE with KEY a field of app.config.Settings, not {item!r}")
+        out[key] = value.strip()
+    return out
 
 
 if __name__ == "__main__":

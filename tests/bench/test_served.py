@@ -1,6 +1,7 @@
 """`python -m bench.served`: what it exists to show holds on a tiny model. A real server's one
 stream cannot beat the model's own speed in process: HTTP, JSON and the queue only add work."""
 
+import argparse
 import os
 import threading
 import time
@@ -12,7 +13,7 @@ import torch
 from app.decoding.generate import generate
 from app.model.checkpoint import load_checkpoint, load_tokenizer
 from bench.decoding import heldout_prompts
-from bench.served import Offline, check_compiled, pair_ratios, served_phase
+from bench.served import Offline, check_compiled, pair_ratios, parse_settings, served_phase
 from bench.server import ROOT, host_times, steal_share, thread_cores, thread_times
 
 NEW_TOKENS = 24
@@ -106,3 +107,19 @@ def test_a_server_whose_compiled_steps_failed_is_refused_not_measured() -> None:
     check_compiled({"compiled": {"batch_sizes": [1, 2, 4], "seconds": 12.5}})
     with pytest.raises(RuntimeError, match="KeyError: '_frozen_param69'"):
         check_compiled({"compiled": {"error": "InductorError: KeyError: '_frozen_param69'"}})
+
+
+def test_settings_compared_are_fields_of_the_service_settings(byte_checkpoint: tuple[str, str]) -> None:
+    """--settings / --baseline-settings: KEY=VALUE as a Settings field (the MTP_ variable's name
+    works too); a typo is refused rather than passed as an environment variable nobody reads."""
+    parser = argparse.ArgumentParser()
+    assert parse_settings(parser, ["dtype=bfloat16", "MTP_STREAM_INTERVAL_MS=0"]) == {
+        "dtype": "bfloat16",
+        "stream_interval_ms": "0",
+    }
+    for bad in (["dtpye=bfloat16"], ["dtype"], ["=1"]):
+        with pytest.raises(SystemExit):
+            parse_settings(parser, bad)
+    # the offline runs set against a server of another dtype load the model in that dtype
+    model = Offline(byte_checkpoint[0], "cpu", dtype="bfloat16").model
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
