@@ -94,8 +94,8 @@ class Passes:
             with self.stats.forward(kind):
                 if self.threads is None:
                     return self._guarded(kind, fn)
-                if kind != "decode":  # prefills and /predict: few, varied passes, at every thread
-                    return self.threads.run_full(lambda: self._guarded(kind, fn))
+                if kind != "decode":  # prefills and /predict: few, varied passes, untimed
+                    return self.threads.run_like(("decode", 1), lambda: self._guarded(kind, fn))
                 compiled = self.batch.compiled
                 allowed = (
                     compiled.threads.get(compiled.padded_batch(size)) if compiled and compiled.covers(size, 1) else None

@@ -21,7 +21,8 @@ re-timed at the next step instead of at the end of the interval. So the interval
 on a quiet machine, where each re-timing costs a few steps' time (a run at the slower count,
 then the cold steps back), while a neighbour's arrival is followed within a few steps. A
 neighbour leaving makes the one-thread steps no slower, so that is seen at the next periodic
-re-timing. Prefills and /predict passes, few and of varied sizes, run at the full count (run_full).
+re-timing. Prefills and /predict passes, few and of varied sizes, are not timed: they run at
+the count the batch-1 decode steps run at (run_like), every thread until those have a choice.
 
 Only a pass that follows one of the same key at the same count is timed. The first pass after
 a switch is cold: a compiled step at the other count is another graph, with its own copy of the
@@ -116,16 +117,19 @@ class ThreadPolicy:
             self._timed(key, n, seconds)
         return result
 
-    def run_full(self, fn: Callable[[], T]) -> T:
-        """Run fn at every thread (a prefill or a /predict pass). The core's OpenMP team is the
-        one the last decode pass left, which may be one thread: without this, /predict passes
-        after a batch that ran at one thread stayed at one until the next decode pass (a third
-        fewer /predict requests served after 16 streams had ended; docs/benchmarks.md,
-        benchmark 23). Switching the team makes the next decode pass cold: it is not timed."""
-        full = self.choices[-1]
-        if torch.get_num_threads() != full:
-            torch.set_num_threads(full)
-            self.current, self.last = full, None
+    def run_like(self, key: Key, fn: Callable[[], T]) -> T:
+        """Run fn, untimed, at the count chosen for `key` (every thread until key has a choice):
+        prefills and /predict passes at the batch-1 decode step's count. The core's OpenMP team
+        is the one the last decode pass left, maybe one thread for a large batch or a re-timing:
+        taken as it was, /predict after 16 streams whose last steps ran at one thread stayed at
+        one until the next decode step (a third fewer requests served; docs/benchmarks.md,
+        benchmark 23). The batch-1 choice is the one that follows a busy neighbour: there a team
+        of two waits at every barrier, and one thread is the better count for any pass. A switch
+        of the team makes the next decode pass cold: it is not timed."""
+        n = self.best.get(key, self.choices[-1])
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+            self.current, self.last = n, None
         return fn()
 
     def _timed(self, key: Key, n: int, seconds: float) -> None:

@@ -68,12 +68,13 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="one intra-op thread: nothing to restore")
-async def test_predict_and_prefill_passes_run_at_every_thread_whatever_the_last_decode_pass_used(
+async def test_predict_and_prefill_passes_do_not_inherit_the_last_decode_pass_thread_count(
     engine_factory: Callable[..., Any],
 ) -> None:
-    """The thread policy may run a batch's decode steps at one thread (a busy neighbour). The
-    passes it does not time, prefills and /predict, still get every thread: after 16 streams
-    whose steps ran at one, /predict served a third fewer requests until the next decode step."""
+    """The thread policy may run a batch's decode steps at one thread. Prefills and /predict
+    passes run at the batch-1 decode steps' count, every thread while those have none (here: no
+    decode step has run), not at the count the last pass left: after 16 streams whose last steps
+    ran at one thread, /predict served a third fewer requests until the next decode step."""
     engine = await engine_factory(adaptive_threads=True)
     full = torch.get_num_threads()
     seen: list[int] = []

@@ -153,16 +153,22 @@ def test_counts_within_a_few_per_cent_do_not_trade_places_on_noise(monkeypatch: 
     assert used[-16:] == [1] * 16
 
 
-def test_untimed_passes_run_at_every_thread_and_the_next_timed_one_goes_back(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_untimed_passes_follow_the_batch_1_choice_not_the_last_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefills and /predict passes (run_like) run at the batch-1 decode steps' count, every
+    thread until those have one, whatever count the last decode pass left on the thread."""
     machine = Machine(monkeypatch, {1: 0.0005, 2: 0.005})  # one thread wins (a busy neighbour)
     policy = ThreadPolicy(max_threads=2)
-    key = ("decode", 16)
-    used = [policy.run(key, machine.run) for _ in range(20)]
+    big, one = ("decode", 16), ("decode", 1)
+    used = [policy.run(big, machine.run) for _ in range(20)]
     assert used[-1] == 1 and policy.describe() == {"decode/16": 1}
-    assert policy.run_full(machine.run) == 2  # a prefill or a /predict pass
-    assert policy.run_full(machine.run) == 2
-    assert policy.run(key, machine.run) == 1  # the decode steps keep their count
-    assert policy.describe() == {"decode/16": 1}
+    assert policy.run_like(one, machine.run) == 2  # batch 1 has no choice yet: every thread
+    assert policy.run_like(one, machine.run) == 2
+    assert policy.run(big, machine.run) == 1  # the decode steps keep their count
+    for _ in range(20):
+        policy.run(one, machine.run)
+    assert policy.describe() == {"decode/1": 1, "decode/16": 1}
+    torch.set_num_threads(2)  # as a re-timing at two threads leaves it
+    assert policy.run_like(one, machine.run) == 1
 
 
 def test_one_core_has_nothing_to_choose() -> None:
