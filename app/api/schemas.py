@@ -26,11 +26,34 @@ def unencodable(data: object, path: str = "") -> str | None:
     return None
 
 
+def _null_is_the_default(schema: dict[str, Any]) -> None:
+    """A Strict model's JSON schema says what its validator does: every optional field also takes
+    null (its default), and a field the model lacks may come only as null (dropped): unknown
+    fields with a value are errors. Without this the published schema refused what the service
+    accepts, and schema-driven clients and fuzzers took the one for the other."""
+    required = set(schema.get("required", ()))
+    for name, prop in schema.get("properties", {}).items():
+        if name in required or _allows_null(prop):
+            continue
+        keep = {k: prop.pop(k) for k in ("title", "description", "default", "deprecated") if k in prop}
+        schema["properties"][name] = {"anyOf": [prop, {"type": "null"}], **keep}
+    schema["additionalProperties"] = {"type": "null"}
+
+
+def _allows_null(prop: dict[str, Any]) -> bool:
+    return prop.get("type") == "null" or any(_allows_null(p) for p in prop.get("anyOf", ()))
+
+
 class Strict(BaseModel):
     """A request body: unknown fields are errors, and null means "the default" for every field
-    (as OpenAI's and TGI's clients send it, e.g. max_tokens=None)."""
+    (as OpenAI's and TGI's clients send it, e.g. max_tokens=None); the JSON schema says so."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)  # no "5" -> 5 coercion
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        strict=True,  # no "5" -> 5 coercion
+        json_schema_extra=_null_is_the_default,
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -300,3 +300,26 @@ def test_failed_pass_is_tgis_generation_error_and_keeps_its_type_on_v1(client: T
     v1 = client.post("/v1/completions", json={"model": "tiny", "prompt": "To be", "max_tokens": 2})
     assert v1.status_code == 500 and v1.json()["error"]["type"] == "internal", v1.text
     still_serves(client)
+
+
+def test_the_schema_says_null_is_each_optional_field_s_default_and_unknown_fields_only_take_null(
+    client: TestClient, envelope: Callable[..., Any]
+) -> None:
+    """Clients send null for fields they leave unset (openai's max_tokens=None), and the service
+    takes it as the default; the published schema says so too, so that schema-driven clients and
+    fuzzers do not take accepted requests for violations. An unknown field with a value is still
+    an error."""
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    chat = schemas["ChatCompletionRequest"]
+    assert {"type": "null"} in chat["properties"]["logit_bias"]["anyOf"]
+    assert {"type": "null"} in chat["properties"]["temperature"]["anyOf"]
+    assert "anyOf" not in chat["properties"]["messages"]  # required: null is no default there
+    for name in ("ChatCompletionRequest", "CompletionRequest", "GenerateRequest", "PredictRequest", "TokenizeRequest"):
+        assert schemas[name]["additionalProperties"] == {"type": "null"}, name
+    message = [{"role": "user", "content": "hi"}]
+    ok = client.post("/v1/chat/completions", json={"messages": message, "max_tokens": 2, "logit_bias": None})
+    assert ok.status_code == 200, ok.text
+    assert client.post("/tokenize", json={"inputs": "to be", "unset": None}).status_code == 200
+    r = client.post("/tokenize", json={"inputs": "to be", "unset": 1})
+    assert "unset" in envelope(r, 422, "validation")["error"]
+    assert client.post("/tokenize", json={"inputs": None}).status_code == 422  # required
