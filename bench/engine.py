@@ -21,7 +21,7 @@ from typing import Any
 from app.decoding.generate import generate
 from app.engine.drafts import DraftPolicy
 from app.engine.engine import Engine, EngineConfig, inference_thread
-from app.engine.types import GenerateJob, TokenEvent
+from app.engine.types import ErrorEvent, GenerateJob, TokenEvent
 from app.metrics import Metrics
 from app.model.checkpoint import load_checkpoint
 from bench.decoding import heldout_prompts
@@ -41,6 +41,8 @@ async def _rate(
             async for event in engine.generate(request):
                 if isinstance(event, TokenEvent):
                     tokens += len(event.token_ids)
+                elif isinstance(event, ErrorEvent):  # a rate over failed requests is no figure
+                    raise RuntimeError(f"the engine failed a request: {event.error}")
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(streams)))

@@ -35,6 +35,22 @@ def test_bench_engine_reports_both_draft_modes_at_both_stream_counts(byte_checkp
     assert all(len(row) == 4 for row in r["step_ms_by_batch_and_drafts"].values())
 
 
+def test_bench_engine_refuses_to_report_a_rate_over_failed_requests(
+    byte_checkpoint: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decode step that fails ends each request after its first token with an error event: a
+    rate counted over those tokens would be a figure of nothing."""
+    from app.engine.batch import DecodeBatch
+
+    def broken(self: DecodeBatch) -> None:
+        raise RuntimeError("a broken step")
+
+    monkeypatch.setattr(DecodeBatch, "step", broken)
+    ckpt, corpus = byte_checkpoint
+    with pytest.raises(RuntimeError, match="the engine failed a request"):
+        bench_engine(ckpt, corpus, streams=2, new_tokens=8, repeats=1, settings=EAGER)
+
+
 def test_bench_engine_sets_sequential_heads_against_the_policy_without_shallow_steps(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT)
