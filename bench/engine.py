@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections import Counter
 from typing import Any
 
 from app.decoding.generate import generate
@@ -78,6 +79,24 @@ def _offline_counts(engine: Engine) -> list[int]:
     compiled = engine.core.batch.compiled
     widths = (compiled.greedy_widths or compiled.widths) if compiled is not None else None
     return [w - 1 for w in widths] if widths else list(range(engine.model.cfg.k))
+
+
+def _by_first(counts: Counter[tuple[Any, int]]) -> dict[str, dict[str, int]]:
+    """{(a, b): n} as {str(a): {str(b): n}}, sorted."""
+    out: dict[str, dict[str, int]] = {}
+    for (a, b), n in sorted(counts.items()):
+        out.setdefault(str(a), {})[str(b)] = n
+    return out
+
+
+def _thread_counts(engine: Engine) -> dict[str, Any]:
+    """The thread policy's decode passes by batch bucket and thread count, and its re-timings
+    started by drift (app/engine/threads.py); nothing where it does not run (one core, CUDA)."""
+    threads = engine.core.passes.threads
+    if threads is None:
+        return {}
+    decode = Counter({(size, n): c for ((kind, size), n), c in threads.passes.items() if kind == "decode"})
+    return {"decode_passes_by_batch_and_threads": _by_first(decode), "drift_retimings": threads.early}
 
 
 def _choice_drafts(choice: int | str) -> int:
@@ -152,6 +171,10 @@ async def _run(
         "drafts_by_batch_size": {str(b): n for b, n in drafts_by_batch.items()},
         "shallow_step_ms_by_batch": policy.describe().get("shallow_step_ms", {}) if policy else {},
         "acceptance_by_position": [round(a, 3) for a in policy.rates()] if policy else [],
+        # what ran, all modes and repeats together: the adaptive policy's choices by batch size
+        # (a shallow choice as -1 - depth), and the decode passes by thread count
+        "adaptive_choices_by_batch": _by_first(policy.made) if policy else {},
+        **_thread_counts(engine),
         "step_ms_by_batch_and_drafts": {str(b): [round(c * 1e3, 2) for c in row] for b, row in policy.costs.items()}
         if policy
         else {},

@@ -78,7 +78,7 @@ import bisect
 import logging
 import statistics
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -151,6 +151,7 @@ class DraftPolicy:
         self.offered = [0] * max_drafts  # verify passes in which draft position j was offered
         self.accepted = [0] * max_drafts  # ... and accepted
         self.steps = dict.fromkeys(costs, 0)  # choices made per measured batch size
+        self.made: Counter[tuple[int, int]] = Counter()  # choices made, by (batch, choice): for the benchmarks
         self.until_explore = dict.fromkeys(costs, EXPLORE_EVERY)  # steps at a batch size to its next re-timing run
         self.explore_every = dict.fromkeys(costs, EXPLORE_EVERY)  # ... and the interval after that run
         self.chosen: dict[int, int] = {}  # the last choice at each batch size (a change shortens the interval)
@@ -232,6 +233,11 @@ class DraftPolicy:
         """Drafts to verify in a pass over `batch` rows, or a shallow choice. depth: the most
         modules any of the rows keeps (below max_drafts after a shallow choice): such a batch
         may only go shallower."""
+        choice = self._choose(batch, depth)
+        self.made[batch, choice] += 1
+        return choice
+
+    def _choose(self, batch: int, depth: int | None) -> int:
         if not self.batches or self.max_drafts == 0:
             return self.max_drafts
         self.threads = torch.get_num_threads()

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Collection
 from typing import TypeVar
 
@@ -73,6 +73,8 @@ class ThreadPolicy:
         self.level: dict[Key, float] = {}  # the chosen count's cost at the last re-timing (DRIFT)
         self.exploring: dict[Key, int] = {}  # passes left in a re-timing run of the other count
         self.last: tuple[Key, int] | None = None  # the last pass's key and count: the next is warm if equal
+        self.passes: Counter[tuple[Key, int]] = Counter()  # passes run, by (key, threads): for the benchmarks
+        self.early = 0  # re-timings started by the chosen count's drift (DRIFT), not by the interval
 
     def choose(self, key: Key, allowed: Collection[int] | None = None) -> int:
         """Threads for the next pass of `key`, among `allowed` (default: every count)."""
@@ -106,6 +108,7 @@ class ThreadPolicy:
         """Run fn at the thread count chosen among `allowed` (a compiled step: the counts it
         was compiled for; Dynamo guards on the count), and record how long it took."""
         n = self.choose(key, allowed)
+        self.passes[key, n] += 1
         if n != self.current:
             torch.set_num_threads(n)  # this thread's OpenMP team: the core runs every pass
             self.current = n
@@ -143,6 +146,7 @@ class ThreadPolicy:
         cost[n] = statistics.median(recent[n])
         if n == best and cost[n] > DRIFT * self.level[key] and not self.exploring.get(key):
             self.until_explore[key] = min(self.until_explore[key], 1)  # slower than it was: re-time the other now
+            self.early += 1
             self.interval[key] = self.min_interval
             self.level[key] = cost[n]
 

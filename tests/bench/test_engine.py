@@ -33,6 +33,12 @@ def test_bench_engine_reports_both_draft_modes_at_both_stream_counts(byte_checkp
     assert list(r["drafts_by_batch_size"]) == ["1", "2", "4"]  # batch sizes timed at start-up
     assert all(0 <= n <= 3 for n in r["drafts_by_batch_size"].values())  # k = 4: up to 3 drafts
     assert all(len(row) == 4 for row in r["step_ms_by_batch_and_drafts"].values())
+    choices = r["adaptive_choices_by_batch"]  # the adaptive mode's steps, at batch sizes 1 to 4
+    assert set(choices) <= {"1", "2", "3", "4"} and all(0 <= int(n) <= 3 for row in choices.values() for n in row)
+    assert sum(map(sum, (row.values() for row in choices.values()))) > 0
+    passes = r["decode_passes_by_batch_and_threads"]  # adaptive threads on CPU (the default)
+    assert "1" in passes and sum(passes["1"].values()) >= sum(choices["1"].values())
+    assert set(passes["1"]) <= {"1", str(torch.get_num_threads())} and r["drift_retimings"] >= 0
 
 
 def test_bench_engine_refuses_to_report_a_rate_over_failed_requests(
