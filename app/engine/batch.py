@@ -65,6 +65,7 @@ class DecodeBatch:
         self.last_max_accept: list[int] = []  # drafts each row could accept in the last step
         self.last_emitted: list[int] = []  # tokens each row emitted in the last step
         self.last_drafts = 0  # drafts verified per row in the last step
+        self.last_graph: tuple[int, int] = (0, 0)  # the last step's width and modules run: its graph at its batch size
         self.last_head1: Tensor | None = None  # head 1's logits at the last step's offsets [n, T, V]
         self._survivors: list[int] | None = None  # old rows of self.seqs, until compact() runs
 
@@ -224,6 +225,7 @@ class DecodeBatch:
         emitted = res.n_emitted.tolist()  # waits for the device: the step is done
         self.last_emitted = emitted
         self.last_drafts = n_drafts if use_drafts else 0
+        self.last_graph = (width, made)
         if self.policy is not None:
             if choice is not None and shallow is None:
                 self.policy.observe_cost(len(self), n_drafts, time.perf_counter() - t0)

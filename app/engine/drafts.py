@@ -49,7 +49,8 @@ turned the batch-1 choice to plain steps on a quiet machine. So each thread coun
 table, which starts from the start-up timings and follows the steps run at that count.
 
 Only warm steps are timed: one that follows a step of the same batch size, draft count and
-thread count. The first step after a change is cold: a compiled step of another shape is another
+thread count, with no other pass (a prefill, a /predict pass: `interrupted`) between. The first
+step after a change is cold: a compiled step of another shape is another
 graph, with its own copy of the weights (Inductor freezes them into each graph) to bring back
 into the CPU's caches. A batch-1 step took 0.249 ms warm and 0.476 ms after 31 steps of another
 width (`mtp bench step --autotune`, docs/bench/step-switch.json), so timing single steps between
@@ -355,6 +356,10 @@ class DraftPolicy:
             self.probe = None
             self.recent[batch][n].append(seconds)
             self.last_seen[batch][n] = self.steps[batch]
+
+    def interrupted(self) -> None:
+        """Another pass ran (a prefill, a /predict pass): the next step is cold, not timed."""
+        self.last = None
 
     def describe(self) -> dict[str, object]:
         """What the policy does now, for /info."""

@@ -92,6 +92,8 @@ class Passes:
         self.busy_since = time.monotonic()
         try:
             with self.stats.forward(kind):
+                if kind != "decode" and self.batch.policy is not None:
+                    self.batch.policy.interrupted()  # the next decode step follows another pass: cold
                 if self.threads is None:
                     return self._guarded(kind, fn)
                 if kind != "decode":  # prefills and /predict: few, varied passes, untimed
@@ -100,7 +102,8 @@ class Passes:
                 allowed = (
                     compiled.threads.get(compiled.padded_batch(size)) if compiled and compiled.covers(size, 1) else None
                 )
-                return self.threads.run((kind, size_bucket(size)), lambda: self._guarded(kind, fn), allowed)
+                key = (kind, size_bucket(size))
+                return self.threads.run(key, lambda: self._guarded(kind, fn), allowed, lambda: self.batch.last_graph)
         finally:
             self.busy_since = None
 

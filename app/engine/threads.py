@@ -24,13 +24,17 @@ neighbour leaving makes the one-thread steps no slower, so that is seen at the n
 re-timing. Prefills and /predict passes, few and of varied sizes, are not timed: they run at
 the count the batch-1 decode steps run at (run_like), every thread until those have a choice.
 
-Only a pass that follows one of the same key at the same count is timed. The first pass after
-a switch is cold: a compiled step at the other count is another graph, with its own copy of the
-weights (Inductor freezes them into each graph) to bring back into the CPU's caches, and a
-new team of threads. At batch 1 a step right after 31 steps of another graph took 1.9 times a
-warm one (`mtp bench step --autotune`, docs/bench/step-switch.json), so a single re-timing made
-the other count look about twice as slow as it runs. A re-timing is therefore a run of EXPLORE_RUN
-passes, of which the first is not timed.
+Only a pass that follows one of the same key, at the same count and running the same graph, is
+timed. The first pass after a switch is cold: a compiled step at the other count is another
+graph, with its own copy of the weights (Inductor freezes them into each graph) to bring back
+into the CPU's caches, and a new team of threads. At batch 1 a step right after 31 steps of
+another graph took 1.9 times a warm one (`mtp bench step --autotune`, docs/bench/step-switch.json),
+so a single re-timing made the other count look about twice as slow as it runs. A re-timing is
+therefore a run of EXPLORE_RUN passes, of which the first is not timed. The same holds when the
+draft policy (drafts.py) moves a batch size to another draft count, another graph at the same
+thread count, and after a prefill or /predict pass: such steps were once timed as warm, and a
+draft-count re-timing's cold steps in a row lifted the chosen count's median past DRIFT and
+started re-timings at one thread on a quiet machine (docs/benchmarks.md, benchmark 25).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Hashable
 from typing import TypeVar
 
 import torch
@@ -72,7 +76,7 @@ class ThreadPolicy:
         self.best: dict[Key, int] = {}
         self.level: dict[Key, float] = {}  # the chosen count's cost at the last re-timing (DRIFT)
         self.exploring: dict[Key, int] = {}  # passes left in a re-timing run of the other count
-        self.last: tuple[Key, int] | None = None  # the last pass's key and count: the next is warm if equal
+        self.last: tuple[Key, int, Hashable] | None = None  # last pass: key, count, graph (the next is warm if equal)
         self.passes: Counter[tuple[Key, int]] = Counter()  # passes run, by (key, threads): for the benchmarks
         self.early = 0  # re-timings started by the chosen count's drift (DRIFT), not by the interval
 
@@ -104,18 +108,27 @@ class ThreadPolicy:
             return next(n for n in choices if n != best)
         return best
 
-    def run(self, key: Key, fn: Callable[[], T], allowed: Collection[int] | None = None) -> T:
+    def run(
+        self,
+        key: Key,
+        fn: Callable[[], T],
+        allowed: Collection[int] | None = None,
+        graph: Callable[[], Hashable] | None = None,
+    ) -> T:
         """Run fn at the thread count chosen among `allowed` (a compiled step: the counts it
-        was compiled for; Dynamo guards on the count), and record how long it took."""
+        was compiled for; Dynamo guards on the count), and record how long it took if it was
+        warm. graph: called after fn, what fn ran (a decode step: its width and modules, which
+        the draft policy picks inside fn): a pass of another graph than the last is cold too."""
         n = self.choose(key, allowed)
         self.passes[key, n] += 1
         if n != self.current:
             torch.set_num_threads(n)  # this thread's OpenMP team: the core runs every pass
             self.current = n
-        warm, self.last = self.last == (key, n), (key, n)
         t0 = time.perf_counter()
         result = fn()
         seconds = time.perf_counter() - t0
+        ran = (key, n, graph() if graph is not None else None)
+        warm, self.last = self.last == ran, ran
         if warm:
             self._timed(key, n, seconds)
         return result
@@ -127,12 +140,13 @@ class ThreadPolicy:
         taken as it was, /predict after 16 streams whose last steps ran at one thread stayed at
         one until the next decode step (a third fewer requests served; docs/benchmarks.md,
         benchmark 23). The batch-1 choice is the one that follows a busy neighbour: there a team
-        of two waits at every barrier, and one thread is the better count for any pass. A switch
-        of the team makes the next decode pass cold: it is not timed."""
+        of two waits at every barrier, and one thread is the better count for any pass. The next
+        decode pass is cold after it: it is not timed."""
         n = self.best.get(key, self.choices[-1])
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
-            self.current, self.last = n, None
+            self.current = n
+        self.last = None  # the pass brings its own weights and activations into the caches
         return fn()
 
     def _timed(self, key: Key, n: int, seconds: float) -> None:

@@ -10,6 +10,7 @@ from app.engine.drafts import (
     EXPLORE_EVERY,
     MAX_EXPLORE_EVERY,
     PLAIN,
+    RECENT_STEPS,
     SHALLOW_RETIME_STEPS,
     STARTUP_WARM_STEPS,
     DraftPolicy,
@@ -244,6 +245,22 @@ def test_only_warm_steps_are_timed() -> None:
         last = n
     assert policy.cost(1) == [1.0, 1.0, 1.0]  # never a cold step's 4.0
     assert policy.best(1) == 2
+
+
+def test_a_step_after_a_prefill_or_predict_pass_is_not_timed() -> None:
+    """Another pass between two steps of the same shape (a new request's prefill) brings its own
+    weights and activations into the CPU's caches: the step after it is cold too."""
+    policy = DraftPolicy(2, {1: [1.0, 1.0, 1.0]})
+    for _ in range(20):
+        policy.observe_cost(1, 2, 1.0)
+    policy.interrupted()
+    for _ in range(RECENT_STEPS):  # one request's prefill before each step: every one is cold
+        policy.observe_cost(1, 2, 3.0)
+        policy.interrupted()
+    assert policy.cost(1)[2] == 1.0
+    policy.observe_cost(1, 2, 3.0)  # cold after the last prefill
+    policy.observe_cost(1, 2, 1.2)  # warm again: timed
+    assert list(policy.recent[1][2])[-2:] == [1.0, 1.2]
 
 
 def test_a_graph_cold_for_several_steps_does_not_keep_the_count_that_ran_first() -> None:

@@ -106,6 +106,32 @@ def test_on_a_steady_machine_the_other_count_is_re_timed_ever_more_rarely(monkey
     assert used[4:].count(1) <= 2 * (MAX_INTERVAL.bit_length() - MIN_INTERVAL.bit_length() + 4)
 
 
+def test_a_pass_of_another_graph_is_cold_and_not_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The draft policy moves a batch size to another draft count, another graph, for a short
+    re-timing now and then; the first pass of a graph after another one is cold (twice a warm
+    one here, and the second a little dear). Timed as warm, those passes lifted the chosen
+    count's median past DRIFT and started re-timings at one thread on a quiet machine."""
+    machine = Machine(monkeypatch, {1: 0.0015, 2: 0.001})
+    last: list[object] = [None, 0]  # the graph run last, and passes of it in a row
+
+    def run(graph: str) -> int:
+        n = torch.get_num_threads()
+        ran = (graph, n)
+        last[1] = last[1] + 1 if last[0] == ran else 1  # type: ignore[operator]
+        last[0] = ran
+        machine.now += machine.seconds[n] * {1: 2.0, 2: 1.3}.get(last[1], 1.0)  # type: ignore[call-overload]
+        return n
+
+    policy = ThreadPolicy(max_threads=2)
+    key = ("decode", 1)
+    used = []
+    for i in range(4 * MAX_INTERVAL):
+        graph = "3 drafts" if i % 32 in (30, 31) else "5 drafts"  # a draft-count re-timing every 32 steps
+        used.append(policy.run(key, lambda graph=graph: run(graph), graph=lambda graph=graph: graph))  # type: ignore[misc]
+    assert policy.describe() == {"decode/1": 2}
+    assert used[4:].count(1) <= 2 * (MAX_INTERVAL.bit_length() - MIN_INTERVAL.bit_length() + 4)  # periodic ones only
+
+
 def test_a_neighbour_that_slows_the_chosen_count_is_followed_within_a_few_passes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
