@@ -57,12 +57,19 @@ width (`mtp bench step --autotune`, docs/bench/step-switch.json), so timing sing
 others made every draft count but the running one look about twice its cost. A re-timing run's first
 step is not timed. A graph also stays cold for a few steps: the 2nd to 6th steps after the switch
 took 1.55, 1.26, 1.12, 1.06 and 1.03 times a warm one (docs/benchmarks.md, benchmark 5, run 6).
-So a re-timing's step is not taken as it is: it is set against the step of the running count
-that comes right after the run, the second after switching back, as cold as it was, a few
-milliseconds apart; the re-timed count's cost is the running count's (its median) times the
-ratio of the two. Taken alone, re-timings read each count that was not running about 1.5 times
-dearer than it runs, so the count that ran first kept winning: with every step's drafts
-verified, one stream ran faster than under the policy (docs/benchmarks.md, benchmark 22). So
+Taken as they were, re-timings read each count that was not running about 1.5 times dearer than
+it runs, so the count that ran first kept winning. Setting a run's second step against the
+running count's second step back (benchmark 22) was still unfair: the graph re-timed had waited
+hundreds of steps, the running one two, and at one stream the policy still held 3 drafts where
+5 emit more in half of the runs (benchmark 25). So a re-timing is a run of EXPLORE_RUN steps,
+and only its last, warm one (the 6th after the switch) is timed, taken as it is. Its steps verify
+another count than the best, which is why the interval grows so fast. And a re-timing replaces
+the count's timings rather than joining them: a count that ran slowly for a while (the first
+seconds of serving) and then lost kept those steps in its window, and one re-timing per
+interval, the interval doubling while the choice held, would take thousands of steps to
+outvote them. One warm step is the count's cost until it runs again; a re-timing that reads
+fast by chance makes the count run, where its own steps show what it costs, and the choice
+moves back, with the next re-timing due within EXPLORE_EVERY steps. So
 start-up rounds, which set the costs of the shapes that do not run until they are chosen (shallow
 steps: until chosen or re-timed, since their rows keep the fewer modules for good), run each compiled
 shape STARTUP_WARM_STEPS times in a row before the one they time (an eager one once: eager
@@ -101,7 +108,7 @@ PRIOR_CONDITIONAL = 0.7  # prior a_j = 0.7 * a_(j-1): positions a busy batch nev
 RECENT_STEPS = 16  # step timings kept per (batch, n); their median is the cost
 EXPLORE_EVERY = 32  # steps at a batch size between re-timings of the draft count measured least recently, at first
 MAX_EXPLORE_EVERY = 1024  # ... doubling up to this while the choice holds (back to EXPLORE_EVERY when it moves)
-EXPLORE_RUN = 2  # ... in a run of this many steps, the first of which (cold) is not timed
+EXPLORE_RUN = 6  # ... in a run of this many steps, of which only the last (warm by then) is timed
 SHALLOW_RETIME_STEPS = 4096  # greedy steps after which a shallow step not timed since is re-timed (module doc)
 SHALLOW_RETIME_RUN = 4  # ... in a run of this many steps on the rows of one full-depth choice
 STARTUP_WARM_STEPS = 4  # untimed steps of a shape in a row before each start-up timing of it (its 5th)
@@ -163,10 +170,8 @@ class DraftPolicy:
         self.last: tuple[int, int, int] | None = None  # the last step's (batch, n, threads): the next is warm if equal
         self.clock = 0  # greedy steps observed (observe_cost), at any batch size: how stale a shallow timing is
         self.retiming: tuple[int, int, int] | None = None  # (batch, shallow choice, steps left) of a re-timing run
-        self.exploring: tuple[int, int] | None = None  # (batch, n) of the draft-count re-timing run under way
-        # (batch, threads, n, seconds): a re-timing's timed step, waiting for the running count's
-        # step to set it against (the module's doc)
-        self.probe: tuple[int, int, int, float] | None = None
+        # (batch, n, timed) of the draft-count re-timing run under way; timed: this is its last step
+        self.exploring: tuple[int, int, bool] | None = None
 
     def table(self) -> Timings:
         """The timings of the thread count the core runs at (self.threads), begun from the start-up ones."""
@@ -249,11 +254,12 @@ class DraftPolicy:
             return self._shallower(b, depth)
         self.steps[b] += 1
         self.until_explore[b] -= 1
-        if self.until_explore[b] < EXPLORE_RUN:  # a run of two steps: the first is cold, untimed, and
-            seen = self.last_seen[b]  # leaves last_seen as it was: the second re-times the same n
+        if self.until_explore[b] < EXPLORE_RUN:  # a run: its steps before the last warm the graph,
+            seen = self.last_seen[b]  # untimed, and leave last_seen as it was, so all re-time one n
             n = min(self.choices, key=lambda n: seen[n])
-            self.exploring = (b, n)
-            if self.until_explore[b] == 0:  # the run's last step: the next interval is twice the last
+            last = self.until_explore[b] == 0
+            self.exploring = (b, n, last)
+            if last:  # the next interval is twice the last
                 self.explore_every[b] = min(2 * self.explore_every[b], MAX_EXPLORE_EVERY)
                 self.until_explore[b] = self.explore_every[b]
             return n
@@ -334,27 +340,20 @@ class DraftPolicy:
         self.clock += 1
         shape = (batch, n, self.threads)
         warm, self.last = self.last == shape, shape
-        if self.probe is not None and self.probe[:2] != (batch, self.threads):
-            self.probe = None  # the batch or the thread count changed before the step to compare with
+        exploring = self.exploring  # set by choose() for each step of a re-timing run
         if not warm:
             return
         if (d := shallow_depth(n)) is not None:
-            self.probe = None
             if d in self.shallow.get(batch, {}):
                 self.shallow[batch][d].append(seconds)
                 self.shallow_seen[batch][d] = self.clock
         elif batch in self.recent and n in self.choices:
-            if self.exploring == (batch, n):  # a re-timing's timed step: set against the next one back
-                self.probe, self.exploring = (batch, self.threads, n, seconds), None
-                return
-            if self.probe is not None and self.probe[2] != n:  # the running count's step after the run
-                probed, probe_s = self.probe[2], self.probe[3]
-                self.probe = None
-                self.recent[batch][probed].append(probe_s / seconds * statistics.median(self.recent[batch][n]))
-                self.last_seen[batch][probed] = self.steps[batch]
-                return  # as cold as the probe: not one of its own count's warm timings
-            self.probe = None
-            self.recent[batch][n].append(seconds)
+            window = self.recent[batch][n]
+            if exploring is not None and exploring[:2] == (batch, n):
+                if not exploring[2]:
+                    return  # a re-timing run's step before its last: still cold
+                window.clear()  # a count that is not running: its re-timing is its cost (module doc)
+            window.append(seconds)
             self.last_seen[batch][n] = self.steps[batch]
 
     def interrupted(self) -> None:
