@@ -69,7 +69,10 @@ seconds of serving) and then lost kept those steps in its window, and one re-tim
 interval, the interval doubling while the choice held, would take thousands of steps to
 outvote them. One warm step is the count's cost until it runs again; a re-timing that reads
 fast by chance makes the count run, where its own steps show what it costs, and the choice
-moves back, with the next re-timing due within EXPLORE_EVERY steps. So
+moves back. Each move brings the interval back to EXPLORE_EVERY, so two counts within noise of
+each other (3 and 5 drafts at batch 1, 5 % apart) traded places every few hundred steps, each
+time paying re-timing runs anew: another count must promise MOVE_MARGIN times the running
+one's tokens per second to replace it. So
 start-up rounds, which set the costs of the shapes that do not run until they are chosen (shallow
 steps: until chosen or re-timed, since their rows keep the fewer modules for good), run each compiled
 shape STARTUP_WARM_STEPS times in a row before the one they time (an eager one once: eager
@@ -115,6 +118,7 @@ STARTUP_WARM_STEPS = 4  # untimed steps of a shape in a row before each start-up
 PLAIN = -1  # choose(): a step that drafts nothing, and its rows stop speculating (sequential heads)
 PLAIN_MARGIN = 1.1  # PLAIN must give this many times the best draft count's tokens/s: it is for good
 SHALLOW_MARGIN = 1.05  # ... and a shallow step with modules this many times: its rows lose the deeper drafts
+MOVE_MARGIN = 1.03  # another draft count must promise this many times the running one's tokens/s to replace it
 
 
 def shallow(depth: int) -> int:
@@ -302,6 +306,10 @@ class DraftPolicy:
         a shallow choice (PLAIN among them) that beats it by its margin."""
         cost, expected = self.cost(b), self._expected()
         n = max(self.choices, key=lambda n: (expected[n] / cost[n], -n))
+        held = self.chosen.get(b, n)
+        rate = expected[n] / cost[n]
+        if held in self.choices and n != held and rate < MOVE_MARGIN * expected[held] / cost[held]:
+            n = held  # within the margin of the count that runs: noise, not a reason to move
         return self._or_shallower(b, n, expected[n] / cost[n], range(self.max_drafts), expected)
 
     def _shallower(self, b: int, depth: int) -> int:
