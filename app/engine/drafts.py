@@ -46,7 +46,13 @@ at one thread or at all of them, and re-times the other now and then; a step at 
 more, and by another ratio for each draft count. Mixed in one window, a stretch of one-thread
 steps made the draft count that ran look dearer than the others, timed at two threads, and
 turned the batch-1 choice to plain steps on a quiet machine. So each thread count has its own
-table, which starts from the start-up timings and follows the steps run at that count.
+table, which starts from the start-up timings and follows the steps run at that count. Those
+timings were made at the start-up count: in another count's table, a draft count not yet timed
+there is its start-up timing times the median ratio, over the counts timed there, of their
+timing there to their start-up one. Taken as they were, the thread policy's one-thread
+re-timings (two steps, every so often) read the running draft count at one thread, twice its
+cost, against the others at two, so the choice moved at each of them and each move brought
+the draft re-timings back every EXPLORE_EVERY steps (benchmark 25).
 
 Only warm steps are timed: one that follows a step of the same batch size, draft count and
 thread count, with no other pass (a prefill, a /predict pass: `interrupted`) between. The first
@@ -91,7 +97,7 @@ import statistics
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -140,6 +146,7 @@ class Timings:
     shallow: dict[int, dict[int, deque[float]]]
     last_seen: dict[int, list[int]]
     shallow_seen: dict[int, dict[int, int]]  # [batch][depth]: the policy's clock when last timed (or re-timed)
+    timed: dict[int, set[int]] = field(default_factory=dict)  # [batch]: the draft counts timed at this count
 
 
 class DraftPolicy:
@@ -171,6 +178,7 @@ class DraftPolicy:
         # the count of the core's last choice or timing (its thread's; torch keeps one per
         # thread): the accessors below read that count's table, from whatever thread they run on
         self.threads = torch.get_num_threads()
+        self.startup_threads = self.threads  # the count the start-up table was timed at (the core's, then)
         self.last: tuple[int, int, int] | None = None  # the last step's (batch, n, threads): the next is warm if equal
         self.clock = 0  # greedy steps observed (observe_cost), at any batch size: how stale a shallow timing is
         self.retiming: tuple[int, int, int] | None = None  # (batch, shallow choice, steps left) of a re-timing run
@@ -225,8 +233,17 @@ class DraftPolicy:
         return self.table().shallow_seen
 
     def cost(self, batch: int) -> list[float]:
-        """Current seconds per step at n = 0 .. max_drafts for a measured batch size: medians of recent steps."""
-        return [statistics.median(window) for window in self.recent[batch]]
+        """Current seconds per step at n = 0 .. max_drafts for a measured batch size: medians of
+        recent steps. At a thread count other than the start-up one, a draft count not yet timed
+        there costs its start-up timing times the median ratio of those timed there to theirs
+        (the module's doc)."""
+        row = [statistics.median(window) for window in self.recent[batch]]
+        timed = self.table().timed.get(batch)
+        if self.threads == self.startup_threads or not timed or len(timed) == len(row):
+            return row
+        start = self.costs[batch]
+        factor = statistics.median(row[n] / start[n] for n in timed)
+        return [c if n in timed else start[n] * factor for n, c in enumerate(row)]
 
     def _bucket(self, batch: int) -> int:
         return self.batches[min(bisect.bisect_left(self.batches, batch), len(self.batches) - 1)]
@@ -363,6 +380,7 @@ class DraftPolicy:
                 window.clear()  # a count that is not running: its re-timing is its cost (module doc)
             window.append(seconds)
             self.last_seen[batch][n] = self.steps[batch]
+            self.table().timed.setdefault(batch, set()).add(n)
 
     def interrupted(self) -> None:
         """Another pass ran (a prefill, a /predict pass): the next step is cold, not timed."""

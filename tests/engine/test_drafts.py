@@ -367,10 +367,38 @@ def test_each_thread_count_keeps_its_own_timings() -> None:
             policy.observe_cost(1, 2, 3.0)
             policy.observe_cost(1, 0, 1.0)
             policy.observe_cost(1, 0, 1.0)
-        assert policy.cost(1) == [1.0, 1.0, 3.0] and policy.best(1) == 1
+        # 1 draft, not timed at one thread: its start-up cost times the median ratio of 0 and 2 (1x, 3x)
+        assert policy.cost(1) == [1.0, 2.0, 3.0] and policy.best(1) == 0
         torch.set_num_threads(2)
         policy.choose(1)  # the core's next choice, at two threads again
         assert policy.cost(1) == [1.0, 1.0, 0.5] and policy.best(1) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_one_thread_re_timing_does_not_move_the_choice_to_counts_never_timed_at_one_thread() -> None:
+    """The thread policy now and then runs two steps at one thread, where every step costs
+    about twice as much. The draft count running then is timed at one thread; the others had
+    only their start-up timings, made at two. Read as they were, those made the running count
+    look twice as dear as the others and moved the choice at each such re-timing (and each move
+    brought the draft re-timings back every EXPLORE_EVERY steps)."""
+    before = torch.get_num_threads()
+    rates = [0.773, 0.522, 0.421, 0.306, 0.239]
+    start = [0.63, 0.66, 0.79, 0.79, 0.89, 0.89]  # 5 drafts promise 1.13x the tokens/s of 3
+    try:
+        torch.set_num_threads(2)
+        policy = DraftPolicy(5, {1: start}, choices=[0, 1, 3, 5])  # start-up at two threads
+        for i in range(1000):
+            policy.observe([5], [1 + sum(1 for r in rates if i < r * 1000)])
+        for _ in range(20):
+            policy.observe_cost(1, policy.choose(1), 0.89)  # steps at 5 drafts, as timed at start-up
+        assert policy.chosen[1] == 5
+        torch.set_num_threads(1)  # a re-timing at one thread: two steps of the running count, the first cold
+        for _ in range(2):
+            policy.observe_cost(1, policy.choose(1), 2 * 0.89)
+        assert policy.best(1) == 5 and policy.chosen[1] == 5
+        torch.set_num_threads(2)
+        assert policy.choose(1) == 5
     finally:
         torch.set_num_threads(before)
 
