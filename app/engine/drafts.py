@@ -377,7 +377,8 @@ class DraftPolicy:
             if exploring is not None and exploring[:2] == (batch, n):
                 if not exploring[2]:
                     return  # a re-timing run's step before its last: still cold
-                window.clear()  # a count that is not running: its re-timing is its cost (module doc)
+                if n != self.chosen.get(batch):  # one not running: its re-timing is its cost (module doc)
+                    window.clear()
             window.append(seconds)
             self.last_seen[batch][n] = self.steps[batch]
             self.table().timed.setdefault(batch, set()).add(n)

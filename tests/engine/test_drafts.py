@@ -319,6 +319,15 @@ def test_a_count_that_ran_slowly_for_a_while_is_won_back_by_its_next_re_timing()
     assert counts[-4000:].count(5) > 0.98 * 4000
 
 
+def test_a_re_timing_of_the_running_count_keeps_its_timings() -> None:
+    """With one choice, every re-timing run lands on the count that runs: its window is its
+    own steps, not one re-timing."""
+    policy = DraftPolicy(2, {1: [1.0, 1.0, 1.0]}, choices=[2])
+    for i in range(3 * EXPLORE_EVERY):
+        policy.observe_cost(1, policy.choose(1), 1.0 + 0.01 * (i % 2))
+    assert len(policy.recent[1][2]) == RECENT_STEPS
+
+
 def test_counts_within_noise_of_each_other_do_not_trade_places() -> None:
     """Each move of the choice brings re-timing runs back every EXPLORE_EVERY steps. 3 and 5
     drafts promising tokens per second 1 % apart, timed with up to 4 % of noise, moved 52
