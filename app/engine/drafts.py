@@ -237,9 +237,9 @@ class DraftPolicy:
         recent steps. At a thread count other than the start-up one, a draft count not yet timed
         there costs its start-up timing times the median ratio of those timed there to theirs
         (the module's doc)."""
-        row = [statistics.median(window) for window in self.recent[batch]]
-        timed = self.table().timed.get(batch)
-        if self.threads == self.startup_threads or not timed or len(timed) == len(row):
+        table = self.table()
+        row = [statistics.median(window) for window in table.recent[batch]]
+        if self.threads == self.startup_threads or not (timed := table.timed.get(batch)) or len(timed) == len(row):
             return row
         start = self.costs[batch]
         factor = statistics.median(row[n] / start[n] for n in timed)
@@ -324,8 +324,7 @@ class DraftPolicy:
         cost, expected = self.cost(b), self._expected()
         n = max(self.choices, key=lambda n: (expected[n] / cost[n], -n))
         held = self.chosen.get(b, n)
-        rate = expected[n] / cost[n]
-        if held in self.choices and n != held and rate < MOVE_MARGIN * expected[held] / cost[held]:
+        if held in self.choices and n != held and expected[n] / cost[n] < MOVE_MARGIN * expected[held] / cost[held]:
             n = held  # within the margin of the count that runs: noise, not a reason to move
         return self._or_shallower(b, n, expected[n] / cost[n], range(self.max_drafts), expected)
 
