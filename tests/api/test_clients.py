@@ -142,7 +142,8 @@ def test_openai_client_with_penalties_and_nulls(server: Any) -> None:
     r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
     assert r.status_code == 200, r.text  # null is the default
     choice, used = r.json()["choices"][0], r.json()["usage"]["completion_tokens"]
-    assert used == 16 if choice["finish_reason"] == "length" else 0 < used < 16  # max_tokens null: 16
+    # max_tokens null: 16. Sampled, so an end-of-text can come first, as the 16th token too (a "stop" at 16).
+    assert 0 < used <= 16 and (used == 16 or choice["finish_reason"] == "stop")
     assert r.json()["model"] == "tiny"  # model null: this one
 
 
