@@ -428,3 +428,18 @@ def test_typical_p_samples_from_the_typical_set(client: TestClient) -> None:
     assert body == gen(client, max_new_tokens=12, typical_p=0.3, seed=5, details=True)  # seeded: reproducible
     assert body["details"]["seed"] == 5  # typical_p turns sampling on, as in TGI
     assert body != gen(client, max_new_tokens=12, seed=5, do_sample=True, details=True)
+
+
+@pytest.mark.parametrize("logprob", [0.0, -0.0, -1e-300, -0.1234567890123, -5, float("-inf"), float("nan")])
+@pytest.mark.parametrize("text", ["", " the", '"quoted" \\ back', "\n\t\x00\x1f", "é✓😀", "\ud800"])
+@pytest.mark.parametrize("special", [False, True])
+def test_a_token_event_is_written_as_its_model_would_be(logprob: float, text: str, special: bool) -> None:
+    """/generate_stream writes token events without building their pydantic models: the same bytes."""
+    from app.api.routes.generate import token_frame
+    from app.api.schemas import StreamEvent, Token
+    from app.api.textgen import GenToken
+
+    out = GenToken(index=7, id=3, text=text, logprob=logprob, special=special)
+    token = Token(id=3, text=text, logprob=logprob, special=special)
+    payload = StreamEvent(index=7, token=token).model_dump(exclude={"top_tokens"})
+    assert token_frame(out) == f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
