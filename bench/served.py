@@ -16,10 +16,11 @@ Phases, one torch process busy at a time (two would fight over the cores):
   2. servers in alternating phases A, B, A, B ... (this checkout, then GIT_REF's code checked
      out in a temporary worktree), each measuring one sequential stream and `streams`
      concurrent ones (POST /generate, greedy, default speculation; the sequential stream both
-     streamed and as JSON replies, the concurrent ones streamed). In this checkout's phases the
+     streamed and as JSON replies, the concurrent ones streamed). In every server's phases the
      sequential stream runs `pairs` times, each time right after a compiled offline timing made
-     while the server idles: served / offline is the median of those pairs, each pair's two
-     figures taken within seconds of each other (this machine's speed drifts between minutes).
+     while the server idles, so both servers run the same schedule: this checkout's served /
+     offline is the median of its pairs, each pair's two figures taken within seconds of each
+     other (this machine's speed drifts between minutes).
 Every ratio is computed from figures of this one run; a server's figure is the median of its rounds.
 """
 
@@ -264,7 +265,10 @@ def bench_served(
     phases: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
     for _ in range(rounds):
         for name, root in trees.items():  # A, B, A, B: drift on this machine hits both alike
-            this = name == "this"  # its pairs set each served figure against an offline one
+            # Both servers get the same runs in the same order: `pairs` sequential streams, each
+            # after an offline timing (this checkout's pairs set its served figures against
+            # them). A server's first run is often its slowest (its policies are young), so a
+            # baseline timed once against this checkout's median of several would favour this one.
             phase = served_phase(
                 root,
                 checkpoint,
@@ -273,9 +277,9 @@ def bench_served(
                 streams,
                 new_tokens,
                 settings=by_tree[name],
-                offline=offline if this else None,
+                offline=offline,
                 prompts=ids,
-                pairs=pairs if this else 1,
+                pairs=pairs,
             )
             phases[name].append(progress("bench.served", f"server {name}", phase))
     keys = ("1_stream", "1_stream_json", f"{streams}_streams")
