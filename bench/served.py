@@ -154,7 +154,7 @@ def served_phase(
             )
             run["policies"] = _policies(srv.url)
             runs.append(run)
-        many = asyncio.run(generate_load(srv.url, texts, streams, new_tokens, 2))
+        many = _stolen(lambda: asyncio.run(generate_load(srv.url, texts, streams, new_tokens, 2)), srv.proc.pid)
     out: dict[str, Any] = {key: _merged([r[key] for r in runs]) for key in ("1_stream", "1_stream_json")}
     out[f"{streams}_streams"] = many
     if offline is not None:

@@ -59,6 +59,8 @@ def test_one_served_stream_is_no_faster_than_the_model_in_process(byte_checkpoin
             cores = served["server_cores"]  # the inference thread decoded: the busiest but the loop's
             assert cores["busiest_other"] > 0.1 and cores["event_loop"] >= 0 and cores["rest"] >= 0, cores
         assert {"drafts_at_batch_1", "threads_at_batch_1", "step_ms_at_batch_1"} <= set(pair["policies"])
+    many = phase["1_streams"]  # the concurrent load (one stream here): its server's cores too
+    assert many["errors"] == 0 and many["server_cores"]["busiest_other"] > 0.1 and 0 <= many["steal_share"] < 1
     for key in ("1_stream", "1_stream_json"):  # the phase's figure: both runs, the median rate
         assert phase[key]["tokens"] == 2 * want and len(phase[key]["tokens_per_s_runs"]) == 2
         runs = [pair[key]["latency_p50_ms"] for pair in phase["pairs"]]
