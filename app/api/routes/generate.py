@@ -188,7 +188,7 @@ _TOKEN_FRAME = (
 def token_frame(out: GenToken) -> str:
     """A token's event without its most likely tokens: byte for byte what sse() makes of its
     StreamEvent's model_dump(exclude={"top_tokens"}), without the two models and the dict
-    walk. A stream sends one per token, and at 16 streams these frames took about a fifth of
+    walk. A stream sends one per token, and at 16 streams these frames took about a sixth of
     the event loop's time, which the steps' threads share two cores with (docs/benchmarks.md,
     benchmark 26)."""
     lp = float(out.logprob)
