@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from app.decoding.generate import draft_count, step_inputs
+from app.decoding.generate import draft_count
 from app.decoding.sequential import module_chain
 from app.decoding.speculative import StepResult
 from app.model.model import MTPTransformer
@@ -432,12 +432,16 @@ class CompiledDecoder:
         """The key positions a step at (padded) input_pos attends: the whole cache at a fixed
         shape (CUDA graphs replay one shape), or on CPU the filled part, rounded up to KV_ROUND
         and marked dynamic, so one graph per (batch, width) serves every length."""
+        return self._keys_to(int(input_pos.max()) if self.dynamic_kv else 0)
+
+    def _keys_to(self, last: int) -> Tensor:
+        """_keys for a step whose last query position is `last`."""
         if not self.dynamic_kv:
             return self._key_pos
         # below the cache's length: a slice to the end would be specialised. The last slot is
         # the slack one, which only padding queries sit at, and they need no keys of their own.
         most = self.cache_len - 1
-        n = min(-(-(int(input_pos.max()) + 1) // KV_ROUND) * KV_ROUND, most)
+        n = min(-(-(last + 1) // KV_ROUND) * KV_ROUND, most)
         keys = self._key_slices.get(n)
         if keys is None:  # one view per length, marked once: marking costs more than the slice
             keys = self._key_slices[n] = self._key_pos[:n]
@@ -457,34 +461,43 @@ class CompiledDecoder:
         return head1[:B, :T], h[:B, :T]
 
     def _eager_greedy_step(
-        self, idx: Tensor, input_pos: Tensor, keys: Tensor, max_accept: Tensor, states: Tensor | None, n_drafts: int
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        self,
+        cur: Tensor,
+        drafts: Tensor | None,
+        pos: Tensor,
+        keys: Tensor,
+        max_accept: Tensor,
+        states: Tensor | None,
+        n_drafts: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+        # the step's inputs are built here, in the graph, not as eager ops around it
+        idx = cur[:, None] if drafts is None else torch.cat([cur[:, None], drafts], dim=1)  # [B, T]
+        B, T = idx.shape
+        input_pos = pos[:, None] + torch.arange(T, device=idx.device)[None, :]
         kv_len = keys.shape[0]
         h = self.model.trunk(idx, input_pos, kv_len=kv_len)
         logits = self.model.head(h, heads=slice(0, 1))[:, :, 0].float()  # [B, T, V]
-        B, T, _ = logits.shape
         rows = torch.arange(B, device=idx.device)
         top = torch.softmax(logits, dim=-1).argmax(-1)  # [B, T], as accept_drafts picks it
         if T > 1:
             agree = (idx[:, 1:] == top[:, :-1]).long()
-            n_acc = torch.minimum(agree.cumprod(dim=-1).sum(dim=-1), max_accept)
+            n_acc = torch.minimum(agree.cumprod(dim=-1).sum(dim=-1), max_accept.clamp(max=T - 1))
         else:
             n_acc = torch.zeros(B, dtype=torch.long, device=idx.device)
         offsets = torch.arange(T, device=idx.device)[None, :]
         padded = torch.cat([idx[:, 1:], idx.new_zeros(B, 1)], dim=1)
-        tokens = torch.where(offsets < n_acc[:, None], padded, top[rows, n_acc][:, None])
+        bonus = top[rows, n_acc]  # [B]: the last token emitted, the next step's cur
+        tokens = torch.where(offsets < n_acc[:, None], padded, bonus[:, None])
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None])[..., 0]
         new_states = None
         if n_drafts == 0:
-            drafts = idx.new_zeros(B, self.k - 1)  # as accept_drafts: zeros when none are made
+            nxt = idx.new_zeros(B, self.k - 1)  # as accept_drafts: zeros when none are made
         elif self.linear:
             q = torch.softmax(self._draft_logits(h[rows, n_acc]).float(), dim=-1)
-            drafts = q.argmax(-1)  # [B, k-1]
+            nxt = q.argmax(-1)  # [B, k-1]
         else:  # the modules over their windows, attending as many keys as the trunk
-            drafts, new_states = module_chain(
-                self.model, h, tokens, input_pos[:, 0], n_acc, states, _greedy_pick, n_drafts, kv_len
-            )
-        return tokens, n_acc + 1, logprobs, drafts, new_states
+            nxt, new_states = module_chain(self.model, h, tokens, pos, n_acc, states, _greedy_pick, n_drafts, kv_len)
+        return tokens, n_acc + 1, logprobs, nxt, new_states, bonus, pos + n_acc + 1
 
     def greedy_step(
         self,
@@ -495,6 +508,7 @@ class CompiledDecoder:
         want_drafts: bool | None = None,
         states: Tensor | None = None,
         n_drafts: int | None = None,
+        max_pos: int | None = None,
     ) -> StepResult:
         """A whole greedy decode step as one compiled graph: the forward over [cur, drafts],
         acceptance (drafts equal to head 1's argmax, at most max_accept [B] of them), the
@@ -502,31 +516,50 @@ class CompiledDecoder:
         or from the sequential modules, which also bring their caches up to date and carry
         `states` [B, k-2, C] (the previous step's StepResult.states; None: zeros) to the
         returned StepResult.states. What forward_step + accept_drafts compute for all-greedy
-        rows, without their eager ops. Padding tokens are never accepted (max_accept < the
-        real width); padding rows run in cache rows past the batch.
+        rows, without their eager ops; the result also holds each row's last token and the
+        position after it (StepResult.last, .next_pos), computed in the graph as well. Padding
+        tokens are never accepted (max_accept < the real width); padding rows run in cache
+        rows past the batch.
         want_drafts: make the next drafts (default: when this step verifies some); n_drafts:
-        how many the modules make (default: the decoder's; each count is a graph of its own)."""
-        idx, input_pos = step_inputs(cur, drafts, pos)
-        B, T = idx.shape
-        draft = drafts is not None and drafts.shape[1] > 0 if want_drafts is None else want_drafts and self.k > 1
+        how many the modules make (default: the decoder's; each count is a graph of its own);
+        max_pos: the largest of pos, when the caller keeps it (saves reading it from pos)."""
+        B = cur.shape[0]
+        T = 1 if drafts is None else 1 + drafts.shape[1]
+        draft = T > 1 if want_drafts is None else want_drafts and self.k > 1
         n_modules = self.n_drafts if n_drafts is None else draft_count(self.k, n_drafts)
         n_made = (self.k - 1 if self.linear else n_modules) if draft else 0
-        pidx, ppos = self._pad(idx, input_pos, greedy=True)
-        PB = pidx.shape[0]
-        cap = max_accept.clamp(max=T - 1)
-        if PB > B:
-            cap = torch.cat([cap, cap.new_zeros(PB - B)])
+        PB, PT = self.padded_batch(B), self.padded_width(T, greedy=True)
+        if PT > T:  # more tokens per row, never accepted: the real width caps acceptance
+            max_accept = max_accept.clamp(max=T - 1)
+            pad = cur.new_zeros(B, PT - T)
+            drafts = pad if drafts is None else torch.cat([drafts, pad], dim=1)
+        elif drafts is not None and T == 1:
+            drafts = None
+        if PB > B:  # rows past the batch: free cache rows, at positions 0..PT-1
+            extra = PB - B
+            cur, pos = torch.cat([cur, cur.new_zeros(extra)]), torch.cat([pos, pos.new_zeros(extra)])
+            max_accept = torch.cat([max_accept, max_accept.new_zeros(extra)])
+            if drafts is not None:
+                drafts = torch.cat([drafts, drafts.new_zeros(extra, PT - 1)])
         pstates = None
         if not self.linear and n_made > 0:  # padding rows: zero states (their drafts are never read)
-            C, dtype = self.model.cfg.d_model, self.model.tok_emb.weight.dtype
-            pstates = idx.new_zeros(PB, self.k - 2, C, dtype=dtype)
-            if states is not None:
-                pstates[:B] = states
-        key = (1, PB, pidx.shape[1], n_made, torch.get_num_threads())
-        args = (pidx, ppos, self._keys(ppos), cap, pstates, n_made)
-        tokens, n_emitted, logprobs, nxt, new_states = self._run(self._eager_greedy_step, key, *args)
+            if states is None or PB > B:
+                C, dtype = self.model.cfg.d_model, self.model.tok_emb.weight.dtype
+                pstates = cur.new_zeros(PB, self.k - 2, C, dtype=dtype)
+                if states is not None:
+                    pstates[:B] = states
+            else:
+                pstates = _dense(states)
+        cur, pos, max_accept = _dense(cur), _dense(pos), _dense(max_accept)
+        drafts = _dense(drafts) if drafts is not None else None
+        top = int(pos.max()) if max_pos is None else max_pos  # padding rows sit lower
+        key = (1, PB, PT, n_made, torch.get_num_threads())
+        args = (cur, drafts, pos, self._keys_to(top + PT - 1), max_accept, pstates, n_made)
+        tokens, n_emitted, logprobs, nxt, new_states, last, next_pos = self._run(self._eager_greedy_step, key, *args)
+        if (PB, PT) == (B, T):
+            return StepResult(tokens, n_emitted, logprobs, nxt, None, new_states, last, next_pos)
         kept = new_states[:B] if new_states is not None else None
-        return StepResult(tokens[:B, :T], n_emitted[:B], logprobs[:B, :T], nxt[:B], None, kept)
+        return StepResult(tokens[:B, :T], n_emitted[:B], logprobs[:B, :T], nxt[:B], None, kept, last[:B], next_pos[:B])
 
 
 def _cuda_graph_thread_state() -> None:
@@ -541,6 +574,19 @@ def _cuda_graph_thread_state() -> None:
         return
     trees.local.tree_manager_containers = {}
     trees.local.tree_manager_locks = collections.defaultdict(threading.Lock)
+
+
+def _dense(t: Tensor) -> Tensor:
+    """t, or a copy of it, laid out as a fresh tensor of its shape would be: row-major strides
+    (size-1 dimensions included, which `contiguous` leaves as they are) from the start of its
+    storage. A graph's inputs are laid out as when it compiled, and its guards, the strides
+    among them, are not evaluated (skip_guards), so this makes sure."""
+    stride, expected = t.stride(), 1
+    for i in range(t.dim() - 1, -1, -1):
+        if stride[i] != expected:
+            return t.clone(memory_format=torch.contiguous_format)
+        expected *= t.shape[i]
+    return t if t.storage_offset() == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
 def _greedy_pick(j: int, logits: Tensor) -> Tensor:

@@ -32,6 +32,8 @@ class StepResult:
     drafts: Tensor  # [B, k-1] proposals for the next step
     draft_probs: Tensor | None  # [B, k-1, V] processed draft distributions q (None if all greedy)
     states: Tensor | None = None  # [B, k-2, C] sequential heads: what the next drafting call carries over
+    last: Tensor | None = None  # [B] each row's last emitted token, where the step computed it (compiled)
+    next_pos: Tensor | None = None  # [B] the position after it: pos + n_emitted, likewise
 
 
 class Drafted(NamedTuple):

@@ -57,6 +57,7 @@ class DecodeBatch:
         self.seqs: list[RunningSequence] = []
         self.cur = torch.zeros(0, dtype=torch.long, device=self.device)  # [n] last token, not yet cached
         self.pos = torch.zeros(0, dtype=torch.long, device=self.device)  # [n] position of cur
+        self.positions: list[int] = []  # pos as a list: its largest sizes a compiled step's keys
         self.drafts = torch.zeros(0, self.k - 1, dtype=torch.long, device=self.device)  # [n, k-1]
         self.draft_probs: Tensor | None = None  # [n, k-1, V] when any row samples
         self.states: Tensor | None = None  # [n, k-2, C] sequential heads' carried states, when drafting
@@ -68,6 +69,7 @@ class DecodeBatch:
         self.last_graph: tuple[int, int] = (0, 0)  # the last step's width and modules run: its graph at its batch size
         self.last_head1: Tensor | None = None  # head 1's logits at the last step's offsets [n, T, V]
         self._survivors: list[int] | None = None  # old rows of self.seqs, until compact() runs
+        self._limits: tuple[list[int], Tensor] = ([], torch.zeros(0, dtype=torch.long))  # the last max_accept built
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -109,6 +111,7 @@ class DecodeBatch:
         last = first.tokens[torch.arange(n_new, device=self.device), first.n_emitted - 1]
         self.cur = torch.cat([self.cur, last])
         self.pos = torch.cat([self.pos, torch.tensor(prompt_lengths, device=self.device)])
+        self.positions += prompt_lengths
         self.drafts = torch.cat([self.drafts, first.drafts])
         self.draft_probs = _cat_optional(self.draft_probs, first.draft_probs, len(self) - n_new, n_new)
         self.states = _cat_optional(self.states, first.states, len(self) - n_new, n_new)
@@ -130,8 +133,9 @@ class DecodeBatch:
         idx = torch.tensor(survivors, dtype=torch.long, device=self.device)
         if survivors != list(range(len(survivors))):
             # positions < pos are cached; cur (at pos) and anything after it are not yet
-            self.model.compact_cache_rows(idx, int(self.pos[idx].max()))
+            self.model.compact_cache_rows(idx, max(self.positions[i] for i in survivors))
         self.cur, self.pos, self.drafts = self.cur[idx], self.pos[idx], self.drafts[idx]
+        self.positions = [self.positions[i] for i in survivors]
         if self.penalty is not None:
             self.penalty = (self.penalty[0][idx], self.penalty[1][idx])
         if self.draft_probs is not None:
@@ -184,7 +188,7 @@ class DecodeBatch:
         n_drafts = min(depth, choice) if choice is not None and shallow is None else depth
         t0 = time.perf_counter()
         limits = [max(0, min(s.remaining - 1, self._row_depth(s), n_drafts)) if s.speculative else 0 for s in self.seqs]
-        max_accept = torch.tensor(limits, device=self.device)  # [n]
+        max_accept = self._max_accept(limits)  # [n]
         use_drafts = any(spec) and n_drafts > 0
         verified = self.drafts[:, :n_drafts] if use_drafts else self.drafts[:, :0]
         q = self.draft_probs[:, :n_drafts] if self.draft_probs is not None else None
@@ -197,7 +201,14 @@ class DecodeBatch:
         if fused and self.compiled is not None and self.compiled.covers(len(self), width, greedy=True, n_drafts=made):
             # always drafting (one graph per shape, as compiled); no row speculates: unused
             res = self.compiled.greedy_step(
-                self.cur, verified if use_drafts else None, self.pos, max_accept, k > 1, self.states, made
+                self.cur,
+                verified if use_drafts else None,
+                self.pos,
+                max_accept,
+                k > 1,
+                self.states,
+                made,
+                max(self.positions),
             )
             self.last_head1 = None
         else:
@@ -214,9 +225,11 @@ class DecodeBatch:
             drafting = torch.tensor(spec, dtype=torch.bool, device=self.device)
             res = accept_drafts(step.head1, verified, q, max_accept, self.sampling, drafting, step.drafts, k - 1)
             self.last_head1 = step.head1[:, :, 0]  # [n, T, V]: for the top log-probabilities rows ask for
-        rows = torch.arange(len(self), device=self.device)
-        self.cur = res.tokens[rows, res.n_emitted - 1]
-        self.pos = self.pos + res.n_emitted
+        if res.last is not None and res.next_pos is not None:  # computed in the step's graph
+            self.cur, self.pos = res.last, res.next_pos
+        else:
+            self.cur = res.tokens[torch.arange(len(self), device=self.device), res.n_emitted - 1]
+            self.pos = self.pos + res.n_emitted
         self.drafts, self.draft_probs, self.states = res.drafts, res.draft_probs, res.states
         if self.penalty is not None and self.sampling.penalties is not None:
             self.penalty = (count_emitted(self.penalty[0], res.tokens, res.n_emitted), self.penalty[1])
@@ -224,6 +237,7 @@ class DecodeBatch:
         self.last_max_accept = limits
         emitted = res.n_emitted.tolist()  # waits for the device: the step is done
         self.last_emitted = emitted
+        self.positions = [p + n for p, n in zip(self.positions, emitted, strict=True)]
         self.last_drafts = n_drafts if use_drafts else 0
         self.last_graph = (width, made)
         if self.policy is not None:
@@ -240,6 +254,13 @@ class DecodeBatch:
                 s.drafted += m
                 s.accepted += n - 1
         return res
+
+    def _max_accept(self, limits: list[int]) -> Tensor:
+        """limits as a tensor [n]; the last one built again when they have not changed (a
+        single stream's are the same step after step), since no step writes to it."""
+        if limits != self._limits[0]:
+            self._limits = (limits, torch.tensor(limits, device=self.device))
+        return self._limits[1]
 
 
 def _cat_optional(old: Tensor | None, new: Tensor | None, n_old: int, n_new: int) -> Tensor | None:

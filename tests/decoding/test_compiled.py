@@ -195,6 +195,47 @@ def test_a_fused_sequential_step_writes_the_eager_module_caches_and_states(seq_d
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_a_fused_step_runs_its_warm_graph_on_inputs_of_any_layout_and_says_where_each_row_goes_next(
+    seq_decoder, make_prompts
+):
+    """The same step on fresh inputs and on views laid out otherwise (a size-1 dimension's
+    stride, an offset into the storage), as a caller's slices of its own tensors are: the same
+    tokens, drafts and states, and no graph compiled (with the graphs' guards not evaluated, a
+    layout unlike the compiled one would otherwise make Dynamo compile again, or fail). The
+    step's `last` and `next_pos` are each row's last emitted token and pos + n_emitted."""
+    model, dec = seq_decoder.model, seq_decoder
+    list(dec.warm())
+    graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    prompts = make_prompts(2, model.cfg.vocab_size, 3, 9, seed=25)
+    sampling = BatchSampling.from_params([SamplingParams()] * 2, [None] * 2, torch.device("cpu"))
+    dec.attach()
+    with torch.inference_mode():
+        first = first_tokens(prefill(model, prompts), sampling, torch.ones(2, dtype=torch.bool))
+        assert first.states is not None
+        fresh = (
+            first.tokens[:, 0].clone(),
+            first.drafts[:, :2].clone(),
+            torch.tensor([len(p) for p in prompts]),
+            torch.full((2,), 2),
+            first.states.clone(),
+        )
+        wide = torch.zeros(2, 5, dtype=torch.long)  # columns 1..3: [cur, drafts]; 4: pos
+        wide[:, 1], wide[:, 2:4], wide[:, 4] = fresh[0], fresh[1], fresh[2]
+        states = torch.zeros(2, 3, first.states.shape[2])  # [B, k-2 = 1, C] at column 1
+        states[:, 1:2] = first.states
+        views = (wide[:, 1], wide[:, 2:4], wide[:, 4], torch.full((2, 2), 2)[:, 1], states[:, 1:2])
+        assert not wide[:, 1].is_contiguous() and views[1].storage_offset() == 2
+        got = [dec.greedy_step(c, d, p, m, states=st) for c, d, p, m, st in (fresh, views)]
+    assert int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) == graphs
+    for res in got:
+        assert res.last is not None and res.next_pos is not None and res.states is not None
+        assert res.tokens.tolist() == got[0].tokens.tolist() and res.drafts.tolist() == got[0].drafts.tolist()
+        torch.testing.assert_close(res.states, got[0].states)
+        rows = torch.arange(2)
+        assert res.last.tolist() == res.tokens[rows, res.n_emitted - 1].tolist()
+        assert res.next_pos.tolist() == (fresh[2] + res.n_emitted).tolist()
+
+
 def settled_entries(model, pos, P) -> list:
     """Each cache row's keys and values where a step over positions pos.. [B] settled them: the
     trunk's up to the step's last real position (pos + 1: one draft verified), module j's up to
