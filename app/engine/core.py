@@ -148,6 +148,8 @@ class EngineCore:
             timeout = None if s.idle() else s.predict_fill_wait(time.monotonic())
             if timeout != 0 and self._held is not None:  # about to wait: nothing stays held meanwhile
                 self._post(self._held)
+            if timeout != 0:
+                self.stats.flush()
             self._receive(timeout)
             if self._stopping or s.idle() or s.predict_fill_wait(time.monotonic()) > 0:
                 continue
@@ -205,11 +207,15 @@ class EngineCore:
     def _emit(self, out: StepOutput) -> None:
         self.stats.gauges(self.scheduler.waiting(), len(self.batch))
         if not (out.events or out.results or out.left_queue or out.released):
+            if self.stats.due(time.monotonic()):
+                self.stats.flush()
             return
         if self._held is not None:
             out.events[:0] = self._held.events
         if self.stream_interval and holdable(out) and time.monotonic() - self._last_post < self.stream_interval:
             self._held = out
+            if self.stats.due(time.monotonic()):
+                self.stats.flush()
         else:
             self._post(out)
 
@@ -217,6 +223,7 @@ class EngineCore:
         """Hand `out` to the event loop, each sequence's token events merged into one."""
         self._held = None
         self._last_post = time.monotonic()
+        self.stats.flush()  # a reply's metrics are in before the reply
         if len(out.events) > 1:
             out.events = merged(out.events)
         for item, event in out.events:
