@@ -69,7 +69,7 @@ class DecodeBatch:
         self.last_graph: tuple[int, int] = (0, 0)  # the last step's width and modules run: its graph at its batch size
         self.last_head1: Tensor | None = None  # head 1's logits at the last step's offsets [n, T, V]
         self._survivors: list[int] | None = None  # old rows of self.seqs, until compact() runs
-        self._limits: tuple[list[int], Tensor] = ([], torch.zeros(0, dtype=torch.long))  # the last max_accept built
+        self._limits: tuple[list[int], Tensor] = ([], self.pos)  # the last max_accept built
 
     def __len__(self) -> int:
         return len(self.seqs)

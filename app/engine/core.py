@@ -146,9 +146,9 @@ class EngineCore:
         while not self._stopping:
             s = self.scheduler
             timeout = None if s.idle() else s.predict_fill_wait(time.monotonic())
-            if timeout != 0 and self._held is not None:  # about to wait: nothing stays held meanwhile
-                self._post(self._held)
-            if timeout != 0:
+            if timeout != 0:  # about to wait: nothing stays held, and the metrics are up to date
+                if self._held is not None:
+                    self._post(self._held)
                 self.stats.flush()
             self._receive(timeout)
             if self._stopping or s.idle() or s.predict_fill_wait(time.monotonic()) > 0:
@@ -206,16 +206,14 @@ class EngineCore:
 
     def _emit(self, out: StepOutput) -> None:
         self.stats.gauges(self.scheduler.waiting(), len(self.batch))
+        if self.stats.due(time.monotonic()):  # steps whose outputs are held or none still show
+            self.stats.flush()
         if not (out.events or out.results or out.left_queue or out.released):
-            if self.stats.due(time.monotonic()):
-                self.stats.flush()
             return
         if self._held is not None:
             out.events[:0] = self._held.events
         if self.stream_interval and holdable(out) and time.monotonic() - self._last_post < self.stream_interval:
             self._held = out
-            if self.stats.due(time.monotonic()):
-                self.stats.flush()
         else:
             self._post(out)
 
