@@ -35,14 +35,6 @@ draft policy (drafts.py) moves a batch size to another draft count, another grap
 thread count, and after a prefill or /predict pass: such steps were once timed as warm, and a
 draft-count re-timing's cold steps in a row lifted the chosen count's median past DRIFT and
 started re-timings at one thread on a quiet machine (docs/benchmarks.md, benchmark 25).
-
-Timings are kept per graph, and the counts are compared on one graph: the last one timed at
-every count. At batch 1 a plain step costs about 0.7 of a five-draft one, as far apart as
-the two counts are. With one median per count across graphs, a re-timing that ran on a
-cheaper graph than the chosen count's recent steps looked faster than it runs, and each move
-of the draft policy to a dearer graph lifted the chosen count's median past DRIFT. So DRIFT
-is measured on one graph too, from where the chosen count stood when the policy moved to it.
-The first choice waits for a graph timed at every count.
 """
 
 from __future__ import annotations
@@ -77,14 +69,12 @@ class ThreadPolicy:
         self.choices = sorted({1, max(1, max_threads)})
         self.min_interval, self.max_interval = min_interval, max_interval
         self.current = 0  # unknown on the core's thread until the first pass sets it
-        self.recent: dict[tuple[Key, Hashable], dict[int, deque[float]]] = {}  # by (key, graph)
-        self.cost: dict[Key, dict[int, float]] = {}  # the counts' medians at one graph (at), kept as passes are timed
-        self.at: dict[Key, Hashable] = {}  # the graph `cost` is of: the last one timed at every count
-        self.untimed: dict[Key, int] = {}  # before the first comparison: a count the last graph timed lacks
+        self.recent: dict[Key, dict[int, deque[float]]] = {}
+        self.cost: dict[Key, dict[int, float]] = {}  # the medians of recent, kept as passes are timed
         self.until_explore: dict[Key, int] = {}
         self.interval: dict[Key, int] = {}
         self.best: dict[Key, int] = {}
-        self.level: dict[Key, tuple[Hashable, float]] = {}  # the chosen count: (graph, cost) at the last re-timing
+        self.level: dict[Key, float] = {}  # the chosen count's cost at the last re-timing (DRIFT)
         self.exploring: dict[Key, int] = {}  # passes left in a re-timing run of the other count
         self.last: tuple[Key, int, Hashable] | None = None  # last pass: key, count, graph (the next is warm if equal)
         self.passes: Counter[tuple[Key, int]] = Counter()  # passes run, by (key, threads): for the benchmarks
@@ -96,15 +86,15 @@ class ThreadPolicy:
         if len(choices) == 1:
             return choices[0]
         cost = self.cost.get(key)
-        if cost is None:  # time every count first, on one graph: the one each count is missing on
-            return self.untimed[key] if self.untimed.get(key) in choices else choices[0]
+        if cost is None or any(n not in cost for n in choices):
+            return next(n for n in choices if cost is None or n not in cost)  # time every count once first
         best = self.best.get(key)
         fastest = min(choices, key=cost.__getitem__)
         if best not in choices or cost[fastest] < SWITCH_BELOW * cost[best]:
             best = fastest
         if best != self.best.get(key):
             self.best[key] = best
-            self.level[key] = (self.at.get(key), cost[best])
+            self.level[key] = cost[best]
             self.interval[key] = self.until_explore[key] = self.min_interval
         if self.exploring.get(key):
             self.exploring[key] -= 1
@@ -114,7 +104,7 @@ class ThreadPolicy:
             self.interval[key] = min(2 * self.interval[key], self.max_interval)
             self.until_explore[key] = self.interval[key]
             self.exploring[key] = EXPLORE_RUN - 1
-            self.level[key] = (self.at.get(key), cost[best])
+            self.level[key] = cost[best]
             return next(n for n in choices if n != best)
         return best
 
@@ -140,7 +130,7 @@ class ThreadPolicy:
         ran = (key, n, graph() if graph is not None else None)
         warm, self.last = self.last == ran, ran
         if warm:
-            self._timed(key, n, ran[2], seconds)
+            self._timed(key, n, seconds)
         return result
 
     def run_like(self, key: Key, fn: Callable[[], T]) -> T:
@@ -159,31 +149,20 @@ class ThreadPolicy:
         self.last = None  # the pass brings its own weights and activations into the caches
         return fn()
 
-    def _timed(self, key: Key, n: int, graph: Hashable, seconds: float) -> None:
-        """A warm pass of `key` at n threads, running `graph`, took `seconds`."""
-        recent = self.recent.setdefault((key, graph), {c: deque(maxlen=RECENT) for c in self.choices})
+    def _timed(self, key: Key, n: int, seconds: float) -> None:
+        """A warm pass of `key` at n threads took `seconds`."""
+        recent = self.recent.setdefault(key, {c: deque(maxlen=RECENT) for c in self.choices})
+        cost = self.cost.setdefault(key, {})
         best = self.best.get(key)
-        if best is not None and n != best:  # the other count, against the chosen one on the same graph if it ran it
-            chosen = statistics.median(recent[best]) if recent[best] else self.cost[key][best]
-            if seconds < CONFIRM_BELOW * chosen:
-                self.until_explore[key] = 1  # the other count looks clearly faster now: confirm it at once
+        if best is not None and n != best and seconds < CONFIRM_BELOW * cost[best]:
+            self.until_explore[key] = 1  # the other count looks clearly faster now: confirm it at once
         recent[n].append(seconds)
-        median = statistics.median(recent[n])
-        if all(recent[c] for c in self.choices):  # comparable: every count's median on this graph
-            self.at[key] = graph
-            self.cost[key] = {c: statistics.median(recent[c]) for c in self.choices}
-        elif key not in self.cost:  # the first comparison waits for a graph timed at every count
-            self.untimed[key] = next(c for c in self.choices if not recent[c])
-        if n != best:
-            return
-        level_graph, level = self.level[key]
-        if graph != level_graph:  # the draft policy moved to another graph: its drift is measured from here
-            self.level[key] = (graph, median)
-        elif median > DRIFT * level and not self.exploring.get(key):
+        cost[n] = statistics.median(recent[n])
+        if n == best and cost[n] > DRIFT * self.level[key] and not self.exploring.get(key):
             self.until_explore[key] = min(self.until_explore[key], 1)  # slower than it was: re-time the other now
             self.early += 1
             self.interval[key] = self.min_interval
-            self.level[key] = (graph, median)
+            self.level[key] = cost[n]
 
     def describe(self) -> dict[str, int]:
         """The thread count each kind and size runs at now, for /info."""

@@ -132,34 +132,6 @@ def test_a_pass_of_another_graph_is_cold_and_not_timed(monkeypatch: pytest.Monke
     assert used[4:].count(1) <= 2 * (MAX_INTERVAL.bit_length() - MIN_INTERVAL.bit_length() + 4)  # periodic ones only
 
 
-def test_counts_are_compared_on_the_same_graph(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The draft policy settles a batch size on one draft count and later on another: graphs
-    of different costs (a plain step about 0.6 of a five-draft one). Two threads are faster on
-    each. Kept across graphs, the chosen count's median rose past DRIFT each time the policy
-    moved to a dearer graph, and started re-timings at one thread on a quiet machine; a
-    re-timing on a cheaper graph than the chosen count's recent passes would look faster than
-    it runs. Timed per graph, neither happens."""
-    machine = Machine(monkeypatch, {1: 0.0013, 2: 0.001})
-    cost = {"plain": 0.6, "2 drafts": 0.75, "5 drafts": 1.0}
-    last: list[object] = [None]
-
-    def run(graph: str) -> int:
-        n = torch.get_num_threads()
-        machine.now += machine.seconds[n] * cost[graph] * (1.9 if last[0] != (graph, n) else 1.0)  # cold first
-        last[0] = (graph, n)
-        return n
-
-    policy = ThreadPolicy(max_threads=2)
-    key = ("decode", 1)
-    used = []
-    for i in range(4 * MAX_INTERVAL):
-        graph = ["5 drafts", "plain", "2 drafts"][(i // 300) % 3]  # a stretch of each, in turn
-        used.append(policy.run(key, lambda graph=graph: run(graph), graph=lambda graph=graph: graph))  # type: ignore[misc]
-    assert policy.describe() == {"decode/1": 2}
-    assert policy.early == 0  # no graph change passes for a neighbour
-    assert used[4:].count(1) <= 2 * (MAX_INTERVAL.bit_length() - MIN_INTERVAL.bit_length() + 4)  # periodic ones only
-
-
 def test_a_neighbour_that_slows_the_chosen_count_is_followed_within_a_few_passes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
