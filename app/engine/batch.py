@@ -255,6 +255,12 @@ class DecodeBatch:
                 s.accepted += n - 1
         return res
 
+    def expected_tokens(self) -> float:
+        """Tokens a row of the last step was expected to emit, at the draft policy's acceptance
+        rates (1 without a policy): what the thread policy divides a step's time by, since each
+        thread count's own draft table may pick another draft count (threads.py)."""
+        return self.policy.expected_tokens(self.last_drafts) if self.policy is not None else 1.0
+
     def _max_accept(self, limits: list[int]) -> Tensor:
         """limits as a tensor [n]; the last one built again when they have not changed (a
         single stream's are the same step after step), since no step writes to it."""

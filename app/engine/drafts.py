@@ -356,6 +356,11 @@ class DraftPolicy:
             expected.append(expected[-1] + a)
         return expected
 
+    def expected_tokens(self, n: int) -> float:
+        """Tokens a row of a pass verifying n drafts is expected to emit: 1 + a_1 + .. + a_n."""
+        expected = self._expected()
+        return expected[min(n, len(expected) - 1)]
+
     def observe_cost(self, batch: int, n: int, seconds: float) -> None:
         """A greedy step's duration (n: a draft count, or a shallow choice that ran, PLAIN for a
         step that drafted nothing); only exact measured batch sizes count (a smaller batch costs

@@ -103,7 +103,10 @@ class Passes:
                     compiled.threads.get(compiled.padded_batch(size)) if compiled and compiled.covers(size, 1) else None
                 )
                 key = (kind, size_bucket(size))
-                return self.threads.run(key, lambda: self._guarded(kind, fn), allowed, lambda: self.batch.last_graph)
+                batch = self.batch
+                return self.threads.run(
+                    key, lambda: self._guarded(kind, fn), allowed, lambda: batch.last_graph, batch.expected_tokens
+                )
         finally:
             self.busy_since = None
 

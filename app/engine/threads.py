@@ -35,6 +35,14 @@ draft policy (drafts.py) moves a batch size to another draft count, another grap
 thread count, and after a prefill or /predict pass: such steps were once timed as warm, and a
 draft-count re-timing's cold steps in a row lifted the chosen count's median past DRIFT and
 started re-timings at one thread on a quiet machine (docs/benchmarks.md, benchmark 25).
+
+A decode step's time is taken per token it is expected to yield (`work`: 1 + the acceptance
+rates of the drafts it verified, from the draft policy). Each thread count has its own draft
+table, so at one batch size the two counts may run different draft counts: a one-thread step
+verifying fewer drafts is cheaper and yields fewer tokens, and per step it looked faster than
+a two-thread step that serves more tokens per second. Keeping one graph's timings and
+comparing the counts only there was tried and did worse: the counts' graphs differed, the
+comparison never came, and whole single-stream phases stayed at one thread (benchmark 28).
 """
 
 from __future__ import annotations
@@ -114,11 +122,14 @@ class ThreadPolicy:
         fn: Callable[[], T],
         allowed: Collection[int] | None = None,
         graph: Callable[[], Hashable] | None = None,
+        work: Callable[[], float] | None = None,
     ) -> T:
         """Run fn at the thread count chosen among `allowed` (a compiled step: the counts it
         was compiled for; Dynamo guards on the count), and record how long it took if it was
         warm. graph: called after fn, what fn ran (a decode step: its width and modules, which
-        the draft policy picks inside fn): a pass of another graph than the last is cold too."""
+        the draft policy picks inside fn): a pass of another graph than the last is cold too.
+        work: called after a warm fn, what it is expected to yield (a decode step: tokens per
+        row): the time recorded is per unit of it."""
         n = self.choose(key, allowed)
         self.passes[key, n] += 1
         if n != self.current:
@@ -130,7 +141,7 @@ class ThreadPolicy:
         ran = (key, n, graph() if graph is not None else None)
         warm, self.last = self.last == ran, ran
         if warm:
-            self._timed(key, n, seconds)
+            self._timed(key, n, seconds / work() if work is not None else seconds)
         return result
 
     def run_like(self, key: Key, fn: Callable[[], T]) -> T:

@@ -64,6 +64,16 @@ def test_positions_never_offered_follow_the_last_measured_one() -> None:
     assert a2 == pytest.approx(0.7 * a1) and a3 == pytest.approx(0.49 * a1)
 
 
+def test_a_step_is_expected_to_emit_one_token_plus_its_drafts_acceptance_rates() -> None:
+    policy = DraftPolicy(3, {1: FLAT[:4]})
+    for _ in range(1000):
+        policy.observe([3], [3])  # two of three drafts accepted, every time
+    a = policy.rates()
+    assert [policy.expected_tokens(n) for n in range(4)] == pytest.approx([1.0, 1 + a[0], 1 + a[0] + a[1], 1 + sum(a)])
+    assert policy.expected_tokens(2) == pytest.approx(3.0, abs=0.02)
+    assert policy.expected_tokens(9) == policy.expected_tokens(3)  # more than it drafts: all it drafts
+
+
 def test_time_steps_times_every_batch_size_and_draft_count() -> None:
     calls: list[tuple[int, int]] = []
     costs, plain = time_steps(lambda b, n: calls.append((b, n)), [1, 4], 2, reps=2)

@@ -132,6 +132,33 @@ def test_a_pass_of_another_graph_is_cold_and_not_timed(monkeypatch: pytest.Monke
     assert used[4:].count(1) <= 2 * (MAX_INTERVAL.bit_length() - MIN_INTERVAL.bit_length() + 4)  # periodic ones only
 
 
+def test_counts_are_compared_per_expected_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each thread count has its own draft table (drafts.py), so the two counts may run
+    different draft counts at one batch size: here one thread's steps verify 2 drafts and two
+    threads' steps 5. The one-thread step is the cheaper one, and yields fewer tokens: per
+    step one thread looked faster, per token two threads are. The policy compares the time
+    per token a step is expected to yield."""
+    machine = Machine(monkeypatch, {1: 0.00085, 2: 0.001})
+    tokens = {1: 2.0, 2: 3.0}  # expected per step: 1 + the acceptance rates of the drafts verified
+    policy = ThreadPolicy(max_threads=2)
+    key = ("decode", 1)
+    ran: list[int] = []
+
+    def run() -> int:
+        ran.append(machine.run())
+        return ran[-1]
+
+    graph, work = (lambda: ran[-1]), (lambda: tokens[ran[-1]])  # the graph and yield follow the count
+    used = [policy.run(key, run, graph=graph, work=work) for _ in range(2 * MAX_INTERVAL)]
+    assert policy.describe() == {"decode/1": 2}
+    assert used[4:].count(1) <= 2 * (MAX_INTERVAL.bit_length() - MIN_INTERVAL.bit_length() + 4)  # re-timings only
+    per_step = ThreadPolicy(max_threads=2)  # per step, as before
+    ran.clear()
+    for _ in range(64):
+        per_step.run(key, run, graph=graph)
+    assert per_step.describe() == {"decode/1": 1}
+
+
 def test_a_neighbour_that_slows_the_chosen_count_is_followed_within_a_few_passes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
