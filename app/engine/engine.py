@@ -119,23 +119,25 @@ class Engine:
         log.info("engine ready: k=%d, max_batch_size=%d, device=%s", self.k, self.cfg.max_batch_size, self.device)
 
     async def _warmup(self) -> None:
-        """Run one request, then full batches of predict, prefill and decode, before serving.
+        """Run full batches of predict, prefill and decode, then one request, before serving.
 
         The first pass at a new shape pays one-off costs (kernel selection, allocator growth);
-        paying them here keeps them out of the first burst of real traffic."""
+        paying them here keeps them out of the first burst of real traffic. The lone request
+        comes last: the scheduler holds a lone /predict for up to max_wait_ms when the batch
+        before it held several (scheduler.predict_fill_wait), and a warm-up that ended on a full
+        batch made the first real request wait for batch mates that were never coming."""
         new = min(4, self.max_seq_len - 1)
-        await self.predict([PredictJob([0])])
-        async for _ in self.generate(GenerateJob([0], max_new_tokens=new)):
-            pass
         n = min(self.cfg.max_batch_size, self.cfg.max_queue_size)
         prompt = [0] * min(32, self.max_seq_len - new)
         await self.predict([PredictJob(prompt) for _ in range(n)])
 
-        async def one() -> None:
-            async for _ in self.generate(GenerateJob(prompt, max_new_tokens=new)):
+        async def one(ids: list[int]) -> None:
+            async for _ in self.generate(GenerateJob(ids, max_new_tokens=new)):
                 pass
 
-        await asyncio.gather(*(one() for _ in range(n)))
+        await asyncio.gather(*(one(prompt) for _ in range(n)))
+        await self.predict([PredictJob([0])])
+        await one([0])
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run fn on the inference thread between two steps of the core loop."""

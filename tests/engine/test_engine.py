@@ -178,6 +178,21 @@ async def test_adaptive_draft_count_keeps_greedy_output(engine_factory: Callable
         assert tokens == plain
 
 
+async def test_a_lone_predict_after_start_up_is_not_held_for_batch_mates(engine_factory: Callable[..., Any]) -> None:
+    """A lone /predict waits up to max_wait_ms for batch mates only when the batch before it
+    held several. The warm-up's full /predict batch must not count as such a batch: the first
+    real request would wait for batch mates that never come."""
+    engine = await engine_factory(start=False, max_batch_size=4, max_wait_ms=2000.0)
+    await engine.start(warmup=True)
+    t0 = time.perf_counter()
+    await engine.predict([PredictJob(PROMPTS[0])])
+    assert time.perf_counter() - t0 < 1.0  # held, it would take the whole 2 s
+    batch = [PredictJob(p) for p in PROMPTS[:3]]
+    before = forward_passes(engine)
+    await engine.predict(batch)
+    assert forward_passes(engine) - before == 1  # several at once still share one pass
+
+
 async def test_concurrent_generations_match_solo_runs_in_fewer_passes(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory(max_batch_size=8)
     requests = [GenerateJob(p, max_new_tokens=10 + 3 * i) for i, p in enumerate(PROMPTS)]
