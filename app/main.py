@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Scope
 
 from app import __version__
 from app.api.deps import ServiceState
@@ -60,6 +60,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.model_id = s.checkpoint.name
     try:
         await engine.start(warmup=s.warmup)
+        await build_routes(app)
         freeze_heap()
         state.ready = True
         state.metrics.ready.set(1)
@@ -71,6 +72,39 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if engine.pending():
             await engine.drain(s.drain_timeout_s)
         await engine.shutdown()
+
+
+async def build_routes(app: FastAPI) -> None:
+    """Walk the router once, so the first request to each route does not build it.
+
+    FastAPI (0.165) builds an included router's routes (dependencies, validators, response
+    fields) the first time a request is matched against it, so a fresh server's first request
+    to each router waited for that. A path that no route matches is compared with every route,
+    so one such request, sent to the router alone (no middleware, no metrics), builds them all."""
+    path = "/.well-known/mtp-serve/build-routes"
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "server": ("localhost", 80),
+        "client": ("localhost", 0),
+        "state": {},
+    }
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        pass
+
+    await app.router(scope, receive, send)
 
 
 def freeze_heap() -> None:
