@@ -311,6 +311,12 @@ class InfoResponse(BaseModel):
     threads: dict[str, int] | None = Field(
         None, description="CPU: intra-op threads each kind/size of pass runs at now, the count timed fastest"
     )
+    thread_timings: dict[str, Any] | None = Field(
+        None,
+        description="CPU: what `threads` was chosen from: per kind/size, each thread count's recent cost "
+        "(ms per expected token for decode steps) and the passes run at it, and the re-timings "
+        "that a slowing of the chosen count started",
+    )
     compiled: dict[str, Any] | None = Field(
         None,
         description="The compiled decode steps (shapes, compile seconds); {error} when compiling failed and "

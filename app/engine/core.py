@@ -284,4 +284,5 @@ class EngineCore:
         self.policy_info = {
             "draft_policy": policy.describe() if policy is not None else None,
             "threads": threads.describe() if threads is not None else None,
+            "thread_timings": threads.timings() if threads is not None else None,
         }

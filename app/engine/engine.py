@@ -343,6 +343,7 @@ class Engine:
             "compiled": self.compiled_info,
             "draft_policy": None,
             "threads": None,
+            "thread_timings": None,
             **self.core.policy_info,
         }
 

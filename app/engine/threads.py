@@ -178,3 +178,24 @@ class ThreadPolicy:
     def describe(self) -> dict[str, int]:
         """The thread count each kind and size runs at now, for /info."""
         return {f"{kind}/{size}": n for (kind, size), n in sorted(self.best.items())}
+
+    def timings(self) -> dict[str, object]:
+        """What the choices were made from, for /info: per kind and size, each count's cost (the
+        median of its recent warm passes, in ms per unit of work: a decode step's per expected
+        token) and the passes run at it; and the re-timings the chosen count's drift started."""
+        keys = sorted({key for key, _ in self.passes} | set(self.cost))
+        return {
+            "cost_ms": {
+                f"{kind}/{size}": {
+                    str(n): round(c * 1e3, 4) for n, c in sorted(self.cost.get((kind, size), {}).items())
+                }
+                for kind, size in keys
+            },
+            "passes": {
+                f"{kind}/{size}": {
+                    str(n): self.passes[(kind, size), n] for n in self.choices if self.passes[(kind, size), n]
+                }
+                for kind, size in keys
+            },
+            "early_retimings": self.early,
+        }

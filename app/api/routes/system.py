@@ -81,6 +81,7 @@ async def info(serving: ServingDep) -> InfoResponse:
         speculative=engine_info["speculative"],
         draft_policy=engine_info["draft_policy"],
         threads=engine_info["threads"],
+        thread_timings=engine_info["thread_timings"],
         compiled=engine_info.get("compiled"),
         limits=Limits(
             max_input_tokens=serving.state.max_input_tokens,
