@@ -6,7 +6,9 @@ For each server configuration (default settings; MTP_ADAPTIVE_THREADS=false, the
 count; MTP_TORCH_THREADS=1), one server at a time: one sequential stream of greedy /generate
 requests on a quiet machine, then with `python -c "while True: pass"` running beside it, then
 quiet again, and so on for `rounds`. The busy loop is a neighbour at normal priority that
-wants one whole core. Prints tokens/s per phase and busy/quiet ratios, all from this run.
+wants one whole core. Prints tokens/s per phase and busy/quiet ratios, all from this run, and
+per phase the cores the server's threads kept busy and what its draft and thread policies
+chose at batch 1 (from /info, read before the neighbour stops).
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import contextlib
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from app import config
 from app.model.checkpoint import load_tokenizer
 from bench.decoding import heldout_prompts, write_json
-from bench.server import running
+from bench.server import policies, running, thread_cores, thread_times
 from bench.service import generate_load
 
 CONFIGS: dict[str, dict[str, object]] = {
@@ -54,12 +57,18 @@ def bench_contention(
     for name in configs or list(CONFIGS):
         settings = CONFIGS[name]
         phases: dict[str, list[float]] = {"quiet": [], "busy": []}
+        details: list[dict[str, Any]] = []
         with running(checkpoint, {"log_level": "WARNING", **settings}, ready_timeout=600) as srv:
             asyncio.run(generate_load(srv.url, texts[:1], 1, 16, 1))  # warm the connection path
+            pid = srv.proc.pid
             for _ in range(rounds):
                 for phase in ("quiet", "busy"):
                     with busy_core() if phase == "busy" else contextlib.nullcontext():
+                        before, t0 = thread_times(pid), time.perf_counter()
                         r = asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts)))
+                        cores = thread_cores(pid, before, thread_times(pid), time.perf_counter() - t0)
+                        # read while the neighbour still runs: what the thread policy chose under it
+                        details.append({"phase": phase, **r, "server_cores": cores, "policies": policies(srv.url)})
                     phases[phase].append(r["tokens_per_s"])
         quiet, busy = statistics.median(phases["quiet"]), statistics.median(phases["busy"])
         out["configs"][name] = {
@@ -68,6 +77,7 @@ def bench_contention(
             "quiet_median": quiet,
             "busy_median": busy,
             "busy_over_quiet": round(busy / quiet, 2),
+            "phases": details,
         }
     return out
 

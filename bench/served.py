@@ -50,6 +50,7 @@ from bench.server import (
     ROOT,
     baseline_tree,
     host_times,
+    policies,
     progress,
     running,
     steal_share,
@@ -152,7 +153,7 @@ def served_phase(
             run["1_stream_json"] = _stolen(
                 lambda: asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts), stream=False)), pid
             )
-            run["policies"] = _policies(srv.url)
+            run["policies"] = policies(srv.url)
             runs.append(run)
         many = _stolen(lambda: asyncio.run(generate_load(srv.url, texts, streams, new_tokens, 2)), srv.proc.pid)
     out: dict[str, Any] = {key: _merged([r[key] for r in runs]) for key in ("1_stream", "1_stream_json")}
@@ -179,26 +180,6 @@ def _stolen(measure: Callable[[], dict[str, Any]], pid: int | None = None) -> di
     if pid:
         out["server_cores"] = thread_cores(pid, threads, thread_times(pid), time.perf_counter() - t0)
     return out
-
-
-def _policies(url: str) -> dict[str, Any]:
-    """What the server's draft and thread policies chose at batch 1 (from /info) when a run
-    ended, and what they chose from: the draft policy's batch-1 step costs and acceptance
-    rates, the thread policy's cost per expected token and passes at each count."""
-    info = httpx.get(f"{url}/info", timeout=30).json()
-    policy = info.get("draft_policy") or {}
-    timings = info.get("thread_timings") or {}
-    return {
-        "drafts_at_batch_1": (policy.get("drafts_by_batch") or {}).get("1"),
-        "threads_at_batch_1": (info.get("threads") or {}).get("decode/1"),
-        # what the thread policy chose from: each count's ms per expected token and its passes
-        "thread_cost_ms_at_batch_1": (timings.get("cost_ms") or {}).get("decode/1"),
-        "thread_passes_at_batch_1": (timings.get("passes") or {}).get("decode/1"),
-        "thread_early_retimings": timings.get("early_retimings"),
-        "acceptance": policy.get("acceptance"),
-        "step_ms_at_batch_1": (policy.get("step_ms") or {}).get("1"),
-        "shallow_step_ms_at_batch_1": (policy.get("shallow_step_ms") or {}).get("1"),
-    }
 
 
 def _merged(results: list[dict[str, Any]]) -> dict[str, Any]:

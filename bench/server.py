@@ -96,6 +96,26 @@ def thread_cores(pid: int, before: dict[int, int] | None, after: dict[int, int] 
     return {"event_loop": round(main, 2), "busiest_other": round(top, 2), "rest": round(sum(used.values()), 2)}
 
 
+def policies(url: str) -> dict[str, Any]:
+    """What the server's draft and thread policies chose at batch 1 (from /info) when a run
+    ended, and what they chose from: the draft policy's batch-1 step costs and acceptance
+    rates, the thread policy's cost per expected token and passes at each count."""
+    info = httpx.get(f"{url}/info", timeout=30).json()
+    policy = info.get("draft_policy") or {}
+    timings = info.get("thread_timings") or {}
+    return {
+        "drafts_at_batch_1": (policy.get("drafts_by_batch") or {}).get("1"),
+        "threads_at_batch_1": (info.get("threads") or {}).get("decode/1"),
+        # what the thread policy chose from: each count's ms per expected token and its passes
+        "thread_cost_ms_at_batch_1": (timings.get("cost_ms") or {}).get("decode/1"),
+        "thread_passes_at_batch_1": (timings.get("passes") or {}).get("decode/1"),
+        "thread_early_retimings": timings.get("early_retimings"),
+        "acceptance": policy.get("acceptance"),
+        "step_ms_at_batch_1": (policy.get("step_ms") or {}).get("1"),
+        "shallow_step_ms_at_batch_1": (policy.get("shallow_step_ms") or {}).get("1"),
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
