@@ -32,10 +32,14 @@ cold: a compiled step at the other count is another graph, with its own copy of 
 (Inductor freezes them into each graph) to bring back into the CPU's caches, and a new team of
 threads. At batch 1 a step right after 31 steps of another graph took 1.9 times a warm one
 (`mtp bench step --autotune`, docs/bench/step-switch.json), so a single re-timing made the
-other count look about twice as slow as it runs. The passes after it are still dear (1.26, 1.12
-and 1.06 times a warm one: drafts.py), and a second pass timed as warm hid a count 1.3 times
-faster behind the margin. So the first COLD_PASSES passes of a key, count and graph in a row
-are not timed, and a re-timing is a run of EXPLORE_RUN passes, the last two timed. The same
+other count look about twice as slow as it runs. The passes after it are dear too: served at
+batch 1 on this project's 2-core host, the third, fourth and fifth passes at one thread after
+a stretch at two cost 1.76, 1.21 and 1.01 times the later ones per token, and at two threads
+after one 1.32, 1.18 and 1.08 times (`python -m bench.thread_switch`, docs/benchmarks.md,
+benchmark 30). Timing the second pass, a count 1.3 times faster once warm looked slower than
+the margin asks, and a policy at one thread stayed there on a quiet machine. So the first
+COLD_PASSES passes of a key, count and graph in a row are not timed, and a re-timing is a run
+of EXPLORE_RUN passes, the last two timed. The same
 holds when the draft policy (drafts.py) moves a batch size to another draft count, another
 graph at the same thread count, and after a prefill or /predict pass: such steps were once
 timed as warm, and a draft-count re-timing's cold steps in a row lifted the chosen count's
@@ -68,8 +72,8 @@ MAX_INTERVAL = 2048  # ... doubling up to this while the same count stays fastes
 DRIFT = 1.25  # the chosen count's median this many times its level at the last re-timing: re-time now
 
 SWITCH_BELOW = 0.9  # the choice moves when the other count's cost is this much below its own
-COLD_PASSES = 2  # passes of a key, count and graph in a row that are not timed: their caches are cold
-EXPLORE_RUN = 4  # passes a re-timing of the other count runs: COLD_PASSES, then the timed ones
+COLD_PASSES = 4  # passes of a key, count and graph in a row that are not timed: still warming up
+EXPLORE_RUN = 6  # passes a re-timing of the other count runs: COLD_PASSES, then the timed ones
 Key = tuple[str, int]  # (kind of pass, size bucket)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from app.engine import threads
-from app.engine.threads import EXPLORE_RUN, MAX_INTERVAL, MIN_INTERVAL, ThreadPolicy, size_bucket
+from app.engine.threads import COLD_PASSES, EXPLORE_RUN, MAX_INTERVAL, MIN_INTERVAL, ThreadPolicy, size_bucket
 
 
 @pytest.fixture(autouse=True)
@@ -55,8 +55,10 @@ def test_the_faster_count_is_chosen_and_the_other_re_timed_now_and_then() -> Non
     policy = ThreadPolicy(max_threads=2)
     slow_team = pass_costing({1: 0.0005, 2: 0.005})  # a team of two waiting on a descheduled member
     used = [policy.run(("decode", 1), slow_team) for _ in range(120)]  # type: ignore[arg-type]
-    assert used[:6] == [1, 1, 1, 2, 2, 2]  # each count is timed first, on its third (warm) pass
-    assert used[6:].count(1) >= 100  # then one thread, with a few re-timings of two
+    first = COLD_PASSES + 1  # each count is timed first, on its first warm pass
+    assert used[: 2 * first] == [1] * first + [2] * first
+    rest = used[2 * first :]
+    assert rest.count(1) >= len(rest) - 2 * EXPLORE_RUN  # then one thread, but for re-timings of two
     assert 2 in used[20:]
     assert policy.describe() == {"decode/1": 1}
 
@@ -94,14 +96,15 @@ def test_a_cold_first_pass_after_a_switch_does_not_hide_the_faster_count() -> No
     assert used[-32:].count(2) >= 32 - EXPLORE_RUN
 
 
-def test_the_second_and_third_passes_after_a_switch_are_not_taken_as_warm(monkeypatch: pytest.MonkeyPatch) -> None:
-    """After a switch, a pass runs 1.55, 1.26, 1.12 and 1.06 times as long as a warm one (a
-    batch-1 step, docs/benchmarks.md benchmark 5). Timing the second pass of a re-timing, two
-    threads 1.3 times faster than one when warm looked slower than the margin asks, and a
-    policy that had moved to one thread under a neighbour stayed there once it left. A
-    re-timing's passes after the cold ones replace the count's timings."""
+def test_passes_still_warming_up_after_a_switch_are_not_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Served at batch 1 on this project's host, the passes at one thread after a stretch at two
+    cost 2.15, 1.99, 1.62, 1.31 and 1.04 times the sixth (`python -m bench.thread_switch`,
+    docs/benchmarks.md benchmark 30). Timing the third and fourth, two threads 1.3 times faster
+    than one when warm looked slower than the margin asks, and a policy that had moved to one
+    thread under a neighbour stayed there once it left. A re-timing's passes after the cold
+    ones replace the count's timings."""
     machine = Machine(monkeypatch, {1: 0.0008, 2: 0.004})  # a busy neighbour: one thread wins
-    cold = {1: 1.55, 2: 1.26, 3: 1.12, 4: 1.06}  # by passes in a row at the count
+    cold = {1: 2.15, 2: 1.99, 3: 1.62, 4: 1.31, 5: 1.04}  # by passes in a row at the count
     streak = [0, 0]  # the count run last, and passes of it in a row
 
     def run() -> int:
@@ -226,7 +229,7 @@ def test_a_slower_other_count_does_not_trigger_re_timings(monkeypatch: pytest.Mo
         policy.run(key, machine.run)
     machine.seconds = {1: 0.01, 2: 0.001}  # one thread alone got slower: nothing to follow
     used = [policy.run(key, machine.run) for _ in range(MAX_INTERVAL // 2)]
-    assert used.count(1) <= 2
+    assert used.count(1) <= EXPLORE_RUN  # a periodic re-timing at most
 
 
 def test_counts_within_a_few_per_cent_do_not_trade_places_on_noise(monkeypatch: pytest.MonkeyPatch) -> None:
