@@ -9,42 +9,32 @@ count is wrong on one machine or the other, and a neighbour's load comes and goe
 So the core loop times each decode step at the thread count it used, per batch size, and runs
 each step at the count whose recent steps were fastest. Now and then it re-times the other
 count, at an interval that doubles (up to MAX_INTERVAL steps) while the choice holds and drops
-back to MIN_INTERVAL when it changes, so an exploration step under contention costs little. A
-re-timing's timed passes replace the other count's timings: kept with older ones, they were
-outvoted by timings from before a neighbour came or went (benchmark 30: a policy that had moved
-to one thread under a neighbour stayed there in a quiet phase after it left). The choice is
-made when a re-timing has ended, and moves only to a count whose cost is clearly (SWITCH_BELOW)
-below its own: on a host whose speed drifts, two counts within a few per cent of each other
-(batch 1, where the step is short) would otherwise trade places on noise, and each switch costs
-cold steps and restarts the interval at MIN_INTERVAL. A neighbour's 3-100x is far past the
-margin. The chosen count's own steps are timed too: when their median drifts DRIFT times above
-where it stood at the last re-timing (a neighbour has taken a core, and a team of two waits on
-it), the other count is re-timed at the next step instead of at the end of the interval. So the
-interval can be long on a quiet machine, where each re-timing costs a few steps' time (a run at
-the slower count, then the cold steps back), while a neighbour's arrival is followed within a
-few steps. A neighbour leaving makes the one-thread steps no slower, so that is seen at the
-next periodic re-timing. Prefills and /predict passes, few and of varied sizes, are not timed:
-they run at the count the batch-1 decode steps run at (run_like), every thread until those have
-a choice.
+back to MIN_INTERVAL when it changes, so an exploration step under contention costs little; a
+re-timing clearly faster than the current choice is repeated at once, and the choice moves
+only to a count whose median is clearly (SWITCH_BELOW) below its own: on a host whose speed
+drifts, two counts within a few per cent of each other (batch 1, where the step is short) would
+otherwise trade places on noise, and each switch costs cold steps and restarts the interval
+at MIN_INTERVAL. A neighbour's 3-100x is far past the margin. The chosen count's own
+steps are timed too: when their median drifts DRIFT times above where it stood at the last
+re-timing (a neighbour has taken a core, and a team of two waits on it), the other count is
+re-timed at the next step instead of at the end of the interval. So the interval can be long
+on a quiet machine, where each re-timing costs a few steps' time (a run at the slower count,
+then the cold steps back), while a neighbour's arrival is followed within a few steps. A
+neighbour leaving makes the one-thread steps no slower, so that is seen at the next periodic
+re-timing. Prefills and /predict passes, few and of varied sizes, are not timed: they run at
+the count the batch-1 decode steps run at (run_like), every thread until those have a choice.
 
-Only passes in a row of one key, count and graph are timed. The first pass after a switch is
-cold: a compiled step at the other count is another graph, with its own copy of the weights
-(Inductor freezes them into each graph) to bring back into the CPU's caches, and a new team of
-threads. At batch 1 a step right after 31 steps of another graph took 1.9 times a warm one
-(`mtp bench step --autotune`, docs/bench/step-switch.json), so a single re-timing made the
-other count look about twice as slow as it runs. The passes after it are dear too: served at
-batch 1 on this project's 2-core host, the third, fourth and fifth passes at one thread after
-a stretch at two cost 1.76, 1.21 and 1.01 times the later ones per token, and at two threads
-after one 1.32, 1.18 and 1.08 times (`python -m bench.thread_switch`, docs/benchmarks.md,
-benchmark 30). Timing the second pass, a count 1.3 times faster once warm looked slower than
-the margin asks, and a policy at one thread stayed there on a quiet machine. So the first
-COLD_PASSES passes of a key, count and graph in a row are not timed, and a re-timing is a run
-of EXPLORE_RUN passes, the last two timed. The same
-holds when the draft policy (drafts.py) moves a batch size to another draft count, another
-graph at the same thread count, and after a prefill or /predict pass: such steps were once
-timed as warm, and a draft-count re-timing's cold steps in a row lifted the chosen count's
-median past DRIFT and started re-timings at one thread on a quiet machine (docs/benchmarks.md,
-benchmark 25).
+Only a pass that follows one of the same key, at the same count and running the same graph, is
+timed. The first pass after a switch is cold: a compiled step at the other count is another
+graph, with its own copy of the weights (Inductor freezes them into each graph) to bring back
+into the CPU's caches, and a new team of threads. At batch 1 a step right after 31 steps of
+another graph took 1.9 times a warm one (`mtp bench step --autotune`, docs/bench/step-switch.json),
+so a single re-timing made the other count look about twice as slow as it runs. A re-timing is
+therefore a run of EXPLORE_RUN passes, of which the first is not timed. The same holds when the
+draft policy (drafts.py) moves a batch size to another draft count, another graph at the same
+thread count, and after a prefill or /predict pass: such steps were once timed as warm, and a
+draft-count re-timing's cold steps in a row lifted the chosen count's median past DRIFT and
+started re-timings at one thread on a quiet machine (docs/benchmarks.md, benchmark 25).
 
 A decode step's time is taken per token it is expected to yield (`work`: 1 + the acceptance
 rates of the drafts it verified, from the draft policy). Each thread count has its own draft
@@ -71,9 +61,9 @@ MIN_INTERVAL = 32  # passes of a key between re-timings of the other thread coun
 MAX_INTERVAL = 2048  # ... doubling up to this while the same count stays fastest
 DRIFT = 1.25  # the chosen count's median this many times its level at the last re-timing: re-time now
 
-SWITCH_BELOW = 0.9  # the choice moves when the other count's cost is this much below its own
-COLD_PASSES = 4  # passes of a key, count and graph in a row that are not timed: still warming up
-EXPLORE_RUN = 6  # passes a re-timing of the other count runs: COLD_PASSES, then the timed ones
+CONFIRM_BELOW = 0.9  # a re-timing this much faster than the current choice is repeated at once
+SWITCH_BELOW = 0.9  # ... and the choice moves when the other count's median is this much below its own
+EXPLORE_RUN = 2  # passes a re-timing of the other count runs; the first, cold, is not timed
 Key = tuple[str, int]  # (kind of pass, size bucket)
 
 
@@ -94,8 +84,7 @@ class ThreadPolicy:
         self.best: dict[Key, int] = {}
         self.level: dict[Key, float] = {}  # the chosen count's cost at the last re-timing (DRIFT)
         self.exploring: dict[Key, int] = {}  # passes left in a re-timing run of the other count
-        self.last: tuple[Key, int, Hashable] | None = None  # last pass: key, count, graph
-        self.streak = 0  # passes in a row of self.last: the first COLD_PASSES are not timed
+        self.last: tuple[Key, int, Hashable] | None = None  # last pass: key, count, graph (the next is warm if equal)
         self.passes: Counter[tuple[Key, int]] = Counter()  # passes run, by (key, threads): for the benchmarks
         self.early = 0  # re-timings started by the chosen count's drift (DRIFT), not by the interval
 
@@ -108,9 +97,6 @@ class ThreadPolicy:
         if cost is None or any(n not in cost for n in choices):
             return next(n for n in choices if cost is None or n not in cost)  # time every count once first
         best = self.best.get(key)
-        if self.exploring.get(key) and best in choices:  # a re-timing run goes on; the choice waits for its end
-            self.exploring[key] -= 1
-            return next(n for n in choices if n != best)
         fastest = min(choices, key=cost.__getitem__)
         if best not in choices or cost[fastest] < SWITCH_BELOW * cost[best]:
             best = fastest
@@ -118,15 +104,16 @@ class ThreadPolicy:
             self.best[key] = best
             self.level[key] = cost[best]
             self.interval[key] = self.until_explore[key] = self.min_interval
+        if self.exploring.get(key):
+            self.exploring[key] -= 1
+            return next(n for n in choices if n != best)
         self.until_explore[key] -= 1
         if self.until_explore[key] <= 0:
             self.interval[key] = min(2 * self.interval[key], self.max_interval)
             self.until_explore[key] = self.interval[key]
             self.exploring[key] = EXPLORE_RUN - 1
             self.level[key] = cost[best]
-            other = next(n for n in choices if n != best)
-            self.recent[key][other].clear()  # the run's warm passes replace the count's timings
-            return other
+            return next(n for n in choices if n != best)
         return best
 
     def run(
@@ -152,9 +139,8 @@ class ThreadPolicy:
         result = fn()
         seconds = time.perf_counter() - t0
         ran = (key, n, graph() if graph is not None else None)
-        self.streak = self.streak + 1 if self.last == ran else 1
-        self.last = ran
-        if self.streak > COLD_PASSES:
+        warm, self.last = self.last == ran, ran
+        if warm:
             self._timed(key, n, seconds / work() if work is not None else seconds)
         return result
 
@@ -166,7 +152,7 @@ class ThreadPolicy:
         one until the next decode step (a third fewer requests served; docs/benchmarks.md,
         benchmark 23). The batch-1 choice is the one that follows a busy neighbour: there a team
         of two waits at every barrier, and one thread is the better count for any pass. The next
-        decode passes are cold after it: they are not timed (COLD_PASSES)."""
+        decode pass is cold after it: it is not timed."""
         n = self.best.get(key, self.choices[-1])
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
@@ -179,6 +165,8 @@ class ThreadPolicy:
         recent = self.recent.setdefault(key, {c: deque(maxlen=RECENT) for c in self.choices})
         cost = self.cost.setdefault(key, {})
         best = self.best.get(key)
+        if best is not None and n != best and seconds < CONFIRM_BELOW * cost[best]:
+            self.until_explore[key] = 1  # the other count looks clearly faster now: confirm it at once
         recent[n].append(seconds)
         cost[n] = statistics.median(recent[n])
         if n == best and cost[n] > DRIFT * self.level[key] and not self.exploring.get(key):

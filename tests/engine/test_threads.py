@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from app.engine import threads
-from app.engine.threads import COLD_PASSES, EXPLORE_RUN, MAX_INTERVAL, MIN_INTERVAL, ThreadPolicy, size_bucket
+from app.engine.threads import MAX_INTERVAL, MIN_INTERVAL, ThreadPolicy, size_bucket
 
 
 @pytest.fixture(autouse=True)
@@ -55,10 +55,8 @@ def test_the_faster_count_is_chosen_and_the_other_re_timed_now_and_then() -> Non
     policy = ThreadPolicy(max_threads=2)
     slow_team = pass_costing({1: 0.0005, 2: 0.005})  # a team of two waiting on a descheduled member
     used = [policy.run(("decode", 1), slow_team) for _ in range(120)]  # type: ignore[arg-type]
-    first = COLD_PASSES + 1  # each count is timed first, on its first warm pass
-    assert used[: 2 * first] == [1] * first + [2] * first
-    rest = used[2 * first :]
-    assert rest.count(1) >= len(rest) - 2 * EXPLORE_RUN  # then one thread, but for re-timings of two
+    assert used[:4] == [1, 1, 2, 2]  # each count is timed first, on its second (warm) pass
+    assert used[2:].count(1) >= 110  # then one thread, with a few re-timings of two
     assert 2 in used[20:]
     assert policy.describe() == {"decode/1": 1}
 
@@ -68,10 +66,10 @@ def test_the_choice_follows_when_the_machine_changes() -> None:
     key = ("decode", 4)
     for _ in range(40):
         policy.run(key, pass_costing({1: 0.0005, 2: 0.003}))  # type: ignore[arg-type]
-    assert policy.describe() == {f"{key[0]}/{key[1]}": 1}
+    assert policy.choose(key) == 1
     quiet = pass_costing({1: 0.003, 2: 0.0005})  # the neighbour has gone: two threads win again
     used = [policy.run(key, quiet) for _ in range(2 * 256)]  # type: ignore[arg-type]
-    assert used[-32:].count(2) >= 32 - EXPLORE_RUN  # two threads again, but for a re-timing of one
+    assert used[-32:].count(2) >= 30  # two threads again, but for a re-timing of one
 
 
 def test_a_cold_first_pass_after_a_switch_does_not_hide_the_faster_count() -> None:
@@ -83,7 +81,7 @@ def test_a_cold_first_pass_after_a_switch_does_not_hide_the_faster_count() -> No
     key = ("decode", 1)
     for _ in range(40):
         policy.run(key, pass_costing({1: 0.0005, 2: 0.003}))  # type: ignore[arg-type]
-    assert policy.describe() == {f"{key[0]}/{key[1]}": 1}
+    assert policy.choose(key) == 1
     last = [1]
 
     def switching() -> int:
@@ -93,36 +91,7 @@ def test_a_cold_first_pass_after_a_switch_does_not_hide_the_faster_count() -> No
         return n
 
     used = [policy.run(key, switching) for _ in range(2 * 256)]
-    assert used[-32:].count(2) >= 32 - EXPLORE_RUN
-
-
-def test_passes_still_warming_up_after_a_switch_are_not_timed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Served at batch 1 on this project's host, the passes at one thread after a stretch at two
-    cost 2.15, 1.99, 1.62, 1.31 and 1.04 times the sixth (`python -m bench.thread_switch`,
-    docs/benchmarks.md benchmark 30). Timing the third and fourth, two threads 1.3 times faster
-    than one when warm looked slower than the margin asks, and a policy that had moved to one
-    thread under a neighbour stayed there once it left. A re-timing's passes after the cold
-    ones replace the count's timings."""
-    machine = Machine(monkeypatch, {1: 0.0008, 2: 0.004})  # a busy neighbour: one thread wins
-    cold = {1: 2.15, 2: 1.99, 3: 1.62, 4: 1.31, 5: 1.04}  # by passes in a row at the count
-    streak = [0, 0]  # the count run last, and passes of it in a row
-
-    def run() -> int:
-        n = torch.get_num_threads()
-        streak[1] = streak[1] + 1 if streak[0] == n else 1
-        streak[0] = n
-        machine.now += machine.seconds[n] * cold.get(streak[1], 1.0)
-        return n
-
-    policy = ThreadPolicy(max_threads=2, max_interval=256)
-    key = ("decode", 1)
-    for _ in range(600):
-        policy.run(key, run)
-    assert policy.describe() == {"decode/1": 1}
-    machine.seconds = {1: 0.0013, 2: 0.001}  # the neighbour has gone: two threads 1.3x faster
-    used = [policy.run(key, run) for _ in range(2 * 256)]
-    assert used[-32:].count(2) >= 32 - EXPLORE_RUN
-    assert policy.describe() == {"decode/1": 2}
+    assert used[-32:].count(2) >= 30
 
 
 def test_on_a_steady_machine_the_other_count_is_re_timed_ever_more_rarely(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,7 +103,7 @@ def test_on_a_steady_machine_the_other_count_is_re_timed_ever_more_rarely(monkey
     runs = [i for i in range(4, len(used)) if used[i] == 1 and used[i - 1] == 2]  # re-timing runs of one thread
     gaps = [b - a for a, b in itertools.pairwise(runs)]
     assert gaps == sorted(gaps) and gaps[-1] >= MAX_INTERVAL  # doubling, up to the longest interval
-    assert used[4:].count(1) <= EXPLORE_RUN * (MAX_INTERVAL.bit_length() - MIN_INTERVAL.bit_length() + 4)
+    assert used[4:].count(1) <= 2 * (MAX_INTERVAL.bit_length() - MIN_INTERVAL.bit_length() + 4)
 
 
 def test_a_pass_of_another_graph_is_cold_and_not_timed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,9 +129,7 @@ def test_a_pass_of_another_graph_is_cold_and_not_timed(monkeypatch: pytest.Monke
         graph = "3 drafts" if i % 32 in (30, 31) else "5 drafts"  # a draft-count re-timing every 32 steps
         used.append(policy.run(key, lambda graph=graph: run(graph), graph=lambda graph=graph: graph))  # type: ignore[misc]
     assert policy.describe() == {"decode/1": 2}
-    assert used[4:].count(1) <= EXPLORE_RUN * (
-        MAX_INTERVAL.bit_length() - MIN_INTERVAL.bit_length() + 4
-    )  # periodic ones only
+    assert used[4:].count(1) <= 2 * (MAX_INTERVAL.bit_length() - MIN_INTERVAL.bit_length() + 4)  # periodic ones only
 
 
 def test_counts_are_compared_per_expected_token(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -184,13 +151,9 @@ def test_counts_are_compared_per_expected_token(monkeypatch: pytest.MonkeyPatch)
     graph, work = (lambda: ran[-1]), (lambda: tokens[ran[-1]])  # the graph and yield follow the count
     used = [policy.run(key, run, graph=graph, work=work) for _ in range(2 * MAX_INTERVAL)]
     assert policy.describe() == {"decode/1": 2}
-    assert used[4:].count(1) <= EXPLORE_RUN * (
-        MAX_INTERVAL.bit_length() - MIN_INTERVAL.bit_length() + 4
-    )  # re-timings only
+    assert used[4:].count(1) <= 2 * (MAX_INTERVAL.bit_length() - MIN_INTERVAL.bit_length() + 4)  # re-timings only
     timings = policy.timings()  # what /info shows the choice was made from
-    assert timings["cost_ms"] == {
-        "decode/1": {"1": pytest.approx(0.85 / 2, abs=1e-4), "2": pytest.approx(1 / 3, abs=1e-4)}
-    }
+    assert timings["cost_ms"] == {"decode/1": {"1": pytest.approx(0.85 / 2, abs=1e-4), "2": pytest.approx(1 / 3, abs=1e-4)}}
     assert timings["passes"] == {"decode/1": {"1": used.count(1), "2": used.count(2)}}
     assert timings["early_retimings"] == 0
     per_step = ThreadPolicy(max_threads=2)  # per step, as before
@@ -229,7 +192,7 @@ def test_a_slower_other_count_does_not_trigger_re_timings(monkeypatch: pytest.Mo
         policy.run(key, machine.run)
     machine.seconds = {1: 0.01, 2: 0.001}  # one thread alone got slower: nothing to follow
     used = [policy.run(key, machine.run) for _ in range(MAX_INTERVAL // 2)]
-    assert used.count(1) <= EXPLORE_RUN  # a periodic re-timing at most
+    assert used.count(1) <= 2
 
 
 def test_counts_within_a_few_per_cent_do_not_trade_places_on_noise(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -241,7 +204,7 @@ def test_counts_within_a_few_per_cent_do_not_trade_places_on_noise(monkeypatch: 
     assert used[-16:] == [2] * 16
     machine.seconds = {1: 0.00097, 2: 0.001}  # one thread now 3 % faster: noise, not a reason to switch
     used = [policy.run(key, machine.run) for _ in range(2 * MAX_INTERVAL)]
-    assert used.count(1) <= 8 * EXPLORE_RUN and used[-16:] == [2] * 16  # re-timings only
+    assert used.count(1) <= 16 and used[-16:] == [2] * 16  # re-timings only
     machine.seconds = {1: 0.0008, 2: 0.001}  # 20 % faster: it moves
     used = [policy.run(key, machine.run) for _ in range(4 * MAX_INTERVAL)]
     assert used[-16:] == [1] * 16
