@@ -153,7 +153,9 @@ def test_counts_are_compared_per_expected_token(monkeypatch: pytest.MonkeyPatch)
     assert policy.describe() == {"decode/1": 2}
     assert used[4:].count(1) <= 2 * (MAX_INTERVAL.bit_length() - MIN_INTERVAL.bit_length() + 4)  # re-timings only
     timings = policy.timings()  # what /info shows the choice was made from
-    assert timings["cost_ms"] == {"decode/1": {"1": pytest.approx(0.85 / 2, abs=1e-4), "2": pytest.approx(1 / 3, abs=1e-4)}}
+    assert timings["cost_ms"] == {
+        "decode/1": {"1": pytest.approx(0.85 / 2, abs=1e-4), "2": pytest.approx(1 / 3, abs=1e-4)}
+    }
     assert timings["passes"] == {"decode/1": {"1": used.count(1), "2": used.count(2)}}
     assert timings["early_retimings"] == 0
     per_step = ThreadPolicy(max_threads=2)  # per step, as before
