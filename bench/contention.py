@@ -7,8 +7,8 @@ count; MTP_TORCH_THREADS=1), one server at a time: one sequential stream of gree
 requests on a quiet machine, then with `python -c "while True: pass"` running beside it, then
 quiet again, and so on for `rounds`. The busy loop is a neighbour at normal priority that
 wants one whole core. Prints tokens/s per phase and busy/quiet ratios, all from this run, and
-per phase the cores the server's threads kept busy and what its draft and thread policies
-chose at batch 1 (from /info, read before the neighbour stops).
+per phase the cores the server's threads kept busy, the host's stolen share, and what its
+draft and thread policies chose at batch 1 (from /info, read before the neighbour stops).
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ import contextlib
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
 from app import config
 from app.model.checkpoint import load_tokenizer
 from bench.decoding import heldout_prompts, write_json
-from bench.server import policies, running, thread_cores, thread_times
+from bench.server import measured, policies, running
 from bench.service import generate_load
 
 CONFIGS: dict[str, dict[str, object]] = {
@@ -64,11 +63,9 @@ def bench_contention(
             for _ in range(rounds):
                 for phase in ("quiet", "busy"):
                     with busy_core() if phase == "busy" else contextlib.nullcontext():
-                        before, t0 = thread_times(pid), time.perf_counter()
-                        r = asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts)))
-                        cores = thread_cores(pid, before, thread_times(pid), time.perf_counter() - t0)
+                        r = measured(lambda: asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts))), pid)
                         # read while the neighbour still runs: what the thread policy chose under it
-                        details.append({"phase": phase, **r, "server_cores": cores, "policies": policies(srv.url)})
+                        details.append({"phase": phase, **r, "policies": policies(srv.url)})
                     phases[phase].append(r["tokens_per_s"])
         quiet, busy = statistics.median(phases["quiet"]), statistics.median(phases["busy"])
         out["configs"][name] = {

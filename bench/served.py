@@ -31,7 +31,7 @@ import asyncio
 import os
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +49,10 @@ from bench.decoding import heldout_prompts, write_json
 from bench.server import (
     ROOT,
     baseline_tree,
-    host_times,
+    measured,
     policies,
     progress,
     running,
-    steal_share,
-    thread_cores,
-    thread_times,
 )
 from bench.service import generate_load
 
@@ -144,18 +141,18 @@ def served_phase(
             run: dict[str, Any] = {}
             if offline is not None and prompts is not None:
                 time.sleep(SETTLE_S)
-                run["offline"] = _stolen(lambda: offline.rate(prompts, new_tokens))
+                run["offline"] = measured(lambda: offline.rate(prompts, new_tokens))
                 time.sleep(SETTLE_S)
             pid = srv.proc.pid
-            run["1_stream"] = _stolen(
+            run["1_stream"] = measured(
                 lambda: asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts))), pid
             )
-            run["1_stream_json"] = _stolen(
+            run["1_stream_json"] = measured(
                 lambda: asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts), stream=False)), pid
             )
             run["policies"] = policies(srv.url)
             runs.append(run)
-        many = _stolen(lambda: asyncio.run(generate_load(srv.url, texts, streams, new_tokens, 2)), srv.proc.pid)
+        many = measured(lambda: asyncio.run(generate_load(srv.url, texts, streams, new_tokens, 2)), srv.proc.pid)
     out: dict[str, Any] = {key: _merged([r[key] for r in runs]) for key in ("1_stream", "1_stream_json")}
     out[f"{streams}_streams"] = many
     if offline is not None:
@@ -169,17 +166,6 @@ def check_compiled(info: Mapping[str, Any]) -> None:
     compiled = info.get("compiled")
     if isinstance(compiled, Mapping) and compiled.get("error"):
         raise RuntimeError(f"the server's compiled steps failed to build, it serves eager ones: {compiled['error']}")
-
-
-def _stolen(measure: Callable[[], dict[str, Any]], pid: int | None = None) -> dict[str, Any]:
-    """measure()'s figures, with the share of the host's CPU time stolen while it ran, and with
-    a server's pid, the cores its threads kept busy (bench.server.thread_cores)."""
-    before, threads, t0 = host_times(), thread_times(pid) if pid else None, time.perf_counter()
-    result = measure()
-    out = {**result, "steal_share": steal_share(before, host_times())}
-    if pid:
-        out["server_cores"] = thread_cores(pid, threads, thread_times(pid), time.perf_counter() - t0)
-    return out
 
 
 def _merged(results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,17 @@ def thread_cores(pid: int, before: dict[int, int] | None, after: dict[int, int] 
     busiest = max(used, key=used.__getitem__, default=None)
     top = used.pop(busiest, 0.0) if busiest is not None else 0.0
     return {"event_loop": round(main, 2), "busiest_other": round(top, 2), "rest": round(sum(used.values()), 2)}
+
+
+def measured(measure: Callable[[], dict[str, Any]], pid: int | None = None) -> dict[str, Any]:
+    """measure()'s figures, with the share of the host's CPU time stolen while it ran, and with
+    a server's pid, the cores its threads kept busy (bench.server.thread_cores)."""
+    before, threads, t0 = host_times(), thread_times(pid) if pid else None, time.perf_counter()
+    result = measure()
+    out = {**result, "steal_share": steal_share(before, host_times())}
+    if pid:
+        out["server_cores"] = thread_cores(pid, threads, thread_times(pid), time.perf_counter() - t0)
+    return out
 
 
 def policies(url: str) -> dict[str, Any]:
