@@ -15,9 +15,15 @@ only to a count whose median is clearly (SWITCH_BELOW) below its own: on a host 
 drifts, two counts within a few per cent of each other (batch 1, where the step is short) would
 otherwise trade places on noise, and each switch costs cold steps and restarts the interval
 at MIN_INTERVAL. A neighbour's 3-100x is far past the margin. The chosen count's own
-steps are timed too: when their median drifts DRIFT times above where it stood at the last
-re-timing (a neighbour has taken a core, and a team of two waits on it), the other count is
-re-timed at the next step instead of at the end of the interval. So the interval can be long
+steps are timed too: when the median of its steady passes (STEADY or more in a row of the
+same graph) drifts DRIFT times above where its cost stood at the last re-timing (a neighbour has
+taken a core, and a team of two waits on it), the other count is re-timed at the next step
+instead of at the end of the interval. Only steady passes count there: the draft policy's
+re-timing runs switch graphs at the same thread count every few dozen steps, and the passes
+right after such a switch cost 2-4 times a warm one for three or four passes in a row (served
+in process, 16 requests: four drift re-timings in about 1,000 batch-1 steps, each a run of
+such passes; docs/benchmarks.md, benchmark 31). Each re-timing costs one-thread passes at 2.6
+times a two-thread one's cost per token, and restarts the interval at MIN_INTERVAL. So the interval can be long
 on a quiet machine, where each re-timing costs a few steps' time (a run at the slower count,
 then the cold steps back), while a neighbour's arrival is followed within a few steps. A
 neighbour leaving makes the one-thread steps no slower, so that is seen at the next periodic
@@ -64,6 +70,7 @@ DRIFT = 1.25  # the chosen count's median this many times its level at the last 
 CONFIRM_BELOW = 0.9  # a re-timing this much faster than the current choice is repeated at once
 SWITCH_BELOW = 0.9  # ... and the choice moves when the other count's median is this much below its own
 EXPLORE_RUN = 2  # passes a re-timing of the other count runs; the first, cold, is not timed
+STEADY = 5  # passes in a row of one key, count and graph from which a pass is steady: only those show drift
 Key = tuple[str, int]  # (kind of pass, size bucket)
 
 
@@ -85,6 +92,8 @@ class ThreadPolicy:
         self.level: dict[Key, float] = {}  # the chosen count's cost at the last re-timing (DRIFT)
         self.exploring: dict[Key, int] = {}  # passes left in a re-timing run of the other count
         self.last: tuple[Key, int, Hashable] | None = None  # last pass: key, count, graph (the next is warm if equal)
+        self.in_a_row = 0  # passes in a row of self.last
+        self.steady: dict[Key, deque[float]] = {}  # the chosen count's recent steady passes (DRIFT)
         self.passes: Counter[tuple[Key, int]] = Counter()  # passes run, by (key, threads): for the benchmarks
         self.early = 0  # re-timings started by the chosen count's drift (DRIFT), not by the interval
 
@@ -103,6 +112,7 @@ class ThreadPolicy:
         if best != self.best.get(key):
             self.best[key] = best
             self.level[key] = cost[best]
+            self.steady.pop(key, None)  # the other count's steady passes
             self.interval[key] = self.until_explore[key] = self.min_interval
         if self.exploring.get(key):
             self.exploring[key] -= 1
@@ -140,8 +150,9 @@ class ThreadPolicy:
         seconds = time.perf_counter() - t0
         ran = (key, n, graph() if graph is not None else None)
         warm, self.last = self.last == ran, ran
+        self.in_a_row = self.in_a_row + 1 if warm else 1
         if warm:
-            self._timed(key, n, seconds / work() if work is not None else seconds)
+            self._timed(key, n, seconds / work() if work is not None else seconds, self.in_a_row >= STEADY)
         return result
 
     def run_like(self, key: Key, fn: Callable[[], T]) -> T:
@@ -160,8 +171,8 @@ class ThreadPolicy:
         self.last = None  # the pass brings its own weights and activations into the caches
         return fn()
 
-    def _timed(self, key: Key, n: int, seconds: float) -> None:
-        """A warm pass of `key` at n threads took `seconds`."""
+    def _timed(self, key: Key, n: int, seconds: float, steady: bool = False) -> None:
+        """A warm pass of `key` at n threads took `seconds`; steady: STEADY or more in a row."""
         recent = self.recent.setdefault(key, {c: deque(maxlen=RECENT) for c in self.choices})
         cost = self.cost.setdefault(key, {})
         best = self.best.get(key)
@@ -169,11 +180,16 @@ class ThreadPolicy:
             self.until_explore[key] = 1  # the other count looks clearly faster now: confirm it at once
         recent[n].append(seconds)
         cost[n] = statistics.median(recent[n])
-        if n == best and cost[n] > DRIFT * self.level[key] and not self.exploring.get(key):
+        if n != best or not steady:
+            return
+        held = self.steady.setdefault(key, deque(maxlen=RECENT))
+        held.append(seconds)
+        drifted = statistics.median(held)
+        if drifted > DRIFT * self.level[key] and not self.exploring.get(key):
             self.until_explore[key] = min(self.until_explore[key], 1)  # slower than it was: re-time the other now
             self.early += 1
             self.interval[key] = self.min_interval
-            self.level[key] = cost[n]
+            self.level[key] = drifted
 
     def describe(self) -> dict[str, int]:
         """The thread count each kind and size runs at now, for /info."""
