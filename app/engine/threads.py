@@ -15,20 +15,25 @@ only to a count whose median is clearly (SWITCH_BELOW) below its own: on a host 
 drifts, two counts within a few per cent of each other (batch 1, where the step is short) would
 otherwise trade places on noise, and each switch costs cold steps and restarts the interval
 at MIN_INTERVAL. A neighbour's 3-100x is far past the margin. The chosen count's own
-steps are timed too: when the median of its steady passes (STEADY or more in a row of the
-same graph) drifts DRIFT times above where its cost stood at the last re-timing (a neighbour has
-taken a core, and a team of two waits on it), the other count is re-timed at the next step
-instead of at the end of the interval. Only steady passes count there: the draft policy's
-re-timing runs switch graphs at the same thread count every few dozen steps, and the passes
-right after such a switch cost 2-4 times a warm one for three or four passes in a row (served
-in process, 16 requests: four drift re-timings in about 1,000 batch-1 steps, each a run of
-such passes; docs/benchmarks.md, benchmark 31). Each re-timing costs one-thread passes at 2.6
-times a two-thread one's cost per token, and restarts the interval at MIN_INTERVAL. So the interval can be long
-on a quiet machine, where each re-timing costs a few steps' time (a run at the slower count,
-then the cold steps back), while a neighbour's arrival is followed within a few steps. A
-neighbour leaving makes the one-thread steps no slower, so that is seen at the next periodic
-re-timing. Prefills and /predict passes, few and of varied sizes, are not timed: they run at
-the count the batch-1 decode steps run at (run_like), every thread until those have a choice.
+steps are timed too: when the median of its steady steps drifts DRIFT times above where its
+cost stood at the last re-timing (a neighbour has taken a core, and a team of two waits on
+it), the other count is re-timed at the next step instead of at the end of the interval. So
+the interval can be long on a quiet machine, where each re-timing costs a few steps' time (a
+run at the slower count, then the cold steps back), while a neighbour's arrival is followed
+within a few steps. A neighbour leaving makes the one-thread steps no slower, so that is seen
+at the next periodic re-timing. Prefills and /predict passes, few and of varied sizes, are not
+timed: they run at the count the batch-1 decode steps run at (run_like), every thread until
+those have a choice.
+
+A steady step is the STEADY-th or a later one of its graph since that graph began at its size
+and count. The draft policy's re-timing runs switch graphs at the same thread count every few
+dozen steps, and the steps right after such a switch cost 2-4 times a warm one for three or
+four steps in a row. Timed as they came, they lifted the chosen count's median past DRIFT:
+served in process, 16 requests made four drift re-timings in about 1,000 batch-1 steps, each
+after such a run (docs/benchmarks.md, benchmark 31), and each re-timing runs one-thread steps
+at 2.6 times a two-thread one's cost per token and restarts the interval at MIN_INTERVAL. A
+prefill, or a pass of another size, between two steps does not restart the count: with many
+streams one comes every few steps, and drift would never be seen. A switch of thread count does.
 
 Only a pass that follows one of the same key, at the same count and running the same graph, is
 timed. The first pass after a switch is cold: a compiled step at the other count is another
@@ -70,7 +75,7 @@ DRIFT = 1.25  # the chosen count's median this many times its level at the last 
 CONFIRM_BELOW = 0.9  # a re-timing this much faster than the current choice is repeated at once
 SWITCH_BELOW = 0.9  # ... and the choice moves when the other count's median is this much below its own
 EXPLORE_RUN = 2  # passes a re-timing of the other count runs; the first, cold, is not timed
-STEADY = 5  # passes in a row of one key, count and graph from which a pass is steady: only those show drift
+STEADY = 5  # passes of one graph at a key and count from which a pass is steady: only those show drift
 Key = tuple[str, int]  # (kind of pass, size bucket)
 
 
@@ -92,7 +97,7 @@ class ThreadPolicy:
         self.level: dict[Key, float] = {}  # the chosen count's cost at the last re-timing (DRIFT)
         self.exploring: dict[Key, int] = {}  # passes left in a re-timing run of the other count
         self.last: tuple[Key, int, Hashable] | None = None  # last pass: key, count, graph (the next is warm if equal)
-        self.in_a_row = 0  # passes in a row of self.last
+        self.graph_passes: dict[tuple[Key, int], tuple[Hashable, int]] = {}  # (key, count) -> its graph, passes of it
         self.steady: dict[Key, deque[float]] = {}  # the chosen count's recent steady passes (DRIFT)
         self.passes: Counter[tuple[Key, int]] = Counter()  # passes run, by (key, threads): for the benchmarks
         self.early = 0  # re-timings started by the chosen count's drift (DRIFT), not by the interval
@@ -142,7 +147,8 @@ class ThreadPolicy:
         row): the time recorded is per unit of it."""
         n = self.choose(key, allowed)
         self.passes[key, n] += 1
-        if n != self.current:
+        switched = n != self.current  # the last pass, this key's or not, ran at another count
+        if switched:
             torch.set_num_threads(n)  # this thread's OpenMP team: the core runs every pass
             self.current = n
         t0 = time.perf_counter()
@@ -150,9 +156,11 @@ class ThreadPolicy:
         seconds = time.perf_counter() - t0
         ran = (key, n, graph() if graph is not None else None)
         warm, self.last = self.last == ran, ran
-        self.in_a_row = self.in_a_row + 1 if warm else 1
+        same = self.graph_passes.get((key, n))
+        runs = same[1] + 1 if same is not None and same[0] == ran[2] and not switched else 1
+        self.graph_passes[key, n] = (ran[2], runs)
         if warm:
-            self._timed(key, n, seconds / work() if work is not None else seconds, self.in_a_row >= STEADY)
+            self._timed(key, n, seconds / work() if work is not None else seconds, runs >= STEADY)
         return result
 
     def run_like(self, key: Key, fn: Callable[[], T]) -> T:
@@ -172,7 +180,7 @@ class ThreadPolicy:
         return fn()
 
     def _timed(self, key: Key, n: int, seconds: float, steady: bool = False) -> None:
-        """A warm pass of `key` at n threads took `seconds`; steady: STEADY or more in a row."""
+        """A warm pass of `key` at n threads took `seconds`; steady: its graph's STEADY-th or later."""
         recent = self.recent.setdefault(key, {c: deque(maxlen=RECENT) for c in self.choices})
         cost = self.cost.setdefault(key, {})
         best = self.best.get(key)

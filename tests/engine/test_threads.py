@@ -216,6 +216,31 @@ def test_a_neighbour_that_slows_the_chosen_count_is_followed_within_a_few_passes
     assert policy.describe() == {"decode/1": 1}
 
 
+def test_a_neighbour_is_followed_with_a_prefill_every_few_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With many streams a prefill comes between decode steps every few steps. It makes the
+    next step cold (not timed) but does not restart its graph's count of steps towards steady:
+    counted in a row, no step was ever steady and a neighbour was not seen until the periodic
+    re-timing, thousands of steps later."""
+    machine = Machine(monkeypatch, {1: 0.004, 2: 0.001})
+    policy = ThreadPolicy(max_threads=2)
+    key = ("decode", 16)
+
+    def serve(steps: int) -> list[int]:
+        used = []
+        for i in range(steps):
+            used.append(policy.run(key, machine.run))
+            if i % 3 == 2:
+                policy.run_like(("decode", 1), machine.run)  # a new stream's prefill
+        return used
+
+    serve(3 * MAX_INTERVAL // 2)
+    assert policy.describe() == {"decode/16": 2} and policy.interval[key] >= MAX_INTERVAL // 2
+    machine.seconds = {1: 0.0016, 2: 0.003}  # a busy process now shares a core with the team
+    used = serve(200)
+    assert 1 in used[:24]  # a re-timing within a few steps (it may be broken by a prefill, then repeated)
+    assert policy.describe() == {"decode/16": 1} and used[-50:].count(1) >= 45
+
+
 def test_a_slower_other_count_does_not_trigger_re_timings(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the chosen count's own passes drifting up starts an early re-timing."""
     machine = Machine(monkeypatch, {1: 0.0015, 2: 0.001})
