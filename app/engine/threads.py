@@ -34,6 +34,9 @@ after such a run (docs/benchmarks.md, benchmark 31), and each re-timing runs one
 at 2.6 times a two-thread one's cost per token and restarts the interval at MIN_INTERVAL. A
 prefill, or a pass of another size, between two steps does not restart the count: with many
 streams one comes every few steps, and drift would never be seen. A switch of thread count does.
+Steady steps still came in bursts of three or four slow ones now and then (1.6-3.4 times the
+level, causes not found; in process, four in about 1,000 steps), so drift is the median of the
+last DRIFT_WINDOW steady steps: a neighbour moves it within five.
 
 Only a pass that follows one of the same key, at the same count and running the same graph, is
 timed. The first pass after a switch is cold: a compiled step at the other count is another
@@ -76,6 +79,7 @@ CONFIRM_BELOW = 0.9  # a re-timing this much faster than the current choice is r
 SWITCH_BELOW = 0.9  # ... and the choice moves when the other count's median is this much below its own
 EXPLORE_RUN = 2  # passes a re-timing of the other count runs; the first, cold, is not timed
 STEADY = 5  # passes of one graph at a key and count from which a pass is steady: only those show drift
+DRIFT_WINDOW = 9  # the chosen count's steady passes whose median shows drift: a burst of four slow ones does not
 Key = tuple[str, int]  # (kind of pass, size bucket)
 
 
@@ -190,7 +194,7 @@ class ThreadPolicy:
         cost[n] = statistics.median(recent[n])
         if n != best or not steady:
             return
-        held = self.steady.setdefault(key, deque(maxlen=RECENT))
+        held = self.steady.setdefault(key, deque(maxlen=DRIFT_WINDOW))
         held.append(seconds)
         drifted = statistics.median(held)
         if drifted > DRIFT * self.level[key] and not self.exploring.get(key):
