@@ -122,6 +122,7 @@ def bench_thread_switch(
         "streams": streams,
         "new_tokens": new_tokens,
         "threads_at_end": info.get("threads"),
+        "thread_timings_at_end": info.get("thread_timings"),  # early_retimings: started by the chosen count's drift
         "by_size": {},
     }
     for size, n in sorted(in_a_row):
