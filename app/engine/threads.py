@@ -26,17 +26,16 @@ timed: they run at the count the batch-1 decode steps run at (run_like), every t
 those have a choice.
 
 A steady step is the STEADY-th or a later one of its graph since that graph began at its size
-and count. The draft policy's re-timing runs switch graphs at the same thread count every few
-dozen steps, and the steps right after such a switch cost 2-4 times a warm one for three or
-four steps in a row. Timed as they came, they lifted the chosen count's median past DRIFT:
-served in process, 16 requests made four drift re-timings in about 1,000 batch-1 steps, each
-after such a run (docs/benchmarks.md, benchmark 31), and each re-timing runs one-thread steps
-at 2.6 times a two-thread one's cost per token and restarts the interval at MIN_INTERVAL. A
-prefill, or a pass of another size, between two steps does not restart the count: with many
-streams one comes every few steps, and drift would never be seen. A switch of thread count does.
-Steady steps still came in bursts of three or four slow ones now and then (1.6-3.4 times the
-level, causes not found; in process, four in about 1,000 steps), so drift is the median of the
-last DRIFT_WINDOW steady steps: a neighbour moves it within five.
+and count. Every warm step used to count towards drift, and a few slow ones in a row lifted the
+median of five past DRIFT: the steps right after a switch of graph (the draft policy's re-timing
+runs switch graphs at the same thread count every few dozen steps), and short bursts whose
+cause was not found. Served in process, 16 requests made 7 and 4 drift re-timings in about
+1,000 batch-1 steps, and none with steady steps and a median of DRIFT_WINDOW (`python -m
+bench.thread_switch`, docs/benchmarks.md, benchmark 31). Each re-timing runs one-thread steps
+at about three times a two-thread one's cost per token, and restarts the interval at
+MIN_INTERVAL. A prefill, or a pass of another size, between two steps does not restart the
+count: with many streams one comes every few steps, and drift would never be seen. A switch of
+thread count does. A neighbour moves the median of DRIFT_WINDOW within five steady steps.
 
 Only a pass that follows one of the same key, at the same count and running the same graph, is
 timed. The first pass after a switch is cold: a compiled step at the other count is another
