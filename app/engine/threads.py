@@ -54,12 +54,7 @@ and stayed at one thread after the neighbour left. So a re-timing is a run of EX
 passes of which only the last is timed, or fewer, but at least two, once they have taken
 RUN_SECONDS: passes that slow (large batches, or a neighbour) are past the cold ones sooner,
 and a long run of them costs more. A pass after a prefill is cold: a run whose last pass is
-one goes on for another, up to twice its length. With re-timings warm, the chosen count's
-cost must be too: the passes back from a re-timing are as dear as the run's first ones, and
-timed into its median they lifted it above what the count costs against the other's warm
-re-timing (served in process, 69 and 70 one-thread steps in about 1,000 batch-1 steps, against
-17 and 22 with only steady passes; benchmark 32). So the chosen count's cost is its steady
-passes' only. The same holds when the
+one goes on for another, up to twice its length. The same holds when the
 draft policy (drafts.py) moves a batch size to another draft count, another graph at the same
 thread count, and after a prefill or /predict pass: such steps were once timed as warm, and a
 draft-count re-timing's cold steps in a row lifted the chosen count's median past DRIFT and
@@ -217,13 +212,11 @@ class ThreadPolicy:
         recent = self.recent.setdefault(key, {c: deque(maxlen=RECENT) for c in self.choices})
         cost = self.cost.setdefault(key, {})
         best = self.best.get(key)
-        if n == best and not steady:
-            return  # the chosen count's cost is its steady passes': not those back from a re-timing run
         if best is not None and n != best and seconds < CONFIRM_BELOW * cost[best]:
             self.until_explore[key] = 1  # the other count looks clearly faster now: confirm it at once
         recent[n].append(seconds)
         cost[n] = statistics.median(recent[n])
-        if n != best:
+        if n != best or not steady:
             return
         held = self.steady.setdefault(key, deque(maxlen=DRIFT_WINDOW))
         held.append(seconds)

@@ -123,19 +123,6 @@ def test_a_re_timing_is_timed_once_warm_so_a_server_returns_to_two_threads(monke
     used = [policy.run(key, run) for _ in range(4 * 256)]
     assert policy.describe() == {"decode/1": 2} and used[-32:].count(2) >= 32 - EXPLORE_RUN
 
-    # On a quiet machine from the start, the passes back from a re-timing are dear too. Timed
-    # into the chosen count's median, they lifted it above what the count costs, against the
-    # other's warm re-timing (served in process, 69 and 70 one-thread steps in about 1,000
-    # batch-1 steps, against 17 and 22 without them): the chosen count's cost is its steady
-    # passes' only.
-    policy = ThreadPolicy(max_threads=2)
-    costs = []
-    for _ in range(4 * MAX_INTERVAL):
-        policy.run(key, run)
-        costs.append(policy.cost.get(key, {}).get(2, 0.0))
-    assert policy.describe() == {"decode/1": 2}
-    assert max(costs[100:]) == pytest.approx(0.001)  # two threads' warm cost, through every re-timing
-
 
 def test_on_a_steady_machine_the_other_count_is_re_timed_ever_more_rarely(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each re-timing runs passes at the slower count and then cold ones back; on a quiet
