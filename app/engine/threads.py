@@ -42,19 +42,8 @@ timed. The first pass after a switch is cold: a compiled step at the other count
 graph, with its own copy of the weights (Inductor freezes them into each graph) to bring back
 into the CPU's caches, and a new team of threads. At batch 1 a step right after 31 steps of
 another graph took 1.9 times a warm one (`mtp bench step --autotune`, docs/bench/step-switch.json),
-so a single re-timing made the other count look about twice as slow as it runs. And the cost
-stays up for a few passes: at batch 1, forced runs of 32 passes at each count in turn gave the
-first to fifth passes after a switch 2.2, 2.3, 1.8, 1.3 and 1.05 times a warm pass at one
-thread, and 1.8, 1.7, 1.3, 1.1 and 1.0 at two, served over HTTP as in process (`python -m
-bench.thread_switch --forced 32,32`, docs/benchmarks.md, benchmark 32). A re-timing that timed
-its second pass read each count about twice its cost, against the chosen count's warm passes:
-warm, one thread cost 1.3 times two, so a server that had moved to one thread under a
-neighbour re-timed two threads at 1.7-2.0 times their warm cost, found them dearer than one,
-and stayed at one thread after the neighbour left. So a re-timing is a run of EXPLORE_RUN
-passes of which only the last is timed, or fewer, but at least two, once they have taken
-RUN_SECONDS: passes that slow (large batches, or a neighbour) are past the cold ones sooner,
-and a long run of them costs more. A pass after a prefill is cold: a run whose last pass is
-one goes on for another, up to twice its length. The same holds when the
+so a single re-timing made the other count look about twice as slow as it runs. A re-timing is
+therefore a run of EXPLORE_RUN passes, of which the first is not timed. The same holds when the
 draft policy (drafts.py) moves a batch size to another draft count, another graph at the same
 thread count, and after a prefill or /predict pass: such steps were once timed as warm, and a
 draft-count re-timing's cold steps in a row lifted the chosen count's median past DRIFT and
@@ -87,8 +76,7 @@ DRIFT = 1.25  # the chosen count's median this many times its level at the last 
 
 CONFIRM_BELOW = 0.9  # a re-timing this much faster than the current choice is repeated at once
 SWITCH_BELOW = 0.9  # ... and the choice moves when the other count's median is this much below its own
-EXPLORE_RUN = 5  # passes a re-timing of the other count runs at most; only the last, warm by then, is timed
-RUN_SECONDS = 0.008  # ... or fewer, at least 2, once they have taken this long
+EXPLORE_RUN = 2  # passes a re-timing of the other count runs; the first, cold, is not timed
 STEADY = 5  # passes of one graph at a key and count from which a pass is steady: only those show drift
 DRIFT_WINDOW = 9  # the chosen count's steady passes whose median shows drift: a burst of four slow ones does not
 Key = tuple[str, int]  # (kind of pass, size bucket)
@@ -110,9 +98,7 @@ class ThreadPolicy:
         self.interval: dict[Key, int] = {}
         self.best: dict[Key, int] = {}
         self.level: dict[Key, float] = {}  # the chosen count's cost at the last re-timing (DRIFT)
-        self.exploring: dict[Key, int] = {}  # 1 while a re-timing run of the other count goes on (run() ends it)
-        self.run_spent: dict[Key, tuple[int, float]] = {}  # a re-timing run's passes so far, and their seconds
-        self.retiming: Key | None = None  # the key whose re-timing run the pass choose() chose is part of
+        self.exploring: dict[Key, int] = {}  # passes left in a re-timing run of the other count
         self.last: tuple[Key, int, Hashable] | None = None  # last pass: key, count, graph (the next is warm if equal)
         self.graph_passes: dict[tuple[Key, int], tuple[Hashable, int]] = {}  # (key, count) -> its graph, passes of it
         self.steady: dict[Key, deque[float]] = {}  # the chosen count's recent steady passes (DRIFT)
@@ -122,7 +108,6 @@ class ThreadPolicy:
     def choose(self, key: Key, allowed: Collection[int] | None = None) -> int:
         """Threads for the next pass of `key`, among `allowed` (default: every count)."""
         choices = self.choices if allowed is None else [n for n in self.choices if n in allowed] or self.choices[-1:]
-        self.retiming = None
         if len(choices) == 1:
             return choices[0]
         cost = self.cost.get(key)
@@ -138,16 +123,14 @@ class ThreadPolicy:
             self.steady.pop(key, None)  # the other count's steady passes
             self.interval[key] = self.until_explore[key] = self.min_interval
         if self.exploring.get(key):
-            self.retiming = key
+            self.exploring[key] -= 1
             return next(n for n in choices if n != best)
         self.until_explore[key] -= 1
         if self.until_explore[key] <= 0:
             self.interval[key] = min(2 * self.interval[key], self.max_interval)
             self.until_explore[key] = self.interval[key]
-            self.exploring[key] = 1
-            self.run_spent[key] = (0, 0.0)
+            self.exploring[key] = EXPLORE_RUN - 1
             self.level[key] = cost[best]
-            self.retiming = key
             return next(n for n in choices if n != best)
         return best
 
@@ -176,14 +159,6 @@ class ThreadPolicy:
         seconds = time.perf_counter() - t0
         ran = (key, n, graph() if graph is not None else None)
         warm, self.last = self.last == ran, ran
-        if self.retiming == key:  # a pass of a re-timing run: only its last is timed
-            done, spent = self.run_spent[key]
-            done, spent = done + 1, spent + seconds
-            self.run_spent[key] = (done, spent)
-            last = done >= EXPLORE_RUN or (done >= 2 and spent >= RUN_SECONDS)
-            if last and (warm or done >= 2 * EXPLORE_RUN):  # a cold last pass (after a prefill): one more
-                self.exploring[key] = 0
-            warm = warm and last
         same = self.graph_passes.get((key, n))
         runs = same[1] + 1 if same is not None and same[0] == ran[2] and not switched else 1
         self.graph_passes[key, n] = (ran[2], runs)
