@@ -110,12 +110,14 @@ def served_over_http(
         finally:
             os.kill(os.getpid(), signal.SIGTERM)  # the server drains and serve() returns
 
-    driver = threading.Thread(target=drive, name="bench-driver")
+    driver = threading.Thread(target=drive, name="bench-driver", daemon=True)
     driver.start()
-    serve(settings)
-    driver.join()
+    code = serve(settings)
+    driver.join(timeout=30)  # it signalled the server to stop: it is ending now, unless the server ended first
     if failed:
         raise failed[0]
+    if driver.is_alive() or not info:
+        raise RuntimeError(f"the server stopped (exit code {code}) before the client's run ended")
     return info
 
 
