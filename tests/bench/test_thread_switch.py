@@ -46,7 +46,7 @@ def test_every_served_decode_step_is_counted_once_by_its_place_in_a_row_and_in_t
             served += counted_once
     assert 0 < served <= sum(steps)  # start-up's warm-up and timing steps are left out
     timings = r["thread_timings_at_end"]  # what /info shows the choices were made from
-    assert set(timings) == {"cost_ms", "passes", "early_retimings"} and timings["early_retimings"] >= 0
+    assert set(timings) == {"cost_ms", "passes", "early_retimings"}
 
 
 def test_forced_runs_set_the_batch_1_steps_thread_count(
