@@ -145,11 +145,11 @@ _LINE = re.compile(r":\d+\)$")
 LOOP_ITSELF = "(the event loop itself: polling, socket I/O and callbacks below Python)"
 
 
-def profile_summary(path: str, rate: int, bursts: int, top: int = 12) -> dict[str, Any]:
+def profile_summary(path: str, rate: int, bursts: int, top: int | None = 12) -> dict[str, Any]:
     """Sampled CPU time in ms per burst: per thread, and on the event loop's thread (MainThread)
-    per function, inclusive, and per source line where the samples ended (the top ones). The
-    frames every event-loop sample shares (the command's entry down to the loop's run) are left
-    out; a sample that ended there was in the loop's own code."""
+    per function, inclusive, and per source line where the samples ended (the top ones; all of
+    them with `top=None`). The frames every event-loop sample shares (the command's entry down to
+    the loop's run) are left out; a sample that ended there was in the loop's own code."""
     scale = 1000.0 / rate / bursts
     threads: Counter[str] = Counter()
     loop: list[tuple[list[str], int]] = []

@@ -35,11 +35,11 @@ def test_a_profiled_burst_says_where_the_servers_event_loop_spent_its_time(
                     asyncio.run(burst(srv.url, 40, 4))
         except SystemExit as exc:  # no ptrace rights here (py-spy itself is a dependency)
             pytest.skip(str(exc))
-    summary = profile_summary(str(raw), 1000, 4)
+    summary = profile_summary(str(raw), 1000, 4, top=None)  # a cut at 12 falls among equal counts
     threads = summary["threads_ms_per_burst"]
     assert threads["MainThread"] > 0  # the event loop answered 160 requests
     functions = summary["event_loop_functions_ms_per_burst"]
-    assert "RequestContext.__call__ (app/api/middleware.py)" in functions, functions
+    assert functions.get("RequestContext.__call__ (app/api/middleware.py)", 0) > 0, functions
     assert not any("runpy" in f for f in functions)  # the frames every stack shares are left out
     assert all(ms <= threads["MainThread"] for ms in functions.values())
     lines = summary["event_loop_lines_ms_per_burst"]
