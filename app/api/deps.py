@@ -53,7 +53,7 @@ async def get_state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
-OFF_LOOP_CHARS = 2048  # longer inputs are tokenized on a thread (the tokenizer's batch call releases the GIL)
+OFF_LOOP_CHARS = 2048  # longer inputs are tokenized on a thread (the tokenizer's batch call there lets the GIL go)
 # One thread for it: long inputs queue behind each other instead of taking more cores (and
 # malloc arenas) from the inference thread; torch never runs there.
 TOKENIZE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtp-tokenize")
@@ -76,10 +76,14 @@ class Serving:
         for text in texts:
             if len(text) > cap:
                 raise APIError(422, f"{field} has {len(text)} characters; the limit is {cap}")
-        run = functools.partial(self.tokenizer.hf.encode_batch, texts, add_special_tokens=False)
+        hf = self.tokenizer.hf
         if sum(map(len, texts)) > OFF_LOOP_CHARS:
+            run = functools.partial(hf.encode_batch, texts, add_special_tokens=False)
             return await asyncio.get_running_loop().run_in_executor(TOKENIZE_THREAD, run)
-        return run()
+        # On the loop one text at a time: encode() keeps the GIL. encode_batch() lets it go, and
+        # the loop must then win it back from the inference thread, which holds it between the
+        # ops of an eager pass: under /predict load that wait was most of the call's time.
+        return [hf.encode(t, add_special_tokens=False) for t in texts]
 
     async def encode(self, texts: list[str], field: str) -> list[list[int]]:
         return [list(e.ids) for e in await self.encodings(texts, field)]

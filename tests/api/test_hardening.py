@@ -6,6 +6,8 @@ The attacks that need a socket, signals or a server log are in test_hardening_se
 from __future__ import annotations
 
 import asyncio
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from app.api.deps import Serving
 from app.model.checkpoint import save_checkpoint
 from app.model.config import ModelConfig
 from app.model.model import MTPTransformer
@@ -168,6 +171,39 @@ async def test_tokenizing_a_large_input_does_not_stall_the_event_loop(aclient_fa
     await tick
     assert r.status_code == 422  # over the token cap, after tokenizing
     assert worst < max(0.1, elapsed / 3), (worst, elapsed)
+
+
+async def test_a_short_input_is_tokenized_on_the_loop_without_letting_the_gil_go(
+    aclient_factory: Callable[..., Any],
+) -> None:
+    """Between the ops of an eager pass the inference thread holds the GIL: a call on the loop
+    that lets it go waits to win it back. A thread that never waits stands in for the
+    inference thread here, and the interpreter takes the GIL from it only every 50 ms."""
+    app, _ = await aclient_factory()
+    state = app.state.service
+    serving = Serving(state, state.engine, state.tokenizer, state.model_config, state.settings)
+    texts = ["To be, or not to be", "that is the question"]
+    want = [state.tokenizer.encode(t) for t in texts]
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            pass
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.05)
+    spinner = threading.Thread(target=busy)
+    spinner.start()
+    try:
+        t0 = time.perf_counter()
+        got = [await serving.encode(texts, "inputs") for _ in range(10)]
+        elapsed = time.perf_counter() - t0
+    finally:
+        stop.set()
+        spinner.join()
+        sys.setswitchinterval(interval)
+    assert got == [want] * 10
+    assert elapsed < 0.1, elapsed  # each call that let the GIL go would wait out a 50 ms turn
 
 
 # ---- 3. a bad sampling parameter fails only its own request ---------------------------------
