@@ -41,6 +41,19 @@ def test_docs_pages_load_only_local_assets(client: TestClient, page: str) -> Non
     assert "/openapi.json" in r.text
 
 
+def test_every_operation_in_the_schema_has_an_operation_id_of_its_own(client: TestClient) -> None:
+    """Client generators (openapi-generator, openapi-python-client) key methods by operationId."""
+    paths = client.get("/openapi.json").json()["paths"]
+    ids = [(op["operationId"], path, method) for path, ops in paths.items() for method, op in ops.items()]
+    seen: dict[str, tuple[str, str]] = {}
+    for op_id, path, method in ids:
+        assert op_id not in seen, f"{method.upper()} {path} shares {op_id} with {seen[op_id]}"
+        seen[op_id] = (path, method)
+    assert {"get", "head"} <= set(paths["/health"]) and {"get", "head"} <= set(paths["/ready"])
+    r = client.head("/health")
+    assert r.status_code == 200 and not r.content
+
+
 def test_docs_stay_open_with_an_api_key(client_factory: Callable[..., TestClient]) -> None:
     client = client_factory(api_key="s3cret")
     for path in ("/docs", "/redoc", "/openapi.json", "/docs/assets/swagger-ui-bundle.js"):

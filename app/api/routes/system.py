@@ -27,7 +27,10 @@ router = APIRouter(tags=["system"])
 HEALTHCHECK = "healthcheck"  # the error_type of TGI's /health when it answers 503
 
 
-@router.api_route("/health", methods=["GET", "HEAD"], response_model=HealthResponse, responses=error_responses(503))
+# GET and HEAD as two routes: one route with both methods gives both operations one
+# operationId in /openapi.json, which client generators refuse.
+@router.get("/health", response_model=HealthResponse, responses=error_responses(503))
+@router.head("/health", response_model=HealthResponse, responses=error_responses(503))
 async def health(state: StateDep) -> HealthResponse | JSONResponse:
     """200 when the service can serve (TGI's meaning): the model is loaded and warm and the
     inference worker is alive and making progress; draining still counts as alive."""
@@ -39,7 +42,8 @@ async def health(state: StateDep) -> HealthResponse | JSONResponse:
     return HealthResponse(status="ok", worker=h.detail)
 
 
-@router.api_route("/ready", methods=["GET", "HEAD"], response_model=HealthResponse, responses=error_responses(503))
+@router.get("/ready", response_model=HealthResponse, responses=error_responses(503))
+@router.head("/ready", response_model=HealthResponse, responses=error_responses(503))
 async def ready(state: StateDep) -> HealthResponse | JSONResponse:
     """Readiness: the model is loaded and warm, the worker is healthy, and the server is not draining."""
     if state.draining:
