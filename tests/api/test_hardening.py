@@ -206,6 +206,31 @@ async def test_a_short_input_is_tokenized_on_the_loop_without_letting_the_gil_go
     assert elapsed < 0.1, elapsed  # each call that let the GIL go would wait out a 50 ms turn
 
 
+async def test_too_many_predict_inputs_are_refused_before_any_is_tokenized(
+    aclient_factory: Callable[..., Any], envelope: Callable[..., Any]
+) -> None:
+    """Short inputs are tokenized on the event loop one at a time: a request of thousands of
+    one-character inputs would hold the loop for all of them before the count refused it."""
+    app, client = await aclient_factory(max_inputs_per_request=4)
+    tok = app.state.service.tokenizer
+    real, calls = tok.hf, []
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            if name.startswith("encode"):
+                calls.append(name)
+            return getattr(real, name)
+
+    tok.hf = Counting()
+    try:
+        body = envelope(await client.post("/predict", json={"inputs": ["a"] * 2000}), 422)
+        assert body["error"] == "at most 4 inputs per request" and calls == []
+        assert (await client.post("/predict", json={"inputs": ["To be", "or not"]})).status_code == 200
+        assert calls  # the spy sees the tokenizing of a request that is let in
+    finally:
+        tok.hf = real
+
+
 # ---- 3. a bad sampling parameter fails only its own request ---------------------------------
 
 

@@ -23,7 +23,12 @@ from app.engine.types import PredictJob
 router = APIRouter(tags=["inference"])
 
 
+def _too_many(cap: int) -> APIError:
+    return APIError(422, f"at most {cap} inputs per request")
+
+
 async def _token_inputs(req: PredictRequest, serving: Serving) -> list[list[int]]:
+    cap = serving.settings.max_inputs_per_request
     if (req.inputs is None) == (req.input_ids is None):
         raise APIError(422, "give exactly one of inputs or input_ids")
     ids: list[list[int]] = []
@@ -31,6 +36,8 @@ async def _token_inputs(req: PredictRequest, serving: Serving) -> list[list[int]
         texts = [req.inputs] if isinstance(req.inputs, str) else req.inputs
         if not texts or any(not t for t in texts):
             raise APIError(422, "inputs must be non-empty texts")
+        if len(texts) > cap:  # refused before any tokenizing
+            raise _too_many(cap)
         ids = await serving.encode(texts, "inputs")
     elif req.input_ids:
         ids = [list(r) for r in req.input_ids if isinstance(r, list)] or [
@@ -38,8 +45,8 @@ async def _token_inputs(req: PredictRequest, serving: Serving) -> list[list[int]
         ]
     if not ids or any(not row for row in ids):
         raise APIError(422, "inputs must not be empty")
-    if len(ids) > serving.settings.max_inputs_per_request:
-        raise APIError(422, f"at most {serving.settings.max_inputs_per_request} inputs per request")
+    if len(ids) > cap:
+        raise _too_many(cap)
     limit = serving.state.max_input_tokens
     for row in ids:  # the engine checks the ids against the model (vocabulary, context)
         if len(row) > limit:
