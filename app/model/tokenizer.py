@@ -85,9 +85,6 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=False).ids)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [list(e.ids) for e in self.hf.encode_batch(texts, add_special_tokens=False)]
-
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes[token_id]
 
