@@ -27,7 +27,7 @@ from app.decoding.predict import score_next
 from app.model.checkpoint import load_checkpoint
 from app.model.model import MTPTransformer
 from bench.decoding import heldout_prompts
-from bench.server import ROOT, Server, running
+from bench.server import ROOT, Server, measured, running
 
 
 def server(
@@ -275,10 +275,22 @@ def bench_service(
         mb = round(out["predict_batched"]["mean_batch_size"])
         pairs = []
         for _ in range(3):
-            served_i = asyncio.run(predict_load(url, texts, clients, 5.0))["requests_per_s"]
+            load = measured(lambda: asyncio.run(predict_load(url, texts, clients, 5.0)), srv.proc.pid)
+            served_i = load["requests_per_s"]
             inproc_i = inprocess_predict_rate(model, prompts, mb, 5.0)
+            cores = load.get("server_cores") or {}
             pairs.append(
-                {"served": served_i, "inprocess": round(inproc_i, 1), "fraction": round(served_i / inproc_i, 3)}
+                {
+                    "served": served_i,
+                    "inprocess": round(inproc_i, 1),
+                    "fraction": round(served_i / inproc_i, 3),
+                    # what the served run's event loop (HTTP, JSON, tokenizing) took from the
+                    # cores the pass shares with it (bench.side_load: what that costs the pass)
+                    "server_cores": cores,
+                    "event_loop_ms_per_request": (
+                        round(cores["event_loop"] * 1000 / served_i, 3) if "event_loop" in cores and served_i else None
+                    ),
+                }
             )
         # the most batching can give on this device: score_next alone at the served batch size
         # vs one prompt per pass (the unbatched server's forward), in three adjacent pairs
