@@ -50,8 +50,11 @@ def request_id(headers: dict[bytes, bytes]) -> str:
 
 
 QUEUE_FULL = "queue full; retry later"
-SHED_PATHS = frozenset({"/predict", "/generate", "/generate_stream", "/v1/completions"})
-KEYED_PATHS = frozenset({"/predict", "/generate", "/generate_stream", "/tokenize"})  # and every /v1/ path
+# The routes that queue work for the engine ("/" is TGI's compat route for /generate):
+# refused at the door when the queue is full. tests/api/test_system.py checks that every POST
+# route but /tokenize is here.
+SHED_PATHS = frozenset({"/", "/predict", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"})
+KEYED_PATHS = SHED_PATHS | {"/tokenize"}  # and every /v1/ path
 
 
 def route_label(scope: Scope, path: str) -> str:

@@ -204,6 +204,26 @@ def test_api_key_guards_inference_routes(
     assert sample(families, "mtp_request_failures", "mtp_request_failures_total", reason="unauthorized") == 13
 
 
+def test_every_post_route_needs_the_key_and_every_one_that_queues_is_shed_at_the_door(
+    client_factory: Callable[..., TestClient],
+) -> None:
+    """POST / (TGI's compat route for /generate) once ran generation without the key, and it and
+    /v1/chat/completions were not shed at the door: any route added later is held to the same."""
+    client = client_factory(api_key="s3cret")
+    posts = sorted(path for path, ops in client.get("/openapi.json").json()["paths"].items() if "post" in ops)
+    assert {"/", "/generate", "/v1/chat/completions"} <= set(posts)
+    for path in posts:
+        r = client.post(path, json={"inputs": "To be"})
+        assert r.status_code == 401, (path, r.status_code, r.text)
+    client.app.state.service.engine.enter = lambda: None  # type: ignore[attr-defined]  # the queue is full
+    for path in posts:
+        r = client.post(path, json={"inputs": "To be"}, headers={"Authorization": "Bearer s3cret"})
+        if path == "/tokenize":  # tokenizing queues nothing
+            assert r.status_code == 200, r.text
+        else:
+            assert r.status_code == 429, (path, r.status_code, r.text)
+
+
 def test_health_ready_and_metrics_stay_open_with_api_key(client_factory: Callable[..., TestClient]) -> None:
     client = client_factory(api_key="s3cret")
     for path in ("/health", "/ready", "/metrics"):
