@@ -192,7 +192,8 @@ class GuardedProtocol(HttpToolsProtocol):
             head += [name, b": ", value, b"\r\n"]
         if not keep_alive:
             head.append(b"connection: close\r\n")
-        self.transport.write(b"".join([*head, b"\r\n", reply.body]))
+        body = b"" if method == "HEAD" else reply.body  # a HEAD reply's head declares the body, never sends it
+        self.transport.write(b"".join([*head, b"\r\n", body]))
         self.cycle = _ANSWERED  # complete: the parser's body callbacks drop what still arrives
         if self.access_log and self.access_logger.isEnabledFor(logging.INFO):
             token = request_id_var.set(rid)
