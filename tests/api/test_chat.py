@@ -161,3 +161,22 @@ def test_tgi_top_n_tokens(client: TestClient) -> None:
     r = client.post("/generate_stream", json=body)
     events = [json.loads(line[5:]) for line in r.text.split("\n") if line.startswith("data:")]
     assert [e["top_tokens"][0]["id"] for e in events] == [t["id"] for t in details["tokens"]]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_without_max_tokens_a_reply_may_fill_what_the_context_leaves(
+    client_factory: Callable[..., TestClient], stream: bool
+) -> None:
+    """max_new_tokens at least the context (the default model's case: 256 and 256): a request
+    without max_tokens asked for one token more than the context left, and got 400."""
+    client = client_factory(max_new_tokens=1000)  # the tiny model's context is 64 tokens
+    body = {"messages": HELLO, "temperature": 0, "stream": stream, "stream_options": {"include_usage": True}}
+    if not stream:
+        del body["stream_options"]
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    if stream:
+        usage = json.loads([line[6:] for line in r.text.split("\n") if line.startswith("data: {")][-1])["usage"]
+    else:
+        usage = r.json()["usage"]
+    assert 1 <= usage["completion_tokens"] <= 64 - usage["prompt_tokens"]
