@@ -50,6 +50,7 @@ def request_id(headers: dict[bytes, bytes]) -> str:
 
 
 QUEUE_FULL = "queue full; retry later"
+CLOSE = (b"connection", b"close")  # a reply's header: the server closes the connection after it
 # The routes that queue work for the engine ("/" is TGI's compat route for /generate):
 # refused at the door when the queue is full. tests/api/test_system.py checks that every POST
 # route but /tokenize is here.
@@ -178,12 +179,16 @@ class RequestContext:
         rid_header = (b"x-request-id", rid.encode())
         start = time.perf_counter()
         status_box = [500]
+        # Set when the body stopped short (408: it did not all arrive in time; 413: it outgrew
+        # the limit): the reply closes the connection. Kept open, the parser would still wait
+        # for the rest of the body, and read the client's next request as that.
+        cut_short = False
 
         async def send_wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_box[0] = message["status"]
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], rid_header]
+                message["headers"] = [*message["headers"], rid_header, *([CLOSE] if cut_short else [])]
             await send(message)
 
         async def refuse(status: int, message: str, error_type: str) -> None:
@@ -219,7 +224,7 @@ class RequestContext:
             body_deadline = asyncio.get_running_loop().time() + self.body_timeout
 
             async def receive_limited() -> Message:
-                nonlocal received, body_done, arriving
+                nonlocal received, body_done, arriving, cut_short
                 if body_done:  # later receive() calls wait for a disconnect (streams): no deadline
                     return await receive()
                 # The whole body must arrive in time: a slow-drip client cannot hold a worker slot.
@@ -229,10 +234,12 @@ class RequestContext:
                     async with asyncio.timeout_at(body_deadline):
                         message = await receive()
                 except TimeoutError:
+                    cut_short = True
                     raise BodyTimeout(self.body_timeout) from None
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > self.max_body:
+                        cut_short = True
                         raise BodyTooLarge(self.max_body)
                     body_done = not message.get("more_body", False)
                 if (body_done or message["type"] == "http.disconnect") and arriving:

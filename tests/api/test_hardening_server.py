@@ -343,3 +343,32 @@ def test_refusals_made_from_the_head_match_the_doors_and_keep_the_connection(
     assert r.status_code == 200, r.text
     log = srv.log()  # the connections answered from the head closed cleanly
     assert "Traceback" not in log and "Exception in callback" not in log, log
+
+
+def test_a_body_cut_short_by_its_timeout_or_the_size_limit_closes_the_connection(
+    server_factory: Callable[..., Any],
+) -> None:
+    """A 408 (the declared body did not all arrive in time) or a 413 part-way through a chunked
+    body: kept open, the connection's parser still waited for the rest of the body and took the
+    client's next request as that, and the client hung until the idle timeout."""
+    srv = server_factory(MTP_BODY_TIMEOUT_S="0.5", MTP_MAX_BODY_BYTES="2048")
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        s.sendall(post_head("/tokenize", 40) + b'{"inputs": "To be"}')  # 19 of the 40 bytes declared
+        status, headers, reply = read_reply(s, bytearray())
+        assert status.startswith(b"HTTP/1.1 408") and headers["connection"] == "close", (status, headers)
+        assert json.loads(reply)["error_type"] == "timeout"
+        assert closed_by_server(s, within=2)
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        head = b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        s.sendall(head + b"%x\r\n%s\r\n" % (3000, b" " * 3000))  # over the limit, and the body goes on
+        status, headers, reply = read_reply(s, bytearray())
+        assert status.startswith(b"HTTP/1.1 413") and headers["connection"] == "close", (status, headers)
+        assert closed_by_server(s, within=2)
+    # a body that arrives whole keeps its connection
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        body = b'{"inputs": "To be"}'
+        buf = bytearray()
+        for _ in range(2):
+            s.sendall(post_head("/tokenize", len(body)) + body)
+            status, headers, _ = read_reply(s, buf)
+            assert status.startswith(b"HTTP/1.1 200") and "connection" not in headers
