@@ -70,6 +70,13 @@ class Serving:
     settings: Settings
     reservation: Reservation = NO_RESERVATION  # the queue place the door reserved for this request
 
+    @property
+    def max_inputs(self) -> int:
+        """The most inputs (or sequences: prompts times choices) one request may hold: the
+        setting, and never more than the queue holds (more could never be admitted, and would
+        be refused as a retryable 429 however idle the server)."""
+        return min(self.settings.max_inputs_per_request, self.settings.max_queue_size)
+
     async def encodings(self, texts: list[str], field: str) -> list[Encoding]:
         """Tokenize texts of at most max_input_chars each (422 naming the field), off the event loop when long."""
         cap = self.settings.max_input_chars

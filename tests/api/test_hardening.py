@@ -261,13 +261,17 @@ async def test_a_refused_multi_prompt_completion_cancels_its_admitted_siblings(
     app, client = await aclient_factory(max_queue_size=4, warmup=False)
     engine = app.state.service.engine
     set_fault_hook(engine, lambda kind: time.sleep(0.05))
-    r = await client.post("/v1/completions", json={"prompt": ["To be"] * 6, "max_tokens": 40, "temperature": 0})
-    assert r.status_code == 429, r.text
+    held = [engine.enter() for _ in range(2)]  # two places taken by requests still at the door
+    r = await client.post("/v1/completions", json={"prompt": ["To be"] * 3, "max_tokens": 40, "temperature": 0})
+    for place in held:
+        assert place is not None
+        place.release()
+    assert r.status_code == 429, r.text  # two prompts admitted, the third refused
     await wait_for(lambda: engine.pending() == 0, timeout=2)
     tokens = app.state.service.metrics.registry.get_sample_value("mtp_generated_tokens_total")
     await asyncio.sleep(0.5)
     assert app.state.service.metrics.registry.get_sample_value("mtp_generated_tokens_total") == tokens
-    assert tokens < 4 * 40  # the admitted prompts did not run to the end
+    assert tokens < 2 * 40  # the two admitted prompts did not run to the end
 
 
 # ---- 8. text that cannot be encoded ----------------------------------------------------------
@@ -366,3 +370,26 @@ def test_ids_the_tokenizer_lacks_decode_as_empty_text(
     assert r.json()["generated_text"] == ""
     r = client.post("/predict", json={"input_ids": [vocab - 1, 5]})
     assert r.status_code == 200, r.text
+
+
+def test_a_request_of_more_sequences_than_the_queue_holds_is_refused_as_invalid_not_overloaded(
+    client_factory: Callable[..., TestClient],
+) -> None:
+    """n choices, or prompts times best_of, past the queue's capacity could never be admitted: on /v1 they
+    were answered 429 with Retry-After on an idle server, and a client retrying on 429 retried forever."""
+    client = client_factory(max_queue_size=4)
+    assert client.get("/info").json()["limits"]["max_inputs_per_request"] == 4
+    one = {"role": "user", "content": "To be"}
+    refused = [
+        ("/v1/completions", {"prompt": "To be", "max_tokens": 2, "n": 5}),
+        ("/v1/completions", {"prompt": ["a", "b", "c"], "max_tokens": 2, "n": 1, "best_of": 2}),
+        ("/v1/completions", {"prompt": ["a", "b", "c", "d", "e"], "max_tokens": 2}),
+        ("/v1/chat/completions", {"messages": [one], "max_tokens": 2, "n": 5}),
+    ]
+    for path, body in refused:
+        r = client.post(path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", (path, body, r.text)
+    r = client.post("/predict", json={"inputs": ["a"] * 5})
+    assert r.status_code == 422 and r.json()["error_type"] == "validation", r.text
+    r = client.post("/v1/completions", json={"prompt": "To be", "max_tokens": 2, "n": 4})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 4

@@ -68,8 +68,8 @@ async def chat_completions(
     req: ChatCompletionRequest, serving: ServingDep, request: Request
 ) -> ChatCompletion | StreamingResponse:
     """Reply to a conversation: n choices, or with "stream": true SSE chunks ending in [DONE]."""
-    if req.n > serving.settings.max_inputs_per_request:
-        raise APIError(422, f"n: at most {serving.settings.max_inputs_per_request} choices")
+    if req.n > serving.max_inputs:
+        raise APIError(422, f"n: at most {serving.max_inputs} choices")
     ids, opts = await _prepare(req, serving)
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     if req.stream:

@@ -156,8 +156,8 @@ async def completions(req: CompletionRequest, serving: ServingDep, request: Requ
     best_of = req.best_of or req.n
     if best_of < req.n:
         raise APIError(422, "best_of: must be at least n")
-    if len(prepared) * best_of > serving.settings.max_inputs_per_request:
-        raise APIError(422, f"n: prompts times best_of must be at most {serving.settings.max_inputs_per_request}")
+    if len(prepared) * best_of > serving.max_inputs:
+        raise APIError(422, f"n: prompts times best_of must be at most {serving.max_inputs}")
     if req.echo and req.logprobs is not None:
         raise APIError(422, "echo: not supported together with logprobs (the prompt's log-probabilities)")
     opts = gen_options(req, serving, req.max_tokens, req.logprobs or 0)
@@ -203,8 +203,8 @@ async def _prompts(req: CompletionRequest, serving: Serving) -> list[list[int]]:
         texts_or_ids = [p]
     else:
         texts_or_ids = p  # type: ignore[assignment]
-    if not texts_or_ids or len(texts_or_ids) > serving.settings.max_inputs_per_request:
-        raise APIError(422, f"prompt must hold 1 to {serving.settings.max_inputs_per_request} prompts")
+    if not texts_or_ids or len(texts_or_ids) > serving.max_inputs:
+        raise APIError(422, f"prompt must hold 1 to {serving.max_inputs} prompts")
     out = []
     for item in texts_or_ids:
         if isinstance(item, str):

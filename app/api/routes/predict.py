@@ -28,7 +28,7 @@ def _too_many(cap: int) -> APIError:
 
 
 async def _token_inputs(req: PredictRequest, serving: Serving) -> list[list[int]]:
-    cap = serving.settings.max_inputs_per_request
+    cap = serving.max_inputs
     if (req.inputs is None) == (req.input_ids is None):
         raise APIError(422, "give exactly one of inputs or input_ids")
     ids: list[list[int]] = []

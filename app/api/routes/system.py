@@ -93,7 +93,7 @@ async def info(serving: ServingDep) -> InfoResponse:
             max_top_n=min(s.max_top_n, cfg.vocab_size),
             max_logprobs=min(s.max_logprobs, cfg.vocab_size),
             max_candidates=s.max_candidates,
-            max_inputs_per_request=s.max_inputs_per_request,
+            max_inputs_per_request=serving.max_inputs,
             max_stop_sequences=s.max_stop_sequences,
             max_stop_length=s.max_stop_length,
             max_body_bytes=s.max_body_bytes,
