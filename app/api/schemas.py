@@ -12,6 +12,37 @@ MAX_SEED = 2**63 - 1
 
 def unencodable(data: object, path: str = "") -> str | None:
     """The path of the first string in data that UTF-8 cannot encode (a lone surrogate such as "\\ud800")."""
+    return _first_unencodable(data, path) if _any_unencodable(data) else None
+
+
+_WALKED = (str, dict, list)  # what can hold a string
+_SCALARS = frozenset({int, float, bool, type(None)})  # what JSON decodes that holds none
+
+
+def _any_unencodable(data: object) -> bool:
+    """Whether data holds a string that UTF-8 cannot encode: one pass that looks only at strings
+    and containers (a list of numbers is passed over in one C loop). Naming the path of every
+    element on the way, as _first_unencodable does once a bad string is known to be there,
+    cost about 0.7 us an element: a 1 MB body of 500,000 token ids held the event loop for
+    0.33 s, in each Strict model the body passed through."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(v for v in item.values() if isinstance(v, _WALKED))
+        elif isinstance(item, list) and not _SCALARS.issuperset(map(type, item)):  # token ids: one C loop
+            stack.extend(v for v in item if isinstance(v, _WALKED))
+    return False
+
+
+def _first_unencodable(data: object, path: str) -> str | None:
     if isinstance(data, str):
         try:
             data.encode()
@@ -21,7 +52,7 @@ def unencodable(data: object, path: str = "") -> str | None:
     items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
     for key, value in items:
         where = f"{path}.{key}" if path else str(key)
-        if (bad := unencodable(key, where)) or (bad := unencodable(value, where)):
+        if (bad := _first_unencodable(key, where)) or (bad := _first_unencodable(value, where)):
             return bad
     return None
 
