@@ -222,3 +222,26 @@ def test_n_best_of_and_echo(client: TestClient) -> None:
     assert echoed == PROMPT + complete(client, max_tokens=4, temperature=0)["choices"][0]["text"]
     for bad in ({"n": 2, "best_of": 1}, {"echo": True, "logprobs": 1}, {"n": 2, "stream": True}):
         assert client.post("/v1/completions", json={"prompt": PROMPT, **bad}).status_code == 400
+
+
+@pytest.mark.parametrize("stops", ["a prefix that holds text back", "none"])
+def test_streamed_logprobs_name_each_token_and_its_offset_as_the_unstreamed_reply_does(
+    client: TestClient, sse: Callable[[str], list[Any]], stops: str
+) -> None:
+    """Streamed chunks gave the text released with the token as its `tokens` entry (empty while a
+    possible stop sequence held text back, several tokens' text after) and 0 as every offset."""
+    body: dict[str, Any] = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "logprobs": 2}
+    text = complete(client, **{k: v for k, v in body.items() if k != "prompt"})["choices"][0]["text"]
+    if stops != "none":  # the text's start, then a character it never has: matches, then never ends
+        body["stop"] = [text[1:4] + next(c for c in "~|#@" if c not in text)]
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]
+    events = sse(client.post("/v1/completions", json={**body, "stream": True}).text)
+    lps = [e["choices"][0]["logprobs"] for e in events[:-1] if e["choices"] and e["choices"][0]["logprobs"]]
+    assert [lp["tokens"][0] for lp in lps] == whole["logprobs"]["tokens"]
+    assert [lp["text_offset"][0] for lp in lps] == whole["logprobs"]["text_offset"]
+    # the same values, up to the last digits: the two runs' passes may batch and add up differently
+    assert [lp["token_logprobs"][0] for lp in lps] == pytest.approx(whole["logprobs"]["token_logprobs"], abs=1e-4)
+    for streamed, unstreamed in zip([lp["top_logprobs"][0] for lp in lps], whole["logprobs"]["top_logprobs"]):
+        assert streamed.keys() == unstreamed.keys()
+        assert list(streamed.values()) == pytest.approx(list(unstreamed.values()), abs=1e-4)
+    assert "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"]) == whole["text"]

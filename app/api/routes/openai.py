@@ -226,17 +226,27 @@ async def _stream(
 ) -> StreamingResponse:
     created = int(time.time())
 
-    def chunk(text: str, reason: str | None, lp: float | None = None, top: dict[str, float] | None = None) -> str:
-        tops = [top] if top else None
-        logprobs = {"tokens": [text], "token_logprobs": [lp], "top_logprobs": tops, "text_offset": [0]}
+    tok = serving.tokenizer
+
+    def chunk(text: str, reason: str | None, token: GenToken | None = None, offset: int = 0) -> str:
+        """A chunk of text; with `token`, its log-probabilities as the unstreamed reply gives them
+        for that token: its own text, and where it starts in the completion. The chunk's text is
+        what is released then, which text that may begin a stop sequence holds back."""
+        logprobs = None
+        if token is not None:
+            tops = [{c.text: c.logprob for c in token.top}] if token.top else None
+            logprobs = {
+                "tokens": [tok.id_to_text(token.id)],
+                "token_logprobs": [token.logprob],
+                "top_logprobs": tops,
+                "text_offset": [offset],
+            }
         body = {
             "id": cid,
             "object": "text_completion",
             "created": created,
             "model": model,
-            "choices": [
-                {"text": text, "index": 0, "logprobs": logprobs if lp is not None else None, "finish_reason": reason}
-            ],
+            "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": reason}],
         }
         return f"data: {json.dumps(body)}\n\n"
 
@@ -247,14 +257,15 @@ async def _stream(
         want_lp = req.logprobs is not None
         pending: list[str] = []  # one engine step's chunks, sent in one write (as /generate does)
         sent = 0  # characters of text sent; text that may begin a stop sequence waits (GenToken.released)
+        offset = 0  # where the next token's text starts in the completion
         async for out in outs:
             if isinstance(out, GenError):
                 err = APIError.from_engine(out.error)
                 pending.append(f"data: {json.dumps(error_body(err.message, err.error_type, openai=True))}\n\n")
             elif isinstance(out, GenToken):
                 sent += len(out.released)
-                top = {c.text: c.logprob for c in out.top} if out.top else None
-                pending.append(chunk(out.released, None, out.logprob if want_lp else None, top))  # one per token
+                pending.append(chunk(out.released, None, out if want_lp else None, offset))  # one per token
+                offset += len(out.text)
                 if not out.flush:
                     continue
             else:
