@@ -134,6 +134,8 @@ def test_streamed_text_equals_completion_text_when_ending_mid_character(
         {"prompt": PROMPT, "max_tokens": 300},
         {"prompt": PROMPT, "frequency_penalty": 3.0},
         {"prompt": PROMPT, "logit_bias": {"x": 1.0}},
+        # keys int() takes, but not token ids as OpenAI writes them ("05" and "5" were one token)
+        *({"prompt": PROMPT, "logit_bias": {key: 1.0}} for key in (" 5", "1_0", "05", "+5", "-1", "\u0663")),
         {"prompt": PROMPT, "logit_bias": {"1": 500.0}},
         {"prompt": PROMPT, "best_of": 2, "stream": True},
         {"prompt": ""},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, Coroutine
@@ -33,6 +34,7 @@ from app.model.tokenizer import Tokenizer
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 T = TypeVar("T")
+TOKEN_KEY = re.compile(r"0|[1-9][0-9]*", re.ASCII)  # a logit_bias key: a token id in decimal
 
 
 STARTED = int(time.time())
@@ -82,10 +84,11 @@ def gen_options(
     opts = options_for(params, serving)
     if top_logprobs > serving.settings.max_logprobs:
         raise APIError(422, f"logprobs: at most {serving.settings.max_logprobs} most likely tokens per token")
-    try:
-        opts.logit_bias = tuple((int(token), value) for token, value in req.logit_bias.items())
-    except ValueError:
-        raise APIError(422, "logit_bias: keys must be token ids") from None
+    # keys as OpenAI writes them: decimal ASCII digits, no sign, spaces, underscores or leading
+    # zeros (int() takes all of those, and "5" and "05" were one token, the last value winning)
+    if bad := next((t for t in req.logit_bias if not TOKEN_KEY.fullmatch(t)), None):
+        raise APIError(422, f"logit_bias: keys must be token ids written in decimal digits (got {bad!r})")
+    opts.logit_bias = tuple((int(token), value) for token, value in req.logit_bias.items())
     opts.frequency_penalty, opts.presence_penalty = req.frequency_penalty, req.presence_penalty
     opts.repetition_penalty, opts.top_logprobs = req.repetition_penalty, top_logprobs
     return opts
