@@ -102,6 +102,7 @@ def test_logprobs_and_top_logprobs(client: TestClient) -> None:
         {"messages": HELLO, "top_logprobs": 2},
         {"messages": HELLO, "logprobs": True, "top_logprobs": 50},
         {"messages": HELLO, "n": 2, "stream": True},
+        {"messages": HELLO, "stream_options": {"include_usage": True}},  # ignored without stream
         {"messages": HELLO, "n": 1000},
         {"messages": HELLO, "temperature": 5},
         {"messages": HELLO, "tools": [{"type": "function"}]},

@@ -138,6 +138,7 @@ def test_streamed_text_equals_completion_text_when_ending_mid_character(
         *({"prompt": PROMPT, "logit_bias": {key: 1.0}} for key in (" 5", "1_0", "05", "+5", "-1", "\u0663")),
         {"prompt": PROMPT, "logit_bias": {"1": 500.0}},
         {"prompt": PROMPT, "best_of": 2, "stream": True},
+        {"prompt": PROMPT, "stream_options": {"include_usage": True}},  # ignored without stream
         {"prompt": ""},
         {"prompt": []},
         {"prompt": [PROMPT, PROMPT], "stream": True},

@@ -73,6 +73,8 @@ def gen_options(
     req: CompletionRequest | ChatCompletionRequest, serving: Serving, max_tokens: int, top_logprobs: int
 ) -> GenOptions:
     """The generation options of an OpenAI request, checked against the service's limits."""
+    if req.stream_options is not None and not req.stream:  # OpenAI's answer too: nothing would read it
+        raise APIError(422, "stream_options: only allowed when stream is true")
     params = GenerateParameters(
         max_new_tokens=max_tokens,
         temperature=req.temperature,
