@@ -55,8 +55,7 @@ async def _prepare(req: ChatCompletionRequest, serving: Serving) -> tuple[list[i
     if req.top_logprobs and not req.logprobs:
         raise APIError(422, "top_logprobs: needs logprobs set to true")
     # without a limit: what the context leaves after the prompt (the engine's check), up to max_new_tokens
-    assert serving.state.model_config is not None
-    room = min(serving.settings.max_new_tokens, serving.state.model_config.max_seq_len - len(ids))
+    room = min(serving.settings.max_new_tokens, serving.model_config.max_seq_len - len(ids))
     max_tokens = req.max_completion_tokens or req.max_tokens or max(1, room)
     opts = gen_options(req, serving, max_tokens, (req.top_logprobs or 0) if req.logprobs else 0)
     opts.stop = [*opts.stop, *template.stop]  # the end of the assistant's turn
