@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from fastapi import APIRouter, Request
 
 from app.api.deps import Serving, ServingDep, unless_disconnected
@@ -39,10 +41,9 @@ async def _token_inputs(req: PredictRequest, serving: Serving) -> list[list[int]
         if len(texts) > cap:  # refused before any tokenizing
             raise _too_many(cap)
         ids = await serving.encode(texts, "inputs")
-    elif req.input_ids:
-        ids = [list(r) for r in req.input_ids if isinstance(r, list)] or [
-            [int(i) for i in req.input_ids if isinstance(i, int)]
-        ]
+    elif req.input_ids:  # one row of ids, or several (validated as one or the other)
+        rows = req.input_ids
+        ids = [list(r) for r in cast(list[list[int]], rows)] if isinstance(rows[0], list) else [cast(list[int], rows)]
     if not ids or any(not row for row in ids):
         raise APIError(422, "inputs must not be empty")
     if len(ids) > cap:
