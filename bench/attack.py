@@ -8,9 +8,10 @@ Prints a Markdown table (attack | what was measured | result | verdict); exits n
 any attack shows its defect or could not run. The servers run the code of the checkout this
 suite lives in (bench/server.py), so the same suite in a `git worktree` of an older commit
 records a "before". With `--no-compile` (eager steps) about 1.5 minutes on the project's
-2-core CPU when it is otherwise idle; with the default compiled steps each server's start
-compiles them at one torch thread first (7 minutes for the first server on 2026-12-02, with a
-cache warmed only by servers at the default thread count).
+2-core CPU when it is otherwise idle, before the eight attacks of 2026-12-03 were added (38 s
+on their own); with the default compiled steps each server's start compiles them at one torch
+thread first (7 minutes for the first server on 2026-12-02, with a cache warmed only by servers
+at the default thread count).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ QUEUED = "mtp_queue_depth"
 LONG = 200
 COMMON: dict[str, object] = {"max_queue_size": 16, "max_new_tokens": LONG, "drain_timeout_s": 3}
 AUTH: dict[str, object] = {"api_key": KEY, "max_queue_size": 16}
+# Bodies cut short by a 1 s timeout or a 4 KiB limit; max_new_tokens left at its default (256, the
+# default model's context), the setting under which chat's default length once failed.
+SHORT_BODY: dict[str, object] = {"max_queue_size": 16, "body_timeout_s": 1, "max_body_bytes": 4096}
 
 
 @dataclass
@@ -145,6 +149,43 @@ def status_of(data: bytes) -> int:
     """The status of a raw HTTP response's first bytes; 0 if there is none."""
     parts = data.split(b" ", 2)
     return int(parts[1]) if data.startswith(b"HTTP/") and len(parts) > 1 and parts[1].isdigit() else 0
+
+
+def read_reply(s: socket.socket, buf: bytearray, head_only: bool = False) -> tuple[int, dict[str, str], bytes]:
+    """One reply from a raw keep-alive socket: (status, lower-cased headers, its Content-Length body;
+    none with `head_only`, as for HEAD). What arrived past it stays in `buf`, to be read as the next
+    reply; status 0 when what came first is not a reply's head (a previous reply's stray body)."""
+    while b"\r\n\r\n" not in buf:
+        data = s.recv(65536)
+        if not data:
+            raise ConnectionError(f"closed before a whole head ({bytes(buf[:60])!r})")
+        buf += data
+    end = buf.index(b"\r\n\r\n")
+    head = bytes(buf[:end])
+    del buf[: end + 4]
+    lines = (ln.decode("latin-1").partition(":") for ln in head.split(b"\r\n")[1:])
+    headers = {k.strip().lower(): v.strip() for k, _, v in lines}
+    length = headers.get("content-length", "0")
+    length_n = 0 if head_only or not length.isdigit() else int(length)
+    while len(buf) < length_n:
+        data = s.recv(65536)
+        if not data:
+            break
+        buf += data
+    body = bytes(buf[:length_n])
+    del buf[:length_n]
+    return status_of(head), headers, body
+
+
+def closed_within(s: socket.socket, seconds: float) -> bool:
+    """True if the server closes (or resets) this socket within `seconds`, sending nothing more."""
+    s.settimeout(seconds)
+    try:
+        return s.recv(1024) == b""
+    except TimeoutError:
+        return False
+    except OSError:  # reset
+        return True
 
 
 def metric(url: str, name: str, **labels: str) -> float:
@@ -335,6 +376,61 @@ def keyless_malformed(url: str) -> Result:
     )
 
 
+def keyless_post_routes(url: str) -> Result:
+    """Under MTP_API_KEY every POST route in the schema answers 401 without the key: POST /
+    (TGI's compat route for /generate) once ran generation without it."""
+    paths = httpx.get(f"{url}/openapi.json", timeout=10).json()["paths"]
+    posts = sorted(p for p, ops in paths.items() if "post" in ops)
+    body = {"inputs": "ROMEO:", "parameters": {"max_new_tokens": 2}}  # a valid /generate (and /) body
+    got = {p: httpx.post(url + p, json=body, timeout=30).status_code for p in posts}
+    unrefused = {p: s for p, s in got.items() if s != 401}
+    return Result(
+        "keyless-post-routes",
+        f"keyless POST of a valid /generate body to each of the {len(posts)} POST routes in /openapi.json "
+        "under MTP_API_KEY",
+        f"401 on {len(posts) - len(unrefused)} of {len(posts)}"
+        + (f"; answered without the key: {', '.join(f'{p} {s}' for p, s in unrefused.items())}" if unrefused else ""),
+        bool(unrefused) if "/" in posts else None,  # POST / is the route that had the hole
+        {"statuses": got},
+    )
+
+
+def oversized_fanout(url: str) -> Result:
+    """A request of more sequences (n, prompts × best_of) or inputs than the queue holds can never be
+    admitted: on an idle server it is invalid (400 on /v1, 422), not overloaded (a 429 is retried forever)."""
+    wait_idle(url)
+    limits = httpx.get(f"{url}/info", timeout=10).json()["limits"]
+    q = limits["max_queue_size"]
+    user = [{"role": "user", "content": "ROMEO:"}]
+    cases: list[tuple[str, str, dict[str, Any]]] = [
+        (f"n={q + 1}", "/v1/completions", {"prompt": "ROMEO:", "max_tokens": 2, "n": q + 1}),
+        (
+            f"{q // 2 + 1} prompts × best_of 2",
+            "/v1/completions",
+            {"prompt": [f"ROMEO {i}:" for i in range(q // 2 + 1)], "max_tokens": 2, "best_of": 2},
+        ),
+        (f"chat n={q + 1}", "/v1/chat/completions", {"messages": user, "max_tokens": 2, "n": q + 1}),
+        (f"/predict {q + 1} inputs", "/predict", {"inputs": [f"ROMEO {i}:" for i in range(q + 1)]}),
+    ]
+    got = {label: httpx.post(url + path, json=body, timeout=60) for label, path, body in cases}
+    fits = min(q, limits["max_inputs_per_request"])  # the control: as many as the queue holds is served
+    control = httpx.post(f"{url}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 2, "n": fits}, timeout=60)
+    wait_idle(url)
+    wrong = {k: r.status_code for k, r in got.items() if r.status_code not in (400, 422)}
+    return Result(
+        "oversized-fanout",
+        f"on an idle server (MTP_MAX_QUEUE_SIZE={q}): requests of {q + 1} or more sequences or inputs; "
+        f"control: n={fits}",
+        "; ".join(
+            f"{k}: {r.status_code}" + (f" Retry-After {r.headers['retry-after']}" if "retry-after" in r.headers else "")
+            for k, r in got.items()
+        )
+        + f"; control {control.status_code}",
+        bool(wrong) or control.status_code != 200,
+        {"statuses": {k: r.status_code for k, r in got.items()}, "control": control.status_code},
+    )
+
+
 def refused_multi_prompt(url: str, queue_size: int = 16, max_tokens: int = 250, watch_s: float = 3.0) -> Result:
     """A multi-prompt completion refused for lack of queue room must not leave its admitted prompts running."""
     wait_idle(url)
@@ -485,6 +581,154 @@ def lone_surrogate(url: str) -> Result:
     return Result("lone-surrogate", 'JSON "\\ud800" in each text field', "; ".join(parts), defect)
 
 
+def token_id_body(url: str, ids: int = 499_000, clients: int = 2, bodies: int = 4) -> Result:
+    """Bodies of ~1 MB of token ids (past the context: 422) are refused quickly and /health stays fast
+    meanwhile: the lone-surrogate check once named a path per id, holding the event loop ~1 s per body."""
+    body = json.dumps({"input_ids": [1] * ids}, separators=(",", ":")).encode()  # 2 bytes an id: under 1 MiB
+    replies: list[tuple[int, float]] = []
+
+    def client() -> None:
+        with httpx.Client(timeout=60, headers={"content-type": "application/json"}) as c:
+            for _ in range(bodies):
+                replies.append(timed(lambda: c.post(f"{url}/predict", content=body)))
+
+    with polled_health(url) as health:
+        first = len(health)  # the polls before this are of an idle server
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        took = time.perf_counter() - t0
+    during = health[first:] or [float("inf")]
+    p50, worst = statistics.median(during), max(during)
+    slowest = max((s for _, s in replies), default=float("inf"))
+    return Result(
+        "token-id-body",
+        f"{clients} clients each sending {bodies} /predict bodies of {ids:,} token ids ({len(body) / 1e6:.2f} MB) "
+        "one after another; /health polled every 100 ms",
+        f"{counts([st for st, _ in replies])} in {took:.2f} s (slowest reply {ms(slowest)}); /health median "
+        f"{ms(p50)}, max {ms(worst)} over {len(health) - first} polls",
+        # 2026-12-03, 2-core host: median 632 and 880 ms on 56c4fbf (before the fix), 70 and 47 ms after
+        any(st != 422 for st, _ in replies) or p50 > 0.3,
+        {
+            "statuses": dict(Counter(st for st, _ in replies)),
+            "seconds": took,
+            "health_p50_s": p50,
+            "health_max_s": worst,
+        },
+    )
+
+
+def sse_post(url: str, path: str, body: Mapping[str, Any]) -> tuple[int, list[dict[str, Any]], str]:
+    """POST a streamed OpenAI request: (status, its `data:` chunks but [DONE], the error text if not 200)."""
+    events: list[dict[str, Any]] = []
+    with httpx.stream("POST", url + path, json=body, timeout=120) as r:
+        if r.status_code != 200:
+            r.read()
+            return r.status_code, events, error_message(r)
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+    return r.status_code, events, ""
+
+
+def chat_default_max_tokens(url: str) -> Result:
+    """/v1/chat/completions without max_tokens is served when max_new_tokens is at least the context
+    (the default model: 256 and 256); it asked for one token more than the context left, and got 400."""
+    ctx = httpx.get(f"{url}/info", timeout=10).json()["max_seq_len"]
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "Good morrow, cousin."}], "temperature": 0}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    plain = f"{r.status_code}" + (f" ({r.json()['usage']})" if r.status_code == 200 else f" {error_message(r)!r}")
+    streamed, events, err = sse_post(
+        url, "/v1/chat/completions", {**body, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    usage = next((e["usage"] for e in reversed(events) if e.get("usage")), None)
+    return Result(
+        "chat-default-max-tokens",
+        f"/v1/chat/completions without max_tokens, plain and streamed (MTP_MAX_NEW_TOKENS unset; context {ctx})",
+        f"plain {plain}; streamed {streamed}" + (f" ({usage})" if usage else f" {err!r}" if err else ""),
+        r.status_code != 200 or streamed != 200,
+        {"plain": r.status_code, "streamed": streamed, "streamed_usage": usage},
+    )
+
+
+def _logprobs_pair(url: str, body: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The logprobs of one greedy completion unstreamed, and its streamed chunks' logprobs joined
+    (tokens, text_offset) with the streamed text."""
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    r.raise_for_status()
+    whole = r.json()["choices"][0]
+    status, events, err = sse_post(url, "/v1/completions", {**body, "stream": True})
+    if status != 200:
+        raise RuntimeError(f"streamed: {status} {err}")
+    joined: dict[str, Any] = {"tokens": [], "text_offset": [], "text": ""}
+    for e in events:
+        for c in e.get("choices", []):
+            joined["text"] += c["text"]
+            if c.get("logprobs"):
+                joined["tokens"] += c["logprobs"]["tokens"]
+                joined["text_offset"] += c["logprobs"]["text_offset"]
+    unstreamed = {"tokens": whole["logprobs"]["tokens"], "text_offset": whole["logprobs"]["text_offset"]}
+    return {**unstreamed, "text": whole["text"]}, joined
+
+
+def streamed_logprobs(url: str, max_tokens: int = 24) -> Result:
+    """Streamed /v1/completions logprobs give each token's own text and offset, as the unstreamed reply
+    does (they gave the text released with the token, empty while a stop sequence might begin, and 0)."""
+    body: dict[str, Any] = {"prompt": "ROMEO:", "max_tokens": max_tokens, "temperature": 0, "logprobs": 2}
+    plain = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    # a stop that matches the text's start and never ends: it holds text back from there on
+    held = plain[1:4] + next(c for c in "~|#@^" if c not in plain)
+    parts, diffs = [], {}
+    for label, case in (("no stop", body), (f"stop {held!r}", {**body, "stop": [held]})):
+        whole, streamed = _logprobs_pair(url, case)
+        differ = [k for k in ("tokens", "text_offset", "text") if whole[k] != streamed[k]]
+        parts.append(f"{label}: {len(whole['tokens'])} tokens, " + (f"{'/'.join(differ)} differ" if differ else "same"))
+        if differ:
+            diffs[label] = {k: {"unstreamed": whole[k][:8], "streamed": streamed[k][:8]} for k in differ}
+    example = next(iter(diffs.values()), {}).get("text_offset")
+    return Result(
+        "streamed-logprobs",
+        f"/v1/completions greedy, {max_tokens} tokens, logprobs=2: streamed chunks' tokens, text_offset and "
+        "text against the unstreamed reply",
+        "; ".join(parts)
+        + (f"; e.g. text_offset {example['streamed']} streamed, {example['unstreamed']} unstreamed" if example else ""),
+        bool(diffs),
+        {"differences": diffs},
+    )
+
+
+def logit_bias_keys(url: str) -> Result:
+    """logit_bias keys are token ids in decimal ASCII digits, and stream_options needs stream: int()
+    took ' 5', '1_0', '05' (one token with '5') and Arabic-Indic digits, and stream_options was ignored."""
+    base = {"prompt": "ROMEO:", "max_tokens": 2}
+    chat = {"messages": [{"role": "user", "content": "ROMEO:"}], "max_tokens": 2}
+    cases: list[tuple[str, str, dict[str, Any]]] = [
+        (f"logit_bias {k!r}", "/v1/completions", {**base, "logit_bias": {k: 1.0}})
+        for k in (" 5", "1_0", "05", "+5", "\u0665")  # U+0665: Arabic-Indic five
+    ]
+    cases += [
+        ("stream_options without stream", "/v1/completions", {**base, "stream_options": {"include_usage": True}}),
+        (
+            "chat stream_options without stream",
+            "/v1/chat/completions",
+            {**chat, "stream_options": {"include_usage": True}},
+        ),
+    ]
+    got = {label: httpx.post(url + path, json=body, timeout=60).status_code for label, path, body in cases}
+    control = httpx.post(f"{url}/v1/completions", json={**base, "logit_bias": {"5": 1.0}}, timeout=60).status_code
+    return Result(
+        "logit-bias-keys",
+        "/v1/completions with logit_bias keys that int() takes but are not decimal token ids; stream_options "
+        "without stream (also chat); control: logit_bias {'5': 1.0}",
+        "; ".join(f"{k}: {s}" for k, s in got.items()) + f"; control {control}",
+        any(s != 400 for s in got.values()) or control != 200,
+        {"statuses": got, "control": control},
+    )
+
+
 def _completion(url: str, prompt: str, max_tokens: int, stop: str | None, stream: bool) -> str:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stop": stop, "stream": stream}
     if not stream:
@@ -626,6 +870,104 @@ def probe_health(url: str, timeout: float = 2.0) -> str:
         return "no answer"
     except OSError as exc:
         return f"refused ({type(exc).__name__})"
+
+
+def head_refusal_framing(url: str, key: str = KEY) -> Result:
+    """A HEAD request refused (from its head: no key; or by the app: 404, 405) gets a head and no
+    body, so that the next reply on the connection is read as itself: the 401 JSON once followed
+    the head, and the client took it as the start of its next reply."""
+    probes = [
+        ("HEAD /v1/models, no key", "/v1/models", {}),
+        ("HEAD /generate, no key", "/generate", {}),
+        ("HEAD /no-such-route", "/no-such-route", {}),
+        ("HEAD /generate, with the key", "/generate", {"Authorization": f"Bearer {key}"}),
+    ]
+    parts, defect, bodies = [], False, {}
+    with socket.create_connection(address(url), timeout=10) as s:
+        buf = bytearray()
+        for label, path, headers in probes:  # all on one keep-alive connection, each followed by GET /health
+            s.sendall(request_bytes("HEAD", path, headers=headers))
+            status, _, _ = read_reply(s, buf, head_only=True)
+            s.settimeout(0.3)  # what comes after the head, before the next request is sent, is a body
+            with contextlib.suppress(TimeoutError):
+                buf += s.recv(65536)
+            s.settimeout(10)
+            body = bytes(buf)
+            s.sendall(request_bytes("GET", "/health"))
+            try:
+                after, _, reply = read_reply(s, buf)
+            except (OSError, ConnectionError):
+                after, reply = 0, b""
+            healthy = after == 200 and b'"status":"ok"' in reply.replace(b" ", b"")
+            defect = defect or status < 400 or bool(body) or not healthy
+            parts.append(
+                f"{label}: {status}"
+                + (f" + {len(body)} body bytes ({body[:24]!r}…)" if body else "")
+                + ", then /health "
+                + ("200" if healthy else f"unreadable (status {after})")
+            )
+            bodies[label] = body[:200].decode("latin-1")
+    return Result(
+        "head-refusal-framing",
+        "refused HEAD requests on one keep-alive connection (MTP_API_KEY set), each followed by GET /health",
+        "; ".join(parts),
+        defect,
+        {"bodies_after_head": bodies},
+    )
+
+
+def _after_cut(s: socket.socket, head: bytes, first: bytes) -> tuple[int, str, str]:
+    """Send a request whose body stops short; (status, its Connection header, what became of the
+    connection: closed by the server, or what a GET /health sent on it then got)."""
+    s.sendall(head + first)
+    try:
+        status, headers, _ = read_reply(s, bytearray())
+    except (OSError, ConnectionError):
+        return 0, "-", "closed without a reply"
+    if closed_within(s, 2.0):
+        return status, headers.get("connection", "-"), "closed"
+    s.sendall(request_bytes("GET", "/health"))  # kept open: is the next request read as a request?
+    s.settimeout(3.0)
+    try:
+        data = s.recv(200)
+    except TimeoutError:
+        return status, headers.get("connection", "-"), "kept open; a GET /health on it got no reply in 3 s"
+    except OSError as exc:
+        return status, headers.get("connection", "-"), f"kept open; a GET /health on it: {type(exc).__name__}"
+    got = status_of(data) or (repr(data[:30]) if data else "closed")
+    return status, headers.get("connection", "-"), f"kept open 2 s; a GET /health on it got {got}"
+
+
+def cut_short_body(url: str) -> Result:
+    """A reply to a body cut short (408: not all of it arrived in time; 413: a chunked body outgrew the
+    limit part-way) closes the connection; kept open, the parser took the client's next request as
+    the rest of the body. A body that arrives whole keeps its connection."""
+    limit = httpx.get(f"{url}/info", timeout=10).json()["limits"]["max_body_bytes"]
+    host_port = address(url)
+    results: dict[str, tuple[int, str, str]] = {}
+    with socket.create_connection(host_port, timeout=30) as s:  # 19 of the 40 bytes declared
+        cut = request_bytes("POST", "/tokenize", headers={"Content-Type": "application/json", "Content-Length": "40"})
+        results["408"] = _after_cut(s, cut, b'{"inputs": "ROMEO:"}'[:19])
+    with socket.create_connection(host_port, timeout=30) as s:  # past the limit, and the body goes on
+        chunked = request_bytes("POST", "/predict", headers={"Transfer-Encoding": "chunked"})
+        results["413"] = _after_cut(s, chunked, b"%x\r\n%s\r\n" % (limit + 1000, b" " * (limit + 1000)))
+    whole = []
+    with socket.create_connection(host_port, timeout=30) as s:
+        buf, body = bytearray(), b'{"inputs": "ROMEO:"}'
+        for _ in range(2):
+            s.sendall(request_bytes("POST", "/tokenize", body))
+            st, headers, _ = read_reply(s, buf)
+            whole.append(f"{st}" + (" close" if headers.get("connection") == "close" else ""))
+    defect = any(str(st) != want or conn != "close" or fate != "closed" for want, (st, conn, fate) in results.items())
+    return Result(
+        "cut-short-body",
+        "POST with 19 of 40 declared body bytes (body timeout); chunked POST past MTP_MAX_BODY_BYTES "
+        f"({limit}); then two whole POSTs on one connection",
+        "; ".join(f"{st} (Connection: {conn}), {fate}" for st, conn, fate in results.values())
+        + f"; whole bodies: {', '.join(whole)}",
+        defect or whole != ["200", "200"],
+        {"cut": {k: list(v) for k, v in results.items()}, "whole": whole},
+    )
 
 
 def idle_connections(
@@ -964,15 +1306,23 @@ def _timeout(lab: Lab) -> Result:
 ATTACKS = [
     Attack("keyless-queue-lock", _shared(keyless_queue_lock, AUTH)),
     Attack("keyless-malformed", _shared(keyless_malformed, AUTH)),
+    Attack("keyless-post-routes", _shared(keyless_post_routes, AUTH)),
+    Attack("head-refusal-framing", _shared(head_refusal_framing, AUTH)),
     Attack("lone-surrogate", _shared(lone_surrogate)),
+    Attack("logit-bias-keys", _shared(logit_bias_keys)),
     Attack("host-redirect", _shared(host_redirect)),
     Attack("head-probes", _shared(head_probes)),
     Attack("top-k-overflow", _shared(top_k_overflow)),
     Attack("stop-stream-leak", _shared(stop_stream_leak)),
+    Attack("streamed-logprobs", _shared(streamed_logprobs)),
+    Attack("oversized-fanout", _shared(oversized_fanout)),
     Attack("refused-multi-prompt", _shared(refused_multi_prompt)),
     Attack("disconnect-nonstream", _shared(disconnect_nonstream)),
     Attack("tokenize-bomb", _shared(tokenize_bomb)),
+    Attack("token-id-body", _shared(token_id_body)),
     Attack("huge-header", _shared(huge_header)),
+    Attack("cut-short-body", _shared(cut_short_body, SHORT_BODY)),
+    Attack("chat-default-max-tokens", _shared(chat_default_max_tokens, SHORT_BODY)),
     Attack("timeout-traceback", _timeout),
     Attack("idle-connections", _idle),
     Attack("shutdown-bounds", shutdown_bounds),

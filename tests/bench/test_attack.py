@@ -1,6 +1,7 @@
 """The attack suite (bench.attack): its cheap attacks against a real uvicorn server on the
 tiny checkpoint find no defect, and its report is well-formed."""
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +11,9 @@ from bench import attack
 
 
 @pytest.mark.parametrize(
-    "run", [attack.lone_surrogate, attack.host_redirect, attack.head_probes], ids=lambda f: f.__name__
+    "run",
+    [attack.lone_surrogate, attack.host_redirect, attack.head_probes, attack.logit_bias_keys, attack.streamed_logprobs],
+    ids=lambda f: f.__name__,
 )
 def test_cheap_attack_finds_no_defect(server: Any, run: Callable[[str], attack.Result]) -> None:
     result = run(server.url)
@@ -33,3 +36,19 @@ def test_table_has_a_row_per_result_and_escapes_pipes() -> None:
     assert len(lines) == 2 + len(results)
     assert lines[2] == "| a | x \\| y | 200 | ok |"
     assert lines[3].endswith("| DEFECT |") and lines[4].endswith("| not reproduced |")
+
+
+def test_a_head_reply_followed_by_a_body_makes_the_next_reply_unreadable_as_one() -> None:
+    """read_reply, as head-refusal-framing uses it: a HEAD reply's head only, then the next reply;
+    a body sent after the HEAD reply's head is what the next read starts with (status 0)."""
+    ok = b'HTTP/1.1 200 OK\r\ncontent-length: 15\r\n\r\n{"status":"ok"}'
+    refused = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 9\r\n\r\n"
+    for stray, want in ((b"", 200), (b'{"e": ""}', 0)):
+        server, client = socket.socketpair()
+        with server, client:
+            server.sendall(refused + stray + ok)
+            buf = bytearray()
+            status, headers, body = attack.read_reply(client, buf, head_only=True)
+            assert (status, headers["content-length"], body) == (401, "9", b"")
+            assert attack.read_reply(client, buf)[0] == want
+            assert not buf
