@@ -431,22 +431,36 @@ def oversized_fanout(url: str) -> Result:
     )
 
 
-def refused_multi_prompt(url: str, queue_size: int = 16, max_tokens: int = 250, watch_s: float = 3.0) -> Result:
-    """A multi-prompt completion refused for lack of queue room must not leave its admitted prompts running."""
+def refused_multi_prompt(url: str, queue_size: int = 16, max_tokens: int = LONG, watch_s: float = 3.0) -> Result:
+    """A multi-prompt completion refused for lack of queue room must not leave its admitted prompts running.
+
+    The request has as many prompts as the queue holds (more is refused as invalid, before any is
+    admitted); half the places are first taken by requests whose bodies stall at the door, so the
+    first half of its prompts is admitted and the next one refused."""
     wait_idle(url)
-    n = 2 * queue_size  # each prompt takes a queue place: the first queue_size fit, the next is refused
-    body = {"prompt": [f"ROMEO {i}:" for i in range(n)], "max_tokens": max_tokens, "temperature": 0}
-    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    held = queue_size // 2
+    headers = {"Content-Type": "application/json", "Content-Length": "100"}
+    head = request_bytes("POST", "/v1/completions", headers=headers)
+    stalled = [socket.create_connection(address(url), timeout=10) for _ in range(held)]
+    try:
+        for s in stalled:
+            s.sendall(head + b"{")  # the door takes a place for each, and the body never comes
+        time.sleep(0.5)
+        body = {"prompt": [f"ROMEO {i}:" for i in range(queue_size)], "max_tokens": max_tokens, "temperature": 0}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    finally:
+        for s in stalled:
+            s.close()
     at_answer = metric(url, TOKENS)
     time.sleep(watch_s)
     growth = metric(url, TOKENS) - at_answer
     wait_idle(url)
     return Result(
         "refused-multi-prompt",
-        f"/v1/completions with {n} prompts × {max_tokens} tokens (queue {queue_size}); "
-        f"{TOKENS} for {watch_s:.0f} s after the answer",
+        f"/v1/completions with {queue_size} prompts × {max_tokens} tokens (queue {queue_size}, {held} places "
+        f"held by stalled bodies); {TOKENS} for {watch_s:.0f} s after the answer",
         f"{r.status_code} {error_message(r)[:60]!r}; +{growth:.0f} tokens generated after the answer",
-        None if r.status_code == 200 else growth > 50,
+        None if r.status_code != 429 else growth > 50,  # only a 429 leaves siblings that may run on
         {"status": r.status_code, "tokens_after_answer": growth},
     )
 

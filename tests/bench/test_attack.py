@@ -52,3 +52,12 @@ def test_a_head_reply_followed_by_a_body_makes_the_next_reply_unreadable_as_one(
             assert (status, headers["content-length"], body) == (401, "9", b"")
             assert attack.read_reply(client, buf)[0] == want
             assert not buf
+
+
+def test_refused_multi_prompt_meets_a_partly_held_queue_and_finds_no_sibling_running(
+    server_factory: Callable[..., Any],
+) -> None:
+    srv = server_factory("--max-queue-size", "16", forward_delay_s=0.05)  # 40 tokens take seconds
+    result = attack.refused_multi_prompt(srv.url, queue_size=16, max_tokens=40)
+    assert result.details["status"] == 429, result.result  # half the prompts admitted, then the queue full
+    assert result.defect is False, result.result
