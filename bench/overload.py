@@ -22,6 +22,13 @@ cores: take the latency figures from a run without it.
 runs the same bursts against this tree's server and GIT_REF's (a git worktree), one server up
 at a time in alternating phases (A, B, A, B), and adds the medians of their phases and the
 ratio of their p99s.
+
+    python -m bench.overload --steady 20 --seconds 20 [--new-tokens 200]
+
+measures the door another way: a burst's last refusals wait behind its first, so its p99 is
+mostly the time to get through the burst. Here clients keep the batch and the queue full for
+the whole run, and /predict probes arrive one at a time, RATE a second; each meets a full queue.
+It prints their refusal latency and the running and waiting gauges read once a second.
 """
 
 from __future__ import annotations
@@ -120,6 +127,94 @@ async def burst(url: str, n: int, new_tokens: int) -> dict[str, Any]:
         "client_gc_longest_ms": round(max(pauses, default=0.0) * 1000, 2),
         "ready_after": ready,
         "gauges_after": gauges,
+    }
+
+
+async def steady(url: str, queue: int, max_batch: int, rate: float, seconds: float, new_tokens: int) -> dict[str, Any]:
+    """The door's answer while the core runs full batches, one refusal at a time.
+
+    A burst's p99 is mostly how long the server (and this client) take to get through the burst
+    itself: its last refusals wait behind the first. Here `max_batch + queue` keep-alive clients
+    keep the engine's batch and its queue full (each sends its next /generate as soon as the last
+    is answered), and /predict probes arrive at `rate` a second, each on its own connection from a
+    small pool, so each one meets a full queue and little else. A probe's latency runs from the
+    moment it was due, not from when a connection was free to send it (no coordinated omission).
+    The running and waiting gauges are read once a second: they show whether the core was full."""
+    host, port = url.removeprefix("http://").split(":")
+    fill = raw_post("/generate", {"inputs": "ROMEO:", "parameters": {"max_new_tokens": new_tokens}})
+    probe = raw_post("/predict", {"inputs": "JULIET:", "top_n": 3})
+    stop = time.perf_counter() + 1.0 + seconds  # a second for the fillers to get in, then the probes
+    filled: Counter[int] = Counter()
+    refused: list[float] = []
+    accepted: list[float] = []
+    other: list[str] = []
+    gauges: list[tuple[float, float]] = []
+
+    async def filler() -> None:
+        conn = await asyncio.open_connection(host, int(port))
+        while time.perf_counter() < stop:
+            status, _, _ = await read_response(*conn, fill)
+            filled[status] += 1
+            if status == 429:  # a probe took the place: try again shortly
+                await asyncio.sleep(0.01)
+        conn[1].close()
+
+    pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+    for _ in range(8):
+        pool.put_nowait(await asyncio.open_connection(host, int(port)))
+
+    async def one(due: float) -> None:
+        conn = await pool.get()
+        status, _, body = await read_response(*conn, probe)
+        dt = time.perf_counter() - due
+        pool.put_nowait(conn)
+        if status == 429:
+            refused.append(dt)
+        elif status == 200:
+            accepted.append(dt)
+        else:
+            other.append(f"{status} {body[:120]!r}")
+
+    async def watch() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            while time.perf_counter() < stop:
+                text = (await http.get("/metrics")).text
+                g = {ln.split()[0]: float(ln.split()[-1]) for ln in text.splitlines() if not ln.startswith("#") and ln}
+                gauges.append((g.get("mtp_running_sequences", 0.0), g.get("mtp_queue_depth", 0.0)))
+                await asyncio.sleep(1.0)
+
+    fillers = [asyncio.create_task(filler()) for _ in range(max_batch + queue)]
+    await asyncio.sleep(1.0)  # the fillers are in
+    watcher = asyncio.create_task(watch())
+    probes = []
+    t0 = time.perf_counter()
+    i = 0
+    while (due := t0 + i / rate) < stop:
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        probes.append(asyncio.create_task(one(due)))
+        i += 1
+    await asyncio.gather(*probes, *fillers, watcher)
+    while not pool.empty():
+        pool.get_nowait()[1].close()
+    running = [r for r, _ in gauges]
+    waiting = [w for _, w in gauges]
+    return {
+        "mode": "steady",
+        "max_queue_size": queue,
+        "max_batch_size": max_batch,
+        "probe_rate_per_s": rate,
+        "seconds": seconds,
+        "probes": i,
+        "refused_429": len(refused),
+        "accepted_200": len(accepted),
+        "other": other[:10],
+        "refusal_latency_p50_ms": round(pct(refused, 0.5) * 1000, 2),
+        "refusal_latency_p99_ms": round(pct(refused, 0.99) * 1000, 2),
+        "refusal_latency_max_ms": round(max(refused, default=float("nan")) * 1000, 2),
+        "fill_requests": dict(filled),
+        "running_sequences_median": statistics.median(running) if running else None,
+        "queue_depth_median": statistics.median(waiting) if waiting else None,
+        "gauge_samples": len(gauges),
     }
 
 
@@ -256,7 +351,24 @@ def main() -> None:
     ap.add_argument("--profile-rate", type=int, default=1000, help="py-spy samples per second")
     ap.add_argument("--baseline", default=None, help="a git ref whose server to compare against (see above)")
     ap.add_argument("--rounds", type=int, default=2, help="with --baseline: alternating rounds of the two servers")
+    ap.add_argument(
+        "--steady",
+        type=float,
+        default=None,
+        metavar="RATE",
+        help="instead of bursts: keep the batch and the queue full and send RATE /predict probes a second (see above)",
+    )
+    ap.add_argument("--seconds", type=float, default=20.0, help="with --steady: how long the probes run")
     args = ap.parse_args()
+    if args.steady is not None and (args.baseline or args.profile):
+        ap.error("--steady runs alone: leave out --baseline and --profile")
+    if args.steady is not None:
+        with server(args.checkpoint, "cpu", max_queue_size=args.queue, max_batch_size=args.max_batch) as srv:
+            write_json(
+                asyncio.run(steady(srv.url, args.queue, args.max_batch, args.steady, args.seconds, args.new_tokens)),
+                args.out,
+            )
+        return
     if args.baseline and args.profile:
         ap.error("--profile samples one server: leave out --baseline")
     if args.baseline:

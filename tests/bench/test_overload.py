@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.overload import LOOP_ITSELF, burst, compared, profile_summary, profiled
+from bench.overload import LOOP_ITSELF, burst, compared, profile_summary, profiled, steady
 from bench.service import server
 
 
@@ -79,3 +79,15 @@ def test_a_comparison_alternates_this_trees_server_and_a_baselines(
     med = out["median_of_phases"]
     ratio = med["this"]["refusal_latency_p99_ms"] / med["baseline"]["refusal_latency_p99_ms"]
     assert out["p99_this_over_baseline"] == round(ratio, 3)
+
+
+def test_steady_probes_meet_a_full_queue_one_at_a_time(byte_checkpoint: tuple[str, str]) -> None:
+    ckpt, _ = byte_checkpoint
+    with server(ckpt, "cpu", max_queue_size=2, max_batch_size=2, compile=False) as srv:
+        r = asyncio.run(steady(srv.url, queue=2, max_batch=2, rate=20, seconds=3.0, new_tokens=100))
+    assert r["probes"] == 60 and r["refused_429"] + r["accepted_200"] == 60 and not r["other"]
+    assert r["refused_429"] > r["accepted_200"]  # the fillers kept the queue full
+    assert r["fill_requests"].get(200, 0) > 0
+    # this model's 100 tokens take a moment: a place may be between two fillers when the gauges are read
+    assert r["gauge_samples"] >= 3 and r["running_sequences_median"] == 2 and r["queue_depth_median"] >= 1
+    assert 0 < r["refusal_latency_p50_ms"] <= r["refusal_latency_p99_ms"] <= r["refusal_latency_max_ms"]
