@@ -136,8 +136,8 @@ async def steady(url: str, queue: int, max_batch: int, rate: float, seconds: flo
     A burst's p99 is mostly how long the server (and this client) take to get through the burst
     itself: its last refusals wait behind the first. Here `max_batch + queue` keep-alive clients
     keep the engine's batch and its queue full (each sends its next /generate as soon as the last
-    is answered), and /predict probes arrive at `rate` a second, each on its own connection from a
-    small pool, so each one meets a full queue and little else. A probe's latency runs from the
+    is answered), and /predict probes arrive at `rate` a second, each on a keep-alive connection
+    from a pool of 8, so each one meets a full queue and little else. A probe's latency runs from the
     moment it was due, not from when a connection was free to send it (no coordinated omission).
     The running and waiting gauges are read once a second: they show whether the core was full."""
     host, port = url.removeprefix("http://").split(":")
