@@ -749,13 +749,10 @@ def _completion(url: str, prompt: str, max_tokens: int, stop: str | None, stream
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         r.raise_for_status()
         return str(r.json()["choices"][0]["text"])
-    text = ""
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                text += "".join(c["text"] for c in json.loads(line[6:]).get("choices", []))
-    return text
+    status, events, err = sse_post(url, "/v1/completions", body)
+    if status != 200:
+        raise RuntimeError(f"streamed /v1/completions: {status} {err}")
+    return "".join(c["text"] for e in events for c in e.get("choices", []))
 
 
 def stop_stream_leak(url: str, max_tokens: int = 60) -> Result:
