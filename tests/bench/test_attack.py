@@ -7,32 +7,35 @@ from typing import Any
 
 import pytest
 
-from bench import attack
+from bench.attack.door import head_probes, host_redirect, refused_multi_prompt
+from bench.attack.inputs import logit_bias_keys, lone_surrogate, streamed_logprobs
+from bench.attack.lab import Result, read_reply
+from bench.attack.suite import ATTACKS, table
 
 
 @pytest.mark.parametrize(
     "run",
-    [attack.lone_surrogate, attack.host_redirect, attack.head_probes, attack.logit_bias_keys, attack.streamed_logprobs],
+    [lone_surrogate, host_redirect, head_probes, logit_bias_keys, streamed_logprobs],
     ids=lambda f: f.__name__,
 )
-def test_cheap_attack_finds_no_defect(server: Any, run: Callable[[str], attack.Result]) -> None:
+def test_cheap_attack_finds_no_defect(server: Any, run: Callable[[str], Result]) -> None:
     result = run(server.url)
     assert result.defect is False, f"{result.name}: {result.result}"
     assert result.verdict == "ok"
 
 
 def test_attack_names_are_unique() -> None:
-    names = [a.name for a in attack.ATTACKS]
+    names = [a.name for a in ATTACKS]
     assert len(names) == len(set(names))
 
 
 def test_table_has_a_row_per_result_and_escapes_pipes() -> None:
     results = [
-        attack.Result("a", "x | y", "200", False),
-        attack.Result("b", "z", "500", True),
-        attack.Result("c", "w", "n/a", None),
+        Result("a", "x | y", "200", False),
+        Result("b", "z", "500", True),
+        Result("c", "w", "n/a", None),
     ]
-    lines = attack.table(results).splitlines()
+    lines = table(results).splitlines()
     assert len(lines) == 2 + len(results)
     assert lines[2] == "| a | x \\| y | 200 | ok |"
     assert lines[3].endswith("| DEFECT |") and lines[4].endswith("| not reproduced |")
@@ -48,9 +51,9 @@ def test_a_head_reply_followed_by_a_body_makes_the_next_reply_unreadable_as_one(
         with server, client:
             server.sendall(refused + stray + ok)
             buf = bytearray()
-            status, headers, body = attack.read_reply(client, buf, head_only=True)
+            status, headers, body = read_reply(client, buf, head_only=True)
             assert (status, headers["content-length"], body) == (401, "9", b"")
-            assert attack.read_reply(client, buf)[0] == want
+            assert read_reply(client, buf)[0] == want
             assert not buf
 
 
@@ -58,6 +61,6 @@ def test_refused_multi_prompt_meets_a_partly_held_queue_and_finds_no_sibling_run
     server_factory: Callable[..., Any],
 ) -> None:
     srv = server_factory("--max-queue-size", "16", forward_delay_s=0.05)  # 40 tokens take seconds
-    result = attack.refused_multi_prompt(srv.url, queue_size=16, max_tokens=40)
+    result = refused_multi_prompt(srv.url, queue_size=16, max_tokens=40)
     assert result.details["status"] == 429, result.result  # half the prompts admitted, then the queue full
     assert result.defect is False, result.result
