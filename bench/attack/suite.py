@@ -142,7 +142,9 @@ def commit() -> str | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.attack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     ap.add_argument("--only", default="", help="comma-separated attack names: " + ", ".join(a.name for a in ATTACKS))
     ap.add_argument("--out", default=None, help="also write the results here as JSON")
