@@ -88,18 +88,24 @@ class Offline:
         self._warm = False
 
     def rate(self, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
-        """Tokens/s over the prompts at each draft count, and the best."""
-        rates: dict[int, float] = {}
+        """Tokens/s over the prompts at each draft count, and the best. The counts take turns
+        prompt by prompt, in an order that rotates from one prompt to the next: this machine's
+        speed drifts by tens of per cent within a minute, and timed one after another, the count
+        that ran in a fast moment would pass for the fastest, which biases the best upwards."""
+        tokens = dict.fromkeys(self.counts, 0)
+        seconds = dict.fromkeys(self.counts, 0.0)
         with torch.inference_mode():
-            for n in self.counts:
-                if not self._warm:  # the first call at each count compiles or loads its graphs
+            if not self._warm:  # the first call at each count compiles or loads its graphs
+                for n in self.counts:
                     generate(self.model, prompts[:1], 8, speculative=n > 0, draft_tokens=n, compiled=self.dec)
-                tokens, t0 = 0, time.perf_counter()
-                for p in prompts:
+            for i, p in enumerate(prompts):
+                for n in self.counts[i % len(self.counts) :] + self.counts[: i % len(self.counts)]:
+                    t0 = time.perf_counter()
                     g = generate(self.model, [p], new_tokens, speculative=n > 0, draft_tokens=n, compiled=self.dec)
-                    tokens += len(g.tokens[0])
-                rates[n] = tokens / (time.perf_counter() - t0)
+                    seconds[n] += time.perf_counter() - t0
+                    tokens[n] += len(g.tokens[0])
         self._warm = True
+        rates = {n: tokens[n] / seconds[n] for n in self.counts}
         best = max(rates, key=lambda n: rates[n])
         return {
             "tokens_per_s_by_drafts": {n: round(r, 1) for n, r in rates.items()},
@@ -190,6 +196,15 @@ def _merged(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def server_trees(baseline: str | None, baseline_settings: Mapping[str, str] | None) -> dict[str, Path]:
+    """The servers a run measures: this checkout's, and a baseline's only where one is asked
+    for, an older commit's tree (baseline) or this checkout under other settings (a non-empty
+    baseline_settings). With neither there is nothing to compare, and no second server runs."""
+    if baseline:
+        return {"this": ROOT, "baseline": baseline_tree(baseline)}
+    return {"this": ROOT, "baseline": ROOT} if baseline_settings else {"this": ROOT}
+
+
 def pair_ratios(phases: list[dict[str, Any]], key: str) -> list[float]:
     """Each pair's served figure over the offline figure timed just before it."""
     return [round(p[key]["tokens_per_s"] / p["offline"]["tokens_per_s"], 3) for phase in phases for p in phase["pairs"]]
@@ -232,8 +247,8 @@ def bench_served(
         )
     offline = Offline(checkpoint, device, compiled=True, dtype=dtype)
     out["offline_compiled_first"] = progress("bench.served", "offline compiled", offline.rate(ids, new_tokens))
-    compared = baseline is not None or baseline_settings is not None
-    trees = {"this": ROOT, **({"baseline": baseline_tree(baseline) if baseline else ROOT} if compared else {})}
+    trees = server_trees(baseline, baseline_settings)
+    compared = "baseline" in trees
     by_tree = {"this": settings, "baseline": baseline_settings}
     phases: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
     for _ in range(rounds):

@@ -13,7 +13,7 @@ import torch
 from app.decoding.generate import generate
 from app.model.checkpoint import load_checkpoint, load_tokenizer
 from bench.decoding import heldout_prompts
-from bench.served import Offline, check_compiled, pair_ratios, parse_settings, served_phase
+from bench.served import Offline, check_compiled, pair_ratios, parse_settings, served_phase, server_trees
 from bench.server import ROOT, host_times, steal_share, thread_cores, thread_times
 
 NEW_TOKENS = 24
@@ -125,3 +125,11 @@ def test_settings_compared_are_fields_of_the_service_settings(byte_checkpoint: t
     # the offline runs set against a server of another dtype load the model in that dtype
     model = Offline(byte_checkpoint[0], "cpu", dtype="bfloat16").model
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_without_a_baseline_only_this_checkout_is_served() -> None:
+    """No --baseline and no --baseline-settings (which parse to {}): one server, no second one
+    of the same code whose "baseline" ratios would compare this checkout with itself."""
+    assert server_trees(None, {}) == {"this": ROOT}
+    assert server_trees(None, None) == {"this": ROOT}
+    assert server_trees(None, {"dtype": "bfloat16"}) == {"this": ROOT, "baseline": ROOT}
