@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     max_pending_bodies_per_client: int | None = Field(None, ge=1)
 
     # connections
-    idle_timeout_s: float = Field(30.0, gt=0)  # a connection without a complete request header is closed after this
+    idle_timeout_s: float = Field(30.0, gt=0)  # no whole request header, or no byte of a waiting reply taken: closed
     max_connections: int = Field(2048, ge=1)  # open connections; more are refused (kept below the fd limit too)
     max_header_bytes: int = Field(65_536, ge=1024)  # a longer request line + headers: 431 (Node's default: 16 KiB)
 

@@ -87,13 +87,39 @@ class _Answered:
 _ANSWERED: Any = _Answered()
 
 
+class CountingTransport:
+    """A connection's transport, counting the bytes written to it: less what it still buffers,
+    that is how many the kernel has taken (GuardedProtocol._reader_stalled)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.inner = transport
+        self.written = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += len(data)
+        self.inner.write(data)
+
+    def taken(self) -> int:
+        return self.written - self.inner.get_write_buffer_size()
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the transport's own
+        return getattr(self.inner, name)
+
+
 class GuardedProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP protocol with an idle/header timeout and a cap on open connections.
+    """uvicorn's HTTP protocol with an idle/header timeout, a send timeout and a cap on open
+    connections.
 
     uvicorn closes a keep-alive connection only after a response; one that never sends a
     request, or drips its header a byte at a time, would stay open for good and hold a file
     descriptor. Every idle_timeout_s a connection that has no request in progress and has
     not started one since the last look is closed.
+
+    A client that never reads its replies holds its connection as long: once the kernel's
+    buffers are full, the rest of a reply waits in this process, and a stream's writer waits
+    for room. At the same looks, a connection with reply bytes waiting of which the kernel
+    has taken none since the last look is dropped (nginx's send_timeout), and what it held
+    is freed; a stream's request is cancelled as for any client that leaves.
     """
 
     idle_timeout_s = 30.0
@@ -107,6 +133,8 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.transport: Any = CountingTransport(transport)  # the request cycles write through it
+        self._taken = -1  # bytes the kernel had taken at the idle checker's last look
         if len(self.connections) > self.max_connections:
             transport.write(BUSY)
             transport.close()
@@ -115,12 +143,23 @@ class GuardedProtocol(HttpToolsProtocol):
         self._idle = self.loop.call_later(self.idle_timeout_s, self._check_idle)
 
     def _check_idle(self) -> None:
+        if self._reader_stalled():
+            log.warning("client %s took no byte of its reply for %.0f s: dropped", self.client, self.idle_timeout_s)
+            self.transport.abort()
+            return
         cycle = self.cycle
         if cycle is self._seen and (cycle is None or cycle.response_complete) and not self.transport.is_closing():
             self.transport.close()  # nothing arrived, or only part of a header: free the descriptor
             return
         self._seen = cycle
         self._idle = self.loop.call_later(self.idle_timeout_s, self._check_idle)
+
+    def _reader_stalled(self) -> bool:
+        """Reply bytes wait in this process, and the kernel has taken none since the last look."""
+        taken, waiting = self.transport.taken(), self.transport.get_write_buffer_size()
+        stalled = waiting > 0 and taken == self._taken
+        self._taken = taken
+        return stalled
 
     def data_received(self, data: bytes) -> None:
         """The parser (httptools) and uvicorn gather a request's URL and each header value by

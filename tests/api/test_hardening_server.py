@@ -3,6 +3,7 @@ client disconnects, idle connections, the connection cap, shutdown bounds and qu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -372,3 +373,46 @@ def test_a_body_cut_short_by_its_timeout_or_the_size_limit_closes_the_connection
             s.sendall(post_head("/tokenize", len(body)) + body)
             status, headers, _ = read_reply(s, buf)
             assert status.startswith(b"HTTP/1.1 200") and "connection" not in headers
+
+
+def pipelined_gets(port: int, path: str, n: int, rcvbuf: int) -> socket.socket:
+    """n GET requests for path sent at once on one connection with a receive buffer of about
+    rcvbuf bytes, none of the replies read yet."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect(("127.0.0.1", port))
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode() * n)
+    return s
+
+
+def test_a_client_that_takes_none_of_its_replies_is_closed_and_a_slow_reader_is_not(
+    server_factory: Callable[..., Any],
+) -> None:
+    """Replies that a client never reads fill the kernel's buffers, and the rest waits in the
+    server's memory: the connection stayed open for good (counted against max_connections) and
+    its replies stayed in memory. A connection whose client takes no byte of a pending reply
+    between two of the idle checker's looks is now closed; one that reads slowly keeps going."""
+    srv = server_factory(MTP_IDLE_TIMEOUT_S="1")
+    size = len(httpx.get(f"{srv.url}/openapi.json", timeout=10).content)
+    stalled_n = 8 * 2**20 // size + 1  # 8 MB of replies, more than the kernel's buffers hold
+    stalled = pipelined_gets(srv.port, "/openapi.json", stalled_n, 4096)
+    slow_n = 2 * 2**20 // size + 1  # 2 MB, read 64 KB at a time with pauses shorter than the checker's interval
+    slow = pipelined_gets(srv.port, "/openapi.json", slow_n, 65536)
+    got = bytearray()
+    slow.settimeout(10)
+    t0 = time.monotonic()
+    while got.count(b"HTTP/1.1 200 OK") < slow_n or not got.endswith(b"}"):
+        chunk = slow.recv(65536)
+        assert chunk, f"the slow reader was cut off after {len(got)} bytes"
+        got += chunk
+        time.sleep(0.2)
+    assert time.monotonic() - t0 > 3  # it did read slowly, across several looks of the checker
+    # The stalled client reads now, long after the checker's looks: what its kernel holds, and
+    # then the end of a connection the server dropped, without the replies it still held.
+    stalled.settimeout(5)
+    received = bytearray()
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := stalled.recv(1 << 20):
+            received += chunk
+    assert received.count(b"HTTP/1.1 200 OK") < stalled_n
+    assert httpx.get(f"{srv.url}/health", timeout=5).status_code == 200
