@@ -119,7 +119,7 @@ class GuardedProtocol(HttpToolsProtocol):
     buffers are full, the rest of a reply waits in this process, and a stream's writer waits
     for room. At the same looks, a connection with reply bytes waiting of which the kernel
     has taken none since the last look is dropped (nginx's send_timeout), and what it held
-    is freed; a stream's request is cancelled as for any client that leaves.
+    is freed.
     """
 
     idle_timeout_s = 30.0
