@@ -3,6 +3,7 @@ lands (redirects, HEAD probes)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import statistics
 import threading
@@ -22,6 +23,7 @@ from bench.attack.lab import (
     error_message,
     metric,
     ms,
+    read_reply,
     request_bytes,
     status_of,
     timed,
@@ -180,6 +182,94 @@ def refused_multi_prompt(url: str, queue_size: int = 16, max_tokens: int = LONG,
         f"{r.status_code} {error_message(r)[:60]!r}; +{growth:.0f} tokens generated after the answer",
         None if r.status_code != 429 else growth > 50,  # only a 429 leaves siblings that may run on
         {"status": r.status_code, "tokens_after_answer": growth},
+    )
+
+
+# Each route that queues work for the engine, with a small valid body.
+QUEUEING_ROUTES: dict[str, dict[str, Any]] = {
+    "/generate": {"inputs": "ROMEO:", "parameters": {"max_new_tokens": 2}},
+    "/": {"inputs": "ROMEO:", "parameters": {"max_new_tokens": 2}},  # TGI's compat route for /generate
+    "/generate_stream": {"inputs": "ROMEO:", "parameters": {"max_new_tokens": 2}},
+    "/predict": {"inputs": "ROMEO:"},
+    "/v1/completions": {"prompt": "ROMEO:", "max_tokens": 2},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "ROMEO:"}], "max_tokens": 2},
+}
+
+
+def _probe(url: str, path: str, body: bytes, whole: bool, patience: float) -> tuple[int, str, float]:
+    """POST `path` on a new connection with the body whole or only its first byte: (status, Retry-After,
+    seconds to the reply's head); status -1 when no reply came within `patience`."""
+    head = request_bytes("POST", path, headers={"Content-Type": "application/json", "Content-Length": str(len(body))})
+    t0 = time.monotonic()
+    with socket.create_connection(address(url), timeout=10) as s:
+        s.sendall(head + (body if whole else body[:1]))
+        s.settimeout(patience)
+        try:
+            status, headers, _ = read_reply(s, bytearray())
+        except (TimeoutError, ConnectionError):
+            return -1, "", time.monotonic() - t0
+    return status, headers.get("retry-after", ""), time.monotonic() - t0
+
+
+def door_shedding(url: str, patience: float = 1.0) -> Result:
+    """With the queue full, every route that queues work is refused at the door: 429 with Retry-After
+    at once, before its body has arrived. POST / (TGI's compat route) and /v1/chat/completions were
+    not in the door's set: a request still sending its body got no answer, and a whole one was refused
+    (429) only by the engine's queue, after it had been read and parsed.
+
+    The queue is filled by stalled bodies, as many per loopback address (127.0.0.2, .3, ...) as the
+    per-client share of arriving bodies lets one client hold."""
+    wait_idle(url)
+    limits = httpx.get(f"{url}/info", timeout=10).json()["limits"]
+    q, share = limits["max_queue_size"], limits["max_pending_bodies_per_client"]
+    stall = request_bytes(
+        "POST", "/v1/completions", headers={"Content-Type": "application/json", "Content-Length": "100"}
+    )
+    stalled: list[socket.socket] = []
+    probes: dict[str, dict[str, Any]] = {}
+    try:
+        for i in range(q):  # at most share - 1 per address: the share never refuses one of them
+            source = (f"127.0.0.{2 + i // max(share - 1, 1)}", 0)
+            s = socket.create_connection(address(url), timeout=10, source_address=source)
+            stalled.append(s)
+            s.sendall(stall + b"{")  # the door takes a place for each, and the body never comes
+        time.sleep(0.5)
+        t_full = time.monotonic()
+        for path, payload in QUEUEING_ROUTES.items():
+            body = json.dumps(payload).encode()
+            for label, whole in (("body pending", False), ("whole body", True)):
+                status, retry, took = _probe(url, path, body, whole, patience)
+                probes[f"{path} {label}"] = {"status": status, "retry_after": retry, "seconds": round(took, 4)}
+        held_s = time.monotonic() - t_full
+        last = _probe(url, "/generate", json.dumps(QUEUEING_ROUTES["/generate"]).encode(), False, patience)
+    finally:
+        for s in stalled:
+            s.close()
+    wait_idle(url)
+    full = probes["/generate body pending"]["status"] == 429 and last[0] == 429  # the control, first and last
+    unshed = {k: p for k, p in probes.items() if p["status"] != 429 or not p["retry_after"] or p["seconds"] > patience}
+
+    def show(p: dict[str, Any]) -> str:
+        if p["status"] == -1:
+            return f"no reply in {patience:.1f} s"
+        return (
+            f"{p['status']}"
+            + (f" (Retry-After: {p['retry_after']})" if p["retry_after"] else "")
+            + f" in {ms(p['seconds'])}"
+        )
+
+    named = [k for k in probes if k.startswith(("/ ", "/v1/chat/")) or k in unshed]  # the routes once left out
+    others = [p["seconds"] for k, p in probes.items() if k not in named]
+    return Result(
+        "door-shedding",
+        f"queue of {q} filled by stalled bodies ({share - 1} per loopback address); POST to each route that "
+        "queues work, its body pending (first byte sent) and whole; shed: 429 with Retry-After within "
+        f"{patience:.1f} s",
+        "; ".join(f"{k}: {show(probes[k])}" for k in named)
+        + (f"; the other {len(others)}: 429 with Retry-After, slowest {ms(max(others))}" if others else "")
+        + ("" if full else "; the queue was not full throughout (control: /generate, first and last)"),
+        bool(unshed) if full else None,
+        {"probes": probes, "control_last": last[0], "probing_s": held_s},
     )
 
 

@@ -9,9 +9,9 @@ any attack shows its defect or could not run. The servers run the code of the ch
 suite lives in (bench/server.py), so the same suite in a `git worktree` of an older commit
 records a "before". With `--no-compile` (eager steps) about 1.5 minutes on the project's
 2-core CPU when it is otherwise idle, before the eight attacks of 2026-12-03 were added (38 s
-on their own); with the default compiled steps each server's start compiles them at one torch
-thread first (7 minutes for the first server on 2026-12-02, with a cache warmed only by servers
-at the default thread count).
+on their own; logit-bias-bulk, added 2026-12-04, takes about a minute alone); with the default
+compiled steps each server's start compiles them at one torch thread first (7 minutes for the
+first server on 2026-12-02, with a cache warmed only by servers at the default thread count).
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from app.config import DEFAULT_CHECKPOINT
+from bench.attack.batch import logit_bias_bulk
 from bench.attack.connections import cut_short_body, disconnect_nonstream, head_refusal_framing, idle_connections
 from bench.attack.door import (
+    door_shedding,
     head_probes,
     host_redirect,
     keyless_malformed,
@@ -85,6 +87,7 @@ ATTACKS = [
     Attack("head-refusal-framing", _shared(head_refusal_framing, AUTH)),
     Attack("lone-surrogate", _shared(lone_surrogate)),
     Attack("logit-bias-keys", _shared(logit_bias_keys)),
+    Attack("logit-bias-bulk", _shared(logit_bias_bulk)),
     Attack("host-redirect", _shared(host_redirect)),
     Attack("head-probes", _shared(head_probes)),
     Attack("top-k-overflow", _shared(top_k_overflow)),
@@ -92,6 +95,7 @@ ATTACKS = [
     Attack("streamed-logprobs", _shared(streamed_logprobs)),
     Attack("oversized-fanout", _shared(oversized_fanout)),
     Attack("refused-multi-prompt", _shared(refused_multi_prompt)),
+    Attack("door-shedding", _shared(door_shedding)),
     Attack("disconnect-nonstream", _shared(disconnect_nonstream)),
     Attack("tokenize-bomb", _shared(tokenize_bomb)),
     Attack("token-id-body", _shared(token_id_body)),
