@@ -268,3 +268,44 @@ def idle_connections(
         defect_idle or defect_cap,
         {"closed_s": sorted(closed.values()), "still_open": still_open, "refused": refused, "probe": probe},
     )
+
+
+def unread_replies(url: str, idle_timeout_s: float = 3.0, cap: int = 16, megabytes: int = 4) -> Result:
+    """Clients that ask for large replies and never read them hold no connection place for good.
+
+    `cap` connections (the server's MTP_MAX_CONNECTIONS) each send, pipelined, enough GETs of
+    /openapi.json for `megabytes` of replies, with a 4 KB receive buffer, and read nothing.
+    The kernel's buffers fill and the rest waits in the server; left open, the connections
+    hold every place, and a new client is refused for as long as they stay. After two idle
+    intervals and slack a new client asks for /health; then each attacker reads what reached
+    it, and a reply count short of what it asked for shows the server dropped it."""
+    size = len(httpx.get(f"{url}/openapi.json", timeout=10).content)
+    n = megabytes * 2**20 // size + 1
+    socks = []
+    for _ in range(cap):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(address(url))
+        s.sendall(request_bytes("GET", "/openapi.json") * n)
+        socks.append(s)
+    time.sleep(2 * idle_timeout_s + 3.0)
+    probe = probe_health(url, timeout=5)
+    dropped = 0
+    for s in socks:
+        s.settimeout(5)
+        got = bytearray()
+        with contextlib.suppress(OSError):  # a reset, or a read that waited 5 s for more
+            while chunk := s.recv(1 << 20):
+                got += chunk
+        dropped += got.count(b"HTTP/1.1 200 OK") < n
+        s.close()
+    return Result(
+        "unread-replies",
+        f"{cap} connections (MTP_MAX_CONNECTIONS={cap}, MTP_IDLE_TIMEOUT_S={idle_timeout_s:g}) each asking for "
+        f"{n} × GET /openapi.json ({n * size / 2**20:.1f} MB) with a 4 KB receive buffer, none read for "
+        f"{2 * idle_timeout_s + 3:.0f} s",
+        f"/health from a new client then: {probe}; connections the server dropped before their replies were "
+        f"read: {dropped} of {cap}",
+        probe != "200" or dropped < cap,
+        {"probe": probe, "dropped": dropped, "replies_each": n, "reply_bytes": size},
+    )

@@ -30,7 +30,13 @@ from pathlib import Path
 
 from app.config import DEFAULT_CHECKPOINT
 from bench.attack.batch import logit_bias_bulk
-from bench.attack.connections import cut_short_body, disconnect_nonstream, head_refusal_framing, idle_connections
+from bench.attack.connections import (
+    cut_short_body,
+    disconnect_nonstream,
+    head_refusal_framing,
+    idle_connections,
+    unread_replies,
+)
 from bench.attack.door import (
     door_shedding,
     head_probes,
@@ -74,6 +80,11 @@ def _idle(lab: Lab) -> Result:
         return idle_connections(srv.url, 3.0, 64)
 
 
+def _unread(lab: Lab) -> Result:
+    with lab.dedicated(idle_timeout_s=3, max_connections=16) as srv:
+        return unread_replies(srv.url, 3.0, 16)
+
+
 def _timeout(lab: Lab) -> Result:
     with lab.dedicated(request_timeout_s=1, max_new_tokens=LONG) as srv:
         return timeout_traceback(srv)
@@ -104,6 +115,7 @@ ATTACKS = [
     Attack("chat-default-max-tokens", _shared(chat_default_max_tokens, SHORT_BODY)),
     Attack("timeout-traceback", _timeout),
     Attack("idle-connections", _idle),
+    Attack("unread-replies", _unread),
     Attack("shutdown-bounds", shutdown_bounds),
     Attack("draft-policy-contention", draft_policy_contention),
     Attack("broken-config", lambda lab: broken_config(lab.checkpoint, lab.workdir)),
