@@ -392,7 +392,10 @@ def test_a_client_that_takes_none_of_its_replies_is_closed_and_a_slow_reader_is_
     server's memory: the connection stayed open for good (counted against max_connections) and
     its replies stayed in memory. A connection whose client takes no byte of a pending reply
     between two of the idle checker's looks is now closed; one that reads slowly keeps going."""
-    srv = server_factory(MTP_IDLE_TIMEOUT_S="1")
+    # The checker looks every 2 s. The slow reader takes 64 KB every 0.2 s: a kernel's send
+    # buffer takes more from the server once about half of what it queues has gone, which at
+    # that pace comes well within a look.
+    srv = server_factory(MTP_IDLE_TIMEOUT_S="2")
     size = len(httpx.get(f"{srv.url}/openapi.json", timeout=10).content)
     stalled_n = 8 * 2**20 // size + 1  # 8 MB of replies, more than the kernel's buffers hold
     stalled = pipelined_gets(srv.port, "/openapi.json", stalled_n, 4096)
