@@ -151,6 +151,26 @@ def oversized_fanout(url: str) -> Result:
     )
 
 
+def stalled_bodies(url: str, n: int, per_address: int | None = None) -> list[socket.socket]:
+    """n connections that each send a POST /v1/completions head and the first byte of a body that
+    never comes: the door takes a queue place for each. per_address: at most this many from each
+    loopback address (127.0.0.2, .3, ...), under the per-client share of arriving bodies."""
+    headers = {"Content-Type": "application/json", "Content-Length": "100"}
+    head = request_bytes("POST", "/v1/completions", headers=headers)
+    stalled: list[socket.socket] = []
+    try:
+        for i in range(n):
+            source = (f"127.0.0.{2 + i // per_address}", 0) if per_address else None
+            s = socket.create_connection(address(url), timeout=10, source_address=source)
+            stalled.append(s)
+            s.sendall(head + b"{")
+    except BaseException:
+        for s in stalled:
+            s.close()
+        raise
+    return stalled
+
+
 def refused_multi_prompt(url: str, queue_size: int = 16, max_tokens: int = LONG, watch_s: float = 3.0) -> Result:
     """A multi-prompt completion refused for lack of queue room must not leave its admitted prompts running.
 
@@ -159,12 +179,8 @@ def refused_multi_prompt(url: str, queue_size: int = 16, max_tokens: int = LONG,
     first half of its prompts is admitted and the next one refused."""
     wait_idle(url)
     held = queue_size // 2
-    headers = {"Content-Type": "application/json", "Content-Length": "100"}
-    head = request_bytes("POST", "/v1/completions", headers=headers)
-    stalled = [socket.create_connection(address(url), timeout=10) for _ in range(held)]
+    stalled = stalled_bodies(url, held)
     try:
-        for s in stalled:
-            s.sendall(head + b"{")  # the door takes a place for each, and the body never comes
         time.sleep(0.5)
         body = {"prompt": [f"ROMEO {i}:" for i in range(queue_size)], "max_tokens": max_tokens, "temperature": 0}
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
@@ -222,17 +238,9 @@ def door_shedding(url: str, patience: float = 1.0) -> Result:
     wait_idle(url)
     limits = httpx.get(f"{url}/info", timeout=10).json()["limits"]
     q, share = limits["max_queue_size"], limits["max_pending_bodies_per_client"]
-    stall = request_bytes(
-        "POST", "/v1/completions", headers={"Content-Type": "application/json", "Content-Length": "100"}
-    )
-    stalled: list[socket.socket] = []
     probes: dict[str, dict[str, Any]] = {}
+    stalled = stalled_bodies(url, q, max(share - 1, 1))  # at most share - 1 per address: none is refused
     try:
-        for i in range(q):  # at most share - 1 per address: the share never refuses one of them
-            source = (f"127.0.0.{2 + i // max(share - 1, 1)}", 0)
-            s = socket.create_connection(address(url), timeout=10, source_address=source)
-            stalled.append(s)
-            s.sendall(stall + b"{")  # the door takes a place for each, and the body never comes
         time.sleep(0.5)
         t_full = time.monotonic()
         for path, payload in QUEUEING_ROUTES.items():

@@ -7,9 +7,8 @@ only by what it measures: statuses, timings, counters in /metrics, the server's 
 Prints a Markdown table (attack | what was measured | result | verdict); exits non-zero if
 any attack shows its defect or could not run. The servers run the code of the checkout this
 suite lives in (bench/server.py), so the same suite in a `git worktree` of an older commit
-records a "before". With `--no-compile` (eager steps) about 1.5 minutes on the project's
-2-core CPU when it is otherwise idle, before the eight attacks of 2026-12-03 were added (38 s
-on their own; logit-bias-bulk, added 2026-12-04, takes about a minute alone); with the default
+records a "before". With `--no-compile` (eager steps) the 27 attacks took 3 min 16 s on the
+project's 2-core CPU with nothing else running (2026-12-04, docs/reliability.md); with the default
 compiled steps each server's start compiles them at one torch thread first (7 minutes for the
 first server on 2026-12-02, with a cache warmed only by servers at the default thread count).
 """
