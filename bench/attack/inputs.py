@@ -140,14 +140,36 @@ def lone_surrogate(url: str) -> Result:
         ("/generate", "inputs", f'{{"inputs": "{s}", "parameters": {{"max_new_tokens": 4}}}}'),
         ("/v1/completions", "prompt", f'{{"prompt": "{s}", "max_tokens": 4}}'),
         ("/v1/completions", "model", f'{{"prompt": "ROMEO:", "model": "{s}", "max_tokens": 4}}'),
+        # as a key: the message names it escaped (the raw key could not be encoded into it)
+        ("/generate", f"parameters.{s}", f'{{"inputs": "ROMEO:", "parameters": {{"{s}": 1}}}}'),
+        ("/v1/completions", f"logit_bias.{s}", f'{{"prompt": "ROMEO:", "logit_bias": {{"{s}": 1}}}}'),
     ]
-    parts, defect = [], False
+    # in lists nested as deep as json.loads takes (where it gives up depends on the stack)
+    cases += [
+        ("/generate", "parameters.stop.0.0", '{"inputs": "ROMEO:", "parameters": {"stop": ' + nest(s, depth) + "}}")
+        for depth in range(1000, 900, -4)
+    ]
+    parts, codes, defect = [], Counter[str](), False
     for path, fld, body in cases:
         r = httpx.post(url + path, content=body.encode(), headers={"content-type": "application/json"}, timeout=30)
-        named = fld in error_message(r)
+        message = error_message(r)
+        named = fld in message
+        nested = fld.startswith("parameters.stop")
+        if nested:  # past json.loads' depth: malformed, which is right too
+            codes[f"{r.status_code}" + (" named" if named else "")] += 1
+            named = named or message == "malformed JSON body"
         defect = defect or r.status_code != (400 if path.startswith("/v1/") else 422) or not named
-        parts.append(f"{path} {fld}: {r.status_code}" + ("" if named or r.status_code == 200 else " (field not named)"))
-    return Result("lone-surrogate", 'JSON "\\ud800" in each text field', "; ".join(parts), defect)
+        if not nested:
+            unnamed = "" if named or r.status_code == 200 else " (field not named)"
+            parts.append(f"{path} {fld}: {r.status_code}{unnamed}")
+    parts.append("nested 904-1000 deep: " + ", ".join(f"{code}×{n}" for code, n in sorted(codes.items())))
+    what = 'JSON "\\ud800" in each text field, as a key, and nested deep'
+    return Result("lone-surrogate", what, "; ".join(parts), defect)
+
+
+def nest(text: str, depth: int) -> str:
+    """A JSON string in lists nested depth deep."""
+    return "[" * depth + f'"{text}"' + "]" * depth
 
 
 def token_id_body(url: str, ids: int = 499_000, clients: int = 2, bodies: int = 4) -> Result:

@@ -287,6 +287,16 @@ async def test_a_refused_multi_prompt_completion_cancels_its_admitted_siblings(
         ("/generate", '{"inputs": "To be", "parameters": {"stop": ["\\ud800"]}}', "parameters.stop.0"),
         ("/v1/completions", '{"prompt": "\\ud800"}', "prompt"),
         ("/v1/completions", '{"prompt": "To be", "model": "\\ud800"}', "model"),
+        (
+            "/v1/chat/completions",
+            '{"messages": [{"role": "user", "content": [{"type": "text", "text": "ok"}, '
+            '{"type": "text", "text": "\\ud800"}]}]}',
+            "messages.0.content.1.text",
+        ),
+        # a bad key is named escaped: the message naming it raw could not be encoded (a 500)
+        ("/generate", '{"inputs": "To be", "\\udc00": 1}', "\\udc00"),
+        ("/generate", '{"inputs": "To be", "parameters": {"x\\ud800": null}}', "parameters.x\\ud800"),
+        ("/v1/completions", '{"prompt": "To be", "logit_bias": {"\\ud800": 1}}', "logit_bias.\\ud800"),
     ],
 )
 def test_lone_surrogates_get_422_naming_the_field(client: TestClient, path: str, body: str, field: str) -> None:
@@ -316,6 +326,21 @@ def test_a_body_of_many_token_ids_is_checked_for_bad_text_without_a_walk_per_id(
     r = client.post("/predict", content=bad, headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error"].startswith("inputs.1: not valid Unicode"), r.text
     assert walks  # the path of the bad string is still named
+
+
+def test_a_bad_string_nested_as_deep_as_json_allows_gets_422_not_500(client: TestClient) -> None:
+    """Naming the path of a lone surrogate recursed once per level: lists nested about 960 deep,
+    which json.loads still takes, overran Python's recursion limit (a 500 and a traceback). The
+    depth where json.loads gives up depends on the stack, so every depth near it is tried."""
+    named = 0
+    for depth in range(1000, 800, -4):
+        body = '{"inputs": "To be", "parameters": {"stop": ' + "[" * depth + '"\\ud800"' + "]" * depth + "}}"
+        r = client.post("/generate", content=body.encode(), headers={"content-type": "application/json"})
+        assert r.status_code == 422, (depth, r.text[:200])
+        message = r.json()["error"]
+        assert message == "malformed JSON body" or message.startswith("parameters.stop.0.0.0"), message[:200]
+        named += message.endswith("not valid Unicode text (a lone surrogate)")
+    assert named > 0
 
 
 # ---- 9. streamed text equals unstreamed text with stop sequences -----------------------------
