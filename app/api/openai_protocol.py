@@ -7,10 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from app.api.schemas import MAX_SEED, Strict
+from app.api.schemas import MAX_SEED, Strict, StrictPart
 
 
-class StreamOptions(Strict):
+class StreamOptions(StrictPart):
     include_usage: bool = False
 
 
@@ -85,12 +85,12 @@ class ModelList(BaseModel):
 # ---- chat completions -----------------------------------------------------------------------
 
 
-class ContentPart(Strict):
+class ContentPart(StrictPart):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(Strict):
+class ChatMessage(StrictPart):
     role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
     content: str | list[ContentPart]
     name: str | None = None

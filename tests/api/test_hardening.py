@@ -343,6 +343,24 @@ def test_a_bad_string_nested_as_deep_as_json_allows_gets_422_not_500(client: Tes
     assert named > 0
 
 
+def test_a_body_is_checked_for_bad_text_once_not_again_in_each_part(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each chat message (and generate's parameters) walked its own dict again after the body's
+    walk, which made a 1 MB body of 30,000 messages dearer to validate on the event loop. Now
+    the body is walked once, and its parts are not."""
+    walks: list[object] = []
+    walk = schemas._any_unencodable
+    monkeypatch.setattr(schemas, "_any_unencodable", lambda data: walks.append(data) or walk(data))
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "é"}]}]
+    r = client.post("/v1/chat/completions", json={"messages": messages * 500, "max_tokens": 1})
+    assert r.status_code == 400 and "tokens; the limit is" in r.text, r.text  # validated, then too long
+    assert len(walks) == 1
+    walks.clear()
+    r = client.post("/generate", json={"inputs": "To be", "parameters": {"max_new_tokens": 1, "stop": ["x"]}})
+    assert r.status_code == 200 and len(walks) == 1, r.text
+
+
 # ---- 9. streamed text equals unstreamed text with stop sequences -----------------------------
 
 
