@@ -40,7 +40,7 @@ def start_phase(
         t0 = time.perf_counter()
         with running(checkpoint, base, root=root, log_dir=Path(logs), ready_timeout=3600) as srv:
             ready_s = time.perf_counter() - t0
-            log = srv.log()
+        log = srv.log()  # once it has exited: every line written
     found = COMPILED.search(log)
     return {"ready_s": round(ready_s, 1), "compile_s": float(found.group(1)) if found else None}
 

@@ -1,5 +1,5 @@
 """Attacks that own their server: its shutdown and request timeout bounds, its start-up beside busy
-cores (the draft policy), and a start-up on a broken checkpoint."""
+cores (the draft policy), a start-up on a broken checkpoint, and a log that nobody reads."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from typing import Any
 import httpx
 
 from bench.attack.lab import LONG, Lab, Result, Stream, counts, launch, stream_sse, wait_idle
-from bench.server import NotReady, Server
+from bench.server import HOST, ROOT, NotReady, Server, free_port, server_env
 
 # ---- attacks: time bounds --------------------------------------------------------------------
 
@@ -262,3 +263,48 @@ def broken_config(checkpoint: str, workdir: Path) -> Result:
         "Traceback" in out or code in (None, 0),
         {"exit_code": code, "output_tail": out[-1500:]},
     )
+
+
+# ---- attacks: the server's own output -----------------------------------------------------------
+
+
+def log_reader_stall(lab: Lab, requests: int = 1500) -> Result:
+    """A server whose log nobody reads: its stdout and stderr a pipe (64 KiB) that fills, as when
+    a log shipper or a container's log driver falls behind. Each request logs an access line
+    (about 100 bytes), so 1,500 `/health` requests write more than the pipe holds. It must go on
+    answering; once the reader is back, every line must be there."""
+    port = free_port()
+    settings = {"checkpoint": lab.checkpoint, "host": HOST, "port": port, "device": "cpu", "log_level": "INFO"}
+    env = server_env({**settings, **lab.defaults}, {}, inherit_mtp=False)
+    read_end, write_end = os.pipe()
+    cmd = [sys.executable, "-m", "app.cli", "serve"]
+    srv = Server(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=write_end, stderr=write_end), port, None)
+    os.close(write_end)
+    out = bytearray()
+
+    def read_all() -> None:
+        while chunk := os.read(read_end, 1 << 16):
+            out.extend(chunk)
+
+    reader = threading.Thread(target=read_all, daemon=True)
+    answered, stalled_at = 0, None
+    try:
+        srv.wait_ready()  # the start-up lines fit in the pipe unread
+        with httpx.Client(timeout=5) as client:
+            for i in range(requests):
+                try:
+                    answered += client.get(f"{srv.url}/health").status_code == 200
+                except httpx.TimeoutException:
+                    stalled_at = i + 1
+                    break
+    finally:
+        reader.start()  # the reader comes back
+        srv.stop()
+        reader.join(timeout=10)
+        os.close(read_end)
+    logged = out.count(b'"GET /health HTTP/1.1" 200')
+    stall = f"; request {stalled_at}: no answer in 5 s" if stalled_at else ""
+    result = f"{answered} of {requests} answered with nobody reading the log{stall}; once read: {logged} access lines"
+    details = {"answered": answered, "stalled_at": stalled_at, "access_lines": logged}
+    what = f"{requests} `/health` requests while the server's stderr is a pipe nobody reads"
+    return Result("log-reader-stall", what, result, answered < requests or logged < answered, details)

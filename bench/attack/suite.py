@@ -58,7 +58,13 @@ from bench.attack.inputs import (
     top_k_overflow,
 )
 from bench.attack.lab import AUTH, COMMON, LONG, SHORT_BODY, Lab, Result
-from bench.attack.lifecycle import broken_config, draft_policy_contention, shutdown_bounds, timeout_traceback
+from bench.attack.lifecycle import (
+    broken_config,
+    draft_policy_contention,
+    log_reader_stall,
+    shutdown_bounds,
+    timeout_traceback,
+)
 from bench.server import ROOT
 
 # ---- the suite ---------------------------------------------------------------------------------
@@ -118,6 +124,7 @@ ATTACKS = [
     Attack("shutdown-bounds", shutdown_bounds),
     Attack("draft-policy-contention", draft_policy_contention),
     Attack("broken-config", lambda lab: broken_config(lab.checkpoint, lab.workdir)),
+    Attack("log-reader-stall", log_reader_stall),
 ]
 
 

@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.attack.lab import Lab
+from bench.attack.lifecycle import log_reader_stall
 from tests.api.test_server import metric, wait_until
 from tests.conftest import start_server
 
@@ -342,6 +344,7 @@ def test_refusals_made_from_the_head_match_the_doors_and_keep_the_connection(
         timeout=30,
     )
     assert r.status_code == 200, r.text
+    time.sleep(0.3)  # the server writes its log lines within 0.1 s of logging them (app/logs.py)
     log = srv.log()  # the connections answered from the head closed cleanly
     assert "Traceback" not in log and "Exception in callback" not in log, log
 
@@ -419,3 +422,14 @@ def test_a_client_that_takes_none_of_its_replies_is_closed_and_a_slow_reader_is_
             received += chunk
     assert received.count(b"HTTP/1.1 200 OK") < stalled_n
     assert httpx.get(f"{srv.url}/health", timeout=5).status_code == 200
+
+
+def test_a_server_whose_log_nobody_reads_keeps_answering(tmp_path: Path, checkpoint: Path) -> None:
+    """The event loop wrote each access line to stderr itself, so a reader of the log that
+    stalled (a full pipe: a log shipper that fell behind) stopped the whole server: with nobody
+    reading, it answered 528 `/health` requests, then none. Lines are now written by a thread of
+    their own (app/logs.py); once the reader comes back, every line is there. The attack of the
+    same name (bench/attack/lifecycle.py) runs it against the tiny checkpoint."""
+    result = log_reader_stall(Lab(str(checkpoint), tmp_path, {"compile": False, "torch_threads": 1}), requests=1500)
+    assert result.details == {"answered": 1500, "stalled_at": None, "access_lines": 1500}, result.result
+    assert result.verdict == "ok"

@@ -68,6 +68,8 @@ def test_json_log_lines_carry_the_request_id(capsys: pytest.CaptureFixture[str])
         logging.getLogger("app.test").info("hello")
     finally:
         request_id_var.reset(token)
+        for handler in logging.getLogger().handlers:
+            handler.flush()  # lines are written by a thread of their own; flush() writes what waits
         logging.getLogger().handlers[:] = []
     line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert line["request_id"] == "abc-123" and line["message"] == "hello" and line["level"] == "INFO"
