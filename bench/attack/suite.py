@@ -7,7 +7,7 @@ only by what it measures: statuses, timings, counters in /metrics, the server's 
 Prints a Markdown table (attack | what was measured | result | verdict); exits non-zero if
 any attack shows its defect or could not run. The servers run the code of the checkout this
 suite lives in (bench/server.py), so the same suite in a `git worktree` of an older commit
-records a "before". With `--no-compile` (eager steps) the 27 attacks took 3 min 16 s on the
+records a "before". With `--no-compile` (eager steps) the 28 attacks took 3 min 10 s on the
 project's 2-core CPU with nothing else running (2026-12-04, docs/reliability.md); with the default
 compiled steps each server's start compiles them at one torch thread first (7 minutes for the
 first server on 2026-12-02, with a cache warmed only by servers at the default thread count).
