@@ -121,6 +121,7 @@ def policies(url: str) -> dict[str, Any]:
         "thread_cost_ms_at_batch_1": (timings.get("cost_ms") or {}).get("decode/1"),
         "thread_passes_at_batch_1": (timings.get("passes") or {}).get("decode/1"),
         "thread_early_retimings": timings.get("early_retimings"),
+        "thread_moves_at_batch_1": (timings.get("moves") or {}).get("decode/1"),
         "acceptance": policy.get("acceptance"),
         "step_ms_at_batch_1": (policy.get("step_ms") or {}).get("1"),
         "shallow_step_ms_at_batch_1": (policy.get("shallow_step_ms") or {}).get("1"),

@@ -376,8 +376,8 @@ class InfoResponse(BaseModel):
     thread_timings: dict[str, Any] | None = Field(
         None,
         description="CPU: what `threads` was chosen from: per kind/size, each thread count's recent cost "
-        "(ms per expected token for decode steps) and the passes run at it, and the re-timings "
-        "that a slowing of the chosen count started",
+        "(ms per expected token for decode steps) and the passes run at it, the re-timings "
+        "that a slowing of the chosen count started, and the moves of the choice by the count moved to",
     )
     compiled: dict[str, Any] | None = Field(
         None,

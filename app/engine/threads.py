@@ -104,6 +104,7 @@ class ThreadPolicy:
         self.steady: dict[Key, deque[float]] = {}  # the chosen count's recent steady passes (DRIFT)
         self.passes: Counter[tuple[Key, int]] = Counter()  # passes run, by (key, threads): for the benchmarks
         self.early = 0  # re-timings started by the chosen count's drift (DRIFT), not by the interval
+        self.moves: Counter[tuple[Key, int]] = Counter()  # times the choice moved to a count after its first
 
     def choose(self, key: Key, allowed: Collection[int] | None = None) -> int:
         """Threads for the next pass of `key`, among `allowed` (default: every count)."""
@@ -118,6 +119,8 @@ class ThreadPolicy:
         if best not in choices or cost[fastest] < SWITCH_BELOW * cost[best]:
             best = fastest
         if best != self.best.get(key):
+            if key in self.best:
+                self.moves[key, best] += 1
             self.best[key] = best
             self.level[key] = cost[best]
             self.steady.pop(key, None)  # the other count's steady passes
@@ -209,7 +212,8 @@ class ThreadPolicy:
     def timings(self) -> dict[str, object]:
         """What the choices were made from, for /info: per kind and size, each count's cost (the
         median of its recent warm passes, in ms per unit of work: a decode step's per expected
-        token) and the passes run at it; and the re-timings the chosen count's drift started."""
+        token) and the passes run at it; the re-timings the chosen count's drift started; and the
+        moves of the choice after its first, by the count moved to."""
         keys = sorted({key for key, _ in self.passes} | set(self.cost))
         return {
             "cost_ms": {
@@ -225,4 +229,9 @@ class ThreadPolicy:
                 for kind, size in keys
             },
             "early_retimings": self.early,
+            # moves of the choice, by the count moved to: each costs cold steps and restarts the interval
+            "moves": {
+                f"{kind}/{size}": {str(n): m for n in self.choices if (m := self.moves[(kind, size), n])}
+                for kind, size in keys
+            },
         }

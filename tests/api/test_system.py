@@ -93,7 +93,7 @@ def test_info_reports_model_limits_device_and_version(client_factory: Callable[.
     assert info["compiled"] is None  # compile is off in the tests; compiled shapes: tests/engine/test_compiled.py
     if info["threads"] is not None:  # CPU with more than one thread: the warm-up's steps were timed
         timings = info["thread_timings"]
-        assert set(timings) == {"cost_ms", "passes", "early_retimings"}
+        assert set(timings) == {"cost_ms", "passes", "early_retimings", "moves"}
         assert sum(timings["passes"]["decode/1"].values()) > 0
     limits = info["limits"]
     assert limits["max_batch_size"] == 4 and limits["max_new_tokens"] == 50

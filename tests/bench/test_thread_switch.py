@@ -46,7 +46,7 @@ def test_every_served_decode_step_is_counted_once_by_its_place_in_a_row_and_in_t
             served += counted_once
     assert 0 < served <= sum(steps)  # start-up's warm-up and timing steps are left out
     timings = r["thread_timings_at_end"]  # what /info shows the choices were made from
-    assert set(timings) == {"cost_ms", "passes", "early_retimings"}
+    assert set(timings) == {"cost_ms", "passes", "early_retimings", "moves"}
 
 
 def test_forced_runs_set_the_batch_1_steps_thread_count(
@@ -80,4 +80,4 @@ def test_over_http_the_steps_of_a_real_server_are_recorded(byte_checkpoint: tupl
     assert r["http"] is True and r["requests"] == 3
     steps = sum(row["passes"] for by in r["by_size"].values() for t in by.values() for row in t["in_a_row"].values())
     assert steps >= 3 * 23 // 4  # every decode step of the 3 requests: at most k = 4 tokens each
-    assert set(r["thread_timings_at_end"]) == {"cost_ms", "passes", "early_retimings"}
+    assert set(r["thread_timings_at_end"]) == {"cost_ms", "passes", "early_retimings", "moves"}

@@ -262,9 +262,11 @@ def test_counts_within_a_few_per_cent_do_not_trade_places_on_noise(monkeypatch: 
     machine.seconds = {1: 0.00097, 2: 0.001}  # one thread now 3 % faster: noise, not a reason to switch
     used = [policy.run(key, machine.run) for _ in range(2 * MAX_INTERVAL)]
     assert used.count(1) <= 16 and used[-16:] == [2] * 16  # re-timings only
+    assert policy.timings()["moves"] == {"decode/1": {}}  # chosen once, never moved
     machine.seconds = {1: 0.0008, 2: 0.001}  # 20 % faster: it moves
     used = [policy.run(key, machine.run) for _ in range(4 * MAX_INTERVAL)]
     assert used[-16:] == [1] * 16
+    assert policy.timings()["moves"] == {"decode/1": {"1": 1}}  # /info counts each move, by the count moved to
 
 
 def test_untimed_passes_follow_the_batch_1_choice_not_the_last_pass(monkeypatch: pytest.MonkeyPatch) -> None:
