@@ -171,6 +171,7 @@ class Server:
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         log_dir: Path | None = None,
+        output: int | None = None,
         inherit_mtp: bool = False,
         module: str = "app.cli",
         root: Path = ROOT,
@@ -179,6 +180,7 @@ class Server:
 
         settings: Settings fields (e.g. max_queue_size=16), passed as MTP_* variables; env: raw
         variables, applied last; log_dir: write the server's output to log_dir/server-PORT.log;
+        output: else a file descriptor for its stdout and stderr (a pipe, say: not read by log());
         inherit_mtp: keep our own MTP_* variables (they are dropped by default, so that a
         setting of the caller's shell does not leak into a measurement); module: what
         `python -m` runs (a test launcher that wraps app.cli, say); root: the checkout whose
@@ -189,7 +191,7 @@ class Server:
         full_env = server_env(base, env or {}, inherit_mtp, root)
         cmd = [sys.executable, "-m", module, "serve", *args]
         if log_dir is None:
-            return cls(subprocess.Popen(cmd, cwd=root, env=full_env), port, None)
+            return cls(subprocess.Popen(cmd, cwd=root, env=full_env, stdout=output, stderr=output), port, None)
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"server-{port}.log"
         with open(log_path, "wb") as log:

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from bench.attack.lab import LONG, Lab, Result, Stream, counts, launch, stream_sse, wait_idle
-from bench.server import HOST, ROOT, NotReady, Server, free_port, server_env
+from bench.server import NotReady, Server
 
 # ---- attacks: time bounds --------------------------------------------------------------------
 
@@ -273,12 +273,8 @@ def log_reader_stall(lab: Lab, requests: int = 1500) -> Result:
     a log shipper or a container's log driver falls behind. Each request logs an access line
     (about 100 bytes), so 1,500 `/health` requests write more than the pipe holds. It must go on
     answering; once the reader is back, every line must be there."""
-    port = free_port()
-    settings = {"checkpoint": lab.checkpoint, "host": HOST, "port": port, "device": "cpu", "log_level": "INFO"}
-    env = server_env({**settings, **lab.defaults}, {}, inherit_mtp=False)
     read_end, write_end = os.pipe()
-    cmd = [sys.executable, "-m", "app.cli", "serve"]
-    srv = Server(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=write_end, stderr=write_end), port, None)
+    srv = Server.start(lab.checkpoint, {"device": "cpu", "log_level": "INFO", **lab.defaults}, output=write_end)
     os.close(write_end)
     out = bytearray()
 
