@@ -115,9 +115,8 @@ class StrictPart(BaseModel):
 
 class Strict(StrictPart):
     """A whole request body, as StrictPart, whose text is checked for lone surrogates once, as a
-    whole. The parts nested in it are not walked again: each chat message walked its own dict
-    after the body's walk, and validating a 1 MB body of 30,000 messages held the event loop for
-    0.14-0.31 s; with one walk, and dicts left uncopied where they hold no null, 0.09-0.11 s."""
+    whole. The parts nested in it are not walked again: each chat message used to walk its own
+    dict after the body's walk, on the event loop, once per message of a large chat body."""
 
     @model_validator(mode="before")
     @classmethod
