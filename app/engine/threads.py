@@ -7,23 +7,31 @@ threads and kept 0.96x with one (`python -m bench.contention`, docs/benchmarks.m
 count is wrong on one machine or the other, and a neighbour's load comes and goes.
 
 So the core loop times each decode step at the thread count it used, per batch size, and runs
-each step at the count whose recent steps were fastest. Now and then it re-times the other
-count, at an interval that doubles (up to MAX_INTERVAL steps) while the choice holds and drops
-back to MIN_INTERVAL when it changes, so an exploration step under contention costs little; a
-re-timing clearly faster than the current choice is repeated at once, and the choice moves
-only to a count whose median is clearly (SWITCH_BELOW) below its own: on a host whose speed
-drifts, two counts within a few per cent of each other (batch 1, where the step is short) would
-otherwise trade places on noise, and each switch costs cold steps and restarts the interval
-at MIN_INTERVAL. A neighbour's 3-100x is far past the margin. The chosen count's own
-steps are timed too: when the median of its steady steps drifts DRIFT times above where its
-cost stood at the last re-timing (a neighbour has taken a core, and a team of two waits on
-it), the other count is re-timed at the next step instead of at the end of the interval. So
-the interval can be long on a quiet machine, where each re-timing costs a few steps' time (a
-run at the slower count, then the cold steps back), while a neighbour's arrival is followed
-within a few steps. A neighbour leaving makes the one-thread steps no slower, so that is seen
-at the next periodic re-timing. Prefills and /predict passes, few and of varied sizes, are not
-timed: they run at the count the batch-1 decode steps run at (run_like), every thread until
-those have a choice.
+each step at the count it has found faster. Now and then it re-times the other count, at an
+interval that doubles (up to MAX_INTERVAL steps) while the choice holds and drops back to
+MIN_INTERVAL when it changes, so an exploration step under contention costs little. The chosen
+count's own steps are timed too: when the median of its steady steps drifts DRIFT times above
+where its cost stood at the last re-timing (a neighbour has taken a core, and a team of two
+waits on it), the other count is re-timed at the next step instead of at the end of the
+interval. So the interval can be long on a quiet machine, where each re-timing costs a few
+steps' time (a run at the slower count, then the cold steps back), while a neighbour's arrival
+is followed within a few dozen steps. A neighbour leaving makes the one-thread steps no slower,
+so that is seen at the next periodic re-timing.
+
+The counts are compared only on timings of the same moment. A re-timing's warm step is set
+against the chosen count's steps on both sides of it: the median of its RECENT warm steps
+before the run and of the AFTER warm steps after it, whichever is lower. The choice moves only
+when MOVE_VOTES of the last VOTES such comparisons put the other count clearly (SWITCH_BELOW)
+ahead; one that puts it ahead by CONFIRM_BELOW is repeated right after. The choice used to move
+whenever the median of the chosen count's last few steps rose past the other count's timing
+from its last re-timing, minutes old: a few slow steps in a row (this host's speed moves by
+tens of per cent within a minute, and the server's own event loop takes its turn) were enough.
+Served single-stream steps then ran at one thread for stretches of a hundred steps and more,
+three times in each server's life, at 1.5-1.9 times two threads' cost per token by the policy's
+own timings (docs/benchmarks.md, benchmark 36). Both sides of a comparison now see the same moment, and the
+lower side is the chosen count's: a slow spell that ends during the run does not count against
+it. A neighbour's 3-100x is far past the margin, and two counts within a few per cent of each
+other (batch 1, where the step is short) do not trade places on noise.
 
 A steady step is the STEADY-th or a later one of its graph since that graph began at its size
 and count. Every warm step used to count towards drift, and a few slow ones in a row lifted the
@@ -75,7 +83,10 @@ MAX_INTERVAL = 2048  # ... doubling up to this while the same count stays fastes
 DRIFT = 1.25  # the chosen count's median this many times its level at the last re-timing: re-time now
 
 CONFIRM_BELOW = 0.9  # a re-timing this much faster than the current choice is repeated at once
-SWITCH_BELOW = 0.9  # ... and the choice moves when the other count's median is this much below its own
+SWITCH_BELOW = 0.9  # ... and one this much faster votes for a move
+VOTES = 3  # the last comparisons of the two counts kept per key
+MOVE_VOTES = 2  # ... of which this many must vote for the other count to move to it
+AFTER = 3  # the chosen count's warm passes after a re-timing that it is set against, with those before
 EXPLORE_RUN = 2  # passes a re-timing of the other count runs; the first, cold, is not timed
 STEADY = 5  # passes of one graph at a key and count from which a pass is steady: only those show drift
 DRIFT_WINDOW = 9  # the chosen count's steady passes whose median shows drift: a burst of four slow ones does not
@@ -105,6 +116,12 @@ class ThreadPolicy:
         self.passes: Counter[tuple[Key, int]] = Counter()  # passes run, by (key, threads): for the benchmarks
         self.early = 0  # re-timings started by the chosen count's drift (DRIFT), not by the interval
         self.moves: Counter[tuple[Key, int]] = Counter()  # times the choice moved to a count after its first
+        # the last comparisons of the two counts at one moment: the cost at choices[0] over the cost at choices[-1]
+        self.votes: dict[Key, deque[float]] = {}
+        # a re-timing waiting for the chosen count's passes after it: (its count, its time, the chosen count's before)
+        self.pending: dict[Key, tuple[int, float, float]] = {}
+        self.after: dict[Key, list[float]] = {}  # ... and those passes so far
+        self.extended: dict[Key, int] = {}  # passes added to the current re-timing run: its warm pass did not come
 
     def choose(self, key: Key, allowed: Collection[int] | None = None) -> int:
         """Threads for the next pass of `key`, among `allowed` (default: every count)."""
@@ -115,9 +132,10 @@ class ThreadPolicy:
         if cost is None or any(n not in cost for n in choices):
             return next(n for n in choices if cost is None or n not in cost)  # time every count once first
         best = self.best.get(key)
-        fastest = min(choices, key=cost.__getitem__)
-        if best not in choices or cost[fastest] < SWITCH_BELOW * cost[best]:
-            best = fastest
+        if best not in choices:
+            best = min(choices, key=cost.__getitem__)  # the first choice: each count timed once, one after the other
+        elif sum(self._ahead(key, other, best) for other in choices if other != best) >= MOVE_VOTES:
+            best = next(n for n in choices if n != best)
         if best != self.best.get(key):
             if key in self.best:
                 self.moves[key, best] += 1
@@ -133,6 +151,7 @@ class ThreadPolicy:
             self.interval[key] = min(2 * self.interval[key], self.max_interval)
             self.until_explore[key] = self.interval[key]
             self.exploring[key] = EXPLORE_RUN - 1
+            self.extended[key] = 0
             self.level[key] = cost[best]
             return next(n for n in choices if n != best)
         return best
@@ -167,6 +186,11 @@ class ThreadPolicy:
         self.graph_passes[key, n] = (ran[2], runs)
         if warm:
             self._timed(key, n, seconds / work() if work is not None else seconds, runs >= STEADY)
+        elif n != self.best.get(key, n) and not self.exploring.get(key) and self.extended.get(key, 0) < EXPLORE_RUN:
+            # a re-timing run whose last pass was cold (another pass came between): one more pass,
+            # or with a prefill every few steps its runs never time anything
+            self.exploring[key] = 1
+            self.extended[key] = self.extended.get(key, 0) + 1
         return result
 
     def run_like(self, key: Key, fn: Callable[[], T]) -> T:
@@ -190,8 +214,19 @@ class ThreadPolicy:
         recent = self.recent.setdefault(key, {c: deque(maxlen=RECENT) for c in self.choices})
         cost = self.cost.setdefault(key, {})
         best = self.best.get(key)
-        if best is not None and n != best and seconds < CONFIRM_BELOW * cost[best]:
-            self.until_explore[key] = 1  # the other count looks clearly faster now: confirm it at once
+        if best is not None and n != best:
+            self.pending[key] = (n, seconds, cost[best])  # compared once the chosen count has run again
+            self.after[key] = []
+        elif (waiting := self.pending.get(key)) is not None and waiting[0] != n:
+            after = self.after[key]
+            after.append(seconds)
+            if len(after) >= AFTER:
+                other, other_seconds, before = self.pending.pop(key)
+                chosen = min(before, statistics.median(after))  # the chosen count at its better side of the run
+                lo, hi = (other_seconds, chosen) if other < n else (chosen, other_seconds)
+                self.votes.setdefault(key, deque(maxlen=VOTES)).append(lo / hi)
+                if other_seconds < CONFIRM_BELOW * chosen:
+                    self.until_explore[key] = 1  # the other count looks clearly faster now: compare again at once
         recent[n].append(seconds)
         cost[n] = statistics.median(recent[n])
         if n != best or not steady:
@@ -204,6 +239,11 @@ class ThreadPolicy:
             self.early += 1
             self.interval[key] = self.min_interval
             self.level[key] = drifted
+
+    def _ahead(self, key: Key, other: int, best: int) -> int:
+        """How many of the last comparisons at one moment put `other` clearly ahead of `best`."""
+        lo_over_hi = self.votes.get(key, ())
+        return sum((r if other < best else 1 / r) < SWITCH_BELOW for r in lo_over_hi)
 
     def describe(self) -> dict[str, int]:
         """The thread count each kind and size runs at now, for /info."""

@@ -198,10 +198,10 @@ def test_counts_are_compared_per_expected_token(monkeypatch: pytest.MonkeyPatch)
 def test_a_neighbour_that_slows_the_chosen_count_is_followed_within_a_few_passes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A chosen count whose passes get slower than the other's last timing is left at once; one
-    that gets slower but not that slow (the other count was last timed in a noisy moment) would
-    wait for the next periodic re-timing, thousands of passes once the interval is long. Its
-    own passes drifting up re-time the other count at the next pass instead."""
+    """The other count was last timed in a noisy moment, and the interval has grown long: a
+    neighbour's arrival would wait for the next periodic re-timing, thousands of passes later.
+    The chosen count's own passes drifting up re-time the other count at the next pass instead,
+    and two comparisons at that moment, one right after the other, move the choice."""
     machine = Machine(monkeypatch, {1: 0.004, 2: 0.001})  # one thread timed in a noisy moment
     policy = ThreadPolicy(max_threads=2)
     key = ("decode", 1)
@@ -211,7 +211,7 @@ def test_a_neighbour_that_slows_the_chosen_count_is_followed_within_a_few_passes
     machine.seconds = {1: 0.0016, 2: 0.003}  # a busy process now shares a core with the team
     used = [policy.run(key, machine.run) for _ in range(40)]
     assert 1 in used[:8]  # the drift is seen once the median of the recent passes moves
-    assert used[12:].count(2) <= 2  # then one thread, but for a re-timing
+    assert used[20:].count(2) <= 2  # then one thread, but for a re-timing
     assert policy.describe() == {"decode/1": 1}
 
 
@@ -267,6 +267,26 @@ def test_counts_within_a_few_per_cent_do_not_trade_places_on_noise(monkeypatch: 
     used = [policy.run(key, machine.run) for _ in range(4 * MAX_INTERVAL)]
     assert used[-16:] == [1] * 16
     assert policy.timings()["moves"] == {"decode/1": {"1": 1}}  # /info counts each move, by the count moved to
+
+
+def test_a_slow_spell_of_the_whole_host_does_not_move_the_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host slows by half for a few steps at a time, both counts alike. Set against the other
+    count's timing from its last re-timing, long before, the chosen count's few slow steps made
+    it look dearer, and the choice moved to the slower count until the next re-timing, over and
+    over (docs/benchmarks.md, benchmark 36). The counts are compared only at one moment: the
+    spell's re-timing finds the other count no faster, and the choice stays."""
+    quiet = {1: 0.0013, 2: 0.001}
+    machine = Machine(monkeypatch, dict(quiet))
+    policy = ThreadPolicy(max_threads=2)
+    key = ("decode", 1)
+    used = []
+    for i in range(4 * MAX_INTERVAL):
+        spell = 100 <= i % 300 < 108  # eight steps at half speed every 300
+        machine.seconds = {n: c * 2 for n, c in quiet.items()} if spell else quiet
+        used.append(policy.run(key, machine.run))
+    assert policy.describe() == {"decode/1": 2}
+    assert policy.timings()["moves"] == {"decode/1": {}}
+    assert used[4:].count(1) <= len(used) // 20  # re-timings (a few after each spell), not stretches at one thread
 
 
 def test_untimed_passes_follow_the_batch_1_choice_not_the_last_pass(monkeypatch: pytest.MonkeyPatch) -> None:
