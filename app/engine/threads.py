@@ -28,10 +28,13 @@ from its last re-timing, minutes old: a few slow steps in a row (this host's spe
 tens of per cent within a minute, and the server's own event loop takes its turn) were enough.
 Served single-stream steps then ran at one thread for stretches of a hundred steps and more,
 three times in each server's life, at 1.5-1.9 times two threads' cost per token by the policy's
-own timings (docs/benchmarks.md, benchmark 36). Both sides of a comparison now see the same moment, and the
-lower side is the chosen count's: a slow spell that ends during the run does not count against
-it. A neighbour's 3-100x is far past the margin, and two counts within a few per cent of each
-other (batch 1, where the step is short) do not trade places on noise.
+own timings (docs/benchmarks.md, benchmark 36). Both sides of a comparison now see the same
+moment, and the lower side is the chosen count's: a slow spell that ends during the run does
+not count against it. The first choice is every thread: each count's first timing is a single
+warm pass, one after the other, and a server that began at one thread on them stayed there for
+its first few hundred steps; their ratio is a first comparison, and one that puts one thread
+ahead is repeated at once. A neighbour's 3-100x is far past the margin, and two counts within a
+few per cent of each other (batch 1, where the step is short) do not trade places on noise.
 
 A steady step is the STEADY-th or a later one of its graph since that graph began at its size
 and count. Every warm step used to count towards drift, and a few slow ones in a row lifted the
@@ -132,8 +135,11 @@ class ThreadPolicy:
         if cost is None or any(n not in cost for n in choices):
             return next(n for n in choices if cost is None or n not in cost)  # time every count once first
         best = self.best.get(key)
-        if best not in choices:
-            best = min(choices, key=cost.__getitem__)  # the first choice: each count timed once, one after the other
+        first = best is None or best not in choices
+        if best is None or best not in choices:  # first: every thread, the quiet machine's count; the first
+            best = choices[-1]  # timings, one after the other, are a first comparison
+            if not self.votes.get(key):
+                self.votes[key] = deque([cost[choices[0]] / cost[choices[-1]]], maxlen=VOTES)
         elif sum(self._ahead(key, other, best) for other in choices if other != best) >= MOVE_VOTES:
             best = next(n for n in choices if n != best)
         if best != self.best.get(key):
@@ -143,6 +149,8 @@ class ThreadPolicy:
             self.level[key] = cost[best]
             self.steady.pop(key, None)  # the other count's steady passes
             self.interval[key] = self.until_explore[key] = self.min_interval
+            if first and self._ahead(key, choices[0], best):
+                self.until_explore[key] = 1  # one thread looked faster at once: compare again now
         if self.exploring.get(key):
             self.exploring[key] -= 1
             return next(n for n in choices if n != best)
