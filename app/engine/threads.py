@@ -121,9 +121,9 @@ class ThreadPolicy:
         self.moves: Counter[tuple[Key, int]] = Counter()  # times the choice moved to a count after its first
         # the last comparisons of the two counts at one moment: the cost at choices[0] over the cost at choices[-1]
         self.votes: dict[Key, deque[float]] = {}
-        # a re-timing waiting for the chosen count's passes after it: (its count, its time, the chosen count's before)
-        self.pending: dict[Key, tuple[int, float, float]] = {}
-        self.after: dict[Key, list[float]] = {}  # ... and those passes so far
+        # a re-timing waiting for the chosen count's passes after it: its count, its time, the chosen
+        # count's cost before it, and the chosen count's passes after it so far
+        self.pending: dict[Key, tuple[int, float, float, list[float]]] = {}
         self.extended: dict[Key, int] = {}  # passes added to the current re-timing run: its warm pass did not come
 
     def choose(self, key: Key, allowed: Collection[int] | None = None) -> int:
@@ -135,9 +135,9 @@ class ThreadPolicy:
         if cost is None or any(n not in cost for n in choices):
             return next(n for n in choices if cost is None or n not in cost)  # time every count once first
         best = self.best.get(key)
-        first = best is None or best not in choices
-        if best is None or best not in choices:  # first: every thread, the quiet machine's count; the first
-            best = choices[-1]  # timings, one after the other, are a first comparison
+        first = False
+        if best is None or best not in choices:  # every thread, the quiet machine's count; the first
+            first, best = True, choices[-1]  # timings, one after the other, are a first comparison
             if not self.votes.get(key):
                 self.votes[key] = deque([cost[choices[0]] / cost[choices[-1]]], maxlen=VOTES)
         elif sum(self._ahead(key, other, best) for other in choices if other != best) >= MOVE_VOTES:
@@ -223,13 +223,12 @@ class ThreadPolicy:
         cost = self.cost.setdefault(key, {})
         best = self.best.get(key)
         if best is not None and n != best:
-            self.pending[key] = (n, seconds, cost[best])  # compared once the chosen count has run again
-            self.after[key] = []
+            self.pending[key] = (n, seconds, cost[best], [])  # compared once the chosen count has run again
         elif (waiting := self.pending.get(key)) is not None and waiting[0] != n:
-            after = self.after[key]
+            other, other_seconds, before, after = waiting
             after.append(seconds)
             if len(after) >= AFTER:
-                other, other_seconds, before = self.pending.pop(key)
+                del self.pending[key]
                 chosen = min(before, statistics.median(after))  # the chosen count at its better side of the run
                 lo, hi = (other_seconds, chosen) if other < n else (chosen, other_seconds)
                 self.votes.setdefault(key, deque(maxlen=VOTES)).append(lo / hi)
