@@ -70,6 +70,7 @@ class DecodeBatch:
         self.last_head1: Tensor | None = None  # head 1's logits at the last step's offsets [n, T, V]
         self._survivors: list[int] | None = None  # old rows of self.seqs, until compact() runs
         self._limits: tuple[list[int], Tensor] = ([], self.pos)  # the last max_accept built
+        self.planned: tuple[int, int] | None = None  # (rows, choice): the next step's choice, made at a prefill
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -144,17 +145,64 @@ class DecodeBatch:
             self.states = self.states[idx] if survivors else None
         self.sampling = self._sampling()
 
-    def _fused(self) -> bool:
-        """Whether this step can run as a compiled fused greedy step: every row greedy with no
-        penalty or bias, and no row asking for top log-probabilities (the fused step keeps no
-        logits). Whether the step's shape was compiled is `covers`' to say: with sequential
-        heads, the modules it runs are part of the shape (none for a plain batch)."""
+    def _fused(self, seqs: list[RunningSequence] | None = None) -> bool:
+        """Whether a step of `seqs` (default: the batch's rows) can run as a compiled fused greedy
+        step: every row greedy with no penalty or bias, and no row asking for top log-probabilities
+        (the fused step keeps no logits). Whether the step's shape was compiled is `covers`' to
+        say: with sequential heads, the modules it runs are part of the shape (none for a plain batch)."""
+        if seqs is None:
+            greedy, penalized, seqs = self.sampling.all_greedy, self.sampling.penalties is not None, self.seqs
+        else:
+            params = [s.item.request.sampling for s in seqs]
+            greedy, penalized = all(p.greedy for p in params), any(p.penalized for p in params)
         return (
             self.compiled is not None
-            and self.sampling.all_greedy
-            and self.sampling.penalties is None
-            and not any(s.item.request.top_logprobs for s in self.seqs)
+            and greedy
+            and not penalized
+            and not any(s.item.request.top_logprobs for s in seqs)
         )
+
+    def _decides(self, seqs: list[RunningSequence], fused: bool) -> bool:
+        """Whether the draft policy picks the drafts of a step of `seqs`: some row speculates and
+        every speculating row is greedy (sampled ones verify every draft); compiled, only among
+        the fused steps' widths."""
+        spec = [s for s in seqs if s.speculative]
+        return (
+            self.policy is not None
+            and bool(spec)
+            and all(s.item.request.sampling.greedy for s in spec)
+            and (fused or self.compiled is None)
+        )
+
+    def plan(self, seqs: list[RunningSequence]) -> int:
+        """Before `seqs` are prefilled to join the batch: the draft policy's choice for the step
+        after their prefill, made now for the batch they will make (and kept for that step), and
+        applied to them as that step would: a PLAIN choice makes them plain, a shallow one keeps
+        its modules. The modules their prefill must run to draft for them: 0 when none of them
+        will draft (sequential heads; the pass over the prompt would be wasted)."""
+        for s in seqs:  # greedy rows of one or two tokens: no step of theirs verifies a draft
+            if s.item.request.max_new_tokens <= 2 and s.item.request.sampling.greedy:
+                s.speculative = False  # (a sampled row's draft draws are part of its seeded stream)
+        rows = self.seqs + seqs
+        self.planned = None
+        if not any(s.speculative for s in seqs):
+            return 0  # the rows already running decide their next step, as before
+        if self.policy is not None and self._decides(rows, self._fused(rows)):
+            depth = max(self._row_depth(s) for s in rows if s.speculative)
+            choice = self.policy.choose(len(rows), depth)
+            self.planned = (len(rows), choice)
+            self._apply(seqs, shallow_depth(choice))
+        return max((self._row_depth(s) for s in seqs if s.speculative), default=0)
+
+    def _apply(self, seqs: list[RunningSequence], shallow: int | None) -> None:
+        """A shallow choice's effect on its rows, for good: PLAIN (0) stops their speculation,
+        except where the request asked for it itself; depth d keeps the first d modules."""
+        if shallow == 0:
+            for s in seqs:
+                s.speculative = s.speculative and s.item.request.speculative is True
+        elif shallow is not None:
+            for s in seqs:
+                s.depth = min(self._row_depth(s), shallow)
 
     def step(self) -> StepResult:
         """One decode step for every row: a verify pass if any row speculates, else plain decoding.
@@ -167,23 +215,19 @@ class DecodeBatch:
         spec = [s.speculative for s in self.seqs]
         fused = self._fused()
         depth = self._depth()
-        # the policy picks for speculating batches whose speculating rows are all greedy (sampled
-        # ones verify every draft); compiled, only among the fused steps' widths
-        greedy_drafts = any(spec) and all(g for s, g in zip(spec, self.sampling.greedy_rows, strict=True) if s)
-        decide = self.policy is not None and greedy_drafts and (fused or self.compiled is None)
-        choice = self.policy.choose(len(self), depth) if self.policy is not None and decide else None
+        planned, self.planned = self.planned, None
+        if planned is not None and planned[0] == len(self):  # chosen at the prefill of the rows that joined
+            choice: int | None = planned[1]
+        else:
+            choice = self.policy.choose(len(self), depth) if self.policy and self._decides(self.seqs, fused) else None
         shallow = shallow_depth(choice) if choice is not None else None
-        if shallow == 0:  # PLAIN, cheaper than any drafting step: these rows stop speculating for good,
-            for s in self.seqs:  # except those whose request asked for speculation itself
-                s.speculative = s.speculative and s.item.request.speculative is True
+        self._apply(self.seqs, shallow)
+        if shallow == 0:  # PLAIN, cheaper than any drafting step: these rows stop speculating for good
             spec = [s.speculative for s in self.seqs]
             fused = self._fused()
             if any(spec):  # rows that asked: they draft as many as they may, and the step is not timed
                 choice = None
-            depth = self._depth()
-        elif shallow is not None:  # only the first `shallow` modules draft, for good
-            for s in self.seqs:
-                s.depth = min(self._row_depth(s), shallow)
+        if shallow is not None:
             depth = self._depth()
         n_drafts = min(depth, choice) if choice is not None and shallow is None else depth
         t0 = time.perf_counter()

@@ -16,7 +16,9 @@ module that skips a step leaves its cache without that step's positions, so its 
 would be worse than measured. So a shallow choice must beat the best n by a margin
 (SHALLOW_MARGIN, and PLAIN_MARGIN for PLAIN, which ends speculation), and a batch whose rows
 are shallow chooses only among shallower steps. Rows admitted later draft with every module
-again, and the choice is made anew for them. Large batches, which are compute-bound, go
+again, and the choice is made anew for them, before their prefill (DecodeBatch.plan): rows that
+will run plain skip the modules' pass over their prompts, and shallow ones run only the modules
+they keep. Large batches, which are compute-bound, go
 plain; at batch 1, which is overhead-bound, a step with one module verifying one draft can
 beat one with all of them verifying more.
 

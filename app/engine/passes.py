@@ -163,8 +163,11 @@ class Passes:
             penalty_state(prompts, self.model.cfg.vocab_size, self.device) if any(p.penalized for p in params) else None
         )
         sampling = BatchSampling.from_params(params, [s.generator for s in seqs], self.device, penalty)
+        # the next step's draft choice, made now: rows that will not draft skip the modules' pass
+        # over their prompts (a plain choice), or run only the modules they keep (a shallow one)
+        modules = self.batch.plan(seqs)
         drafting = torch.tensor([s.speculative for s in seqs], dtype=torch.bool, device=self.device)
-        last = prefill(self.model, prompts, row0=row0)  # logits [B, k or 1, V] at each prompt's last position
+        last = prefill(self.model, prompts, row0=row0, n_drafts=modules)  # logits [B, k or 1, V] at the last position
         first = first_tokens(last, sampling, drafting)
         self.batch.concatenate(seqs, first, [len(p) for p in prompts], penalty)
         for p in prompts:

@@ -425,6 +425,65 @@ async def test_a_shallow_choice_keeps_one_module_for_good_and_keeps_greedy_outpu
     assert policy.describe()["drafts_by_batch"] == {1: "shallow 1", 2: 2, 4: 2}
 
 
+async def test_a_row_the_policy_runs_plain_or_shallow_never_runs_the_modules_it_drops(
+    engine_factory: Callable[..., Any], sequential_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The choice for the step after a prefill is made before the prefill, for the batch its rows
+    join: a request that will run plain never runs a module (not over its prompt either), and
+    one that keeps one module never runs the second. Both give the plain greedy tokens."""
+    engine = await engine_factory(sequential_checkpoint, max_batch_size=4, adaptive_threads=False)
+    job = GenerateJob(PROMPTS[2], 30)
+    ref = (await run(engine, GenerateJob(job.prompt_ids, 30, speculative=False)))[0]
+    model = engine.model
+    calls: defaultdict[int, int] = defaultdict(int)  # module j's passes
+    mtp_state = model.mtp_state
+
+    def counted(j: int, *args: Any) -> Any:
+        calls[j] += 1
+        return mtp_state(j, *args)
+
+    monkeypatch.setattr(model, "mtp_state", counted)
+    for depth, modules in ((0, set()), (1, {1})):
+        policy = DraftPolicy(2, {b: [1.0] * 3 for b in (1, 2, 4)}, shallow={b: {depth: 1e-6} for b in (1, 2, 4)})
+        policy.observe_cost = lambda *args: None  # type: ignore[method-assign]
+        await engine.call(functools.partial(setattr, engine.core.batch, "policy", policy))
+        calls.clear()
+        tokens, fin = await run(engine, job)
+        assert tokens == ref
+        assert set(calls) == modules
+        assert fin.drafted_tokens == fin.verify_steps  # one draft a step, or none
+        assert (fin.verify_steps > 0) == bool(depth)
+    assert policy.describe()["drafts_by_batch"][1] == "shallow 1"
+
+
+async def test_a_greedy_request_of_one_or_two_tokens_never_runs_the_modules(
+    engine_factory: Callable[..., Any], sequential_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No step of a greedy request for one or two tokens verifies a draft (the prefill makes the
+    first token, a step the second), so its prefill drafts nothing, and it takes no turn of the
+    draft policy's choices (whose re-timing runs need steps to time). A sampled one drafts as
+    always: its draft draws are part of its seeded stream."""
+    engine = await engine_factory(sequential_checkpoint, max_batch_size=4, adaptive_threads=False)
+    policy = DraftPolicy(2, {b: [1.0] * 3 for b in (1, 2, 4)})
+    policy.observe_cost = lambda *args: None  # type: ignore[method-assign]
+    await engine.call(functools.partial(setattr, engine.core.batch, "policy", policy))
+    model = engine.model
+    calls: list[int] = []
+    mtp_state = model.mtp_state
+    monkeypatch.setattr(model, "mtp_state", lambda j, *args: calls.append(j) or mtp_state(j, *args))
+    for new in (1, 2):
+        for prompt in PROMPTS:
+            ref = (await run(engine, GenerateJob(prompt, new, speculative=False)))[0]
+            assert (await run(engine, GenerateJob(prompt, new)))[0] == ref
+            assert (await run(engine, GenerateJob(prompt, new, speculative=True)))[0] == ref
+    assert calls == [] and not policy.made
+    sampled = GenerateJob(PROMPTS[0], 2, SamplingParams(do_sample=True, seed=3))
+    await run(engine, sampled)
+    assert calls  # its prefill drafted
+    await run(engine, GenerateJob(PROMPTS[0], 3))
+    assert policy.made  # three tokens: a step may verify one draft
+
+
 async def test_a_shallow_step_timed_dear_at_start_up_is_re_timed_on_a_request_and_then_chosen(
     engine_factory: Callable[..., Any], sequential_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
