@@ -219,7 +219,8 @@ class DecodeBatch:
         if planned is not None and planned[0] == len(self):  # chosen at the prefill of the rows that joined
             choice: int | None = planned[1]
         else:
-            choice = self.policy.choose(len(self), depth) if self.policy and self._decides(self.seqs, fused) else None
+            decide = self._decides(self.seqs, fused)
+            choice = self.policy.choose(len(self), depth) if self.policy is not None and decide else None
         shallow = shallow_depth(choice) if choice is not None else None
         self._apply(self.seqs, shallow)
         if shallow == 0:  # PLAIN, cheaper than any drafting step: these rows stop speculating for good
