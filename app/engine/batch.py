@@ -174,12 +174,14 @@ class DecodeBatch:
             and (fused or self.compiled is None)
         )
 
-    def plan(self, seqs: list[RunningSequence]) -> int:
+    def plan(self, seqs: list[RunningSequence], threads: int | None = None) -> int:
         """Before `seqs` are prefilled to join the batch: the draft policy's choice for the step
         after their prefill, made now for the batch they will make (and kept for that step), and
         applied to them as that step would: a PLAIN choice makes them plain, a shallow one keeps
-        its modules. The modules their prefill must run to draft for them: 0 when none of them
-        will draft (sequential heads; the pass over the prompt would be wasted)."""
+        its modules. threads: the intra-op count that step is expected to run at (its timings
+        decide; default: this thread's now). The modules their prefill must run to draft for
+        them: 0 when none of them will draft (sequential heads; the pass over the prompt would
+        be wasted)."""
         for s in seqs:  # greedy rows of one or two tokens: no step of theirs verifies a draft
             if s.item.request.max_new_tokens <= 2 and s.item.request.sampling.greedy:
                 s.speculative = False  # (a sampled row's draft draws are part of its seeded stream)
@@ -189,7 +191,7 @@ class DecodeBatch:
             return 0  # the rows already running decide their next step, as before
         if self.policy is not None and self._decides(rows, self._fused(rows)):
             depth = max(self._row_depth(s) for s in rows if s.speculative)
-            choice = self.policy.choose(len(rows), depth)
+            choice = self.policy.choose(len(rows), depth, threads)
             self.planned = (len(rows), choice)
             self._apply(seqs, shallow_depth(choice))
         return max((self._row_depth(s) for s in seqs if s.speculative), default=0)

@@ -258,18 +258,20 @@ class DraftPolicy:
             out.append(prev)
         return out
 
-    def choose(self, batch: int, depth: int | None = None) -> int:
+    def choose(self, batch: int, depth: int | None = None, threads: int | None = None) -> int:
         """Drafts to verify in a pass over `batch` rows, or a shallow choice. depth: the most
         modules any of the rows keeps (below max_drafts after a shallow choice): such a batch
-        may only go shallower."""
-        choice = self._choose(batch, depth)
+        may only go shallower. threads: the intra-op thread count the step will run at, whose
+        table decides (default: this thread's count now; a choice made during a prefill, which
+        may run at another count, passes the step's)."""
+        choice = self._choose(batch, depth, threads)
         self.made[batch, choice] += 1
         return choice
 
-    def _choose(self, batch: int, depth: int | None) -> int:
+    def _choose(self, batch: int, depth: int | None, threads: int | None) -> int:
         if not self.batches or self.max_drafts == 0:
             return self.max_drafts
-        self.threads = torch.get_num_threads()
+        self.threads = torch.get_num_threads() if threads is None else threads
         b = self._bucket(batch)  # the nearest measured batch size at or above
         if (run := self._retiming(b, depth)) is not None:
             return run

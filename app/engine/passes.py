@@ -165,7 +165,9 @@ class Passes:
         sampling = BatchSampling.from_params(params, [s.generator for s in seqs], self.device, penalty)
         # the next step's draft choice, made now: rows that will not draft skip the modules' pass
         # over their prompts (a plain choice), or run only the modules they keep (a shallow one)
-        modules = self.batch.plan(seqs)
+        joined = size_bucket(len(self.batch) + len(seqs))
+        threads = self.threads.best.get(("decode", joined)) if self.threads is not None else None
+        modules = self.batch.plan(seqs, threads)  # at the count the step is expected to run at
         drafting = torch.tensor([s.speculative for s in seqs], dtype=torch.bool, device=self.device)
         last = prefill(self.model, prompts, row0=row0, n_drafts=modules)  # logits [B, k or 1, V] at the last position
         first = first_tokens(last, sampling, drafting)

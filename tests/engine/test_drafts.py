@@ -395,6 +395,29 @@ def test_each_thread_count_keeps_its_own_timings() -> None:
         torch.set_num_threads(before)
 
 
+def test_a_choice_made_for_a_step_at_another_thread_count_reads_that_counts_timings() -> None:
+    """The choice for the step after a prefill is made during the prefill, which runs at the
+    count of batch 1's steps; the step may run at another count (the thread policy's for its
+    batch size), and it is that count's table that decides, whatever count runs now."""
+    before = torch.get_num_threads()
+    policy = policy_with_rates([0.6, 0.36], {1: [1.0, 1.0, 1.0]})
+    try:
+        torch.set_num_threads(2)
+        for _ in range(32):
+            policy.observe_cost(1, 2, 0.5)  # at two threads, verifying two drafts is cheap
+        torch.set_num_threads(1)
+        for _ in range(32):
+            policy.observe_cost(1, 2, 3.0)  # at one thread, far dearer
+            policy.observe_cost(1, 2, 3.0)
+            policy.observe_cost(1, 0, 1.0)
+            policy.observe_cost(1, 0, 1.0)
+        assert policy.choose(1, threads=2) == 2  # the step's count, not this thread's
+        assert policy.choose(1) == 0  # this thread's: one
+        assert policy.choose(1, threads=2) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_one_thread_re_timing_does_not_move_the_choice_to_counts_never_timed_at_one_thread() -> None:
     """The thread policy now and then runs two steps at one thread, where every step costs
     about twice as much. The draft count running then is timed at one thread; the others had

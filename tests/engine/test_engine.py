@@ -456,6 +456,36 @@ async def test_a_row_the_policy_runs_plain_or_shallow_never_runs_the_modules_it_
     assert policy.describe()["drafts_by_batch"][1] == "shallow 1"
 
 
+async def test_the_choice_made_at_a_prefill_is_for_the_thread_count_of_the_step_after_it(
+    engine_factory: Callable[..., Any], sequential_checkpoint: Path
+) -> None:
+    """A prefill runs at batch 1's thread count; the draft choice it makes for the step after it
+    reads the table of the count the thread policy has chosen for that step's batch size."""
+    engine = await engine_factory(sequential_checkpoint, max_batch_size=4)
+    threads = engine.core.passes.threads
+    if threads is None or len(threads.choices) < 2:
+        pytest.skip("one intra-op thread count: nothing to choose between")
+    policy = DraftPolicy(2, {b: [1.0] * 3 for b in (1, 2, 4)})
+    seen: list[tuple[int, int | None, int]] = []  # batch, the count passed, the count running
+    choose = policy.choose
+
+    def noted(batch: int, depth: int | None = None, threads: int | None = None) -> int:
+        seen.append((batch, threads, torch.get_num_threads()))
+        return choose(batch, depth, threads)
+
+    policy.choose = noted  # type: ignore[method-assign]
+    one, every = threads.choices[0], threads.choices[-1]
+
+    def install() -> None:
+        engine.core.batch.policy = policy
+        threads.best[("decode", 1)] = every  # prefills run at this count
+        threads.best[("decode", 2)] = one  # ... and a step of two rows at this one
+
+    await engine.call(install)
+    await asyncio.gather(run(engine, GenerateJob(PROMPTS[0], 5)), run(engine, GenerateJob(PROMPTS[2], 5)))
+    assert (2, one, every) in seen  # made during the prefill, for a step at one thread
+
+
 async def test_a_greedy_request_of_one_or_two_tokens_never_runs_the_modules(
     engine_factory: Callable[..., Any], sequential_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
