@@ -45,8 +45,10 @@ class BufferedStreamHandler(logging.StreamHandler):
     behind). The event loop logs a line for every request, so such a stall stopped the whole
     server: with its stderr a pipe nobody read, it answered 528 `/health` requests and then
     nothing. Here the thread that logs only formats the line and appends it to a queue; a stalled
-    stream blocks the writer thread alone. Past `capacity` waiting lines, lines are dropped and
-    counted, and the count is written once the stream takes lines again. flush() (which
+    stream blocks the writer thread alone. Past `capacity` waiting lines, lines below WARNING are
+    dropped and counted, and the count is written once the stream takes lines again; WARNING and
+    above have a reserve of as many again (dropped past twice `capacity`), so that a flood of
+    access lines does not drop the line that says what went wrong. flush() (which
     logging.shutdown() calls at exit) writes what is left, waiting at most `flush_wait_s` for a
     writer that is stuck."""
 
@@ -72,7 +74,7 @@ class BufferedStreamHandler(logging.StreamHandler):
         except Exception:
             self.handleError(record)
             return
-        if len(self._lines) >= self.capacity:
+        if len(self._lines) >= (self.capacity if record.levelno < logging.WARNING else 2 * self.capacity):
             self._dropped += 1
         else:
             self._lines.append(line)

@@ -82,11 +82,35 @@ def test_a_stalled_stream_never_blocks_the_thread_that_logs_and_drops_are_counte
     assert lines == [
         "first",
         *(f"line {i}" for i in range(100)),
-        "[901 log lines dropped: the log's reader fell behind]",
+        "last",  # a warning: kept past the capacity
+        "[900 log lines dropped: the log's reader fell behind]",
     ]
     log.info("again")
     wait_for(lambda: stream.getvalue().endswith("again\n"))
     assert stream.getvalue().count("dropped") == 1
+
+
+def test_warnings_have_a_reserve_of_their_own_and_a_bound() -> None:
+    """A full buffer drops the lines below WARNING; warnings and errors go on being kept, up to
+    twice the capacity, past which they are dropped and counted too."""
+    stream = Pipe()
+    handler = BufferedStreamHandler(stream, flush_s=0.01, capacity=100)
+    log = logger_to(handler)
+    stream.open.clear()
+    log.info("first")
+    wait_for(lambda: not handler._lines)
+    for i in range(150):
+        log.info("line %d", i)
+    for i in range(150):
+        log.error("error %d", i)
+    stream.open.set()
+    wait_for(lambda: "dropped" in stream.getvalue())
+    assert stream.getvalue().splitlines() == [
+        "first",
+        *(f"line {i}" for i in range(100)),
+        *(f"error {i}" for i in range(100)),
+        "[100 log lines dropped: the log's reader fell behind]",
+    ]
 
 
 def test_flush_writes_what_is_waiting() -> None:
