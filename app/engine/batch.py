@@ -162,17 +162,12 @@ class DecodeBatch:
             and not any(s.item.request.top_logprobs for s in seqs)
         )
 
-    def _decides(self, seqs: list[RunningSequence], fused: bool) -> bool:
-        """Whether the draft policy picks the drafts of a step of `seqs`: some row speculates and
-        every speculating row is greedy (sampled ones verify every draft); compiled, only among
-        the fused steps' widths."""
-        spec = [s for s in seqs if s.speculative]
-        return (
-            self.policy is not None
-            and bool(spec)
-            and all(s.item.request.sampling.greedy for s in spec)
-            and (fused or self.compiled is None)
-        )
+    def _decides(self, seqs: list[RunningSequence], greedy: list[bool], fused: bool) -> bool:
+        """Whether the draft policy picks the drafts of a step of `seqs` (greedy: which of them
+        are): some row speculates and every speculating row is greedy (sampled ones verify every
+        draft); compiled, only among the fused steps' widths."""
+        spec = [g for s, g in zip(seqs, greedy, strict=True) if s.speculative]
+        return self.policy is not None and bool(spec) and all(spec) and (fused or self.compiled is None)
 
     def plan(self, seqs: list[RunningSequence], threads: int | None = None) -> int:
         """Before `seqs` are prefilled to join the batch: the draft policy's choice for the step
@@ -189,7 +184,8 @@ class DecodeBatch:
         self.planned = None
         if not any(s.speculative for s in seqs):
             return 0  # the rows already running decide their next step, as before
-        if self.policy is not None and self._decides(rows, self._fused(rows)):
+        greedy = [s.item.request.sampling.greedy for s in rows]
+        if self.policy is not None and self._decides(rows, greedy, self._fused(rows)):
             depth = max(self._row_depth(s) for s in rows if s.speculative)
             choice = self.policy.choose(len(rows), depth, threads)
             self.planned = (len(rows), choice)
@@ -221,7 +217,7 @@ class DecodeBatch:
         if planned is not None and planned[0] == len(self):  # chosen at the prefill of the rows that joined
             choice: int | None = planned[1]
         else:
-            decide = self._decides(self.seqs, fused)
+            decide = self._decides(self.seqs, self.sampling.greedy_rows, fused)
             choice = self.policy.choose(len(self), depth) if self.policy is not None and decide else None
         shallow = shallow_depth(choice) if choice is not None else None
         self._apply(self.seqs, shallow)
