@@ -12,6 +12,8 @@ headers) grows past max_header_bytes gets a 431 and is closed, and beyond max_co
 ones (kept below the file-descriptor limit) a new connection gets a 503 and is closed. A request
 that the door refuses from its head alone (no API key, a declared body over the limit, a full
 queue) is answered by the protocol itself, before uvicorn makes a request cycle and a task for it.
+A reply of unknown length (a stream) to an HTTP/1.0 request ends where its connection does,
+without the chunked coding that 1.0 does not have.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import gc
 import json
 import logging
@@ -38,7 +41,7 @@ import httptools
 import torch
 import uvicorn
 from fastapi import FastAPI
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from app.api.deps import ServiceState
 from app.api.errors import KINDS, error_body
@@ -85,6 +88,23 @@ class _Answered:
 
 
 _ANSWERED: Any = _Answered()
+
+
+async def send_until_close(cycle: RequestResponseCycle, message: Any) -> None:
+    """uvicorn's send for a cycle of an HTTP/1.0 request, whose reply of unknown length (no
+    Content-Length: an SSE stream) uvicorn would send with chunked coding, which 1.0 lacks
+    (RFC 9112, section 6.1: a server must not send it to a 1.0 client, which would read the
+    chunk sizes as text). Such a body is sent as it comes, and ends where the connection does
+    (section 6.3; uvicorn closes every 1.0 connection after its reply and says so)."""
+    if message["type"] == "http.response.start" and not cycle.response_started:
+        names = {name.lower() for name, _ in message.get("headers", [])}
+        body = cycle.scope["method"] != "HEAD" and message["status"] not in (204, 304)
+        if body and b"content-length" not in names and b"transfer-encoding" not in names:
+            cycle.chunked_encoding = False  # uvicorn then adds no Transfer-Encoding
+            cycle.until_close = True  # type: ignore[attr-defined]
+    elif message["type"] == "http.response.body" and getattr(cycle, "until_close", False):
+        cycle.expected_content_length = len(message.get("body", b""))  # each part is all uvicorn expects
+    await RequestResponseCycle.send(cycle, message)
 
 
 class CountingTransport:
@@ -193,8 +213,14 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head, self._head_bytes = False, 0
         self._heads += 1
-        if not self._refused_at_head():
-            super().on_headers_complete()
+        if self._refused_at_head():
+            return
+        before = self.cycle
+        super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not before and cycle is not None and cycle.scope["http_version"] == "1.0":
+            # read by its task, which has not run yet (or waits its turn behind a pipelined reply)
+            cycle.send = functools.partial(send_until_close, cycle)  # type: ignore[method-assign]
 
     def _refused_at_head(self) -> bool:
         """Answer here, with no request cycle or task, a request the door refuses from its head

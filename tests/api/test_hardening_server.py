@@ -433,3 +433,46 @@ def test_a_server_whose_log_nobody_reads_keeps_answering(tmp_path: Path, checkpo
     result = log_reader_stall(Lab(str(checkpoint), tmp_path, {"compile": False, "torch_threads": 1}), requests=1500)
     assert result.details == {"answered": 1500, "stalled_at": None, "access_lines": 1500}, result.result
     assert result.verdict == "ok"
+
+
+def read_to_close(s: socket.socket) -> tuple[str, dict[str, str], bytes]:
+    """A whole reply that ends where its connection does: its status line, headers and body as sent."""
+    data = bytearray()
+    while chunk := s.recv(65536):
+        data += chunk
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    return status, {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}, body
+
+
+@pytest.mark.parametrize(
+    ("path", "payload"),
+    [
+        ("/generate_stream", {"inputs": PROMPT, "parameters": {"max_new_tokens": 6}}),
+        ("/v1/completions", {"prompt": PROMPT, "max_tokens": 6, "stream": True}),
+    ],
+)
+def test_a_stream_to_an_http_1_0_client_is_not_chunked_and_ends_with_the_connection(
+    server: Any, path: str, payload: dict[str, Any]
+) -> None:
+    """HTTP/1.0 has no chunked coding (RFC 9112, section 6.1): a stream's events arrive as
+    they are, and the closed connection ends the reply. HTTP/1.1 clients still get chunks."""
+    body = json.dumps(payload).encode()
+    head = f"POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(head.encode() + body)
+        status, headers, sent = read_to_close(s)
+    assert status.split()[1] == "200"
+    assert "transfer-encoding" not in headers and "content-length" not in headers
+    assert headers["connection"] == "close"
+    data = [line.removeprefix("data:").strip() for line in sent.decode().split("\n\n") if line.startswith("data:")]
+    assert len(sent.decode().rstrip("\n").split("\n\n")) == len(data)  # nothing but events: no chunk sizes
+    if path.startswith("/v1/"):
+        assert data.pop() == "[DONE]"
+        assert json.loads(data[-1])["choices"][0]["finish_reason"] == "length"
+    else:
+        assert [json.loads(d)["index"] for d in data] == list(range(6))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:  # the same request in HTTP/1.1
+        s.sendall(head.replace("HTTP/1.0", "HTTP/1.1").encode() + body)
+        status, headers, _ = read_reply(s, bytearray(), head_only=True)
+    assert headers["transfer-encoding"] == "chunked"
