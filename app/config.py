@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     compile: bool = ENGINE.compile
     compile_autotune: bool = ENGINE.compile_autotune  # CPU: Inductor's C++ GEMM vs MKL per matmul
     compile_cpp_wrapper: bool = ENGINE.compile_cpp_wrapper  # CPU: Inductor's wrapper code in C++, not Python
-    # larger batches: eager steps; None: 4 on CPU, max_batch_size on CUDA
+    # larger batches: eager steps; None: max_batch_size (every batch size compiled)
     compile_max_batch_size: int | None = Field(ENGINE.compile_max_batch_size, ge=1)
     compile_cache_dir: str | None = ENGINE.compile_cache_dir  # None: $TORCHINDUCTOR_CACHE_DIR or ~/.cache/mtp/inductor
     compile_draft_counts: list[int] | None = Field(ENGINE.compile_draft_counts)  # None: 1, 3 and k - 1

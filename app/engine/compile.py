@@ -33,7 +33,7 @@ def compile_shapes(cfg: EngineConfig, model: MTPTransformer) -> tuple[list[int],
     verify no drafts or the most any row verifies (sampled rows verify every draft), so it
     needs only those two widths. Fewer widths: fewer graphs, more padding."""
     k = model.cfg.k
-    top = compiled_batch_limit(cfg, model.head.proj.weight.device.type)  # larger batches run eager steps
+    top = compiled_batch_limit(cfg)  # larger batches run eager steps
     sizes = sorted({min(2**i, top) for i in range(top.bit_length() + 1)})
     counts = cfg.compile_draft_counts if cfg.compile_draft_counts is not None else [1, 3]
     most = k - 1 if cfg.draft_tokens is None else min(cfg.draft_tokens, k - 1)
@@ -43,16 +43,13 @@ def compile_shapes(cfg: EngineConfig, model: MTPTransformer) -> tuple[list[int],
     return sizes, sorted({1, most + 1}), chosen, shallow
 
 
-CPU_COMPILE_MAX_BATCH = 4  # compile_max_batch_size's default on CPU
-
-
-def compiled_batch_limit(cfg: EngineConfig, device_type: str) -> int:
-    """The largest batch size compiled: compile_max_batch_size, by default CPU_COMPILE_MAX_BATCH on
-    CPU and every batch size on CUDA (as vLLM and SGLang capture a CUDA graph per batch bucket),
-    never past max_batch_size."""
-    limit = cfg.compile_max_batch_size
-    if limit is None:
-        limit = cfg.max_batch_size if device_type == "cuda" else CPU_COMPILE_MAX_BATCH
+def compiled_batch_limit(cfg: EngineConfig) -> int:
+    """The largest batch size compiled: compile_max_batch_size, by default every batch size up
+    to max_batch_size, on CPU as on CUDA (as vLLM and SGLang capture a CUDA graph per batch
+    bucket); never past max_batch_size. A compiled step attends only the filled part of the
+    KV cache on CPU, so a large batch gains from it too: at 8 and 16 streams the compiled
+    steps served more than the eager ones (docs/benchmarks.md, benchmark 39)."""
+    limit = cfg.compile_max_batch_size if cfg.compile_max_batch_size is not None else cfg.max_batch_size
     return min(cfg.max_batch_size, limit)
 
 

@@ -32,10 +32,8 @@ class EngineConfig:
     compile: bool = True
     compile_autotune: bool = True  # CPU: time Inductor's C++ GEMMs against MKL per matmul (slower cold start)
     compile_cpp_wrapper: bool = True  # CPU: each compiled step's wrapper in C++ (faster steps, run without the GIL)
-    # largest batch compiled; larger batches run eager steps. None: 4 on CPU, where the matmuls
-    # dominate a larger batch's step and each compiled batch size costs minutes of start-up;
-    # max_batch_size on CUDA, where a small model's eager step is kernel launches at any batch
-    # size and a CUDA graph replays them all at once (see compiled_batch_limit)
+    # largest batch compiled; larger batches run eager steps. None: max_batch_size (every
+    # bucket; each batch size compiled adds to a cold start-up; see compiled_batch_limit)
     compile_max_batch_size: int | None = None
     compile_cache_dir: str | None = None  # Inductor's on-disk cache; None: $TORCHINDUCTOR_CACHE_DIR or torch's
     # draft counts a compiled verify pass may carry (a step pads to the next); None: 0, 1, 3 and k - 1

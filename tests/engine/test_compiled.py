@@ -52,13 +52,12 @@ def eager_tokens(checkpoint: Path, device: str = "cpu") -> list[list[int]]:
     return static_generate(model, PROMPTS, 20, speculative=False, eos_id=tok.eot_id).tokens
 
 
-def test_the_compiled_batch_sizes_default_to_four_on_cpu_and_to_every_batch_size_on_cuda() -> None:
+def test_the_compiled_batch_sizes_default_to_every_batch_size() -> None:
     """A batch pads to a compiled size up to the limit; larger batches run eager steps."""
-    assert compiled_batch_limit(EngineConfig(max_batch_size=16), "cpu") == 4
-    assert compiled_batch_limit(EngineConfig(max_batch_size=16), "cuda") == 16
-    assert compiled_batch_limit(EngineConfig(max_batch_size=2), "cpu") == 2
-    assert compiled_batch_limit(EngineConfig(max_batch_size=16, compile_max_batch_size=8), "cuda") == 8
-    assert compiled_batch_limit(EngineConfig(max_batch_size=16, compile_max_batch_size=32), "cpu") == 16
+    assert compiled_batch_limit(EngineConfig(max_batch_size=16)) == 16
+    assert compiled_batch_limit(EngineConfig(max_batch_size=2)) == 2
+    assert compiled_batch_limit(EngineConfig(max_batch_size=16, compile_max_batch_size=8)) == 8
+    assert compiled_batch_limit(EngineConfig(max_batch_size=16, compile_max_batch_size=32)) == 16
 
 
 async def test_compiled_engine_gives_the_eager_greedy_tokens_and_never_compiles_after_start(
