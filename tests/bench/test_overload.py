@@ -43,7 +43,10 @@ def test_a_profiled_burst_says_where_the_servers_event_loop_spent_its_time(
     assert not any("runpy" in f for f in functions)  # the frames every stack shares are left out
     assert all(ms <= threads["MainThread"] for ms in functions.values())
     lines = summary["event_loop_lines_ms_per_burst"]
-    assert lines and all(line == LOOP_ITSELF or re.search(r":\d+\)$", line) for line in lines)
+    assert any(re.search(r":\d+\)$", line) for line in lines)  # where the samples ended, by source line
+    # py-spy samples without stopping the process (--nonblocking), and now and then misreads a
+    # frame it caught mid-change: no line, or a garbage one ("client (server:-233941584)" in CI)
+    assert all(line == LOOP_ITSELF or re.search(r" \(.+\)$", line) for line in lines)
 
 
 def test_the_profile_summary_counts_each_function_once_per_sample_and_strips_the_shared_frames(
