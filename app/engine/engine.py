@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 import time
+import weakref
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -47,6 +49,26 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 STOP_WAIT_S = 1.0  # shutdown waits this long for the core to finish its step
+
+
+def _stop_at_exit(core: EngineCore) -> None:
+    """Stop the core loop if the program ends without shutdown() (a script, a notebook).
+
+    The loop runs on an executor thread, and Python joins such threads at exit; blocked on its
+    inbox, the loop would never return, and the program would hang after its last line.
+    threading's exit hooks run before that join, newest first (concurrent.futures registers
+    its join the same way, at import), so this one tells the loop to stop in time."""
+    ref = weakref.ref(core)
+
+    def stop() -> None:
+        alive = ref()
+        if alive is not None:
+            alive.put(Stop())
+
+    register = getattr(threading, "_register_atexit", None)  # CPython >= 3.9
+    if register is not None:
+        with contextlib.suppress(RuntimeError):  # the interpreter is already exiting
+            register(stop)
 
 
 class Engine:
@@ -104,6 +126,7 @@ class Engine:
             await loop.run_in_executor(self._executor, self.model.setup_caches, self.cfg.max_batch_size)
         self.core.post = lambda out: loop.call_soon_threadsafe(self._on_step, out)
         self._running = asyncio.wrap_future(self._executor.submit(self.core.run))
+        _stop_at_exit(self.core)
         self._accepting = True
         if warmup:
             await self._warmup()

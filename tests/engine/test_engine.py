@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import os
 import random
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -875,6 +878,41 @@ async def test_engine_not_started_or_shut_down_rejects_work(engine_factory: Call
     await engine.shutdown()
     with pytest.raises(EngineNotReady):
         await anext(engine.generate(GenerateJob([1], max_new_tokens=2)))
+
+
+EXIT_WITHOUT_SHUTDOWN = """
+import asyncio, sys
+from app.engine.config import EngineConfig
+from app.engine.engine import Engine
+from app.engine.types import GenerateJob
+from app.metrics import Metrics
+from app.model.checkpoint import load_checkpoint
+
+async def main():
+    model, tok = load_checkpoint(sys.argv[1])
+    engine = Engine(model, tok.eot_id, EngineConfig(compile=False), Metrics(k=model.cfg.k))
+    await engine.start(warmup=False)
+    async for _ in engine.generate(GenerateJob([5, 6], max_new_tokens=3)):
+        pass
+
+asyncio.run(main())
+print("main returned", flush=True)
+"""
+
+
+def test_a_program_that_never_shuts_its_engine_down_still_exits(checkpoint: Path, tmp_path: Path) -> None:
+    """A script that runs the engine and ends without shutdown() exits, instead of hanging in
+    Python's join of the inference thread, whose core loop waits on its inbox."""
+    script = tmp_path / "script.py"
+    script.write_text(EXIT_WITHOUT_SHUTDOWN)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    try:
+        cmd = [sys.executable, str(script), str(checkpoint)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=env, cwd=root)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the program hung at exit; its output: {exc.stdout!r} {exc.stderr!r}")
+    assert done.returncode == 0 and "main returned" in done.stdout, (done.returncode, done.stdout, done.stderr[-2000:])
 
 
 async def test_drain_lets_running_sequences_finish_and_rejects_new_work(engine_factory: Callable[..., Any]) -> None:
