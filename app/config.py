@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.engine.config import EngineConfig
@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(ENGINE.max_batch_size, ge=1, le=256)
     max_wait_ms: float = Field(ENGINE.max_wait_ms, ge=0.0, le=1000.0)
     max_queue_size: int = Field(ENGINE.max_queue_size, ge=1)
+    # decode rows run at once, at most max_batch_size (None: max_batch_size); the rest wait in the queue
+    max_running: int | None = Field(ENGINE.max_running, ge=1)
     # a stream's tokens after its first leave at most this often, several steps' in one write (0: every step)
     stream_interval_ms: float = Field(ENGINE.stream_interval_ms, ge=0.0, le=1000.0)
     speculative: bool = ENGINE.speculative  # self-speculative decoding by default when k > 1
@@ -94,3 +96,11 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_key_is_none(cls, v: str | None) -> str | None:
         return v or None
+
+    @field_validator("max_running")
+    @classmethod
+    def _running_within_the_batch(cls, v: int | None, info: ValidationInfo) -> int | None:
+        batch = info.data.get("max_batch_size")
+        if v is not None and batch is not None and v > batch:
+            raise ValueError(f"max_running ({v}) cannot exceed max_batch_size ({batch}): a row runs in the batch")
+        return v

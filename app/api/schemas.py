@@ -343,6 +343,8 @@ class Limits(BaseModel):
     max_stop_length: int
     max_body_bytes: int
     max_batch_size: int
+    # rows decoding at once (MTP_MAX_RUNNING; unset: max_batch_size); more requests wait for a row
+    max_running: int
     max_queue_size: int
     request_timeout_s: float
     max_input_chars: int

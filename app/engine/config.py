@@ -24,6 +24,9 @@ class EngineConfig:
     max_batch_size: int = 16
     max_wait_ms: float = 5.0
     max_queue_size: int = 256
+    # decode rows run at once, at most max_batch_size; more wait in the queue for a row. None:
+    # max_batch_size (every waiting request joins the running batch at its next step)
+    max_running: int | None = None
     speculative: bool = True
     draft_tokens: int | None = None  # drafts verified per pass; None = k - 1, or fewer where faster
     adaptive_drafts: bool = True  # with draft_tokens None: time the step at start-up and adapt (drafts.py)

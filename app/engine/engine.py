@@ -139,7 +139,13 @@ class Engine:
                 policy = await self.call(functools.partial(DraftPolicy, self.k - 1, costs, choices, shallow))
                 await self.call(functools.partial(setattr, self.core.batch, "policy", policy))
         await self.call(self.core.snapshot_policies)
-        log.info("engine ready: k=%d, max_batch_size=%d, device=%s", self.k, self.cfg.max_batch_size, self.device)
+        log.info(
+            "engine ready: k=%d, max_batch_size=%d, rows decoding at once at most %d, device=%s",
+            self.k,
+            self.cfg.max_batch_size,
+            self.core.scheduler.running_limit,
+            self.device,
+        )
 
     async def _warmup(self) -> None:
         """Run full batches of predict, prefill and decode, then one request, before serving.

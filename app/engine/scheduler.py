@@ -21,6 +21,8 @@ class Scheduler:
         self.gen_q: deque[GenerateItem] = deque()
         self.batch = DecodeBatch(model, cfg.draft_tokens)
         self.last_predict_batch = 0  # requests in the last /predict batch
+        # rows decoding at once (MTP_MAX_RUNNING), never more than max_batch_size
+        self.running_limit = min(cfg.max_running or cfg.max_batch_size, cfg.max_batch_size)
 
     def add(self, item: PredictItem | GenerateItem) -> None:
         (self.predict_q if isinstance(item, PredictItem) else self.gen_q).append(item)  # type: ignore[arg-type]
@@ -66,11 +68,11 @@ class Scheduler:
         """Sequences to prefill into the free rows of the batch, and those found expired or cancelled."""
         items: list[GenerateItem] = []
         dropped: list[GenerateItem] = []
-        free = self.cfg.max_batch_size - len(self.batch)
+        free = self.running_limit - len(self.batch)
         while self.gen_q and len(items) < free:
             item = self.gen_q.popleft()
             (dropped if item.cancelled or now > item.deadline else items).append(item)
         return items, dropped
 
     def wants_prefill(self) -> bool:
-        return bool(self.gen_q) and len(self.batch) < self.cfg.max_batch_size
+        return bool(self.gen_q) and len(self.batch) < self.running_limit

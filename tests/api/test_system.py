@@ -97,8 +97,14 @@ def test_info_reports_model_limits_device_and_version(client_factory: Callable[.
         assert sum(timings["passes"]["decode/1"].values()) > 0
     limits = info["limits"]
     assert limits["max_batch_size"] == 4 and limits["max_new_tokens"] == 50
+    assert limits["max_running"] == 4  # by default every waiting request joins the running batch
     assert limits["max_input_tokens"] == 64
     assert {"max_top_n", "max_candidates", "max_body_bytes", "max_queue_size", "request_timeout_s"} <= set(limits)
+
+
+def test_info_reports_a_cap_on_the_rows_decoding_at_once(client_factory: Callable[..., TestClient]) -> None:
+    limits = client_factory(max_batch_size=4, max_running=2).get("/info").json()["limits"]
+    assert limits["max_running"] == 2 and limits["max_batch_size"] == 4
 
 
 def test_tokenize_returns_ids_and_offsets(client: TestClient) -> None:

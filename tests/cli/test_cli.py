@@ -56,6 +56,8 @@ def test_log_level_goes_before_or_after_serve() -> None:
 def test_an_invalid_setting_is_a_message_not_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--max-batch-size", "0"]) == 2
     assert "max_batch_size" in capsys.readouterr().err
+    assert main(["serve", "--max-batch-size", "8", "--max-running", "9"]) == 2  # more rows than the batch holds
+    assert "max_running (9) cannot exceed max_batch_size (8)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

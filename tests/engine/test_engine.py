@@ -324,6 +324,23 @@ async def test_sequential_model_serves_what_static_generate_gives(
         assert dict(drafts) == ref_drafts
 
 
+async def test_rows_past_the_running_limit_wait_and_get_the_tokens_they_get_alone(
+    engine_factory: Callable[..., Any],
+) -> None:
+    """max_running caps the rows that decode at once below max_batch_size; the rest wait in the
+    queue, join as rows leave, and get the greedy tokens each request gets alone."""
+    engine = await engine_factory(max_batch_size=8, max_running=2)
+    jobs = [GenerateJob(p, max_new_tokens=12, speculative=False) for p in PROMPTS * 2]
+    alone = [await run(engine, job) for job in jobs]
+    rows: list[int] = []
+    set_fault_hook(engine, lambda kind: rows.append(len(engine.core.batch)) if kind == "decode" else None)
+    together = await asyncio.gather(*(run(engine, job) for job in jobs))
+    assert [t for t, _ in together] == [t for t, _ in alone]
+    assert max(rows) == 2 and engine.info()["running_limit"] == 2
+    default = await engine_factory(max_batch_size=8)
+    assert default.info()["running_limit"] == 8  # unset: every waiting request joins at once
+
+
 async def test_sequential_model_with_adaptive_draft_count_keeps_greedy_output(
     engine_factory: Callable[..., Any], sequential_checkpoint: Path
 ) -> None:
