@@ -143,7 +143,7 @@ class Engine:
             "engine ready: k=%d, max_batch_size=%d, rows decoding at once at most %d, device=%s",
             self.k,
             self.cfg.max_batch_size,
-            self.core.scheduler.running_limit,
+            self.core.policy_info["running_limit"],  # as the core loop's thread read it (snapshot_policies)
             self.device,
         )
 
