@@ -47,6 +47,11 @@ class EngineConfig:
     request_timeout_s: float = 60.0
     stall_timeout_s: float = 30.0
 
+    @property
+    def running_limit(self) -> int:
+        """Rows that decode at once: max_running, never more than max_batch_size."""
+        return min(self.max_running or self.max_batch_size, self.max_batch_size)
+
 
 @dataclass
 class Health:

@@ -283,7 +283,6 @@ class EngineCore:
         policy, threads = self.batch.policy, self.passes.threads
         self.policy_info = {
             "draft_policy": policy.describe() if policy is not None else None,
-            "running_limit": self.scheduler.running_limit,  # rows decoding at once at most
             "threads": threads.describe() if threads is not None else None,
             "thread_timings": threads.timings() if threads is not None else None,
         }

@@ -143,7 +143,7 @@ class Engine:
             "engine ready: k=%d, max_batch_size=%d, rows decoding at once at most %d, device=%s",
             self.k,
             self.cfg.max_batch_size,
-            self.core.policy_info["running_limit"],  # as the core loop's thread read it (snapshot_policies)
+            self.cfg.running_limit,
             self.device,
         )
 
@@ -373,6 +373,7 @@ class Engine:
             "draft_policy": None,
             "threads": None,
             "thread_timings": None,
+            "running_limit": self.cfg.running_limit,  # rows decoding at once at most
             **self.core.policy_info,
         }
 

@@ -21,8 +21,7 @@ class Scheduler:
         self.gen_q: deque[GenerateItem] = deque()
         self.batch = DecodeBatch(model, cfg.draft_tokens)
         self.last_predict_batch = 0  # requests in the last /predict batch
-        # rows decoding at once (MTP_MAX_RUNNING), never more than max_batch_size
-        self.running_limit = min(cfg.max_running or cfg.max_batch_size, cfg.max_batch_size)
+        self.running_limit = cfg.running_limit  # rows decoding at once (MTP_MAX_RUNNING)
 
     def add(self, item: PredictItem | GenerateItem) -> None:
         (self.predict_q if isinstance(item, PredictItem) else self.gen_q).append(item)  # type: ignore[arg-type]

@@ -98,7 +98,7 @@ async def info(serving: ServingDep) -> InfoResponse:
             max_stop_length=s.max_stop_length,
             max_body_bytes=s.max_body_bytes,
             max_batch_size=s.max_batch_size,
-            max_running=engine_info.get("running_limit") or s.max_batch_size,
+            max_running=engine_info["running_limit"],
             max_queue_size=s.max_queue_size,
             request_timeout_s=s.request_timeout_s,
             max_input_chars=s.max_input_chars,
