@@ -60,6 +60,27 @@ class KVCache(nn.Module):
                 self.v_cache[i, :, :S].copy_(self.v_cache[src, :, :S])
 
 
+# How a compiled CPU step attends its cached keys: "explicit" (masked_attention, which Inductor
+# turns into loops of its own, fused with the cache writes around them) or "sdpa" (the ATen
+# flash-attention kernel, called from the graph). `python -m bench.batch_step` times both.
+COMPILED_CPU_ATTENTION = "explicit"
+
+
+def masked_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """Attention of q [B, H, T, Dh] over keys and values [B, H, S, Dh] where mask [B, 1, T, S]
+    holds, written out as products, sums and a softmax, as scaled_dot_product_attention computes it.
+
+    For a compiled CPU decode step (1 to k queries per row over every row's cached keys): ATen's
+    flash-attention kernel, called from the graph, is built for long query blocks, and at 16 rows
+    of 3 queries took 35 % of the step (torch.profiler, kernel profiling on). Written out,
+    Inductor compiles it to vectorised loops over the keys, fused with the cache writes, and
+    the engine's greedy steps at batches 1 to 16 ran 1.03 to 1.18 times faster for it, with
+    the same tokens (docs/benchmarks.md, benchmark 42)."""
+    scores = (q[:, :, :, None, :] * keys[:, :, None, :, :]).sum(-1) * (1.0 / math.sqrt(q.shape[-1]))
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return (weights[..., None] * values[:, :, None, :, :]).sum(-2)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -81,9 +102,13 @@ class CausalSelfAttention(nn.Module):
             S = kv_len if kv_len is not None else keys.shape[2]
             key_pos = torch.arange(S, device=x.device)
             mask = key_pos[None, None, :] <= input_pos[:, :, None]  # [B, T, S]
-            y = F.scaled_dot_product_attention(
-                q, keys[:, :, :S], values[:, :, :S], attn_mask=mask[:, None], dropout_p=dropout
-            )
+            explicit = COMPILED_CPU_ATTENTION == "explicit" and x.device.type == "cpu" and not self.training
+            if explicit and torch.compiler.is_compiling():
+                y = masked_attention(q, keys[:, :, :S], values[:, :, :S], mask[:, None])
+            else:
+                y = F.scaled_dot_product_attention(
+                    q, keys[:, :, :S], values[:, :, :S], attn_mask=mask[:, None], dropout_p=dropout
+                )
         y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
         return self.resid_dropout(self.proj(y))
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from app.model.config import ConfigError, ModelConfig
-from app.model.model import MTPTransformer
+from app.model.model import MTPTransformer, masked_attention
 
 VOCAB, K, MAX_LEN = 50, 3, 24
 ATOL = 1e-5  # cached vs uncached, float32
@@ -163,6 +163,21 @@ def test_cached_batch_with_different_row_lengths_matches_uncached(positional_enc
         for b in range(B):
             assert_same(out[b], expected[b][input_pos[b]], f"row {b} at {input_pos[b].tolist()}")
         pos += size
+
+
+def test_the_written_out_attention_of_compiled_cpu_steps_matches_the_fused_kernel():
+    """masked_attention (what a compiled CPU step attends with) against scaled_dot_product_attention,
+    for 1 to 3 queries per row at positions that differ by row, over a key count past the last."""
+    torch.manual_seed(0)
+    B, H, S, Dh = 3, 4, 20, 8
+    keys, values = torch.randn(B, H, S, Dh), torch.randn(B, H, S, Dh)
+    for T in (1, 2, 3):
+        q = torch.randn(B, H, T, Dh) * 3  # sharp weights: a wrong scale or mask shows
+        input_pos = torch.tensor([[2], [9], [15]]) + torch.arange(T)  # [B, T]
+        mask = (torch.arange(S)[None, None, :] <= input_pos[:, :, None])[:, None]  # [B, 1, T, S]
+        got = masked_attention(q, keys, values, mask)
+        want = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_compacted_cache_rows_continue_like_uncached():

@@ -1,0 +1,137 @@
+"""The compiled greedy decode step at each batch size, with each way a compiled CPU step attends.
+
+    python -m bench.batch_step [--checkpoint DIR] [--batches 1,2,4,8,16] [--positions 64,200]
+                               [--rounds 3] [--no-autotune] [--out FILE]
+
+The engine's decode steps on CPU are the fused greedy graphs of app/decoding/compiled.py, at
+batch sizes 1, 2, 4 .. max_batch_size. For each attention form of app/model/model.py
+(COMPILED_CPU_ATTENTION: "explicit", the default, and "sdpa"), one CompiledDecoder compiles the
+greedy step at every batch size, at width 1 (a plain step) and width k (verifying k - 1 drafts,
+making the next ones); then each round times every step of one form, then of the other (the
+order alternates from round to round), at rows whose positions sit a few apart below each
+position given. Figures: the median ms per step over the rounds, per row, and sdpa / explicit.
+Both forms get the same inputs, and `same_tokens` says whether their steps emitted the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from app import config
+from app.decoding.compiled import CompiledDecoder
+from app.model import model as model_module
+from app.model.checkpoint import load_checkpoint
+from bench.decoding import write_json
+
+FORMS = ("explicit", "sdpa")
+
+
+def _inputs(b: int, w: int, position: int, vocab: int) -> tuple[torch.Tensor, ...]:
+    """A step's inputs: b rows at positions a few apart, at or below `position`."""
+    gen = torch.Generator().manual_seed(b * 1000 + w * 100 + position)
+    cur = torch.randint(0, vocab, (b,), generator=gen)
+    drafts = torch.randint(0, vocab, (b, w - 1), generator=gen)
+    pos = (position - 3 * torch.arange(b)).clamp(min=0)
+    return cur, drafts, pos, torch.full((b,), w - 1, dtype=torch.long)
+
+
+def _step(dec: CompiledDecoder, b: int, w: int, position: int) -> Callable[[], Any]:
+    cur, drafts, pos, max_accept = _inputs(b, w, position, dec.model.cfg.vocab_size)
+    return lambda: dec.greedy_step(cur, drafts if w > 1 else None, pos, max_accept, want_drafts=dec.k > 1)
+
+
+@torch.inference_mode()
+def bench_batch_step(
+    checkpoint: str,
+    batches: list[int],
+    positions: list[int],
+    rounds: int = 3,
+    autotune: bool = True,
+    calls: int = 30,
+) -> dict[str, Any]:
+    model, _ = load_checkpoint(checkpoint)
+    k, most = model.cfg.k, model.cfg.max_seq_len - model.cfg.k
+    positions = [min(p, most) for p in positions]
+    widths = sorted({1, k})
+    decoders: dict[str, CompiledDecoder] = {}
+    compile_s: dict[str, float] = {}
+    before = model_module.COMPILED_CPU_ATTENTION
+    try:
+        for form in FORMS:
+            # read when each graph is traced: on its first call, here
+            model_module.COMPILED_CPU_ATTENTION = form
+            dec = decoders[form] = CompiledDecoder(
+                model, max(batches), autotune=autotune, batch_sizes=batches, widths=widths, greedy_widths=widths
+            )
+            t0 = time.perf_counter()
+            for b in batches:
+                for w in widths:
+                    _step(dec, b, w, 0)()
+            compile_s[form] = round(time.perf_counter() - t0, 1)
+    finally:
+        model_module.COMPILED_CPU_ATTENTION = before
+    cells = [(p, w, b) for p in positions for w in widths for b in batches]
+    times: dict[str, dict[tuple[int, int, int], list[float]]] = {f: {c: [] for c in cells} for f in FORMS}
+    tokens: dict[str, dict[tuple[int, int, int], list[list[int]]]] = {f: {} for f in FORMS}
+    for r in range(rounds):
+        for form in FORMS if r % 2 == 0 else FORMS[::-1]:
+            dec = decoders[form]
+            dec.attach()  # the other decoder's set-up put its own caches on the model
+            for cell in cells:
+                fn = _step(dec, cell[2], cell[1], cell[0])
+                tokens[form][cell] = fn().tokens.tolist()
+                for _ in range(4):
+                    fn()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                times[form][cell].append((time.perf_counter() - t0) / calls * 1e3)
+    table: dict[str, Any] = {}
+    for p, w, b in cells:
+        ms = {form: statistics.median(times[form][(p, w, b)]) for form in FORMS}
+        row = table.setdefault(f"position {p}", {}).setdefault(f"width {w}", {})
+        row[f"batch {b}"] = {
+            **{f"{form}_ms": round(ms[form], 3) for form in FORMS},
+            **{f"{form}_ms_per_row": round(ms[form] / b, 3) for form in FORMS},
+            "sdpa_over_explicit": round(ms["sdpa"] / ms["explicit"], 3),
+        }
+    return {
+        "benchmark": "compiled_greedy_step_by_batch",
+        "checkpoint": checkpoint,
+        "threads": torch.get_num_threads(),
+        "autotune": autotune,
+        "rounds": rounds,
+        "calls_per_round": calls,
+        "compile_s": compile_s,
+        "same_tokens": all(tokens["explicit"][c] == tokens["sdpa"][c] for c in cells),
+        "steps": table,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(config.DEFAULT_CHECKPOINT))
+    parser.add_argument("--batches", default="1,2,4,8,16", help="batch sizes, comma-separated")
+    parser.add_argument("--positions", default="64,200", help="the highest row position of each step")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-autotune", dest="autotune", action="store_false", help="ATen GEMMs only")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    out = bench_batch_step(
+        args.checkpoint,
+        [int(b) for b in args.batches.split(",")],
+        [int(p) for p in args.positions.split(",")],
+        rounds=args.rounds,
+        autotune=args.autotune,
+    )
+    write_json(out, args.out)
+
+
+if __name__ == "__main__":
+    main()
