@@ -72,7 +72,7 @@ def masked_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> T
 
     For a compiled CPU decode step (1 to k queries per row over every row's cached keys): ATen's
     flash-attention kernel, called from the graph, is built for long query blocks, and at 16 rows
-    of 3 queries took 35 % of the step (torch.profiler, kernel profiling on). Written out,
+    of 3 queries took a third of the step in a one-off profile (benchmark 42). Written out,
     Inductor compiles it to vectorised loops over the keys, fused with the cache writes, and
     the engine's greedy steps at batches 1 to 16 ran 1.03 to 1.18 times faster for it, with
     the same tokens (docs/benchmarks.md, benchmark 42)."""
