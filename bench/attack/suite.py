@@ -7,7 +7,7 @@ only by what it measures: statuses, timings, counters in /metrics, the server's 
 Prints a Markdown table (attack | what was measured | result | verdict); exits non-zero if
 any attack shows its defect or could not run. The servers run the code of the checkout this
 suite lives in (bench/server.py), so the same suite in a `git worktree` of an older commit
-records a "before". With `--no-compile` (eager steps) the 28 attacks took 3 min 10 s on the
+records a "before". With `--no-compile` (eager steps) the 28 attacks it had on 2026-12-04 took 3 min 10 s on the
 project's 2-core CPU with nothing else running (2026-12-04, docs/reliability.md); with the default
 compiled steps each server's start compiles them at one torch thread first (7 minutes for the
 first server on 2026-12-02, with a cache warmed only by servers at the default thread count).
@@ -48,6 +48,7 @@ from bench.attack.door import (
 )
 from bench.attack.inputs import (
     chat_default_max_tokens,
+    chat_message_body,
     huge_header,
     logit_bias_keys,
     lone_surrogate,
@@ -115,6 +116,7 @@ ATTACKS = [
     Attack("disconnect-nonstream", _shared(disconnect_nonstream)),
     Attack("tokenize-bomb", _shared(tokenize_bomb)),
     Attack("token-id-body", _shared(token_id_body)),
+    Attack("chat-message-body", _shared(chat_message_body)),
     Attack("huge-header", _shared(huge_header)),
     Attack("cut-short-body", _shared(cut_short_body, SHORT_BODY)),
     Attack("chat-default-max-tokens", _shared(chat_default_max_tokens, SHORT_BODY)),
