@@ -242,8 +242,8 @@ def chat_message_body(url: str, messages: int = 28_000, clients: int = 2, bodies
         f"{clients} clients each sending {bodies} chat bodies of {messages:,} messages ({len(body) / 1e6:.2f} MB) "
         "one after another; /health polled every 100 ms"
     )
-    # 2026-12-05, 2-core host, eager steps: slowest reply 317 and 288 ms before the count came
-    # first (each body held the loop about 0.14 s, and two clients wait on each other), 39 and 38 after
+    # 2026-12-05, 2-core host, eager steps: slowest reply 276 and 194 ms before the count came
+    # first (each body held the loop about 0.14 s, and two clients wait on each other), 40 and 34 after
     slowest = max((s for _, s in replies), default=float("inf"))
     defect = any(st != 400 for st, _ in replies) or slowest > 0.15
     return _body_result("chat-message-body", what, replies, took, during, polls, defect)
