@@ -155,6 +155,21 @@ def test_bad_completion_gets_openai_error_shape(client: TestClient, body: dict[s
     assert complete(client, max_tokens=2)["choices"][0]["finish_reason"] == "length"
 
 
+def test_a_logit_bias_of_more_entries_than_token_ids_is_refused_from_its_length(client: TestClient) -> None:
+    """Each logit_bias key was checked to be a token id, one by one on the event loop, before any
+    id was found past the vocabulary: now a map longer than the vocabulary is refused at once."""
+    vocab = client.get("/info").json()["vocab_size"]
+    bias = {str(i): 1.0 for i in range(vocab + 1)}
+    chat = {"messages": [{"role": "user", "content": PROMPT}]}
+    for path, body in (("/v1/completions", {"prompt": PROMPT}), ("/v1/chat/completions", chat)):
+        r = client.post(path, json={**body, "max_tokens": 2, "logit_bias": bias})
+        assert r.status_code == 400, r.text
+        want = f"logit_bias: at most {vocab} entries, one per token id (got {vocab + 1})"
+        assert r.json()["error"]["message"] == want
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "logit_bias": {"0": 1.0}})
+    assert r.status_code == 200, r.text
+
+
 def test_openai_errors_before_ready_and_for_malformed_json(app_factory: Callable[..., Any]) -> None:
     client = TestClient(app_factory())  # lifespan not run
     r = client.post("/v1/completions", json={"prompt": PROMPT})
