@@ -3,21 +3,38 @@ vLLM's protocol.py keeps them apart from the serving code."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, Tag, model_validator
 from pydantic_core import PydanticCustomError
 
-from app.api.schemas import MAX_SEED, Strict, StrictPart
+from app.api.schemas import MAX_SEED, Strict, StrictPart, by_shape, plain_schema
 
 
 class StreamOptions(StrictPart):
     include_usage: bool = False
 
 
+Prompt = Annotated[
+    Annotated[str, Tag("text")]
+    | Annotated[list[str], Tag("texts")]
+    | Annotated[list[int], Tag("ids")]
+    | Annotated[list[list[int]], Tag("id_lists")],
+    by_shape(
+        "Input should be a text, a list of texts, a list of token ids or a list of lists of token ids",
+        "texts",
+        "text",
+        "texts",
+        "ids",
+        "id_lists",
+    ),
+    plain_schema(str | list[str] | list[int] | list[list[int]]),
+]
+
+
 class CompletionRequest(Strict):
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="Texts or token ids")
+    prompt: Prompt = Field(description="Texts or token ids")
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, computed_field, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    WithJsonSchema,
+    computed_field,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**63 - 1
@@ -93,6 +104,54 @@ def _allows_null(prop: dict[str, Any]) -> bool:
     return prop.get("type") == "null" or any(_allows_null(p) for p in prop.get("anyOf", ()))
 
 
+def _shape(value: object) -> str:
+    """A value's JSON shape: "text", or for a list, what its first element makes it ("empty",
+    "texts", "ids", "id_lists"); "other" for anything else."""
+    if isinstance(value, str):
+        return "text"
+    if not isinstance(value, list):
+        return "other"
+    if not value:
+        return "empty"
+    first = value[0]
+    return "texts" if isinstance(first, str) else "id_lists" if isinstance(first, list) else "ids"
+
+
+def by_shape(message: str, empty: str, *tags: str) -> Discriminator:
+    """Validates a union of members tagged by shape name (as _shape names them: Tag("ids")...)
+    as the one member its value's shape picks; `empty`: the member an empty list is. Pydantic's
+    own union tries each member in turn and records an error for every element a member
+    refuses: a /v1/completions prompt of 200,000 id lists was refused 200,000 times as a list of
+    texts, and as many as a list of ids, before it was read as id lists (0.18 s of the event
+    loop for a 0.8 MB body). An element of another shape than the first is an error of the
+    member chosen, named by its index; a value of no member's shape gets `message`. With it,
+    `plain_schema` keeps the JSON schema the plain union's (anyOf)."""
+
+    def pick(value: object) -> str | None:
+        shape = _shape(value)
+        shape = empty if shape == "empty" else shape
+        return shape if shape in tags else None
+
+    return Discriminator(pick, custom_error_type="invalid_shape", custom_error_message=message)
+
+
+def plain_schema(union: Any) -> WithJsonSchema:
+    """The JSON schema of `union` untagged: what clients and fuzzers read for a by_shape union."""
+    return WithJsonSchema(TypeAdapter(union).json_schema())
+
+
+TokenIds = Annotated[
+    Annotated[list[int], Tag("ids")] | Annotated[list[list[int]], Tag("id_lists")],
+    by_shape("Input should be a list of token ids or a list of lists of token ids", "ids", "ids", "id_lists"),
+    plain_schema(list[int] | list[list[int]]),
+]
+Candidates = Annotated[
+    Annotated[list[str], Tag("texts")] | Annotated[list[list[int]], Tag("id_lists")],
+    by_shape("Input should be a list of texts or a list of lists of token ids", "texts", "texts", "id_lists"),
+    plain_schema(list[str] | list[list[int]]),
+]
+
+
 class StrictPart(BaseModel):
     """A part of a request body (a chat message, generate's parameters): unknown fields are
     errors, and null means "the default" for every field (as OpenAI's and TGI's clients send it,
@@ -157,7 +216,7 @@ def error_responses(*codes: int, model: type[BaseModel] = ErrorResponse) -> dict
 
 class PredictRequest(Strict):
     inputs: str | list[str] | None = Field(None, description="A text or a list of texts")
-    input_ids: list[int] | list[list[int]] | None = Field(None, description="Token ids instead of text")
+    input_ids: TokenIds | None = Field(None, description="Token ids instead of text")
     top_n: int = Field(5, ge=1, description="Tokens returned per position")
     positions: int | None = Field(
         None,
@@ -165,7 +224,7 @@ class PredictRequest(Strict):
         validation_alias=AliasChoices("positions", "k"),
         description="Positions returned, at most the model's head count k; null = k. Deprecated name: k",
     )
-    candidates: list[str] | list[list[int]] | None = Field(
+    candidates: Candidates | None = Field(
         None, description="Continuations to score for every input (texts or token ids, each at most `positions` tokens)"
     )
 

@@ -170,6 +170,25 @@ def test_a_logit_bias_of_more_entries_than_token_ids_is_refused_from_its_length(
     assert r.status_code == 200, r.text
 
 
+def test_a_prompt_is_validated_as_the_one_shape_its_first_element_gives(client: TestClient) -> None:
+    """A prompt was validated against each shape in turn (text, texts, ids, id lists), each
+    refusing every element of another shape: 200,000 id lists held the event loop 0.18 s, and a
+    bad element got an error from every shape. Now the first element picks the shape, and a bad
+    element gets one error that names it."""
+    for prompt, message in (
+        ([[1]] * 1000 + ["a"], "prompt.id_lists.1000: Input should be a valid list"),
+        ([1] * 1000 + [[2]], "prompt.ids.1000: Input should be a valid integer"),
+        (["a"] * 1000 + [True], "prompt.texts.1000: Input should be a valid string"),
+        (5, "prompt: Input should be a text, a list of texts, a list of token ids or a list of lists of token ids"),
+    ):
+        r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"] == message
+    for prompt in ([[1, 2]], [1, 2], ["To be"], "To be"):
+        r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 200, r.text
+
+
 def test_openai_errors_before_ready_and_for_malformed_json(app_factory: Callable[..., Any]) -> None:
     client = TestClient(app_factory())  # lifespan not run
     r = client.post("/v1/completions", json={"prompt": PROMPT})
