@@ -266,8 +266,8 @@ def logit_bias_oversized(url: str, entries: int = 60_000, clients: int = 2, bodi
     return _body_result("logit-bias-oversized", what, replies, took, during, polls, defect)
 
 
-# 2026-12-05, 2-core host, eager steps: 16 bodies in 3.10 s before the first element picked the
-# shape (194 ms a body), 2.05 s after (128 ms: parsing and validating 200,000 lists is left)
+# 2026-12-05, 2-core host, eager steps: 16 bodies in 2.74 s before the first element picked the
+# shape (171 ms a body), 1.61 and 1.65 s after (101 and 103 ms: parsing and validating the lists is left)
 ID_LIST_BODY_S = 0.16
 
 
