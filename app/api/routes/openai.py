@@ -87,7 +87,8 @@ def gen_options(
     if top_logprobs > serving.settings.max_logprobs:
         raise APIError(422, f"logprobs: at most {serving.settings.max_logprobs} most likely tokens per token")
     # one entry per token id at most: a longer map names an id past the vocabulary, and each of
-    # its keys would be checked on the event loop first (a 0.7 MB map of 60,000 held it ~0.1 s)
+    # its keys was checked on the event loop first (a map of 60,000: 55 ms of the loop a body,
+    # 28 ms with its length checked first; docs/reliability.md)
     vocab = serving.model_config.vocab_size
     if len(req.logit_bias) > vocab:
         raise APIError(422, f"logit_bias: at most {vocab} entries, one per token id (got {len(req.logit_bias)})")
