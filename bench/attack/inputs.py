@@ -251,8 +251,8 @@ def chat_message_body(url: str, messages: int = 28_000, clients: int = 2, bodies
 
 def logit_bias_oversized(url: str, entries: int = 60_000, clients: int = 2, bodies: int = 8) -> Result:
     """/v1/completions bodies whose logit_bias has more entries than the vocabulary has tokens
-    (0.7 MB; 400) are refused from its length, and /health stays fast meanwhile: each key was
-    checked to be a token id on the event loop before any id was found out of range."""
+    (0.6 MB; 400) are refused from its length: each key was checked to be a token id on the
+    event loop before any id was found out of range, which cost about twice as much a body."""
     bias = {str(i): 1 for i in range(entries)}
     body = json.dumps({"prompt": "hi", "max_tokens": 1, "logit_bias": bias}, separators=(",", ":")).encode()
     replies, took, during, polls = _bodies_beside_health(url, "/v1/completions", body, clients, bodies)
@@ -260,8 +260,9 @@ def logit_bias_oversized(url: str, entries: int = 60_000, clients: int = 2, bodi
         f"{clients} clients each sending {bodies} completions with a logit_bias of {entries:,} entries "
         f"({len(body) / 1e6:.2f} MB) one after another; /health polled every 100 ms"
     )
-    # 2026-12-05, 2-core host, eager steps: 16 bodies in 0.87 and 0.88 s before the length came
-    # first (55 ms a body), 0.44 and 0.45 s after (28 ms: the JSON parse, validation, the text check)
+    # 2026-12-05, 2-core host, eager steps: 16 bodies in 0.86 and 0.91 s before the length came
+    # first (54 and 57 ms a body), 0.53 and 0.46 s after (33 and 29 ms: the JSON parse, validation,
+    # the text check)
     defect = any(st != 400 for st, _ in replies) or took / max(1, len(replies)) > 0.04
     return _body_result("logit-bias-oversized", what, replies, took, during, polls, defect)
 
@@ -273,8 +274,9 @@ ID_LIST_BODY_S = 0.16
 
 def id_list_prompt(url: str, lists: int = 200_000, clients: int = 2, bodies: int = 8) -> Result:
     """/v1/completions bodies whose prompt is 200,000 one-id lists (0.8 MB; 400: more prompts than
-    a request takes) are refused quickly, and /health stays fast meanwhile: the prompt's union
-    was tried shape by shape, each shape refusing every element first."""
+    a request takes) cost the event loop one validation of the lists: the prompt's union was
+    tried shape by shape, each wrong shape refusing every element first. About 0.1 s a body is
+    still left (docs/reliability.md)."""
     body = json.dumps({"prompt": [[1]] * lists, "max_tokens": 1}, separators=(",", ":")).encode()
     replies, took, during, polls = _bodies_beside_health(url, "/v1/completions", body, clients, bodies)
     what = (
