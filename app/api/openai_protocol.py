@@ -120,8 +120,8 @@ class ChatMessage(StrictPart):
 # A chat's messages, and its content parts over all of them, at most: far more than fit the
 # contexts of the models this project trains or imports (256 and 1,024 tokens; every message
 # renders to a token or more). Each message costs the event loop its validation, the check for
-# bad text and its rendering, about 5 us: a 1 MB body of 28,000 short messages held the loop for
-# 0.14 s before its refusal. Counted before any of that.
+# bad text and its rendering: 0.87 MB bodies of 28,000 short messages held the loop about 90 ms
+# each before their refusal (docs/reliability.md, chat-message-body). Counted before any of that.
 MAX_MESSAGES = 2048
 MAX_CONTENT_PARTS = 2048
 

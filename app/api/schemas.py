@@ -122,10 +122,11 @@ def by_shape(message: str, empty: str, *tags: str) -> Discriminator:
     as the one member its value's shape picks; `empty`: the member an empty list is. Pydantic's
     own union tries each member in turn and records an error for every element a member
     refuses: a /v1/completions prompt of 200,000 id lists was refused 200,000 times as a list of
-    texts, and as many as a list of ids, before it was read as id lists (0.18 s of the event
-    loop for a 0.8 MB body). An element of another shape than the first is an error of the
-    member chosen, named by its index; a value of no member's shape gets `message`. With it,
-    `plain_schema` keeps the JSON schema the plain union's (anyOf)."""
+    texts, and as many as a list of ids, before it was read as id lists (171 ms of the event
+    loop a 0.8 MB body; docs/reliability.md, id-list-prompt). An element of another shape
+    than the first is an error of the member chosen, named by its index; a value of no
+    member's shape gets `message`. With it, `plain_schema` keeps the JSON schema the plain
+    union's (anyOf)."""
 
     def pick(value: object) -> str | None:
         shape = _shape(value)

@@ -234,7 +234,7 @@ def token_id_body(url: str, ids: int = 499_000, clients: int = 2, bodies: int = 
 def chat_message_body(url: str, messages: int = 28_000, clients: int = 2, bodies: int = 8) -> Result:
     """Chat bodies of ~1 MB of short messages (more than any context holds: 400) are refused
     from their count, and /health stays fast meanwhile: each message was validated, checked for
-    bad text and rendered first, which held the event loop about 0.14 s per body."""
+    bad text and rendered first, which held the event loop about 90 ms per body."""
     chat = {"messages": [{"role": "user", "content": "ab"}] * messages, "max_tokens": 1}
     body = json.dumps(chat, separators=(",", ":")).encode()
     replies, took, during, polls = _bodies_beside_health(url, "/v1/chat/completions", body, clients, bodies)
@@ -243,7 +243,7 @@ def chat_message_body(url: str, messages: int = 28_000, clients: int = 2, bodies
         "one after another; /health polled every 100 ms"
     )
     # 2026-12-05, 2-core host, eager steps: slowest reply 276 and 194 ms before the count came
-    # first (each body held the loop about 0.14 s, and two clients wait on each other), 40 and 34 after
+    # first (each body held the loop about 90 ms, and two clients wait on each other), 40 and 34 after
     slowest = max((s for _, s in replies), default=float("inf"))
     defect = any(st != 400 for st, _ in replies) or slowest > 0.15
     return _body_result("chat-message-body", what, replies, took, during, polls, defect)

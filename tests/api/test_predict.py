@@ -71,8 +71,8 @@ def test_ids_and_candidates_are_validated_as_the_one_shape_their_first_element_g
     client: TestClient, envelope: Callable[..., Any]
 ) -> None:
     """input_ids and candidates were validated against each of their shapes in turn, each
-    refusing every element of another shape (150,000 candidate id lists: 0.11 s of the event
-    loop, and an error from every shape). Now the first element picks the shape, and a bad
+    refusing every element of another shape (a long list of id lists: an error recorded per
+    element and shape, and all of them in the reply). Now the first element picks the shape, and a bad
     element gets one error that names it."""
     for body, message in (
         ({"input_ids": [[1]] * 1000 + [2]}, "input_ids.id_lists.1000: Input should be a valid list"),
