@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.decoding.compiled import GemmBackends
 from app.engine.config import EngineConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +47,9 @@ class Settings(BaseSettings):
     adaptive_threads: bool = ENGINE.adaptive_threads  # CPU: decode steps at 1 or torch_threads threads, the faster now
     # compiled decode steps (app/engine/compile.py): not ready until compiled; false: eager steps
     compile: bool = ENGINE.compile
-    compile_autotune: bool = ENGINE.compile_autotune  # CPU: Inductor's C++ GEMM vs MKL per matmul
+    compile_autotune: bool = ENGINE.compile_autotune  # CPU: Inductor's max-autotune GEMMs (false: MKL)
+    # CPU, with compile_autotune: CPP (the C++ GEMM template everywhere) or CPP,ATEN (timed against MKL)
+    compile_gemm_backends: GemmBackends = ENGINE.compile_gemm_backends
     compile_cpp_wrapper: bool = ENGINE.compile_cpp_wrapper  # CPU: Inductor's wrapper code in C++, not Python
     # larger batches: eager steps; None: max_batch_size (every batch size compiled)
     compile_max_batch_size: int | None = Field(ENGINE.compile_max_batch_size, ge=1)

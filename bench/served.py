@@ -69,7 +69,14 @@ class Offline:
     shapes, caches and autotuning, so Inductor's cache is shared with the servers) at the draft
     counts the service's policy can pick. Built once; timed as often as asked."""
 
-    def __init__(self, checkpoint: str, device: str, compiled: bool = False, dtype: str = "auto") -> None:
+    def __init__(
+        self,
+        checkpoint: str,
+        device: str,
+        compiled: bool = False,
+        dtype: str = "auto",
+        gemm_backends: str | None = None,
+    ) -> None:
         dev = resolve_device(device)
         self.model, _ = load_checkpoint(checkpoint, device=dev, dtype=resolve_dtype(dtype, dev))  # as served
         self.counts = list(range(self.model.cfg.k))
@@ -87,6 +94,7 @@ class Offline:
                 widths=widths,
                 greedy_widths=greedy,
                 cpp_wrapper=cfg.compile_cpp_wrapper,
+                gemm_backends=gemm_backends or cfg.compile_gemm_backends,
             )
             self.counts = [w - 1 for w in (greedy or widths)]
         self._warm = False
@@ -263,7 +271,8 @@ def bench_served(
         out["offline"] = progress(
             "bench.served", "offline eager", Offline(checkpoint, device, dtype=dtype).rate(ids, new_tokens)
         )
-    offline = Offline(checkpoint, device, compiled=True, dtype=dtype)
+    gemm = (settings or {}).get("compile_gemm_backends")  # as this checkout's servers compile
+    offline = Offline(checkpoint, device, compiled=True, dtype=dtype, gemm_backends=gemm)
     out["offline_compiled_first"] = progress("bench.served", "offline compiled", offline.rate(ids, new_tokens))
     trees = server_trees(baseline, baseline_settings)
     compared = "baseline" in trees

@@ -60,7 +60,7 @@ class Benchmark(CLISubcommand):
 def add_compile(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile runs")
     parser.add_argument(
-        "--autotune", action="store_true", help="compiled runs: autotune each matmul (Inductor's C++ GEMM vs ATen)"
+        "--autotune", action="store_true", help="compiled runs: Inductor's C++ GEMM for each matmul (without: MKL)"
     )
 
 

@@ -11,7 +11,7 @@ import threading
 import time
 import types
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,17 @@ _NOGIL_ENTRY = "[&](auto... a) {{ Py_BEGIN_ALLOW_THREADS kernel(a...); Py_END_AL
 
 
 KV_ROUND = 32  # a CPU step attends the filled keys rounded up to this many positions
+
+# The kernels a CPU step's matmuls may use with autotune (Inductor's max_autotune_gemm_backends):
+# "CPP", Inductor's C++ GEMM template (AVX-512 micro-kernels specialised to each frozen weight's
+# shape) for every matmul, with nothing to time; "CPP,ATEN", the template timed against ATen's
+# MKL call for each matmul on its own while compiling, the faster kept (minutes more per cold
+# start). Those timings, one matmul at a time in a loop, are at the mercy of whatever else runs
+# during the cold start, and Inductor's cache keeps their choice for good: in a cache filled by a
+# cold start on a busy machine, the engine's batch-1 plain step had MKL for every matmul and took
+# 2.6 times as long at two threads as with the template (docs/benchmarks.md, benchmark 46).
+GemmBackends = Literal["CPP", "CPP,ATEN"]
+GEMM_BACKENDS: GemmBackends = "CPP"
 
 
 def release_gil_in_cpu_kernels() -> None:
@@ -194,6 +205,7 @@ class CompiledDecoder:
     counts d, each also compiled as a greedy step of width d + 1 whose first d modules draft
     (the engine's shallow steps, app/engine/drafts.py; d = 0: a plain greedy step, no module).
     cpp_wrapper (CPU): Inductor's wrapper code in C++, the default; False: in Python.
+    gemm_backends (CPU, with autotune): the kernels its matmuls may use (GEMM_BACKENDS).
     """
 
     def __init__(
@@ -207,6 +219,7 @@ class CompiledDecoder:
         n_drafts: int | None = None,
         shallow_depths: Iterable[int] = (),
         cpp_wrapper: bool = True,
+        gemm_backends: str = GEMM_BACKENDS,
     ) -> None:
         import torch._inductor.config as inductor_config
 
@@ -247,11 +260,9 @@ class CompiledDecoder:
         self.dynamic_kv = device.type == "cpu"
         self._key_pos = torch.arange(self.cache_len, device=device)
         self._key_slices: dict[int, Tensor] = {}  # _keys' views of _key_pos, by length
-        # autotune: Inductor times its C++ GEMM template (AVX-512 micro-kernels, specialised
-        # to each frozen weight's shape) against ATen's MKL call for every matmul and keeps
-        # the faster; compiling takes minutes instead of seconds.
+        # autotune: Inductor's max-autotune GEMMs, from gemm_backends (see GEMM_BACKENDS)
         options: dict[str, str | int | bool | Callable[..., Any]] | None = (
-            {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"} if autotune else None
+            {"max_autotune": True, "max_autotune_gemm_backends": gemm_backends} if autotune else None
         )
         if cpp_wrapper and device.type == "cpu":
             # Inductor's wrapper (the code that allocates a step's buffers and calls its kernels

@@ -85,12 +85,13 @@ def build_compiled(model: MTPTransformer, cfg: EngineConfig) -> CompiledDecoder:
     t0 = time.perf_counter()
     log.info(
         "compiling decode steps: batch sizes %s x widths %s (forward), %s (greedy) and shallow depths %s, "
-        "autotune=%s, cpp_wrapper=%s, cache %s",
+        "autotune=%s (%s), cpp_wrapper=%s, cache %s",
         sizes,
         widths,
         greedy,
         shallow,
         autotune,
+        cfg.compile_gemm_backends,
         cfg.compile_cpp_wrapper,
         path,
     )
@@ -104,6 +105,7 @@ def build_compiled(model: MTPTransformer, cfg: EngineConfig) -> CompiledDecoder:
         n_drafts=cfg.draft_tokens,
         shallow_depths=shallow,
         cpp_wrapper=cfg.compile_cpp_wrapper,
+        gemm_backends=cfg.compile_gemm_backends,
     )
     for kind, b, w, n, seconds in compiled.warm(functools.partial(thread_counts, cfg, model)):
         log.info("compiled the %s step batch=%d width=%d threads=%d in %.1f s", kind, b, w, n, seconds)

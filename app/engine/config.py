@@ -5,6 +5,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from app.decoding.compiled import GEMM_BACKENDS, GemmBackends
+
 
 def inference_thread() -> ThreadPoolExecutor:
     """The one thread that runs every tensor operation of the service, model loading included.
@@ -33,7 +35,10 @@ class EngineConfig:
     adaptive_threads: bool = True  # CPU: run each decode step at the thread count timed fastest now (threads.py)
     # decode steps as torch.compile'd graphs at fixed shapes (app/decoding/compiled.py); False: eager
     compile: bool = True
-    compile_autotune: bool = True  # CPU: time Inductor's C++ GEMMs against MKL per matmul (slower cold start)
+    compile_autotune: bool = True  # CPU: Inductor's max-autotune GEMMs (False: MKL for every matmul)
+    # CPU, with compile_autotune: "CPP", Inductor's C++ GEMM template for every matmul; "CPP,ATEN":
+    # timed against MKL matmul by matmul while compiling (app/decoding/compiled.py, GEMM_BACKENDS)
+    compile_gemm_backends: GemmBackends = GEMM_BACKENDS
     compile_cpp_wrapper: bool = True  # CPU: each compiled step's wrapper in C++ (faster steps, run without the GIL)
     # largest batch compiled; larger batches run eager steps. None: max_batch_size (every
     # bucket; each batch size compiled adds to a cold start-up; see compiled_batch_limit)
