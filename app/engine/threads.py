@@ -18,9 +18,10 @@ steps' time (a run at the slower count, then the cold steps back), while a neigh
 is followed within a few dozen steps. A neighbour leaving makes the one-thread steps no slower,
 so that is seen at the next periodic re-timing.
 
-The counts are compared only on timings of the same moment. A re-timing's warm step is set
-against the chosen count's steps on both sides of it: the median of its RECENT warm steps
-before the run and of the AFTER warm steps after it, whichever is lower. The choice moves only
+The counts are compared only on timings of the same moment, and of the same distance from a
+switch of count. A re-timing's timed step is the second of its run, and it is set against the
+chosen count's second step after the run, its first timed one: each is a step after a switch,
+whose graph's weights are not yet all back in the CPU's caches. The choice moves only
 when MOVE_VOTES of the last VOTES such comparisons put the other count clearly (SWITCH_BELOW)
 ahead; one that puts it ahead by CONFIRM_BELOW is repeated right after. The choice used to move
 whenever the median of the chosen count's last few steps rose past the other count's timing
@@ -29,12 +30,17 @@ tens of per cent within a minute, and the server's own event loop takes its turn
 Served single-stream steps then ran at one thread for stretches of a hundred steps and more,
 three times in each server's life, at 1.5-1.9 times two threads' cost per token by the policy's
 own timings (docs/benchmarks.md, benchmark 36). Both sides of a comparison now see the same
-moment, and the lower side is the chosen count's: a slow spell that ends during the run does
-not count against it. The first choice is every thread: each count's first timing is a single
-warm pass, one after the other, and a server that began at one thread on them stayed there for
-its first few hundred steps; their ratio is a first comparison, and one that puts one thread
-ahead is repeated at once. A neighbour's 3-100x is far past the margin, and two counts within a
-few per cent of each other (batch 1, where the step is short) do not trade places on noise.
+moment. The chosen count's side was once the lower of its warm steps before the run and the
+median of its first three after it, set against the other count's second step: a second step
+after a switch costs about 1.5 times a warm one at batch 1, so the other count had to be about
+1.7 times as fast once warm to win one (1.5 / SWITCH_BELOW), and servers that had moved to
+one thread on a quiet machine stayed there through every later comparison, for whole
+benchmark phases (docs/benchmarks.md, benchmark 47). The first choice is every thread: each
+count's first timing is a single warm pass, one after the other, and a server that began at one
+thread on them stayed there for its first few hundred steps; their ratio is a first comparison,
+and one that puts one thread ahead is repeated at once. A neighbour's 3-100x is far past the
+margin, and two counts within a few per cent of each other (batch 1, where the step is short)
+do not trade places on noise.
 
 A steady step is the STEADY-th or a later one of its graph since that graph began at its size
 and count. Every warm step used to count towards drift, and a few slow ones in a row lifted the
@@ -89,7 +95,6 @@ CONFIRM_BELOW = 0.9  # a re-timing this much faster than the current choice is r
 SWITCH_BELOW = 0.9  # ... and one this much faster votes for a move
 VOTES = 3  # the last comparisons of the two counts kept per key
 MOVE_VOTES = 2  # ... of which this many must vote for the other count to move to it
-AFTER = 3  # the chosen count's warm passes after a re-timing that it is set against, with those before
 EXPLORE_RUN = 2  # passes a re-timing of the other count runs; the first, cold, is not timed
 STEADY = 5  # passes of one graph at a key and count from which a pass is steady: only those show drift
 DRIFT_WINDOW = 9  # the chosen count's steady passes whose median shows drift: a burst of four slow ones does not
@@ -121,9 +126,8 @@ class ThreadPolicy:
         self.moves: Counter[tuple[Key, int]] = Counter()  # times the choice moved to a count after its first
         # the last comparisons of the two counts at one moment: the cost at choices[0] over the cost at choices[-1]
         self.votes: dict[Key, deque[float]] = {}
-        # a re-timing waiting for the chosen count's passes after it: its count, its time, the chosen
-        # count's cost before it, and the chosen count's passes after it so far
-        self.pending: dict[Key, tuple[int, float, float, list[float]]] = {}
+        # a re-timing waiting for the chosen count's first timed pass after it: its count and its time
+        self.pending: dict[Key, tuple[int, float]] = {}
         self.extended: dict[Key, int] = {}  # passes added to the current re-timing run: its warm pass did not come
 
     def choose(self, key: Key, allowed: Collection[int] | None = None) -> int:
@@ -223,17 +227,14 @@ class ThreadPolicy:
         cost = self.cost.setdefault(key, {})
         best = self.best.get(key)
         if best is not None and n != best:
-            self.pending[key] = (n, seconds, cost[best], [])  # compared once the chosen count has run again
-        elif (waiting := self.pending.get(key)) is not None and waiting[0] != n:
-            other, other_seconds, before, after = waiting
-            after.append(seconds)
-            if len(after) >= AFTER:
-                del self.pending[key]
-                chosen = min(before, statistics.median(after))  # the chosen count at its better side of the run
-                lo, hi = (other_seconds, chosen) if other < n else (chosen, other_seconds)
-                self.votes.setdefault(key, deque(maxlen=VOTES)).append(lo / hi)
-                if other_seconds < CONFIRM_BELOW * chosen:
-                    self.until_explore[key] = 1  # the other count looks clearly faster now: compare again at once
+            self.pending[key] = (n, seconds)  # compared once the chosen count has run again
+        elif (waiting := self.pending.pop(key, None)) is not None and waiting[0] != n:
+            # this pass is the chosen count's second after the run, as the re-timing's was the other's second
+            other, other_seconds = waiting
+            lo, hi = (other_seconds, seconds) if other < n else (seconds, other_seconds)
+            self.votes.setdefault(key, deque(maxlen=VOTES)).append(lo / hi)
+            if other_seconds < CONFIRM_BELOW * seconds:
+                self.until_explore[key] = 1  # the other count looks clearly faster now: compare again at once
         recent[n].append(seconds)
         cost[n] = statistics.median(recent[n])
         if n != best or not steady:
