@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,10 @@ def test_every_setting_is_a_serve_flag_and_unset_flags_leave_the_environment() -
     for name in Settings.model_fields:
         if name == "cors_origins":
             continue
-        value = "true" if Settings.model_fields[name].annotation is bool else "1"
-        if name == "dtype":
-            value = "float32"
+        annotation = Settings.model_fields[name].annotation
+        value = "true" if annotation is bool else "1"
+        if typing.get_origin(annotation) is typing.Literal:  # dtype, compile_gemm_backends: one of its values
+            value = str(typing.get_args(annotation)[0])
         got = parser.parse_args(["serve", "--" + name.replace("_", "-"), value])
         assert name in vars(got), name
 
