@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
 
 import torch
 
@@ -32,7 +32,7 @@ from bench.decoding import write_json
 FORMS = ("explicit", "sdpa")
 
 
-def _inputs(b: int, w: int, position: int, vocab: int) -> tuple[torch.Tensor, ...]:
+def step_inputs(b: int, w: int, position: int, vocab: int) -> tuple[torch.Tensor, ...]:
     """A step's inputs: b rows at positions a few apart, at or below `position`."""
     gen = torch.Generator().manual_seed(b * 1000 + w * 100 + position)
     cur = torch.randint(0, vocab, (b,), generator=gen)
@@ -42,8 +42,41 @@ def _inputs(b: int, w: int, position: int, vocab: int) -> tuple[torch.Tensor, ..
 
 
 def _step(dec: CompiledDecoder, b: int, w: int, position: int) -> Callable[[], Any]:
-    cur, drafts, pos, max_accept = _inputs(b, w, position, dec.model.cfg.vocab_size)
+    cur, drafts, pos, max_accept = step_inputs(b, w, position, dec.model.cfg.vocab_size)
     return lambda: dec.greedy_step(cur, drafts if w > 1 else None, pos, max_accept, want_drafts=dec.k > 1)
+
+
+Cell = TypeVar("Cell", bound=Hashable)
+
+
+def time_alternating(
+    decoders: dict[str, CompiledDecoder],
+    cells: list[Cell],
+    step: Callable[[CompiledDecoder, Cell], Callable[[], Any]],
+    rounds: int,
+    calls: int,
+    warm: int = 4,
+) -> tuple[dict[str, dict[Cell, list[float]]], dict[str, dict[Cell, list[list[int]]]]]:
+    """Each round times every cell's step on one decoder, then on the next (the order turns from
+    round to round): a first call whose tokens are kept, `warm` more, then `calls` timed ones.
+    Returns the ms per call of each round and the tokens of the last, by decoder and cell."""
+    names = list(decoders)
+    times: dict[str, dict[Cell, list[float]]] = {n: {c: [] for c in cells} for n in names}
+    tokens: dict[str, dict[Cell, list[list[int]]]] = {n: {} for n in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            dec = decoders[name]
+            dec.attach()  # the other decoders' set-up put their own caches on the model
+            for cell in cells:
+                fn = step(dec, cell)
+                tokens[name][cell] = fn().tokens.tolist()
+                for _ in range(warm):
+                    fn()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                times[name][cell].append((time.perf_counter() - t0) / calls * 1e3)
+    return times, tokens
 
 
 @torch.inference_mode()
@@ -77,21 +110,7 @@ def bench_batch_step(
     finally:
         model_module.COMPILED_CPU_ATTENTION = before
     cells = [(p, w, b) for p in positions for w in widths for b in batches]
-    times: dict[str, dict[tuple[int, int, int], list[float]]] = {f: {c: [] for c in cells} for f in FORMS}
-    tokens: dict[str, dict[tuple[int, int, int], list[list[int]]]] = {f: {} for f in FORMS}
-    for r in range(rounds):
-        for form in FORMS if r % 2 == 0 else FORMS[::-1]:
-            dec = decoders[form]
-            dec.attach()  # the other decoder's set-up put its own caches on the model
-            for cell in cells:
-                fn = _step(dec, cell[2], cell[1], cell[0])
-                tokens[form][cell] = fn().tokens.tolist()
-                for _ in range(4):
-                    fn()
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                times[form][cell].append((time.perf_counter() - t0) / calls * 1e3)
+    times, tokens = time_alternating(decoders, cells, lambda dec, c: _step(dec, c[2], c[1], c[0]), rounds, calls)
     table: dict[str, Any] = {}
     for p, w, b in cells:
         ms = {form: statistics.median(times[form][(p, w, b)]) for form in FORMS}

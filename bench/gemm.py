@@ -30,6 +30,7 @@ from app import config
 from app.decoding.compiled import CompiledDecoder
 from app.decoding.generate import draft_count
 from app.model.checkpoint import load_checkpoint
+from bench.batch_step import step_inputs, time_alternating
 from bench.decoding import write_json
 
 
@@ -43,13 +44,9 @@ def step_kinds(k: int, sequential: bool) -> list[tuple[str, int, int]]:
 
 
 def _step(dec: CompiledDecoder, b: int, width: int, made: int, position: int) -> Callable[[], Any]:
-    gen = torch.Generator().manual_seed(b * 100 + width)
-    vocab = dec.model.cfg.vocab_size
-    cur = torch.randint(0, vocab, (b,), generator=gen)
-    drafts = torch.randint(0, vocab, (b, width - 1), generator=gen) if width > 1 else None
-    pos = (position - 3 * torch.arange(b)).clamp(min=0)
-    max_accept = torch.full((b,), width - 1, dtype=torch.long)
-    return lambda: dec.greedy_step(cur, drafts, pos, max_accept, want_drafts=dec.k > 1, n_drafts=made)
+    cur, drafts, pos, max_accept = step_inputs(b, width, position, dec.model.cfg.vocab_size)
+    fed = drafts if width > 1 else None
+    return lambda: dec.greedy_step(cur, fed, pos, max_accept, want_drafts=dec.k > 1, n_drafts=made)
 
 
 @torch.inference_mode()
@@ -70,7 +67,6 @@ def bench_gemm(
     decoders: dict[str, CompiledDecoder] = {}
     compile_s: dict[str, float] = {}
     cells = [(name, width, made, b) for name, width, made in kinds for b in batches]
-    tokens: dict[str, dict[tuple[str, int, int, int], list[list[int]]]] = {g: {} for g in backends}
     for gemm in backends:
         dec = decoders[gemm] = CompiledDecoder(
             model,
@@ -83,22 +79,12 @@ def bench_gemm(
             gemm_backends=gemm,
         )
         t0 = time.perf_counter()
-        for name, width, made, b in cells:
-            tokens[gemm][(name, width, made, b)] = _step(dec, b, width, made, position)().tokens.tolist()
+        for _, width, made, b in cells:
+            _step(dec, b, width, made, position)()
         compile_s[gemm] = round(time.perf_counter() - t0, 1)
-    times: dict[str, dict[tuple[str, int, int, int], list[float]]] = {g: {c: [] for c in cells} for g in backends}
-    for r in range(rounds):
-        for gemm in backends if r % 2 == 0 else backends[::-1]:
-            dec = decoders[gemm]
-            dec.attach()  # the other decoders' set-up put their own caches on the model
-            for cell in cells:
-                fn = _step(dec, cell[3], cell[1], cell[2], position)
-                for _ in range(5):
-                    fn()
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                times[gemm][cell].append((time.perf_counter() - t0) / calls * 1e3)
+    times, tokens = time_alternating(
+        decoders, cells, lambda dec, c: _step(dec, c[3], c[1], c[2], position), rounds, calls
+    )
     first = backends[0]
     table: dict[str, Any] = {}
     for cell in cells:
