@@ -56,8 +56,14 @@ re-timings (two steps, every so often) read the running draft count at one threa
 cost, against the others at two, so the choice moved at each of them and each move brought
 the draft re-timings back every EXPLORE_EVERY steps (benchmark 25).
 
-Only warm steps are timed: one that follows a step of the same batch size, draft count and
-thread count, with no other pass (a prefill, a /predict pass: `interrupted`) between. The first
+Only warm steps are timed: the WARM_STEP-th or later of a row of steps of the same batch size,
+draft count and thread count, with no other pass (a prefill, a /predict pass: `interrupted`)
+between. Timing from the second step of such a row, as the policy first did, let each request's
+prefill decide its choice for good at one stream: the prefill chose a drafting step (one module
+verifying one draft), whose second step, still cold from the eager prefill, was timed at up to
+twice a warm one; that timing moved the median past the plain step's, and the row went plain at
+its second or third step. Plain steps, which then ran the rest of each request, were timed
+warm; the drafting steps only ever right after a prefill (benchmark 50). The first
 step after a change is cold: a compiled step of another shape is another
 graph, with its own copy of the weights (Inductor freezes them into each graph) to bring back
 into the CPU's caches. A batch-1 step took 0.249 ms warm and 0.476 ms after 31 steps of another
@@ -119,9 +125,10 @@ PRIOR_CONDITIONAL = 0.7  # prior a_j = 0.7 * a_(j-1): positions a busy batch nev
 RECENT_STEPS = 16  # step timings kept per (batch, n); their median is the cost
 EXPLORE_EVERY = 32  # steps at a batch size between re-timings of the draft count measured least recently, at first
 MAX_EXPLORE_EVERY = 1024  # ... doubling up to this while the choice holds (back to EXPLORE_EVERY when it moves)
-EXPLORE_RUN = 6  # ... in a run of this many steps, of which only the last (warm by then) is timed
+WARM_STEP = 6  # a greedy step is timed only as the WARM_STEP-th or later in a row of its shape (module doc)
+EXPLORE_RUN = WARM_STEP  # ... in a run of this many steps, of which only the last (warm by then) is timed
 SHALLOW_RETIME_STEPS = 4096  # greedy steps after which a shallow step not timed since is re-timed (module doc)
-SHALLOW_RETIME_RUN = 4  # ... in a run of this many steps on the rows of one full-depth choice
+SHALLOW_RETIME_RUN = WARM_STEP  # ... in a run of this many steps on the rows of one full-depth choice
 STARTUP_WARM_STEPS = 4  # untimed steps of a shape in a row before each start-up timing of it (its 5th)
 PLAIN = -1  # choose(): a step that drafts nothing, and its rows stop speculating (sequential heads)
 PLAIN_MARGIN = 1.1  # PLAIN must give this many times the best draft count's tokens/s: it is for good
@@ -181,7 +188,8 @@ class DraftPolicy:
         # thread): the accessors below read that count's table, from whatever thread they run on
         self.threads = torch.get_num_threads()
         self.startup_threads = self.threads  # the count the start-up table was timed at (the core's, then)
-        self.last: tuple[int, int, int] | None = None  # the last step's (batch, n, threads): the next is warm if equal
+        self.last: tuple[int, int, int] | None = None  # the last step's (batch, n, threads)
+        self.streak = 0  # ... and how many steps in a row have had it, with no other pass between
         self.clock = 0  # greedy steps observed (observe_cost), at any batch size: how stale a shallow timing is
         self.retiming: tuple[int, int, int] | None = None  # (batch, shallow choice, steps left) of a re-timing run
         # (batch, n, timed) of the draft-count re-timing run under way; timed: this is its last step
@@ -372,9 +380,10 @@ class DraftPolicy:
         self.threads = torch.get_num_threads()
         self.clock += 1
         shape = (batch, n, self.threads)
-        warm, self.last = self.last == shape, shape
+        self.streak = self.streak + 1 if self.last == shape else 1
+        self.last = shape
         exploring = self.exploring  # set by choose() for each step of a re-timing run
-        if not warm:
+        if self.streak < WARM_STEP:
             return
         if (d := shallow_depth(n)) is not None:
             if d in self.shallow.get(batch, {}):
@@ -392,8 +401,8 @@ class DraftPolicy:
             self.table().timed.setdefault(batch, set()).add(n)
 
     def interrupted(self) -> None:
-        """Another pass ran (a prefill, a /predict pass): the next step is cold, not timed."""
-        self.last = None
+        """Another pass ran (a prefill, a /predict pass): the next steps are cold, not timed."""
+        self.last, self.streak = None, 0
 
     def describe(self) -> dict[str, object]:
         """What the policy does now, for /info."""

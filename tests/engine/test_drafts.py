@@ -15,6 +15,7 @@ from app.engine.drafts import (
     RECENT_STEPS,
     SHALLOW_RETIME_STEPS,
     STARTUP_WARM_STEPS,
+    WARM_STEP,
     DraftPolicy,
     shallow,
     shallow_depth,
@@ -272,7 +273,8 @@ def test_a_step_after_a_prefill_or_predict_pass_is_not_timed() -> None:
         policy.observe_cost(1, 2, 3.0)
         policy.interrupted()
     assert policy.cost(1)[2] == 1.0
-    policy.observe_cost(1, 2, 3.0)  # cold after the last prefill
+    for _ in range(WARM_STEP - 1):  # cold after the last prefill, for several steps
+        policy.observe_cost(1, 2, 3.0)
     policy.observe_cost(1, 2, 1.2)  # warm again: timed
     assert list(policy.recent[1][2])[-2:] == [1.0, 1.2]
 
@@ -383,10 +385,10 @@ def test_each_thread_count_keeps_its_own_timings() -> None:
         policy.observe_cost(1, 0, 1.0)  # the first step at one thread (cold: not timed)
         assert policy.cost(1) == [1.0, 1.0, 1.0]  # its table begins from the start-up timings
         for _ in range(32):
-            policy.observe_cost(1, 2, 3.0)  # at one thread, far dearer (the second step is the warm one)
-            policy.observe_cost(1, 2, 3.0)
-            policy.observe_cost(1, 0, 1.0)
-            policy.observe_cost(1, 0, 1.0)
+            for _ in range(WARM_STEP):  # at one thread, far dearer (the last of each row is warm)
+                policy.observe_cost(1, 2, 3.0)
+            for _ in range(WARM_STEP):
+                policy.observe_cost(1, 0, 1.0)
         # 1 draft, not timed at one thread: its start-up cost times the median ratio of 0 and 2 (1x, 3x)
         assert policy.cost(1) == [1.0, 2.0, 3.0] and policy.best(1) == 0
         torch.set_num_threads(2)
@@ -425,23 +427,49 @@ def test_a_one_thread_re_timing_does_not_move_the_choice_to_counts_never_timed_a
         torch.set_num_threads(before)
 
 
-def serve_one_by_one(policy: DraftPolicy, true_cost: dict[int, float], requests: int, steps: int = 100) -> list[int]:
-    """Batch-1 requests one after another, `steps` greedy steps each, as DecodeBatch.step drives
-    the policy: a row starts with every module; a shallow choice keeps it at that depth, PLAIN
-    ends its drafting (its steps are then timed as plain ones without a choice). true_cost: the
-    seconds of each choice. Returns the choice each request settled on (that of its last step)."""
+def serve_one_by_one(
+    policy: DraftPolicy,
+    true_cost: dict[int, float],
+    requests: int,
+    steps: int = 100,
+    after_prefill: tuple[float, ...] = (),
+) -> list[int]:
+    """Batch-1 requests one after another, `steps` greedy steps each, as DecodeBatch drives the
+    policy: each request's prefill is another pass; a row starts with every module; a shallow
+    choice keeps it at that depth, PLAIN ends its drafting (its steps are then timed as plain
+    ones without a choice). true_cost: the seconds of each choice, warm; after_prefill: how many
+    times that the 1st, 2nd, .. step after a prefill costs, whatever its choice. Returns the
+    choice each request settled on (that of its last step)."""
     settled = []
     for _ in range(requests):
+        policy.interrupted()
         depth: int | None = None
         choice = 0
-        for _ in range(steps):
+        for i in range(steps):
             if choice != PLAIN:
                 choice = policy.choose(1, depth)
                 if (d := shallow_depth(choice)) is not None and d > 0:
                     depth = d
-            policy.observe_cost(1, choice, true_cost[choice])
+            cold = after_prefill[i] if i < len(after_prefill) else 1.0
+            policy.observe_cost(1, choice, true_cost[choice] * cold)
         settled.append(choice)
     return settled
+
+
+def test_steps_cold_from_a_prefill_do_not_end_speculation() -> None:
+    """One stream, sequential heads: one module verifying one draft emits the most tokens per
+    second warm (1.6 / 0.44 against plain's 1 / 0.3 and two drafts' 1.96 / 0.7), as timed at
+    start-up. Every step stays dear for a few steps after a request's prefill. Timed from its
+    second step, the first request's drafting step read twice its cost, moved the median past
+    plain's, and every request went plain, for good: plain runs whole requests and is timed
+    warm, the drafting step only ever after a prefill. Timed from its WARM_STEP-th, each
+    request keeps the one-module step."""
+    true_cost = {PLAIN: 0.3, shallow(1): 0.44, 0: 0.6, 1: 0.65, 2: 0.7}
+    after_prefill = (2.6, 2.0, 1.6, 1.3, 1.1)  # times a warm step, 1st to 5th after the prefill
+    policy = policy_with_rates([0.6, 0.36], {1: [0.6, 0.65, 0.7]}, shallow={1: {0: 0.3, 1: 0.44}})
+    settled = serve_one_by_one(policy, true_cost, 20, steps=150, after_prefill=after_prefill)
+    assert settled == [shallow(1)] * 20
+    assert policy.describe()["shallow_step_ms"] == {1: {0: 300.0, 1: 440.0}}
 
 
 def test_a_shallow_step_timed_dear_at_start_up_is_re_timed_while_serving() -> None:
