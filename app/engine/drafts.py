@@ -60,10 +60,11 @@ Only warm steps are timed: the WARM_STEP-th or later of a row of steps of the sa
 draft count and thread count, with no other pass (a prefill, a /predict pass: `interrupted`)
 between. Timing from the second step of such a row, as the policy first did, let each request's
 prefill decide its choice for good at one stream: the prefill chose a drafting step (one module
-verifying one draft), whose second step, still cold from the eager prefill, was timed at up to
-twice a warm one; that timing moved the median past the plain step's, and the row went plain at
-its second or third step. Plain steps, which then ran the rest of each request, were timed
-warm; the drafting steps only ever right after a prefill (benchmark 50). The first
+verifying one draft), whose second step, still cold from the eager prefill, was timed dear (the
+servers held two to six times its warm cost); that timing moved the median past the plain
+step's, and the row went plain at its second or third step. Plain steps, which then ran the
+rest of each request, were timed warm; the drafting steps only ever right after a prefill
+(benchmark 50). The first
 step after a change is cold: a compiled step of another shape is another
 graph, with its own copy of the weights (Inductor freezes them into each graph) to bring back
 into the CPU's caches. A batch-1 step took 0.249 ms warm and 0.476 ms after 31 steps of another
