@@ -396,7 +396,8 @@ async def test_a_plain_choice_stops_drafting_for_good_and_keeps_greedy_output(
     assert c_fin.verify_steps > 0  # it asked for speculation: it kept drafting
     assert 0 < a_fin.verify_steps < steps - 1  # drafted alone, then plain once the second row joined
     assert b_fin.verify_steps == 0 and b_fin.drafted_tokens == 0
-    assert len(policy.shallow[2][0]) > 1  # the plain steps that ran were timed
+    # the plain steps that ran were timed (in the table of the thread count they ran at)
+    assert any(len(table.shallow[2][0]) > 1 for table in policy.tables.values())
 
     await install_policy()  # (the steps that ran have re-timed the made-up costs)
     tokens, fin = await run(engine, first)  # a row admitted later speculates again
