@@ -38,10 +38,17 @@ A shallow step (PLAIN included) cannot be re-timed in passing: running one commi
 it. So its cost would stay the start-up one for as long as another choice wins, and a noisy
 moment at start-up that timed a plain step at twice its cost would keep its batch size on a
 slower choice for the life of the process. Instead, a shallow step not timed
-for SHALLOW_RETIME_STEPS greedy steps is chosen once at a full-depth choice, a run of
-SHALLOW_RETIME_RUN steps (its rows keep that depth); its warm steps refresh its cost. The price
-is one batch's rows at a possibly worse depth every few seconds of serving. (A thread count's
-table, below, begun later counts its period from its start.)
+for a period of greedy steps is chosen once at a full-depth choice, a run of
+SHALLOW_RETIME_RUN steps (its rows keep that depth); its warm steps replace its timings, as a
+draft count's re-timing does. The price is one batch's rows at a possibly worse depth once a
+period. The period starts at SHALLOW_RETIME_EVERY steps, doubles after each re-timing up to
+SHALLOW_RETIME_STEPS, and is back at SHALLOW_RETIME_EVERY when the choice at that batch size
+moves. A fixed period of 4,096 steps, whose re-timings joined the step's window, kept a
+worse choice for thousands of steps after any stretch of dear steps: a neighbour's burst on
+the cores made the running one-module step dear for tens of steps at one stream, its median
+passed plain's, and every later request went plain, while the one-module step kept the dear
+timings of that stretch (benchmark 51). (A thread count's table, below, begun later counts
+its period from its start.)
 
 Timings are kept per intra-op thread count. The thread policy (threads.py) runs a batch size
 at one thread or at all of them, and re-times the other now and then; a step at one thread costs
@@ -128,7 +135,8 @@ EXPLORE_EVERY = 32  # steps at a batch size between re-timings of the draft coun
 MAX_EXPLORE_EVERY = 1024  # ... doubling up to this while the choice holds (back to EXPLORE_EVERY when it moves)
 WARM_STEP = 6  # a greedy step is timed only as the WARM_STEP-th or later in a row of its shape (module doc)
 EXPLORE_RUN = WARM_STEP  # ... in a run of this many steps, of which only the last (warm by then) is timed
-SHALLOW_RETIME_STEPS = 4096  # greedy steps after which a shallow step not timed since is re-timed (module doc)
+SHALLOW_RETIME_EVERY = 512  # greedy steps after which a shallow step not timed since is re-timed, at first ...
+SHALLOW_RETIME_STEPS = 4096  # ... doubling after each re-timing up to this while the choice holds (module doc)
 SHALLOW_RETIME_RUN = WARM_STEP  # ... in a run of this many steps on the rows of one full-depth choice
 STARTUP_WARM_STEPS = 4  # untimed steps of a shape in a row before each start-up timing of it (its 5th)
 PLAIN = -1  # choose(): a step that drafts nothing, and its rows stop speculating (sequential heads)
@@ -157,6 +165,8 @@ class Timings:
     last_seen: dict[int, list[int]]
     shallow_seen: dict[int, dict[int, int]]  # [batch][depth]: the policy's clock when last timed (or re-timed)
     timed: dict[int, set[int]] = field(default_factory=dict)  # [batch]: the draft counts timed at this count
+    # (batch, depth) of shallow steps whose re-timing began: their next timing replaces their window
+    retimed: set[tuple[int, int]] = field(default_factory=set)
 
 
 class DraftPolicy:
@@ -183,6 +193,7 @@ class DraftPolicy:
         self.made: Counter[tuple[int, int]] = Counter()  # choices made, by (batch, choice): for the benchmarks
         self.until_explore = dict.fromkeys(costs, EXPLORE_EVERY)  # steps at a batch size to its next re-timing run
         self.explore_every = dict.fromkeys(costs, EXPLORE_EVERY)  # ... and the interval after that run
+        self.shallow_every = dict.fromkeys(costs, SHALLOW_RETIME_EVERY)  # greedy steps a shallow timing stays fresh
         self.chosen: dict[int, int] = {}  # the last choice at each batch size (a change shortens the interval)
         self.tables: dict[int, Timings] = {}  # by intra-op thread count (the module's doc)
         # the count of the core's last choice or timing (its thread's; torch keeps one per
@@ -303,6 +314,7 @@ class DraftPolicy:
             self.chosen[b] = best
             self.explore_every[b] = EXPLORE_EVERY
             self.until_explore[b] = min(self.until_explore[b], EXPLORE_EVERY)
+            self.shallow_every[b] = SHALLOW_RETIME_EVERY
         stale = self._stale_shallow(b, best)
         return best if stale is None else stale
 
@@ -319,14 +331,16 @@ class DraftPolicy:
         return choice
 
     def _stale_shallow(self, b: int, best: int) -> int | None:
-        """A shallow choice at b (not `best`) whose timing is SHALLOW_RETIME_STEPS old: the least
+        """A shallow choice at b (not `best`) whose timing is shallow_every[b] steps old: the least
         recently timed one, whose re-timing run starts now; else None."""
         seen = self.shallow_seen.get(b, {})
-        stale = [d for d, at in seen.items() if self.clock - at >= SHALLOW_RETIME_STEPS and shallow(d) != best]
+        stale = [d for d, at in seen.items() if self.clock - at >= self.shallow_every[b] and shallow(d) != best]
         if not stale:
             return None
         d = min(stale, key=lambda d: seen[d])
         seen[d] = self.clock  # once per period, even if its rows end before a warm step is timed
+        self.table().retimed.add((b, d))
+        self.shallow_every[b] = min(2 * self.shallow_every[b], SHALLOW_RETIME_STEPS)
         if d > 0:  # PLAIN needs no run: its rows stop speculating, and each of their steps is timed
             self.retiming = (b, shallow(d), SHALLOW_RETIME_RUN - 1)
         return shallow(d)
@@ -388,6 +402,9 @@ class DraftPolicy:
             return
         if (d := shallow_depth(n)) is not None:
             if d in self.shallow.get(batch, {}):
+                if (batch, d) in (retimed := self.table().retimed):  # its re-timing is its cost (module doc)
+                    retimed.discard((batch, d))
+                    self.shallow[batch][d].clear()
                 self.shallow[batch][d].append(seconds)
                 self.shallow_seen[batch][d] = self.clock
         elif batch in self.recent and n in self.choices:

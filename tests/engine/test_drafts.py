@@ -13,6 +13,7 @@ from app.engine.drafts import (
     MAX_EXPLORE_EVERY,
     PLAIN,
     RECENT_STEPS,
+    SHALLOW_RETIME_EVERY,
     SHALLOW_RETIME_STEPS,
     STARTUP_WARM_STEPS,
     WARM_STEP,
@@ -463,22 +464,23 @@ def test_steps_cold_from_a_prefill_do_not_end_speculation() -> None:
     second step, the first request's drafting step read twice its cost, moved the median past
     plain's, and every request went plain, for good: plain runs whole requests and is timed
     warm, the drafting step only ever after a prefill. Timed from its WARM_STEP-th, each
-    request keeps the one-module step."""
+    request keeps the one-module step, but for plain's re-timings (one request each)."""
     true_cost = {PLAIN: 0.3, shallow(1): 0.44, 0: 0.6, 1: 0.65, 2: 0.7}
     after_prefill = (2.6, 2.0, 1.6, 1.3, 1.1)  # times a warm step, 1st to 5th after the prefill
     policy = policy_with_rates([0.6, 0.36], {1: [0.6, 0.65, 0.7]}, shallow={1: {0: 0.3, 1: 0.44}})
     settled = serve_one_by_one(policy, true_cost, 20, steps=150, after_prefill=after_prefill)
-    assert settled == [shallow(1)] * 20
+    assert settled.count(shallow(1)) == 18 and set(settled) == {shallow(1), PLAIN}
+    assert all(c == shallow(1) for c, prev in zip(settled[1:], settled, strict=False) if prev == PLAIN)
     assert policy.describe()["shallow_step_ms"] == {1: {0: 300.0, 1: 440.0}}
 
 
 def test_a_shallow_step_timed_dear_at_start_up_is_re_timed_while_serving() -> None:
     """A noisy start-up timed the plain batch-1 step at 4x its cost: it would never be chosen,
-    so never timed again. Every SHALLOW_RETIME_STEPS greedy steps the stalest shallow step runs
+    so never timed again. After SHALLOW_RETIME_EVERY greedy steps the stalest shallow step runs
     on one request; its warm steps correct its cost, and later requests take it."""
     true_cost = {PLAIN: 0.5, shallow(1): 0.9, 0: 1.0, 1: 1.1, 2: 1.2}
     policy = policy_with_rates([0.6, 0.36], {1: [1.0, 1.1, 1.2]}, shallow={1: {0: 2.0, 1: 0.9}})
-    first = serve_one_by_one(policy, true_cost, SHALLOW_RETIME_STEPS // 100 + 1)  # up to the first past 4096 steps
+    first = serve_one_by_one(policy, true_cost, SHALLOW_RETIME_EVERY // 100 + 1)  # up to the first past 512 steps
     assert set(first) == {shallow(1)}  # 1.6 / 0.9 beats plain's 1 / 2.0 as timed at start-up
     later = serve_one_by_one(policy, true_cost, 10)
     assert later == [PLAIN] * 10  # re-timed at 0.5: 2.0 per unit beats 1.78 by more than PLAIN_MARGIN
@@ -487,12 +489,34 @@ def test_a_shallow_step_timed_dear_at_start_up_is_re_timed_while_serving() -> No
 
 def test_re_timing_a_shallow_step_that_is_as_dear_as_timed_costs_one_request_per_period() -> None:
     """The start-up table was right: each re-timing run puts one request on the dearer plain
-    step, once per SHALLOW_RETIME_STEPS greedy steps, and the requests after it go back."""
+    step, and the requests after it go back. The period starts at SHALLOW_RETIME_EVERY greedy
+    steps and doubles while the choice holds, up to SHALLOW_RETIME_STEPS."""
     true_cost = {PLAIN: 2.0, shallow(1): 0.9, 0: 1.0, 1: 1.1, 2: 1.2}
     policy = policy_with_rates([0.6, 0.36], {1: [1.0, 1.1, 1.2]}, shallow={1: {0: 2.0, 1: 0.9}})
     settled = serve_one_by_one(policy, true_cost, 3 * SHALLOW_RETIME_STEPS // 100 + 5)
-    assert settled.count(PLAIN) == 3
+    retimed = [i for i, c in enumerate(settled) if c == PLAIN]  # requests of 100 steps
+    gaps = [b - a for a, b in itertools.pairwise(retimed)]
+    assert retimed[0] == SHALLOW_RETIME_EVERY // 100 + 1 and gaps == sorted(gaps)
+    assert gaps[-2:] == [SHALLOW_RETIME_STEPS // 100 + 2] * 2  # the re-timing request, then 41 whole periods
     assert all(c == shallow(1) for c, prev in zip(settled[1:], settled, strict=False) if prev == PLAIN)
+
+
+def test_a_stretch_of_dear_steps_does_not_keep_a_worse_choice_for_thousands_of_steps() -> None:
+    """One stream keeps one module (1.6 / 0.44 against plain's 1 / 0.3). A neighbour makes
+    every step 1.5 times dearer for two requests: the running one-module step is timed dear
+    and the next request goes plain, timed dear too, then both drafts, re-timed warm. The
+    one-module step's window kept its dear timings; re-timed once per SHALLOW_RETIME_STEPS and
+    joining that window, it held the requests on a worse choice for thousands of steps. A move
+    of the choice brings the re-timing period back to SHALLOW_RETIME_EVERY, and a re-timing
+    replaces the window, so within a few requests they keep one module again."""
+    true_cost = {PLAIN: 0.3, shallow(1): 0.44, 0: 0.6, 1: 0.65, 2: 0.7}
+    dear = {choice: 1.5 * seconds for choice, seconds in true_cost.items()}
+    policy = policy_with_rates([0.6, 0.36], {1: [0.6, 0.65, 0.7]}, shallow={1: {0: 0.3, 1: 0.44}})
+    assert serve_one_by_one(policy, true_cost, 3, steps=150) == [shallow(1)] * 3
+    assert serve_one_by_one(policy, dear, 2, steps=150) != [shallow(1)] * 2
+    after = serve_one_by_one(policy, true_cost, 20, steps=150)
+    assert after[-10:].count(shallow(1)) >= 9
+    assert policy.describe()["shallow_step_ms"] == {1: {0: 300.0, 1: 440.0}}
 
 
 def test_a_thread_counts_table_begun_later_waits_a_whole_period_before_re_timing() -> None:

@@ -544,6 +544,7 @@ async def test_a_shallow_step_timed_dear_at_start_up_is_re_timed_on_a_request_an
     keep one module (but for plain's re-timings, one a period). Each gives the plain greedy
     tokens. Step times are the table's made-up ones (this machine's would decide nothing),
     passed through the real DecodeBatch; one thread count, so one table."""
+    monkeypatch.setattr("app.engine.drafts.SHALLOW_RETIME_EVERY", 60)
     monkeypatch.setattr("app.engine.drafts.SHALLOW_RETIME_STEPS", 60)
     engine = await engine_factory(sequential_checkpoint, max_batch_size=4, adaptive_threads=False)
     jobs = [GenerateJob(PROMPTS[i % len(PROMPTS)], 30) for i in range(8)]
