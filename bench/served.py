@@ -21,6 +21,10 @@ Phases, one torch process busy at a time (two would fight over the cores):
      while the server idles, so both servers run the same schedule: this checkout's served /
      offline is the median of its pairs, each pair's two figures taken within seconds of each
      other (this machine's speed drifts between minutes).
+Each sequential run also says where a request's time went (`per_request`, from the server's
+forward-pass metrics before and after it): its prefill, its decode passes and how many, and
+the rest of its wall time, outside any pass (HTTP both ways, the client, the core loop between
+passes, an idle inference thread).
 Each pair is also set against one draft count's offline figure, the count fastest over the
 whole run (`_vs_offline_run_best`): a pair's best count is the fastest of a few noisy timings,
 and the fastest of several noisy figures reads high on average. A baseline's pairs get both
@@ -53,7 +57,9 @@ from bench.decoding import heldout_prompts, write_json
 from bench.server import (
     ROOT,
     baseline_tree,
+    forward_totals,
     measured,
+    per_request,
     policies,
     progress,
     running,
@@ -162,12 +168,12 @@ def served_phase(
                 run["offline"] = measured(lambda: offline.rate(prompts, new_tokens))
                 time.sleep(SETTLE_S)
             pid = srv.proc.pid
-            run["1_stream"] = measured(
-                lambda: asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts))), pid
-            )
-            run["1_stream_json"] = measured(
-                lambda: asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts), stream=False)), pid
-            )
+            for key, stream in (("1_stream", True), ("1_stream_json", False)):
+                before = forward_totals(srv.url)
+                load = lambda s=stream: asyncio.run(generate_load(srv.url, texts, 1, new_tokens, len(texts), stream=s))
+                r = run[key] = measured(load, pid)
+                wall = r["tokens"] / r["tokens_per_s"]  # the load's own clock
+                r["per_request"] = per_request(before, forward_totals(srv.url), wall, r["sequences"])
             run["policies"] = policies(srv.url)
             runs.append(run)
         many = measured(lambda: asyncio.run(generate_load(srv.url, texts, streams, new_tokens, 2)), srv.proc.pid)
@@ -196,9 +202,10 @@ def _merged(results: list[dict[str, Any]]) -> dict[str, Any]:
         if k.endswith("_ms")
     }
     return {
-        **{k: v for k, v in results[0].items() if k not in ("steal_share", "server_cores")},
+        **{k: v for k, v in results[0].items() if k not in ("steal_share", "server_cores", "per_request")},
         **latencies,
         "steal_share_runs": [r.get("steal_share") for r in results],
+        "per_request_runs": [r.get("per_request") for r in results],
         "server_cores_runs": [r.get("server_cores") for r in results],
         "sequences": sum(r["sequences"] for r in results),
         "errors": sum(r["errors"] for r in results),

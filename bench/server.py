@@ -107,6 +107,41 @@ def measured(measure: Callable[[], dict[str, Any]], pid: int | None = None) -> d
     return out
 
 
+def forward_totals(url: str) -> dict[str, tuple[float, float]]:
+    """{kind: (seconds, passes)} of the server's forward passes so far (mtp_forward_duration_seconds)."""
+    out: dict[str, tuple[float, float]] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        for field, i in (("sum", 0), ("count", 1)):
+            prefix = f'mtp_forward_duration_seconds_{field}{{kind="'
+            if line.startswith(prefix):
+                kind = line[len(prefix) :].split('"', 1)[0]
+                pair = list(out.get(kind, (0.0, 0.0)))
+                pair[i] = float(line.split()[-1])
+                out[kind] = (pair[0], pair[1])
+    return out
+
+
+def per_request(
+    before: Mapping[str, tuple[float, float]], after: Mapping[str, tuple[float, float]], wall: float, requests: int
+) -> dict[str, float]:
+    """Where a sequential stream's time went, per request, from the forward-pass totals before
+    and after it: the prefill pass, the decode passes (and how many), and the rest of the
+    request's wall time, outside any pass (HTTP both ways, the client, the core loop between
+    passes, an idle inference thread)."""
+
+    def delta(kind: str, i: int) -> float:
+        return after.get(kind, (0.0, 0.0))[i] - before.get(kind, (0.0, 0.0))[i]
+
+    prefill, decode = delta("prefill", 0) / requests, delta("decode", 0) / requests
+    return {
+        "wall_ms": round(wall / requests * 1e3, 3),
+        "prefill_ms": round(prefill * 1e3, 3),
+        "decode_ms": round(decode * 1e3, 3),
+        "decode_passes": round(delta("decode", 1) / requests, 1),
+        "outside_passes_ms": round((wall / requests - prefill - decode) * 1e3, 3),
+    }
+
+
 def policies(url: str) -> dict[str, Any]:
     """What the server's draft and thread policies chose at batch 1 (from /info) when a run
     ended, and what they chose from: the draft policy's batch-1 step costs and acceptance

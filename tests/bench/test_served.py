@@ -66,11 +66,17 @@ def test_one_served_stream_is_no_faster_than_the_model_in_process(byte_checkpoin
             assert 0 <= served["steal_share"] < 1  # how much of the host's CPU others had meanwhile
             cores = served["server_cores"]  # the inference thread decoded: the busiest but the loop's
             assert cores["busiest_other"] > 0.1 and cores["event_loop"] >= 0 and cores["rest"] >= 0, cores
+            each = served["per_request"]  # a request's time: its prefill, its decode passes, and the rest
+            assert each["prefill_ms"] > 0 and each["decode_ms"] > 0 and each["outside_passes_ms"] > 0, each
+            assert 1 <= each["decode_passes"] < NEW_TOKENS  # the prefill gives the first token
+            parts = each["prefill_ms"] + each["decode_ms"] + each["outside_passes_ms"]
+            assert parts == pytest.approx(each["wall_ms"], abs=0.01)
         assert {"drafts_at_batch_1", "threads_at_batch_1", "step_ms_at_batch_1"} <= set(pair["policies"])
     many = phase["1_streams"]  # the concurrent load (one stream here): its server's cores too
     assert many["errors"] == 0 and many["server_cores"]["busiest_other"] > 0.1 and 0 <= many["steal_share"] < 1
     for key in ("1_stream", "1_stream_json"):  # the phase's figure: both runs, the median rate
         assert phase[key]["tokens"] == 2 * want and len(phase[key]["tokens_per_s_runs"]) == 2
+        assert phase[key]["per_request_runs"] == [pair[key]["per_request"] for pair in phase["pairs"]]
         runs = [pair[key]["latency_p50_ms"] for pair in phase["pairs"]]
         assert phase[key]["latency_p50_ms"] == pytest.approx(sum(runs) / 2, abs=0.1)  # the median of two
         ratios = pair_ratios([phase], key)
