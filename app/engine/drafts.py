@@ -39,9 +39,11 @@ it. So its cost would stay the start-up one for as long as another choice wins, 
 moment at start-up that timed a plain step at twice its cost would keep its batch size on a
 slower choice for the life of the process. Instead, a shallow step not timed
 for a period of greedy steps is chosen once at a full-depth choice, a run of
-SHALLOW_RETIME_RUN steps (its rows keep that depth); its warm steps replace its timings, as a
-draft count's re-timing does. The price is one batch's rows at a possibly worse depth once a
-period. The period starts at SHALLOW_RETIME_EVERY steps, doubles after each re-timing up to
+SHALLOW_RETIME_RUN steps (its rows keep that depth); its warm steps, the last five of the run,
+replace its timings, as a draft count's re-timing does. Five, not one: the run's first timed
+step is the WARM_STEP-th after a prefill, and one step alone that read dear by chance kept a
+batch size off the shallow step for another whole period. The price is one batch's rows at a
+possibly worse depth once a period. The period starts at SHALLOW_RETIME_EVERY steps, doubles after each re-timing up to
 SHALLOW_RETIME_STEPS, and is back at SHALLOW_RETIME_EVERY when the choice at that batch size
 moves. A fixed period of 4,096 steps, whose re-timings joined the step's window, kept a
 worse choice for thousands of steps after any stretch of dear steps: a neighbour's burst on
@@ -137,7 +139,7 @@ WARM_STEP = 6  # a greedy step is timed only as the WARM_STEP-th or later in a r
 EXPLORE_RUN = WARM_STEP  # ... in a run of this many steps, of which only the last (warm by then) is timed
 SHALLOW_RETIME_EVERY = 512  # greedy steps after which a shallow step not timed since is re-timed, at first ...
 SHALLOW_RETIME_STEPS = 4096  # ... doubling after each re-timing up to this while the choice holds (module doc)
-SHALLOW_RETIME_RUN = WARM_STEP  # ... in a run of this many steps on the rows of one full-depth choice
+SHALLOW_RETIME_RUN = WARM_STEP + 4  # ... in a run of this many steps on one full-depth choice's rows (5 timed)
 STARTUP_WARM_STEPS = 4  # untimed steps of a shape in a row before each start-up timing of it (its 5th)
 PLAIN = -1  # choose(): a step that drafts nothing, and its rows stop speculating (sequential heads)
 PLAIN_MARGIN = 1.1  # PLAIN must give this many times the best draft count's tokens/s: it is for good

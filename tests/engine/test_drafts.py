@@ -519,6 +519,22 @@ def test_a_stretch_of_dear_steps_does_not_keep_a_worse_choice_for_thousands_of_s
     assert policy.describe()["shallow_step_ms"] == {1: {0: 300.0, 1: 440.0}}
 
 
+def test_a_shallow_re_timing_is_the_median_of_several_warm_steps_not_one() -> None:
+    """Start-up timed the one-module step dear, so one stream runs plain. Its re-timing replaces
+    its timings; the first step it times (the WARM_STEP-th after the prefill) reads 1.3 times
+    its cost, the later ones what it costs. Taken alone, that one timing kept plain (1.6 / 0.57
+    against plain's 1 / 0.3, margin 1.1), and the next re-timing came a doubled period later;
+    the run's five warm steps give the median, and the requests after it keep one module."""
+    true_cost = {PLAIN: 0.3, shallow(1): 0.44, 0: 0.6, 1: 0.65, 2: 0.7}
+    after_prefill = (1.0,) * (WARM_STEP - 1) + (1.3,)  # the first step a re-timing run times
+    policy = policy_with_rates([0.6, 0.36], {1: [0.6, 0.65, 0.7]}, shallow={1: {0: 0.3, 1: 0.9}})
+    first = serve_one_by_one(policy, true_cost, SHALLOW_RETIME_EVERY // 100 + 1, after_prefill=after_prefill)
+    assert set(first) == {PLAIN}
+    later = serve_one_by_one(policy, true_cost, 5, after_prefill=after_prefill)
+    assert later == [shallow(1)] * 5
+    assert policy.describe()["shallow_step_ms"] == {1: {0: 300.0, 1: 440.0}}
+
+
 def test_a_thread_counts_table_begun_later_waits_a_whole_period_before_re_timing() -> None:
     """Each intra-op thread count has its own table: one begun after 5,000 steps at another
     count re-times its shallow steps SHALLOW_RETIME_STEPS steps later, not at once."""
