@@ -160,6 +160,7 @@ def policies(url: str) -> dict[str, Any]:
         "acceptance": policy.get("acceptance"),
         "step_ms_at_batch_1": (policy.get("step_ms") or {}).get("1"),
         "shallow_step_ms_at_batch_1": (policy.get("shallow_step_ms") or {}).get("1"),
+        "around_step_ms_at_batch_1": (policy.get("around_step_ms") or {}).get("1"),
         "max_running": (info.get("limits") or {}).get("max_running"),  # rows decoding at once at most
     }
 

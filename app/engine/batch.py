@@ -229,6 +229,8 @@ class DecodeBatch:
         if shallow is not None:
             depth = self._depth()
         n_drafts = min(depth, choice) if choice is not None and shallow is None else depth
+        if self.policy is not None:
+            self.policy.began(len(self))
         t0 = time.perf_counter()
         limits = [max(0, min(s.remaining - 1, self._row_depth(s), n_drafts)) if s.speculative else 0 for s in self.seqs]
         max_accept = self._max_accept(limits)  # [n]

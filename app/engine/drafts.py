@@ -6,7 +6,17 @@ runs). Its cost grows with the tokens verified, steeply where the forward is com
 batches) and hardly at batch 1, where the pass is overhead-bound. So the policy times one
 step at each (batch size, n) once, at start-up, and each step picks
 
-    n* = argmax_n (1 + a_1 + .. + a_n) / cost(batch, n)
+    n* = argmax_n (1 + a_1 + .. + a_n) / (cost(batch, n) + around(batch))
+
+around(batch) is the work the core does around each step, outside the step's timed part: the
+thread policy, turning the step's tokens into events and handing them over, the core loop.
+It is about the same whatever the step verifies, so it weighs on a step that emits fewer
+tokens. At one stream a served one-module pass took 0.61 ms of forward time where the policy
+had timed 0.53 for its step, and the core's work between passes came on top (benchmark 51):
+close as the two are at batch 1, on the timed parts alone plain won by its margin where whole
+passes of one module emitted as many tokens per second or more. It is measured as the gap
+between one greedy step's timed part and the next one's, with no other pass between (the
+median of the last OVERHEAD_STEPS at each batch size).
 
 Sequential (DeepSeek-V3) modules make every drafting step pay for the k-1 module blocks that
 draft for the next one, even one that verifies few of their drafts. There the policy may also
@@ -145,6 +155,7 @@ PLAIN = -1  # choose(): a step that drafts nothing, and its rows stop speculatin
 PLAIN_MARGIN = 1.1  # PLAIN must give this many times the best draft count's tokens/s: it is for good
 SHALLOW_MARGIN = 1.05  # ... and a shallow step with modules this many times: its rows lose the deeper drafts
 MOVE_MARGIN = 1.03  # another draft count must promise this many times the running one's tokens/s to replace it
+OVERHEAD_STEPS = 64  # gaps between greedy steps kept per batch size; their median is the work around a step
 
 
 def shallow(depth: int) -> int:
@@ -208,6 +219,11 @@ class DraftPolicy:
         self.retiming: tuple[int, int, int] | None = None  # (batch, shallow choice, steps left) of a re-timing run
         # (batch, n, timed) of the draft-count re-timing run under way; timed: this is its last step
         self.exploring: tuple[int, int, bool] | None = None
+        # the work around each step (module doc): the recent gaps between one greedy step's timed
+        # part and the next one's, by batch size, and the end of the last timed part, (batch, when)
+        self.overhead: dict[int, deque[float]] = {b: deque(maxlen=OVERHEAD_STEPS) for b in costs}
+        self.ended: tuple[int, float] | None = None
+        self.now: Callable[[], float] = time.perf_counter  # the clock of those gaps (tests set their own)
 
     def table(self) -> Timings:
         """The timings of the thread count the core runs at (self.threads), begun from the start-up ones."""
@@ -268,6 +284,12 @@ class DraftPolicy:
         start = self.costs[batch]
         factor = statistics.median(row[n] / start[n] for n in timed)
         return [c if n in timed else start[n] * factor for n, c in enumerate(row)]
+
+    def around(self, batch: int) -> float:
+        """Seconds of work around each step at a measured batch size, outside its timed part:
+        the median of the recent gaps between consecutive greedy steps (0 until one is seen)."""
+        gaps = self.overhead.get(batch)
+        return statistics.median(gaps) if gaps else 0.0
 
     def _bucket(self, batch: int) -> int:
         return self.batches[min(bisect.bisect_left(self.batches, batch), len(self.batches) - 1)]
@@ -350,7 +372,8 @@ class DraftPolicy:
     def best(self, b: int) -> int:
         """The draft count with the most expected tokens per second at measured batch size b, or
         a shallow choice (PLAIN among them) that beats it by its margin."""
-        cost, expected = self.cost(b), self._expected()
+        extra = self.around(b)
+        cost, expected = [c + extra for c in self.cost(b)], self._expected()
         n = max(self.choices, key=lambda n: (expected[n] / cost[n], -n))
         held = self.chosen.get(b, n)
         if held in self.choices and n != held and expected[n] / cost[n] < MOVE_MARGIN * expected[held] / cost[held]:
@@ -364,17 +387,17 @@ class DraftPolicy:
         if depth not in row:  # not timed at b: keep it
             return shallow(depth)
         expected = self._expected()
-        rate = expected[depth] / statistics.median(row[depth])
+        rate = expected[depth] / (statistics.median(row[depth]) + self.around(b))
         return self._or_shallower(b, shallow(depth), rate, range(depth), expected)
 
     def _or_shallower(self, b: int, choice: int, rate: float, depths: range, expected: list[float]) -> int:
         """`choice`, expected to emit `rate` tokens per second, or the shallow depth among `depths`
         (timed at b) whose rate beats it by the most, where that is more than its margin."""
-        best, score = choice, rate
+        best, score, extra = choice, rate, self.around(b)
         for d in reversed(depths):  # deeper first: a tie keeps more modules
             if d in self.shallow.get(b, {}):
                 margin = PLAIN_MARGIN if d == 0 else SHALLOW_MARGIN
-                if (s := expected[d] / statistics.median(self.shallow[b][d]) / margin) > score:
+                if (s := expected[d] / (statistics.median(self.shallow[b][d]) + extra) / margin) > score:
                     best, score = shallow(d), s
         return best
 
@@ -390,10 +413,18 @@ class DraftPolicy:
         expected = self._expected()
         return expected[min(n, len(expected) - 1)]
 
+    def began(self, batch: int) -> None:
+        """A step's timed part begins: the gap since the last greedy step's timed part ended,
+        with no other pass between, is the work around a step at this batch size."""
+        if self.ended is not None and self.ended[0] == batch and batch in self.overhead:
+            self.overhead[batch].append(self.now() - self.ended[1])
+        self.ended = None
+
     def observe_cost(self, batch: int, n: int, seconds: float) -> None:
         """A greedy step's duration (n: a draft count, or a shallow choice that ran, PLAIN for a
         step that drafted nothing); only exact measured batch sizes count (a smaller batch costs
         less), and only warm steps (see the module's doc)."""
+        self.ended = (batch, self.now())
         self.threads = torch.get_num_threads()
         self.clock += 1
         shape = (batch, n, self.threads)
@@ -421,8 +452,9 @@ class DraftPolicy:
             self.table().timed.setdefault(batch, set()).add(n)
 
     def interrupted(self) -> None:
-        """Another pass ran (a prefill, a /predict pass): the next steps are cold, not timed."""
-        self.last, self.streak = None, 0
+        """Another pass ran (a prefill, a /predict pass): the next steps are cold, not timed, and
+        the gap before the next one is not the work around a step."""
+        self.last, self.streak, self.ended = None, 0, None
 
     def describe(self) -> dict[str, object]:
         """What the policy does now, for /info."""
@@ -430,6 +462,7 @@ class DraftPolicy:
             "acceptance": [round(a, 3) for a in self.rates()],
             "drafts_by_batch": {b: _describe(self.best(b)) for b in self.batches},
             "step_ms": {b: [round(c * 1e3, 3) for c in self.cost(b)] for b in self.batches},
+            "around_step_ms": {b: round(self.around(b) * 1e3, 3) for b in self.batches},
         }
         if any(self.shallow.values()):  # by depth: 0 drafts nothing, d: d modules draft, d verified
             out["shallow_step_ms"] = {

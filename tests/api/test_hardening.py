@@ -424,8 +424,8 @@ def test_streamed_completion_never_leaks_part_of_a_stop_sequence(
 def test_info_and_metrics_show_what_the_draft_policy_does(client: TestClient) -> None:
     client.post("/generate", json=GOOD_GEN)
     policy = client.get("/info").json()["draft_policy"]
-    assert set(policy) == {"acceptance", "drafts_by_batch", "step_ms"}
-    assert set(policy["drafts_by_batch"]) == {"1", "2", "4", "8", "16"}
+    assert set(policy) == {"acceptance", "drafts_by_batch", "step_ms", "around_step_ms"}
+    assert set(policy["drafts_by_batch"]) == set(policy["around_step_ms"]) == {"1", "2", "4", "8", "16"}
     assert "mtp_spec_drafts_per_pass " in client.get("/metrics").text
 
 

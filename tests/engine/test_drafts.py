@@ -175,7 +175,12 @@ def test_exploration_never_picks_plain() -> None:
     first, second = EXPLORE_EVERY, 3 * EXPLORE_EVERY
     runs = [*range(first - EXPLORE_RUN + 1, first + 1), *range(second - EXPLORE_RUN + 1, second + 1)]
     assert [i for i, n in enumerate(picks, 1) if n != PLAIN] == runs
-    assert DraftPolicy(2, {4: [1.0, 1.0, 1.0]}).describe().keys() == {"acceptance", "drafts_by_batch", "step_ms"}
+    assert DraftPolicy(2, {4: [1.0, 1.0, 1.0]}).describe().keys() == {
+        "acceptance",
+        "drafts_by_batch",
+        "step_ms",
+        "around_step_ms",
+    }
 
 
 def test_re_timings_thin_out_while_the_choice_holds_and_come_back_when_it_moves() -> None:
@@ -434,13 +439,17 @@ def serve_one_by_one(
     requests: int,
     steps: int = 100,
     after_prefill: tuple[float, ...] = (),
+    around: float = 0.0,
 ) -> list[int]:
     """Batch-1 requests one after another, `steps` greedy steps each, as DecodeBatch drives the
     policy: each request's prefill is another pass; a row starts with every module; a shallow
     choice keeps it at that depth, PLAIN ends its drafting (its steps are then timed as plain
     ones without a choice). true_cost: the seconds of each choice, warm; after_prefill: how many
-    times that the 1st, 2nd, .. step after a prefill costs, whatever its choice. Returns the
-    choice each request settled on (that of its last step)."""
+    times that the 1st, 2nd, .. step after a prefill costs, whatever its choice; around: the
+    seconds of work around each step, outside its timed part, on the policy's clock (this
+    harness's). Returns the choice each request settled on (that of its last step)."""
+    clock = [0.0]
+    policy.now = lambda: clock[0]
     settled = []
     for _ in range(requests):
         policy.interrupted()
@@ -452,7 +461,10 @@ def serve_one_by_one(
                 if (d := shallow_depth(choice)) is not None and d > 0:
                     depth = d
             cold = after_prefill[i] if i < len(after_prefill) else 1.0
+            policy.began(1)
+            clock[0] += true_cost[choice] * cold
             policy.observe_cost(1, choice, true_cost[choice] * cold)
+            clock[0] += around
         settled.append(choice)
     return settled
 
@@ -533,6 +545,23 @@ def test_a_shallow_re_timing_is_the_median_of_several_warm_steps_not_one() -> No
     later = serve_one_by_one(policy, true_cost, 5, after_prefill=after_prefill)
     assert later == [shallow(1)] * 5
     assert policy.describe()["shallow_step_ms"] == {1: {0: 300.0, 1: 440.0}}
+
+
+def test_the_work_around_each_step_counts_against_steps_that_emit_fewer_tokens() -> None:
+    """One stream: a plain step takes 0.27 and the one-module step 0.5 (1.6 tokens), as timed.
+    On the steps alone plain wins by its margin (1 / 0.27 / 1.1 = 3.37 tokens per unit against
+    1.6 / 0.5 / 1.05 = 3.05). But the core does 0.15 of work around every step, outside its
+    timed part (the thread policy, the tokens' delivery, the loop), which a step emitting more
+    tokens pays less often: 1 / 0.42 / 1.1 = 2.16 against 1.6 / 0.65 / 1.05 = 2.34. Measured as
+    the gaps between steps and counted, requests keep one module; uncounted, they go plain."""
+    true_cost = {PLAIN: 0.27, shallow(1): 0.5, 0: 0.8, 1: 0.85, 2: 0.9}
+    counted = policy_with_rates([0.6, 0.36], {1: [0.8, 0.85, 0.9]}, shallow={1: {0: 0.27, 1: 0.5}})
+    settled = serve_one_by_one(counted, true_cost, 20, around=0.15)
+    assert settled[0] == PLAIN  # its first step, before any gap was seen
+    assert settled[1:].count(shallow(1)) >= 17  # the rest: plain's re-timings, one request each
+    assert counted.describe()["around_step_ms"] == {1: 150.0}
+    on_steps_alone = policy_with_rates([0.6, 0.36], {1: [0.8, 0.85, 0.9]}, shallow={1: {0: 0.27, 1: 0.5}})
+    assert serve_one_by_one(on_steps_alone, true_cost, 20) == [PLAIN] * 20
 
 
 def test_a_thread_counts_table_begun_later_waits_a_whole_period_before_re_timing() -> None:
