@@ -11,8 +11,8 @@ step at each (batch size, n) once, at start-up, and each step picks
 around(batch) is the work the core does around each step, outside the step's timed part: the
 thread policy, turning the step's tokens into events and handing them over, the core loop.
 It is about the same whatever the step verifies, so it weighs on a step that emits fewer
-tokens. At one stream a served one-module pass took 0.61 ms of forward time where the policy
-had timed 0.53 for its step, and the core's work between passes came on top (benchmark 51):
+tokens. At one stream served one-module passes took 0.55-0.61 ms of forward time where the
+policy had timed 0.41-0.54 for their steps, and the core's work between passes came on top (benchmark 51):
 close as the two are at batch 1, on the timed parts alone plain won by its margin where whole
 passes of one module emitted as many tokens per second or more. It is measured as the gap
 between one greedy step's timed part and the next one's, with no other pass between (the
