@@ -57,6 +57,7 @@ from bench.decoding import heldout_prompts, write_json
 from bench.server import (
     ROOT,
     baseline_tree,
+    choices_by_batch,
     forward_totals,
     measured,
     per_request,
@@ -177,6 +178,7 @@ def served_phase(
             run["policies"] = policies(srv.url)
             runs.append(run)
         many = measured(lambda: asyncio.run(generate_load(srv.url, texts, streams, new_tokens, 2)), srv.proc.pid)
+        many["policies"] = choices_by_batch(srv.url)
     out: dict[str, Any] = {key: _merged([r[key] for r in runs]) for key in ("1_stream", "1_stream_json")}
     out[f"{streams}_streams"] = many
     if offline is not None:

@@ -142,6 +142,13 @@ def per_request(
     }
 
 
+def choices_by_batch(url: str) -> dict[str, Any]:
+    """The draft policy's choice and the work around a step at every measured batch size (from
+    /info) when a run ended: what a concurrent load's batch sizes ran."""
+    policy = httpx.get(f"{url}/info", timeout=30).json().get("draft_policy") or {}
+    return {"drafts_by_batch": policy.get("drafts_by_batch"), "around_step_ms": policy.get("around_step_ms")}
+
+
 def policies(url: str) -> dict[str, Any]:
     """What the server's draft and thread policies chose at batch 1 (from /info) when a run
     ended, and what they chose from: the draft policy's batch-1 step costs and acceptance

@@ -73,6 +73,8 @@ def test_one_served_stream_is_no_faster_than_the_model_in_process(byte_checkpoin
             assert parts == pytest.approx(each["wall_ms"], abs=0.01)
         assert {"drafts_at_batch_1", "threads_at_batch_1", "step_ms_at_batch_1"} <= set(pair["policies"])
     many = phase["1_streams"]  # the concurrent load (one stream here): its server's cores too
+    chosen = many["policies"]  # its choices at every batch size, and the work around a step there
+    assert set(chosen) == {"drafts_by_batch", "around_step_ms"} and "1" in chosen["drafts_by_batch"]
     assert many["errors"] == 0 and many["server_cores"]["busiest_other"] > 0.1 and 0 <= many["steal_share"] < 1
     for key in ("1_stream", "1_stream_json"):  # the phase's figure: both runs, the median rate
         assert phase[key]["tokens"] == 2 * want and len(phase[key]["tokens_per_s_runs"]) == 2
