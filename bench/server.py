@@ -107,18 +107,21 @@ def measured(measure: Callable[[], dict[str, Any]], pid: int | None = None) -> d
     return out
 
 
+def histogram_totals(url: str, name: str) -> dict[str, tuple[float, float]]:
+    """{kind: (sum, count)} so far of the server's histogram `name`, labelled by kind."""
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        for field, into in (("sum", sums), ("count", counts)):
+            prefix = f'{name}_{field}{{kind="'
+            if line.startswith(prefix):
+                into[line[len(prefix) :].split('"', 1)[0]] = float(line.split()[-1])
+    return {kind: (sums.get(kind, 0.0), counts.get(kind, 0.0)) for kind in sums.keys() | counts.keys()}
+
+
 def forward_totals(url: str) -> dict[str, tuple[float, float]]:
     """{kind: (seconds, passes)} of the server's forward passes so far (mtp_forward_duration_seconds)."""
-    out: dict[str, tuple[float, float]] = {}
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        for field, i in (("sum", 0), ("count", 1)):
-            prefix = f'mtp_forward_duration_seconds_{field}{{kind="'
-            if line.startswith(prefix):
-                kind = line[len(prefix) :].split('"', 1)[0]
-                pair = list(out.get(kind, (0.0, 0.0)))
-                pair[i] = float(line.split()[-1])
-                out[kind] = (pair[0], pair[1])
-    return out
+    return histogram_totals(url, "mtp_forward_duration_seconds")
 
 
 def per_request(

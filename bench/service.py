@@ -20,14 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 
 from app.decoding.predict import score_next
 from app.model.checkpoint import load_checkpoint
 from app.model.model import MTPTransformer
 from bench.decoding import heldout_prompts
-from bench.server import ROOT, Server, measured, running
+from bench.server import ROOT, Server, histogram_totals, measured, running
 
 
 def server(
@@ -198,14 +197,7 @@ async def generate_load(
 
 def batch_totals(url: str, kind: str) -> tuple[float, float]:
     """(sum, count) of the server's mtp_batch_size histogram for `kind`, so far."""
-    text = httpx.get(f"{url}/metrics").text
-    total = count = 0.0
-    for line in text.splitlines():
-        if line.startswith(f'mtp_batch_size_sum{{kind="{kind}"}}'):
-            total = float(line.split()[-1])
-        elif line.startswith(f'mtp_batch_size_count{{kind="{kind}"}}'):
-            count = float(line.split()[-1])
-    return total, count
+    return histogram_totals(url, "mtp_batch_size").get(kind, (0.0, 0.0))
 
 
 def mean_batch(url: str, kind: str, since: tuple[float, float] = (0.0, 0.0)) -> float:

@@ -378,7 +378,7 @@ class DraftPolicy:
         held = self.chosen.get(b, n)
         if held in self.choices and n != held and expected[n] / cost[n] < MOVE_MARGIN * expected[held] / cost[held]:
             n = held  # within the margin of the count that runs: noise, not a reason to move
-        return self._or_shallower(b, n, expected[n] / cost[n], range(self.max_drafts), expected)
+        return self._or_shallower(b, n, expected[n] / cost[n], range(self.max_drafts), expected, extra)
 
     def _shallower(self, b: int, depth: int) -> int:
         """The choice for a batch whose rows keep at most `depth` modules: that depth, or a
@@ -386,14 +386,17 @@ class DraftPolicy:
         row = self.shallow.get(b, {})
         if depth not in row:  # not timed at b: keep it
             return shallow(depth)
-        expected = self._expected()
-        rate = expected[depth] / (statistics.median(row[depth]) + self.around(b))
-        return self._or_shallower(b, shallow(depth), rate, range(depth), expected)
+        expected, extra = self._expected(), self.around(b)
+        rate = expected[depth] / (statistics.median(row[depth]) + extra)
+        return self._or_shallower(b, shallow(depth), rate, range(depth), expected, extra)
 
-    def _or_shallower(self, b: int, choice: int, rate: float, depths: range, expected: list[float]) -> int:
+    def _or_shallower(
+        self, b: int, choice: int, rate: float, depths: range, expected: list[float], extra: float
+    ) -> int:
         """`choice`, expected to emit `rate` tokens per second, or the shallow depth among `depths`
-        (timed at b) whose rate beats it by the most, where that is more than its margin."""
-        best, score, extra = choice, rate, self.around(b)
+        (timed at b) whose rate, with `extra` seconds around each step, beats it by the most,
+        where that is more than its margin."""
+        best, score = choice, rate
         for d in reversed(depths):  # deeper first: a tie keeps more modules
             if d in self.shallow.get(b, {}):
                 margin = PLAIN_MARGIN if d == 0 else SHALLOW_MARGIN
