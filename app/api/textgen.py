@@ -55,7 +55,7 @@ class GenOptions:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class GenToken:
     index: int
     id: int
@@ -121,6 +121,7 @@ async def run_generation(
     )
     spec = engine.speculates(request)
     decoder = tok.stream_decoder()
+    special_ids = tok.special_ids
     text = ""
     tokens: list[GenToken] = []
     longest_stop = max((len(s) for s in opts.stop), default=0)
@@ -136,7 +137,7 @@ async def run_generation(
             elif isinstance(event, TokenEvent):
                 n = len(event.token_ids)
                 for i, (tid, lp) in enumerate(zip(event.token_ids, event.logprobs, strict=True)):
-                    special = tid in tok.special_ids
+                    special = tid in special_ids
                     final_token = event.final and i == n - 1
                     # special tokens (end-of-text) show in their token's text but not in the generated text
                     piece = "" if special else decoder.step(tid)
@@ -144,9 +145,12 @@ async def run_generation(
                         piece += decoder.flush()
                     start = max(0, len(text) - longest_stop + 1)
                     text += piece
-                    cut = _find_stop(text, opts.stop, start)
                     shown = tok.id_to_text(tid) if special else piece
-                    safe = released if cut is not None else len(text) - _stop_prefix(text, opts.stop)
+                    if opts.stop:
+                        cut = _find_stop(text, opts.stop, start)
+                        safe = released if cut is not None else len(text) - _stop_prefix(text, opts.stop)
+                    else:  # no stop sequence to watch for: every character is safe at once
+                        cut, safe = None, len(text)
                     gt = GenToken(
                         index=len(tokens),
                         id=tid,
