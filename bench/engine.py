@@ -126,7 +126,7 @@ async def _run(
     if policy is not None and any(d > 0 for row in policy.shallow.values() for d in row):
         # the same start-up table, without the shallow steps that keep 1 .. k-2 modules
         plain = {b: {0: row[0][0]} for b, row in policy.shallow.items() if 0 in row}
-        policies["no_shallow"] = DraftPolicy(policy.max_drafts, policy.costs, policy.choices, plain)
+        policies["no_shallow"] = DraftPolicy(policy.max_drafts, policy.costs, policy.choices, plain, policy.position)
     rates: dict[str, dict[int, list[float]]] = {m: {1: [], streams: []} for m in policies}
     counts = _offline_counts(engine) if offline else []
     off: dict[int, list[float]] = {n: [] for n in counts}
@@ -170,6 +170,7 @@ async def _run(
         },
         "drafts_by_batch_size": {str(b): n for b, n in drafts_by_batch.items()},
         "shallow_step_ms_by_batch": policy.describe().get("shallow_step_ms", {}) if policy else {},
+        "step_us_per_key_position_by_batch": policy.describe().get("step_us_per_key", {}) if policy else {},
         "acceptance_by_position": [round(a, 3) for a in policy.rates()] if policy else [],
         # what ran, all modes and repeats together: the adaptive policy's choices by batch size
         # (a shallow choice as -1 - depth), and the decode passes by thread count

@@ -187,7 +187,8 @@ class DecodeBatch:
         greedy = [s.item.request.sampling.greedy for s in rows]
         if self.policy is not None and self._decides(rows, greedy, self._fused(rows)):
             depth = max(self._row_depth(s) for s in rows if s.speculative)
-            choice = self.policy.choose(len(rows), depth, threads)
+            keys = max(self.positions + [len(s.item.request.prompt_ids) for s in seqs])
+            choice = self.policy.choose(len(rows), depth, threads, keys)
             self.planned = (len(rows), choice)
             self._apply(seqs, shallow_depth(choice))
         return max((self._row_depth(s) for s in seqs if s.speculative), default=0)
@@ -214,11 +215,12 @@ class DecodeBatch:
         fused = self._fused()
         depth = self._depth()
         planned, self.planned = self.planned, None
+        keys = max(self.positions)  # the step's key length: its costs are compared there (drafts.py)
         if planned is not None and planned[0] == len(self):  # chosen at the prefill of the rows that joined
             choice: int | None = planned[1]
         else:
             decide = self._decides(self.seqs, self.sampling.greedy_rows, fused)
-            choice = self.policy.choose(len(self), depth) if self.policy is not None and decide else None
+            choice = self.policy.choose(len(self), depth, keys=keys) if self.policy is not None and decide else None
         shallow = shallow_depth(choice) if choice is not None else None
         self._apply(self.seqs, shallow)
         if shallow == 0:  # PLAIN, cheaper than any drafting step: these rows stop speculating for good
@@ -287,11 +289,11 @@ class DecodeBatch:
         self.last_graph = (width, made)
         if self.policy is not None:
             if choice is not None and shallow is None:
-                self.policy.observe_cost(len(self), n_drafts, time.perf_counter() - t0)
+                self.policy.observe_cost(len(self), n_drafts, time.perf_counter() - t0, keys)
             elif choice is not None and shallow:  # d modules made d drafts, and the step verified them
-                self.policy.observe_cost(len(self), choice, time.perf_counter() - t0)
+                self.policy.observe_cost(len(self), choice, time.perf_counter() - t0, keys)
             elif not use_drafts and not make_drafts and self.sampling.all_greedy and self.sampling.penalties is None:
-                self.policy.observe_cost(len(self), PLAIN, time.perf_counter() - t0)  # a plain step
+                self.policy.observe_cost(len(self), PLAIN, time.perf_counter() - t0, keys)  # a plain step
             self.policy.observe(limits, emitted)
         for s, m, n in zip(self.seqs, limits, emitted, strict=True):
             if m:

@@ -62,6 +62,22 @@ passed plain's, and every later request went plain, while the one-module step ke
 timings of that stretch (benchmark 51). (A thread count's table, below, begun later counts
 its period from its start.)
 
+A step's cost also grows with the keys it attends: a compiled CPU step reads the filled part
+of the cache, so its cost rises with the longest row's length, by about the same seconds per
+position whatever the step verifies (reading the keys and values dominates it). Taken as they
+were, timings made at different lengths were set against each other as equals: sixteen rows
+that start and end together time plain steps at the end of a wave, 200 positions on, and a
+re-timing of the one-module step at the start of the next one, so that step read cheap, and
+the wave's rows kept it, at twice a plain step's cost, for most of a request (benchmark 53).
+So each timing comes with its step's key length (the largest position of its rows) and is
+brought to the length the start-up table was timed at (`position`) with the seconds per key
+position that the timings themselves show: the slope of each choice's medians by key bucket
+about its own mean, shared by all choices, re-estimated every KEY_EVERY timings at a batch
+size (`step_us_per_key` in /info); and each choice is weighed at the key length of the step
+being chosen. Where no choice has been timed across two buckets the slope is 0, which is how
+every timing was taken before. It is capped at half the cheapest start-up step over
+`position`, so that no choice's cost at a short length falls below half its timing.
+
 Timings are kept per intra-op thread count. The thread policy (threads.py) runs a batch size
 at one thread or at all of them, and re-times the other now and then; a step at one thread costs
 more, and by another ratio for each draft count. Mixed in one window, a stretch of one-thread
@@ -124,7 +140,7 @@ import logging
 import statistics
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -156,6 +172,11 @@ PLAIN_MARGIN = 1.1  # PLAIN must give this many times the best draft count's tok
 SHALLOW_MARGIN = 1.05  # ... and a shallow step with modules this many times: its rows lose the deeper drafts
 MOVE_MARGIN = 1.03  # another draft count must promise this many times the running one's tokens/s to replace it
 OVERHEAD_STEPS = 64  # gaps between greedy steps kept per batch size; their median is the work around a step
+TIMING_POSITION = 64  # the position the start-up table times its steps at (less where the model's context is short)
+KEY_BUCKET = 32  # the key lengths of a step's timings are grouped by this many positions to estimate their cost
+KEY_STEPS = 512  # warm timings kept per batch size (with their choice and key length) for that estimate ...
+KEY_EVERY = 128  # ... which is made again after each this many of them
+KEY_BUCKET_STEPS = 3  # a bucket counts in it with at least this many timings of one choice
 
 
 def shallow(depth: int) -> int:
@@ -180,6 +201,11 @@ class Timings:
     timed: dict[int, set[int]] = field(default_factory=dict)  # [batch]: the draft counts timed at this count
     # (batch, depth) of shallow steps whose re-timing began: their next timing replaces their window
     retimed: set[tuple[int, int]] = field(default_factory=set)
+    # [batch]: (choice, key length, seconds) of the recent warm timings, and the seconds a step's cost
+    # grows by per key position that they show (module doc)
+    keyed: dict[int, deque[tuple[int, int, float]]] = field(default_factory=dict)
+    per_key: dict[int, float] = field(default_factory=dict)
+    key_clock: dict[int, int] = field(default_factory=dict)  # [batch]: keyed timings taken, all told
 
 
 class DraftPolicy:
@@ -189,13 +215,17 @@ class DraftPolicy:
         costs: dict[int, list[float]],
         choices: list[int] | None = None,
         shallow: dict[int, dict[int, float]] | None = None,
+        position: int = TIMING_POSITION,
     ) -> None:
         """costs[batch] = step seconds with n = 0 .. max_drafts drafts verified, for a few batch sizes;
         choices: the draft counts a step may verify (compiled steps: the widths compiled), default all;
         shallow[batch][d] = seconds of a step whose first d < max_drafts modules draft and which
         verifies d drafts (d = 0: one that drafts nothing; sequential heads): shallow(d) becomes
-        a choice."""
+        a choice. position: the largest position of the rows those steps were timed at (the key
+        length their costs are for)."""
         self.max_drafts = max_drafts
+        self.position = position
+        self.keys: int | None = None  # the key length of the step being chosen (choose()), if given
         self.choices = sorted(set(choices)) if choices is not None else list(range(max_drafts + 1))
         self.batches = sorted(costs)
         self.costs = costs
@@ -302,12 +332,14 @@ class DraftPolicy:
             out.append(prev)
         return out
 
-    def choose(self, batch: int, depth: int | None = None, threads: int | None = None) -> int:
+    def choose(self, batch: int, depth: int | None = None, threads: int | None = None, keys: int | None = None) -> int:
         """Drafts to verify in a pass over `batch` rows, or a shallow choice. depth: the most
         modules any of the rows keeps (below max_drafts after a shallow choice): such a batch
         may only go shallower. threads: the intra-op thread count the step will run at, whose
         table decides (default: this thread's count now; a choice made during a prefill, which
-        may run at another count, passes the step's)."""
+        may run at another count, passes the step's). keys: the step's key length, the largest
+        position of its rows, at which the choices' costs are compared (module doc)."""
+        self.keys = keys
         choice = self._choose(batch, depth, threads)
         self.made[batch, choice] += 1
         return choice
@@ -372,7 +404,7 @@ class DraftPolicy:
     def best(self, b: int) -> int:
         """The draft count with the most expected tokens per second at measured batch size b, or
         a shallow choice (PLAIN among them) that beats it by its margin."""
-        extra = self.around(b)
+        extra = self.around(b) + self._key_cost(b)
         cost, expected = [c + extra for c in self.cost(b)], self._expected()
         n = max(self.choices, key=lambda n: (expected[n] / cost[n], -n))
         held = self.chosen.get(b, n)
@@ -386,7 +418,7 @@ class DraftPolicy:
         row = self.shallow.get(b, {})
         if depth not in row:  # not timed at b: keep it
             return shallow(depth)
-        expected, extra = self._expected(), self.around(b)
+        expected, extra = self._expected(), self.around(b) + self._key_cost(b)
         rate = expected[depth] / (statistics.median(row[depth]) + extra)
         return self._or_shallower(b, shallow(depth), rate, range(depth), expected, extra)
 
@@ -403,6 +435,25 @@ class DraftPolicy:
                 if (s := expected[d] / (statistics.median(self.shallow[b][d]) + extra) / margin) > score:
                     best, score = shallow(d), s
         return best
+
+    def _key_cost(self, b: int) -> float:
+        """Seconds a step at b costs at the key length being chosen for (self.keys) beyond its
+        cost at the timing position: the same for every choice (module doc)."""
+        return 0.0 if self.keys is None else self.table().per_key.get(b, 0.0) * (self.keys - self.position)
+
+    def _at_position(self, batch: int, n: int, keys: int | None, seconds: float) -> float:
+        """A warm timing of choice n at `keys` positions, brought to the timing position with the
+        cost per key position known now; it also joins the timings that cost is estimated from."""
+        if keys is None:
+            return seconds
+        table = self.table()
+        samples = table.keyed.setdefault(batch, deque(maxlen=KEY_STEPS))
+        samples.append((n, keys, seconds))
+        table.key_clock[batch] = (seen := table.key_clock.get(batch, 0) + 1)
+        if seen % KEY_EVERY == 0:
+            cap = min(self.costs[batch]) / (2 * self.position) if self.position > 0 else float("inf")
+            table.per_key[batch] = min(per_key_cost(samples), cap)
+        return seconds - table.per_key.get(batch, 0.0) * (keys - self.position)
 
     def _expected(self) -> list[float]:
         """Tokens a pass verifying n = 0 .. max_drafts drafts is expected to emit."""
@@ -423,10 +474,11 @@ class DraftPolicy:
             self.overhead[batch].append(self.now() - self.ended[1])
         self.ended = None
 
-    def observe_cost(self, batch: int, n: int, seconds: float) -> None:
+    def observe_cost(self, batch: int, n: int, seconds: float, keys: int | None = None) -> None:
         """A greedy step's duration (n: a draft count, or a shallow choice that ran, PLAIN for a
         step that drafted nothing); only exact measured batch sizes count (a smaller batch costs
-        less), and only warm steps (see the module's doc)."""
+        less), and only warm steps (see the module's doc). keys: the step's key length, the
+        largest position of its rows before it."""
         self.ended = (batch, self.now())
         self.threads = torch.get_num_threads()
         self.clock += 1
@@ -441,7 +493,7 @@ class DraftPolicy:
                 if (batch, d) in (retimed := self.table().retimed):  # its re-timing is its cost (module doc)
                     retimed.discard((batch, d))
                     self.shallow[batch][d].clear()
-                self.shallow[batch][d].append(seconds)
+                self.shallow[batch][d].append(self._at_position(batch, n, keys, seconds))
                 self.shallow_seen[batch][d] = self.clock
         elif batch in self.recent and n in self.choices:
             window = self.recent[batch][n]
@@ -450,7 +502,7 @@ class DraftPolicy:
                     return  # a re-timing run's step before its last: still cold
                 if n != self.chosen.get(batch):  # one not running: its re-timing is its cost (module doc)
                     window.clear()
-            window.append(seconds)
+            window.append(self._at_position(batch, n, keys, seconds))
             self.last_seen[batch][n] = self.steps[batch]
             self.table().timed.setdefault(batch, set()).add(n)
 
@@ -467,6 +519,8 @@ class DraftPolicy:
             "step_ms": {b: [round(c * 1e3, 3) for c in self.cost(b)] for b in self.batches},
             "around_step_ms": {b: round(self.around(b) * 1e3, 3) for b in self.batches},
         }
+        if per_key := self.table().per_key:  # what a key position adds to a step, where estimated
+            out["step_us_per_key"] = {b: round(c * 1e6, 3) for b, c in sorted(per_key.items())}
         if any(self.shallow.values()):  # by depth: 0 drafts nothing, d: d modules draft, d verified
             out["shallow_step_ms"] = {
                 b: {d: round(statistics.median(c) * 1e3, 3) for d, c in row.items()} for b, row in self.shallow.items()
@@ -479,6 +533,29 @@ class DraftPolicy:
             for j in range(m):
                 self.offered[j] += 1
                 self.accepted[j] += j < e - 1
+
+
+def per_key_cost(samples: Iterable[tuple[int, int, float]]) -> float:
+    """Seconds a step's cost grows by per key position, from (choice, key length, seconds)
+    timings: the slope shared by all choices of their medians by key bucket, each choice's
+    buckets about its own mean (one choice runs at other lengths than another); 0 where no
+    choice was timed in two buckets, and never below 0."""
+    by: dict[int, dict[int, list[tuple[int, float]]]] = {}
+    for n, keys, seconds in samples:
+        by.setdefault(n, {}).setdefault(keys // KEY_BUCKET, []).append((keys, seconds))
+    sxy = sxx = 0.0
+    for buckets in by.values():
+        points = [
+            (statistics.fmean(k for k, _ in timings), statistics.median(s for _, s in timings))
+            for timings in buckets.values()
+            if len(timings) >= KEY_BUCKET_STEPS
+        ]
+        if len(points) < 2:
+            continue
+        mx, my = statistics.fmean(x for x, _ in points), statistics.fmean(y for _, y in points)
+        sxy += sum((x - mx) * (y - my) for x, y in points)
+        sxx += sum((x - mx) ** 2 for x, _ in points)
+    return max(0.0, sxy / sxx) if sxx > 0 else 0.0
 
 
 def _describe(choice: int) -> int | str:
@@ -532,6 +609,11 @@ def time_steps(
     return costs, shallow_costs
 
 
+def timing_position(model: MTPTransformer) -> int:
+    """The position the start-up table times steps at: TIMING_POSITION, less for a short context."""
+    return max(0, min(TIMING_POSITION, model.cfg.max_seq_len - model.cfg.k))
+
+
 def time_verify_steps(
     model: MTPTransformer, max_batch_size: int, compiled: CompiledDecoder | None = None, warm_steps: int | None = None
 ) -> tuple[dict[int, list[float]], dict[int, dict[int, float]]]:
@@ -549,7 +631,7 @@ def time_verify_steps(
     widths = (compiled.greedy_widths or compiled.widths) if compiled is not None else None
     if compiled is not None and widths is not None:
         counts = [w - 1 for w in widths]  # batches past the compiled sizes run eager steps, timed as such
-    pos0 = max(0, min(64, model.cfg.max_seq_len - k))
+    pos0 = timing_position(model)
     gen = torch.Generator(device=dev).manual_seed(0)
     inputs: dict[tuple[int, int], tuple[Any, ...]] = {}  # built once per shape, outside the timings
 

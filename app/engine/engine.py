@@ -25,7 +25,7 @@ from app.engine.admission import NO_RESERVATION, Reservation, check_ids, check_s
 from app.engine.compile import build_compiled
 from app.engine.config import EngineConfig, Health, inference_thread
 from app.engine.core import Abort, Call, DropAll, EngineCore, Stop, Submit
-from app.engine.drafts import DraftPolicy, time_verify_steps
+from app.engine.drafts import DraftPolicy, time_verify_steps, timing_position
 from app.engine.stats import EngineStats
 from app.engine.types import (
     EngineError,
@@ -136,7 +136,8 @@ class Engine:
                 widths = (compiled.greedy_widths or compiled.widths) if compiled is not None else None
                 choices = [w - 1 for w in widths] if widths else None
                 # made on the inference thread, at the thread count its steps run at (drafts.py)
-                policy = await self.call(functools.partial(DraftPolicy, self.k - 1, costs, choices, shallow))
+                position = timing_position(self.model)  # the key length those costs were timed at
+                policy = await self.call(functools.partial(DraftPolicy, self.k - 1, costs, choices, shallow, position))
                 await self.call(functools.partial(setattr, self.core.batch, "policy", policy))
         await self.call(self.core.snapshot_policies)
         log.info(

@@ -10,14 +10,17 @@ import torch
 from app.engine.drafts import (
     EXPLORE_EVERY,
     EXPLORE_RUN,
+    KEY_BUCKET,
     MAX_EXPLORE_EVERY,
     PLAIN,
     RECENT_STEPS,
     SHALLOW_RETIME_EVERY,
+    SHALLOW_RETIME_RUN,
     SHALLOW_RETIME_STEPS,
     STARTUP_WARM_STEPS,
     WARM_STEP,
     DraftPolicy,
+    per_key_cost,
     shallow,
     shallow_depth,
     time_steps,
@@ -581,3 +584,63 @@ def test_a_thread_counts_table_begun_later_waits_a_whole_period_before_re_timing
         assert policy.choose(1) == PLAIN
     finally:
         torch.set_num_threads(before)
+
+
+def serve_waves(
+    policy: DraftPolicy, base: dict[int, float], per_key: float, waves: int, steps: int = 200, prompt: int = 40
+) -> list[int]:
+    """Waves of 16 rows that start and end together, as DecodeBatch drives the policy: the
+    choice for their first step is made before their prefill (another pass), at the prompt's
+    length; a shallow choice keeps its depth, PLAIN ends drafting (plain steps are then timed
+    without a choice). A step of `choice` at key length L costs base[choice] + per_key * L.
+    Returns how many steps of each wave drafted with fewer modules than all (shallow ones)."""
+    clock = [0.0]
+    policy.now = lambda: clock[0]
+    shallow_steps = []
+    for _ in range(waves):
+        policy.interrupted()
+        choice = policy.choose(16, None, keys=prompt)
+        depth = shallow_depth(choice)
+        count = 0
+        for i in range(steps):
+            keys = prompt + i
+            if i and depth != 0:
+                choice = policy.choose(16, depth, keys=keys)
+                depth = shallow_depth(choice)
+            count += depth is not None and depth > 0
+            policy.began(16)
+            clock[0] += (seconds := base[choice] + per_key * keys)
+            policy.observe_cost(16, choice, seconds, keys)
+        shallow_steps.append(count)
+    return shallow_steps
+
+
+def test_steps_timed_at_other_key_lengths_are_compared_at_one_length() -> None:
+    """16 rows in waves that start and end together: plain steps cost 2.0 plus 0.005 per key
+    position, the one-module step 4.5 plus the same (1.7 tokens), so plain wins at any length.
+    A re-timing of the one-module step runs at the start of a wave (keys ~45) and is set
+    against plain's window, timed at the end of the last wave (keys ~240): taken as they were,
+    1.7 / 4.73 beat 1 / 3.2 by more than PLAIN_MARGIN, and the rows kept one module for the
+    whole wave. Compared at one length, the rows go back to plain after the re-timing's run."""
+    base = {PLAIN: 2.0, shallow(1): 4.5, 0: 5.0, 1: 5.5, 2: 6.0}
+    startup = {16: [base[n] + 0.005 * 64 for n in range(3)]}  # timed at position 64
+    policy = policy_with_rates([0.7, 0.49], startup, shallow={16: {0: 2.32, 1: 4.82}})
+    shallow_steps = serve_waves(policy, base, 0.005, 20)
+    assert 2 <= sum(1 for n in shallow_steps if n) <= 4  # periods of 512 steps, then 1024, 2048
+    assert set(shallow_steps) == {0, SHALLOW_RETIME_RUN}
+    assert policy.table().per_key == {16: pytest.approx(0.005, rel=1e-3)}
+
+
+def test_the_cost_of_a_key_position_is_the_slope_each_choice_shows_at_its_own_lengths() -> None:
+    """The cheap choice runs at long keys, the dear one at short ones: set together, their
+    timings would fall as keys grow. Each choice's timings about its own mean give the slope
+    they share; a choice timed within one bucket, or a bucket of fewer than three timings, adds
+    nothing, and a slope below zero (noise) is none."""
+    rng = random.Random(0)
+    cheap = [(PLAIN, keys, 2.0 + 0.005 * keys + rng.gauss(0, 0.01)) for keys in range(160, 300)]
+    dear = [(shallow(1), keys, 4.5 + 0.005 * keys + rng.gauss(0, 0.01)) for keys in range(40, 100)]
+    one_bucket = [(0, 40, 9.0)] * 5 + [(1, 0, 1.0), (1, 5 * KEY_BUCKET, 99.0)]
+    assert per_key_cost(cheap + dear + one_bucket) == pytest.approx(0.005, rel=0.05)
+    assert per_key_cost(dear) == pytest.approx(0.005, rel=0.05)
+    assert per_key_cost(one_bucket) == 0.0
+    assert per_key_cost([(PLAIN, keys, 3.0 - 0.001 * keys) for keys in range(40, 200)]) == 0.0

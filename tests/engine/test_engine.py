@@ -24,7 +24,7 @@ from app.decoding.predict import score_next
 from app.decoding.sampling import SamplingParams
 from app.decoding.speculative import accept_drafts
 from app.engine.batch import DecodeBatch
-from app.engine.drafts import PLAIN, DraftPolicy, shallow
+from app.engine.drafts import PLAIN, WARM_STEP, DraftPolicy, shallow
 from app.engine.engine import Engine
 from app.engine.types import (
     EngineFailure,
@@ -426,6 +426,27 @@ async def joined_after_two_steps(
     return [(tokens, fin), *await joined]
 
 
+async def test_step_timings_carry_the_key_length_they_ran_at(
+    engine_factory: Callable[..., Any], sequential_checkpoint: Path
+) -> None:
+    """A step's cost grows with the keys it attends, so the policy compares choices at one key
+    length (drafts.py): each warm step it times comes with the largest position of its rows,
+    which for one row of plain steps is the prompt's length plus the steps before it."""
+    engine = await engine_factory(sequential_checkpoint, max_batch_size=1)
+    policy = DraftPolicy(2, {1: [1.0] * 3}, shallow={1: {0: 1e-6}})  # plain is the cheap step
+    await engine.call(functools.partial(setattr, engine.core.batch, "policy", policy))
+    prompt = PROMPTS[2]
+    tokens, fin = await run(engine, GenerateJob(prompt, 30))
+    assert fin.verify_steps == 0
+    keyed = [samples for table in policy.tables.values() for samples in table.keyed.values()]
+    assert len(keyed) == 1
+    decode_steps = len(tokens) - 1  # the first token comes from the prefill
+    timed = [(n, keys) for n, keys, _ in keyed[0]]  # warm steps: from the WARM_STEP-th on (the thread
+    first = timed[0][1] - len(prompt)  # policy may run the first few at another count, untimed here)
+    assert WARM_STEP - 1 <= first < decode_steps // 2
+    assert timed == [(PLAIN, len(prompt) + i) for i in range(first, decode_steps)]
+
+
 async def test_a_shallow_choice_keeps_one_module_for_good_and_keeps_greedy_output(
     engine_factory: Callable[..., Any], sequential_checkpoint: Path
 ) -> None:
@@ -490,9 +511,9 @@ async def test_the_choice_made_at_a_prefill_is_for_the_thread_count_of_the_step_
     seen: list[tuple[int, int | None, int]] = []  # batch, the count passed, the count running
     choose = policy.choose
 
-    def noted(batch: int, depth: int | None = None, threads: int | None = None) -> int:
+    def noted(batch: int, depth: int | None = None, threads: int | None = None, keys: int | None = None) -> int:
         seen.append((batch, threads, torch.get_num_threads()))
-        return choose(batch, depth, threads)
+        return choose(batch, depth, threads, keys)
 
     policy.choose = noted  # type: ignore[method-assign]
     one, every = threads.choices[0], threads.choices[-1]
@@ -552,7 +573,7 @@ async def test_a_shallow_step_timed_dear_at_start_up_is_re_timed_on_a_request_an
     policy = DraftPolicy(2, {1: [1.0] * 3, 2: [1.0] * 3, 4: [1.0] * 3}, shallow={1: {0: 5.0, 1: 10.0}})
     true_cost = {PLAIN: 5.0, shallow(1): 0.5, 0: 1.0, 1: 1.0, 2: 1.0}
     observe = policy.observe_cost
-    policy.observe_cost = lambda batch, n, seconds: observe(batch, n, true_cost[n])  # type: ignore[method-assign]
+    policy.observe_cost = lambda batch, n, seconds, keys=None: observe(batch, n, true_cost[n], keys)  # type: ignore[method-assign]
     await engine.call(functools.partial(setattr, engine.core.batch, "policy", policy))
     fins = []
     for job, ref in zip(jobs, refs, strict=True):
