@@ -451,7 +451,8 @@ class DraftPolicy:
         samples.append((n, keys, seconds))
         table.key_clock[batch] = (seen := table.key_clock.get(batch, 0) + 1)
         if seen % KEY_EVERY == 0:
-            cap = min(self.costs[batch]) / (2 * self.position) if self.position > 0 else float("inf")
+            cheapest = min([*self.costs[batch], *self.start_shallow.get(batch, {}).values()])  # at start-up
+            cap = cheapest / (2 * self.position) if self.position > 0 else float("inf")
             table.per_key[batch] = min(per_key_cost(samples), cap)
         return seconds - table.per_key.get(batch, 0.0) * (keys - self.position)
 

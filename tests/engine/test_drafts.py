@@ -644,3 +644,13 @@ def test_the_cost_of_a_key_position_is_the_slope_each_choice_shows_at_its_own_le
     assert per_key_cost(dear) == pytest.approx(0.005, rel=0.05)
     assert per_key_cost(one_bucket) == 0.0
     assert per_key_cost([(PLAIN, keys, 3.0 - 0.001 * keys) for keys in range(40, 200)]) == 0.0
+
+
+def test_the_cost_of_a_key_position_is_at_most_half_the_cheapest_start_up_step_over_its_position() -> None:
+    """However steep a stretch of noisy timings makes it, the cost of the key positions below
+    the start-up table's position is at most half its cheapest step (here the plain one), so
+    no choice's cost at a short length falls below half its timing."""
+    policy = policy_with_rates([0.6, 0.36], {16: [4.0, 4.5, 5.0]}, shallow={16: {0: 2.0}})
+    for keys in range(300):
+        policy.observe_cost(16, PLAIN, 2.0 + 0.5 * keys, keys)  # 0.5 s a position: absurd
+    assert policy.table().per_key == {16: 2.0 / (2 * 64)}
