@@ -127,10 +127,18 @@ class DecodeBatch:
         self.seqs = [s for s, kept in zip(self.seqs, keep, strict=True) if kept]
 
     def compact(self) -> None:
-        """Move the surviving rows' cache entries and state down to rows 0..n-1 (worker thread)."""
+        """Move the surviving rows' cache entries and state into rows 0..n-1 (worker thread).
+
+        A survivor already below n stays where it is; the ones past n fill the rows that ended
+        (`fill_order`). So a row that ends costs at most one row's copy, where shifting every
+        later row down one place cost up to n - 1 of them (each row's keys and values in every
+        attention layer): rows end one at a time when requests come and go."""
         if self._survivors is None:
             return
-        survivors, self._survivors = self._survivors, None
+        kept, self._survivors = self._survivors, None
+        by_row = dict(zip(kept, self.seqs, strict=True))
+        survivors = fill_order(kept)
+        self.seqs = [by_row[row] for row in survivors]
         idx = torch.tensor(survivors, dtype=torch.long, device=self.device)
         if survivors != list(range(len(survivors))):
             # positions < pos are cached; cur (at pos) and anything after it are not yet
@@ -314,6 +322,17 @@ class DecodeBatch:
         if limits != self._limits[0]:
             self._limits = (limits, torch.tensor(limits, device=self.device))
         return self._limits[1]
+
+
+def fill_order(survivors: list[int]) -> list[int]:
+    """The old row each of rows 0..n-1 takes after a compaction keeps `survivors` (ascending old
+    rows, n of them): a survivor below n keeps its row, and the survivors from n on fill the
+    rows below n that ended, in order. Every row that moves goes from n or past to below n, so
+    no row is written before it is read (KVCache.compact copies in place)."""
+    n = len(survivors)
+    tail = iter(row for row in survivors if row >= n)
+    kept = set(survivors)
+    return [row if row in kept else next(tail) for row in range(n)]
 
 
 def _cat_optional(old: Tensor | None, new: Tensor | None, n_old: int, n_new: int) -> Tensor | None:

@@ -46,14 +46,16 @@ class KVCache(nn.Module):
         return self.k_cache[row0 : row0 + batch], self.v_cache[row0 : row0 + batch]
 
     def compact(self, rows: Tensor, length: int | None = None) -> None:
-        """Move cache rows `rows` (ascending) to rows 0..len(rows)-1.
+        """Move cache rows `rows` to rows 0..len(rows)-1: ascending, or any order in which no
+        row is written before it is read (a row that moves is not among the destinations, as
+        in the engine's `fill_order`).
 
         Only rows that move are copied, and only positions < length when given (entries past a
         row's position are masked until overwritten, so they need not follow it)."""
         S = self.k_cache.shape[2] if length is None else min(length, self.k_cache.shape[2])
-        # Row by row, in ascending order, with no temporary: rows ascend, so destination i is
-        # never a source still to be read (rows[j] > rows[i] >= i for j > i). A gather would
-        # allocate a buffer of a new size (rows x length) at nearly every compaction.
+        # Row by row, in order, with no temporary: for ascending rows destination i is never a
+        # source still to be read (rows[j] > rows[i] >= i for j > i). A gather would allocate
+        # a buffer of a new size (rows x length) at nearly every compaction.
         for i, src in enumerate(rows.tolist()):
             if src != i:
                 self.k_cache[i, :, :S].copy_(self.k_cache[src, :, :S])
@@ -285,8 +287,9 @@ class MTPTransformer(nn.Module):
             attn.kv_cache = None
 
     def compact_cache_rows(self, rows: Tensor, length: int | None = None) -> None:
-        """Move the cached keys/values of rows `rows` (ascending) down to rows 0..len(rows)-1;
-        with length, only positions < length (what the surviving rows have filled)."""
+        """Move the cached keys/values of rows `rows` to rows 0..len(rows)-1 (in an order
+        KVCache.compact allows); with length, only positions < length (what the surviving rows
+        have filled)."""
         for attn in self._attentions():
             assert attn.kv_cache is not None
             attn.kv_cache.compact(rows, length)

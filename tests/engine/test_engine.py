@@ -210,6 +210,27 @@ async def test_concurrent_generations_match_solo_runs_in_fewer_passes(engine_fac
     assert forward_passes(engine) - before < solo_passes
 
 
+async def test_rows_that_end_first_leave_the_others_their_own_text(engine_factory: Callable[..., Any]) -> None:
+    """Rows end one by one from the front of the batch, and rows from its end take their
+    places in the cache (compaction in fill order): each request still gets what it gets alone,
+    greedy and seeded sampled alike, and the texts differ, so rows given each other's state
+    would show."""
+    engine = await engine_factory(max_batch_size=8)
+    prompts = [[5, 17, 42], [7, 8], [100, 3, 9, 250], [33, 34, 35], [61, 2], [90, 91, 92, 93]]
+    jobs = [
+        GenerateJob(
+            p,
+            max_new_tokens=4 + 3 * i,
+            sampling=SamplingParams(do_sample=True, seed=i) if i % 2 else SamplingParams(),
+        )
+        for i, p in enumerate(prompts)
+    ]
+    solo = [(await run(engine, j))[0] for j in jobs]
+    assert len({tuple(t) for t in solo}) == len(solo)
+    together = await asyncio.gather(*(run(engine, j) for j in jobs))
+    assert [t for t, _ in together] == solo
+
+
 async def test_penalized_sequences_in_a_running_batch_match_static_decoding(
     engine_factory: Callable[..., Any], tiny_tokenizer: Any
 ) -> None:

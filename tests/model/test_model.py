@@ -180,22 +180,34 @@ def test_the_written_out_attention_of_compiled_cpu_steps_matches_the_fused_kerne
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_compacted_cache_rows_continue_like_uncached():
+def _compacted_rows_continue_like_uncached(B: int, order: list[int], seed: int) -> None:
+    """Fill B cache rows to `filled`, write stale entries past it in every row, keep the old
+    rows `order` (old row order[r] moves to row r, carrying only its filled positions), and
+    check each kept row's next steps against the uncached model: the stale entries of
+    whichever old row held its new place must stay masked."""
     model = tiny_model()
-    B, filled = 4, 9
-    seqs = random_ids(B, MAX_LEN, seed=4)
+    filled = 9
+    seqs = random_ids(B, MAX_LEN, seed=seed)
     expected = [model(seqs[b : b + 1])[0] for b in range(B)]
     model.setup_caches(max_batch=B)
     model(seqs[:, :filled], input_pos=positions(0, filled, B))
-    # rows 1 and 3 leave; rows 0 and 2 move to 0 and 1 carrying only their filled positions,
-    # and row 1's stale entries past `filled` (the old row 1's) must stay masked
     model(seqs[:, filled : filled + 3], input_pos=positions(filled, 3, B))  # writes past `filled` everywhere
-    model.compact_cache_rows(torch.tensor([0, 2]), length=filled)
-    kept = seqs[[0, 2]]
+    model.compact_cache_rows(torch.tensor(order), length=filled)
+    kept = seqs[order]
     for t in range(filled, MAX_LEN):
-        out = model(kept[:, t : t + 1], input_pos=positions(t, 1, 2))
-        for r, b in enumerate((0, 2)):
-            assert_same(out[r, 0], expected[b][t], f"row {b} at {t}")
+        out = model(kept[:, t : t + 1], input_pos=positions(t, 1, len(order)))
+        for r, b in enumerate(order):
+            assert_same(out[r, 0], expected[b][t], f"row {b} (now {r}) at {t}")
+
+
+def test_compacted_cache_rows_continue_like_uncached():
+    _compacted_rows_continue_like_uncached(4, [0, 2], seed=4)  # rows 1 and 3 leave; 2 moves down to 1
+
+
+def test_cache_rows_compacted_out_of_order_continue_like_uncached():
+    """The engine compacts in fill order (a survivor past the new row count fills a row that
+    ended, the others stay): rows 1 and 3 of 5 leave, row 4 moves to row 1, rows 0 and 2 stay."""
+    _compacted_rows_continue_like_uncached(5, [0, 4, 2], seed=5)
 
 
 # --- config validation ------------------------------------------------------------------------
