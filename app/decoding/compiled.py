@@ -10,7 +10,7 @@ import hashlib
 import threading
 import time
 import types
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -164,6 +164,22 @@ def weights_key(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def no_guards(entries: Sequence[Any]) -> list[bool]:
+    """A guard filter (torch.compile's guard_filter_fn) that keeps none of a graph's guards.
+
+    The skip_guard_eval_unsafe stance (skip_guards) skips most guards, but not the tensor ones:
+    each call still checked the tensors the graph reads, the dynamic key length's marking and a
+    few lambda guards: at batch 1 a plain step took 251 us with them and 230 without, a step of
+    one module and one draft 458 and 430 (`python -m bench.guards`, docs/benchmarks.md,
+    benchmark 55). Nothing is left to check: the key a graph is chosen by (CompiledDecoder._run)
+    holds its padded shape, draft count and thread count, greedy_step and __call__ hand it dense
+    inputs of that shape, and the caches it reads are the ones on the model when it runs, as
+    with the guards (which matched any caches of the same shape). Inputs the tensor guards told
+    apart by their dispatch keys alone (made outside inference mode) ran into the stance's
+    refusal to compile again; they now run the same graph."""
+    return [False] * len(entries)
+
+
 def skip_guards() -> None:
     """Let Dynamo run a compiled function's one graph without evaluating its guards (process-wide).
 
@@ -206,6 +222,8 @@ class CompiledDecoder:
     (the engine's shallow steps, app/engine/drafts.py; d = 0: a plain greedy step, no module).
     cpp_wrapper (CPU): Inductor's wrapper code in C++, the default; False: in Python.
     gemm_backends (CPU, with autotune): the kernels its matmuls may use (GEMM_BACKENDS).
+    guards: keep each graph's guards (the skip_guard_eval_unsafe stance still skips all but the
+    tensor ones); by default none are kept (no_guards), except under a mode (CUDA graphs).
     """
 
     def __init__(
@@ -220,6 +238,7 @@ class CompiledDecoder:
         shallow_depths: Iterable[int] = (),
         cpp_wrapper: bool = True,
         gemm_backends: str = GEMM_BACKENDS,
+        guards: bool = False,
     ) -> None:
         import torch._inductor.config as inductor_config
 
@@ -295,6 +314,7 @@ class CompiledDecoder:
                 if proj.bias is not None:
                     self._drafter.bias.copy_(proj.bias[V:])
         self._mode, self._options = mode, options  # of every shape's torch.compile
+        self.guards = guards
         self.cuda_graphs = device.type == "cuda"  # each shape's graph replays as a CUDA graph
         self._graphs: dict[tuple[int, ...], Callable[..., Any]] = {}  # see _run
         skip_guards()
@@ -322,7 +342,7 @@ class CompiledDecoder:
             # into play: its shapes are static but for the keys' length, marked dynamic in _keys
             # (what `mtp bench step` shows of it: docs/benchmarks.md, benchmark 13)
             graph = self._graphs[key] = torch.compile(
-                types.MethodType(copy, self), dynamic=None, mode=self._mode, options=self._options
+                types.MethodType(copy, self), dynamic=None, mode=self._mode, options=self._compile_options()
             )
             _compiling.weights = self._weights_key  # read by stable_wrapper_keys and cache_frozen_graphs
             try:
@@ -338,6 +358,16 @@ class CompiledDecoder:
             # (drafts, the modules' carried states) into the next step: a few small copies.
             out = tuple(t.clone() if isinstance(t, Tensor) else t for t in out)
         return out
+
+    def _compile_options(self) -> dict[str, Any] | None:
+        """One shape's torch.compile options: a fresh dict each time, since torch.compile takes
+        the guard filter out of the dict it is given. The filter drops every guard of the
+        shape's graph (see no_guards); with a mode (CUDA graphs, no options allowed beside it)
+        the graph keeps its guards, and the skip_guard_eval_unsafe stance skips all but the
+        tensor ones."""
+        if self._mode is not None or self.guards:
+            return self._options
+        return {**(self._options or {}), "guard_filter_fn": no_guards}
 
     def shapes(self, greedy: bool = False) -> list[tuple[int, int]]:
         """The (batch, width) shapes this decoder compiles (greedy: of the fused greedy step)."""

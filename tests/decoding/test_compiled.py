@@ -11,7 +11,7 @@ import torch
 from app.decoding.compiled import KV_ROUND, CompiledDecoder, cache_cpp_templates
 from app.decoding.generate import first_tokens, forward_step, generate, prefill
 from app.decoding.sampling import BatchSampling, SamplingParams
-from app.decoding.speculative import accept_drafts
+from app.decoding.speculative import StepResult, accept_drafts
 from tests.decoding.test_generate import N_NEW, assert_same_tokens
 from tests.decoding.test_speculative import (
     PROMPT,
@@ -203,15 +203,8 @@ def test_a_fused_step_runs_its_warm_graph_on_inputs_of_any_layout_and_says_where
     tokens, drafts and states, and no graph compiled (with the graphs' guards not evaluated, a
     layout unlike the compiled one would otherwise make Dynamo compile again, or fail). The
     step's `last` and `next_pos` are each row's last emitted token and pos + n_emitted."""
-    model, dec = seq_decoder.model, seq_decoder
-    list(dec.warm())
-    graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-    prompts = make_prompts(2, model.cfg.vocab_size, 3, 9, seed=25)
-    sampling = BatchSampling.from_params([SamplingParams()] * 2, [None] * 2, torch.device("cpu"))
-    dec.attach()
+    graphs, prompts, first = warm_then_prefill(seq_decoder, make_prompts, seed=25)
     with torch.inference_mode():
-        first = first_tokens(prefill(model, prompts), sampling, torch.ones(2, dtype=torch.bool))
-        assert first.states is not None
         fresh = (
             first.tokens[:, 0].clone(),
             first.drafts[:, :2].clone(),
@@ -225,7 +218,7 @@ def test_a_fused_step_runs_its_warm_graph_on_inputs_of_any_layout_and_says_where
         states[:, 1:2] = first.states
         views = (wide[:, 1], wide[:, 2:4], wide[:, 4], torch.full((2, 2), 2)[:, 1], states[:, 1:2])
         assert not wide[:, 1].is_contiguous() and views[1].storage_offset() == 2
-        got = [dec.greedy_step(c, d, p, m, states=st) for c, d, p, m, st in (fresh, views)]
+        got = [seq_decoder.greedy_step(c, d, p, m, states=st) for c, d, p, m, st in (fresh, views)]
     assert int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) == graphs
     for res in got:
         assert res.last is not None and res.next_pos is not None and res.states is not None
@@ -234,6 +227,21 @@ def test_a_fused_step_runs_its_warm_graph_on_inputs_of_any_layout_and_says_where
         rows = torch.arange(2)
         assert res.last.tolist() == res.tokens[rows, res.n_emitted - 1].tolist()
         assert res.next_pos.tolist() == (fresh[2] + res.n_emitted).tolist()
+
+
+def warm_then_prefill(dec, make_prompts, seed: int) -> tuple[int, list, StepResult]:
+    """Compile every shape of `dec`, then prefill two prompts greedily on its caches: (the graphs
+    compiled so far, the prompts, their first tokens, drafts and module states)."""
+    model = dec.model
+    list(dec.warm())
+    graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    prompts = make_prompts(2, model.cfg.vocab_size, 3, 9, seed=seed)
+    sampling = BatchSampling.from_params([SamplingParams()] * 2, [None] * 2, torch.device("cpu"))
+    dec.attach()
+    with torch.inference_mode():
+        first = first_tokens(prefill(model, prompts), sampling, torch.ones(2, dtype=torch.bool))
+    assert first.states is not None
+    return graphs, prompts, first
 
 
 def settled_entries(model, pos, P) -> list:
@@ -367,3 +375,23 @@ def test_models_of_one_architecture_keep_their_own_weights_in_compiled_steps(pea
         dec = CompiledDecoder(m, 1, batch_sizes=[1], widths=[1])
         got = generate(m, prompts, N_NEW, speculative=False, compiled=dec).tokens
         assert_same_tokens(m, prompts, got, tokens, "compiled, one of two models")
+
+
+def test_a_warm_graph_checks_no_guards(seq_decoder, make_prompts):
+    """A graph keeps none of Dynamo's guards: the key that picks it (CompiledDecoder._run) holds
+    what it is specialised on, and its inputs are made dense at that shape. Inputs made outside
+    inference mode, whose dispatch keys differ from the ones the graph was compiled with (a
+    tensor guard checks them), run the warm graph with the tokens of inference-mode inputs,
+    where a graph with guards would be compiled again."""
+    dec = seq_decoder
+    graphs, prompts, first = warm_then_prefill(dec, make_prompts, seed=26)
+    with torch.inference_mode():
+        inputs = [first.tokens[:, 0], first.drafts[:, :2], torch.tensor([len(p) for p in prompts]), torch.full((2,), 2)]
+    plain = [t.clone() for t in inputs]  # made outside inference mode: not inference tensors
+    assert all(t.is_inference() for t in inputs) and not any(t.is_inference() for t in plain)
+    got = []
+    with torch.inference_mode():
+        for args in (inputs, plain):  # the same step twice: the cache entries it writes are the same
+            got.append(dec.greedy_step(*args, states=first.states))
+    assert int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) == graphs
+    assert got[1].tokens.tolist() == got[0].tokens.tolist() and got[1].drafts.tolist() == got[0].drafts.tolist()
