@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from app.decoding.generate import draft_count
 from app.decoding.sequential import module_chain
 from app.decoding.speculative import StepResult
-from app.model.model import MTPTransformer
+from app.model.model import CausalSelfAttention, MTPTransformer
 
 # Inductor's Python binding of a C++ CPU kernel calls it with the GIL held (torch 2.13:
 # "kernel(args); Py_RETURN_NONE;"), so a compiled step holds the GIL from start to end, where
@@ -275,6 +275,8 @@ class CompiledDecoder:
                 raise ValueError(f"compiled widths (tokens per row per step) must be within 1..{self.k}")
         model.setup_caches(max_batch)
         self._caches = model.kv_caches()
+        # the first attention layer: its cache is checked before each step (_run)
+        self._attention = next(m for m in model.modules() if isinstance(m, CausalSelfAttention))
         device = model.head.proj.weight.device
         self.dynamic_kv = device.type == "cpu"
         self._key_pos = torch.arange(self.cache_len, device=device)
@@ -328,9 +330,14 @@ class CompiledDecoder:
         a step whose shape differs from the last one's paid for that scan. With its own code
         object, each shape is one graph, and the key (which this class builds from the padded
         shape, the draft count and the thread count: everything the graph was specialised on)
-        has already chosen it. Its guards need not run, and do not: see skip_guards."""
+        has already chosen it. Its guards need not run, and do not: see skip_guards and
+        no_guards. key[1] is the padded batch: the rows the graph writes in every cache."""
         if self.cuda_graphs:
             _cuda_graph_thread_state()
+        cache = self._attention.kv_cache
+        if cache is None or cache.k_cache.shape[0] < key[1]:
+            # without guards nothing else would stop the graph writing past the caches' rows
+            raise RuntimeError("the model's KV caches are not this decoder's: call attach() first")
         graph = self._graphs.get(key)
         if graph is None:
             func = fn.__func__  # type: ignore[attr-defined]

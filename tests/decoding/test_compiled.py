@@ -395,3 +395,23 @@ def test_a_warm_graph_checks_no_guards(seq_decoder, make_prompts):
             got.append(dec.greedy_step(*args, states=first.states))
     assert int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) == graphs
     assert got[1].tokens.tolist() == got[0].tokens.tolist() and got[1].drafts.tolist() == got[0].drafts.tolist()
+
+
+def test_a_step_on_caches_with_fewer_rows_than_its_graph_writes_is_refused(seq_decoder, make_prompts):
+    """With no guards, nothing in Dynamo checks the caches a graph writes: caches of one row
+    (as an eager generate() of one prompt leaves on the model) under a step padded to two rows
+    are refused with a clear error, before the graph runs; attach() puts the decoder's back."""
+    model, dec = seq_decoder.model, seq_decoder
+    list(dec.warm())
+    cur, pos, accept = torch.zeros(2, dtype=torch.long), torch.full((2,), 5), torch.zeros(2, dtype=torch.long)
+    model.setup_caches(1)
+    try:
+        with torch.inference_mode(), pytest.raises(RuntimeError, match="attach"):
+            dec.greedy_step(cur, None, pos, accept)
+        model.reset_caches()
+        with torch.inference_mode(), pytest.raises(RuntimeError, match="attach"):
+            dec.greedy_step(cur, None, pos, accept)
+    finally:
+        dec.attach()
+    with torch.inference_mode():
+        assert dec.greedy_step(cur, None, pos, accept).tokens.shape == (2, 1)
