@@ -24,7 +24,10 @@ Phases, one torch process busy at a time (two would fight over the cores):
 Each sequential run also says where a request's time went (`per_request`, from the server's
 forward-pass metrics before and after it): its prefill, its decode passes and how many, and
 the rest of its wall time, outside any pass (HTTP both ways, the client, the core loop between
-passes, an idle inference thread).
+passes, an idle inference thread), and the offline timings split theirs the same way
+(`per_request_by_drafts`: the prefill pass, and the rest). `time_split` sets the two side by
+side at the run's best count, medians over this checkout's pairs: which part of a request
+the served one loses its time in.
 Each pair is also set against one draft count's offline figure, the count fastest over the
 whole run (`_vs_offline_run_best`): a pair's best count is the fastest of a few noisy timings,
 and the fastest of several noisy figures reads high on average. A baseline's pairs get both
@@ -113,6 +116,8 @@ class Offline:
         that ran in a fast moment would pass for the fastest, which biases the best upwards."""
         tokens = dict.fromkeys(self.counts, 0)
         seconds = dict.fromkeys(self.counts, 0.0)
+        prefill = dict.fromkeys(self.counts, 0.0)  # of those seconds, the prefill passes'
+        passes = dict.fromkeys(self.counts, 0)
         with torch.inference_mode():
             if not self._warm:  # the first call at each count compiles or loads its graphs
                 for n in self.counts:
@@ -123,13 +128,27 @@ class Offline:
                     g = generate(self.model, [p], new_tokens, speculative=n > 0, draft_tokens=n, compiled=self.dec)
                     seconds[n] += time.perf_counter() - t0
                     tokens[n] += len(g.tokens[0])
+                    prefill[n] += g.stats.prefill_s
+                    passes[n] += g.stats.forward_passes
         self._warm = True
         rates = {n: tokens[n] / seconds[n] for n in self.counts}
         best = max(rates, key=lambda n: rates[n])
+        each = len(prompts)
         return {
             "tokens_per_s_by_drafts": {n: round(r, 1) for n, r in rates.items()},
             "best_drafts": best,
             "tokens_per_s": round(rates[best], 1),
+            # a request's time at each count, as the servers' per_request splits theirs: the
+            # prefill pass, and everything after it (the decode passes and the loop between them)
+            "per_request_by_drafts": {
+                n: {
+                    "wall_ms": round(seconds[n] / each * 1e3, 3),
+                    "prefill_ms": round(prefill[n] / each * 1e3, 3),
+                    "after_prefill_ms": round((seconds[n] - prefill[n]) / each * 1e3, 3),
+                    "decode_passes": round(passes[n] / each - 1, 1),
+                }
+                for n in self.counts
+            },
         }
 
 
@@ -245,6 +264,35 @@ def run_best_count(phases: list[dict[str, Any]]) -> int:
     return max(runs[0], key=lambda n: statistics.median(r[n] for r in runs))
 
 
+def time_split(phases: list[dict[str, Any]], key: str, count: int) -> dict[str, Any]:
+    """Where a served request's time goes against offline generate()'s at `count` drafts, part
+    by part: medians over the pairs of the served requests' prefill pass and of the rest of
+    their wall time (decode passes, the core between them, HTTP both ways and the client), and
+    of the offline requests' prefill and the rest of theirs (decode passes and generate()'s
+    loop), with the differences served - offline."""
+    pairs = [p for phase in phases for p in phase["pairs"]]
+    served = [p[key]["per_request"] for p in pairs]
+    offline = [p["offline"]["per_request_by_drafts"][count] for p in pairs]
+
+    def med(rows: list[dict[str, float]], part: str) -> float:
+        return round(statistics.median(r[part] for r in rows), 3)
+
+    out: dict[str, Any] = {
+        "offline_drafts": count,
+        "served_ms": {part: med(served, part) for part in ("wall_ms", "prefill_ms", "decode_ms", "outside_passes_ms")},
+        "offline_ms": {part: med(offline, part) for part in ("wall_ms", "prefill_ms", "after_prefill_ms")},
+        "served_decode_passes": med(served, "decode_passes"),
+        "offline_decode_passes": med(offline, "decode_passes"),
+    }
+    after = [s["decode_ms"] + s["outside_passes_ms"] for s in served]
+    out["served_ms"]["after_prefill_ms"] = round(statistics.median(after), 3)
+    out["served_minus_offline_ms"] = {
+        part: round(out["served_ms"][part] - out["offline_ms"][part], 3)
+        for part in ("wall_ms", "prefill_ms", "after_prefill_ms")
+    }
+    return out
+
+
 def bench_served(
     checkpoint: str,
     corpus: str,
@@ -327,6 +375,7 @@ def bench_served(
             at_count = pair_ratios(runs, key, count)
             ratios[f"{key}_vs_offline_run_best{suffix}"] = round(statistics.median(at_count), 3)
             ratios[f"{key}_vs_offline_run_best{suffix}_pairs"] = at_count
+    out["time_split"] = {key: time_split(phases["this"], key, count) for key in keys[:2]}
     if not skip_eager:
         ratios["1_stream_vs_offline"] = round(med["this"]["1_stream"] / out["offline"]["tokens_per_s"], 3)
     if compared:

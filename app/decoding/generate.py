@@ -6,6 +6,7 @@ for its continuous batch.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -169,6 +170,7 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     accepted_by_position: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0  # the prefill pass, to the first tokens (and their drafts) in hand
 
     @property
     def mean_accepted_length(self) -> float:
@@ -228,7 +230,11 @@ def generate(
     stats = GenerationStats(accepted_by_position=[0] * (cfg.k - 1))
     drafting = torch.full((B,), use_spec, device=device)
 
+    t0 = time.perf_counter()
     res = first_tokens(prefill(model, prompts, n_drafts=n_drafts), sampling, drafting)
+    if device.type == "cuda":  # the loop below reads the first tokens at once anyway
+        torch.cuda.synchronize(device)
+    stats.prefill_s = time.perf_counter() - t0
     stats.forward_passes += 1
     pos = torch.tensor(lengths, device=device)
     while True:

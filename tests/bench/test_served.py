@@ -21,6 +21,7 @@ from bench.served import (
     run_best_count,
     served_phase,
     server_trees,
+    time_split,
 )
 from bench.server import ROOT, host_times, steal_share, thread_cores, thread_times
 
@@ -59,6 +60,10 @@ def test_one_served_stream_is_no_faster_than_the_model_in_process(byte_checkpoin
         want = sum(len(generate(model, [p], NEW_TOKENS).tokens[0]) for p in prompts)
     assert len(phase["pairs"]) == 2
     for pair in phase["pairs"]:  # each served run set against the offline one just before it
+        for n, each in pair["offline"]["per_request_by_drafts"].items():  # offline's requests split alike
+            assert each["prefill_ms"] > 0 and each["after_prefill_ms"] > 0, (n, each)
+            assert each["prefill_ms"] + each["after_prefill_ms"] == pytest.approx(each["wall_ms"], abs=0.01)
+            assert 1 <= each["decode_passes"] < NEW_TOKENS, (n, each)
         for served in (pair["1_stream"], pair["1_stream_json"]):  # streamed, then as JSON replies
             assert served["sequences"] == len(prompts) and served["errors"] == 0
             assert served["tokens"] == want
@@ -164,3 +169,35 @@ def test_without_a_baseline_only_this_checkout_is_served() -> None:
     assert server_trees(None, {}) == {"this": ROOT}
     assert server_trees(None, None) == {"this": ROOT}
     assert server_trees(None, {"dtype": "bfloat16"}) == {"this": ROOT, "baseline": ROOT}
+
+
+def test_time_split_sets_each_part_of_a_served_request_against_offlines_at_one_count() -> None:
+    """Medians over the pairs, part by part, against the offline requests at the count given
+    (not each pair's fastest): served 10 ms more in the prefill and 20 ms more after it."""
+
+    def pair(offline_prefill: float, served_prefill: float) -> dict[str, object]:
+        offline = {
+            0: {"wall_ms": 100.0, "prefill_ms": 10.0, "after_prefill_ms": 90.0, "decode_passes": 199.0},
+            1: {
+                "wall_ms": 80.0,
+                "prefill_ms": offline_prefill,
+                "after_prefill_ms": 80.0 - offline_prefill,
+                "decode_passes": 120.0,
+            },
+        }
+        served = {
+            "wall_ms": 110.0,
+            "prefill_ms": served_prefill,
+            "decode_ms": 80.0 - served_prefill,
+            "outside_passes_ms": 30.0,
+            "decode_passes": 130.0,
+        }
+        return {"offline": {"per_request_by_drafts": offline}, "1_stream_json": {"per_request": served}}
+
+    phases = [{"pairs": [pair(8.0, 18.0), pair(8.0, 18.0)]}, {"pairs": [pair(2.0, 40.0)]}]
+    split = time_split(phases, "1_stream_json", 1)
+    assert split["offline_drafts"] == 1
+    assert split["offline_ms"] == {"wall_ms": 80.0, "prefill_ms": 8.0, "after_prefill_ms": 72.0}
+    assert split["served_ms"]["prefill_ms"] == 18.0 and split["served_ms"]["after_prefill_ms"] == 92.0
+    assert split["served_minus_offline_ms"] == {"wall_ms": 30.0, "prefill_ms": 10.0, "after_prefill_ms": 20.0}
+    assert split["served_decode_passes"] == 130.0 and split["offline_decode_passes"] == 120.0
