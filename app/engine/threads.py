@@ -22,8 +22,17 @@ The counts are compared only on timings of the same moment, and of the same dist
 switch of count. A re-timing's timed step is the second of its run, and it is set against the
 chosen count's second step after the run, its first timed one: each is a step after a switch,
 whose graph's weights are not yet all back in the CPU's caches. The choice moves only
-when MOVE_VOTES of the last VOTES such comparisons put the other count clearly (SWITCH_BELOW)
-ahead; one that puts it ahead by CONFIRM_BELOW is repeated right after. The choice used to move
+when MOVE_VOTES of the last VOTES such comparisons put the other count clearly ahead: by
+SWITCH_BELOW for more threads, by SWITCH_DOWN for fewer; one that puts it ahead by CONFIRM_BELOW
+(more threads) or SWITCH_DOWN (fewer) is repeated right after. The margins differ because a
+comparison is two single passes, and what delays one of them (the server's event loop taking
+a core for its turn, the first passes after a switch) delays a team of two, which waits at
+each barrier for its slower member, by more than one thread: with one margin of 10 % both
+ways a server on a quiet machine, where two threads were about 1.6 times as fast per token
+by the policy's own timings, moved to one thread within its first
+requests, back, and there again: it ran 1,134 of its first 1,279 batch-1 steps at one thread
+(docs/benchmarks.md, benchmark 56). A busy neighbour
+slows the team by several times, far past SWITCH_DOWN. The choice used to move
 whenever the median of the chosen count's last few steps rose past the other count's timing
 from its last re-timing, minutes old: a few slow steps in a row (this host's speed moves by
 tens of per cent within a minute, and the server's own event loop takes its turn) were enough.
@@ -92,7 +101,8 @@ MAX_INTERVAL = 2048  # ... doubling up to this while the same count stays fastes
 DRIFT = 1.25  # the chosen count's median this many times its level at the last re-timing: re-time now
 
 CONFIRM_BELOW = 0.9  # a re-timing this much faster than the current choice is repeated at once
-SWITCH_BELOW = 0.9  # ... and one this much faster votes for a move
+SWITCH_BELOW = 0.9  # ... and one this much faster votes for a move to more threads
+SWITCH_DOWN = 0.75  # ... to fewer threads: this much faster (the module doc: what biases a comparison downwards)
 VOTES = 3  # the last comparisons of the two counts kept per key
 MOVE_VOTES = 2  # ... of which this many must vote for the other count to move to it
 EXPLORE_RUN = 2  # passes a re-timing of the other count runs; the first, cold, is not timed
@@ -233,7 +243,7 @@ class ThreadPolicy:
             other, other_seconds = waiting
             lo, hi = (other_seconds, seconds) if other < n else (seconds, other_seconds)
             self.votes.setdefault(key, deque(maxlen=VOTES)).append(lo / hi)
-            if other_seconds < CONFIRM_BELOW * seconds:
+            if other_seconds < (SWITCH_DOWN if other < n else CONFIRM_BELOW) * seconds:
                 self.until_explore[key] = 1  # the other count looks clearly faster now: compare again at once
         recent[n].append(seconds)
         cost[n] = statistics.median(recent[n])
@@ -249,9 +259,12 @@ class ThreadPolicy:
             self.level[key] = drifted
 
     def _ahead(self, key: Key, other: int, best: int) -> int:
-        """How many of the last comparisons at one moment put `other` clearly ahead of `best`."""
+        """How many of the last comparisons at one moment put `other` clearly ahead of `best`:
+        by SWITCH_DOWN for fewer threads than `best`, by SWITCH_BELOW for more."""
         lo_over_hi = self.votes.get(key, ())
-        return sum((r if other < best else 1 / r) < SWITCH_BELOW for r in lo_over_hi)
+        if other < best:
+            return sum(r < SWITCH_DOWN for r in lo_over_hi)
+        return sum(1 / r < SWITCH_BELOW for r in lo_over_hi)
 
     def describe(self) -> dict[str, int]:
         """The thread count each kind and size runs at now, for /info."""
