@@ -269,7 +269,8 @@ def time_split(phases: list[dict[str, Any]], key: str, count: int) -> dict[str, 
     by part: medians over the pairs of the served requests' prefill pass and of the rest of
     their wall time (decode passes, the core between them, HTTP both ways and the client), and
     of the offline requests' prefill and the rest of theirs (decode passes and generate()'s
-    loop), with the differences served - offline."""
+    loop), with the differences served - offline. A served request's `after_prefill_ms` is its
+    wall time less its prefill pass: the HTTP before the prefill is in it too."""
     pairs = [p for phase in phases for p in phase["pairs"]]
     served = [p[key]["per_request"] for p in pairs]
     offline = [p["offline"]["per_request_by_drafts"][count] for p in pairs]
