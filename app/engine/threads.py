@@ -23,8 +23,8 @@ switch of count. A re-timing's timed step is the second of its run, and it is se
 chosen count's second step after the run, its first timed one: each is a step after a switch,
 whose graph's weights are not yet all back in the CPU's caches. The choice moves only
 when MOVE_VOTES of the last VOTES such comparisons put the other count clearly ahead: by
-SWITCH_BELOW for more threads, by SWITCH_DOWN for fewer; one that puts it ahead by CONFIRM_BELOW
-(more threads) or SWITCH_DOWN (fewer) is repeated right after. The margins differ because a
+SWITCH_BELOW for more threads, by SWITCH_DOWN for fewer (`lead`); one that puts it that far
+ahead is repeated right after. The margins differ because a
 comparison is two single passes, and what delays one of them (the server's event loop taking
 a core for its turn, the first passes after a switch) delays a team of two, which waits at
 each barrier for its slower member, by more than one thread: with one margin of 10 % both
@@ -100,8 +100,7 @@ MIN_INTERVAL = 32  # passes of a key between re-timings of the other thread coun
 MAX_INTERVAL = 2048  # ... doubling up to this while the same count stays fastest
 DRIFT = 1.25  # the chosen count's median this many times its level at the last re-timing: re-time now
 
-CONFIRM_BELOW = 0.9  # a re-timing this much faster than the current choice is repeated at once
-SWITCH_BELOW = 0.9  # ... and one this much faster votes for a move to more threads
+SWITCH_BELOW = 0.9  # a re-timing this much faster than the chosen count votes for a move to more threads
 SWITCH_DOWN = 0.75  # ... to fewer threads: this much faster (the module doc: what biases a comparison downwards)
 VOTES = 3  # the last comparisons of the two counts kept per key
 MOVE_VOTES = 2  # ... of which this many must vote for the other count to move to it
@@ -109,6 +108,12 @@ EXPLORE_RUN = 2  # passes a re-timing of the other count runs; the first, cold, 
 STEADY = 5  # passes of one graph at a key and count from which a pass is steady: only those show drift
 DRIFT_WINDOW = 9  # the chosen count's steady passes whose median shows drift: a burst of four slow ones does not
 Key = tuple[str, int]  # (kind of pass, size bucket)
+
+
+def lead(other: int, chosen: int) -> float:
+    """The most a step at `other` threads may cost, over one at the `chosen` count's, to vote
+    for a move to it: SWITCH_DOWN for fewer threads, SWITCH_BELOW for more."""
+    return SWITCH_DOWN if other < chosen else SWITCH_BELOW
 
 
 def size_bucket(n: int) -> int:
@@ -243,8 +248,8 @@ class ThreadPolicy:
             other, other_seconds = waiting
             lo, hi = (other_seconds, seconds) if other < n else (seconds, other_seconds)
             self.votes.setdefault(key, deque(maxlen=VOTES)).append(lo / hi)
-            if other_seconds < (SWITCH_DOWN if other < n else CONFIRM_BELOW) * seconds:
-                self.until_explore[key] = 1  # the other count looks clearly faster now: compare again at once
+            if other_seconds < lead(other, n) * seconds:
+                self.until_explore[key] = 1  # a vote for the other count: compare again at once
         recent[n].append(seconds)
         cost[n] = statistics.median(recent[n])
         if n != best or not steady:
@@ -259,12 +264,9 @@ class ThreadPolicy:
             self.level[key] = drifted
 
     def _ahead(self, key: Key, other: int, best: int) -> int:
-        """How many of the last comparisons at one moment put `other` clearly ahead of `best`:
-        by SWITCH_DOWN for fewer threads than `best`, by SWITCH_BELOW for more."""
+        """How many of the last comparisons at one moment put `other` clearly ahead of `best` (`lead`)."""
         lo_over_hi = self.votes.get(key, ())
-        if other < best:
-            return sum(r < SWITCH_DOWN for r in lo_over_hi)
-        return sum(1 / r < SWITCH_BELOW for r in lo_over_hi)
+        return sum((r if other < best else 1 / r) < lead(other, best) for r in lo_over_hi)
 
     def describe(self) -> dict[str, int]:
         """The thread count each kind and size runs at now, for /info."""
