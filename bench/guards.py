@@ -1,15 +1,18 @@
-"""A compiled batch-1 decode step with its graph's guards kept, against none kept (the default).
+"""A compiled batch-1 decode step through Dynamo with its graph's guards kept, through Dynamo
+with none kept, and called directly (the default), in one run.
 
     python -m bench.guards [--checkpoint DIR] [--rounds 20] [--calls 200] [--position 100] [--no-autotune] [--out FILE]
 
-Two CompiledDecoders of the same model and shapes, one built with `guards=True` (the
-skip_guard_eval_unsafe stance alone, which still checks every tensor the graph reads), one
-without guards (`no_guards`). For each fused greedy step at batch 1 that the engine runs (a
+Three CompiledDecoders of the same model and shapes: "guards", built with `guards=True` (the
+skip_guard_eval_unsafe stance alone, which still checks every tensor the graph reads);
+"dynamo", without guards (`no_guards`) but called through torch.compile's wrapper
+(`direct=False`); "direct", the default, which calls each graph's compiled code directly once
+it is built (`dynamo_code`). For each fused greedy step at batch 1 that the engine runs (a
 plain step; with sequential heads also a step whose one module drafts and which verifies one
 draft; with linear heads a step verifying one draft), each round times `calls` steps of each
-decoder in turn, alternating which goes first, at a fixed position; the first 20 calls of each
-turn are not timed. Prints the median microseconds per step of each and their ratio, and
-checks that both give the same tokens.
+decoder in turn, rotating which goes first, at a fixed position; the first 20 calls of each
+turn are not timed. Prints the median microseconds per step of each, their ratios, and
+checks that all give the same tokens.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def bench_guards(checkpoint: str, rounds: int, calls: int, position: int, autotu
     shallow = [w - 1 for w in widths] if sequential else []
     t0 = time.perf_counter()
     decoders = {}
-    for name, guards in (("guards", True), ("no_guards", False)):
+    for name, guards, direct in (("guards", True, False), ("dynamo", False, False), ("direct", False, True)):
         dec = CompiledDecoder(
             model,
             1,
@@ -67,6 +70,7 @@ def bench_guards(checkpoint: str, rounds: int, calls: int, position: int, autotu
             greedy_widths=widths,
             shallow_depths=shallow,
             guards=guards,
+            direct=direct,
         )
         with torch.inference_mode():
             for _ in dec.warm():
@@ -89,7 +93,8 @@ def bench_guards(checkpoint: str, rounds: int, calls: int, position: int, autotu
             times: dict[str, list[float]] = {name: [] for name in decoders}
             tokens: dict[str, list[int]] = {}
             for r in range(rounds):
-                order = list(decoders) if r % 2 == 0 else list(reversed(decoders))
+                names = list(decoders)
+                order = names[r % len(names) :] + names[: r % len(names)]
                 for name in order:
                     dec = decoders[name]
                     got, tokens[name] = _turn(dec, _steps(dec, width, position), calls)
@@ -99,8 +104,9 @@ def bench_guards(checkpoint: str, rounds: int, calls: int, position: int, autotu
             out["steps"][label] = {
                 "width": width,
                 "us_median": {name: round(v, 1) for name, v in med.items()},
-                "no_guards_over_guards": round(med["no_guards"] / med["guards"], 3),
-                "same_tokens": tokens["guards"] == tokens["no_guards"],
+                "dynamo_over_guards": round(med["dynamo"] / med["guards"], 3),
+                "direct_over_dynamo": round(med["direct"] / med["dynamo"], 3),
+                "same_tokens": tokens["guards"] == tokens["dynamo"] == tokens["direct"],
             }
     return out
 

@@ -196,6 +196,39 @@ def skip_guards() -> None:
     torch.compiler.set_stance(skip_guard_eval_unsafe=True)
 
 
+def dynamo_code(compiled: Callable[..., Any]) -> Callable[..., Any] | None:
+    """The code Dynamo runs for `compiled` (torch.compile of a bound method, called once), as a
+    method to call directly; None where that is not one whole graph.
+
+    Each call of a torch.compile'd function goes through Dynamo's wrapper: it sets the frame
+    evaluation hook and the guard stance, checks for tracing and export, saves the dispatch
+    keys, and the hook then finds the function's cached code and runs it (a frame of its own).
+    That costs every call the same whatever the graph: at batch 1, where a compiled step takes
+    150-400 us, 8-25 us of it (`python -m bench.guards`, docs/benchmarks.md, benchmark 57). The
+    code Dynamo made (its transformed bytecode: the compiled graph's call, with the inputs
+    taken from the arguments) does the same work when called as a plain function, as vLLM
+    dispatches to its compiled code. Only a function compiled to one graph qualifies: one
+    cache entry (what a function per shape without guards has), and no graph break (a
+    `__resume_at` function would run eagerly when called outside the hook)."""
+    method = getattr(compiled, "_torchdynamo_orig_callable", None)
+    func = getattr(method, "__func__", None)
+    if method is None or func is None:
+        return None
+    try:
+        entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(func.__code__)
+    except Exception:  # not in this release of torch
+        return None
+    code = entries[0].code if len(entries) == 1 else None
+    if (
+        not isinstance(code, types.CodeType)
+        or code.co_freevars != func.__code__.co_freevars
+        or any(name.startswith("__resume_at") for name in code.co_names)
+    ):
+        return None
+    run = types.FunctionType(code, func.__globals__, func.__name__, func.__defaults__, func.__closure__)
+    return types.MethodType(run, method.__self__)
+
+
 class CompiledDecoder:
     """torch.compile'd decode steps at fixed shapes, for generate() and the engine.
 
@@ -224,6 +257,9 @@ class CompiledDecoder:
     gemm_backends (CPU, with autotune): the kernels its matmuls may use (GEMM_BACKENDS).
     guards: keep each graph's guards (the skip_guard_eval_unsafe stance still skips all but the
     tensor ones); by default none are kept (no_guards), except under a mode (CUDA graphs).
+    direct: once a shape's graph is built, call the code Dynamo made for it directly
+    (dynamo_code), not through torch.compile's wrapper; only where its guards are dropped, on
+    CPU (a CUDA graph's replays are Dynamo's to manage).
     """
 
     def __init__(
@@ -239,6 +275,7 @@ class CompiledDecoder:
         cpp_wrapper: bool = True,
         gemm_backends: str = GEMM_BACKENDS,
         guards: bool = False,
+        direct: bool = True,
     ) -> None:
         import torch._inductor.config as inductor_config
 
@@ -318,6 +355,7 @@ class CompiledDecoder:
         self._mode, self._options = mode, options  # of every shape's torch.compile
         self.guards = guards
         self.cuda_graphs = device.type == "cuda"  # each shape's graph replays as a CUDA graph
+        self.direct = direct and not guards and mode is None and not self.cuda_graphs  # see dynamo_code
         self._graphs: dict[tuple[int, ...], Callable[..., Any]] = {}  # see _run
         skip_guards()
 
@@ -331,7 +369,8 @@ class CompiledDecoder:
         object, each shape is one graph, and the key (which this class builds from the padded
         shape, the draft count and the thread count: everything the graph was specialised on)
         has already chosen it. Its guards need not run, and do not: see skip_guards and
-        no_guards. key[1] is the padded batch: the rows the graph writes in every cache."""
+        no_guards. Nor, once built, need Dynamo's wrapper: see dynamo_code. key[1] is the
+        padded batch: the rows the graph writes in every cache."""
         if self.cuda_graphs:
             _cuda_graph_thread_state()
         cache = self._attention.kv_cache
@@ -357,6 +396,8 @@ class CompiledDecoder:
                     out = graph(*args)
             finally:
                 _compiling.weights = None
+            if self.direct and (code := dynamo_code(graph)) is not None:
+                self._graphs[key] = code  # the next calls skip Dynamo's wrapper (dynamo_code)
         else:
             out = graph(*args)
         if self.cuda_graphs:

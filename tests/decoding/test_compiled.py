@@ -4,6 +4,7 @@ sampling through padded steps keeps the joint distribution."""
 
 import copy
 import shutil
+import sys
 
 import pytest
 import torch
@@ -395,6 +396,31 @@ def test_a_warm_graph_checks_no_guards(seq_decoder, make_prompts):
             got.append(dec.greedy_step(*args, states=first.states))
     assert int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) == graphs
     assert got[1].tokens.tolist() == got[0].tokens.tolist() and got[1].drafts.tolist() == got[0].drafts.tolist()
+
+
+def test_a_warm_graph_runs_its_compiled_code_without_dynamos_wrapper(seq_decoder, make_prompts):
+    """Once a shape's graph is built, a step calls the code Dynamo made for it directly
+    (dynamo_code): none of torch.compile's per-call wrapper runs, while the graph's own code
+    (its C++ kernel's Python binding included) does. The tokens are checked against eager
+    decoding by the tests above, which run the same direct calls."""
+    dec = seq_decoder
+    _, prompts, first = warm_then_prefill(dec, make_prompts, seed=27)
+    with torch.inference_mode():
+        args = (first.tokens[:, 0], first.drafts[:, :2], torch.tensor([len(p) for p in prompts]), torch.full((2,), 2))
+        dec.greedy_step(*args, states=first.states)  # built by warm(): no compiling here
+        called: list[str] = []
+
+        def record(frame, event, arg) -> None:
+            if event == "call":
+                called.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
+
+        sys.setprofile(record)
+        try:
+            dec.greedy_step(*args, states=first.states)
+        finally:
+            sys.setprofile(None)
+    assert any(":_eager_greedy_step_" in c for c in called)  # the shape's own function ...
+    assert not any(c.endswith(":compile_wrapper") for c in called), "a call went through Dynamo's wrapper"
 
 
 def test_a_step_on_caches_with_fewer_rows_than_its_graph_writes_is_refused(seq_decoder, make_prompts):
