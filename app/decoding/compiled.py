@@ -203,8 +203,8 @@ def dynamo_code(compiled: Callable[..., Any]) -> Callable[..., Any] | None:
     Each call of a torch.compile'd function goes through Dynamo's wrapper: it sets the frame
     evaluation hook and the guard stance, checks for tracing and export, saves the dispatch
     keys, and the hook then finds the function's cached code and runs it (a frame of its own).
-    That costs every call the same whatever the graph: at batch 1, where a compiled step takes
-    150-400 us, 8-25 us of it (`python -m bench.guards`, docs/benchmarks.md, benchmark 57). The
+    That costs every call the same whatever the graph: at batch 1, where a compiled step took
+    150-290 us, 10-19 us of it (`python -m bench.guards`, docs/benchmarks.md, benchmark 57). The
     code Dynamo made (its transformed bytecode: the compiled graph's call, with the inputs
     taken from the arguments) does the same work when called as a plain function, as vLLM
     dispatches to its compiled code. Only a function compiled to one graph qualifies: one
