@@ -294,6 +294,7 @@ class CompiledDecoder:
         greedy_widths = greedy_widths if greedy_widths is not None else self.widths
         self.greedy_widths = sorted(set(greedy_widths)) if greedy_widths is not None else None
         self.shallow_depths = sorted(set(shallow_depths))
+        self._covered: dict[tuple[int, int, bool, int | None], bool] = {}  # covers(), asked every step
         self.threads: dict[int, list[int]] = {}  # batch size -> the thread counts warm() compiled it at
         if self.shallow_depths and (
             self.linear
@@ -476,6 +477,12 @@ class CompiledDecoder:
         buckets); greedy: a fused greedy step (compiled at greedy_widths), whose modules make
         n_drafts drafts (default: the decoder's; fewer: a shallow step, compiled at width
         n_drafts + 1 only)."""
+        key = (b, t, greedy, n_drafts)
+        if (known := self._covered.get(key)) is None:
+            known = self._covered[key] = self._covers(b, t, greedy, n_drafts)
+        return known
+
+    def _covers(self, b: int, t: int, greedy: bool, n_drafts: int | None) -> bool:
         widths = self.greedy_widths if greedy else self.widths
         big = self.batch_sizes is not None and b > self.batch_sizes[-1]
         if big or (widths is not None and t > widths[-1]):

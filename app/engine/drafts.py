@@ -190,6 +190,59 @@ def shallow_depth(choice: int) -> int | None:
     return -1 - choice if choice < 0 else None
 
 
+class Window(deque[float]):
+    """Recent step timings (or gaps) whose median is computed once after each change.
+
+    Each choice compares the medians of every draft count's and shallow depth's window, and
+    the work around a step (a window of OVERHEAD_STEPS), where a step changes one or two of
+    them: at one stream the policy spent 5-10 us a step sorting windows that had not
+    changed. Every mutating method forgets the median."""
+
+    def __init__(self, values: Iterable[float] = (), maxlen: int | None = None) -> None:
+        super().__init__(values, maxlen)
+        self._median: float | None = None
+
+    def median(self) -> float:
+        if self._median is None:
+            self._median = statistics.median(self)
+        return self._median
+
+
+def _forgetting(name: str) -> Callable[..., Any]:
+    method = getattr(deque, name)
+
+    def forget(self: Window, *args: Any) -> Any:
+        self._median = None
+        return method(self, *args)
+
+    forget.__name__ = name
+    return forget
+
+
+for _name in (
+    "append",
+    "appendleft",
+    "extend",
+    "extendleft",
+    "insert",
+    "pop",
+    "popleft",
+    "remove",
+    "clear",
+    "rotate",
+    "reverse",
+    "__setitem__",
+    "__delitem__",
+    "__iadd__",
+):
+    setattr(Window, _name, _forgetting(_name))
+
+
+def median(window: Iterable[float]) -> float:
+    """A window's median: cached for a Window, computed for any other collection."""
+    return window.median() if isinstance(window, Window) else statistics.median(window)
+
+
 @dataclass
 class Timings:
     """One intra-op thread count's recent step timings (DraftPolicy.table)."""
@@ -232,6 +285,7 @@ class DraftPolicy:
         self.start_shallow = shallow or {}
         self.offered = [0] * max_drafts  # verify passes in which draft position j was offered
         self.accepted = [0] * max_drafts  # ... and accepted
+        self._expected_tokens: list[float] | None = None  # _expected(), until observe() changes the rates
         self.steps = dict.fromkeys(costs, 0)  # choices made per measured batch size
         self.made: Counter[tuple[int, int]] = Counter()  # choices made, by (batch, choice): for the benchmarks
         self.until_explore = dict.fromkeys(costs, EXPLORE_EVERY)  # steps at a batch size to its next re-timing run
@@ -251,7 +305,7 @@ class DraftPolicy:
         self.exploring: tuple[int, int, bool] | None = None
         # the work around each step (module doc): the recent gaps between one greedy step's timed
         # part and the next one's, by batch size, and the end of the last timed part, (batch, when)
-        self.overhead: dict[int, deque[float]] = {b: deque(maxlen=OVERHEAD_STEPS) for b in costs}
+        self.overhead: dict[int, deque[float]] = {b: Window(maxlen=OVERHEAD_STEPS) for b in costs}
         self.ended: tuple[int, float] | None = None
         self.now: Callable[[], float] = time.perf_counter  # the clock of those gaps (tests set their own)
 
@@ -259,9 +313,9 @@ class DraftPolicy:
         """The timings of the thread count the core runs at (self.threads), begun from the start-up ones."""
         if (table := self.tables.get(self.threads)) is None:
             table = self.tables[self.threads] = Timings(
-                recent={b: [deque([c], maxlen=RECENT_STEPS) for c in row] for b, row in self.costs.items()},
+                recent={b: [Window([c], maxlen=RECENT_STEPS) for c in row] for b, row in self.costs.items()},
                 shallow={
-                    b: {d: deque([c], maxlen=RECENT_STEPS) for d, c in sorted(row.items()) if d < self.max_drafts}
+                    b: {d: Window([c], maxlen=RECENT_STEPS) for d, c in sorted(row.items()) if d < self.max_drafts}
                     for b, row in self.start_shallow.items()
                     if b in self.costs
                 },
@@ -308,7 +362,7 @@ class DraftPolicy:
         there costs its start-up timing times the median ratio of those timed there to theirs
         (the module's doc)."""
         table = self.table()
-        row = [statistics.median(window) for window in table.recent[batch]]
+        row = [median(window) for window in table.recent[batch]]
         if self.threads == self.startup_threads or not (timed := table.timed.get(batch)) or len(timed) == len(row):
             return row
         start = self.costs[batch]
@@ -319,7 +373,7 @@ class DraftPolicy:
         """Seconds of work around each step at a measured batch size, outside its timed part:
         the median of the recent gaps between consecutive greedy steps (0 until one is seen)."""
         gaps = self.overhead.get(batch)
-        return statistics.median(gaps) if gaps else 0.0
+        return median(gaps) if gaps else 0.0
 
     def _bucket(self, batch: int) -> int:
         return self.batches[min(bisect.bisect_left(self.batches, batch), len(self.batches) - 1)]
@@ -419,7 +473,7 @@ class DraftPolicy:
         if depth not in row:  # not timed at b: keep it
             return shallow(depth)
         expected, extra = self._expected(), self.around(b) + self._key_cost(b)
-        rate = expected[depth] / (statistics.median(row[depth]) + extra)
+        rate = expected[depth] / (median(row[depth]) + extra)
         return self._or_shallower(b, shallow(depth), rate, range(depth), expected, extra)
 
     def _or_shallower(
@@ -432,7 +486,7 @@ class DraftPolicy:
         for d in reversed(depths):  # deeper first: a tie keeps more modules
             if d in self.shallow.get(b, {}):
                 margin = PLAIN_MARGIN if d == 0 else SHALLOW_MARGIN
-                if (s := expected[d] / (statistics.median(self.shallow[b][d]) + extra) / margin) > score:
+                if (s := expected[d] / (median(self.shallow[b][d]) + extra) / margin) > score:
                     best, score = shallow(d), s
         return best
 
@@ -457,11 +511,14 @@ class DraftPolicy:
         return seconds - table.per_key.get(batch, 0.0) * (keys - self.position)
 
     def _expected(self) -> list[float]:
-        """Tokens a pass verifying n = 0 .. max_drafts drafts is expected to emit."""
-        expected = [1.0]
-        for a in self.rates():
-            expected.append(expected[-1] + a)
-        return expected
+        """Tokens a pass verifying n = 0 .. max_drafts drafts is expected to emit (kept until
+        `observe` changes the rates: a step reads it two or three times)."""
+        if self._expected_tokens is None:
+            expected = [1.0]
+            for a in self.rates():
+                expected.append(expected[-1] + a)
+            self._expected_tokens = expected
+        return self._expected_tokens
 
     def expected_tokens(self, n: int) -> float:
         """Tokens a row of a pass verifying n drafts is expected to emit: 1 + a_1 + .. + a_n."""
@@ -524,12 +581,14 @@ class DraftPolicy:
             out["step_us_per_key"] = {b: round(c * 1e6, 3) for b, c in sorted(per_key.items())}
         if any(self.shallow.values()):  # by depth: 0 drafts nothing, d: d modules draft, d verified
             out["shallow_step_ms"] = {
-                b: {d: round(statistics.median(c) * 1e3, 3) for d, c in row.items()} for b, row in self.shallow.items()
+                b: {d: round(median(c) * 1e3, 3) for d, c in row.items()} for b, row in self.shallow.items()
             }
         return out
 
     def observe(self, offered: list[int], emitted: list[int]) -> None:
         """One step's rows: drafts offered (max_accept) and tokens emitted (accepted + 1)."""
+        if any(offered):
+            self._expected_tokens = None
         for m, e in zip(offered, emitted, strict=True):
             for j in range(m):
                 self.offered[j] += 1
@@ -603,8 +662,8 @@ def time_steps(
     for b in batches:
         row: list[float] = []
         for n in range(max_drafts + 1):
-            median = statistics.median(times[b, next(m for m in timed if m >= n)])
-            row.append(median if not row else min(max(median, row[-1]), (n + 1) * row[0]))
+            mid = statistics.median(times[b, next(m for m in timed if m >= n)])
+            row.append(mid if not row else min(max(mid, row[-1]), (n + 1) * row[0]))
         costs[b] = row
     shallow_costs = {b: {d: statistics.median(times[b, shallow(d)]) for d in depths} for b in batches} if depths else {}
     return costs, shallow_costs

@@ -238,7 +238,8 @@ class ThreadPolicy:
 
     def _timed(self, key: Key, n: int, seconds: float, steady: bool = False) -> None:
         """A warm pass of `key` at n threads took `seconds`; steady: its graph's STEADY-th or later."""
-        recent = self.recent.setdefault(key, {c: deque(maxlen=RECENT) for c in self.choices})
+        if (recent := self.recent.get(key)) is None:
+            recent = self.recent[key] = {c: deque(maxlen=RECENT) for c in self.choices}
         cost = self.cost.setdefault(key, {})
         best = self.best.get(key)
         if best is not None and n != best:

@@ -2,6 +2,7 @@
 
 import itertools
 import random
+import statistics
 import time
 
 import pytest
@@ -20,6 +21,7 @@ from app.engine.drafts import (
     STARTUP_WARM_STEPS,
     WARM_STEP,
     DraftPolicy,
+    Window,
     per_key_cost,
     shallow,
     shallow_depth,
@@ -77,6 +79,50 @@ def test_a_step_is_expected_to_emit_one_token_plus_its_drafts_acceptance_rates()
     assert [policy.expected_tokens(n) for n in range(4)] == pytest.approx([1.0, 1 + a[0], 1 + a[0] + a[1], 1 + sum(a)])
     assert policy.expected_tokens(2) == pytest.approx(3.0, abs=0.02)
     assert policy.expected_tokens(9) == policy.expected_tokens(3)  # more than it drafts: all it drafts
+
+
+def test_expected_tokens_follow_each_new_observation() -> None:
+    """Read between observations, the expected tokens move with the acceptance they see."""
+    policy = DraftPolicy(2, {1: FLAT[:3]})
+    for _ in range(200):
+        policy.observe([2], [3])  # both drafts accepted
+    high = policy.expected_tokens(2)
+    policy.observe([0], [1])  # a row that verified nothing: the rates are as they were
+    assert policy.expected_tokens(2) == high
+    for _ in range(200):
+        policy.observe([2], [1])  # none accepted
+        assert policy.expected_tokens(2) < high
+        high = policy.expected_tokens(2)
+    assert high == pytest.approx(2.0, abs=0.1)
+
+
+def test_a_windows_median_follows_every_change() -> None:
+    """A Window keeps its median between reads; after any change (append past maxlen, clear,
+    pop, extend, assignment...) it is the median of what the window holds."""
+    rng = random.Random(3)
+    window = Window([1.0], maxlen=5)
+    for _ in range(500):
+        op = rng.choice(["append", "appendleft", "extend", "pop", "popleft", "clear", "set", "del", "iadd", "remove"])
+        x = rng.choice([0.5, 1.0, 1.5, 2.0, 3.0])
+        if op in ("pop", "popleft", "set", "del", "remove") and not window:
+            continue
+        if op in ("append", "appendleft"):
+            getattr(window, op)(x)
+        elif op == "extend":
+            window.extend([x, x + 1])
+        elif op in ("pop", "popleft", "clear"):
+            getattr(window, op)()
+        elif op == "set":
+            window[rng.randrange(len(window))] = x
+        elif op == "del":
+            del window[0]
+        elif op == "iadd":
+            window += [x]
+        else:
+            window.remove(window[-1])
+        if window:
+            assert window.median() == statistics.median(window)
+            assert window.median() == statistics.median(window)  # read again: kept
 
 
 def test_time_steps_times_every_batch_size_and_draft_count() -> None:
