@@ -239,9 +239,6 @@ class DecodeBatch:
         if shallow is not None:
             depth = self._depth()
         n_drafts = min(depth, choice) if choice is not None and shallow is None else depth
-        if self.policy is not None:
-            self.policy.began(len(self))
-        t0 = time.perf_counter()
         limits = [max(0, min(s.remaining - 1, self._row_depth(s), n_drafts)) if s.speculative else 0 for s in self.seqs]
         max_accept = self._max_accept(limits)  # [n]
         use_drafts = any(spec) and n_drafts > 0
@@ -253,6 +250,9 @@ class DecodeBatch:
         width = 1 + verified.shape[1]
         made = depth if make_drafts else 0  # modules run (linear heads: every head, always)
         compiled = self.compiled if self.compiled is not None and self.compiled.covers(len(self), width) else None
+        if self.policy is not None:
+            self.policy.began(len(self))
+        t0 = time.perf_counter()  # the step's timed part: its forward call, as the start-up table times it
         if fused and self.compiled is not None and self.compiled.covers(len(self), width, greedy=True, n_drafts=made):
             # always drafting (one graph per shape, as compiled); no row speculates: unused
             res = self.compiled.greedy_step(
@@ -280,6 +280,15 @@ class DecodeBatch:
             drafting = torch.tensor(spec, dtype=torch.bool, device=self.device)
             res = accept_drafts(step.head1, verified, q, max_accept, self.sampling, drafting, step.drafts, k - 1)
             self.last_head1 = step.head1[:, :, 0]  # [n, T, V]: for the top log-probabilities rows ask for
+        emitted = res.n_emitted.tolist()  # waits for the device: the step is done
+        if self.policy is not None:
+            seconds = time.perf_counter() - t0
+            if choice is not None and shallow is None:
+                self.policy.observe_cost(len(self), n_drafts, seconds, keys)
+            elif choice is not None and shallow:  # d modules made d drafts, and the step verified them
+                self.policy.observe_cost(len(self), choice, seconds, keys)
+            elif not use_drafts and not make_drafts and self.sampling.all_greedy and self.sampling.penalties is None:
+                self.policy.observe_cost(len(self), PLAIN, seconds, keys)  # a plain step
         if res.last is not None and res.next_pos is not None:  # computed in the step's graph
             self.cur, self.pos = res.last, res.next_pos
         else:
@@ -290,18 +299,11 @@ class DecodeBatch:
             self.penalty = (count_emitted(self.penalty[0], res.tokens, res.n_emitted), self.penalty[1])
             self.sampling.penalties.counts = self.penalty[0]
         self.last_max_accept = limits
-        emitted = res.n_emitted.tolist()  # waits for the device: the step is done
         self.last_emitted = emitted
         self.positions = [p + n for p, n in zip(self.positions, emitted, strict=True)]
         self.last_drafts = n_drafts if use_drafts else 0
         self.last_graph = (width, made)
         if self.policy is not None:
-            if choice is not None and shallow is None:
-                self.policy.observe_cost(len(self), n_drafts, time.perf_counter() - t0, keys)
-            elif choice is not None and shallow:  # d modules made d drafts, and the step verified them
-                self.policy.observe_cost(len(self), choice, time.perf_counter() - t0, keys)
-            elif not use_drafts and not make_drafts and self.sampling.all_greedy and self.sampling.penalties is None:
-                self.policy.observe_cost(len(self), PLAIN, time.perf_counter() - t0, keys)  # a plain step
             self.policy.observe(limits, emitted)
         for s, m, n in zip(self.seqs, limits, emitted, strict=True):
             if m:

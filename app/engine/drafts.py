@@ -9,7 +9,11 @@ step at each (batch size, n) once, at start-up, and each step picks
     n* = argmax_n (1 + a_1 + .. + a_n) / (cost(batch, n) + around(batch))
 
 around(batch) is the work the core does around each step, outside the step's timed part: the
-thread policy, turning the step's tokens into events and handing them over, the core loop.
+batch's bookkeeping before and after its forward call (this choice, the rows' limits, the
+new positions), the thread policy, turning the step's tokens into events and handing them
+over, the core loop. The timed part is the forward call alone, up to its tokens read back,
+as the start-up table times it: timed with the bookkeeping, as it first was, the choice that
+ran carried work that the start-up timings of the others, which do none of it, left out.
 It is about the same whatever the step verifies, so it weighs on a step that emits fewer
 tokens. At one stream served one-module passes took 0.55-0.61 ms of forward time where the
 policy had timed 0.41-0.54 for their steps, and the core's work between passes came on top (benchmark 51):

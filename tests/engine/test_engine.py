@@ -425,6 +425,35 @@ async def test_a_plain_choice_stops_drafting_for_good_and_keeps_greedy_output(
     assert tokens == refs[0] and fin.verify_steps > 0
 
 
+async def test_a_greedy_steps_timing_is_its_forward_call_and_its_bookkeeping_is_work_around_it(
+    engine_factory: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The draft policy sets a running step's timings against start-up ones that time the
+    forward call alone: the batch's bookkeeping around the call (its rows' limits, made to take
+    20 ms here) goes in the work around each step, the same whatever the step verifies, and not
+    in the timing of the draft count that ran."""
+    engine = await engine_factory()
+    batch = engine.core.batch
+    policy = DraftPolicy(batch.k - 1, {1: [1e-6] * batch.k})
+    await engine.call(functools.partial(setattr, batch, "policy", policy))
+    timings: list[float] = []
+    observe_cost, max_accept = policy.observe_cost, batch._max_accept
+
+    def timed(size: int, n: int, seconds: float, keys: int | None = None) -> None:
+        timings.append(seconds)
+        observe_cost(size, n, seconds, keys)
+
+    def slow_limits(limits: list[int]) -> torch.Tensor:
+        time.sleep(0.02)
+        return max_accept(limits)
+
+    monkeypatch.setattr(policy, "observe_cost", timed)
+    monkeypatch.setattr(batch, "_max_accept", slow_limits)
+    await run(engine, GenerateJob(PROMPTS[0], max_new_tokens=WARM_STEP + 12))
+    assert timings and max(timings) < 0.02  # every step's forward call, without the 20 ms
+    assert policy.around(1) >= 0.02  # which came between the steps' timed parts
+
+
 async def joined_after_two_steps(
     engine: Engine, policy: DraftPolicy, first: GenerateJob, second: GenerateJob
 ) -> list[tuple[list[int], FinishEvent]]:
