@@ -198,9 +198,9 @@ class Window(deque[float]):
     """Recent step timings (or gaps) whose median is computed once after each change.
 
     Each choice compares the medians of every draft count's and shallow depth's window, and
-    the work around a step (a window of OVERHEAD_STEPS), where a step changes one or two of
-    them: at one stream the policy spent 5-10 us a step sorting windows that had not
-    changed. Every mutating method forgets the median."""
+    of the work around a step (a window of OVERHEAD_STEPS), where a step changes one or two
+    of them: sorted at every choice, most of them had not changed since the last one. Every
+    mutating method forgets the median."""
 
     def __init__(self, values: Iterable[float] = (), maxlen: int | None = None) -> None:
         super().__init__(values, maxlen)
