@@ -430,7 +430,7 @@ async def test_a_greedy_steps_timing_is_its_forward_call_and_its_bookkeeping_is_
 ) -> None:
     """The draft policy sets a running step's timings against start-up ones that time the
     forward call alone: the batch's bookkeeping around the call (its rows' limits, made to take
-    20 ms here) goes in the work around each step, the same whatever the step verifies, and not
+    50 ms here) goes in the work around each step, the same whatever the step verifies, and not
     in the timing of the draft count that ran."""
     engine = await engine_factory()
     batch = engine.core.batch
@@ -444,14 +444,14 @@ async def test_a_greedy_steps_timing_is_its_forward_call_and_its_bookkeeping_is_
         observe_cost(size, n, seconds, keys)
 
     def slow_limits(limits: list[int]) -> torch.Tensor:
-        time.sleep(0.02)
+        time.sleep(0.05)
         return max_accept(limits)
 
     monkeypatch.setattr(policy, "observe_cost", timed)
     monkeypatch.setattr(batch, "_max_accept", slow_limits)
     await run(engine, GenerateJob(PROMPTS[0], max_new_tokens=WARM_STEP + 12))
-    assert timings and max(timings) < 0.02  # every step's forward call, without the 20 ms
-    assert policy.around(1) >= 0.02  # which came between the steps' timed parts
+    assert timings and max(timings) < 0.05  # every step's forward call, without the 50 ms
+    assert policy.around(1) >= 0.05  # which came between the steps' timed parts
 
 
 async def joined_after_two_steps(
