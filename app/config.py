@@ -22,6 +22,9 @@ class Settings(BaseSettings):
 
     checkpoint: Path = DEFAULT_CHECKPOINT
     host: str = "127.0.0.1"
+    # proxies whose X-Forwarded-For and X-Forwarded-Proto are believed (uvicorn's forwarded_allow_ips:
+    # addresses or networks, comma-separated, or "*"); None: no proxy, the connection's own address
+    forwarded_allow_ips: str | None = None
     port: int = Field(8000, ge=0, le=65535)
     device: str = "auto"  # "auto" = CUDA if available, else CPU
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32 on CPU, bfloat16 on CUDA

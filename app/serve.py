@@ -455,6 +455,11 @@ def serve(settings: Settings) -> int:
         http=protocol,
         timeout_graceful_shutdown=1,  # the drain already ended every request; this only closes sockets
         timeout_keep_alive=5,
+        # X-Forwarded-For names the client only from a proxy named here: uvicorn's default trusts
+        # any on this host, where one client could name another on each connection and pass for
+        # many (the door's per-client share, the access log)
+        proxy_headers=settings.forwarded_allow_ips is not None,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
     )
     server = DrainingServer(config, app, settings.drain_timeout_s)
     log.info("listening on http://%s:%d (API docs at /docs)", settings.host, settings.port)

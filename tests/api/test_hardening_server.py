@@ -477,3 +477,19 @@ def test_a_stream_to_an_http_1_0_client_is_not_chunked_and_ends_with_the_connect
         s.sendall(head.replace("HTTP/1.0", "HTTP/1.1").encode() + body)
         status, headers, _ = read_reply(s, bytearray(), head_only=True)
     assert headers["transfer-encoding"] == "chunked"
+
+
+def test_a_forwarded_for_header_is_believed_only_from_a_proxy_the_settings_name(
+    server_factory: Callable[..., Any],
+) -> None:
+    """The per-client share of the queue and the access log go by the client's address. A client
+    on this host could name another one in X-Forwarded-For on each connection and pass for many
+    clients (uvicorn trusts loopback proxies by default): so no proxy is trusted unless named."""
+    spoof = {"X-Forwarded-For": "203.0.113.7"}
+    srv = server_factory()
+    assert httpx.get(f"{srv.url}/health", headers=spoof, timeout=10).status_code == 200
+    wait_until(lambda: "GET /health" in srv.log(), 5)  # access lines are written in batches
+    assert "203.0.113.7" not in srv.log()
+    proxied = server_factory("--forwarded-allow-ips", "127.0.0.1")
+    assert httpx.get(f"{proxied.url}/health", headers=spoof, timeout=10).status_code == 200
+    wait_until(lambda: "203.0.113.7" in proxied.log(), 5)
