@@ -9,7 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.decoding.compiled import GemmBackends
-from app.engine.config import EngineConfig
+from app.engine.config import EngineConfig, KVCacheDtype
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = REPO_ROOT / "models" / "default"  # the bundled model
@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     compile_max_batch_size: int | None = Field(ENGINE.compile_max_batch_size, ge=1)
     compile_cache_dir: str | None = ENGINE.compile_cache_dir  # None: $TORCHINDUCTOR_CACHE_DIR or ~/.cache/mtp/inductor
     compile_draft_counts: list[int] | None = Field(ENGINE.compile_draft_counts)  # None: 1, 3 and k - 1
+    # auto: bfloat16 for float32 weights in compiled CPU steps (half the bytes read per key), else the weights'
+    kv_cache_dtype: KVCacheDtype = ENGINE.kv_cache_dtype
 
     # per-request caps
     max_input_tokens: int | None = Field(None, ge=1)  # None = the model's context

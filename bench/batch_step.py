@@ -49,6 +49,43 @@ def _step(dec: CompiledDecoder, b: int, w: int, position: int) -> Callable[[], A
 Cell = TypeVar("Cell", bound=Hashable)
 
 
+def compiled_decoders(
+    model: Any, batches: list[int], widths: list[int], autotune: bool, variants: dict[str, Callable[[], None]]
+) -> tuple[dict[str, CompiledDecoder], dict[str, float]]:
+    """One CompiledDecoder per variant, its set-up called before the decoder is built and its
+    greedy step compiled (on a first call) at every batch size and width; and the seconds each
+    variant's compiling took."""
+    decoders: dict[str, CompiledDecoder] = {}
+    compile_s: dict[str, float] = {}
+    for name, setup in variants.items():
+        setup()
+        dec = decoders[name] = CompiledDecoder(
+            model, max(batches), autotune=autotune, batch_sizes=batches, widths=widths, greedy_widths=widths
+        )
+        t0 = time.perf_counter()
+        for b in batches:
+            for w in widths:
+                _step(dec, b, w, 0)()
+        compile_s[name] = round(time.perf_counter() - t0, 1)
+    return decoders, compile_s
+
+
+def step_table(
+    times: dict[str, dict[Any, list[float]]], cells: list[tuple[int, int, int]], num: str, den: str, per_row: bool
+) -> dict[str, Any]:
+    """By position, width and batch: each variant's median ms per step (and per row), and num / den."""
+    table: dict[str, Any] = {}
+    for p, w, b in cells:
+        ms = {name: statistics.median(by_cell[(p, w, b)]) for name, by_cell in times.items()}
+        row = table.setdefault(f"position {p}", {}).setdefault(f"width {w}", {})
+        row[f"batch {b}"] = {
+            **{f"{name}_ms": round(v, 3) for name, v in ms.items()},
+            **({f"{name}_ms_per_row": round(v / b, 3) for name, v in ms.items()} if per_row else {}),
+            f"{num}_over_{den}": round(ms[num] / ms[den], 3),
+        }
+    return table
+
+
 def time_alternating(
     decoders: dict[str, CompiledDecoder],
     cells: list[Cell],
@@ -92,34 +129,18 @@ def bench_batch_step(
     k, most = model.cfg.k, model.cfg.max_seq_len - model.cfg.k
     positions = [min(p, most) for p in positions]
     widths = sorted({1, k})
-    decoders: dict[str, CompiledDecoder] = {}
-    compile_s: dict[str, float] = {}
     before = model_module.COMPILED_CPU_ATTENTION
+
+    def form(name: str) -> Callable[[], None]:  # read when each graph is traced: on its first call
+        return lambda: setattr(model_module, "COMPILED_CPU_ATTENTION", name)
+
     try:
-        for form in FORMS:
-            # read when each graph is traced: on its first call, here
-            model_module.COMPILED_CPU_ATTENTION = form
-            dec = decoders[form] = CompiledDecoder(
-                model, max(batches), autotune=autotune, batch_sizes=batches, widths=widths, greedy_widths=widths
-            )
-            t0 = time.perf_counter()
-            for b in batches:
-                for w in widths:
-                    _step(dec, b, w, 0)()
-            compile_s[form] = round(time.perf_counter() - t0, 1)
+        decoders, compile_s = compiled_decoders(model, batches, widths, autotune, {f: form(f) for f in FORMS})
     finally:
         model_module.COMPILED_CPU_ATTENTION = before
     cells = [(p, w, b) for p in positions for w in widths for b in batches]
     times, tokens = time_alternating(decoders, cells, lambda dec, c: _step(dec, c[2], c[1], c[0]), rounds, calls)
-    table: dict[str, Any] = {}
-    for p, w, b in cells:
-        ms = {form: statistics.median(times[form][(p, w, b)]) for form in FORMS}
-        row = table.setdefault(f"position {p}", {}).setdefault(f"width {w}", {})
-        row[f"batch {b}"] = {
-            **{f"{form}_ms": round(ms[form], 3) for form in FORMS},
-            **{f"{form}_ms_per_row": round(ms[form] / b, 3) for form in FORMS},
-            "sdpa_over_explicit": round(ms["sdpa"] / ms["explicit"], 3),
-        }
+    table = step_table(times, cells, "sdpa", "explicit", per_row=True)
     return {
         "benchmark": "compiled_greedy_step_by_batch",
         "checkpoint": checkpoint,

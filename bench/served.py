@@ -55,7 +55,7 @@ from app.decoding.compiled import CompiledDecoder
 from app.decoding.generate import generate
 from app.engine.compile import cache_dir, compile_shapes
 from app.engine.config import EngineConfig
-from app.model.checkpoint import load_checkpoint, load_tokenizer, resolve_device, resolve_dtype
+from app.model.checkpoint import load_checkpoint, load_tokenizer, resolve_device, resolve_dtype, resolve_kv_dtype
 from bench.decoding import heldout_prompts, write_json
 from bench.server import (
     ROOT,
@@ -86,9 +86,12 @@ class Offline:
         compiled: bool = False,
         dtype: str = "auto",
         gemm_backends: str | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         dev = resolve_device(device)
         self.model, _ = load_checkpoint(checkpoint, device=dev, dtype=resolve_dtype(dtype, dev))  # as served
+        weights = self.model.head.proj.weight.dtype
+        self.model.kv_dtype = resolve_kv_dtype(kv_cache_dtype, weights, dev, compiled=compiled)  # as the engine's
         self.counts = list(range(self.model.cfg.k))
         self.dec = None
         if compiled:
@@ -330,7 +333,8 @@ def bench_served(
             "bench.served", "offline eager", Offline(checkpoint, device, dtype=dtype).rate(ids, new_tokens)
         )
     gemm = (settings or {}).get("compile_gemm_backends")  # as this checkout's servers compile
-    offline = Offline(checkpoint, device, compiled=True, dtype=dtype, gemm_backends=gemm)
+    kv = (settings or {}).get("kv_cache_dtype") or Settings().kv_cache_dtype  # and keep their keys
+    offline = Offline(checkpoint, device, compiled=True, dtype=dtype, gemm_backends=gemm, kv_cache_dtype=kv)
     out["offline_compiled_first"] = progress("bench.served", "offline compiled", offline.rate(ids, new_tokens))
     trees = server_trees(baseline, baseline_settings)
     compared = "baseline" in trees

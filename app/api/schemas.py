@@ -427,6 +427,7 @@ class InfoResponse(BaseModel):
     max_seq_len: int
     device: str
     dtype: str
+    kv_cache_dtype: str = Field(description="The KV caches' dtype (MTP_KV_CACHE_DTYPE)")
     speculative: bool
     draft_policy: dict[str, Any] | None = Field(
         None, description="Greedy steps' draft count per batch size, from measured step costs and acceptance"

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 from app.decoding.compiled import GEMM_BACKENDS, GemmBackends
+
+KVCacheDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 def inference_thread() -> ThreadPoolExecutor:
@@ -46,6 +49,9 @@ class EngineConfig:
     compile_cache_dir: str | None = None  # Inductor's on-disk cache; None: $TORCHINDUCTOR_CACHE_DIR or torch's
     # draft counts a compiled verify pass may carry (a step pads to the next); None: 0, 1, 3 and k - 1
     compile_draft_counts: list[int] | None = None
+    # the KV caches' dtype (app/model/checkpoint.py, resolve_kv_dtype); auto: bfloat16 for
+    # float32 weights in compiled CPU steps, else the weights'
+    kv_cache_dtype: KVCacheDtype = "auto"
     # a stream's tokens after its first are handed to the event loop at most this often, several
     # steps' tokens in one write (core.py); 0: after every step
     stream_interval_ms: float = 10.0

@@ -43,6 +43,7 @@ from app.engine.types import (
     WorkItem,
 )
 from app.metrics import Metrics
+from app.model.checkpoint import resolve_kv_dtype
 from app.model.model import MTPTransformer
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class Engine:
         self.max_seq_len = model.cfg.max_seq_len
         self.device = model.head.proj.weight.device
         self.dtype = model.head.proj.weight.dtype
+        model.kv_dtype = resolve_kv_dtype(cfg.kv_cache_dtype, self.dtype, self.device, compiled=cfg.compile)
         eos = frozenset() if eos_id is None else frozenset({eos_id})
         self.core = EngineCore(model, eos, cfg, self.stats, lambda item: self.speculates(item.request))
         self._executor = executor or inference_thread()
@@ -111,6 +113,7 @@ class Engine:
                 compiled = await loop.run_in_executor(self._executor, build_compiled, self.model, self.cfg)
             except Exception as exc:  # e.g. no C++ compiler for Inductor's CPU kernels
                 log.error("compiling the decode steps failed, serving eager steps: %s: %s", type(exc).__name__, exc)
+                self.model.kv_dtype = resolve_kv_dtype(self.cfg.kv_cache_dtype, self.dtype, self.device, compiled=False)
                 self.compiled_info = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             else:
                 self.core.batch.compiled = compiled
@@ -368,6 +371,7 @@ class Engine:
         return {
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "kv_cache_dtype": str(self.model.kv_dtype or self.dtype).removeprefix("torch."),
             "k": self.k,
             "speculative": self.cfg.speculative and self.k > 1,
             "compiled": self.compiled_info,

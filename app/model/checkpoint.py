@@ -51,6 +51,20 @@ def resolve_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -
     return DTYPES[name]
 
 
+def resolve_kv_dtype(
+    name: str, weights: torch.dtype, device: str | torch.device = "cpu", compiled: bool = True
+) -> torch.dtype:
+    """The KV caches' dtype. "auto": bfloat16 for float32 weights in compiled CPU steps, which
+    read the cache in loops of their own and convert as they read, so half the bytes come from
+    memory (docs/benchmarks.md, benchmark 59: held-out bits per byte the same to four decimals);
+    elsewhere the weights' dtype: an eager step, or CUDA's attention kernel, would first copy
+    the cache into the weights' dtype."""
+    if name == "auto":
+        cpu = resolve_device(device).type == "cpu"
+        return torch.bfloat16 if compiled and cpu and weights == torch.float32 else weights
+    return resolve_dtype(name, device)
+
+
 def save_checkpoint(
     out_dir: str | Path,
     model: MTPTransformer,

@@ -102,15 +102,16 @@ class CausalSelfAttention(nn.Module):
         else:
             keys, values = self.kv_cache.update(input_pos, k, v, row0)  # [B, H, S, Dh]
             S = kv_len if kv_len is not None else keys.shape[2]
+            keys, values = keys[:, :, :S], values[:, :, :S]
+            if keys.dtype != q.dtype:  # a narrower cache (kv_dtype) is attended in the model's dtype
+                keys, values = keys.to(q.dtype), values.to(q.dtype)  # compiled: converted in the loops that read it
             key_pos = torch.arange(S, device=x.device)
             mask = key_pos[None, None, :] <= input_pos[:, :, None]  # [B, T, S]
             explicit = COMPILED_CPU_ATTENTION == "explicit" and x.device.type == "cpu" and not self.training
             if explicit and torch.compiler.is_compiling():
-                y = masked_attention(q, keys[:, :, :S], values[:, :, :S], mask[:, None])
+                y = masked_attention(q, keys, values, mask[:, None])
             else:
-                y = F.scaled_dot_product_attention(
-                    q, keys[:, :, :S], values[:, :, :S], attn_mask=mask[:, None], dropout_p=dropout
-                )
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
         return self.resid_dropout(self.proj(y))
 
@@ -257,6 +258,9 @@ class MTPTransformer(nn.Module):
             nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias) if cfg.norm_position == "pre" else None
         )
         self.head: MTPHead | SequentialHeads = MTPHead(cfg) if cfg.head_type == "linear" else SequentialHeads(cfg)
+        # the KV caches' dtype; None: the weights'. The engine sets it (EngineConfig.kv_cache_dtype),
+        # before it allocates them, so an eager generate() on the same model stores keys alike
+        self.kv_dtype: torch.dtype | None = None
         self.apply(self._init_weights)
         self.emb_scale = math.sqrt(cfg.d_model)
         if self.pos_emb is None:  # unit-variance scaled embeddings, comparable to the sin/cos table
@@ -270,10 +274,11 @@ class MTPTransformer(nn.Module):
             nn.init.zeros_(module.bias)
 
     def setup_caches(self, max_batch: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate one KV cache per layer; the only place cache memory is allocated."""
+        """Allocate one KV cache per layer; the only place cache memory is allocated. dtype:
+        default kv_dtype, else the weights'."""
         ref = self.head.proj.weight
         for attn in self._attentions():
-            attn.kv_cache = KVCache(max_batch, self.cfg, dtype or ref.dtype, ref.device)
+            attn.kv_cache = KVCache(max_batch, self.cfg, dtype or self.kv_dtype or ref.dtype, ref.device)
 
     def kv_caches(self) -> list[KVCache | None]:
         return [attn.kv_cache for attn in self._attentions()]

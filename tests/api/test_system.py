@@ -87,6 +87,7 @@ def test_info_reports_model_limits_device_and_version(client_factory: Callable[.
     assert info["k"] == 3 and info["vocab_size"] == 300 and info["max_seq_len"] == 64
     assert info["model"]["d_model"] == 32 and info["model"]["k"] == 3
     assert info["device"] == "cpu" and info["dtype"] == "float32"
+    assert info["kv_cache_dtype"] == "float32"  # eager steps (compile off here): auto keeps the weights' dtype
     assert info["version"] == __version__
     assert info["model_id"] == "tiny"
     assert info["speculative"] is True and info["auth_required"] is False

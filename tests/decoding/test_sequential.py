@@ -57,6 +57,27 @@ def test_greedy_speculative_matches_plain_greedy(random_model, make_prompts, k, 
         assert out == uncached_greedy(model, prompt, 20)
 
 
+def test_greedy_speculative_matches_plain_greedy_on_a_bfloat16_cache(random_model, make_prompts, monkeypatch):
+    """Keys and values kept in bfloat16 (the engine's compiled CPU default), the modules'
+    caches too: speculative greedy still gives plain greedy's tokens, token for token."""
+    model = seq_model(random_model, 3)
+    model.kv_dtype = torch.bfloat16
+    dtypes = set()
+    setup = model.setup_caches
+
+    def recorded(*args, **kwargs):
+        setup(*args, **kwargs)
+        dtypes.update(c.k_cache.dtype for c in model.kv_caches() if c is not None)
+
+    monkeypatch.setattr(model, "setup_caches", recorded)
+    prompts = make_prompts(6, 16, 1, 12, seed=7)
+    spec = generate(model, prompts, 20, speculative=True)
+    assert dtypes == {torch.bfloat16}  # every layer's and module's
+    plain = generate(model, prompts, 20, speculative=False)
+    assert spec.tokens == plain.tokens
+    assert spec.stats.accepted > 0
+
+
 @pytest.mark.parametrize(("k", "draft_tokens"), [(3, None), (4, None), (4, 1), (4, 2)])
 def test_cached_drafts_are_the_uncached_chain(random_model, make_prompts, monkeypatch, k, draft_tokens):
     """After every step, row b's drafts are what the modules give, uncached, on its tokens so far:

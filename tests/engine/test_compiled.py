@@ -46,9 +46,11 @@ def fused_steps(engine: Any) -> list[int | None]:
     return made
 
 
-def eager_tokens(checkpoint: Path, device: str = "cpu") -> list[list[int]]:
-    """Plain greedy tokens of PROMPTS on an eager copy of the checkpoint (20 new tokens each)."""
+def eager_tokens(checkpoint: Path, device: str = "cpu", kv_dtype: torch.dtype | None = None) -> list[list[int]]:
+    """Plain greedy tokens of PROMPTS on an eager copy of the checkpoint (20 new tokens each),
+    its keys and values kept in kv_dtype (the engine's: the same keys, rounded alike)."""
     model, tok = load_checkpoint(checkpoint, device=device)  # its own model: the engine keeps its caches
+    model.kv_dtype = kv_dtype
     return static_generate(model, PROMPTS, 20, speculative=False, eos_id=tok.eot_id).tokens
 
 
@@ -78,7 +80,10 @@ async def test_compiled_engine_gives_the_eager_greedy_tokens_and_never_compiles_
     assert any(tmp_path.iterdir())  # Inductor's cache lives where the setting says
     policy = engine.core.batch.policy
     assert policy is not None and policy.choices == [0, 1, 2] and policy.batches == [1, 2, 4]  # 4: eager steps
-    want = eager_tokens(checkpoint)
+    # compiled CPU steps of float32 weights keep keys and values in bfloat16 (kv_cache_dtype auto)
+    assert engine.info()["kv_cache_dtype"] == "bfloat16"
+    assert {c.k_cache.dtype for c in engine.model.kv_caches() if c is not None} == {torch.bfloat16}
+    want = eager_tokens(checkpoint, kv_dtype=torch.bfloat16)
 
     before = graphs_compiled()
     alone = [(await run(engine, GenerateJob(p, max_new_tokens=20)))[0] for p in PROMPTS]
@@ -129,7 +134,7 @@ async def test_compiled_engine_with_sequential_modules_gives_the_eager_greedy_to
     assert (info["batch_sizes"], info["greedy_widths"], info["widths"]) == ([1], [1, 3], [1, 3])
     assert info["shallow_depths"] == [0]  # the plain greedy step; one module's would be width 2
     fused = fused_steps(engine)
-    want = eager_tokens(sequential_checkpoint)
+    want = eager_tokens(sequential_checkpoint, kv_dtype=engine.model.kv_dtype)
 
     before = graphs_compiled()
     alone = [await run(engine, GenerateJob(p, max_new_tokens=20)) for p in PROMPTS]
@@ -184,7 +189,7 @@ async def test_compiled_shallow_steps_are_graphs_of_their_own_and_give_the_eager
     policy.shallow = {b: {1: deque([1e-3])} for b in policy.shallow}
     monkeypatch.setattr(policy, "observe_cost", lambda *args: None)
     made = fused_steps(engine)
-    want = eager_tokens(sequential_checkpoint)
+    want = eager_tokens(sequential_checkpoint, kv_dtype=engine.model.kv_dtype)
 
     before = graphs_compiled()
     got = [await run(engine, GenerateJob(p, max_new_tokens=20)) for p in PROMPTS]
@@ -220,7 +225,7 @@ async def test_the_engine_on_cuda_replays_cuda_graphs_with_the_eager_greedy_toke
     await engine.start(warmup=True)
     info = engine.info()["compiled"]
     assert info["batch_sizes"] == [1, 2]
-    want = eager_tokens(path, "cuda")
+    want = eager_tokens(path, "cuda", kv_dtype=engine.model.kv_dtype)
     before = graphs_compiled()
     alone = [(await run(engine, GenerateJob(p, max_new_tokens=20)))[0] for p in PROMPTS]
     three = await asyncio.gather(*(run(engine, GenerateJob(p, max_new_tokens=20)) for p in PROMPTS[:3]))

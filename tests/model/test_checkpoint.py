@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from app.model.checkpoint import CheckpointError, load_checkpoint, resolve_kv_dtype, save_checkpoint
 from app.model.config import ModelConfig
 from app.model.model import MTPTransformer
 from app.model.tokenizer import Tokenizer
@@ -143,3 +143,14 @@ def test_shape_mismatch_error_names_the_tensor(ckpt):
     edit_config(ckpt, d_ff=128)
     with pytest.raises(CheckpointError, match=r"tensor blocks\.\d\.ffn\.fc\.(weight|bias) has shape"):
         load_checkpoint(ckpt)
+
+
+def test_the_kv_cache_dtype_auto_is_bfloat16_only_for_float32_weights_in_compiled_cpu_steps():
+    assert resolve_kv_dtype("auto", torch.float32, "cpu") == torch.bfloat16
+    assert resolve_kv_dtype("auto", torch.float32, "cpu", compiled=False) == torch.float32  # eager: no copies
+    assert resolve_kv_dtype("auto", torch.bfloat16, "cpu") == torch.bfloat16
+    assert resolve_kv_dtype("auto", torch.float16, "cpu") == torch.float16
+    assert resolve_kv_dtype("float32", torch.float32, "cpu") == torch.float32
+    assert resolve_kv_dtype("bfloat16", torch.float32, "cpu", compiled=False) == torch.bfloat16
+    with pytest.raises(ValueError):
+        resolve_kv_dtype("int8", torch.float32, "cpu")

@@ -165,6 +165,27 @@ def test_cached_batch_with_different_row_lengths_matches_uncached(positional_enc
         pos += size
 
 
+def test_a_bfloat16_cache_keeps_the_keys_in_bfloat16_and_attends_them_in_the_models_dtype():
+    """model.kv_dtype: setup_caches allocates every layer's keys and values in it; a cached
+    decode attends them in float32 (no dtype error from the attention kernel) and stays within
+    bfloat16's rounding of the keys from the uncached forward, far from any logit's scale."""
+    model = tiny_model()
+    B = 2
+    idx = random_ids(B, MAX_LEN, seed=4)
+    expected = model(idx)
+    model.kv_dtype = torch.bfloat16
+    model.setup_caches(max_batch=B)
+    assert all(c is not None and c.k_cache.dtype == c.v_cache.dtype == torch.bfloat16 for c in model.kv_caches())
+    out = model(idx[:, :6], input_pos=positions(0, 6, B))
+    steps = [out] + [model(idx[:, t : t + 1], input_pos=positions(t, 1, B)) for t in range(6, MAX_LEN)]
+    got = torch.cat(steps, dim=1)
+    assert got.dtype == torch.float32
+    gap = (got - expected).abs().max().item()
+    assert 0 < gap < 0.05 * expected.abs().max().item()  # rounded keys, not float32's 1e-5 (ATOL)
+    model.setup_caches(max_batch=B, dtype=torch.float32)  # an explicit dtype wins
+    assert all(c is not None and c.k_cache.dtype == torch.float32 for c in model.kv_caches())
+
+
 def test_the_written_out_attention_of_compiled_cpu_steps_matches_the_fused_kernel():
     """masked_attention (what a compiled CPU step attends with) against scaled_dot_product_attention,
     for 1 to 3 queries per row at positions that differ by row, over a key count past the last."""

@@ -82,6 +82,7 @@ async def info(serving: ServingDep) -> InfoResponse:
         max_seq_len=cfg.max_seq_len,
         device=engine_info["device"],
         dtype=engine_info["dtype"],
+        kv_cache_dtype=engine_info["kv_cache_dtype"],
         speculative=engine_info["speculative"],
         draft_policy=engine_info["draft_policy"],
         threads=engine_info["threads"],
