@@ -94,6 +94,23 @@ def test_logprobs_and_top_logprobs(client: TestClient) -> None:
     assert [t["token"] for t in got] == [t["token"] for t in content]
 
 
+@pytest.mark.parametrize("stop", ["one that completes", "a prefix that holds text back", "none"])
+def test_streamed_logprobs_list_every_token_the_unstreamed_reply_lists(client: TestClient, stop: str) -> None:
+    """The streamed chunks' log-probabilities name the unstreamed reply's tokens, in order: also
+    the last ones, whose text a stop sequence held back (or cut) until the reply ended."""
+    body: dict[str, Any] = {"logprobs": True, "top_logprobs": 2, "max_tokens": 12}
+    text = chat(client, **body)["choices"][0]["message"]["content"]
+    if stop == "one that completes":
+        body["stop"] = [text[4:6]]
+    elif stop != "none":  # the text's start, then a character it never has: matches, then never ends
+        body["stop"] = [text[1:4] + next(c for c in "~|#@" if c not in text)]
+    whole = chat(client, **body)["choices"][0]
+    streamed = [c for c in stream_chunks(client, **body) if c["choices"]]
+    got = [t for c in streamed if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["content"]]
+    assert [t["token"] for t in got] == [t["token"] for t in whole["logprobs"]["content"]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in streamed) == whole["message"]["content"]
+
+
 @pytest.mark.parametrize(
     "body",
     [

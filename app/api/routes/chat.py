@@ -130,8 +130,9 @@ async def _stream(
                 if text or req.logprobs:
                     pending.append(chunk({"content": text}, tokens=step if req.logprobs else None))
                 step = []
-            else:
-                pending.extend(_finish(out, sent, chunk, req, len(ids), head))
+            else:  # the tokens of a step not handed over yet go with the text they end on
+                pending.extend(_finish(out, sent, chunk, req, len(ids), head, step if req.logprobs else None))
+                step = []
             yield "".join(pending)
             pending.clear()
         yield "data: [DONE]\n\n"
@@ -140,13 +141,22 @@ async def _stream(
 
 
 def _finish(
-    final: GenFinal, sent: int, chunk: Any, req: ChatCompletionRequest, prompt_tokens: int, head: dict[str, Any]
+    final: GenFinal,
+    sent: int,
+    chunk: Any,
+    req: ChatCompletionRequest,
+    prompt_tokens: int,
+    head: dict[str, Any],
+    tokens: list[GenToken] | None,
 ) -> list[str]:
-    """The last chunks: text held back for a possible stop sequence that did not complete, the
-    finish reason, and the usage when stream_options.include_usage asks for it."""
+    """The last chunks: text held back for a possible stop sequence that did not complete, with
+    the log-probabilities of the tokens not yet handed over (the unstreamed reply lists them
+    too, a stop sequence's own tokens included), the finish reason, and the usage when
+    stream_options.include_usage asks for it."""
     out = []
-    if rest := final.text_without_stop[sent:]:
-        out.append(chunk({"content": rest}))
+    rest = final.text_without_stop[sent:]
+    if rest or tokens:
+        out.append(chunk({"content": rest}, tokens=tokens))
     out.append(chunk({}, finish_reason(final)))
     if req.stream_options and req.stream_options.include_usage:
         n = final.generated_tokens
