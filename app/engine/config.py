@@ -32,6 +32,9 @@ class EngineConfig:
     # decode rows run at once, at most max_batch_size; more wait in the queue for a row. None:
     # max_batch_size (every waiting request joins the running batch at its next step)
     max_running: int | None = None
+    # prompt tokens one prefill pass takes at most (its first prompt always goes): a burst of long
+    # prompts is prefilled over several steps, with the running rows' decode steps between them
+    max_prefill_tokens: int = 1024
     speculative: bool = True
     draft_tokens: int | None = None  # drafts verified per pass; None = k - 1, or fewer where faster
     adaptive_drafts: bool = True  # with draft_tokens None: time the step at start-up and adapt (drafts.py)

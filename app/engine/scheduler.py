@@ -64,13 +64,25 @@ class Scheduler:
         return items, dropped
 
     def take_prefill(self, now: float) -> tuple[list[GenerateItem], list[GenerateItem]]:
-        """Sequences to prefill into the free rows of the batch, and those found expired or cancelled."""
+        """Sequences to prefill into the free rows of the batch, in arrival order, as many as
+        max_prefill_tokens of prompt allows (the first always goes), and those found expired or
+        cancelled. The running rows' next decode step waits for the prefill pass: without a
+        budget, a burst of long prompts was one pass that every stream waited behind, and two
+        clients sending them back to back slowed a stream 360-fold (docs/reliability.md)."""
         items: list[GenerateItem] = []
         dropped: list[GenerateItem] = []
         free = self.running_limit - len(self.batch)
+        budget = self.cfg.max_prefill_tokens
         while self.gen_q and len(items) < free:
-            item = self.gen_q.popleft()
-            (dropped if item.cancelled or now > item.deadline else items).append(item)
+            item = self.gen_q[0]
+            if item.cancelled or now > item.deadline:
+                dropped.append(self.gen_q.popleft())
+                continue
+            size = len(item.request.prompt_ids)
+            if items and size > budget:  # the next step takes it
+                break
+            budget -= size
+            items.append(self.gen_q.popleft())
         return items, dropped
 
     def wants_prefill(self) -> bool:

@@ -3,24 +3,43 @@ or change of batch, which every other sequence in the batch waits out."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 
 from bench.attack.lab import Result, ms, wait_idle
 
 
-def _churn(url: str, body: bytes, stop: threading.Event, statuses: list[int]) -> None:
-    """Send one short completion after another until `stop`: each joins the batch and leaves it."""
-    with httpx.Client(base_url=url, timeout=60, headers={"content-type": "application/json"}) as http:
+def _churn(url: str, body: bytes, stop: threading.Event, statuses: list[int], timeout: float = 60) -> None:
+    """Send one completion after another until `stop`: each joins the batch and leaves it."""
+    with httpx.Client(base_url=url, timeout=timeout, headers={"content-type": "application/json"}) as http:
         while not stop.is_set():
             try:
                 statuses.append(http.post("/v1/completions", content=body).status_code)
             except httpx.HTTPError:
                 statuses.append(0)
+
+
+@contextlib.contextmanager
+def _attacking(url: str, body: bytes, clients: int, statuses: list[int], timeout: float) -> Iterator[None]:
+    """`clients` threads sending `body` one after another (`_churn`) for as long as the block runs."""
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=_churn, args=(url, body, stop, statuses, timeout), daemon=True) for _ in range(clients)
+    ]
+    for t in threads:
+        t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=timeout)
 
 
 def _pace(url: str, max_tokens: int) -> float:
@@ -64,21 +83,9 @@ def logit_bias_bulk(
     for _ in range(rounds):
         for label, bias in maps.items():
             body = {"prompt": "ROMEO:", "max_tokens": attack_tokens, "temperature": 0, "logit_bias": bias}
-            encoded = json.dumps(body).encode()
-            stop = threading.Event()
-            threads = [
-                threading.Thread(target=_churn, args=(url, encoded, stop, statuses), daemon=True)
-                for _ in range(attackers)
-            ]
-            for t in threads:
-                t.start()
-            time.sleep(1.0)  # the attackers' first requests are in the batch
-            try:
+            with _attacking(url, json.dumps(body).encode(), attackers, statuses, timeout=60):
+                time.sleep(1.0)  # the attackers' first requests are in the batch
                 paces[label].append(_pace(url, victim_tokens))
-            finally:
-                stop.set()
-                for t in threads:
-                    t.join(timeout=60)
             wait_idle(url)
     (control, c_paces), (full, f_paces) = paces.items()
     c_mean, f_mean = statistics.mean(c_paces), statistics.mean(f_paces)
@@ -92,5 +99,42 @@ def logit_bias_bulk(
         f"defect above +{ms(threshold_s)}); phases {', '.join(ms(x) for x in f_paces)} against "
         f"{', '.join(ms(x) for x in c_paces)}; {len(statuses)} attacker requests, {failed} not 200",
         f_mean - c_mean > threshold_s,
+        {"pace_s": paces, "attacker_requests": len(statuses), "attacker_failures": failed},
+    )
+
+
+def prefill_burst(
+    url: str, attackers: int = 2, prompts: int = 32, victim_tokens: int = 100, rounds: int = 2, factor: float = 10.0
+) -> Result:
+    """Prompts are work for the inference thread before any decode step: a stream's next step waits
+    for the prefill pass of every request admitted before it. `attackers` clients send, one after
+    another, completions of `prompts` prompts of nearly the context's length and `max_tokens` 1
+    (nothing but prefill). A victim stream without speculation (a token a step) measures its pace
+    alone and under the attack, `rounds` times each. Before a prefill pass had a token budget
+    (`MTP_MAX_PREFILL_TOKENS`), the whole burst was one pass. The defect: the pace under attack is
+    more than `factor` times the pace alone."""
+    wait_idle(url)
+    context = httpx.get(f"{url}/info", timeout=10).json()["max_seq_len"]
+    ids = [1 + (i * 7) % 250 for i in range(min(250, context - 6))]
+    body = json.dumps({"prompt": [ids] * prompts, "max_tokens": 1}).encode()
+    paces: dict[str, list[float]] = {"alone": [], "attacked": []}
+    statuses: list[int] = []
+    for _ in range(rounds):
+        paces["alone"].append(_pace(url, victim_tokens))
+        with _attacking(url, body, attackers, statuses, timeout=300):
+            time.sleep(0.5)  # the first bursts are queued
+            paces["attacked"].append(_pace(url, victim_tokens))
+        wait_idle(url)
+    alone, attacked = statistics.median(paces["alone"]), statistics.median(paces["attacked"])
+    failed = sum(s != 200 for s in statuses)
+    return Result(
+        "prefill-burst",
+        f"{attackers} clients sending /v1/completions of {prompts} prompts of {len(ids)} token ids and max_tokens 1, "
+        f"one after another, beside a greedy /generate_stream of {victim_tokens} tokens (no speculation); its time "
+        f"per token alone and attacked, {rounds} rounds",
+        f"{ms(attacked)} a token attacked against {ms(alone)} alone ({attacked / alone:.0f}x; defect above "
+        f"{factor:g}x); rounds {', '.join(ms(x) for x in paces['attacked'])} against "
+        f"{', '.join(ms(x) for x in paces['alone'])}; {len(statuses)} attacker requests, {failed} not 200",
+        attacked > factor * alone,
         {"pace_s": paces, "attacker_requests": len(statuses), "attacker_failures": failed},
     )

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from app.config import DEFAULT_CHECKPOINT
-from bench.attack.batch import logit_bias_bulk
+from bench.attack.batch import logit_bias_bulk, prefill_burst
 from bench.attack.connections import (
     cut_short_body,
     disconnect_nonstream,
@@ -107,6 +107,8 @@ ATTACKS = [
     Attack("lone-surrogate", _shared(lone_surrogate)),
     Attack("logit-bias-keys", _shared(logit_bias_keys)),
     Attack("logit-bias-bulk", _shared(logit_bias_bulk)),
+    # a queue that takes two bursts of 32 prompts (COMMON's 16 would refuse them at the door)
+    Attack("prefill-burst", _shared(prefill_burst, {**COMMON, "max_queue_size": 256})),
     Attack("host-redirect", _shared(host_redirect)),
     Attack("head-probes", _shared(head_probes)),
     Attack("top-k-overflow", _shared(top_k_overflow)),

@@ -956,6 +956,33 @@ async def test_a_fault_outside_the_passes_fails_the_waiting_requests_instead_of_
     assert len(tokens) == fin.generated_tokens == 3 and engine.health().alive
 
 
+async def test_a_burst_of_prompts_over_the_prefill_budget_is_prefilled_over_several_steps(
+    engine_factory: Callable[..., Any],
+) -> None:
+    """Four 6-token prompts that arrive together while a stream decodes, at a budget of 8 prompt
+    tokens a pass: four prefill passes, with the stream's decode steps between them, not one pass
+    it waits behind; every request gets the tokens it gets alone."""
+    engine = await engine_factory(max_prefill_tokens=8)
+    prompts = [[5, 17, 42, 9, 8, 7], [7, 1, 2, 3, 4, 5], [100, 3, 9, 250, 11, 64], [33, 33, 1, 2, 3, 4]]
+    alone = [(await run(engine, GenerateJob(p, max_new_tokens=4)))[0] for p in prompts]
+    kinds: list[str] = []
+
+    def hook(kind: str) -> None:
+        kinds.append(kind)
+        time.sleep(0.01)  # the burst is queued whole while a pass runs
+
+    set_fault_hook(engine, hook)
+    stream = asyncio.create_task(run(engine, GenerateJob([1, 2], max_new_tokens=30)))
+    while "decode" not in kinds:
+        await asyncio.sleep(0.005)
+    burst = await asyncio.gather(*(run(engine, GenerateJob(p, max_new_tokens=4)) for p in prompts))
+    await stream
+    assert [t for t, _ in burst] == alone
+    prefills = [i for i, k in enumerate(kinds) if k == "prefill"]
+    assert len(prefills) == 1 + len(prompts)  # the stream's own, then one per prompt
+    assert all("decode" in kinds[a:b] for a, b in itertools.pairwise(prefills))  # the stream went on between
+
+
 async def test_engine_not_started_or_shut_down_rejects_work(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory(start=False)
     with pytest.raises(EngineNotReady):
