@@ -35,6 +35,9 @@ class EngineConfig:
     # prompt tokens one prefill pass takes at most (its first prompt always goes): a burst of long
     # prompts is prefilled over several steps, with the running rows' decode steps between them
     max_prefill_tokens: int = 1024
+    # sequential heads score a /predict candidate by running the modules over its input's prompt:
+    # prompt tokens x candidates one /predict pass takes at most (its first input always goes)
+    max_candidate_tokens: int = 16384
     speculative: bool = True
     draft_tokens: int | None = None  # drafts verified per pass; None = k - 1, or fewer where faster
     adaptive_drafts: bool = True  # with draft_tokens None: time the step at start-up and adapt (drafts.py)

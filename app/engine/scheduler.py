@@ -22,6 +22,7 @@ class Scheduler:
         self.batch = DecodeBatch(model, cfg.draft_tokens)
         self.last_predict_batch = 0  # requests in the last /predict batch
         self.running_limit = cfg.running_limit  # rows decoding at once (MTP_MAX_RUNNING)
+        self.chains = model.cfg.head_type == "sequential"  # a candidate costs a pass over its prompt
 
     def add(self, item: PredictItem | GenerateItem) -> None:
         (self.predict_q if isinstance(item, PredictItem) else self.gen_q).append(item)  # type: ignore[arg-type]
@@ -54,12 +55,23 @@ class Scheduler:
         return max(0.0, self.predict_q[0].submitted + self.cfg.max_wait_ms / 1000 - now)
 
     def take_predict(self, now: float) -> tuple[list[PredictItem], list[PredictItem]]:
-        """The next /predict batch, and the waiting requests found expired or cancelled."""
+        """The next /predict batch, and the waiting requests found expired or cancelled. With
+        sequential heads each candidate runs the modules over its input's whole prompt, so a
+        batch takes at most max_candidate_tokens of prompt x candidates (its first input always):
+        16 inputs of 250 tokens with 32 candidates each were one pass of 40 s (docs/reliability.md)."""
         items: list[PredictItem] = []
         dropped: list[PredictItem] = []
+        budget = self.cfg.max_candidate_tokens
         while self.predict_q and len(items) < self.cfg.max_batch_size:
-            item = self.predict_q.popleft()
-            (dropped if item.cancelled or now > item.deadline else items).append(item)
+            item = self.predict_q[0]
+            if item.cancelled or now > item.deadline:
+                dropped.append(self.predict_q.popleft())
+                continue
+            cost = item.request.candidate_tokens if self.chains else 0
+            if items and cost > budget:  # the next pass takes it
+                break
+            budget -= cost
+            items.append(self.predict_q.popleft())
         self.last_predict_batch = len(items)
         return items, dropped
 

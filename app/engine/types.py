@@ -52,6 +52,11 @@ class PredictJob:
     top_n: int = 5
     candidates: list[list[int]] = field(default_factory=list)
 
+    @property
+    def candidate_tokens(self) -> int:
+        """The positions sequential heads' modules run over to score the candidates: the whole prompt, each."""
+        return len(self.prompt_ids) * len(self.candidates)
+
 
 @dataclass
 class GenerateJob:

@@ -37,3 +37,20 @@ def test_predict_and_generate_serve_sequential_heads(
     spec, plain = text(True), text(False)
     assert spec["generated_text"] == plain["generated_text"]
     assert spec["details"]["speculation"]["drafted_tokens"] > 0
+
+
+def test_candidates_over_the_chain_budget_are_refused_and_a_pass_takes_no_more_than_it(
+    client_factory: Callable[..., TestClient], sequential_checkpoint: Path
+) -> None:
+    """Each candidate of each input runs the modules over the input's prompt: a request asking for
+    more prompt tokens x candidates than MTP_MAX_CANDIDATE_TOKENS gets a 422 in TGI's envelope,
+    before any pass; one within it is scored, and with others waiting a pass stops at the budget."""
+    client = client_factory(checkpoint=sequential_checkpoint, max_candidate_tokens=40)
+    srv = client.app.state.service  # type: ignore[attr-defined]
+    n = len(srv.tokenizer.encode(PROMPT))
+    cands = [" be", " the", " a"]
+    over = client.post("/predict", json={"inputs": [PROMPT] * 2, "candidates": cands})
+    assert 2 * n * 3 > 40 and over.status_code == 422
+    assert over.json()["error_type"] == "validation" and "the limit is 40" in over.json()["error"]
+    ok = client.post("/predict", json={"inputs": PROMPT, "candidates": cands[:2]})
+    assert n * 2 <= 40 and ok.status_code == 200 and len(ok.json()["results"][0]["candidates"]) == 2

@@ -983,6 +983,31 @@ async def test_a_burst_of_prompts_over_the_prefill_budget_is_prefilled_over_seve
     assert all("decode" in kinds[a:b] for a, b in itertools.pairwise(prefills))  # the stream went on between
 
 
+async def test_a_predict_pass_takes_no_more_candidate_tokens_than_its_budget(
+    engine_factory: Callable[..., Any], sequential_checkpoint: Path
+) -> None:
+    """Sequential heads: three /predict inputs of 6 tokens with 2 candidates each (12 prompt tokens x
+    candidates), waiting together at a budget of 12: three passes, not one; each gets the scores
+    it gets alone."""
+    engine = await engine_factory(sequential_checkpoint, max_candidate_tokens=12)
+    prompts = ([5, 17, 42, 9, 8, 7], [7, 1, 2, 3, 4, 5], [9] * 6)
+    jobs = [PredictJob(p, top_n=2, candidates=[[3], [4, 5]]) for p in prompts]
+    alone = [(await engine.predict([job]))[0] for job in jobs]
+    kinds: list[str] = []
+
+    def hook(kind: str) -> None:
+        kinds.append(kind)
+        time.sleep(0.02)
+
+    set_fault_hook(engine, hook)
+    together = await asyncio.gather(*(engine.predict([job]) for job in jobs))
+    assert kinds.count("predict") == 3
+    for (got,), want in zip(together, alone, strict=True):
+        assert got.top_ids == want.top_ids
+        flat = [lp for cand in got.candidates[0] for lp in cand]
+        assert flat == pytest.approx([lp for cand in want.candidates[0] for lp in cand], abs=1e-4)
+
+
 async def test_engine_not_started_or_shut_down_rejects_work(engine_factory: Callable[..., Any]) -> None:
     engine = await engine_factory(start=False)
     with pytest.raises(EngineNotReady):

@@ -111,6 +111,10 @@ async def predict(req: PredictRequest, serving: ServingDep, request: Request) ->
     prompts = await _token_inputs(req, serving)
     cands = await _candidates(req, serving, positions)
     batch = [PredictJob(prompt_ids=p, top_n=req.top_n, candidates=cands) for p in prompts]
+    if serving.model_config.head_type == "sequential" and cands:  # each candidate: the modules over its prompt
+        cost, cap = sum(job.candidate_tokens for job in batch), serving.settings.max_candidate_tokens
+        if cost > cap:
+            raise APIError(422, f"candidates x input tokens is {cost}; the limit is {cap}")
     scores = await unless_disconnected(request, serving.engine.predict(batch, serving.reservation))
     results = [_result(s, p, positions, cands, serving) for s, p in zip(scores, prompts, strict=True)]
     return PredictResponse(positions=positions, k=positions, results=results)
