@@ -94,6 +94,25 @@ def test_logprobs_and_top_logprobs(client: TestClient) -> None:
     assert [t["token"] for t in got] == [t["token"] for t in content]
 
 
+def test_a_reply_with_logprobs_parses_as_openais_chat_completion(client: TestClient) -> None:
+    """The reply with log-probabilities is written as JSON text a choice at a time, not through
+    the response model: it still parses as the openai library's ChatCompletion, and as ours."""
+    from openai.types.chat import ChatCompletion as OpenAIChatCompletion
+
+    from app.api.openai_protocol import ChatCompletion
+
+    body = chat(client, n=3, temperature=1.0, seed=3, logprobs=True, top_logprobs=20)
+    reply = OpenAIChatCompletion.model_validate(body)
+    assert ChatCompletion.model_validate(body).model_dump(mode="json") == body
+    assert [c.index for c in reply.choices] == [0, 1, 2] and reply.usage is not None
+    for choice in reply.choices:
+        assert choice.logprobs is not None and choice.logprobs.content is not None
+        for tok in choice.logprobs.content:
+            assert len(tok.top_logprobs) == 20
+            for t in [tok, *tok.top_logprobs]:
+                assert t.bytes is not None and bytes(t.bytes).decode(errors="replace") == t.token
+
+
 @pytest.mark.parametrize("stop", ["one that completes", "a prefix that holds text back", "none"])
 def test_streamed_logprobs_list_every_token_the_unstreamed_reply_lists(client: TestClient, stop: str) -> None:
     """The streamed chunks' log-probabilities name the unstreamed reply's tokens, in order: also
