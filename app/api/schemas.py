@@ -398,6 +398,8 @@ class Limits(BaseModel):
     max_top_n: int
     max_logprobs: int
     max_candidates: int
+    # sequential heads: input tokens x candidates per /predict request (MTP_MAX_CANDIDATE_TOKENS)
+    max_candidate_tokens: int
     max_inputs_per_request: int
     max_stop_sequences: int
     max_stop_length: int

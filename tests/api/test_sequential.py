@@ -46,6 +46,7 @@ def test_candidates_over_the_chain_budget_are_refused_and_a_pass_takes_no_more_t
     more prompt tokens x candidates than MTP_MAX_CANDIDATE_TOKENS gets a 422 in TGI's envelope,
     before any pass; one within it is scored, and with others waiting a pass stops at the budget."""
     client = client_factory(checkpoint=sequential_checkpoint, max_candidate_tokens=40)
+    assert client.get("/info").json()["limits"]["max_candidate_tokens"] == 40
     srv = client.app.state.service  # type: ignore[attr-defined]
     n = len(srv.tokenizer.encode(PROMPT))
     cands = [" be", " the", " a"]

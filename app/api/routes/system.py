@@ -94,6 +94,7 @@ async def info(serving: ServingDep) -> InfoResponse:
             max_top_n=min(s.max_top_n, cfg.vocab_size),
             max_logprobs=min(s.max_logprobs, cfg.vocab_size),
             max_candidates=s.max_candidates,
+            max_candidate_tokens=s.max_candidate_tokens,
             max_inputs_per_request=serving.max_inputs,
             max_stop_sequences=s.max_stop_sequences,
             max_stop_length=s.max_stop_length,
