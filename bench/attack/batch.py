@@ -42,11 +42,18 @@ def _attacking(url: str, body: bytes, clients: int, statuses: list[int], timeout
             t.join(timeout=timeout)
 
 
-def _pace(url: str, max_tokens: int) -> float:
+def stream_pace(url: str, max_tokens: int) -> float:
     """Seconds per token of a greedy /generate_stream without speculation (one token a step, each
     its own event) from its first token to its last: the pace its reader sees."""
+    return stream_times(url, max_tokens)[1]
+
+
+def stream_times(url: str, max_tokens: int) -> tuple[float, float]:
+    """A greedy /generate_stream without speculation (a token a step, each its own event): seconds
+    from sending it to its last token, and seconds per token from its first token to its last."""
     body = {"inputs": "JULIET:", "parameters": {"max_new_tokens": max_tokens, "speculative": False}}
     times: list[float] = []
+    t0 = time.monotonic()
     with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=120) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -54,7 +61,7 @@ def _pace(url: str, max_tokens: int) -> float:
                 times.append(time.monotonic())
     if len(times) < 2:
         raise RuntimeError(f"the victim stream gave {len(times)} tokens")
-    return (times[-1] - times[0]) / (len(times) - 1)
+    return times[-1] - t0, (times[-1] - times[0]) / (len(times) - 1)
 
 
 def logit_bias_bulk(
@@ -85,7 +92,7 @@ def logit_bias_bulk(
             body = {"prompt": "ROMEO:", "max_tokens": attack_tokens, "temperature": 0, "logit_bias": bias}
             with _attacking(url, json.dumps(body).encode(), attackers, statuses, timeout=60):
                 time.sleep(1.0)  # the attackers' first requests are in the batch
-                paces[label].append(_pace(url, victim_tokens))
+                paces[label].append(stream_pace(url, victim_tokens))
             wait_idle(url)
     (control, c_paces), (full, f_paces) = paces.items()
     c_mean, f_mean = statistics.mean(c_paces), statistics.mean(f_paces)
@@ -120,10 +127,10 @@ def prefill_burst(
     paces: dict[str, list[float]] = {"alone": [], "attacked": []}
     statuses: list[int] = []
     for _ in range(rounds):
-        paces["alone"].append(_pace(url, victim_tokens))
+        paces["alone"].append(stream_pace(url, victim_tokens))
         with _attacking(url, body, attackers, statuses, timeout=300):
             time.sleep(0.5)  # the first bursts are queued
-            paces["attacked"].append(_pace(url, victim_tokens))
+            paces["attacked"].append(stream_pace(url, victim_tokens))
         wait_idle(url)
     alone, attacked = statistics.median(paces["alone"]), statistics.median(paces["attacked"])
     failed = sum(s != 200 for s in statuses)

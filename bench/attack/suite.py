@@ -68,6 +68,7 @@ from bench.attack.lifecycle import (
     shutdown_bounds,
     timeout_traceback,
 )
+from bench.attack.replies import chat_logprobs_reply, predict_candidates
 from bench.server import ROOT
 
 # ---- the suite ---------------------------------------------------------------------------------
@@ -98,6 +99,8 @@ def _timeout(lab: Lab) -> Result:
         return timeout_traceback(srv)
 
 
+WIDE = {**COMMON, "max_queue_size": 256}
+
 # Ordered so that attacks on the same shared server run together.
 ATTACKS = [
     Attack("keyless-queue-lock", _shared(keyless_queue_lock, AUTH)),
@@ -107,8 +110,10 @@ ATTACKS = [
     Attack("lone-surrogate", _shared(lone_surrogate)),
     Attack("logit-bias-keys", _shared(logit_bias_keys)),
     Attack("logit-bias-bulk", _shared(logit_bias_bulk)),
-    # a queue that takes two bursts of 32 prompts (COMMON's 16 would refuse them at the door)
-    Attack("prefill-burst", _shared(prefill_burst, {**COMMON, "max_queue_size": 256})),
+    # a queue that takes two bursts of 32 prompts, or n = 32 choices (COMMON's 16 would refuse them)
+    Attack("prefill-burst", _shared(prefill_burst, WIDE)),
+    Attack("chat-logprobs-reply", _shared(chat_logprobs_reply, WIDE)),
+    Attack("predict-candidates", _shared(predict_candidates, WIDE)),
     Attack("host-redirect", _shared(host_redirect)),
     Attack("head-probes", _shared(head_probes)),
     Attack("top-k-overflow", _shared(top_k_overflow)),

@@ -3,6 +3,7 @@ tiny checkpoint find no defect, and its report is well-formed."""
 
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +12,9 @@ from bench.attack.batch import logit_bias_bulk
 from bench.attack.door import door_shedding, head_probes, host_redirect, refused_multi_prompt
 from bench.attack.inputs import logit_bias_keys, lone_surrogate, streamed_logprobs
 from bench.attack.lab import Result, read_reply
+from bench.attack.replies import chat_logprobs_reply, predict_candidates
 from bench.attack.suite import ATTACKS, table
+from tests.conftest import READY_TIMEOUT_S, start_server
 
 
 @pytest.mark.parametrize(
@@ -88,3 +91,31 @@ def test_logit_bias_bulk_times_its_victim_beside_both_kinds_of_attacker(server_f
     assert result.details["attacker_requests"] > 15 * 4  # each attacker joined and left the batch again and again
     paces = result.details["pace_s"]
     assert list(paces) == ["one entry", "300 entries"] and all(len(p) == 2 and min(p) > 0.02 for p in paces.values())
+
+
+def test_chat_logprobs_reply_probes_the_loop_beside_a_reply_with_and_without_log_probabilities(server: Any) -> None:
+    result = chat_logprobs_reply(server.url, n=2, top=3, tokens=8, rounds=1)
+    assert result.details["statuses"] == [200, 200], result.result
+    sizes = result.details["reply_bytes"]
+    assert sizes["with"] > sizes["without"] > 0
+    assert all(len(w) == 1 and w[0] > 0 for w in result.details["worst_probe_s"].values())
+
+
+def test_predict_candidates_meets_the_budget_and_is_scored_within_it(
+    tmp_path: Path, sequential_checkpoint: Path
+) -> None:
+    """Inputs of 56 ids with 4 candidates are 224 candidate tokens each: a budget of 500 refuses
+    4 of them and takes 2."""
+    srv = start_server(sequential_checkpoint, tmp_path, "--device", "cpu", MTP_MAX_CANDIDATE_TOKENS="500")
+    try:
+        srv.wait_ready(READY_TIMEOUT_S)
+        result = predict_candidates(srv.url, inputs=4, candidates=4, victim_tokens=10)
+    finally:
+        srv.stop()
+    assert result.defect is not None, result.result
+    rows = result.details["rows"]
+    assert [(r["inputs"], r["status"]) for r in rows] == [(4, 422), (2, 200)], result.result
+
+
+def test_predict_candidates_needs_sequential_heads(server: Any) -> None:
+    assert predict_candidates(server.url).defect is None
