@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from app.model.model import MTPTransformer, SequentialHeads
+from app.model.model import MTPTransformer, SequentialHeads, shift_left
 
 
 @dataclass
@@ -60,11 +60,7 @@ def score_next(
     flat = [(b, cand) for b, cs in enumerate(cands) for cand in cs]
     cand_logp = logp[[b for b, _ in flat]]  # [N, k, V]: the heads' distributions for each candidate
     if sequential and flat and max(len(c) for _, c in flat) > 1:
-        own = torch.zeros(len(flat), model.cfg.k, dtype=torch.long, device=device)  # [N, k]
-        for i, (_, cand) in enumerate(flat):
-            own[i, : len(cand)] = torch.tensor(cand, device=device)
-        sel = torch.tensor([b for b, _ in flat], device=device)
-        cand_logp = _chain_logprobs(model, h_all[sel], idx[sel], lengths[sel], own)
+        cand_logp = _candidate_chains(model, h_all, idx, lengths, flat)
     cand_scores: list[list[list[float]]] = [[] for _ in prompts]
     for i, (b, cand) in enumerate(flat):
         heads = torch.arange(len(cand), device=device)
@@ -91,3 +87,40 @@ def _chain_logprobs(model: MTPTransformer, h: Tensor, idx: Tensor, lengths: Tens
         h = model.mtp_state(j, h, seq[:, j : j + T])  # [N, T, C]: position t reads token t + j
         logp.append(torch.log_softmax(model.head.proj(h[rows, last]).float(), dim=-1))
     return torch.stack(logp, dim=1)  # [N, k, V]
+
+
+def _candidate_chains(
+    model: MTPTransformer, h: Tensor, idx: Tensor, lengths: Tensor, flat: list[tuple[int, list[int]]]
+) -> Tensor:
+    """Sequential heads' log-probabilities [N, W + 1, V] along each candidate (flat: its prompt's
+    row in idx and its tokens; W + 1 the longest): depth j's distribution after the prompt and
+    the candidate's first j tokens, as _chain_logprobs gives with own tokens.
+
+    Depth j at position t reads token t + j, so of a prompt of length L only the last j
+    positions see the candidate: the ones before are the same for every candidate of the prompt.
+    Each depth runs once over each prompt (cache rows N.., the prompt's row), those rows' keys
+    and values are copied to each candidate's row, and the candidates run only their last W
+    positions on them (a window where the first W - j positions give the prompt's own values)."""
+    device = idx.device
+    B, T = idx.shape
+    N, W = len(flat), max(len(c) for _, c in flat) - 1
+    owner = torch.tensor([b for b, _ in flat], device=device)  # [N]
+    length = lengths[owner]  # [N]
+    full = torch.zeros(N, T + W + model.cfg.k, dtype=torch.long, device=device)  # prompt, candidate, padding
+    full[:, :T] = idx[owner]
+    for i, (b, cand) in enumerate(flat):
+        full[i, int(lengths[b]) : int(lengths[b]) + len(cand)] = torch.tensor(cand, device=device)
+    start = (length - W).clamp(min=0)  # [N]: each window's first position (past a short prompt's end: unread)
+    window = start[:, None] + torch.arange(W, device=device)  # [N, W]
+    out = length - 1 - start  # [N]: the prompt's last position, in the window
+    rows = torch.arange(N, device=device)
+    logp = [torch.log_softmax(model.head.proj(h[owner, length - 1]).float(), dim=-1)]  # head 1: [N, V]
+    shared, own = h, h[owner[:, None], window.clamp(max=T - 1)]  # [B, T, C], [N, W, C]
+    positions = torch.arange(T, device=device).expand(B, T)
+    with model.module_caches(N + B, T + W) as caches:
+        for j in range(1, W + 1):
+            shared = model.mtp_state(j, shared, shift_left(idx, j), positions, row0=N)  # [B, T, C]
+            caches[j - 1].gather(owner + N, T)  # each candidate's row starts as its prompt's
+            own = model.mtp_state(j, own, full.gather(1, window + j), window)  # [N, W, C]
+            logp.append(torch.log_softmax(model.head.proj(own[rows, out]).float(), dim=-1))
+    return torch.stack(logp, dim=1)  # [N, W + 1, V]

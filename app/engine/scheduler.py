@@ -56,9 +56,10 @@ class Scheduler:
 
     def take_predict(self, now: float) -> tuple[list[PredictItem], list[PredictItem]]:
         """The next /predict batch, and the waiting requests found expired or cancelled. With
-        sequential heads each candidate runs the modules over its input's whole prompt, so a
+        sequential heads each candidate gets a copy of its input's cached module positions, so a
         batch takes at most max_candidate_tokens of prompt x candidates (its first input always):
-        16 inputs of 250 tokens with 32 candidates each were one pass of 40 s (docs/reliability.md)."""
+        16 inputs of 250 tokens with 32 candidates each were one pass of 40 s when each candidate
+        ran the modules over the whole prompt (docs/reliability.md)."""
         items: list[PredictItem] = []
         dropped: list[PredictItem] = []
         budget = self.cfg.max_candidate_tokens

@@ -54,7 +54,8 @@ class PredictJob:
 
     @property
     def candidate_tokens(self) -> int:
-        """The positions sequential heads' modules run over to score the candidates: the whole prompt, each."""
+        """Sequential heads: the cached module positions copied to score the candidates (the whole
+        prompt's, for each candidate: app/decoding/predict.py)."""
         return len(self.prompt_ids) * len(self.candidates)
 
 

@@ -6,7 +6,9 @@ model. Its hyperparameters, ModelConfig, are in config.py.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
@@ -29,9 +31,11 @@ class KVCache(nn.Module):
     k_cache: Tensor
     v_cache: Tensor
 
-    def __init__(self, max_batch: int, cfg: ModelConfig, dtype: torch.dtype, device: Any) -> None:
+    def __init__(
+        self, max_batch: int, cfg: ModelConfig, dtype: torch.dtype, device: Any, length: int | None = None
+    ) -> None:
         super().__init__()
-        shape = (max_batch, cfg.num_heads, cfg.max_seq_len + cfg.k - 1, cfg.head_dim)
+        shape = (max_batch, cfg.num_heads, length or cfg.max_seq_len + cfg.k - 1, cfg.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -44,6 +48,11 @@ class KVCache(nn.Module):
         self.k_cache[rows, :, input_pos] = k.transpose(1, 2).to(self.k_cache.dtype)
         self.v_cache[rows, :, input_pos] = v.transpose(1, 2).to(self.v_cache.dtype)
         return self.k_cache[row0 : row0 + batch], self.v_cache[row0 : row0 + batch]
+
+    def gather(self, rows: Tensor, length: int) -> None:
+        """Rows 0..len(rows)-1 take a copy of rows `rows` (any, repeats allowed), positions < length."""
+        self.k_cache[: len(rows), :, :length] = self.k_cache[rows, :, :length]
+        self.v_cache[: len(rows), :, :length] = self.v_cache[rows, :, :length]
 
     def compact(self, rows: Tensor, length: int | None = None) -> None:
         """Move cache rows `rows` to rows 0..len(rows)-1: ascending, or any order in which no
@@ -274,11 +283,26 @@ class MTPTransformer(nn.Module):
             nn.init.zeros_(module.bias)
 
     def setup_caches(self, max_batch: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate one KV cache per layer; the only place cache memory is allocated. dtype:
-        default kv_dtype, else the weights'."""
+        """Allocate one KV cache per layer: the caches decoding runs on (module_caches lends
+        passing ones). dtype: default kv_dtype, else the weights'."""
         ref = self.head.proj.weight
         for attn in self._attentions():
             attn.kv_cache = KVCache(max_batch, self.cfg, dtype or self.kv_dtype or ref.dtype, ref.device)
+
+    @contextlib.contextmanager
+    def module_caches(self, rows: int, length: int) -> Iterator[list[KVCache]]:
+        """Sequential heads: for the block, the MTP modules get caches of their own (rows x
+        length positions, the weights' dtype) and the trunk none, in place of the caches set;
+        those come back after it. Yields the modules' caches, depth 1 first."""
+        if not isinstance(self.head, SequentialHeads):
+            raise ValueError("module_caches needs sequential heads")
+        ref, saved = self.head.proj.weight, self.kv_caches()
+        lent = [KVCache(rows, self.cfg, ref.dtype, ref.device, length) for _ in self.head.depths]
+        self.set_kv_caches([None] * len(self.blocks) + list(lent))
+        try:
+            yield lent
+        finally:
+            self.set_kv_caches(saved)
 
     def kv_caches(self) -> list[KVCache | None]:
         return [attn.kv_cache for attn in self._attentions()]

@@ -233,3 +233,26 @@ def test_predict_chains_on_greedy_tokens_and_scores_candidates_on_their_own(rand
     # a candidate's later scores depend on its own earlier tokens: a chain, not per-head marginals
     two = score_next(model, [prompts[0]], top_n=1, candidates=[[[1, 2], [3, 2]]]).candidates[0]
     assert two[0][1] != pytest.approx(two[1][1], abs=1e-4)
+
+
+def test_candidates_share_their_prompts_positions_and_score_as_the_teacher_forced_chain(random_model):
+    """Candidates of every length on prompts shorter and longer than k - 1 (depth j's window of
+    the prompt's last positions starts before position 0 for a prompt shorter than j), many per
+    prompt: each score is the teacher-forced chain's; the caches the model had set (a serving
+    engine's) are back afterwards, untouched."""
+    model = seq_model(random_model, 4)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [[3], [7, 1], [2, 9, 4], torch.randint(0, 16, (13,), generator=gen).tolist()]
+    cands = [[torch.randint(0, 16, (m,), generator=gen).tolist() for m in (4, 1, 3, 2, 4, 4)] for _ in prompts]
+    model.setup_caches(2)
+    before = [(c.k_cache.clone(), c.v_cache.clone()) for c in model.kv_caches() if c is not None]
+    caches = model.kv_caches()
+    scores = score_next(model, prompts, top_n=1, candidates=cands)
+    assert model.kv_caches() == caches
+    for c, (k, v) in zip(model.kv_caches(), before, strict=True):
+        assert c is not None and torch.equal(c.k_cache, k) and torch.equal(c.v_cache, v)
+    for prompt, cs, got in zip(prompts, cands, scores.candidates, strict=True):
+        for cand, lps in zip(cs, got, strict=True):
+            with torch.no_grad():
+                ref = torch.log_softmax(model(torch.tensor([prompt + cand]))[0, len(prompt) - 1], dim=-1)
+            assert lps == pytest.approx([float(ref[j, t]) for j, t in enumerate(cand)], abs=1e-5)
