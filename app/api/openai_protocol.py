@@ -110,8 +110,10 @@ class ContentPart(StrictPart):
 
 class ChatMessage(StrictPart):
     role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
-    content: str | list[ContentPart]
-    name: str | None = None
+    content: str | Annotated[list[ContentPart], Field(min_length=1)]
+    # the speaker's name in the prompt, in place of the role's (the chat template's {name});
+    # OpenAI's pattern for it: no whitespace and none of < | \ / >
+    name: str | None = Field(None, pattern=r"^[^\s<|\\/>]{1,64}$")
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)

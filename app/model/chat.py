@@ -43,9 +43,14 @@ class ChatTemplate:
         except (KeyError, IndexError, ValueError) as exc:
             raise ChatTemplateError(f"chat template: a format string names an unknown field ({exc})") from exc
 
-    def render(self, messages: Sequence[tuple[str, str]]) -> str:
-        """The prompt for (role, content) messages, ending with the assistant's turn opened."""
-        text = "".join(self.message.format(name=self.names[role], content=content) for role, content in messages)
+    def render(self, messages: Sequence[tuple[str, str] | tuple[str, str, str | None]]) -> str:
+        """The prompt for (role, content) or (role, content, name) messages, ending with the
+        assistant's turn opened. A message's name, when given, is its speaker's name in place
+        of its role's (two users as ROMEO and JULIET)."""
+        text = "".join(
+            self.message.format(name=(named[0] if named and named[0] else self.names[role]), content=content)
+            for role, content, *named in messages
+        )
         return text + self.generation_prompt.format(name=self.names["assistant"])
 
     @classmethod

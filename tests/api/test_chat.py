@@ -58,6 +58,22 @@ def test_a_reply_is_the_completion_of_the_rendered_conversation(client: TestClie
     assert reply["usage"] == done["usage"]
 
 
+def test_a_messages_name_is_its_speakers_name_in_the_prompt(client: TestClient) -> None:
+    """A message's `name` takes its role's place in the rendered prompt: a reply to the
+    conversation with names is the completion of that prompt."""
+    messages = [{"role": "user", "content": "Wherefore?", "name": "JULIET"}, {"role": "assistant", "content": "Ay."}]
+    prompt = DEFAULT.render([("user", "Wherefore?", "JULIET"), ("assistant", "Ay.", None)])
+    assert prompt.startswith("JULIET:\nWherefore?\n\nASSISTANT:\nAy.")
+    reply = chat(client, messages=messages, max_tokens=12)
+    done = client.post(
+        "/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0, "stop": ["\n\n"]}
+    ).json()
+    assert reply["choices"][0]["message"]["content"] == done["choices"][0]["text"]
+    assert reply["usage"] == done["usage"]
+    unnamed = chat(client, messages=[{**m, "name": None} for m in messages], max_tokens=1)
+    assert unnamed["usage"]["prompt_tokens"] != reply["usage"]["prompt_tokens"]
+
+
 def test_streamed_reply_equals_the_unstreamed_one(client: TestClient) -> None:
     whole = chat(client, max_tokens=10)
     chunks = stream_chunks(client, max_tokens=10, stream_options={"include_usage": True})
@@ -135,6 +151,9 @@ def test_streamed_logprobs_list_every_token_the_unstreamed_reply_lists(client: T
     [
         {"messages": []},
         {"messages": [{"role": "wizard", "content": "x"}]},
+        {"messages": [{"role": "user", "content": []}]},
+        {"messages": [{"role": "user", "content": "x", "name": "two words"}]},
+        {"messages": [{"role": "user", "content": "x", "name": ""}]},
         {"messages": HELLO, "top_logprobs": 2},
         {"messages": HELLO, "logprobs": True, "top_logprobs": 50},
         {"messages": HELLO, "n": 2, "stream": True},

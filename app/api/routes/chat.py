@@ -50,7 +50,7 @@ async def _prepare(req: ChatCompletionRequest, serving: Serving) -> tuple[list[i
     """The prompt ids (the conversation through the chat template) and the generation options."""
     check_model(req.model, serving)
     template = serving.tokenizer.chat_template
-    messages = [("system" if m.role == "developer" else m.role, m.text()) for m in req.messages]
+    messages = [("system" if m.role == "developer" else m.role, m.text(), m.name) for m in req.messages]
     ids = await prompt_ids(template.render(messages), serving, "messages")
     if req.top_logprobs and not req.logprobs:
         raise APIError(422, "top_logprobs: needs logprobs set to true")
