@@ -14,8 +14,9 @@ from dataclasses import fields
 from typing import Any
 
 import torch
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Scope
 
 from app import __version__
@@ -141,6 +142,25 @@ class ServiceApp(FastAPI):
         return self.door
 
 
+def add_head_routes(router: APIRouter) -> None:
+    """HEAD wherever GET is served (RFC 9110: a server answers HEAD as it answers GET, without
+    the body, which the server leaves out): a HEAD route beside each of the router's GET routes
+    that has none, kept out of /openapi.json, where it would share the GET's operationId."""
+    routes = [r for r in router.routes if isinstance(r, APIRoute)]
+    served = {r.path for r in routes if "HEAD" in (r.methods or ())}
+    for r in [r for r in routes if "GET" in (r.methods or ()) and r.path not in served]:
+        router.add_api_route(
+            r.path.removeprefix(router.prefix),  # the router puts its prefix back
+            r.endpoint,
+            methods=["HEAD"],
+            include_in_schema=False,
+            response_model=r.response_model,
+            response_class=r.response_class,
+            dependencies=r.dependencies,
+            name=f"{r.name}-head",
+        )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     k = 1
@@ -162,7 +182,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = ServiceState(settings=settings, metrics=metrics)
     install_error_handlers(app)
     install_docs(app)
+    add_head_routes(app.router)
     for router in (system.router, predict.router, generate.router, openai.router, chat.router):
+        add_head_routes(router)
         app.include_router(router)
     if settings.cors_origins:
         app.add_middleware(

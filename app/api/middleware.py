@@ -127,13 +127,21 @@ class RequestContext:
         return path in KEYED_PATHS or path.startswith("/v1/")
 
     def _refusal(self, method: str, path: str, headers: dict[bytes, bytes]) -> tuple[int, str, str]:
-        """(status, message, error_type) when the key or the declared body length refuses the
-        request, else (0, ...)."""
+        """(status, message, error_type) when the key, the declared body length or the body's
+        content coding refuses the request, else (0, ...)."""
         if self._needs_key(method, path) and not authorized(headers, self.api_key or ""):
             return 401, "missing or invalid API key", "unauthorized"
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return 413, f"request body larger than {self.max_body} bytes", "too_large"
+        coding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if coding not in (b"identity", b""):  # a compressed body would be read as the JSON it is not
+            shown = coding.decode("latin-1")[:40]
+            return (
+                415,
+                f"Content-Encoding {shown!r} is not supported: send the body uncompressed",
+                "unsupported_media_type",
+            )
         return 0, "", ""
 
     def _stalled_bodies(self, path: str, client: str) -> bool:

@@ -297,11 +297,13 @@ def host_redirect(url: str) -> Result:
 
 
 def head_probes(url: str) -> Result:
-    """HEAD /health and HEAD /ready answer as GET does (probes that use HEAD)."""
-    got = {p: httpx.head(url + p, timeout=10).status_code for p in ("/health", "/ready")}
+    """HEAD answers as GET does (probes and link checkers that use HEAD): /health and /ready,
+    and every other GET route."""
+    paths = ("/health", "/ready", "/info", "/metrics", "/v1/models", "/docs", "/openapi.json")
+    got = {p: httpx.head(url + p, timeout=10).status_code for p in paths}
     return Result(
         "head-probes",
-        "HEAD /health and HEAD /ready",
+        "HEAD " + ", ".join(paths),
         ", ".join(f"{p} {s}" for p, s in got.items()),
         any(s != 200 for s in got.values()),
     )

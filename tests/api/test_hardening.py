@@ -6,6 +6,8 @@ The attacks that need a socket, signals or a server log are in test_hardening_se
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 import sys
 import threading
 import time
@@ -442,6 +444,19 @@ def test_head_on_health_and_ready(client: TestClient) -> None:
     assert client.head("/ready").status_code == 200
 
 
+def test_every_get_route_answers_head_as_it_answers_get(client: TestClient) -> None:
+    """HEAD gets GET's status and content type, without the body; /openapi.json lists no HEAD
+    operation beside /health's and /ready's own."""
+    paths = ["/info", "/metrics", "/v1/models", "/v1/models/nope", "/docs", "/redoc", "/openapi.json", "/health"]
+    for path in paths:
+        got, head = client.get(path), client.head(path)
+        assert head.status_code == got.status_code, path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+        assert head.content == b"", path
+    headed = [p for p, ops in client.get("/openapi.json").json()["paths"].items() if "head" in ops]
+    assert sorted(headed) == ["/health", "/ready"]
+
+
 def test_ids_the_tokenizer_lacks_decode_as_empty_text(
     tmp_path: Path, tiny_tokenizer: Tokenizer, client_factory: Callable[..., TestClient]
 ) -> None:
@@ -483,3 +498,24 @@ def test_a_request_of_more_sequences_than_the_queue_holds_is_refused_as_invalid_
     assert r.status_code == 422 and r.json()["error_type"] == "validation", r.text
     r = client.post("/v1/completions", json={"prompt": "To be", "max_tokens": 2, "n": 4})
     assert r.status_code == 200 and len(r.json()["choices"]) == 4
+
+
+def test_a_compressed_body_gets_415_in_its_familys_envelope(client: TestClient) -> None:
+    """A body in a content coding the server does not decode is refused, not read as JSON."""
+    body = gzip.compress(json.dumps({"inputs": "To be", "parameters": {"max_new_tokens": 2}}).encode())
+    r = client.post("/generate", content=body, headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert r.status_code == 415 and r.json()["error_type"] == "unsupported_media_type"
+    assert "gzip" in r.json()["error"]
+    chat = json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}).encode()
+    r = client.post(
+        "/v1/chat/completions",
+        content=gzip.compress(chat),
+        headers={"content-type": "application/json", "content-encoding": "GZIP"},
+    )
+    assert r.status_code == 415 and r.json()["error"]["type"] == "unsupported_media_type"
+    r = client.post(
+        "/v1/chat/completions",
+        content=chat,
+        headers={"content-type": "application/json", "content-encoding": "identity"},
+    )
+    assert r.status_code == 200, r.text
