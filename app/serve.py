@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import resource
+import select
 import signal
 import socket
 import sys
@@ -107,6 +108,19 @@ async def send_until_close(cycle: RequestResponseCycle, message: Any) -> None:
     await RequestResponseCycle.send(cycle, message)
 
 
+PEER_CHECK_S = 0.25  # how often a connection with pipelined requests is asked whether its client left
+_HUNG_UP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
+
+
+def peer_gone(sock: Any) -> bool:
+    """The client closed or reset the connection (seen without reading from it)."""
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), _HUNG_UP)
+    return any(events & _HUNG_UP for _, events in poller.poll(0))
+
+
 class CountingTransport:
     """A connection's transport, counting the bytes written to it: less what it still buffers,
     that is how many the kernel has taken (GuardedProtocol._reader_stalled)."""
@@ -150,6 +164,8 @@ class GuardedProtocol(HttpToolsProtocol):
     _head_bytes = 0  # bytes of the current request head counted so far
     _heads = 0  # request heads completed on this connection
     _refused = False  # a 431 has been sent: the connection only waits to be closed
+    _running: RequestResponseCycle | None = None  # the cycle whose task was started last
+    _peer_watch: asyncio.TimerHandle | None = None  # _check_peer, while requests are pipelined
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -221,6 +237,25 @@ class GuardedProtocol(HttpToolsProtocol):
         if cycle is not before and cycle is not None and cycle.scope["http_version"] == "1.0":
             # read by its task, which has not run yet (or waits its turn behind a pipelined reply)
             cycle.send = functools.partial(send_until_close, cycle)  # type: ignore[method-assign]
+        if self.pipeline and self._peer_watch is None:  # uvicorn paused reading: watch for the client leaving
+            self._peer_watch = self.loop.call_later(PEER_CHECK_S, self._check_peer)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self._running = cycle  # uvicorn's `cycle` is the newest parsed, not the one running
+        super()._start_asgi_task(cycle, app)
+
+    def _check_peer(self) -> None:
+        """While a pipelined request waits its turn, uvicorn reads nothing from the connection,
+        so it would not see the client close or reset it, and the request running would run to
+        its end for nobody. The socket is asked (poll, nothing read) whether the client hung up;
+        if so the connection is closed and every request on it ends as disconnected."""
+        self._peer_watch = None
+        if not self.pipeline or self.transport.is_closing():
+            return
+        if peer_gone(self.transport.get_extra_info("socket")):
+            self.transport.close()
+            return
+        self._peer_watch = self.loop.call_later(PEER_CHECK_S, self._check_peer)
 
     def _refused_at_head(self) -> bool:
         """Answer here, with no request cycle or task, a request the door refuses from its head
@@ -281,6 +316,16 @@ class GuardedProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if (idle := getattr(self, "_idle", None)) is not None:
             idle.cancel()
+        if self._peer_watch is not None:
+            self._peer_watch.cancel()
+        # uvicorn tells only its newest cycle: with requests pipelined, the one running would
+        # neither see the disconnect nor stop writing to the closed transport (a traceback per
+        # reply), and the ones queued would never start. Every one is told; none starts.
+        for cycle in (self._running, *(c for c, _ in self.pipeline)):
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self.pipeline.clear()
         super().connection_lost(exc)
 
 

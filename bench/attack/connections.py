@@ -7,6 +7,7 @@ import contextlib
 import json
 import selectors
 import socket
+import struct
 import time
 from collections.abc import Mapping
 
@@ -27,6 +28,7 @@ from bench.attack.lab import (
     status_of,
     wait_idle,
 )
+from bench.server import Server
 
 # ---- attacks: connections and cancellation ----------------------------------------------------
 
@@ -308,4 +310,61 @@ def unread_replies(url: str, idle_timeout_s: float = 3.0, cap: int = 16, megabyt
         f"read: {dropped} of {cap}",
         probe != "200" or dropped < cap,
         {"probe": probe, "dropped": dropped, "replies_each": n, "reply_bytes": size},
+    )
+
+
+def pipelined_leave(srv: Server, n: int = 16, new_tokens: int = LONG, rounds: int = 2) -> Result:
+    """A client that pipelines requests on one connection and leaves while the first runs.
+
+    uvicorn reads nothing more from a connection while a pipelined request waits its turn, and
+    tells only the newest request of a disconnect: the running request neither stopped nor
+    noticed the closed connection, and writing its reply logged a traceback. Each round sends a
+    non-streaming /v1/completions of `n` choices alone, then three on one connection, and
+    closes the connection 0.3 s later, with a FIN and with a RST. Judged as disconnect-nonstream
+    judges one request: the defect is a pipelined round that went on to generate 90 % or more of
+    what its first request had left at the close, or a traceback in the server's log."""
+    url = srv.url
+    body = json.dumps({"prompt": "ROMEO:", "max_tokens": new_tokens, "n": n, "temperature": 1.0}).encode()
+    one = request_bytes("POST", "/v1/completions", body)
+    after: dict[str, list[float]] = {}
+    left: dict[str, list[float]] = {}
+    log_before = len(srv.log())
+    for _ in range(rounds):
+        for close in ("FIN", "RST"):
+            for count in (1, 3):
+                wait_idle(url)
+                start = metric(url, TOKENS)
+                s = socket.create_connection(address(url), timeout=5)
+                if close == "RST":
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.sendall(one * count)
+                time.sleep(0.3)
+                at_close = metric(url, TOKENS)
+                s.close()
+                time.sleep(3.0)
+                label = f"{count} on the connection, {close}"
+                after.setdefault(label, []).append(metric(url, TOKENS) - at_close)
+                left.setdefault(label, []).append(n * new_tokens - (at_close - start))
+    wait_idle(url)
+    log = srv.log()[log_before:]
+    tracebacks = log.count("Traceback") + log.count("Exception in ASGI application")
+    ran_on = [
+        a >= 0.9 * r
+        for label in after
+        if label.startswith("3 ")
+        for a, r in zip(after[label], left[label], strict=True)
+        if r > 0
+    ]
+    return Result(
+        "pipelined-leave",
+        f"a /v1/completions of n = {n} × {new_tokens} tokens alone, and three pipelined on one connection, the "
+        f"connection closed (FIN, RST) 0.3 s after; {TOKENS} in the 3 s after the close against what the first "
+        f"request had left ({rounds} rounds), and the server's log",
+        "; ".join(
+            f"{label}: " + ", ".join(f"{a:.0f} of {r:.0f}" for a, r in zip(after[label], left[label], strict=True))
+            for label in after
+        )
+        + f" tokens; {tracebacks} tracebacks in the log",
+        None if not ran_on else any(ran_on) or tracebacks > 0,
+        {"tokens_after_close": after, "tokens_left_at_close": left, "tracebacks": tracebacks},
     )

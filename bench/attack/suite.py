@@ -34,6 +34,7 @@ from bench.attack.connections import (
     disconnect_nonstream,
     head_refusal_framing,
     idle_connections,
+    pipelined_leave,
     unread_replies,
 )
 from bench.attack.door import (
@@ -123,6 +124,7 @@ ATTACKS = [
     Attack("refused-multi-prompt", _shared(refused_multi_prompt)),
     Attack("door-shedding", _shared(door_shedding)),
     Attack("disconnect-nonstream", _shared(disconnect_nonstream)),
+    Attack("pipelined-leave", lambda lab: pipelined_leave(lab.shared(COMMON))),
     Attack("tokenize-bomb", _shared(tokenize_bomb)),
     Attack("token-id-body", _shared(token_id_body)),
     Attack("chat-message-body", _shared(chat_message_body)),

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -60,6 +61,36 @@ def test_a_non_streaming_request_is_cancelled_when_its_client_leaves(server_fact
     generated = metric(srv.url, "mtp_generated_tokens_total")
     assert generated < 2 * 40  # they stopped well before their 40 tokens
     assert metric(srv.url, "mtp_request_failures_total", reason="cancelled") >= 2
+
+
+@pytest.mark.parametrize("close", ["FIN", "RST"])
+def test_requests_pipelined_on_a_connection_end_when_their_client_leaves(
+    server_factory: Callable[..., Any], close: str
+) -> None:
+    """Three requests pipelined on one connection, the client gone while the first runs: uvicorn
+    reads nothing more while a request waits its turn, so it saw no close, and told only the
+    newest request of a disconnect. Now the first is cancelled within a step or so, the others
+    never start, and nothing logs a traceback (writing to the closed connection did)."""
+    srv = server_factory(forward_delay_s=0.05)
+    host, port = srv.url.removeprefix("http://").split(":")
+    body = json.dumps({"inputs": PROMPT, "parameters": {"max_new_tokens": 40, "speculative": False}}).encode()
+    head = (
+        f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    before = metric(srv.url, "mtp_generated_tokens_total")
+    s = socket.create_connection((host, int(port)), timeout=10)
+    if close == "RST":
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.sendall((head.encode() + body) * 3)
+    wait_until(lambda: metric(srv.url, "mtp_running_sequences") == 1)
+    s.close()
+    wait_until(lambda: metric(srv.url, "mtp_running_sequences") == 0, timeout=3)
+    time.sleep(1.0)  # a pipelined request, if one started, would be running by now
+    assert metric(srv.url, "mtp_running_sequences") == 0
+    assert metric(srv.url, "mtp_generated_tokens_total") - before < 40  # the first stopped early, the others never ran
+    assert metric(srv.url, "mtp_request_failures_total", reason="cancelled") == 1
+    log = srv.log()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
 
 
 def test_idle_and_header_drip_connections_are_closed(server_factory: Callable[..., Any]) -> None:
