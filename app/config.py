@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     max_running: int | None = Field(ENGINE.max_running, ge=1)
     # prompt tokens a prefill pass takes at most (its first prompt always); the rest wait a step
     max_prefill_tokens: int = Field(ENGINE.max_prefill_tokens, ge=1)
+    # with rows decoding, the share of the inference thread's time prefill and /predict passes may take
+    prefill_share: float = Field(ENGINE.prefill_share, gt=0.0, le=1.0)
     # sequential heads: prompt tokens x candidates a /predict request, and a pass, may ask to score
     max_candidate_tokens: int = Field(ENGINE.max_candidate_tokens, ge=1)
     # a stream's tokens after its first leave at most this often, several steps' in one write (0: every step)

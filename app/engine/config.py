@@ -35,6 +35,11 @@ class EngineConfig:
     # prompt tokens one prefill pass takes at most (its first prompt always goes): a burst of long
     # prompts is prefilled over several steps, with the running rows' decode steps between them
     max_prefill_tokens: int = 1024
+    # with rows decoding, the share of the inference thread's time that prefill and /predict
+    # passes may take: after such a pass the running rows decode for (1 - share) / share of its
+    # length before the next one (1: no limit). A burst of prompts, or of /predict requests,
+    # then slows the running streams about 1 / (1 - share)-fold at most, not without bound
+    prefill_share: float = 0.5
     # sequential heads score a /predict candidate by running the modules over its input's prompt:
     # prompt tokens x candidates one /predict pass takes at most (its first input always goes)
     max_candidate_tokens: int = 16384

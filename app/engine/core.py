@@ -259,24 +259,31 @@ class EngineCore:
         Requests taken from the waiting queues are handed back at once (their queue places free
         up before the pass runs); everything else the step produces goes in `out`, one hand-off."""
         s = self.scheduler
-        if s.predict_q:
+        if s.predict_q and s.others_may_run():
             items, dropped = s.take_predict(time.monotonic())
             self._emit(StepOutput(left_queue=len(items) + len(dropped)))  # places free before the pass
             for item in dropped:
                 self.passes.drop_waiting(out, item, "predict")
             if items:
+                rows_waited, t0 = len(self.batch) > 0, time.perf_counter()
                 self.passes.run_predict(out, items)
+                s.ran_other(time.perf_counter() - t0, rows_waited)
         if s.wants_prefill():
             gen_items, gen_dropped = s.take_prefill(time.monotonic())
             self._emit(StepOutput(left_queue=len(gen_items) + len(gen_dropped)))
             for gen_item in gen_dropped:
                 self.passes.drop_waiting(out, gen_item, "generate")
             if gen_items:
+                rows_waited, t0 = len(self.batch) > 0, time.perf_counter()
                 self.passes.run_prefill(out, gen_items)
-        if len(self.batch) and self.passes.run_decode(out):
-            self._steps += 1
-            if self._steps % POLICY_INFO_EVERY == 1:
-                self.snapshot_policies()
+                s.ran_other(time.perf_counter() - t0, rows_waited)
+        if len(self.batch):
+            t0 = time.perf_counter()
+            if self.passes.run_decode(out):
+                self._steps += 1
+                if self._steps % POLICY_INFO_EVERY == 1:
+                    self.snapshot_policies()
+            s.ran_decode(time.perf_counter() - t0)
 
     def snapshot_policies(self) -> None:
         """What the draft and thread policies do now, for /info (read from the event loop)."""

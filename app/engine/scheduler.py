@@ -23,6 +23,8 @@ class Scheduler:
         self.last_predict_batch = 0  # requests in the last /predict batch
         self.running_limit = cfg.running_limit  # rows decoding at once (MTP_MAX_RUNNING)
         self.chains = model.cfg.head_type == "sequential"  # a candidate costs a pass over its prompt
+        # seconds the running rows are owed in decode steps before the next prefill or /predict pass
+        self.owed = 0.0
 
     def add(self, item: PredictItem | GenerateItem) -> None:
         (self.predict_q if isinstance(item, PredictItem) else self.gen_q).append(item)  # type: ignore[arg-type]
@@ -99,4 +101,20 @@ class Scheduler:
         return items, dropped
 
     def wants_prefill(self) -> bool:
-        return bool(self.gen_q) and len(self.batch) < self.running_limit
+        return bool(self.gen_q) and len(self.batch) < self.running_limit and self.others_may_run()
+
+    def others_may_run(self) -> bool:
+        """A prefill or /predict pass may run now: no row is decoding, or the rows have had the
+        decode time the last such pass left them owed (EngineConfig.prefill_share)."""
+        if not len(self.batch):
+            self.owed = 0.0
+        return self.owed <= 0.0
+
+    def ran_other(self, seconds: float, rows_waited: bool) -> None:
+        """A prefill or /predict pass took `seconds`; rows_waited: rows were decoding before it."""
+        share = self.cfg.prefill_share
+        if rows_waited and share < 1.0:
+            self.owed += seconds * (1.0 - share) / share
+
+    def ran_decode(self, seconds: float) -> None:
+        self.owed = max(0.0, self.owed - seconds)

@@ -983,6 +983,41 @@ async def test_a_burst_of_prompts_over_the_prefill_budget_is_prefilled_over_seve
     assert all("decode" in kinds[a:b] for a, b in itertools.pairwise(prefills))  # the stream went on between
 
 
+async def test_prefill_passes_take_no_more_than_their_share_of_a_decoding_threads_time(
+    engine_factory: Callable[..., Any],
+) -> None:
+    """Three prompts arrive together while a stream decodes, one prefill pass each (budget 6):
+    with prefill passes of 20 ms and decode steps of 2 ms, at a share of 0.5 the stream gets at
+    least as much decode time after each prefill pass as the pass took before the next one
+    (pass lengths read from the passes' start times); at a share of 1, as before the share, the
+    next prefill pass comes at the next step."""
+    prompts = [[5, 17, 42, 9, 8, 7], [7, 1, 2, 3, 4, 5], [100, 3, 9, 250, 11, 64]]
+    for share in (0.5, 1.0):
+        engine = await engine_factory(max_prefill_tokens=6, prefill_share=share)
+        starts: list[tuple[str, float]] = []
+
+        def hook(kind: str) -> None:
+            starts.append((kind, time.perf_counter()))
+            time.sleep(0.02 if kind == "prefill" else 0.002)
+
+        set_fault_hook(engine, hook)
+        stream = asyncio.create_task(run(engine, GenerateJob([1, 2], max_new_tokens=60, speculative=False)))
+        while not any(k == "decode" for k, _ in starts):
+            await asyncio.sleep(0.005)
+        await asyncio.gather(*(run(engine, GenerateJob(p, max_new_tokens=2)) for p in prompts))
+        await stream
+        kinds = [k for k, _ in starts]
+        burst = [i for i, k in enumerate(kinds) if k == "prefill"][1:]  # the stream's own first
+        assert len(burst) == len(prompts)
+        for a, b in itertools.pairwise(burst):
+            prefill_s = starts[a + 1][1] - starts[a][1]
+            decode_s = starts[b][1] - starts[a + 1][1]
+            if share == 1.0:  # the next pass at the next step, or about
+                assert decode_s < 0.5 * prefill_s, (share, prefill_s, decode_s)
+            else:  # the pass's own time is owed; the time between passes is a little more
+                assert decode_s >= 0.8 * prefill_s, (share, prefill_s, decode_s)
+
+
 async def test_a_predict_pass_takes_no_more_candidate_tokens_than_its_budget(
     engine_factory: Callable[..., Any], sequential_checkpoint: Path
 ) -> None:
