@@ -40,7 +40,7 @@ class EngineConfig:
     # length before the next one (1: no limit). A burst of prompts, or of /predict requests,
     # then slows the running streams about 1 / (1 - share)-fold at most, not without bound
     prefill_share: float = 0.5
-    # sequential heads score a /predict candidate by running the modules over its input's prompt:
+    # sequential heads score a /predict candidate on a copy of its input's cached module positions:
     # prompt tokens x candidates one /predict pass takes at most (its first input always goes)
     max_candidate_tokens: int = 16384
     speculative: bool = True
