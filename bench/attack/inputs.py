@@ -24,21 +24,26 @@ from bench.server import HOST
 
 
 @contextlib.contextmanager
-def polled_health(url: str) -> Iterator[list[float]]:
-    """GET /health every 100 ms on a thread while the block runs (after 0.3 s of it first);
-    yields the list its latencies (s) are appended to."""
+def polled_health(
+    url: str, every_s: float = 0.1, settle_s: float = 0.3, sent: list[float] | None = None
+) -> Iterator[list[float]]:
+    """GET /health every `every_s` on a thread while the block runs (after `settle_s` of it
+    first); yields the list its latencies (s) are appended to. `sent`, when given, gets each
+    probe's time.perf_counter() at sending, in the same order."""
     health: list[float] = []
     done = threading.Event()
 
     def poll() -> None:
         with httpx.Client(timeout=30) as c:
             while not done.is_set():
+                if sent is not None:
+                    sent.append(time.perf_counter())
                 health.append(timed(lambda: c.get(f"{url}/health"))[1])
-                done.wait(0.1)
+                done.wait(every_s)
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
-    time.sleep(0.3)
+    time.sleep(settle_s)
     try:
         yield health
     finally:

@@ -6,37 +6,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 
 from bench.attack.batch import stream_times
+from bench.attack.inputs import polled_health
 from bench.attack.lab import Result, ms, wait_idle
-
-
-@contextmanager
-def _probing(url: str, every_s: float, probes: list[tuple[float, float]]) -> Iterator[None]:
-    """GET /health every `every_s` for as long as the block runs: (sent at, seconds to answer)."""
-    stop = threading.Event()
-
-    def probe() -> None:
-        with httpx.Client(base_url=url, timeout=30) as http:
-            while not stop.is_set():
-                t0 = time.monotonic()
-                try:
-                    http.get("/health")
-                finally:
-                    probes.append((t0, time.monotonic() - t0))
-                stop.wait(every_s)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=60)
 
 
 def chat_logprobs_reply(
@@ -68,17 +43,17 @@ def chat_logprobs_reply(
                 "logit_bias": bias,
                 **extra,
             }
-            probes: list[tuple[float, float]] = []
-            with _probing(url, 0.01, probes):
-                time.sleep(0.1)
-                t0 = time.monotonic()
+            sent: list[float] = []
+            with polled_health(url, every_s=0.01, settle_s=0.1, sent=sent) as latencies:
+                t0 = time.perf_counter()
                 r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
-                t1 = time.monotonic()
+                t1 = time.perf_counter()
             statuses.append(r.status_code)
             if r.status_code != 200:
                 errors.add(r.text[:200])
             sizes[label] = len(r.content)
-            during = [lat for sent, lat in probes if t0 <= sent <= t1 or t0 <= sent + lat <= t1]
+            probes = zip(sent, latencies, strict=False)  # the last probe may be sent and not yet answered
+            during = [lat for at, lat in probes if t0 <= at <= t1 or t0 <= at + lat <= t1]
             worst[label].append(max(during, default=0.0))
             wait_idle(url)
     lp, plain = max(worst["with"]), max(worst["without"])
