@@ -123,18 +123,54 @@ def peer_gone(sock: Any) -> bool:
 
 class CountingTransport:
     """A connection's transport, counting the bytes written to it: less what it still buffers,
-    that is how many the kernel has taken (GuardedProtocol._reader_stalled)."""
+    that is how many the kernel has taken (GuardedProtocol._reader_stalled).
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    What is written in one turn of the event loop goes to the socket in one send, at the end of
+    that turn (a cork, as Node's socket.cork() until the next tick): uvicorn writes a reply's
+    head and its body in two calls, and each was a send() of its own, so every reply left as two
+    TCP segments (no delay is set on the socket) and woke its client twice. A close or an EOF
+    sends what is held first; an abort drops it, as it drops the transport's own buffer."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self.inner = transport
+        self.loop = loop
         self.written = 0
+        self._held: list[bytes] = []  # written this turn, not yet sent
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
         self.written += len(data)
-        self.inner.write(data)
+        if not self._held:
+            self.loop.call_soon(self.flush)
+        self._held.append(bytes(data))  # a copy of a buffer its writer may reuse
+
+    def flush(self) -> None:
+        held, self._held = self._held, []
+        if held and not self.inner.is_closing():  # closed since: nothing can go out any more
+            self.inner.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def writelines(self, parts: Any) -> None:
+        for data in parts:
+            self.write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.inner.get_write_buffer_size() + sum(map(len, self._held))
 
     def taken(self) -> int:
-        return self.written - self.inner.get_write_buffer_size()
+        return self.written - self.get_write_buffer_size()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self.inner.write_eof()
+
+    def close(self) -> None:
+        self.flush()
+        self.inner.close()
+
+    def abort(self) -> None:
+        self._held = []
+        self.inner.abort()
 
     def __getattr__(self, name: str) -> Any:  # everything else is the transport's own
         return getattr(self.inner, name)
@@ -169,7 +205,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.transport: Any = CountingTransport(transport)  # the request cycles write through it
+        self.transport: Any = CountingTransport(transport, self.loop)  # the request cycles write through it
         self._taken = -1  # bytes the kernel had taken at the idle checker's last look
         if len(self.connections) > self.max_connections:
             transport.write(BUSY)

@@ -524,3 +524,38 @@ def test_a_forwarded_for_header_is_believed_only_from_a_proxy_the_settings_name(
     proxied = server_factory("--forwarded-allow-ips", "127.0.0.1")
     assert httpx.get(f"{proxied.url}/health", headers=spoof, timeout=10).status_code == 200
     wait_until(lambda: "203.0.113.7" in proxied.log(), 5)
+
+
+def data_segments_received(s: socket.socket) -> int:
+    """Segments carrying data that this TCP socket has received (Linux: tcp_info's tcpi_data_segs_in)."""
+    return int(struct.unpack_from("I", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256), 152)[0])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts segments with Linux's TCP_INFO")
+@pytest.mark.parametrize(
+    "method, path, payload",
+    [
+        ("GET", "/health", None),
+        ("POST", "/generate", {"inputs": "To be", "parameters": {"max_new_tokens": 4}}),
+        ("POST", "/predict", {"inputs": "To be"}),
+        ("POST", "/generate", {}),  # a 422
+    ],
+)
+def test_a_reply_leaves_in_one_tcp_segment(server: Any, method: str, path: str, payload: Any) -> None:
+    """uvicorn writes a reply's head and its body in two calls; sent as written they were two
+    segments (the socket sets no delay), and a client woke for each. The connection's writes of
+    one turn of the event loop now go out in one send."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(2):  # and again on the kept-alive connection
+            before = data_segments_received(s)
+            if payload is None:
+                s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            else:
+                body = json.dumps(payload).encode()
+                s.sendall(post_head(path, len(body)) + body)
+            status, headers, reply = read_reply(s, bytearray())
+            assert reply and int(headers["content-length"]) == len(reply), status
+            time.sleep(0.05)  # anything sent after the reply would have arrived by now
+            assert data_segments_received(s) - before == 1, status
