@@ -129,24 +129,33 @@ class CountingTransport:
     that turn (a cork, as Node's socket.cork() until the next tick): uvicorn writes a reply's
     head and its body in two calls, and each was a send() of its own, so every reply left as two
     TCP segments (no delay is set on the socket) and woke its client twice. A close or an EOF
-    sends what is held first; an abort drops it, as it drops the transport's own buffer."""
+    sends what is held first; an abort drops it, as it drops the transport's own buffer. At
+    HOLD_BYTES held it is sent at once: the transport's own buffer then fills as before, and
+    its flow control (uvicorn waits for room before the next write) holds a writer back."""
+
+    HOLD_BYTES = 65536  # asyncio's default high-water mark for a transport's write buffer
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self.inner = transport
         self.loop = loop
         self.written = 0
         self._held: list[bytes] = []  # written this turn, not yet sent
+        self._held_bytes = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not data:
+        chunk = bytes(data)  # a copy of a buffer its writer may reuse
+        if not chunk:
             return
-        self.written += len(data)
+        self.written += len(chunk)
         if not self._held:
             self.loop.call_soon(self.flush)
-        self._held.append(bytes(data))  # a copy of a buffer its writer may reuse
+        self._held.append(chunk)
+        self._held_bytes += len(chunk)
+        if self._held_bytes >= self.HOLD_BYTES:
+            self.flush()
 
     def flush(self) -> None:
-        held, self._held = self._held, []
+        held, self._held, self._held_bytes = self._held, [], 0
         if held and not self.inner.is_closing():  # closed since: nothing can go out any more
             self.inner.write(held[0] if len(held) == 1 else b"".join(held))
 
@@ -155,7 +164,7 @@ class CountingTransport:
             self.write(data)
 
     def get_write_buffer_size(self) -> int:
-        return self.inner.get_write_buffer_size() + sum(map(len, self._held))
+        return self.inner.get_write_buffer_size() + self._held_bytes
 
     def taken(self) -> int:
         return self.written - self.get_write_buffer_size()
@@ -169,7 +178,7 @@ class CountingTransport:
         self.inner.close()
 
     def abort(self) -> None:
-        self._held = []
+        self._held, self._held_bytes = [], 0
         self.inner.abort()
 
     def __getattr__(self, name: str) -> Any:  # everything else is the transport's own
