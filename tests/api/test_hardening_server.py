@@ -547,7 +547,6 @@ def test_a_reply_leaves_in_one_tcp_segment(server: Any, method: str, path: str, 
     one turn of the event loop now go out in one send."""
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for _ in range(2):  # and again on the kept-alive connection
             before = data_segments_received(s)
             if payload is None:
