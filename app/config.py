@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     max_candidate_tokens: int = Field(ENGINE.max_candidate_tokens, ge=1)
     # a stream's tokens after its first leave at most this often, several steps' in one write (0: every step)
     stream_interval_ms: float = Field(ENGINE.stream_interval_ms, ge=0.0, le=1000.0)
+    # decode steps a turn of the core loop runs in a row while nothing waits (1: a turn per step)
+    decode_steps_in_a_row: int = Field(ENGINE.decode_steps_in_a_row, ge=1, le=1024)
     speculative: bool = ENGINE.speculative  # self-speculative decoding by default when k > 1
     draft_tokens: int | None = Field(
         ENGINE.draft_tokens, ge=0

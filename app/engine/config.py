@@ -66,6 +66,9 @@ class EngineConfig:
     # a stream's tokens after its first are handed to the event loop at most this often, several
     # steps' tokens in one write (core.py); 0: after every step
     stream_interval_ms: float = 10.0
+    # decode steps one turn of the core loop runs in a row while no request waits and no message
+    # comes (core.py); 1: the loop's turn around every step
+    decode_steps_in_a_row: int = 32
     request_timeout_s: float = 60.0
     stall_timeout_s: float = 30.0
 

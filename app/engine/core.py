@@ -119,6 +119,7 @@ class EngineCore:
         self._steps = 0
         self._stopping = False
         self.stream_interval = cfg.stream_interval_ms / 1000
+        self.steps_in_a_row = cfg.decode_steps_in_a_row  # decode steps a turn of the loop may run at most
         self._held: StepOutput | None = None  # token events held back for a later hand-off (stream_interval)
         self._last_post = 0.0
 
@@ -141,8 +142,9 @@ class EngineCore:
 
     # ---- the loop --------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def run(self) -> None:
-        """The inference thread's main loop, until a Stop message."""
+        """The inference thread's main loop, until a Stop message (in inference mode throughout)."""
         while not self._stopping:
             s = self.scheduler
             timeout = None if s.idle() else s.predict_fill_wait(time.monotonic())
@@ -280,10 +282,33 @@ class EngineCore:
         if len(self.batch):
             t0 = time.perf_counter()
             if self.passes.run_decode(out):
-                self._steps += 1
-                if self._steps % POLICY_INFO_EVERY == 1:
+                before = self._steps
+                self._steps += 1 + self._steps_in_a_row(out)
+                if (self._steps - 1) // POLICY_INFO_EVERY != (before - 1) // POLICY_INFO_EVERY:
                     self.snapshot_policies()
             s.ran_decode(time.perf_counter() - t0)
+
+    def _steps_in_a_row(self, out: StepOutput) -> int:
+        """After a decode step, more of them at once while nothing else is there to do: no request
+        waits, no message is in the inbox, the step's outputs may be held (holdable), and a
+        stream's held tokens are not yet due (stream_interval), nor the metrics (EngineStats.due).
+        Each turn of the loop costs a step its work around the pass (the inbox, the scheduler's
+        checks, the rows' expiry, a hand-off's bookkeeping); steps in a row pay it once. Any
+        message ends them at the next step boundary, as it would between turns."""
+        s = self.scheduler
+        if self.steps_in_a_row <= 1 or s.waiting() or not len(self.batch) or not self.inbox.empty():
+            return 0
+        if not holdable(out):
+            return 0
+        due = float("inf")
+        if any(not seq.item.request.final_only for seq in self.batch.seqs):
+            due = self._last_post + self.stream_interval
+
+        def go_on() -> bool:
+            now = time.monotonic()
+            return self.inbox.empty() and now < due and not self.stats.due(now)
+
+        return self.passes.run_decode_steps(out, self.steps_in_a_row - 1, go_on)
 
     def snapshot_policies(self) -> None:
         """What the draft and thread policies do now, for /info (read from the event loop)."""

@@ -111,7 +111,10 @@ class Passes:
             self.busy_since = None
 
     def _guarded(self, kind: str, fn: Callable[[], T]) -> T:
-        """One forward pass of `kind` ("predict", "prefill" or "decode")."""
+        """One forward pass of `kind` ("predict", "prefill" or "decode"), in inference mode (the
+        core loop runs in it throughout: entering it costs a step a few microseconds)."""
+        if torch.is_inference_mode_enabled():
+            return fn()
         with torch.inference_mode():
             return fn()
 
@@ -211,6 +214,41 @@ class Passes:
             return False
         self._update(out, outputs)
         return True
+
+    def run_decode_steps(self, out: StepOutput, steps: int, go_on: Callable[[], bool]) -> int:
+        """Up to `steps` more decode steps of the running batch, one after another with nothing
+        between them, while go_on() holds before each; the steps run, or 0 at once where a row is
+        cancelled or could expire during a step. They end after a step in which a row ends (a
+        stop token or its length), or that fails. Each row's tokens from them become one event,
+        in `out` (core.py: the core runs them while nothing else waits)."""
+        seqs = self.batch.seqs
+        if any(s.item.cancelled for s in seqs):
+            return 0
+        deadline = min(s.item.deadline for s in seqs)  # the rows stay the same throughout
+        kept: dict[RunningSequence, Emitted] = {}
+        ran, took = 0, 0.0
+        while ran < steps and go_on() and (t0 := time.monotonic()) + 2 * took < deadline:
+            try:
+                outputs = self._forward("decode", len(self.batch), self._decode)
+            except Exception as exc:
+                log.exception("decode step of %d sequences failed", len(self.batch))
+                self._update(out, list(kept.values()))  # what the steps before made is theirs
+                self.fail_running(out, EngineFailure(f"forward pass failed: {type(exc).__name__}"))
+                return ran
+            ran, took = ran + 1, time.monotonic() - t0
+            for e in outputs:
+                if (row := kept.get(e.seq)) is None:
+                    kept[e.seq] = e
+                else:
+                    row.tokens += e.tokens
+                    row.logprobs += e.logprobs
+                    if e.top is not None:
+                        row.top = (row.top or []) + e.top
+            if any(e.seq.remaining <= 0 or (e.tokens and e.tokens[-1] in e.seq.stop_ids) for e in outputs):
+                break
+        if kept:
+            self._update(out, list(kept.values()))
+        return ran
 
     def _decode(self) -> list[Emitted]:
         res = self.batch.step()

@@ -782,6 +782,79 @@ async def test_a_final_only_request_past_its_deadline_gets_the_timeout_alone(
     assert engine.pending() == 0
 
 
+# ---- decode steps in a row --------------------------------------------------------------------
+
+
+def count_loop_turns(engine: Engine) -> list[int]:
+    """A list that grows by one at each turn of the core loop that runs a decode step from now on."""
+    turns: list[int] = []
+    passes = engine.core.passes
+    run_decode = passes.run_decode
+
+    def counted(out: Any) -> bool:
+        turns.append(1)
+        return run_decode(out)
+
+    passes.run_decode = counted  # type: ignore[method-assign]
+    return turns
+
+
+async def test_decode_steps_run_in_a_row_while_nothing_waits_and_give_the_same_tokens(
+    engine_factory: Callable[..., Any],
+) -> None:
+    """While no request waits and no message comes, one turn of the core loop runs several decode
+    steps; the tokens, log-probabilities and finish of greedy, seeded sampled, final-only and
+    streamed requests are those of a turn per step."""
+    jobs = [
+        functools.partial(GenerateJob, [5, 17, 42], 40, final_only=True),
+        functools.partial(GenerateJob, [7], 33, speculative=False),
+        functools.partial(GenerateJob, [100, 3, 9], 30, SamplingParams(do_sample=True, seed=7), final_only=True),
+        functools.partial(GenerateJob, [33, 33], 25, top_logprobs=2),
+    ]
+    got: dict[int, list[Any]] = {}
+    turns_by: dict[int, tuple[int, int]] = {}
+    for in_a_row in (1, 32):
+        engine = await engine_factory(decode_steps_in_a_row=in_a_row, stream_interval_ms=1000)
+        turns, before = count_loop_turns(engine), forward_passes(engine)
+        got[in_a_row] = [[e async for e in engine.generate(job())] for job in jobs]
+        turns_by[in_a_row] = (len(turns), forward_passes(engine) - before)
+
+    def content(events: list[Any]) -> tuple[Any, ...]:
+        tokens = [e for e in events if isinstance(e, TokenEvent)]
+        joined = (
+            [t for e in tokens for t in e.token_ids],
+            [lp for e in tokens for lp in e.logprobs],
+            [row for e in tokens for row in e.top or []],
+        )
+        return joined, events[-1]
+
+    assert [content(e) for e in got[32]] == [content(e) for e in got[1]]
+    assert all(isinstance(e[-1], FinishEvent) for e in got[32])
+    one_turns, one_passes = turns_by[1]
+    many_turns, many_passes = turns_by[32]
+    assert one_turns == one_passes - len(jobs)  # every decode step a turn (the rest: prefills)
+    assert many_passes == one_passes and many_turns <= one_turns / 4
+
+
+async def test_a_request_that_comes_during_steps_in_a_row_is_prefilled_at_the_next_step_boundary(
+    engine_factory: Callable[..., Any],
+) -> None:
+    """Steps in a row end at the first step boundary after a message reaches the core: a new
+    request is not held behind the running row's remaining steps."""
+    engine = await engine_factory(decode_steps_in_a_row=1024)
+    set_fault_hook(engine, lambda kind: time.sleep(0.01))  # 55 steps: about 0.55 s
+    long = asyncio.create_task(run(engine, GenerateJob([5, 6, 7], 55, speculative=False, final_only=True)))
+    await wait_for(lambda: counter(engine, "mtp_running_sequences") == 1)
+    await asyncio.sleep(0.05)
+    before = forward_passes(engine)
+    tokens, _ = await run(engine, GenerateJob([9, 8], 1))
+    assert len(tokens) == 1
+    assert forward_passes(engine) - before <= 3  # the step under way, maybe one more, and its prefill
+    assert not long.done()
+    long_tokens, finish = await long
+    assert len(long_tokens) == finish.generated_tokens == 55
+
+
 # ---- the stream interval --------------------------------------------------------------------
 
 
