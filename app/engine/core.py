@@ -3,7 +3,9 @@
 The event loop talks to the core only through its inbox (submit, abort, fail all, call, stop);
 the core hands each step's outputs back in one `post` call (vLLM's EngineCore busy loop). A
 step never waits on the event loop, and an idle core blocks on its inbox instead of spinning.
-The passes a step runs, and the events their outputs become, are in passes.py.
+The passes a step runs, and the events their outputs become, are in passes.py. While no
+request waits and no message comes, one turn of the loop runs several decode steps in a row
+(`decode_steps_in_a_row`, `_steps_in_a_row`), its work around a step done once for them.
 
 Streamed tokens are handed over at most every `stream_interval_ms` (SGLang's and vLLM's
 stream interval, in time rather than tokens). Each hand-off costs the event loop a wake-up,
