@@ -849,7 +849,9 @@ async def test_a_request_that_comes_during_steps_in_a_row_is_prefilled_at_the_ne
     before = forward_passes(engine)
     tokens, _ = await run(engine, GenerateJob([9, 8], 1))
     assert len(tokens) == 1
-    assert forward_passes(engine) - before <= 3  # the step under way, maybe one more, and its prefill
+    # the step under way (and, racing the request's arrival, perhaps the next), its prefill and
+    # the decode step of the same turn; with runs that did not look at the inbox it took 8 (checked)
+    assert forward_passes(engine) - before <= 4
     assert not long.done()
     long_tokens, finish = await long
     assert len(long_tokens) == finish.generated_tokens == 55
