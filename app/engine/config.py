@@ -67,8 +67,9 @@ class EngineConfig:
     # steps' tokens in one write (core.py); 0: after every step
     stream_interval_ms: float = 10.0
     # decode steps one turn of the core loop runs in a row while no request waits and no message
-    # comes (core.py); 1: the loop's turn around every step
-    decode_steps_in_a_row: int = 32
+    # comes (core.py); 1: the loop's turn around every step. Streamed rows end a run at the stream
+    # interval and every run ends at the metrics' flush (0.1 s), so this bounds final-only rows
+    decode_steps_in_a_row: int = 256
     request_timeout_s: float = 60.0
     stall_timeout_s: float = 30.0
 

@@ -23,6 +23,7 @@ from app.decoding.generate import generate as static_generate
 from app.decoding.predict import score_next
 from app.decoding.sampling import SamplingParams
 from app.decoding.speculative import accept_drafts
+from app.engine import stats as stats_module
 from app.engine.batch import DecodeBatch
 from app.engine.drafts import PLAIN, WARM_STEP, DraftPolicy, shallow
 from app.engine.engine import Engine
@@ -836,6 +837,20 @@ async def test_decode_steps_run_in_a_row_while_nothing_waits_and_give_the_same_t
     assert many_passes == one_passes and many_turns <= one_turns / 4
 
 
+async def test_by_default_a_final_only_request_runs_its_decode_steps_in_one_turn(
+    engine_factory: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the default limit, a non-streamed request's 59 decode steps take one turn of the loop
+    when no metrics flush falls due (32 steps a turn took two)."""
+    monkeypatch.setattr(stats_module, "FLUSH_EVERY_S", 3600.0)
+    engine = await engine_factory()
+    turns, before = count_loop_turns(engine), forward_passes(engine)
+    tokens, finish = await run(engine, GenerateJob([5, 6, 7], 60, speculative=False, final_only=True))
+    assert len(tokens) == finish.generated_tokens == 60
+    assert forward_passes(engine) - before == 60  # the prefill and 59 decode steps
+    assert len(turns) == 1
+
+
 async def test_a_request_that_comes_during_steps_in_a_row_is_prefilled_at_the_next_step_boundary(
     engine_factory: Callable[..., Any],
 ) -> None:
@@ -1133,6 +1148,7 @@ async def test_engine_not_started_or_shut_down_rejects_work(engine_factory: Call
 EXIT_WITHOUT_SHUTDOWN = """
 import asyncio, sys
 from app.engine.config import EngineConfig
+from app.engine import stats as stats_module
 from app.engine.engine import Engine
 from app.engine.types import GenerateJob
 from app.metrics import Metrics
