@@ -302,6 +302,9 @@ class EngineCore:
             return 0
         if not holdable(out):
             return 0
+        # rows this turn's prefill added show while the run goes on, not only when the turn ends
+        # (a short request's whole life may be one turn)
+        self.stats.gauges(s.waiting(), len(self.batch))
         due = float("inf")
         if any(not seq.item.request.final_only for seq in self.batch.seqs):
             due = self._last_post + self.stream_interval

@@ -851,6 +851,24 @@ async def test_by_default_a_final_only_request_runs_its_decode_steps_in_one_turn
     assert len(turns) == 1
 
 
+async def test_the_running_gauge_shows_a_new_row_while_its_first_steps_run_in_a_row(
+    engine_factory: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request prefilled in the same turn as a run of decode steps shows in
+    mtp_running_sequences while the run goes on, not only once its turn ends (which, for a
+    short request, may be its end)."""
+    monkeypatch.setattr(stats_module, "FLUSH_EVERY_S", 3600.0)  # no flush ends the run
+    engine = await engine_factory(decode_steps_in_a_row=1024)
+    set_fault_hook(engine, lambda kind: time.sleep(0.01))  # 39 steps: about 0.4 s, in one turn
+    task = asyncio.create_task(run(engine, GenerateJob([5, 6, 7], 40, speculative=False, final_only=True)))
+    await wait_for(lambda: forward_passes(engine) >= 5)  # the prefill and some steps of the run
+    assert counter(engine, "mtp_running_sequences") == 1
+    assert not task.done()
+    tokens, _ = await task
+    assert len(tokens) == 40
+    assert counter(engine, "mtp_running_sequences") == 0
+
+
 async def test_a_request_that_comes_during_steps_in_a_row_is_prefilled_at_the_next_step_boundary(
     engine_factory: Callable[..., Any],
 ) -> None:
