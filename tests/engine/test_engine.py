@@ -1166,7 +1166,6 @@ async def test_engine_not_started_or_shut_down_rejects_work(engine_factory: Call
 EXIT_WITHOUT_SHUTDOWN = """
 import asyncio, sys
 from app.engine.config import EngineConfig
-from app.engine import stats as stats_module
 from app.engine.engine import Engine
 from app.engine.types import GenerateJob
 from app.metrics import Metrics
