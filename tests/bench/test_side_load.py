@@ -9,6 +9,8 @@ import pytest
 from app.serve import SWITCH_INTERVAL_S
 from bench.side_load import MODES, bench_side_load, side_thread
 
+SPIN_S = 0.5  # how long this thread spins beside each side thread
+
 
 def _python_progress(seconds: float) -> float:
     """CPU seconds this thread got while spinning in Python for `seconds` of wall time."""
@@ -18,7 +20,8 @@ def _python_progress(seconds: float) -> float:
     return time.thread_time() - c0
 
 
-def test_the_side_threads_both_keep_a_core_busy_but_only_one_holds_the_gil() -> None:
+def _both_modes() -> tuple[dict[str, float], dict[str, float]]:
+    """For each side thread: the CPU seconds this thread got spinning beside it, and its cores."""
     interval = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL_S)  # the server's, as bench_side_load runs them
     got: dict[str, float] = {}
@@ -26,14 +29,27 @@ def test_the_side_threads_both_keep_a_core_busy_but_only_one_holds_the_gil() -> 
     try:
         for mode in ("gil", "nogil"):
             with side_thread(mode, 0.9) as u:
-                got[mode] = _python_progress(0.5)
+                got[mode] = _python_progress(SPIN_S)
             used[mode] = u["side_cores"]
     finally:
         sys.setswitchinterval(interval)
-    # each side thread kept a core busy a good part of the time, though this one wanted the GIL throughout
-    assert used["gil"] > 0.2 and used["nogil"] > 0.2, used
-    # the one that spins in Python held the GIL this thread needs for its own Python; the other did not
-    assert got["gil"] < 0.8 * got["nogil"], got
+    return got, used
+
+
+def test_the_side_threads_both_keep_a_core_busy_but_only_one_holds_the_gil() -> None:
+    # A shared host can lend the process less than its two cores for a while (once, both side
+    # threads got 0.13 of a core), so the side threads' use is read against this thread's, which
+    # the same host starves alike, and the GIL's cost must show in one of three tries.
+    tries = []
+    for _ in range(3):
+        got, used = _both_modes()
+        tries.append((got, used))
+        # each side thread ran a good part of the time, as this one did, though it wanted the GIL throughout
+        assert all(used[m] > 0.3 * got[m] / SPIN_S for m in got), tries
+        # the one that spins in Python held the GIL this thread needs for its own Python; the other did not
+        if got["gil"] < 0.8 * got["nogil"]:
+            return
+    pytest.fail(f"this thread got as much CPU beside the GIL holder in each try: {tries}")
 
 
 def test_alone_starts_no_thread() -> None:
