@@ -1098,7 +1098,7 @@ async def test_prefill_passes_take_no_more_than_their_share_of_a_decoding_thread
     with prefill passes of 20 ms and decode steps of 2 ms, at a share of 0.5 the stream gets at
     least as much decode time after each prefill pass as the pass took before the next one
     (pass lengths read from the passes' start times); at a share of 1, as before the share, the
-    next prefill pass comes at the next step."""
+    next prefill pass comes at the next step (one or two decode steps between them)."""
     prompts = [[5, 17, 42, 9, 8, 7], [7, 1, 2, 3, 4, 5], [100, 3, 9, 250, 11, 64]]
     for share in (0.5, 1.0):
         engine = await engine_factory(max_prefill_tokens=6, prefill_share=share)
@@ -1120,8 +1120,9 @@ async def test_prefill_passes_take_no_more_than_their_share_of_a_decoding_thread
         for a, b in itertools.pairwise(burst):
             prefill_s = starts[a + 1][1] - starts[a][1]
             decode_s = starts[b][1] - starts[a + 1][1]
-            if share == 1.0:  # the next pass at the next step, or about
-                assert decode_s < 0.5 * prefill_s, (share, prefill_s, decode_s)
+            if share == 1.0:  # the next pass at the next step, or about: counted, as a slow moment
+                # of a shared host can stretch one 2 ms step past half a pass (it did, once)
+                assert kinds[a + 1 : b].count("decode") <= 2, (share, kinds[a + 1 : b])
             else:  # the pass's own time is owed; the time between passes is a little more
                 assert decode_s >= 0.8 * prefill_s, (share, prefill_s, decode_s)
 
