@@ -22,9 +22,10 @@ Phases, one torch process busy at a time (two would fight over the cores):
      offline is the median of its pairs, each pair's two figures taken within seconds of each
      other (this machine's speed drifts between minutes).
 Each sequential run also says where a request's time went (`per_request`, from the server's
-forward-pass metrics before and after it): its prefill, its decode passes and how many, and
-the rest of its wall time, outside any pass (HTTP both ways, the client, the core loop between
-passes, an idle inference thread), and the offline timings split theirs the same way
+metrics before and after it): its prefill, its decode passes and how many, and the rest of its
+wall time, outside any pass, split three ways: the client and the wire (outside the server's
+middleware), the queue (submission to the prefill pass) and the server's remainder (the route,
+the core loop between passes, the events' delivery); the offline timings split theirs the same way
 (`per_request_by_drafts`: the prefill pass, and the rest). `time_split` sets the two side by
 side at the run's best count, medians over this checkout's pairs: which part of a request
 the served one loses its time in.
@@ -267,6 +268,17 @@ def run_best_count(phases: list[dict[str, Any]]) -> int:
     return max(runs[0], key=lambda n: statistics.median(r[n] for r in runs))
 
 
+SERVED_PARTS = (
+    "wall_ms",
+    "prefill_ms",
+    "decode_ms",
+    "outside_passes_ms",
+    "client_and_wire_ms",
+    "queue_ms",
+    "server_rest_ms",
+)
+
+
 def time_split(phases: list[dict[str, Any]], key: str, count: int) -> dict[str, Any]:
     """Where a served request's time goes against offline generate()'s at `count` drafts, part
     by part: medians over the pairs of the served requests' prefill pass and of the rest of
@@ -283,7 +295,7 @@ def time_split(phases: list[dict[str, Any]], key: str, count: int) -> dict[str, 
 
     out: dict[str, Any] = {
         "offline_drafts": count,
-        "served_ms": {part: med(served, part) for part in ("wall_ms", "prefill_ms", "decode_ms", "outside_passes_ms")},
+        "served_ms": {part: med(served, part) for part in SERVED_PARTS if all(part in r for r in served)},
         "offline_ms": {part: med(offline, part) for part in ("wall_ms", "prefill_ms", "after_prefill_ms")},
         "served_decode_passes": med(served, "decode_passes"),
         "offline_decode_passes": med(offline, "decode_passes"),

@@ -107,42 +107,69 @@ def measured(measure: Callable[[], dict[str, Any]], pid: int | None = None) -> d
     return out
 
 
-def histogram_totals(url: str, name: str) -> dict[str, tuple[float, float]]:
-    """{kind: (sum, count)} so far of the server's histogram `name`, labelled by kind."""
+def histogram_totals(
+    url: str, name: str, label: str = "kind", text: str | None = None
+) -> dict[str, tuple[float, float]]:
+    """{label value: (sum, count)} so far of the server's histogram `name` (from `text`, a
+    /metrics page already fetched, or a fresh one); an unlabelled histogram's is under ""."""
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+    if text is None:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+    for line in text.splitlines():
         for field, into in (("sum", sums), ("count", counts)):
-            prefix = f'{name}_{field}{{kind="'
-            if line.startswith(prefix):
-                into[line[len(prefix) :].split('"', 1)[0]] = float(line.split()[-1])
-    return {kind: (sums.get(kind, 0.0), counts.get(kind, 0.0)) for kind in sums.keys() | counts.keys()}
+            head = f"{name}_{field}"
+            if not line.startswith(head):
+                continue
+            rest = line[len(head) :]
+            if rest.startswith(f'{{{label}="'):
+                into[rest[len(label) + 3 :].split('"', 1)[0]] = float(line.split()[-1])
+            elif rest.startswith(" "):
+                into[""] = float(rest)
+    return {key: (sums.get(key, 0.0), counts.get(key, 0.0)) for key in sums.keys() | counts.keys()}
 
 
-def forward_totals(url: str) -> dict[str, tuple[float, float]]:
-    """{kind: (seconds, passes)} of the server's forward passes so far (mtp_forward_duration_seconds)."""
-    return histogram_totals(url, "mtp_forward_duration_seconds")
+def forward_totals(url: str, route: str = "/generate") -> dict[str, tuple[float, float]]:
+    """{kind: (seconds, passes)} of the server's forward passes so far (mtp_forward_duration_seconds),
+    with, from the same /metrics page, "queue": (seconds, requests) from submission to the first
+    pass (mtp_queue_time_seconds) and "request": (seconds, requests) of `route` as the server's
+    middleware timed them (mtp_request_duration_seconds)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    out = histogram_totals(url, "mtp_forward_duration_seconds", text=text)
+    out["queue"] = histogram_totals(url, "mtp_queue_time_seconds", text=text).get("", (0.0, 0.0))
+    out["request"] = histogram_totals(url, "mtp_request_duration_seconds", "route", text).get(route, (0.0, 0.0))
+    return out
 
 
 def per_request(
     before: Mapping[str, tuple[float, float]], after: Mapping[str, tuple[float, float]], wall: float, requests: int
 ) -> dict[str, float]:
-    """Where a sequential stream's time went, per request, from the forward-pass totals before
-    and after it: the prefill pass, the decode passes (and how many), and the rest of the
-    request's wall time, outside any pass (HTTP both ways, the client, the core loop between
-    passes, an idle inference thread)."""
+    """Where a sequential stream's time went, per request, from the server's totals before and
+    after it (forward_totals): the prefill pass, the decode passes (and how many), and the rest
+    of the request's wall time, outside any pass. The rest is split in three where the totals
+    hold the server's own timings: the client and the wire (the wall time outside the server's
+    middleware: the client's HTTP work, the sockets, uvicorn's parsing), the queue (submission
+    to the prefill pass: the core's wake-up and its batch forming) and the server's remainder
+    (the route before submission and after the last token, the core loop between passes, the
+    events' delivery)."""
 
     def delta(kind: str, i: int) -> float:
         return after.get(kind, (0.0, 0.0))[i] - before.get(kind, (0.0, 0.0))[i]
 
     prefill, decode = delta("prefill", 0) / requests, delta("decode", 0) / requests
-    return {
+    out = {
         "wall_ms": round(wall / requests * 1e3, 3),
         "prefill_ms": round(prefill * 1e3, 3),
         "decode_ms": round(decode * 1e3, 3),
         "decode_passes": round(delta("decode", 1) / requests, 1),
         "outside_passes_ms": round((wall / requests - prefill - decode) * 1e3, 3),
     }
+    if delta("request", 1) == requests and delta("queue", 1) == requests:
+        server, queue = delta("request", 0) / requests, delta("queue", 0) / requests
+        out["client_and_wire_ms"] = round((wall / requests - server) * 1e3, 3)
+        out["queue_ms"] = round(queue * 1e3, 3)
+        out["server_rest_ms"] = round((server - queue - prefill - decode) * 1e3, 3)
+    return out
 
 
 def choices_by_batch(url: str) -> dict[str, Any]:
