@@ -151,7 +151,8 @@ def per_request(
     middleware: the client's HTTP work, the sockets, uvicorn's parsing), the queue (submission
     to the prefill pass: the core's wake-up and its batch forming) and the server's remainder
     (the route before submission and after the last token, the core loop between passes, the
-    events' delivery)."""
+    events' delivery). A stream's server time goes on past its reply's last byte, while the client
+    sends its next request, so its client part can read below zero."""
 
     def delta(kind: str, i: int) -> float:
         return after.get(kind, (0.0, 0.0))[i] - before.get(kind, (0.0, 0.0))[i]
