@@ -151,8 +151,9 @@ def per_request(
     middleware: the client's HTTP work, the sockets, uvicorn's parsing), the queue (submission
     to the prefill pass: the core's wake-up and its batch forming) and the server's remainder
     (the route before submission and after the last token, the core loop between passes, the
-    events' delivery). A stream's server time goes on past its reply's last byte, while the client
-    sends its next request, so its client part can read below zero."""
+    events' delivery). The server's time for a request goes on past its reply's last byte (the
+    response's tasks end) while the client sends its next request, so the client part can read
+    below zero."""
 
     def delta(kind: str, i: int) -> float:
         return after.get(kind, (0.0, 0.0))[i] - before.get(kind, (0.0, 0.0))[i]

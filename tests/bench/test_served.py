@@ -79,11 +79,9 @@ def test_one_served_stream_is_no_faster_than_the_model_in_process(byte_checkpoin
             # the rest: outside the server's middleware, queued for the prefill, and the server's remainder
             rest = (each["client_and_wire_ms"], each["queue_ms"], each["server_rest_ms"])
             assert sum(rest) == pytest.approx(each["outside_passes_ms"], abs=0.01), each
+            # (the client part has no sign to check: the server's time for a request goes on past its
+            # reply's last byte while the client sends the next one, and it read below zero once)
             assert each["queue_ms"] > 0 and each["server_rest_ms"] > 0, each
-            # a stream's server time goes on past its reply's last byte (the response's tasks end) while the
-            # client sends the next request, so only a JSON reply's client part is sure to be positive
-            if served is pair["1_stream_json"]:
-                assert each["client_and_wire_ms"] > 0, each
         assert {"drafts_at_batch_1", "threads_at_batch_1", "step_ms_at_batch_1"} <= set(pair["policies"])
     many = phase["1_streams"]  # the concurrent load (one stream here): its server's cores too
     chosen = many["policies"]  # its choices at every batch size, and the work around a step there
