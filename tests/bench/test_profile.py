@@ -60,9 +60,9 @@ def test_a_line_that_is_not_raw_output_is_refused(tmp_path: Path) -> None:
 
 SPIN = """
 import time
-def spin_here():
-    t = time.perf_counter()
-    while time.perf_counter() - t < 3:
+def spin_here():  # for 2 s of CPU time, however little of a core a busy host lends it
+    t = time.thread_time()
+    while time.thread_time() - t < 2:
         pass
 spin_here()
 """
@@ -83,4 +83,4 @@ def test_a_real_py_spy_profile_shows_the_function_that_ran(tmp_path: Path) -> No
         pytest.skip(f"py-spy cannot sample here: {run.stderr.strip()[-200:]}")
     p = summarize(raw.read_text().splitlines())
     spin = next(n for name, n in p.inclusive.items() if name.startswith("spin_here "))
-    assert p.selected > 100 and spin / p.selected > 0.9
+    assert p.selected > 50 and spin / p.selected > 0.9

@@ -39,16 +39,23 @@ def _both_modes() -> tuple[dict[str, float], dict[str, float]]:
 def test_the_side_threads_both_keep_a_core_busy_but_only_one_holds_the_gil() -> None:
     # A shared host can lend the process less than its two cores for a while (once, both side
     # threads got 0.13 of a core), so the side threads' use is read against this thread's, which
-    # the same host starves alike, and the GIL's cost must show in one of three tries.
-    tries = []
+    # the same host starves alike, and the GIL's cost must show in one of three tries. A try in
+    # which this thread got under 0.7 of a core beside the thread that needs no GIL had no two
+    # cores to show it; with no such try at all, the test skips.
+    tries, two_cores = [], 0
     for _ in range(3):
         got, used = _both_modes()
         tries.append((got, used))
         # each side thread ran a good part of the time, as this one did, though it wanted the GIL throughout
         assert all(used[m] > 0.3 * got[m] / SPIN_S for m in got), tries
+        if got["nogil"] < 0.7 * SPIN_S:
+            continue
+        two_cores += 1
         # the one that spins in Python held the GIL this thread needs for its own Python; the other did not
         if got["gil"] < 0.8 * got["nogil"]:
             return
+    if not two_cores:
+        pytest.skip(f"the host lent this process no two cores in three tries: {tries}")
     pytest.fail(f"this thread got as much CPU beside the GIL holder in each try: {tries}")
 
 
