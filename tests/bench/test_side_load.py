@@ -40,15 +40,15 @@ def test_the_side_threads_both_keep_a_core_busy_but_only_one_holds_the_gil() -> 
     # A shared host can lend the process less than its two cores for a while (once, both side
     # threads got 0.13 of a core), so the side threads' use is read against this thread's, which
     # the same host starves alike, and the GIL's cost must show in one of three tries. A try in
-    # which this thread got under 0.7 of a core beside the thread that needs no GIL had no two
-    # cores to show it; with no such try at all, the test skips.
+    # which this thread and the side thread that needs no GIL got under 1.3 cores together had
+    # no two cores to show it (inside a full suite they once got 1.03); with none, it skips.
     tries, two_cores = [], 0
     for _ in range(3):
         got, used = _both_modes()
         tries.append((got, used))
         # each side thread ran a good part of the time, as this one did, though it wanted the GIL throughout
         assert all(used[m] > 0.3 * got[m] / SPIN_S for m in got), tries
-        if got["nogil"] < 0.7 * SPIN_S:
+        if got["nogil"] / SPIN_S + used["nogil"] < 1.3:
             continue
         two_cores += 1
         # the one that spins in Python held the GIL this thread needs for its own Python; the other did not
