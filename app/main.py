@@ -183,7 +183,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_docs(app)
     add_head_routes(app.router)
-    for router in (system.router, predict.router, generate.router, openai.router, chat.router):
+    # The inference routes first: a request is matched against the routes in this order, and
+    # every route tried before its own costs the event loop a match (system routes are rare)
+    for router in (predict.router, generate.router, openai.router, chat.router, system.router):
         add_head_routes(router)
         app.include_router(router)
     if settings.cors_origins:
