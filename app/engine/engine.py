@@ -282,7 +282,10 @@ class Engine:
         self._submit(items)
         try:
             async with asyncio.timeout(self.cfg.request_timeout_s):  # also when the forward outlasts it
-                return list(await asyncio.gather(*(i.future for i in items if i.future is not None)))
+                futures = [i.future for i in items if i.future is not None]
+                if len(futures) == 1:  # one input, as most requests have: no gathering future
+                    return [await futures[0]]
+                return list(await asyncio.gather(*futures))
         except TimeoutError:
             raise self.core.timed_out("predict") from None
         finally:
