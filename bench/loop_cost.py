@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--baseline", help="a git ref whose server to compare against")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of server phases")
     parser.add_argument("--clients", type=int, default=32, help="concurrent /predict clients")
-    parser.add_argument("--streams", type=int, default=16, help="concurrent streamed /generate clients")
+    parser.add_argument("--streams", type=int, default=16, help="concurrent /generate clients (JSON, then streamed)")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of the /predict load")
     parser.add_argument("--out", help="also write the JSON here")
     a = parser.parse_args()
