@@ -20,12 +20,14 @@ def test_main_thread_ms_reads_the_cpu_time_the_main_thread_spent() -> None:
 
 def test_each_load_gets_the_loops_cpu_per_request_from_a_real_server(byte_checkpoint: tuple[str, str]) -> None:
     ckpt, corpus = byte_checkpoint
-    r = bench_loop_cost(ckpt, corpus, None, rounds=1, clients=2, streams=2, seconds=1.0)
+    # 8 clients of 6 requests each: enough of the loop's CPU (about 80 ms) that /proc's 10 ms
+    # ticks, which sample it, never read none (at 2 clients the JSON load got about 2 ticks)
+    r = bench_loop_cost(ckpt, corpus, None, rounds=1, clients=2, streams=8, seconds=1.0)
     assert "this_over_baseline" not in r  # nothing to set it against
     (phase,) = r["phases"]["this"]
     assert phase["predict"]["requests"] > 0 and phase["predict"]["errors"] == 0
     for load in ("generate_json", "generate_sse"):
-        assert phase[load]["sequences"] == 2 * 6 and phase[load]["errors"] == 0  # 2 clients, ROUNDS each
+        assert phase[load]["sequences"] == 8 * 6 and phase[load]["errors"] == 0  # 8 clients, ROUNDS each
     for load in ("predict", "generate_json", "generate_sse"):
         ms = phase[load]["loop_ms_per_request"]
         assert ms is not None and ms > 0  # every request costs the loop something
