@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import time
@@ -33,7 +32,7 @@ from typing import Any
 
 from app import config
 from app.model.checkpoint import load_tokenizer
-from bench.decoding import heldout_prompts
+from bench.decoding import heldout_prompts, write_json
 from bench.served import server_trees
 from bench.server import host_times, progress, running, steal_share, thread_times
 from bench.service import generate_load, predict_load
@@ -125,11 +124,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="length of the /predict load")
     parser.add_argument("--out", help="also write the JSON here")
     a = parser.parse_args()
-    result = bench_loop_cost(a.checkpoint, a.corpus, a.baseline, a.rounds, a.clients, a.streams, a.seconds)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
+    write_json(bench_loop_cost(a.checkpoint, a.corpus, a.baseline, a.rounds, a.clients, a.streams, a.seconds), a.out)
 
 
 if __name__ == "__main__":
