@@ -138,6 +138,10 @@ class EngineCore:
         """Thread-safe: the event loop's only way in."""
         self.inbox.put(message)
 
+    def report_to(self, stats: EngineStats) -> None:
+        """Report steps to these statistics from now on (inference thread, between steps)."""
+        self.stats = self.passes.stats = stats
+
     def timed_out(self, where: str) -> EngineTimeout:
         """The one timeout error (504), logged as one line: an expected event, not a fault."""
         return self.passes.timed_out(where)

@@ -132,7 +132,10 @@ class Engine:
         _stop_at_exit(self.core)
         self._accepting = True
         if warmup:
+            # Its passes and tokens are not traffic: they go to metrics of their own, left behind.
+            await self.call(functools.partial(self.core.report_to, EngineStats(Metrics(self.k))))
             await self._warmup()
+            await self.call(functools.partial(self.core.report_to, self.stats))
             if self.cfg.adaptive_drafts and self.cfg.draft_tokens is None and self.k > 1:
                 timing = functools.partial(time_verify_steps, self.model, self.cfg.max_batch_size, compiled)
                 costs, shallow = await self.call(timing)
