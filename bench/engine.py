@@ -1,7 +1,10 @@
 """The engine without HTTP: /generate's continuous batch at 1 and S concurrent streams, with
-the adaptive draft count (app/engine/drafts.py) and with every pass verifying k - 1 drafts,
-and with sequential heads also the adaptive count without shallow steps (plain steps only),
-the modes interleaved over several repeats (this machine's speed drifts) and medians reported.
+the adaptive draft count (app/engine/drafts.py), with every pass verifying k - 1 drafts, with
+requests that do not speculate (`speculative: false`: plain prefills and steps, what the
+adaptive policy is there to beat), and with sequential heads also the adaptive count without
+shallow steps (plain steps only). The modes are interleaved over several repeats, each repeat
+in another order (this machine's speed drifts), and medians reported, with each mode's decode
+passes as they ran: the tokens each made, and their mean time (the engine's forward metrics).
 
 With `offline`, each repeat also times generate() at batch 1 in the same process, on the
 engine's own steps (its compiled decoder, on its thread) and the same prompts as the one
@@ -14,6 +17,7 @@ without streaming gets them; the streamed one hands each step's tokens to the ev
 from __future__ import annotations
 
 import asyncio
+import functools
 import statistics
 import time
 from collections import Counter
@@ -29,7 +33,13 @@ from bench.decoding import heldout_prompts
 
 
 async def _rate(
-    engine: Engine, prompts: list[list[int]], streams: int, sequences: int, new_tokens: int, final_only: bool = False
+    engine: Engine,
+    prompts: list[list[int]],
+    streams: int,
+    sequences: int,
+    new_tokens: int,
+    final_only: bool = False,
+    speculative: bool | None = None,
 ) -> float:
     """Tokens/s of `streams` concurrent clients, each generating sequences back to back."""
     tokens = 0
@@ -38,7 +48,7 @@ async def _rate(
         nonlocal tokens
         for r in range(sequences // streams):
             prompt = prompts[(r * streams + i) % len(prompts)]
-            request = GenerateJob(prompt, max_new_tokens=new_tokens, final_only=final_only)
+            request = GenerateJob(prompt, max_new_tokens=new_tokens, final_only=final_only, speculative=speculative)
             async for event in engine.generate(request):
                 if isinstance(event, TokenEvent):
                     tokens += len(event.token_ids)
@@ -99,6 +109,24 @@ def _thread_counts(engine: Engine) -> dict[str, Any]:
     return {"decode_passes_by_batch_and_threads": _by_first(decode), "drift_retimings": threads.early}
 
 
+def _decode_totals(metrics: Metrics) -> tuple[float, float]:
+    """(count, seconds) of the decode passes the engine's forward metrics hold so far."""
+    registry, kind = metrics.registry, {"kind": "decode"}
+    count = registry.get_sample_value("mtp_forward_duration_seconds_count", kind) or 0.0
+    return count, registry.get_sample_value("mtp_forward_duration_seconds_sum", kind) or 0.0
+
+
+def _passes(phases: list[tuple[float, float, float]]) -> dict[str, float]:
+    """A mode's decode passes over its phases of (passes, seconds, tokens after each request's
+    first, which its prefill makes): the tokens each pass made, all its rows together, and the
+    mean pass, in ms."""
+    passes, seconds, tokens = (sum(x) for x in zip(*phases, strict=True))
+    return {
+        "tokens_per_pass": round(tokens / passes, 3) if passes else 0.0,
+        "mean_ms": round(seconds * 1e3 / passes, 3) if passes else 0.0,
+    }
+
+
 def _choice_drafts(choice: int | str) -> int:
     """The offline draft count of the policy's batch-1 choice: "plain" 0, "shallow d" d, n n."""
     if isinstance(choice, int):
@@ -119,26 +147,37 @@ async def _run(
     model, tok = await asyncio.get_running_loop().run_in_executor(worker, load_checkpoint, checkpoint)
     prompts = heldout_prompts(corpus, tok, 64, 32, seed=1)
     cfg = EngineConfig(**{"max_batch_size": max(streams, 1), "max_queue_size": 1024, **settings})
-    engine = Engine(model, tok.eot_id, cfg, Metrics(k=model.cfg.k), executor=worker)
+    metrics = Metrics(k=model.cfg.k)
+    engine = Engine(model, tok.eot_id, cfg, metrics, executor=worker)
     await engine.start()  # warms up and times the verify step for the draft policy
     policy = engine.core.batch.policy
-    policies: dict[str, DraftPolicy | None] = {"adaptive": policy, "fixed": None}
+    # mode: (draft policy, the requests' `speculative`); "fixed": no policy, every pass k - 1 drafts
+    modes: dict[str, tuple[DraftPolicy | None, bool | None]] = {"adaptive": (policy, None), "fixed": (None, None)}
     if policy is not None and any(d > 0 for row in policy.shallow.values() for d in row):
         # the same start-up table, without the shallow steps that keep 1 .. k-2 modules
         plain = {b: {0: row[0][0]} for b, row in policy.shallow.items() if 0 in row}
-        policies["no_shallow"] = DraftPolicy(policy.max_drafts, policy.costs, policy.choices, plain, policy.position)
-    rates: dict[str, dict[int, list[float]]] = {m: {1: [], streams: []} for m in policies}
+        no_shallow = DraftPolicy(policy.max_drafts, policy.costs, policy.choices, plain, policy.position)
+        modes["no_shallow"] = (no_shallow, None)
+    modes["plain"] = (policy, False)
+    rates: dict[str, dict[int, list[float]]] = {m: {1: [], streams: []} for m in modes}
+    decode: dict[str, dict[int, list[tuple[float, float, float]]]] = {m: {1: [], streams: []} for m in modes}
     counts = _offline_counts(engine) if offline else []
     off: dict[int, list[float]] = {n: [] for n in counts}
     final_only: list[float] = []  # the adaptive single stream, final-only requests (with offline)
+    names = list(modes)
     try:
-        for _ in range(repeats):
-            for mode in rates:
-                engine.core.batch.policy = policies[mode]
+        for r in range(repeats):
+            for mode in names[r % len(names) :] + names[: r % len(names)]:  # each repeat another first
+                used, speculative = modes[mode]
+                await engine.call(functools.partial(setattr, engine.core.batch, "policy", used))
                 for s in (1, streams):
-                    rates[mode][s].append(await _rate(engine, prompts, s, _sequences(s), new_tokens))
+                    before = _decode_totals(metrics)
+                    rate = await _rate(engine, prompts, s, _sequences(s), new_tokens, speculative=speculative)
+                    rates[mode][s].append(rate)
+                    passes, seconds = (b - a for a, b in zip(before, _decode_totals(metrics), strict=True))
+                    decode[mode][s].append((passes, seconds, _sequences(s) * (new_tokens - 1)))
+            await engine.call(functools.partial(setattr, engine.core.batch, "policy", policy))
             if offline:
-                engine.core.batch.policy = policy
                 final_only.append(await _rate(engine, prompts, 1, _sequences(1), new_tokens, final_only=True))
             for n in counts:
                 off[n].append(await _offline_rate(engine, prompts, n, new_tokens))
@@ -154,9 +193,12 @@ async def _run(
         "repeats": repeats,
         "tokens_per_s_median": {m: {str(s): round(v, 1) for s, v in by.items()} for m, by in med.items()},
         "tokens_per_s_runs": {m: {str(s): [round(x, 1) for x in v] for s, v in by.items()} for m, by in rates.items()},
+        "decode_passes": {m: {str(s): _passes(v) for s, v in by.items()} for m, by in decode.items()},
         "ratios": {
             f"adaptive_vs_fixed_{streams}_streams": round(med["adaptive"][streams] / med["fixed"][streams], 3),
             "adaptive_vs_fixed_1_stream": round(med["adaptive"][1] / med["fixed"][1], 3),
+            f"adaptive_vs_plain_{streams}_streams": round(med["adaptive"][streams] / med["plain"][streams], 3),
+            "adaptive_vs_plain_1_stream": round(med["adaptive"][1] / med["plain"][1], 3),
             f"adaptive_{streams}_vs_1_stream": round(med["adaptive"][streams] / med["adaptive"][1], 2),
             f"fixed_{streams}_vs_1_stream": round(med["fixed"][streams] / med["fixed"][1], 2),
             **(

@@ -161,7 +161,7 @@ class Service(Benchmark):
 
 class EngineBench(Benchmark):
     name = "engine"
-    help = "/generate's continuous batch without HTTP: adaptive vs fixed draft counts (and vs no shallow steps)"
+    help = "/generate's continuous batch without HTTP: adaptive draft counts vs fixed, plain and no shallow steps"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_checkpoint(parser)

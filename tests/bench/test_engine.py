@@ -1,6 +1,7 @@
-"""`mtp bench engine`: the continuous batch without HTTP, adaptive vs fixed draft counts, and
-with sequential heads vs the policy without shallow steps. Eager steps here: the compiled
-ones have their own tests (tests/engine/test_compiled.py) and cost minutes to build."""
+"""`mtp bench engine`: the continuous batch without HTTP, adaptive vs fixed draft counts and vs
+requests that do not speculate, and with sequential heads vs the policy without shallow steps.
+Eager steps here: the compiled ones have their own tests (tests/engine/test_compiled.py) and
+cost minutes to build."""
 
 from pathlib import Path
 
@@ -17,19 +18,28 @@ from tests.bench.conftest import TEXT
 EAGER = {"compile": False}
 
 
-def test_bench_engine_reports_both_draft_modes_at_both_stream_counts(byte_checkpoint: tuple[str, str]) -> None:
+def test_bench_engine_reports_each_draft_mode_at_both_stream_counts(byte_checkpoint: tuple[str, str]) -> None:
     ckpt, corpus = byte_checkpoint
     r = bench_engine(ckpt, corpus, streams=4, new_tokens=8, repeats=1, settings=EAGER)
-    assert set(r["tokens_per_s_median"]) == {"adaptive", "fixed"}  # linear heads: no shallow steps
-    for mode in ("adaptive", "fixed"):
+    modes = {"adaptive", "fixed", "plain"}  # linear heads: no shallow steps
+    assert set(r["tokens_per_s_median"]) == modes
+    for mode in modes:
         assert set(r["tokens_per_s_median"][mode]) == {"1", "4"}
         assert all(v > 0 for v in r["tokens_per_s_median"][mode].values())
     assert set(r["ratios"]) == {
         "adaptive_vs_fixed_4_streams",
         "adaptive_vs_fixed_1_stream",
+        "adaptive_vs_plain_4_streams",
+        "adaptive_vs_plain_1_stream",
         "adaptive_4_vs_1_stream",
         "fixed_4_vs_1_stream",
     }
+    # plain requests: one token per row and pass after the prefill's, up to 4 rows a pass at 4
+    # streams; at one stream a fixed pass verifies three drafts and makes 1 to 4 tokens
+    plain, fixed = r["decode_passes"]["plain"], r["decode_passes"]["fixed"]
+    assert plain["1"]["tokens_per_pass"] == 1.0 and 1.0 < plain["4"]["tokens_per_pass"] <= 4.0
+    assert 1.0 <= fixed["1"]["tokens_per_pass"] <= 4.0
+    assert all(by[s]["mean_ms"] > 0 for by in (plain, fixed) for s in ("1", "4"))
     assert list(r["drafts_by_batch_size"]) == ["1", "2", "4"]  # batch sizes timed at start-up
     assert all(0 <= n <= 3 for n in r["drafts_by_batch_size"].values())  # k = 4: up to 3 drafts
     assert all(len(row) == 4 for row in r["step_ms_by_batch_and_drafts"].values())
@@ -66,7 +76,7 @@ def test_bench_engine_sets_sequential_heads_against_the_policy_without_shallow_s
     cfg = ModelConfig(vocab_size=tok.vocab_size, head_type="sequential", **dims)
     save_checkpoint(tmp_path / "ckpt", MTPTransformer(cfg), tok, dtype="float32")
     r = bench_engine(str(tmp_path / "ckpt"), str(corpus), streams=2, new_tokens=8, repeats=1, settings=EAGER)
-    assert set(r["tokens_per_s_median"]) == {"adaptive", "fixed", "no_shallow"}
+    assert set(r["tokens_per_s_median"]) == {"adaptive", "fixed", "no_shallow", "plain"}
     assert all(v > 0 for by in r["tokens_per_s_median"].values() for v in by.values())
     assert {"adaptive_vs_no_shallow_1_stream", "adaptive_vs_no_shallow_2_streams"} <= set(r["ratios"])
     # plain (0) and one module verifying one draft (1), timed at each batch size
