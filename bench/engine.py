@@ -109,11 +109,13 @@ def _thread_counts(engine: Engine) -> dict[str, Any]:
     return {"decode_passes_by_batch_and_threads": _by_first(decode), "drift_retimings": threads.early}
 
 
-def _decode_totals(metrics: Metrics) -> tuple[float, float]:
-    """(count, seconds) of the decode passes the engine's forward metrics hold so far."""
+def _decode_totals(metrics: Metrics) -> tuple[float, float, float]:
+    """(count, seconds) of the decode passes the engine's metrics hold so far, and the tokens
+    generated (a request that stops at EOS makes fewer than it asked for)."""
     registry, kind = metrics.registry, {"kind": "decode"}
     count = registry.get_sample_value("mtp_forward_duration_seconds_count", kind) or 0.0
-    return count, registry.get_sample_value("mtp_forward_duration_seconds_sum", kind) or 0.0
+    seconds = registry.get_sample_value("mtp_forward_duration_seconds_sum", kind) or 0.0
+    return count, seconds, registry.get_sample_value("mtp_generated_tokens_total") or 0.0
 
 
 def _passes(phases: list[tuple[float, float, float]]) -> dict[str, float]:
@@ -174,8 +176,8 @@ async def _run(
                     before = _decode_totals(metrics)
                     rate = await _rate(engine, prompts, s, _sequences(s), new_tokens, speculative=speculative)
                     rates[mode][s].append(rate)
-                    passes, seconds = (b - a for a, b in zip(before, _decode_totals(metrics), strict=True))
-                    decode[mode][s].append((passes, seconds, _sequences(s) * (new_tokens - 1)))
+                    passes, seconds, made = (b - a for a, b in zip(before, _decode_totals(metrics), strict=True))
+                    decode[mode][s].append((passes, seconds, made - _sequences(s)))  # each first: its prefill's
             await engine.call(functools.partial(setattr, engine.core.batch, "policy", policy))
             if offline:
                 final_only.append(await _rate(engine, prompts, 1, _sequences(1), new_tokens, final_only=True))
