@@ -27,9 +27,15 @@ draft for the next one, even one that verifies few of their drafts. There the po
 pick a shallow step, shallow(d): the first d modules draft, and the step verifies those d
 (d = 0 is PLAIN, a step that drafts nothing). Its rows keep only d modules for good: a
 module that skips a step leaves its cache without that step's positions, so its later drafts
-would be worse than measured. So a shallow choice must beat the best n by a margin
-(SHALLOW_MARGIN, and PLAIN_MARGIN for PLAIN, which ends speculation), and a batch whose rows
-are shallow chooses only among shallower steps. Rows admitted later draft with every module
+would be worse than measured. So a shallow choice with modules must beat the best n by a
+margin (SHALLOW_MARGIN), and a batch whose rows are shallow chooses only among shallower steps.
+PLAIN, which ends speculation, goes the other way: drafting must beat it by 1 / PLAIN_MARGIN
+(10 %). Drafting rows pay for what the timed step leaves out: the modules' pass over each
+prompt (9.98 against 7.76 ms for a batch-1 request), the cold steps after each switch of
+graph, the re-timing runs. Where the table tied the one-module step and plain, as it did at
+batch 1 and at batch 16 on this project's CPU host, a margin the other way (plain had to win by
+10 %) kept drafting, and requests that did not speculate made 5-14 % more tokens per second
+than the policy's (benchmarks 67, 68). Rows admitted later draft with every module
 again, and the choice is made anew for them, before their prefill (DecodeBatch.plan): rows that
 will run plain skip the modules' pass over their prompts, and shallow ones run only the modules
 they keep. Large batches, which are compute-bound, go
@@ -67,8 +73,7 @@ timings of that stretch (benchmark 51). (A thread count's table, below, begun la
 its period from its start.)
 
 A step's cost also grows with the keys it attends: a compiled CPU step reads the filled part
-of the cache, so its cost rises with the longest row's length, by about the same seconds per
-position whatever the step verifies (reading the keys and values dominates it). Taken as they
+of the cache, so its cost rises with the longest row's length. Taken as they
 were, timings made at different lengths were set against each other as equals: sixteen rows
 that start and end together time plain steps at the end of a wave, 200 positions on, and a
 re-timing of the one-module step at the start of the next one, so that step read cheap, and
@@ -76,11 +81,18 @@ the wave's rows kept it, at twice a plain step's cost, for most of a request (be
 So each timing comes with its step's key length (the largest position of its rows) and is
 brought to the length the start-up table was timed at (`position`) with the seconds per key
 position that the timings themselves show: the slope of each choice's medians by key bucket
-about its own mean, shared by all choices, re-estimated every KEY_EVERY timings at a batch
-size (`step_us_per_key` in /info); and each choice is weighed at the key length of the step
-being chosen. Where no choice has been timed across two buckets the slope is 0, which is how
-every timing was taken before. It is capped at half the cheapest start-up step over
-`position`, so that no choice's cost at a short length falls below half its timing.
+about its own mean, re-estimated every KEY_EVERY timings at a batch size; and each choice is
+weighed at the key length of the step being chosen. The slope is each choice's own where its
+timings span two buckets (`step_us_per_key_by_choice` in /info), else the one all choices'
+timings share (`step_us_per_key`). One shared slope, as it first was, assumed the same cost per
+position whatever the step verifies; but a step that verifies a draft attends the keys with more
+query positions and, with modules, in more layers: at batch 16 the one-module step grew by about
+three times the plain step's cost per position. The shared slope, fitted mostly to plain
+timings, read the one-module step's re-timings at short keys dearer than they were, and its cost
+at long keys far too low, so waves kept it where it cost twice a plain step (benchmark 68).
+Where no choice has been timed across two buckets the slope is 0, which is how every timing
+was taken before. It is capped at half the cheapest start-up step over `position`, so that no
+choice's cost at a short length falls below half its timing.
 
 Timings are kept per intra-op thread count. The thread policy (threads.py) runs a batch size
 at one thread or at all of them, and re-times the other now and then; a step at one thread costs
@@ -132,6 +144,15 @@ steps: until chosen or re-timed, since their rows keep the fewer modules for goo
 shape STARTUP_WARM_STEPS times in a row before the one they time (an eager one once: eager
 steps share one copy of the weights).
 
+A step's drafts add tokens only to the rows that draft; a row that stopped speculating (PLAIN
+made it plain, or its request asked for no speculation) emits one token whatever the step
+verifies, though it rides in the wider pass and pays for its modules. So the expected tokens
+per row are 1 + s (a_1 + .. + a_n), s the share of the rows that draft (`speculating`). Taken
+for every row, as they were, one request joining fifteen plain rows at batch 16 was given the
+one-module step (1.6 tokens per row expected, the key length's shared cost narrowing plain's
+lead), and the whole batch ran it, at twice a plain step's cost, until that one row ended
+(benchmark 68).
+
 Greedy output does not depend on n. Sampled rows do (through their random draws), so a batch
 with a sampled speculative row always verifies every draft: a seeded request then gives the
 same text whatever shares its batch.
@@ -172,7 +193,7 @@ SHALLOW_RETIME_STEPS = 4096  # ... doubling after each re-timing up to this whil
 SHALLOW_RETIME_RUN = WARM_STEP + 4  # ... in a run of this many steps on one full-depth choice's rows (5 timed)
 STARTUP_WARM_STEPS = 4  # untimed steps of a shape in a row before each start-up timing of it (its 5th)
 PLAIN = -1  # choose(): a step that drafts nothing, and its rows stop speculating (sequential heads)
-PLAIN_MARGIN = 1.1  # PLAIN must give this many times the best draft count's tokens/s: it is for good
+PLAIN_MARGIN = 1 / 1.1  # PLAIN must give this many times the best draft count's tokens/s: drafting must win by 10 %
 SHALLOW_MARGIN = 1.05  # ... and a shallow step with modules this many times: its rows lose the deeper drafts
 MOVE_MARGIN = 1.03  # another draft count must promise this many times the running one's tokens/s to replace it
 OVERHEAD_STEPS = 64  # gaps between greedy steps kept per batch size; their median is the work around a step
@@ -262,6 +283,8 @@ class Timings:
     # grows by per key position that they show (module doc)
     keyed: dict[int, deque[tuple[int, int, float]]] = field(default_factory=dict)
     per_key: dict[int, float] = field(default_factory=dict)
+    # [batch][choice]: the same for a choice from its own timings, where they span two key buckets
+    own_key: dict[int, dict[int, float]] = field(default_factory=dict)
     key_clock: dict[int, int] = field(default_factory=dict)  # [batch]: keyed timings taken, all told
 
 
@@ -283,6 +306,7 @@ class DraftPolicy:
         self.max_drafts = max_drafts
         self.position = position
         self.keys: int | None = None  # the key length of the step being chosen (choose()), if given
+        self.share = 1.0  # ... and the share of its rows that draft
         self.choices = sorted(set(choices)) if choices is not None else list(range(max_drafts + 1))
         self.batches = sorted(costs)
         self.costs = costs
@@ -390,14 +414,24 @@ class DraftPolicy:
             out.append(prev)
         return out
 
-    def choose(self, batch: int, depth: int | None = None, threads: int | None = None, keys: int | None = None) -> int:
+    def choose(
+        self,
+        batch: int,
+        depth: int | None = None,
+        threads: int | None = None,
+        keys: int | None = None,
+        speculating: int | None = None,
+    ) -> int:
         """Drafts to verify in a pass over `batch` rows, or a shallow choice. depth: the most
         modules any of the rows keeps (below max_drafts after a shallow choice): such a batch
         may only go shallower. threads: the intra-op thread count the step will run at, whose
         table decides (default: this thread's count now; a choice made during a prefill, which
         may run at another count, passes the step's). keys: the step's key length, the largest
-        position of its rows, at which the choices' costs are compared (module doc)."""
+        position of its rows, at which the choices' costs are compared (module doc).
+        speculating: how many of the rows draft (default: all); the others emit one token
+        whatever the step verifies, so only this share of the rows gains by drafts (module doc)."""
         self.keys = keys
+        self.share = 1.0 if speculating is None else min(max(speculating, 0), batch) / batch
         choice = self._choose(batch, depth, threads)
         self.made[batch, choice] += 1
         return choice
@@ -423,7 +457,7 @@ class DraftPolicy:
                 self.until_explore[b] = self.explore_every[b]
             return n
         self.exploring = None
-        best = self.best(b)
+        best = self.best(b, self.share)
         if best != self.chosen.setdefault(b, best):  # the choice moved: re-time the others soon again
             self.chosen[b] = best
             self.explore_every[b] = EXPLORE_EVERY
@@ -459,16 +493,18 @@ class DraftPolicy:
             self.retiming = (b, shallow(d), SHALLOW_RETIME_RUN - 1)
         return shallow(d)
 
-    def best(self, b: int) -> int:
+    def best(self, b: int, share: float = 1.0) -> int:
         """The draft count with the most expected tokens per second at measured batch size b, or
-        a shallow choice (PLAIN among them) that beats it by its margin."""
-        extra = self.around(b) + self._key_cost(b)
-        cost, expected = [c + extra for c in self.cost(b)], self._expected()
+        a shallow choice (PLAIN among them) that beats it by its margin; share: of the rows that
+        draft (choose's `speculating`)."""
+        around = self.around(b)
+        cost = [c + around + self._key_cost(b, n) for n, c in enumerate(self.cost(b))]
+        expected = self._expected(share)
         n = max(self.choices, key=lambda n: (expected[n] / cost[n], -n))
         held = self.chosen.get(b, n)
         if held in self.choices and n != held and expected[n] / cost[n] < MOVE_MARGIN * expected[held] / cost[held]:
             n = held  # within the margin of the count that runs: noise, not a reason to move
-        return self._or_shallower(b, n, expected[n] / cost[n], range(self.max_drafts), expected, extra)
+        return self._or_shallower(b, n, expected[n] / cost[n], range(self.max_drafts), expected)
 
     def _shallower(self, b: int, depth: int) -> int:
         """The choice for a batch whose rows keep at most `depth` modules: that depth, or a
@@ -476,28 +512,36 @@ class DraftPolicy:
         row = self.shallow.get(b, {})
         if depth not in row:  # not timed at b: keep it
             return shallow(depth)
-        expected, extra = self._expected(), self.around(b) + self._key_cost(b)
-        rate = expected[depth] / (median(row[depth]) + extra)
-        return self._or_shallower(b, shallow(depth), rate, range(depth), expected, extra)
+        expected = self._expected(self.share)
+        rate = expected[depth] / self._shallow_cost(b, depth)
+        return self._or_shallower(b, shallow(depth), rate, range(depth), expected)
 
-    def _or_shallower(
-        self, b: int, choice: int, rate: float, depths: range, expected: list[float], extra: float
-    ) -> int:
+    def _shallow_cost(self, b: int, d: int) -> float:
+        """Seconds of a step of shallow(d) at b, with the work around it, at the key length being chosen for."""
+        return median(self.shallow[b][d]) + self.around(b) + self._key_cost(b, shallow(d))
+
+    def _or_shallower(self, b: int, choice: int, rate: float, depths: range, expected: list[float]) -> int:
         """`choice`, expected to emit `rate` tokens per second, or the shallow depth among `depths`
-        (timed at b) whose rate, with `extra` seconds around each step, beats it by the most,
-        where that is more than its margin."""
+        (timed at b) whose rate beats it by the most, where that is more than its margin."""
         best, score = choice, rate
         for d in reversed(depths):  # deeper first: a tie keeps more modules
             if d in self.shallow.get(b, {}):
                 margin = PLAIN_MARGIN if d == 0 else SHALLOW_MARGIN
-                if (s := expected[d] / (median(self.shallow[b][d]) + extra) / margin) > score:
+                if (s := expected[d] / self._shallow_cost(b, d) / margin) > score:
                     best, score = shallow(d), s
         return best
 
-    def _key_cost(self, b: int) -> float:
-        """Seconds a step at b costs at the key length being chosen for (self.keys) beyond its
-        cost at the timing position: the same for every choice (module doc)."""
-        return 0.0 if self.keys is None else self.table().per_key.get(b, 0.0) * (self.keys - self.position)
+    def _slope(self, b: int, n: int) -> float:
+        """Seconds per key position a step of choice n at b grows by: its own, where its timings
+        show it, else the one shared by all choices (module doc)."""
+        table = self.table()
+        own = table.own_key.get(b, {})
+        return own[n] if n in own else table.per_key.get(b, 0.0)
+
+    def _key_cost(self, b: int, n: int) -> float:
+        """Seconds a step of choice n at b costs at the key length being chosen for (self.keys)
+        beyond its cost at the timing position (module doc)."""
+        return 0.0 if self.keys is None else self._slope(b, n) * (self.keys - self.position)
 
     def _at_position(self, batch: int, n: int, keys: int | None, seconds: float) -> float:
         """A warm timing of choice n at `keys` positions, brought to the timing position with the
@@ -512,17 +556,21 @@ class DraftPolicy:
             cheapest = min([*self.costs[batch], *self.start_shallow.get(batch, {}).values()])  # at start-up
             cap = cheapest / (2 * self.position) if self.position > 0 else float("inf")
             table.per_key[batch] = min(per_key_cost(samples), cap)
-        return seconds - table.per_key.get(batch, 0.0) * (keys - self.position)
+            table.own_key[batch] = {c: min(slope, cap) for c, slope in per_key_costs(samples).items()}
+        return seconds - self._slope(batch, n) * (keys - self.position)
 
-    def _expected(self) -> list[float]:
-        """Tokens a pass verifying n = 0 .. max_drafts drafts is expected to emit (kept until
-        `observe` changes the rates: a step reads it two or three times)."""
+    def _expected(self, share: float = 1.0) -> list[float]:
+        """Tokens per row a pass verifying n = 0 .. max_drafts drafts is expected to emit (kept
+        until `observe` changes the rates: a step reads it two or three times), where `share` of
+        the rows draft: the others emit one token whatever the pass verifies."""
         if self._expected_tokens is None:
             expected = [1.0]
             for a in self.rates():
                 expected.append(expected[-1] + a)
             self._expected_tokens = expected
-        return self._expected_tokens
+        if share >= 1.0:
+            return self._expected_tokens
+        return [1.0 + share * (e - 1.0) for e in self._expected_tokens]
 
     def expected_tokens(self, n: int) -> float:
         """Tokens a row of a pass verifying n drafts is expected to emit: 1 + a_1 + .. + a_n."""
@@ -583,6 +631,12 @@ class DraftPolicy:
         }
         if per_key := self.table().per_key:  # what a key position adds to a step, where estimated
             out["step_us_per_key"] = {b: round(c * 1e6, 3) for b, c in sorted(per_key.items())}
+        if own_key := self.table().own_key:  # ... by choice, where its own timings show it
+            out["step_us_per_key_by_choice"] = {
+                b: {str(_describe(n)): round(c * 1e6, 3) for n, c in sorted(row.items())}
+                for b, row in sorted(own_key.items())
+                if row
+            }
         if any(self.shallow.values()):  # by depth: 0 drafts nothing, d: d modules draft, d verified
             out["shallow_step_ms"] = {
                 b: {d: round(median(c) * 1e3, 3) for d, c in row.items()} for b, row in self.shallow.items()
@@ -599,16 +653,14 @@ class DraftPolicy:
                 self.accepted[j] += j < e - 1
 
 
-def per_key_cost(samples: Iterable[tuple[int, int, float]]) -> float:
-    """Seconds a step's cost grows by per key position, from (choice, key length, seconds)
-    timings: the slope shared by all choices of their medians by key bucket, each choice's
-    buckets about its own mean (one choice runs at other lengths than another); 0 where no
-    choice was timed in two buckets, and never below 0."""
+def _key_sums(samples: Iterable[tuple[int, int, float]]) -> dict[int, tuple[float, float]]:
+    """Per choice, the sums (sxy, sxx) of its medians by key bucket about its own mean, for the
+    choices timed in two buckets or more (with KEY_BUCKET_STEPS timings each)."""
     by: dict[int, dict[int, list[tuple[int, float]]]] = {}
     for n, keys, seconds in samples:
         by.setdefault(n, {}).setdefault(keys // KEY_BUCKET, []).append((keys, seconds))
-    sxy = sxx = 0.0
-    for buckets in by.values():
+    sums = {}
+    for n, buckets in by.items():
         points = [
             (statistics.fmean(k for k, _ in timings), statistics.median(s for _, s in timings))
             for timings in buckets.values()
@@ -617,9 +669,24 @@ def per_key_cost(samples: Iterable[tuple[int, int, float]]) -> float:
         if len(points) < 2:
             continue
         mx, my = statistics.fmean(x for x, _ in points), statistics.fmean(y for _, y in points)
-        sxy += sum((x - mx) * (y - my) for x, y in points)
-        sxx += sum((x - mx) ** 2 for x, _ in points)
+        sums[n] = (sum((x - mx) * (y - my) for x, y in points), sum((x - mx) ** 2 for x, _ in points))
+    return sums
+
+
+def per_key_cost(samples: Iterable[tuple[int, int, float]]) -> float:
+    """Seconds a step's cost grows by per key position, from (choice, key length, seconds)
+    timings: the slope shared by all choices of their medians by key bucket, each choice's
+    buckets about its own mean (one choice runs at other lengths than another); 0 where no
+    choice was timed in two buckets, and never below 0."""
+    sums = _key_sums(samples).values()
+    sxy, sxx = sum(xy for xy, _ in sums), sum(xx for _, xx in sums)
     return max(0.0, sxy / sxx) if sxx > 0 else 0.0
+
+
+def per_key_costs(samples: Iterable[tuple[int, int, float]]) -> dict[int, float]:
+    """The same slope for each choice from its own timings alone, for the choices timed in two
+    key buckets or more; never below 0."""
+    return {n: max(0.0, xy / xx) if xx > 0 else 0.0 for n, (xy, xx) in _key_sums(samples).items()}
 
 
 def _describe(choice: int) -> int | str:

@@ -23,6 +23,7 @@ from app.engine.drafts import (
     DraftPolicy,
     Window,
     per_key_cost,
+    per_key_costs,
     shallow,
     shallow_depth,
     time_steps,
@@ -204,8 +205,9 @@ def test_time_steps_takes_medians_and_caps_outliers() -> None:
 
 def test_plain_steps_are_chosen_where_they_beat_every_draft_count_by_the_margin() -> None:
     """Sequential heads: a drafting step runs the modules even at n = 0, so a plain step can be
-    cheaper. Batch 1 (overhead-bound) keeps drafting; batch 16 (compute-bound) goes plain, but
-    only when plain beats the best draft count by PLAIN_MARGIN (a plain choice is for good)."""
+    cheaper. Batch 1 (overhead-bound) keeps drafting; batch 16 (compute-bound) goes plain, and
+    stays plain unless the best draft count beats it by 1 / PLAIN_MARGIN: drafting rows pay
+    what the timed step leaves out (the modules' prefill, cold graphs, re-timing runs)."""
     costs = {1: [1.0, 1.0, 1.0], 16: [1.0, 1.6, 2.2]}
     policy = policy_with_rates([0.6, 0.4], costs, shallow={1: {0: 0.9}, 16: {0: 0.5}})
     assert policy.choose(1) == 2  # 2.0 tokens per unit against 1.11 plain
@@ -213,7 +215,10 @@ def test_plain_steps_are_chosen_where_they_beat_every_draft_count_by_the_margin(
     assert policy.describe()["drafts_by_batch"] == {1: 2, 16: "plain"}
     assert policy.describe()["shallow_step_ms"] == {1: {0: 900.0}, 16: {0: 500.0}}
     for _ in range(16):
-        policy.observe_cost(16, PLAIN, 0.95)  # plain steps measured dearer: 1.05 is inside the margin
+        policy.observe_cost(16, PLAIN, 0.95)  # plain steps measured dearer: 1.05 still beats 1.0
+    assert policy.choose(16) == PLAIN
+    for _ in range(16):
+        policy.observe_cost(16, PLAIN, 1.2)  # 0.83 per unit, 0.92 with its margin: drafting's 1.0 wins
     assert policy.choose(16) != PLAIN
 
 
@@ -299,6 +304,20 @@ def test_a_shallow_batch_only_goes_shallower() -> None:
         policy.observe_cost(1, PLAIN, 0.5)  # plain: 2.0 per unit, beats 1.6 by more than 1.1
     assert policy.choose(1, depth=1) == PLAIN
     assert DraftPolicy(2, {1: [1.0] * 3}).choose(1, depth=1) == shallow(1)  # not timed shallow: kept as is
+
+
+def test_rows_that_do_not_draft_gain_nothing_from_a_drafting_step() -> None:
+    """A step's drafts add tokens only to the rows that draft: one such row among sixteen
+    plain ones made the whole batch run one-module steps, at twice a plain step's cost, for
+    one row's drafts. The policy weighs each choice's extra tokens by the share of rows that draft."""
+    # a_1 = 0.8, a_2 = 0.6: 1.8 tokens per row for one module's step (cost 2.0), 1 for plain (1.5)
+    policy = policy_with_rates([0.8, 0.6], {16: [3.0, 3.0, 3.0]}, shallow={16: {0: 1.5, 1: 2.0}})
+    assert policy.choose(16) == shallow(1)  # every row drafts: 1.8 / 2.0 / 1.05 = 0.86 beats 1 / 1.5 / 1.1 = 0.61
+    assert policy.choose(16, speculating=16) == shallow(1)
+    assert policy.choose(16, speculating=1) == PLAIN  # 1.05 / 2.0 / 1.05 = 0.50 against 0.61
+    assert policy.choose(16, depth=1) == shallow(1)  # a batch kept at one module: 0.9 against 0.61
+    assert policy.choose(16, depth=1, speculating=2) == PLAIN  # 1.1 / 2.0 = 0.55
+    assert policy.choose(16, speculating=0) == PLAIN
 
 
 def test_only_warm_steps_are_timed() -> None:
@@ -520,19 +539,19 @@ def serve_one_by_one(
 
 def test_steps_cold_from_a_prefill_do_not_end_speculation() -> None:
     """One stream, sequential heads: one module verifying one draft emits the most tokens per
-    second warm (1.6 / 0.44 against plain's 1 / 0.3 and two drafts' 1.96 / 0.7), as timed at
+    second warm (1.6 / 0.4 against plain's 1 / 0.3 and two drafts' 1.96 / 0.7), as timed at
     start-up. Every step stays dear for a few steps after a request's prefill. Timed from its
     second step, the first request's drafting step read twice its cost, moved the median past
     plain's, and every request went plain, for good: plain runs whole requests and is timed
     warm, the drafting step only ever after a prefill. Timed from its WARM_STEP-th, each
     request keeps the one-module step, but for plain's re-timings (one request each)."""
-    true_cost = {PLAIN: 0.3, shallow(1): 0.44, 0: 0.6, 1: 0.65, 2: 0.7}
+    true_cost = {PLAIN: 0.3, shallow(1): 0.4, 0: 0.6, 1: 0.65, 2: 0.7}
     after_prefill = (2.6, 2.0, 1.6, 1.3, 1.1)  # times a warm step, 1st to 5th after the prefill
-    policy = policy_with_rates([0.6, 0.36], {1: [0.6, 0.65, 0.7]}, shallow={1: {0: 0.3, 1: 0.44}})
+    policy = policy_with_rates([0.6, 0.36], {1: [0.6, 0.65, 0.7]}, shallow={1: {0: 0.3, 1: 0.4}})
     settled = serve_one_by_one(policy, true_cost, 20, steps=150, after_prefill=after_prefill)
     assert settled.count(shallow(1)) == 18 and set(settled) == {shallow(1), PLAIN}
     assert all(c == shallow(1) for c, prev in zip(settled[1:], settled, strict=False) if prev == PLAIN)
-    assert policy.describe()["shallow_step_ms"] == {1: {0: 300.0, 1: 440.0}}
+    assert policy.describe()["shallow_step_ms"] == {1: {0: 300.0, 1: 400.0}}
 
 
 def test_a_shallow_step_timed_dear_at_start_up_is_re_timed_while_serving() -> None:
@@ -563,53 +582,54 @@ def test_re_timing_a_shallow_step_that_is_as_dear_as_timed_costs_one_request_per
 
 
 def test_a_stretch_of_dear_steps_does_not_keep_a_worse_choice_for_thousands_of_steps() -> None:
-    """One stream keeps one module (1.6 / 0.44 against plain's 1 / 0.3). A neighbour makes
+    """One stream keeps one module (1.6 / 0.4 against plain's 1 / 0.3). A neighbour makes
     every step 1.5 times dearer for two requests: the running one-module step is timed dear
     and the next request goes plain, timed dear too, then both drafts, re-timed warm. The
     one-module step's window kept its dear timings; re-timed once per SHALLOW_RETIME_STEPS and
     joining that window, it held the requests on a worse choice for thousands of steps. A move
     of the choice brings the re-timing period back to SHALLOW_RETIME_EVERY, and a re-timing
     replaces the window, so within a few requests they keep one module again."""
-    true_cost = {PLAIN: 0.3, shallow(1): 0.44, 0: 0.6, 1: 0.65, 2: 0.7}
+    true_cost = {PLAIN: 0.3, shallow(1): 0.4, 0: 0.6, 1: 0.65, 2: 0.7}
     dear = {choice: 1.5 * seconds for choice, seconds in true_cost.items()}
-    policy = policy_with_rates([0.6, 0.36], {1: [0.6, 0.65, 0.7]}, shallow={1: {0: 0.3, 1: 0.44}})
+    policy = policy_with_rates([0.6, 0.36], {1: [0.6, 0.65, 0.7]}, shallow={1: {0: 0.3, 1: 0.4}})
     assert serve_one_by_one(policy, true_cost, 3, steps=150) == [shallow(1)] * 3
     assert serve_one_by_one(policy, dear, 2, steps=150) != [shallow(1)] * 2
     after = serve_one_by_one(policy, true_cost, 20, steps=150)
     assert after[-10:].count(shallow(1)) >= 9
-    assert policy.describe()["shallow_step_ms"] == {1: {0: 300.0, 1: 440.0}}
+    assert policy.describe()["shallow_step_ms"] == {1: {0: 300.0, 1: 400.0}}
 
 
 def test_a_shallow_re_timing_is_the_median_of_several_warm_steps_not_one() -> None:
     """Start-up timed the one-module step dear, so one stream runs plain. Its re-timing replaces
     its timings; the first step it times (the WARM_STEP-th after the prefill) reads 1.3 times
-    its cost, the later ones what it costs. Taken alone, that one timing kept plain (1.6 / 0.57
-    against plain's 1 / 0.3, margin 1.1), and the next re-timing came a doubled period later;
+    its cost, the later ones what it costs. Taken alone, that one timing kept plain (1.6 / 0.52
+    against plain's 1 / 0.3 and its margin), and the next re-timing came a doubled period later;
     the run's five warm steps give the median, and the requests after it keep one module."""
-    true_cost = {PLAIN: 0.3, shallow(1): 0.44, 0: 0.6, 1: 0.65, 2: 0.7}
+    true_cost = {PLAIN: 0.3, shallow(1): 0.4, 0: 0.6, 1: 0.65, 2: 0.7}
     after_prefill = (1.0,) * (WARM_STEP - 1) + (1.3,)  # the first step a re-timing run times
     policy = policy_with_rates([0.6, 0.36], {1: [0.6, 0.65, 0.7]}, shallow={1: {0: 0.3, 1: 0.9}})
     first = serve_one_by_one(policy, true_cost, SHALLOW_RETIME_EVERY // 100 + 1, after_prefill=after_prefill)
     assert set(first) == {PLAIN}
     later = serve_one_by_one(policy, true_cost, 5, after_prefill=after_prefill)
     assert later == [shallow(1)] * 5
-    assert policy.describe()["shallow_step_ms"] == {1: {0: 300.0, 1: 440.0}}
+    assert policy.describe()["shallow_step_ms"] == {1: {0: 300.0, 1: 400.0}}
 
 
 def test_the_work_around_each_step_counts_against_steps_that_emit_fewer_tokens() -> None:
-    """One stream: a plain step takes 0.27 and the one-module step 0.5 (1.6 tokens), as timed.
-    On the steps alone plain wins by its margin (1 / 0.27 / 1.1 = 3.37 tokens per unit against
-    1.6 / 0.5 / 1.05 = 3.05). But the core does 0.15 of work around every step, outside its
-    timed part (the thread policy, the tokens' delivery, the loop), which a step emitting more
-    tokens pays less often: 1 / 0.42 / 1.1 = 2.16 against 1.6 / 0.65 / 1.05 = 2.34. Measured as
-    the gaps between steps and counted, requests keep one module; uncounted, they go plain."""
-    true_cost = {PLAIN: 0.27, shallow(1): 0.5, 0: 0.8, 1: 0.85, 2: 0.9}
-    counted = policy_with_rates([0.6, 0.36], {1: [0.8, 0.85, 0.9]}, shallow={1: {0: 0.27, 1: 0.5}})
-    settled = serve_one_by_one(counted, true_cost, 20, around=0.15)
+    """One stream: a plain step takes 0.25 and the one-module step 0.45 (1.6 tokens), as timed.
+    On the steps alone plain wins (1 / 0.25 * 1.1 = 4.4 tokens per unit, its margin counted,
+    against 1.6 / 0.45 / 1.05 = 3.39). But the core does 0.4 of work around every step, outside
+    its timed part (the thread policy, the tokens' delivery, the loop), which a step emitting
+    more tokens pays less often: 1 / 0.65 * 1.1 = 1.69 against 1.6 / 0.85 / 1.05 = 1.79.
+    Measured as the gaps between steps and counted, requests keep one module; uncounted, they
+    go plain."""
+    true_cost = {PLAIN: 0.25, shallow(1): 0.45, 0: 0.8, 1: 0.85, 2: 0.9}
+    counted = policy_with_rates([0.6, 0.36], {1: [0.8, 0.85, 0.9]}, shallow={1: {0: 0.25, 1: 0.45}})
+    settled = serve_one_by_one(counted, true_cost, 20, around=0.4)
     assert settled[0] == PLAIN  # its first step, before any gap was seen
     assert settled[1:].count(shallow(1)) >= 17  # the rest: plain's re-timings, one request each
-    assert counted.describe()["around_step_ms"] == {1: 150.0}
-    on_steps_alone = policy_with_rates([0.6, 0.36], {1: [0.8, 0.85, 0.9]}, shallow={1: {0: 0.27, 1: 0.5}})
+    assert counted.describe()["around_step_ms"] == {1: 400.0}
+    on_steps_alone = policy_with_rates([0.6, 0.36], {1: [0.8, 0.85, 0.9]}, shallow={1: {0: 0.25, 1: 0.45}})
     assert serve_one_by_one(on_steps_alone, true_cost, 20) == [PLAIN] * 20
 
 
@@ -633,13 +653,20 @@ def test_a_thread_counts_table_begun_later_waits_a_whole_period_before_re_timing
 
 
 def serve_waves(
-    policy: DraftPolicy, base: dict[int, float], per_key: float, waves: int, steps: int = 200, prompt: int = 40
+    policy: DraftPolicy,
+    base: dict[int, float],
+    per_key: float | dict[int, float],
+    waves: int,
+    steps: int = 200,
+    prompt: int = 40,
 ) -> list[int]:
     """Waves of 16 rows that start and end together, as DecodeBatch drives the policy: the
     choice for their first step is made before their prefill (another pass), at the prompt's
     length; a shallow choice keeps its depth, PLAIN ends drafting (plain steps are then timed
-    without a choice). A step of `choice` at key length L costs base[choice] + per_key * L.
-    Returns how many steps of each wave drafted with fewer modules than all (shallow ones)."""
+    without a choice). A step of `choice` at key length L costs base[choice] + per_key * L
+    (per_key[choice] where it is given by choice). Returns how many steps of each wave drafted
+    with fewer modules than all (shallow ones)."""
+    slope = per_key if isinstance(per_key, dict) else dict.fromkeys(base, per_key)
     clock = [0.0]
     policy.now = lambda: clock[0]
     shallow_steps = []
@@ -655,7 +682,7 @@ def serve_waves(
                 depth = shallow_depth(choice)
             count += depth is not None and depth > 0
             policy.began(16)
-            clock[0] += (seconds := base[choice] + per_key * keys)
+            clock[0] += (seconds := base[choice] + slope[choice] * keys)
             policy.observe_cost(16, choice, seconds, keys)
         shallow_steps.append(count)
     return shallow_steps
@@ -675,6 +702,31 @@ def test_steps_timed_at_other_key_lengths_are_compared_at_one_length() -> None:
     assert 2 <= sum(1 for n in shallow_steps if n) <= 4  # periods of 512 steps, then 1024, 2048
     assert set(shallow_steps) == {0, SHALLOW_RETIME_RUN}
     assert policy.table().per_key == {16: pytest.approx(0.005, rel=1e-3)}
+
+
+def test_each_choice_grows_with_the_keys_by_its_own_slope() -> None:
+    """A step verifying a draft with a module attends the keys in more layers and more query
+    positions than a plain one: at batch 16 the one-module step grew by about three times the
+    plain step's cost per key position. One slope shared by all choices, fitted mostly to plain
+    timings, read the one-module step's timings at short keys dearer than they were at the
+    timing position, and its cost at long keys too low. With each choice's own slope, 16 rows
+    in waves run the one-module step while it wins (at 40 keys 1.7 / 2.92 against plain's
+    1 / 2.08 with its margin, 1.1 / 2.08) and go plain where it stops winning, at about 100 key
+    positions, once enough timings have given the slopes (the first waves: a slope of 0)."""
+    slopes = {PLAIN: 0.002, shallow(1): 0.008, 0: 0.008, 1: 0.008, 2: 0.008}
+    base = {PLAIN: 2.0, shallow(1): 2.6, 0: 5.0, 1: 5.5, 2: 6.0}
+    startup = {16: [base[n] + slopes[n] * 64 for n in range(3)]}  # timed at position 64
+    start_shallow = {16: {d: base[shallow(d)] + slopes[shallow(d)] * 64 for d in (0, 1)}}
+    policy = policy_with_rates([0.7, 0.49], startup, shallow=start_shallow)
+    shallow_steps = serve_waves(policy, base, slopes, 20)
+    # break-even: 1.7 / (2.6 + 0.008 L) = 1.1 / (2 + 0.002 L) at L = 100, 60 steps past the prompt's 40
+    assert all(55 <= n <= 65 for n in shallow_steps[3:])
+    own = policy.table().own_key[16]
+    assert own[PLAIN] == pytest.approx(0.002, rel=0.1) and own[shallow(1)] == pytest.approx(0.008, rel=0.1)
+    assert per_key_costs([(PLAIN, keys, 2.0 + 0.002 * keys) for keys in range(40, 200)]) == {
+        PLAIN: pytest.approx(0.002)
+    }
+    assert per_key_costs([(PLAIN, 40, 1.0)] * 5) == {}  # one bucket: no slope of its own
 
 
 def test_the_cost_of_a_key_position_is_the_slope_each_choice_shows_at_its_own_lengths() -> None:

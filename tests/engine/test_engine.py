@@ -516,6 +516,32 @@ async def test_a_shallow_choice_keeps_one_module_for_good_and_keeps_greedy_outpu
     assert policy.describe()["drafts_by_batch"] == {1: "shallow 1", 2: 2, 4: 2}
 
 
+async def test_a_row_joining_plain_rows_is_weighed_by_the_rows_that_draft(
+    engine_factory: Callable[..., Any], sequential_checkpoint: Path
+) -> None:
+    """k = 3: a speculating request joins a row that does not speculate. The one-module step
+    beats plain for a batch whose rows all draft, but here only one of the two rows gains by
+    its drafts, so the joining row runs plain (it stopped the other's steps paying for one
+    row's drafts). Both give the plain greedy tokens."""
+    engine = await engine_factory(sequential_checkpoint, max_batch_size=4)
+    first, second = GenerateJob(PROMPTS[0], 50, speculative=False), GenerateJob(PROMPTS[2], 30)
+    refs = [
+        (await run(engine, GenerateJob(j.prompt_ids, j.max_new_tokens, speculative=False)))[0] for j in (first, second)
+    ]
+    # the prior rates (0.7, 0.49): both rows drafting, one module 1.7 / 0.75 / 1.05 = 2.16 per unit,
+    # plain 1 / 0.6 with its margin (drafting must beat it by 1.1) 1.83, both modules 2.19 / 1.2 = 1.83;
+    # one of two rows drafting: one module 1.35 / 0.75 / 1.05 = 1.71
+    costs = {b: [1.2] * 3 for b in (1, 2, 4)}
+    policy = DraftPolicy(2, costs, shallow={b: {0: 0.6, 1: 0.75} for b in (1, 2, 4)})
+    assert policy.choose(2) == shallow(1) and policy.choose(2, speculating=1) == PLAIN
+    policy = DraftPolicy(2, costs, shallow={b: {0: 0.6, 1: 0.75} for b in (1, 2, 4)})
+    (a_tokens, a_fin), (b_tokens, b_fin) = await joined_after_two_steps(engine, policy, first, second)
+    assert a_tokens == refs[0] and b_tokens == refs[1]
+    assert a_fin.verify_steps == 0
+    assert b_fin.verify_steps == 0 and b_fin.drafted_tokens == 0
+    assert policy.made[2, PLAIN] >= 1 and policy.made[2, shallow(1)] == 0
+
+
 async def test_a_row_the_policy_runs_plain_or_shallow_never_runs_the_modules_it_drops(
     engine_factory: Callable[..., Any], sequential_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -560,9 +586,9 @@ async def test_the_choice_made_at_a_prefill_is_for_the_thread_count_of_the_step_
     seen: list[tuple[int, int | None, int]] = []  # batch, the count passed, the count running
     choose = policy.choose
 
-    def noted(batch: int, depth: int | None = None, threads: int | None = None, keys: int | None = None) -> int:
+    def noted(batch: int, depth: int | None = None, threads: int | None = None, *rest: Any, **kw: Any) -> int:
         seen.append((batch, threads, torch.get_num_threads()))
-        return choose(batch, depth, threads, keys)
+        return choose(batch, depth, threads, *rest, **kw)
 
     policy.choose = noted  # type: ignore[method-assign]
     one, every = threads.choices[0], threads.choices[-1]
