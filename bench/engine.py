@@ -215,6 +215,7 @@ async def _run(
         "drafts_by_batch_size": {str(b): n for b, n in drafts_by_batch.items()},
         "shallow_step_ms_by_batch": policy.describe().get("shallow_step_ms", {}) if policy else {},
         "step_us_per_key_position_by_batch": policy.describe().get("step_us_per_key", {}) if policy else {},
+        "step_us_per_key_by_choice_by_batch": policy.describe().get("step_us_per_key_by_choice", {}) if policy else {},
         "acceptance_by_position": [round(a, 3) for a in policy.rates()] if policy else [],
         # what ran, all modes and repeats together: the adaptive policy's choices by batch size
         # (a shallow choice as -1 - depth), and the decode passes by thread count

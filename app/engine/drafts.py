@@ -34,7 +34,7 @@ PLAIN, which ends speculation, goes the other way: drafting must beat it by 1 / 
 prompt (9.98 against 7.76 ms for a batch-1 request), the cold steps after each switch of
 graph, the re-timing runs. Where the table tied the one-module step and plain, as it did at
 batch 1 and at batch 16 on this project's CPU host, a margin the other way (plain had to win by
-10 %) kept drafting, and requests that did not speculate made 5-14 % more tokens per second
+10 %) kept drafting, and requests that did not speculate made 5-16 % more tokens per second
 than the policy's (benchmarks 67, 68). Rows admitted later draft with every module
 again, and the choice is made anew for them, before their prefill (DecodeBatch.plan): rows that
 will run plain skip the modules' pass over their prompts, and shallow ones run only the modules
@@ -86,10 +86,10 @@ weighed at the key length of the step being chosen. The slope is each choice's o
 timings span two buckets (`step_us_per_key_by_choice` in /info), else the one all choices'
 timings share (`step_us_per_key`). One shared slope, as it first was, assumed the same cost per
 position whatever the step verifies; but a step that verifies a draft attends the keys with more
-query positions and, with modules, in more layers: at batch 16 the one-module step grew by about
-three times the plain step's cost per position. The shared slope, fitted mostly to plain
-timings, read the one-module step's re-timings at short keys dearer than they were, and its cost
-at long keys far too low, so waves kept it where it cost twice a plain step (benchmark 68).
+query positions and, with modules, in more layers, so its cost may grow by more per position.
+Under one slope fitted mostly to the timings of the choice that runs most, another choice's
+timings at other lengths are brought to the timing position by the wrong amount, and its cost
+at the length being chosen for is wrong by as much (benchmark 68).
 Where no choice has been timed across two buckets the slope is 0, which is how every timing
 was taken before. It is capped at half the cheapest start-up step over `position`, so that no
 choice's cost at a short length falls below half its timing.

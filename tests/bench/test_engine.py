@@ -81,6 +81,7 @@ def test_bench_engine_sets_sequential_heads_against_the_policy_without_shallow_s
     assert {"adaptive_vs_no_shallow_1_stream", "adaptive_vs_no_shallow_2_streams"} <= set(r["ratios"])
     # plain (0) and one module verifying one draft (1), timed at each batch size
     assert all(set(row) == {0, 1} for row in r["shallow_step_ms_by_batch"].values())
+    assert isinstance(r["step_us_per_key_by_choice_by_batch"], dict)  # each choice's own, where estimated
 
 
 def test_bench_engine_offline_sets_the_single_stream_against_generate_on_the_engines_steps(

@@ -706,10 +706,10 @@ def test_steps_timed_at_other_key_lengths_are_compared_at_one_length() -> None:
 
 def test_each_choice_grows_with_the_keys_by_its_own_slope() -> None:
     """A step verifying a draft with a module attends the keys in more layers and more query
-    positions than a plain one: at batch 16 the one-module step grew by about three times the
-    plain step's cost per key position. One slope shared by all choices, fitted mostly to plain
-    timings, read the one-module step's timings at short keys dearer than they were at the
-    timing position, and its cost at long keys too low. With each choice's own slope, 16 rows
+    positions than a plain one, so its cost may grow by more per key position: here four times
+    the plain step's. One slope shared by all choices, fitted mostly to plain timings, reads
+    the one-module step's timings at short keys dearer than they were at the timing position,
+    and its cost at long keys too low. With each choice's own slope, 16 rows
     in waves run the one-module step while it wins (at 40 keys 1.7 / 2.92 against plain's
     1 / 2.08 with its margin, 1.1 / 2.08) and go plain where it stops winning, at about 100 key
     positions, once enough timings have given the slopes (the first waves: a slope of 0)."""
@@ -723,6 +723,8 @@ def test_each_choice_grows_with_the_keys_by_its_own_slope() -> None:
     assert all(55 <= n <= 65 for n in shallow_steps[3:])
     own = policy.table().own_key[16]
     assert own[PLAIN] == pytest.approx(0.002, rel=0.1) and own[shallow(1)] == pytest.approx(0.008, rel=0.1)
+    by_choice = policy.describe()["step_us_per_key_by_choice"][16]  # in /info, by the choice's name
+    assert by_choice["plain"] == pytest.approx(2000, rel=0.1) and by_choice["shallow 1"] == pytest.approx(8000, rel=0.1)
     assert per_key_costs([(PLAIN, keys, 2.0 + 0.002 * keys) for keys in range(40, 200)]) == {
         PLAIN: pytest.approx(0.002)
     }
