@@ -34,8 +34,9 @@ PLAIN, which ends speculation, goes the other way: drafting must beat it by 1 / 
 prompt (9.98 against 7.76 ms for a batch-1 request), the cold steps after each switch of
 graph, the re-timing runs. Where the table put the one-module step and plain within 10 % of
 each other, as it did at batch 1 and at batch 16 at long keys on this project's CPU host, a
-margin the other way (plain had to win by 10 %) kept drafting, and requests that did not speculate made 5-16 % more tokens per second
-than the policy's (benchmarks 67, 68). Rows admitted later draft with every module
+margin the other way (plain had to win by 10 %) kept drafting, and requests that did not
+speculate made 5-16 % more tokens per second than the policy's (benchmarks 67, 68). Rows
+admitted later draft with every module
 again, and the choice is made anew for them, before their prefill (DecodeBatch.plan): rows that
 will run plain skip the modules' pass over their prompts, and shallow ones run only the modules
 they keep. Large batches, which are compute-bound, go
