@@ -186,7 +186,8 @@ async def _run(
     finally:
         await engine.shutdown()
     med = {m: {s: statistics.median(v) for s, v in by.items()} for m, by in rates.items()}
-    drafts_by_batch: dict[int, int | str] = policy.describe()["drafts_by_batch"] if policy else {}  # type: ignore[assignment]
+    described: dict[str, Any] = policy.describe() if policy else {}
+    drafts_by_batch: dict[int, int | str] = described.get("drafts_by_batch", {})
     result: dict[str, Any] = {
         "benchmark": "engine_generate",
         "checkpoint": checkpoint,
@@ -213,9 +214,9 @@ async def _run(
             ),
         },
         "drafts_by_batch_size": {str(b): n for b, n in drafts_by_batch.items()},
-        "shallow_step_ms_by_batch": policy.describe().get("shallow_step_ms", {}) if policy else {},
-        "step_us_per_key_position_by_batch": policy.describe().get("step_us_per_key", {}) if policy else {},
-        "step_us_per_key_by_choice_by_batch": policy.describe().get("step_us_per_key_by_choice", {}) if policy else {},
+        "shallow_step_ms_by_batch": described.get("shallow_step_ms", {}),
+        "step_us_per_key_position_by_batch": described.get("step_us_per_key", {}),
+        "step_us_per_key_by_choice_by_batch": described.get("step_us_per_key_by_choice", {}),
         "acceptance_by_position": [round(a, 3) for a in policy.rates()] if policy else [],
         # what ran, all modes and repeats together: the adaptive policy's choices by batch size
         # (a shallow choice as -1 - depth), and the decode passes by thread count
