@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Scope
 
 from app import __version__
 from app.api.deps import ServiceState
+from app.api.direct import DirectRoutes
 from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestContext
@@ -132,13 +133,17 @@ def freeze_heap() -> None:
 
 class ServiceApp(FastAPI):
     """FastAPI with RequestContext in front of its whole middleware stack (error, telemetry
-    and body-limit layers included), so load shedding answers before any of them runs."""
+    and body-limit layers included), so load shedding answers before any of them runs, and
+    the direct routes (app/api/direct.py) between the two."""
 
     request_context: dict[str, Any]
     door: RequestContext | None = None  # built with the middleware stack, at the first ASGI call (the lifespan)
 
     def build_middleware_stack(self) -> ASGIApp:
-        self.door = RequestContext(super().build_middleware_stack(), **self.request_context)
+        stack = super().build_middleware_stack()
+        if not self.user_middleware:  # CORS wraps FastAPI's stack: a request routed past it would miss it
+            stack = DirectRoutes(stack, self, [predict.DIRECT])
+        self.door = RequestContext(stack, **self.request_context)
         return self.door
 
 
