@@ -63,11 +63,29 @@ def thread_counts(cfg: EngineConfig, model: MTPTransformer, batch: int) -> list[
     return sorted({1, n}) if adaptive and batch <= SMALL_BATCH else [n]
 
 
+# Inductor writes its own default (/tmp/torchinductor_<user>) into $TORCHINDUCTOR_CACHE_DIR the
+# first time it looks its cache up, which importing its config does; the server imports it before
+# the steps compile. So the variable is also read as it was when this module was imported.
+_ENV_AT_IMPORT = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+
+def _inductor_default() -> str | None:
+    """The directory Inductor puts in $TORCHINDUCTOR_CACHE_DIR when nobody set it (None: unknown)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:
+        return None
+    return os.path.abspath(default_cache_dir())
+
+
 def cache_dir(cfg: EngineConfig) -> Path:
-    """Inductor's on-disk cache: the setting, else $TORCHINDUCTOR_CACHE_DIR, else ~/.cache/mtp/inductor."""
+    """Inductor's on-disk cache: the setting, else $TORCHINDUCTOR_CACHE_DIR as the user set it,
+    else ~/.cache/mtp/inductor. The variable holding Inductor's own default, where it did not
+    when this module was imported, is Inductor's doing, not the user's: it is passed over."""
     if cfg.compile_cache_dir:
         return Path(cfg.compile_cache_dir)
-    if env := os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if env and (env == _ENV_AT_IMPORT or env != _inductor_default()):
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mtp" / "inductor"
 
