@@ -3,7 +3,9 @@
 Figures (printed as JSON, ratios measured in the same run):
   - /predict requests/s at C concurrent clients with batching vs max_batch_size=1;
   - served /predict throughput as a fraction of in-process batched forward throughput
-    at the served mean batch size;
+    at the served mean batch size, in adjacent pairs, each with what the served run shared its
+    cores with (the server's event loop, this process's clients) and its passes' share of its
+    wall time and mean time against the in-process pass;
   - the ceiling of the first ratio on this device: score_next alone at that batch size vs
     one prompt per pass;
   - /generate aggregate tokens/s at S concurrent streams vs 1 stream;
@@ -267,7 +269,14 @@ def bench_service(
         mb = round(out["predict_batched"]["mean_batch_size"])
         pairs = []
         for _ in range(3):
+            passes = histogram_totals(url, "mtp_forward_duration_seconds").get("predict", (0.0, 0.0))
+            rows = batch_totals(url, "predict")
+            cpu, t0 = time.process_time(), time.perf_counter()
             load = measured(lambda: asyncio.run(predict_load(url, texts, clients, 5.0)), srv.proc.pid)
+            wall = time.perf_counter() - t0
+            client = (time.process_time() - cpu) / wall
+            after = histogram_totals(url, "mtp_forward_duration_seconds").get("predict", (0.0, 0.0))
+            pass_s, n_passes = after[0] - passes[0], after[1] - passes[1]
             served_i = load["requests_per_s"]
             inproc_i = inprocess_predict_rate(model, prompts, mb, 5.0)
             cores = load.get("server_cores") or {}
@@ -279,6 +288,15 @@ def bench_service(
                     # what the served run's event loop (HTTP, JSON, tokenizing) took from the
                     # cores the pass shares with it (bench.side_load: what that costs the pass)
                     "server_cores": cores,
+                    # this process's clients run on the same cores, and in-process has none
+                    "client_cores": round(client, 3),
+                    # the served run's /predict passes: their share of its wall time (the rest
+                    # the core waited for requests) and their mean time, against a pass of
+                    # score_next alone at the served mean batch
+                    "forward_busy": round(pass_s / wall, 3),
+                    "mean_batch_size": round(mean_batch(url, "predict", rows), 2),
+                    "served_pass_ms": round(pass_s / n_passes * 1000, 2) if n_passes else None,
+                    "inprocess_pass_ms": round(mb / inproc_i * 1000, 2) if inproc_i else None,
                     "event_loop_ms_per_request": (
                         round(cores["event_loop"] * 1000 / served_i, 3) if "event_loop" in cores and served_i else None
                     ),
