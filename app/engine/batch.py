@@ -196,7 +196,8 @@ class DecodeBatch:
         if self.policy is not None and self._decides(rows, greedy, self._fused(rows)):
             depth = max(self._row_depth(s) for s in rows if s.speculative)
             keys = max(self.positions + [len(s.item.request.prompt_ids) for s in seqs])
-            choice = self.policy.choose(len(rows), depth, threads, keys, sum(s.speculative for s in rows))
+            left = max(s.remaining for s in rows)
+            choice = self.policy.choose(len(rows), depth, threads, keys, sum(s.speculative for s in rows), left)
             self.planned = (len(rows), choice)
             self._apply(seqs, shallow_depth(choice))
         return max((self._row_depth(s) for s in seqs if s.speculative), default=0)
@@ -229,7 +230,12 @@ class DecodeBatch:
         else:
             decide = self._decides(self.seqs, self.sampling.greedy_rows, fused)
             policy = self.policy if decide else None
-            choice = policy.choose(len(self), depth, keys=keys, speculating=sum(spec)) if policy is not None else None
+            left = max(s.remaining for s in self.seqs)
+            choice = (
+                policy.choose(len(self), depth, keys=keys, speculating=sum(spec), left=left)
+                if policy is not None
+                else None
+            )
         shallow = shallow_depth(choice) if choice is not None else None
         self._apply(self.seqs, shallow)
         if shallow == 0:  # PLAIN, cheaper than any drafting step: these rows stop speculating for good

@@ -73,6 +73,18 @@ passed plain's, and every later request went plain, while the one-module step ke
 timings of that stretch (benchmark 51). (A thread count's table, below, begun later counts
 its period from its start.)
 
+A re-timing's rows keep the depth it gives them for the rest of their lives, so where it falls
+in a request decides its price: at one stream it fell at the first step past its period,
+and the rest of that request ran the worse choice, about half a request each time. In a fresh
+server's first few dozen requests, where the periods are short, a server on the default model
+ran requests plain or with one module that way, where offline two drafts made 7-23 % more
+tokens per second than plain (benchmark 71). So each choice is told the most tokens its rows
+may still emit (their budgets, `left`), and a re-timing the rows could still take later (one
+shallower than the choice now) waits for their last RETIME_TAIL tokens, or a period more at
+most (rows that stop early, batches that rows keep joining). One deeper than the choice now
+cannot wait: rows past it cannot get their modules back. Rows that run shallow are offered
+the shallower re-timings too, at their own last tokens.
+
 A step's cost also grows with the keys it attends: a compiled CPU step reads the filled part
 of the cache, so its cost rises with the longest row's length. Taken as they
 were, timings made at different lengths were set against each other as equals: sixteen rows
@@ -192,6 +204,7 @@ EXPLORE_RUN = WARM_STEP  # ... in a run of this many steps, of which only the la
 SHALLOW_RETIME_EVERY = 512  # greedy steps after which a shallow step not timed since is re-timed, at first ...
 SHALLOW_RETIME_STEPS = 4096  # ... doubling after each re-timing up to this while the choice holds (module doc)
 SHALLOW_RETIME_RUN = WARM_STEP + 4  # ... in a run of this many steps on one full-depth choice's rows (5 timed)
+RETIME_TAIL = 2 * SHALLOW_RETIME_RUN  # ... begun once the rows may emit at most this many more tokens (module doc)
 STARTUP_WARM_STEPS = 4  # untimed steps of a shape in a row before each start-up timing of it (its 5th)
 PLAIN = -1  # choose(): a step that drafts nothing, and its rows stop speculating (sequential heads)
 PLAIN_MARGIN = 1 / 1.1  # PLAIN must give this many times the best draft count's tokens/s: drafting must win by 10 %
@@ -307,6 +320,7 @@ class DraftPolicy:
         self.max_drafts = max_drafts
         self.position = position
         self.keys: int | None = None  # the key length of the step being chosen (choose()), if given
+        self.left: int | None = None  # ... and the most tokens its rows may still emit, if given
         self.share = 1.0  # ... and the share of its rows that draft
         self.choices = sorted(set(choices)) if choices is not None else list(range(max_drafts + 1))
         self.batches = sorted(costs)
@@ -422,6 +436,7 @@ class DraftPolicy:
         threads: int | None = None,
         keys: int | None = None,
         speculating: int | None = None,
+        left: int | None = None,
     ) -> int:
         """Drafts to verify in a pass over `batch` rows, or a shallow choice. depth: the most
         modules any of the rows keeps (below max_drafts after a shallow choice): such a batch
@@ -430,8 +445,11 @@ class DraftPolicy:
         may run at another count, passes the step's). keys: the step's key length, the largest
         position of its rows, at which the choices' costs are compared (module doc).
         speculating: how many of the rows draft (default: all); the others emit one token
-        whatever the step verifies, so only this share of the rows gains by drafts (module doc)."""
+        whatever the step verifies, so only this share of the rows gains by drafts (module doc).
+        left: the most tokens any of the rows may still emit (their budgets), which puts off a
+        shallow step's re-timing to the rows' last steps (module doc); None: not known."""
         self.keys = keys
+        self.left = left
         self.share = 1.0 if speculating is None else min(max(speculating, 0), batch) / batch
         choice = self._choose(batch, depth, threads)
         self.made[batch, choice] += 1
@@ -479,14 +497,29 @@ class DraftPolicy:
         self.retiming = (rb, choice, left - 1) if left > 1 else None
         return choice
 
-    def _stale_shallow(self, b: int, best: int) -> int | None:
-        """A shallow choice at b (not `best`) whose timing is shallow_every[b] steps old: the least
-        recently timed one, whose re-timing run starts now; else None."""
+    def _stale_shallow(self, b: int, best: int, depth: int | None = None) -> int | None:
+        """A shallow choice at b (not `best`; shallower than `depth`, the rows' modules, if given)
+        whose timing is shallow_every[b] steps old: the least recently timed one, whose re-timing
+        run starts now; else None. One that the rows could still take after `best` (a shallower
+        one) waits for their last RETIME_TAIL tokens, up to a period more (module doc)."""
         seen = self.shallow_seen.get(b, {})
-        stale = [d for d, at in seen.items() if self.clock - at >= self.shallow_every[b] and shallow(d) != best]
+        stale = [
+            d
+            for d, at in seen.items()
+            if self.clock - at >= self.shallow_every[b] and shallow(d) != best and (depth is None or d < depth)
+        ]
         if not stale:
             return None
         d = min(stale, key=lambda d: seen[d])
+        after = shallow_depth(best)
+        later = d < (self.max_drafts if after is None else after)  # the rows can still go there after `best`
+        if (
+            later
+            and self.left is not None
+            and self.left > RETIME_TAIL
+            and self.clock - seen[d] < 2 * self.shallow_every[b]
+        ):
+            return None
         seen[d] = self.clock  # once per period, even if its rows end before a warm step is timed
         self.table().retimed.add((b, d))
         self.shallow_every[b] = min(2 * self.shallow_every[b], SHALLOW_RETIME_STEPS)
@@ -515,7 +548,9 @@ class DraftPolicy:
             return shallow(depth)
         expected = self._expected(self.share)
         rate = expected[depth] / self._shallow_cost(b, depth)
-        return self._or_shallower(b, shallow(depth), rate, range(depth), expected)
+        choice = self._or_shallower(b, shallow(depth), rate, range(depth), expected)
+        stale = self._stale_shallow(b, choice, depth)
+        return choice if stale is None else stale
 
     def _shallow_cost(self, b: int, d: int) -> float:
         """Seconds of a step of shallow(d) at b, with the work around it, at the key length being chosen for."""

@@ -15,6 +15,7 @@ from app.engine.drafts import (
     MAX_EXPLORE_EVERY,
     PLAIN,
     RECENT_STEPS,
+    RETIME_TAIL,
     SHALLOW_RETIME_EVERY,
     SHALLOW_RETIME_RUN,
     SHALLOW_RETIME_STEPS,
@@ -508,6 +509,7 @@ def serve_one_by_one(
     steps: int = 100,
     after_prefill: tuple[float, ...] = (),
     around: float = 0.0,
+    budgets: bool = False,
 ) -> list[int]:
     """Batch-1 requests one after another, `steps` greedy steps each, as DecodeBatch drives the
     policy: each request's prefill is another pass; a row starts with every module; a shallow
@@ -515,7 +517,9 @@ def serve_one_by_one(
     ones without a choice). true_cost: the seconds of each choice, warm; after_prefill: how many
     times that the 1st, 2nd, .. step after a prefill costs, whatever its choice; around: the
     seconds of work around each step, outside its timed part, on the policy's clock (this
-    harness's). Returns the choice each request settled on (that of its last step)."""
+    harness's); budgets: each choice is told the tokens the request may still emit (one a
+    step, `steps` in all), as DecodeBatch tells it. Returns the choice each request settled on
+    (that of its last step)."""
     clock = [0.0]
     policy.now = lambda: clock[0]
     settled = []
@@ -525,7 +529,7 @@ def serve_one_by_one(
         choice = 0
         for i in range(steps):
             if choice != PLAIN:
-                choice = policy.choose(1, depth)
+                choice = policy.choose(1, depth, left=steps - i if budgets else None)
                 if (d := shallow_depth(choice)) is not None and d > 0:
                     depth = d
             cold = after_prefill[i] if i < len(after_prefill) else 1.0
@@ -557,10 +561,11 @@ def test_steps_cold_from_a_prefill_do_not_end_speculation() -> None:
 def test_a_shallow_step_timed_dear_at_start_up_is_re_timed_while_serving() -> None:
     """A noisy start-up timed the plain batch-1 step at 4x its cost: it would never be chosen,
     so never timed again. After SHALLOW_RETIME_EVERY greedy steps the stalest shallow step runs
-    on one request; its warm steps correct its cost, and later requests take it."""
+    on the rest of the request then running; its warm steps correct its cost, and later
+    requests take it."""
     true_cost = {PLAIN: 0.5, shallow(1): 0.9, 0: 1.0, 1: 1.1, 2: 1.2}
     policy = policy_with_rates([0.6, 0.36], {1: [1.0, 1.1, 1.2]}, shallow={1: {0: 2.0, 1: 0.9}})
-    first = serve_one_by_one(policy, true_cost, SHALLOW_RETIME_EVERY // 100 + 1)  # up to the first past 512 steps
+    first = serve_one_by_one(policy, true_cost, SHALLOW_RETIME_EVERY // 100)  # up to the one in which 512 steps pass
     assert set(first) == {shallow(1)}  # 1.6 / 0.9 beats plain's 1 / 2.0 as timed at start-up
     later = serve_one_by_one(policy, true_cost, 10)
     assert later == [PLAIN] * 10  # re-timed at 0.5: 2.0 per unit beats 1.78 by more than PLAIN_MARGIN
@@ -568,17 +573,34 @@ def test_a_shallow_step_timed_dear_at_start_up_is_re_timed_while_serving() -> No
 
 
 def test_re_timing_a_shallow_step_that_is_as_dear_as_timed_costs_one_request_per_period() -> None:
-    """The start-up table was right: each re-timing run puts one request on the dearer plain
-    step, and the requests after it go back. The period starts at SHALLOW_RETIME_EVERY greedy
-    steps and doubles while the choice holds, up to SHALLOW_RETIME_STEPS."""
+    """The start-up table was right: each re-timing run puts the rest of one request on the
+    dearer plain step, and the requests after it go back. The period starts at
+    SHALLOW_RETIME_EVERY greedy steps and doubles while the choice holds, up to
+    SHALLOW_RETIME_STEPS. (Here the choices are not told the requests' budgets: the re-timing
+    starts at the first step past its period.)"""
     true_cost = {PLAIN: 2.0, shallow(1): 0.9, 0: 1.0, 1: 1.1, 2: 1.2}
     policy = policy_with_rates([0.6, 0.36], {1: [1.0, 1.1, 1.2]}, shallow={1: {0: 2.0, 1: 0.9}})
     settled = serve_one_by_one(policy, true_cost, 3 * SHALLOW_RETIME_STEPS // 100 + 5)
     retimed = [i for i, c in enumerate(settled) if c == PLAIN]  # requests of 100 steps
     gaps = [b - a for a, b in itertools.pairwise(retimed)]
-    assert retimed[0] == SHALLOW_RETIME_EVERY // 100 + 1 and gaps == sorted(gaps)
-    assert gaps[-2:] == [SHALLOW_RETIME_STEPS // 100 + 2] * 2  # the re-timing request, then 41 whole periods
+    assert retimed[0] == SHALLOW_RETIME_EVERY // 100 and gaps == sorted(gaps)
+    assert gaps[-2:] == [SHALLOW_RETIME_STEPS // 100 + 1] * 2  # 41 requests of 100 steps: a period of 4,096
     assert all(c == shallow(1) for c, prev in zip(settled[1:], settled, strict=False) if prev == PLAIN)
+
+
+def test_a_shallow_re_timing_waits_for_the_last_steps_of_its_rows() -> None:
+    """As above, but each choice knows how many tokens the request may still emit: a re-timing
+    puts only the last RETIME_TAIL steps of one request per period on the dearer plain step,
+    not the rest of the request it falls in (half of one on average, at one stream)."""
+    true_cost = {PLAIN: 2.0, shallow(1): 0.9, 0: 1.0, 1: 1.1, 2: 1.2}
+    policy = policy_with_rates([0.6, 0.36], {1: [1.0, 1.1, 1.2]}, shallow={1: {0: 2.0, 1: 0.9}})
+    settled = serve_one_by_one(policy, true_cost, 3 * SHALLOW_RETIME_STEPS // 100 + 5, budgets=True)
+    retimed = [i for i, c in enumerate(settled) if c == PLAIN]
+    assert len(retimed) >= 4 and retimed[0] <= SHALLOW_RETIME_EVERY // 100 + 1
+    plain_steps = policy.made[1, PLAIN]  # a PLAIN choice is made once: its rows then run plain
+    assert plain_steps == len(retimed)
+    # every plain step of the run: from the re-timing's choice to the end of its request
+    assert policy.clock - sum(n for (b, c), n in policy.made.items() if c != PLAIN) <= RETIME_TAIL * len(retimed)
 
 
 def test_a_stretch_of_dear_steps_does_not_keep_a_worse_choice_for_thousands_of_steps() -> None:
