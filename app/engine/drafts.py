@@ -59,8 +59,9 @@ A shallow step (PLAIN included) cannot be re-timed in passing: running one commi
 it. So its cost would stay the start-up one for as long as another choice wins, and a noisy
 moment at start-up that timed a plain step at twice its cost would keep its batch size on a
 slower choice for the life of the process. Instead, a shallow step not timed
-for a period of greedy steps is chosen once at a full-depth choice, a run of
-SHALLOW_RETIME_RUN steps (its rows keep that depth); its warm steps, the last five of the run,
+for a period of greedy steps is chosen once, at a choice for rows deeper than it (below:
+at their last tokens where it can wait), a run of SHALLOW_RETIME_RUN steps (its rows keep
+that depth); its warm steps, the last five of the run,
 replace its timings, as a draft count's re-timing does. Five, not one: the run's first timed
 step is the WARM_STEP-th after a prefill, and one step alone that read dear by chance kept a
 batch size off the shallow step for another whole period. The price is one batch's rows at a
